@@ -1,0 +1,69 @@
+"""``outboxctl migrate``: create or upgrade the outbox tables (idempotent)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from outbox_cli.main import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+
+HELP = "Create or upgrade the outbox table, indexes, NOTIFY trigger, lease and dead-letter tables."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("OUTBOX_DATABASE_URL", ""),
+        help="PostgreSQL DSN (default: $OUTBOX_DATABASE_URL)",
+    )
+    parser.add_argument("--schema", default=os.environ.get("OUTBOX_DB_SCHEMA", "public"))
+    parser.add_argument("--table", default=os.environ.get("OUTBOX_TABLE", "outbox"))
+    parser.add_argument(
+        "--partitions", type=int, default=16, help="virtual partitions (fixed when the table is created; default 16)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from outbox_worker.adapters.store import (
+        DatabaseAuthError,
+        DatabaseUnavailableError,
+        SchemaError,
+        connect_pool,
+        migrate,
+    )
+    from outbox_worker.core.sql import Sql
+
+    if not args.database_url:
+        print("error: --database-url (or OUTBOX_DATABASE_URL) is required", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        sql = Sql.for_table(args.schema, args.table)
+        sql.migration(args.partitions)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def go() -> int:
+        pool = await connect_pool(args.database_url, size=2)
+        try:
+            async with pool.acquire() as conn:
+                result = await migrate(conn, sql, args.partitions)
+        finally:
+            await pool.close()
+        verb = "created" if result.created else "up to date"
+        print(f"{sql.schema}.{sql.table}: {verb} ({result.partitions} partitions)")
+        return EXIT_OK
+
+    try:
+        return asyncio.run(go())
+    except SchemaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DatabaseAuthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DatabaseUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE

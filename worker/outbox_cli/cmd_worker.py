@@ -1,0 +1,118 @@
+"""``outboxctl worker``: run one relay worker. Settings come from ``OUTBOX_*`` environment variables
+(the operator renders them) and may be overridden by flags (``--batch-size 500``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from outbox_common.settings import WorkerSettings, describe_error
+
+HELP = "Run a relay worker (settings from OUTBOX_* environment variables or flags)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, field in WorkerSettings.model_fields.items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=f"opt_{name}",
+            default=None,
+            help=(field.description or "") + f" [env OUTBOX_{name.upper()}]",
+        )
+
+
+def load_settings(args: argparse.Namespace) -> WorkerSettings:
+    overrides: dict[str, Any] = {
+        name: getattr(args, f"opt_{name}")
+        for name in WorkerSettings.model_fields
+        if getattr(args, f"opt_{name}", None) is not None
+    }
+    return WorkerSettings(**overrides)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    if fmt == "json":
+        formatter: logging.Formatter = _JsonFormatter()
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("nats").setLevel(logging.WARNING if level != "DEBUG" else logging.DEBUG)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        return json.dumps(
+            {
+                "time": self.formatTime(record),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args)
+    except ValidationError as exc:
+        print("error: invalid worker settings:\n" + describe_error(exc), file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(settings.log_format, settings.log_level)
+    return asyncio.run(serve(settings))
+
+
+async def serve(settings: WorkerSettings) -> int:
+    """Start, run until SIGTERM/SIGINT, stop. Returns the exit code."""
+    from outbox_worker.adapters.publisher import NatsConfigError, NatsUnavailableError
+    from outbox_worker.adapters.store import DatabaseAuthError, DatabaseUnavailableError, SchemaError
+    from outbox_worker.app.worker import SideTaskFailed, Worker
+
+    sink = _status_sink(settings)
+    worker = Worker(settings, sink=sink)
+    log = logging.getLogger("outbox_worker")
+    try:
+        await worker.start()
+    except (SchemaError, DatabaseAuthError, NatsConfigError) as exc:
+        log.error("configuration error: %s", exc)
+        await worker.close()
+        return EXIT_CONFIG
+    except (DatabaseUnavailableError, NatsUnavailableError) as exc:
+        log.error("unavailable: %s", exc)
+        await worker.close()
+        return EXIT_UNAVAILABLE
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    try:
+        await worker.run()
+    except SideTaskFailed as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    log.info("worker stopped cleanly")
+    return EXIT_OK
+
+
+def _status_sink(settings: WorkerSettings) -> Any:
+    if not settings.kube_namespace:
+        return None
+    import importlib
+
+    # Imported only in operator mode: it loads the kubernetes client.
+    kube_status = importlib.import_module("outbox_worker.adapters.kube_status")
+    return kube_status.sink_from_settings(settings)
+
+
+__all__ = ["load_settings", "run", "serve"]

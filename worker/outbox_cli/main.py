@@ -1,0 +1,75 @@
+"""``outboxctl``: the one command-line entry point.
+
+Each sub-command lives in its own module ``outbox_cli.cmd_<name>`` exposing ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int`` (the process exit code). Modules are imported only
+when their command runs, so ``outboxctl migrate`` never loads kopf and ``outboxctl operator`` never
+loads asyncpg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Protocol, cast
+
+COMMANDS = ("demo", "migrate", "worker", "verify", "bench", "operator")
+
+# Exit codes, documented in README.
+EXIT_OK = 0
+EXIT_FAILURE = 1  # a violation was found (verify), or the worker stopped on an error
+EXIT_USAGE = 2  # bad flags or settings
+EXIT_CONFIG = 3  # configuration problem found at start-up: missing table or stream, bad credentials
+EXIT_UNAVAILABLE = 4  # a dependency could not be reached in time (database, NATS)
+
+
+class _Command(Protocol):
+    HELP: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+def _load(name: str) -> _Command:
+    return cast(_Command, importlib.import_module(f"outbox_cli.cmd_{name}"))
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outboxctl", description="Relay transactional-outbox rows from PostgreSQL to NATS JetStream."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name in COMMANDS:
+        if wanted in COMMANDS and name != wanted:
+            sub.add_parser(name, help="")
+            continue
+        try:
+            mod = _load(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"outbox_cli.cmd_{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args._run(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

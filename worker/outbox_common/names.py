@@ -1,0 +1,59 @@
+"""Names shared by the worker, the operator, dashboards and consumers: headers, metrics, labels.
+
+Change a name here and nowhere else.
+"""
+
+from __future__ import annotations
+
+# --- NATS message headers set on every relayed event ---------------------------------------------
+HDR_MSG_ID = "Nats-Msg-Id"  # = outbox event id; JetStream de-duplicates on it
+HDR_EVENT_TYPE = "Outbox-Event-Type"
+HDR_AGGREGATE_TYPE = "Outbox-Aggregate-Type"
+HDR_AGGREGATE_ID = "Outbox-Aggregate-Id"
+HDR_TENANT = "Outbox-Tenant"
+HDR_CREATED_AT = "Outbox-Created-At"  # RFC 3339, from the row
+HDR_OUTBOX_ID = "Outbox-Seq"  # the row's bigint id: per-aggregate order key
+HDR_PUBLISHER = "Outbox-Publisher"
+# User headers from the row's `headers` column (trace ids, correlation ids) are copied as they are,
+# except that they may not override the headers above.
+RESERVED_HEADERS = frozenset(
+    {
+        HDR_MSG_ID,
+        HDR_EVENT_TYPE,
+        HDR_AGGREGATE_TYPE,
+        HDR_AGGREGATE_ID,
+        HDR_TENANT,
+        HDR_CREATED_AT,
+        HDR_OUTBOX_ID,
+        HDR_PUBLISHER,
+    }
+)
+
+# --- Prometheus metrics ---------------------------------------------------------------------------
+METRIC_PREFIX = "outbox_"
+M_PUBLISHED = METRIC_PREFIX + "published_total"  # counter
+M_DUPLICATES = METRIC_PREFIX + "duplicates_total"  # counter (acked as duplicate: success)
+M_FAILED = METRIC_PREFIX + "publish_failures_total"  # counter, label reason
+M_DEAD_LETTERS = METRIC_PREFIX + "dead_letters_total"  # counter
+M_IN_FLIGHT = METRIC_PREFIX + "in_flight"  # gauge
+M_ACK_LATENCY = METRIC_PREFIX + "ack_latency_seconds"  # histogram, publish -> ack
+M_BATCH_LATENCY = METRIC_PREFIX + "batch_seconds"  # histogram, claim -> mark
+M_BACKLOG = METRIC_PREFIX + "backlog_rows"  # gauge, pending rows of owned partitions
+M_OLDEST_AGE = METRIC_PREFIX + "oldest_pending_age_seconds"  # gauge
+M_PARTITIONS = METRIC_PREFIX + "partitions_owned"  # gauge
+M_HANDOVERS = METRIC_PREFIX + "lease_handovers_total"  # counter, label kind (acquired|released|lost)
+M_CONFIG_ERRORS = METRIC_PREFIX + "config_errors_total"  # counter, label reason
+
+LABEL_PUBLISHER = "publisher"
+LABEL_REASON = "reason"
+LABEL_KIND = "kind"
+
+# --- Failure reasons (metric label values, status fields) -----------------------------------------
+REASON_TIMEOUT = "timeout"
+REASON_DISCONNECT = "disconnect"
+REASON_NO_RESPONDERS = "no_responders"
+REASON_SERVER_ERROR = "server_error"
+REASON_PAYLOAD_TOO_LARGE = "payload_too_large"
+REASON_INVALID_SUBJECT = "invalid_subject"
+REASON_NO_STREAM = "no_stream"
+REASON_LEASE_LOST = "lease_lost"

@@ -1,0 +1,42 @@
+"""What one worker reports about itself into the OutboxPublisher status (``status.workers[]``).
+
+The worker produces a :class:`WorkerReport` every ``report_interval_seconds``; a status sink (the
+Kubernetes adapter in operator mode) writes it with a merge patch of the status subresource. The
+operator aggregates the entries into totals and conditions. Field names here are the status field
+names (camelCase) so the CRD schema, the worker and the operator agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReport:
+    pod: str
+    partitions: list[int] = field(default_factory=list)
+    published: int = 0  # acked rows (duplicates included), cumulative since the worker started
+    duplicates: int = 0  # acks with duplicate=true (a success: the broker already had the event)
+    failed: int = 0  # publish attempts that failed (all reasons), cumulative
+    deadLetters: int = 0  # rows this worker moved to the dead-letter table, cumulative
+    inFlight: int = 0  # unacknowledged publishes right now
+    backlog: int = 0  # pending rows in the partitions this worker owns
+    oldestPendingSeconds: float = 0.0  # age of the oldest pending row it owns
+    ratePerSecond: float = 0.0  # acked rows per second over the last interval
+    lastError: str = ""  # last failure, one line, never a secret
+    configError: str = ""  # a configuration error that stops publishing (no stream, auth)
+    reportTime: str = ""  # RFC 3339, the worker's clock
+
+    def to_status(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StatusSink:
+    """Port: where reports go. The default drops them (no Kubernetes, e.g. in ``outboxctl demo``)."""
+
+    async def write(self, report: WorkerReport) -> None:  # pragma: no cover - trivial default
+        return None
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,300 @@
+"""The worker's settings: the one contract between the operator and the worker process.
+
+The worker reads these from its environment (prefix ``OUTBOX_``) or from flags; the operator renders
+the worker Deployment's environment from this same class (:func:`render_env`), so the two cannot
+drift. Secrets are only ever :class:`pydantic.SecretStr` and are rendered as ``secretKeyRef``s by
+the operator, never as values.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "OUTBOX_"
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_STREAM = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+TEMPLATE_FIELDS = ("aggregate_type", "event_type", "tenant", "aggregate_id")
+
+
+def validate_identifier(value: str, field: str) -> str:
+    """Return ``value`` if it is a safe, unquoted PostgreSQL identifier, else raise ``ValueError``.
+
+    Only lower-case letters, digits and underscores (not leading with a digit), at most 63
+    characters: configuration can never inject SQL through a schema or table name.
+    """
+    if not _IDENT.match(value):
+        raise ValueError(
+            f"{field}={value!r} is not a valid identifier: use 1-63 lower-case letters, digits or "
+            "underscores, not starting with a digit (for example 'outbox')"
+        )
+    return value
+
+
+def validate_subject_template(template: str) -> str:
+    """Check a subject template such as ``events.{aggregate_type}.{event_type}``.
+
+    Placeholders must be whole tokens and name a known field; literal tokens must be valid NATS
+    subject tokens without wildcards.
+    """
+    if not template:
+        raise ValueError("subject template is empty: use for example 'events.{aggregate_type}.{event_type}'")
+    for token in template.split("."):
+        if token.startswith("{") and token.endswith("}"):
+            name = token[1:-1]
+            if name not in TEMPLATE_FIELDS:
+                raise ValueError(
+                    f"subject template placeholder {token!r} is unknown: use one of "
+                    + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
+                )
+        elif not token or any(c in token for c in " \t\r\n*>{}"):
+            raise ValueError(
+                f"subject template token {token!r} is invalid: tokens are separated by single dots, "
+                "and placeholders must be whole tokens like '{event_type}'"
+            )
+    return template
+
+
+class OrderingMode(StrEnum):
+    """``per_aggregate``: events of one aggregate reach the stream in outbox order, at most one
+    unacknowledged per aggregate. ``none``: no ordering promise; every due row is pipelined."""
+
+    PER_AGGREGATE = "per_aggregate"
+    NONE = "none"
+
+
+class MarkMode(StrEnum):
+    """``delete``: acked rows are deleted (cheapest). ``mark``: ``published_at`` is set and a
+    retention sweep deletes them after ``retention_seconds``."""
+
+    DELETE = "delete"
+    MARK = "mark"
+
+
+class StreamMode(StrEnum):
+    """``expect``: the stream must exist (the worker refuses to start otherwise). ``create``: the
+    worker creates it (file storage, subjects from the template) when missing."""
+
+    EXPECT = "expect"
+    CREATE = "create"
+
+
+class WorkerSettings(BaseSettings):
+    """Everything one relay worker needs. Each field maps to ``OUTBOX_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # --- identity -------------------------------------------------------------------------------
+    publisher: str = Field(
+        "default",
+        description="Name of the relay (the OutboxPublisher's name). Workers with the same name share "
+        "partitions through leases.",
+    )
+    worker_id: str = Field(
+        "",
+        description="Unique id of this worker (the pod name). Empty: hostname plus a random suffix.",
+    )
+    # --- database -------------------------------------------------------------------------------
+    database_url: SecretStr = Field(
+        ..., description="PostgreSQL DSN, e.g. postgresql://user:pass@host:5432/db. Secret."
+    )
+    db_schema: str = Field("public", description="Schema of the outbox, lease and dead-letter tables.")
+    table: str = Field("outbox", description="Name of the outbox table.")
+    db_pool_size: int = Field(4, ge=2, le=64, description="Connections in the worker's pool.")
+    db_timeout_seconds: float = Field(10.0, gt=0, le=300, description="Timeout of one SQL statement.")
+    # --- NATS -----------------------------------------------------------------------------------
+    nats_servers: str = Field("nats://127.0.0.1:4222", description="Comma-separated NATS server URLs.")
+    nats_creds_file: str = Field("", description="Path of a NATS .creds file (mounted from a Secret).")
+    nats_user: str = Field("", description="NATS user name, if user/password authentication is used.")
+    nats_password: SecretStr = Field(SecretStr(""), description="NATS password. Secret.")
+    nats_token: SecretStr = Field(SecretStr(""), description="NATS token. Secret.")
+    nats_tls_ca_file: str = Field("", description="CA bundle to verify the NATS servers (enables TLS).")
+    nats_tls_cert_file: str = Field("", description="Client certificate for mutual TLS.")
+    nats_tls_key_file: str = Field("", description="Client key for mutual TLS.")
+    nats_ping_interval_seconds: float = Field(
+        5.0, gt=0, le=120, description="Ping interval; a stalled server is detected after 3 missed pings."
+    )
+    # --- stream and subjects --------------------------------------------------------------------
+    stream: str = Field("OUTBOX", description="JetStream stream that must capture the subjects.")
+    stream_mode: StreamMode = Field(StreamMode.EXPECT, description="expect or create the stream.")
+    stream_replicas: int = Field(1, ge=1, le=5, description="Replicas when the worker creates the stream.")
+    subject_template: str = Field(
+        "outbox.{aggregate_type}.{event_type}",
+        description="Subject of each event; placeholders {aggregate_type}, {event_type}, {tenant}, "
+        "{aggregate_id} are replaced by sanitized tokens.",
+    )
+    # --- publishing limits ----------------------------------------------------------------------
+    batch_size: int = Field(1000, ge=1, le=10000, description="Rows claimed per batch.")
+    loops: int = Field(2, ge=1, le=16, description="Concurrent claim/publish loops per worker.")
+    max_in_flight: int = Field(4000, ge=1, le=100000, description="Upper bound of unacknowledged publishes per worker.")
+    ack_timeout_seconds: float = Field(
+        5.0, gt=0, le=120, description="A publish with no ack within this time fails as a timeout."
+    )
+    batch_timeout_seconds: float = Field(
+        30.0, gt=0, le=600, description="Upper bound of one batch (all waves of acks)."
+    )
+    retry_backoff_initial_seconds: float = Field(0.2, gt=0, le=60, description="First retry delay.")
+    retry_backoff_max_seconds: float = Field(30.0, gt=0, le=3600, description="Cap of the retry delay.")
+    max_attempts: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Attempts of a row that fails with a permanent per-row error before it is "
+        "dead-lettered. Retryable errors (timeouts, 503, disconnects) retry without limit.",
+    )
+    ordering: OrderingMode = Field(OrderingMode.PER_AGGREGATE, description="per_aggregate or none.")
+    mark_mode: MarkMode = Field(MarkMode.DELETE, description="delete or mark acked rows.")
+    retention_seconds: float = Field(
+        86400.0, ge=0, description="With mark_mode=mark: how long published rows are kept."
+    )
+    # --- leases and wake-up ---------------------------------------------------------------------
+    lease_ttl_seconds: float = Field(15.0, ge=1, le=600, description="Lease time-to-live.")
+    lease_renew_seconds: float = Field(0.0, ge=0, le=200, description="Renew interval; 0 means a third of the TTL.")
+    poll_interval_seconds: float = Field(1.0, gt=0, le=60, description="Fallback poll when no NOTIFY arrives.")
+    # --- lifecycle and observability ------------------------------------------------------------
+    shutdown_grace_seconds: float = Field(
+        20.0, gt=0, le=600, description="Time to finish in-flight work after SIGTERM."
+    )
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz; 0 off.")
+    metrics_host: str = Field("0.0.0.0", description="Address the metrics server binds.")
+    log_format: str = Field("text", pattern="^(text|json)$", description="text or json.")
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$", description="Log level.")
+    # --- status reporting to the OutboxPublisher (operator mode) --------------------------------
+    report_interval_seconds: float = Field(
+        10.0, ge=1, le=600, description="How often the worker writes its entry into the CR status."
+    )
+    kube_namespace: str = Field("", description="Namespace of the OutboxPublisher; empty disables reports.")
+
+    @field_validator("db_schema", "table")
+    @classmethod
+    def _identifier(cls, value: str, info: Any) -> str:
+        return validate_identifier(value, info.field_name)
+
+    @field_validator("subject_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        return validate_subject_template(value)
+
+    @field_validator("stream")
+    @classmethod
+    def _stream(cls, value: str) -> str:
+        if not _STREAM.match(value):
+            raise ValueError(f"stream={value!r}: use letters, digits, '-' or '_' (e.g. 'OUTBOX')")
+        return value
+
+    @field_validator("publisher")
+    @classmethod
+    def _publisher(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"publisher={value!r}: use a DNS label (lower-case letters, digits, '-'; e.g. 'orders')")
+        return value
+
+    @field_validator("nats_servers")
+    @classmethod
+    def _servers(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers:
+            raise ValueError("nats_servers is empty: give e.g. nats://nats:4222")
+        for s in servers:
+            if not re.match(r"^(nats|tls|ws|wss)://", s):
+                raise ValueError(f"nats_servers entry {s!r} needs a scheme, e.g. nats://{s}")
+        return ",".join(servers)
+
+    @field_validator("database_url")
+    @classmethod
+    def _dsn(cls, value: SecretStr) -> SecretStr:
+        if not re.match(r"^postgres(ql)?://", value.get_secret_value()):
+            raise ValueError("database_url must start with postgresql:// (value not shown: it is a secret)")
+        return value
+
+    @model_validator(mode="after")
+    def _cross(self) -> WorkerSettings:
+        if self.retry_backoff_initial_seconds > self.retry_backoff_max_seconds:
+            raise ValueError("retry_backoff_initial_seconds must not exceed retry_backoff_max_seconds")
+        if self.lease_renew_seconds and self.lease_renew_seconds * 2 > self.lease_ttl_seconds:
+            raise ValueError(
+                "lease_renew_seconds must be at most half of lease_ttl_seconds so a lease is renewed "
+                "at least twice before it expires"
+            )
+        if self.ack_timeout_seconds * 2 > self.lease_ttl_seconds:
+            raise ValueError(
+                "ack_timeout_seconds must be at most half of lease_ttl_seconds: a publish must resolve "
+                "well before the lease can move to another worker"
+            )
+        return self
+
+    # --- derived values -------------------------------------------------------------------------
+    @property
+    def renew_interval(self) -> float:
+        return self.lease_renew_seconds or self.lease_ttl_seconds / 3
+
+    @property
+    def server_list(self) -> list[str]:
+        return self.nats_servers.split(",")
+
+    @property
+    def per_loop_in_flight(self) -> int:
+        """Publishes one loop may have unacknowledged; the worker total never exceeds max_in_flight."""
+        return max(1, self.max_in_flight // self.loops)
+
+    @property
+    def duplicate_horizon_seconds(self) -> float:
+        """Longest time between two publishes of one event id by any worker.
+
+        A row published but not yet marked may be re-published by its next owner after the lease
+        expires (TTL), plus one ack timeout, plus one retry delay. The stream's duplicate window must
+        be at least this long, or a re-publish could be stored twice.
+        """
+        return self.lease_ttl_seconds + self.ack_timeout_seconds + self.retry_backoff_max_seconds
+
+
+def env_name(field: str) -> str:
+    """Environment variable of a settings field (``batch_size`` → ``OUTBOX_BATCH_SIZE``)."""
+    if field not in WorkerSettings.model_fields:
+        raise KeyError(f"unknown worker setting {field!r}")
+    return ENV_PREFIX + field.upper()
+
+
+SECRET_FIELDS = frozenset(name for name, f in WorkerSettings.model_fields.items() if f.annotation is SecretStr)
+
+
+def render_env(values: dict[str, Any]) -> dict[str, str]:
+    """Render non-secret settings as environment variables, validated against the worker's class.
+
+    ``values`` must not contain secret fields (they are passed by reference); the result is checked by
+    building a :class:`WorkerSettings` with a placeholder DSN, so an invalid value fails here, in the
+    operator, with the worker's own message.
+    """
+    secret = sorted(SECRET_FIELDS & values.keys())
+    if secret:
+        raise ValueError(f"secret settings {secret} must be passed by Secret reference, not by value")
+    unknown = sorted(values.keys() - WorkerSettings.model_fields.keys())
+    if unknown:
+        raise ValueError(f"unknown worker settings {unknown}")
+    WorkerSettings.model_validate({**values, "database_url": "postgresql://placeholder/db"})
+    return {env_name(k): _env_value(v) for k, v in sorted(values.items())}
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, StrEnum):
+        return value.value
+    return str(value)
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line per bad field: which field, what is wrong, and the environment variable to fix."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "settings"
+        env = env_name(loc) if loc in WorkerSettings.model_fields else ""
+        hint = f" (set {env} or --{loc.replace('_', '-')})" if env else ""
+        lines.append(f"{loc}: {err['msg']}{hint}")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Prometheus metrics and the worker's small HTTP server (/metrics, /healthz, /readyz).
+
+Labels are low-cardinality: the publisher name, a failure reason from a fixed set, a handover kind.
+Each worker has its own registry, so several workers can live in one process (demo, tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from outbox_common import names
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self, publisher: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        pl = [names.LABEL_PUBLISHER]
+        self.published = Counter(
+            names.M_PUBLISHED.removesuffix("_total"), "Rows acked by JetStream", pl, registry=r
+        ).labels(publisher)
+        self.duplicates = Counter(
+            names.M_DUPLICATES.removesuffix("_total"), "Acks that reported a duplicate (a success)", pl, registry=r
+        ).labels(publisher)
+        self._failed = Counter(
+            names.M_FAILED.removesuffix("_total"), "Failed publishes by reason", [*pl, names.LABEL_REASON], registry=r
+        )
+        self.dead_letters = Counter(
+            names.M_DEAD_LETTERS.removesuffix("_total"), "Rows dead-lettered", pl, registry=r
+        ).labels(publisher)
+        self.in_flight = Gauge(names.M_IN_FLIGHT, "Unacknowledged publishes", pl, registry=r).labels(publisher)
+        self.ack_latency = Histogram(
+            names.M_ACK_LATENCY, "Publish to ack", pl, registry=r, buckets=_LATENCY_BUCKETS
+        ).labels(publisher)
+        self.batch_latency = Histogram(
+            names.M_BATCH_LATENCY, "Claim to mark of one batch", pl, registry=r, buckets=_LATENCY_BUCKETS
+        ).labels(publisher)
+        self.backlog = Gauge(names.M_BACKLOG, "Pending rows in owned partitions", pl, registry=r).labels(publisher)
+        self.oldest_age = Gauge(
+            names.M_OLDEST_AGE, "Age of the oldest pending row in owned partitions", pl, registry=r
+        ).labels(publisher)
+        self.partitions = Gauge(names.M_PARTITIONS, "Partitions owned", pl, registry=r).labels(publisher)
+        self._handovers = Counter(
+            names.M_HANDOVERS.removesuffix("_total"), "Lease changes by kind", [*pl, names.LABEL_KIND], registry=r
+        )
+        self._config = Counter(
+            names.M_CONFIG_ERRORS.removesuffix("_total"),
+            "Configuration errors that stopped partitions",
+            [*pl, names.LABEL_REASON],
+            registry=r,
+        )
+        self._publisher = publisher
+
+    def failed(self, reason: str, n: int = 1) -> None:
+        self._failed.labels(self._publisher, reason).inc(n)
+
+    def handover(self, kind: str, n: int = 1) -> None:
+        self._handovers.labels(self._publisher, kind).inc(n)
+
+    def config_error(self, reason: str) -> None:
+        self._config.labels(self._publisher, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """Minimal asyncio HTTP/1.0 server: GET /metrics, /healthz (process alive), /readyz (ready())."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int, ready: Callable[[], bool]) -> None:
+        self._metrics = metrics
+        self._host = host
+        self._port = port
+        self._ready = ready
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+
+    async def serve(self) -> None:
+        """Run until cancelled (a supervised task)."""
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            parts = line.decode("latin-1").split()
+            path = parts[1] if len(parts) > 1 else "/"
+            path = path.split("?", 1)[0]
+            if path == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self._metrics.render()
+            elif path == "/healthz":
+                status, ctype, body = "200 OK", "text/plain", b"ok\n"
+            elif path == "/readyz":
+                ok = self._ready()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "text/plain", b"ready\n" if ok else b"not ready\n"
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            head = f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+            writer.write(head.encode() + body)
+            await asyncio.wait_for(writer.drain(), 5)
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()

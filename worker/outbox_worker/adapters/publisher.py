@@ -1,0 +1,371 @@
+"""JetStream publisher that owns its ack tracking.
+
+Why not ``js.publish_async``: in nats-py 2.16 an error ack never completes its future, there is no
+per-message ack timeout, and publishes lost in a disconnect are never failed (facts.md). Here each
+publish carries a reply subject under one private inbox (``<inbox>.<token>``); a single wildcard
+subscription resolves acks by token.
+
+Guarantees of :meth:`JetStreamPublisher.publish_wave`:
+
+- every message of the wave ends in exactly one :class:`~outbox_worker.core.policy.PublishResult`
+  (acked, duplicate, retryable, permanent, config) no later than ``ack_timeout`` after it was sent;
+- a disconnect fails every unacknowledged publish at once as retryable (the caller re-publishes with
+  the same ``Nats-Msg-Id``; JetStream absorbs the copy if the first one was stored);
+- a late ack for a publish that already timed out is ignored (counted in ``late_acks``);
+- nothing is retried here: retry policy belongs to the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+from nats import errors as nats_errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api as js_api
+from nats.js import errors as js_errors
+
+from outbox_common import names
+from outbox_common.settings import StreamMode, WorkerSettings
+from outbox_worker.core.policy import Outcome, PublishResult, classify_error_ack
+from outbox_worker.core.subjects import subject_covers
+
+log = logging.getLogger(__name__)
+
+_STATUS = "Status"
+_DESCRIPTION = "Description"
+_HEADER_OVERHEAD = 64  # "NATS/1.0\r\n" and separators; a conservative bound per message
+
+
+class NatsConfigError(Exception):
+    """NATS is reachable but set up so the relay cannot run (auth, stream, duplicate window)."""
+
+
+class NatsUnavailableError(Exception):
+    """NATS could not be reached in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    subject: str
+    payload: bytes
+    headers: dict[str, str]
+
+
+@dataclass(slots=True)
+class _Wave:
+    results: list[PublishResult | None]
+    sent_at: list[float]
+    remaining: int
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def resolve(self, index: int, result: PublishResult) -> bool:
+        if self.results[index] is not None:
+            return False
+        self.results[index] = result
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done.set()
+        return True
+
+
+class JetStreamPublisher:
+    """One NATS connection, many acks in flight, results for every publish. Not thread-safe."""
+
+    def __init__(self, settings: WorkerSettings, *, name: str = "outbox-relay") -> None:
+        self._s = settings
+        self._name = name
+        self._nc: Client | None = None
+        self._prefix = ""
+        self._token = 0
+        self._pending: dict[int, tuple[_Wave, int]] = {}
+        self._max_payload = 1024 * 1024
+        self.late_acks = 0
+        self.disconnects = 0
+        self.ack_latencies: list[float] = []  # drained by the metrics sampler
+        self._stream_cache: dict[str, tuple[float, bool]] = {}
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    async def connect(self, timeout: float = 10.0) -> None:
+        """Connect, subscribe the ack inbox. Raises NatsConfigError on bad credentials,
+        NatsUnavailableError when no server answers within ``timeout``."""
+        s = self._s
+        opts: dict[str, Any] = {
+            "servers": s.server_list,
+            "name": self._name,
+            "ping_interval": s.nats_ping_interval_seconds,
+            "max_outstanding_pings": 3,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,  # never give up; the worker's supervision decides
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": 2,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "error_cb": self._on_error,
+            "pending_size": 64 * 1024 * 1024,
+        }
+        if s.nats_creds_file:
+            opts["user_credentials"] = s.nats_creds_file
+        if s.nats_user:
+            opts["user"] = s.nats_user
+            opts["password"] = s.nats_password.get_secret_value()
+        if s.nats_token.get_secret_value():
+            opts["token"] = s.nats_token.get_secret_value()
+        if s.nats_tls_ca_file or s.nats_tls_cert_file:
+            ctx = ssl.create_default_context(cafile=s.nats_tls_ca_file or None)
+            if s.nats_tls_cert_file:
+                ctx.load_cert_chain(s.nats_tls_cert_file, s.nats_tls_key_file or None)
+            opts["tls"] = ctx
+        connect_error: list[BaseException] = []
+
+        async def first_error(exc: Exception) -> None:
+            connect_error.append(exc)
+
+        # The first connect must not retry forever: bounded attempts, then a clear error.
+        try:
+            nc = await asyncio.wait_for(
+                nats.connect(**{**opts, "allow_reconnect": False, "error_cb": first_error}), timeout
+            )
+        except (TimeoutError, nats_errors.NoServersError, OSError) as exc:
+            why = connect_error[-1] if connect_error else exc
+            if _is_auth_error(why):
+                raise NatsConfigError(
+                    "NATS rejected the credentials: check the NATS user/password, token or creds Secret"
+                ) from None
+            raise NatsUnavailableError(f"no NATS server answered at {s.nats_servers}: {why!r}"[:300]) from None
+        except Exception as exc:
+            if _is_auth_error(exc) or any(_is_auth_error(e) for e in connect_error):
+                raise NatsConfigError(
+                    "NATS rejected the credentials: check the NATS user/password, token or creds Secret"
+                ) from None
+            raise
+        await nc.close()
+        # Now the long-lived connection with reconnects enabled.
+        self._nc = await nats.connect(**opts)
+        self._max_payload = self._nc.max_payload
+        self._prefix = self._nc.new_inbox()
+        await self._nc.subscribe(self._prefix + ".*", cb=self._on_ack, pending_msgs_limit=1_000_000)
+        await self._nc.flush(timeout=int(timeout))
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Fail what is still pending, drain and close. Idempotent."""
+        nc, self._nc = self._nc, None
+        self._fail_all(PublishResult(Outcome.RETRYABLE, names.REASON_DISCONNECT, "publisher closed"))
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(nc.drain(), timeout)
+        except Exception:
+            await nc.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    @property
+    def max_payload(self) -> int:
+        return self._max_payload
+
+    # --- stream checks ------------------------------------------------------------------------------
+    async def ensure_stream(self, filter_subject: str, horizon_seconds: float) -> None:
+        """Check (or create) the stream: it must exist, capture ``filter_subject`` and keep a duplicate
+        window of at least ``horizon_seconds``. Raises NatsConfigError naming the fix."""
+        assert self._nc is not None
+        s = self._s
+        jsm = self._nc.jsm()
+        try:
+            info = await jsm.stream_info(s.stream)
+        except js_errors.NotFoundError:
+            if s.stream_mode != StreamMode.CREATE:
+                raise NatsConfigError(
+                    f"stream {s.stream!r} does not exist: create it with subjects [{filter_subject!r}] "
+                    "or set stream mode to 'create'"
+                ) from None
+            window = max(120.0, horizon_seconds * 2)
+            await jsm.add_stream(
+                name=s.stream,
+                subjects=[filter_subject],
+                storage=js_api.StorageType.FILE,
+                num_replicas=s.stream_replicas,
+                duplicate_window=window,
+            )
+            log.info("created stream %s for %s (duplicate window %.0fs)", s.stream, filter_subject, window)
+            return
+        cfg = info.config
+        subjects = list(cfg.subjects or [])
+        if not any(subject_covers(pattern, filter_subject) for pattern in subjects):
+            raise NatsConfigError(
+                f"stream {s.stream!r} captures {subjects} but the subject template needs "
+                f"{filter_subject!r}: add it to the stream's subjects or change the subject template"
+            )
+        window = float(cfg.duplicate_window or 0.0)
+        if window < horizon_seconds:
+            raise NatsConfigError(
+                f"stream {s.stream!r} has a duplicate window of {window:.0f}s, shorter than the relay's "
+                f"re-publish horizon of {horizon_seconds:.0f}s (lease TTL + ack timeout + max retry "
+                "delay): a re-published event could be stored twice. Raise the stream's "
+                "duplicate_window or lower those settings"
+            )
+
+    async def stream_exists_for(self, subject: str) -> bool | None:
+        """Whether some stream captures ``subject`` (cached 5 s); None when the API did not answer."""
+        now = time.monotonic()
+        hit = self._stream_cache.get(subject)
+        if hit and now - hit[0] < 5.0:
+            return hit[1]
+        if self._nc is None:
+            return None
+        try:
+            await self._nc.jetstream().find_stream_name_by_subject(subject)
+            found = True
+        except js_errors.NotFoundError:
+            found = False
+        except Exception:
+            return None
+        self._stream_cache[subject] = (now, found)
+        return found
+
+    # --- publishing ---------------------------------------------------------------------------------
+    async def publish_wave(self, messages: Sequence[Message]) -> list[PublishResult]:
+        """Publish all messages with acks in flight together; return one result per message, in order.
+
+        Returns within ``ack_timeout`` of the last send. Never raises for a per-message problem.
+        """
+        n = len(messages)
+        wave = _Wave([None] * n, [0.0] * n, n)
+        if n == 0:
+            return []
+        nc = self._nc
+        prefix = self._prefix
+        pending = self._pending
+        limit = self._max_payload
+        for i, m in enumerate(messages):
+            size = len(m.payload) + sum(len(k) + len(v) + 4 for k, v in m.headers.items()) + _HEADER_OVERHEAD
+            if size > limit:
+                wave.resolve(
+                    i,
+                    PublishResult(
+                        Outcome.PERMANENT,
+                        names.REASON_PAYLOAD_TOO_LARGE,
+                        f"message of {size} bytes exceeds the server's max_payload of {limit}",
+                    ),
+                )
+                continue
+            if nc is None or not nc.is_connected:
+                wave.resolve(i, PublishResult(Outcome.RETRYABLE, names.REASON_DISCONNECT, "not connected"))
+                continue
+            self._token += 1
+            token = self._token
+            pending[token] = (wave, i)
+            wave.sent_at[i] = time.monotonic()
+            try:
+                await nc.publish(m.subject, m.payload, reply=f"{prefix}.{token}", headers=m.headers)
+            except (nats_errors.BadSubjectError, nats_errors.BadHeaderError) as exc:
+                pending.pop(token, None)
+                wave.resolve(i, PublishResult(Outcome.PERMANENT, names.REASON_INVALID_SUBJECT, repr(exc)[:200]))
+            except nats_errors.MaxPayloadError:
+                pending.pop(token, None)
+                wave.resolve(
+                    i, PublishResult(Outcome.PERMANENT, names.REASON_PAYLOAD_TOO_LARGE, "payload exceeds max_payload")
+                )
+            except (
+                nats_errors.ConnectionClosedError,
+                nats_errors.OutboundBufferLimitError,
+                nats_errors.ConnectionDrainingError,
+                nats_errors.ConnectionReconnectingError,
+                OSError,
+            ) as exc:
+                pending.pop(token, None)
+                wave.resolve(i, PublishResult(Outcome.RETRYABLE, names.REASON_DISCONNECT, repr(exc)[:200]))
+        if wave.remaining:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wave.done.wait(), self._s.ack_timeout_seconds)
+        if wave.remaining:
+            timeout = PublishResult(
+                Outcome.RETRYABLE, names.REASON_TIMEOUT, f"no ack within {self._s.ack_timeout_seconds}s"
+            )
+            for token, (w, i) in list(pending.items()):
+                if w is wave:
+                    del pending[token]
+                    w.resolve(i, timeout)
+        out: list[PublishResult] = []
+        for r in wave.results:
+            assert r is not None
+            out.append(r)
+        return out
+
+    async def _on_ack(self, msg: Msg) -> None:
+        try:
+            token = int(msg.subject.rsplit(".", 1)[1])
+        except (ValueError, IndexError):
+            return
+        entry = self._pending.pop(token, None)
+        if entry is None:
+            self.late_acks += 1
+            return
+        wave, index = entry
+        hdrs = msg.headers
+        if hdrs and hdrs.get(_STATUS):
+            status = hdrs.get(_STATUS, "")
+            desc = hdrs.get(_DESCRIPTION, "")
+            if status == "503":
+                wave.resolve(index, PublishResult(Outcome.RETRYABLE, names.REASON_NO_RESPONDERS, "503 no responders"))
+            else:
+                wave.resolve(index, PublishResult(Outcome.RETRYABLE, names.REASON_SERVER_ERROR, f"{status} {desc}"))
+            return
+        self.ack_latencies.append(time.monotonic() - wave.sent_at[index])
+        data = msg.data
+        try:
+            ack = json.loads(data)
+        except ValueError:
+            wave.resolve(index, PublishResult(Outcome.RETRYABLE, names.REASON_SERVER_ERROR, "unreadable ack"))
+            return
+        err = ack.get("error")
+        if err:
+            wave.resolve(
+                index,
+                classify_error_ack(
+                    int(err.get("code", 0)), int(err.get("err_code", 0)), str(err.get("description", ""))
+                ),
+            )
+            return
+        if ack.get("duplicate"):
+            wave.resolve(index, PublishResult(Outcome.DUPLICATE, seq=int(ack.get("seq", 0))))
+        else:
+            wave.resolve(index, PublishResult(Outcome.ACKED, seq=int(ack.get("seq", 0))))
+
+    # --- connection events ----------------------------------------------------------------------------
+    def _fail_all(self, result: PublishResult) -> None:
+        pending, self._pending = self._pending, {}
+        for wave, i in pending.values():
+            wave.resolve(i, result)
+
+    async def _on_disconnected(self) -> None:
+        self.disconnects += 1
+        if self._pending:
+            log.warning("NATS disconnected with %d publishes in flight: failing them for retry", len(self._pending))
+        self._fail_all(PublishResult(Outcome.RETRYABLE, names.REASON_DISCONNECT, "connection lost"))
+
+    async def _on_reconnected(self) -> None:
+        log.info("NATS reconnected")
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS error: %r", exc)
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    text = repr(exc).lower()
+    return isinstance(exc, nats_errors.AuthorizationError) or "authorization" in text or "authentication" in text

@@ -1,0 +1,276 @@
+"""PostgreSQL side of the relay (asyncpg): migration, leases, claims, fenced marks, wake-ups.
+
+Every statement is a short autocommit statement: no transaction is ever open while the relay waits
+for broker acks. All SQL text comes from :mod:`outbox_worker.core.sql`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from outbox_common.envelope import OutboxRow
+from outbox_worker.core.sql import SCHEMA_VERSION, Sql
+
+log = logging.getLogger(__name__)
+
+
+class SchemaError(Exception):
+    """The outbox schema is missing or does not match (run ``outboxctl migrate``)."""
+
+
+class DatabaseUnavailableError(Exception):
+    """The database could not be reached in time."""
+
+
+class DatabaseAuthError(Exception):
+    """The database rejected the credentials or the database does not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The leases a statement must still hold: partitions with their epochs (fencing tokens)."""
+
+    partitions: list[int]
+    epochs: list[int]
+
+    @classmethod
+    def of(cls, leases: dict[int, int]) -> Fence:
+        parts = sorted(leases)
+        return cls(parts, [leases[p] for p in parts])
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationResult:
+    partitions: int
+    created: bool
+
+
+async def connect_pool(dsn: str, *, size: int = 4, timeout: float = 10.0) -> asyncpg.Pool:
+    """Open a pool; map failures to errors that say what to fix and never echo the DSN."""
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min(2, size),
+            max_size=size,
+            timeout=timeout,
+            command_timeout=timeout,
+            server_settings={"application_name": "outbox-relay"},
+        )
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        raise DatabaseAuthError(
+            f"PostgreSQL rejected the credentials ({type(exc).__name__}): check the database Secret"
+        ) from None
+    except asyncpg.InvalidCatalogNameError:
+        raise DatabaseAuthError("the database named in the DSN does not exist: check the database Secret") from None
+    except (OSError, TimeoutError, asyncpg.CannotConnectNowError) as exc:
+        raise DatabaseUnavailableError(f"PostgreSQL is not reachable: {type(exc).__name__}") from None
+    assert pool is not None
+    return pool
+
+
+async def migrate(conn: asyncpg.Connection, sql: Sql, partitions: int) -> MigrationResult:
+    """Create or upgrade the outbox tables. Idempotent; safe to run concurrently (advisory lock).
+
+    The partition count is fixed when the table is created: a different value later is refused,
+    because rows already carry partitions computed with the old count.
+    """
+    async with conn.transaction():
+        await conn.execute(sql.advisory_lock, f"{sql.schema}.{sql.table}")
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{sql.schema}"')
+        await conn.execute(sql.migration(partitions)[1])  # the meta table
+        row = await conn.fetchrow(sql.meta_select, sql.table)
+        if row is not None and row["partitions"] != partitions:
+            raise SchemaError(
+                f"{sql.schema}.{sql.table} was created with {row['partitions']} partitions; "
+                f"--partitions {partitions} differs. Keep {row['partitions']} (the count cannot change "
+                "in place)"
+            )
+        for stmt in sql.migration(partitions):
+            await conn.execute(stmt)
+        await conn.execute(sql.meta_insert, sql.table, partitions, SCHEMA_VERSION)
+    return MigrationResult(partitions, row is None)
+
+
+def _row(r: asyncpg.Record) -> OutboxRow:
+    raw = r[8]
+    headers: dict[str, str] = {}
+    if raw != "{}":
+        decoded = json.loads(raw)
+        headers = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in decoded.items()}
+    return OutboxRow(
+        id=r[0],
+        event_id=r[1],
+        partition=r[2],
+        aggregate_type=r[3],
+        aggregate_id=r[4],
+        event_type=r[5],
+        tenant=r[6],
+        payload=r[7],
+        headers=headers,
+        created_at=r[9],
+        attempts=r[10],
+    )
+
+
+class OutboxStore:
+    """Statements of one worker of one publisher on one outbox table."""
+
+    def __init__(self, pool: asyncpg.Pool, sql: Sql, publisher: str, owner: str) -> None:
+        self.pool = pool
+        self.sql = sql
+        self.publisher = publisher
+        self.owner = owner
+
+    async def check_schema(self) -> int:
+        """Return the partition count; raise SchemaError with the fix if tables are missing."""
+        s = self.sql
+        try:
+            row = await self.pool.fetchrow(s.meta_select, s.table)
+        except asyncpg.UndefinedTableError:
+            row = None
+        if row is None:
+            raise SchemaError(
+                f"outbox table {s.schema}.{s.table} is not set up: run "
+                f"`outboxctl migrate --database-url … --schema {s.schema} --table {s.table}`"
+            )
+        if row["schema_version"] > SCHEMA_VERSION:
+            raise SchemaError(
+                f"{s.schema}.{s.table} has schema version {row['schema_version']}, newer than this "
+                f"worker's {SCHEMA_VERSION}: upgrade the worker image"
+            )
+        for name in (s.outbox, s.leases, s.workers, s.dead_letters):
+            if await self.pool.fetchval("SELECT to_regclass($1)", name) is None:
+                raise SchemaError(f"table {name} is missing: run `outboxctl migrate`")
+        partitions = int(row["partitions"])
+        await self.pool.execute(s.lease_seed, self.publisher, partitions)
+        return partitions
+
+    # --- membership and leases --------------------------------------------------------------------
+    async def heartbeat(self, ttl: float) -> list[str]:
+        rows = await self.pool.fetch(self.sql.heartbeat, self.publisher, self.owner, ttl)
+        return [r[0] for r in rows]
+
+    async def leave(self) -> None:
+        await self.pool.execute(self.sql.worker_leave, self.publisher, self.owner)
+
+    async def renew(self, fence: Fence, ttl: float) -> dict[int, int]:
+        if not fence.partitions:
+            return {}
+        rows = await self.pool.fetch(
+            self.sql.lease_renew, self.publisher, self.owner, fence.partitions, fence.epochs, ttl
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def acquire(self, count: int, ttl: float) -> dict[int, int]:
+        if count <= 0:
+            return {}
+        rows = await self.pool.fetch(self.sql.lease_acquire, self.publisher, self.owner, count, ttl)
+        return {r[0]: r[1] for r in rows}
+
+    async def release(self, fence: Fence) -> list[int]:
+        if not fence.partitions:
+            return []
+        rows = await self.pool.fetch(self.sql.lease_release, self.publisher, self.owner, fence.partitions, fence.epochs)
+        return [r[0] for r in rows]
+
+    async def lease_table(self) -> list[asyncpg.Record]:
+        return list(await self.pool.fetch(self.sql.lease_table, self.publisher))
+
+    # --- rows -------------------------------------------------------------------------------------
+    async def claim(self, partitions: Sequence[int], limit: int, ordered: bool) -> list[OutboxRow]:
+        stmt = self.sql.claim_ordered if ordered else self.sql.claim_unordered
+        rows = await self.pool.fetch(stmt, list(partitions), limit)
+        return [_row(r) for r in rows]
+
+    async def mark_done(self, fence: Fence, ids: Sequence[int], delete: bool) -> int:
+        """Delete (or mark published) acked rows, only while ``fence`` still holds. Returns rows changed."""
+        if not ids:
+            return 0
+        stmt = self.sql.mark_delete if delete else self.sql.mark_published
+        status = await self.pool.execute(stmt, self.publisher, self.owner, fence.partitions, fence.epochs, list(ids))
+        return int(status.split()[-1])
+
+    async def mark_failed(
+        self, fence: Fence, ids: Sequence[int], errors: Sequence[str], delays: Sequence[float]
+    ) -> int:
+        if not ids:
+            return 0
+        status = await self.pool.execute(
+            self.sql.mark_failed,
+            self.publisher,
+            self.owner,
+            fence.partitions,
+            fence.epochs,
+            list(ids),
+            list(errors),
+            list(delays),
+        )
+        return int(status.split()[-1])
+
+    async def dead_letter(self, fence: Fence, ids: Sequence[int], reasons: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        status = await self.pool.execute(
+            self.sql.dead_letter, self.publisher, self.owner, fence.partitions, fence.epochs, list(ids), list(reasons)
+        )
+        return int(status.split()[-1])
+
+    async def retention_sweep(self, retention: float, limit: int = 10000) -> int:
+        status = await self.pool.execute(self.sql.retention_sweep, retention, limit)
+        return int(status.split()[-1])
+
+    async def pressure(self, partitions: Sequence[int] | None) -> tuple[int, float]:
+        if partitions is None:
+            row = await self.pool.fetchrow(self.sql.pressure_all)
+        else:
+            row = await self.pool.fetchrow(self.sql.pressure, list(partitions))
+        assert row is not None
+        return int(row[0]), float(row[1])
+
+
+class Listener:
+    """LISTEN on the outbox channel on a dedicated connection; calls ``wake`` on every NOTIFY.
+
+    If the connection drops, it reconnects with backoff; meanwhile the relay's poll interval keeps
+    it working (NOTIFY only lowers latency, it is never needed for correctness).
+    """
+
+    def __init__(self, dsn: str, sql: Sql, wake: Callable[[], None]) -> None:
+        self._dsn = dsn
+        self._sql = sql
+        self._wake = wake
+        self.connected = False
+
+    async def run(self) -> None:
+        delay = 0.2
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=10)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, ev=lost: ev.set())
+                await conn.add_listener(self._sql.channel, self._on_notify)
+                self.connected = True
+                delay = 0.2
+                self._wake()  # rows may have arrived while we were not listening
+                await lost.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("LISTEN connection failed (%s); polling meanwhile", type(exc).__name__)
+            finally:
+                self.connected = False
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _on_notify(self, *_args: Any) -> None:
+        self._wake()

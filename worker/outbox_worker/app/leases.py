@@ -1,0 +1,201 @@
+"""Partition leases of one worker: join, fair share, renew, release, and hand partitions to loops.
+
+Guarantees:
+
+- A partition is published by at most one loop of this worker at a time (check-out / check-in), so
+  an aggregate (always in one partition) is never published by two loops at once.
+- A partition is usable only until ``renew_sent + ttl - ack_timeout - margin`` on the local monotonic
+  clock. The database computes expiry as ``now() + ttl`` *after* the renew was sent, so this worker
+  stops sending before the lease can expire on the database clock and every publish it sent resolves
+  (ack or timeout) before then.
+- Partitions are released only after the loop using them checked them back in (in-flight publishes
+  resolved and acked rows marked), so a successor never races the previous owner's marks.
+- Every mark is additionally fenced by (owner, epoch) in SQL; a worker that lost a lease changes
+  nothing even if these local rules were broken (e.g. a process frozen past its lease).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from outbox_common.settings import WorkerSettings
+from outbox_worker.adapters.metrics import Metrics
+from outbox_worker.adapters.store import Fence, OutboxStore
+from outbox_worker.core.policy import fair_share
+
+log = logging.getLogger(__name__)
+
+SAFETY_MARGIN_SECONDS = 0.5
+
+
+@dataclass(slots=True)
+class Lease:
+    epoch: int
+    usable_until: float  # time.monotonic()
+    busy: bool = False  # checked out by a loop
+    releasing: bool = False  # will be released once checked in
+    paused_until: float = 0.0  # monotonic; set by a configuration error
+
+
+class LeaseManager:
+    def __init__(self, store: OutboxStore, settings: WorkerSettings, partitions: int, metrics: Metrics) -> None:
+        self._store = store
+        self._s = settings
+        self.partitions = partitions
+        self._metrics = metrics
+        self.leases: dict[int, Lease] = {}
+        self.live_workers: list[str] = []
+        self.target = 0
+        self._changed = asyncio.Event()
+        self._rotation = 0
+        self.ticks = 0
+        self.last_error = ""
+
+    # --- for the relay loops ------------------------------------------------------------------------
+    @property
+    def owned(self) -> list[int]:
+        return sorted(self.leases)
+
+    def checkout(self, loops: int) -> dict[int, int]:
+        """Take a fair slice of the free, usable partitions for one loop: {partition: epoch}."""
+        now = time.monotonic()
+        free = [
+            p
+            for p, lease in sorted(self.leases.items())
+            if not lease.busy
+            and not lease.releasing
+            and lease.paused_until <= now
+            and lease.usable_until > now
+        ]
+        if not free:
+            return {}
+        active = sum(1 for lease in self.leases.values() if not lease.releasing)
+        share = max(1, -(-active // loops))
+        start = self._rotation % len(free)
+        self._rotation += 1
+        chosen = (free[start:] + free[:start])[:share]
+        for p in chosen:
+            self.leases[p].busy = True
+        return {p: self.leases[p].epoch for p in chosen}
+
+    def checkin(self, parts: dict[int, int]) -> None:
+        for p, epoch in parts.items():
+            lease = self.leases.get(p)
+            if lease is not None and lease.epoch == epoch:
+                lease.busy = False
+        self._notify()
+
+    def still_usable(self, parts: dict[int, int], needed: float) -> dict[int, int]:
+        """The subset of ``parts`` this worker may still publish for ``needed`` more seconds."""
+        deadline = time.monotonic() + needed
+        return {
+            p: e
+            for p, e in parts.items()
+            if (lease := self.leases.get(p)) is not None and lease.epoch == e and lease.usable_until > deadline
+        }
+
+    def pause(self, partition: int, seconds: float) -> None:
+        lease = self.leases.get(partition)
+        if lease is not None:
+            lease.paused_until = time.monotonic() + seconds
+
+    # --- the lease loop ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Tick every renew interval until cancelled. Database errors are logged and retried; the
+        leases simply become unusable if renewals keep failing."""
+        while True:
+            try:
+                await self.tick()
+                self.last_error = ""
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"lease renewal failed: {type(exc).__name__}"
+                log.warning("%s", self.last_error)
+            self.ticks += 1
+            await asyncio.sleep(self._s.renew_interval)
+
+    async def tick(self) -> None:
+        s = self._s
+        ttl = s.lease_ttl_seconds
+        sent = time.monotonic()
+        self.live_workers = await self._store.heartbeat(ttl)
+        self.target = fair_share(self.partitions, self.live_workers, self._store.owner)
+        usable_until = sent + ttl - s.ack_timeout_seconds - SAFETY_MARGIN_SECONDS
+        # Renew what we hold; what did not renew is lost (taken over or expired).
+        held = {p: lease.epoch for p, lease in self.leases.items()}
+        renewed = await self._store.renew(Fence.of(held), ttl)
+        for p in list(self.leases):
+            if renewed.get(p) == self.leases[p].epoch:
+                self.leases[p].usable_until = usable_until
+            else:
+                log.warning("lease on partition %d lost", p)
+                self.leases[p].usable_until = 0.0
+                if not self.leases[p].busy:
+                    del self.leases[p]
+                else:
+                    self.leases[p].releasing = True
+                self._metrics.handover("lost")
+        # Drop lost leases whose loop has checked them in.
+        for p in [p for p, lease in self.leases.items() if lease.usable_until == 0.0 and not lease.busy]:
+            del self.leases[p]
+        # Converge to the fair share.
+        keep = [p for p, lease in self.leases.items() if not lease.releasing]
+        if len(keep) > self.target:
+            for p in sorted(keep)[self.target :]:
+                self.leases[p].releasing = True
+        elif len(keep) < self.target:
+            got = await self._store.acquire(self.target - len(keep), ttl)
+            for p, epoch in got.items():
+                self.leases[p] = Lease(epoch, usable_until)
+                self._metrics.handover("acquired")
+            if got:
+                log.info("acquired partitions %s (epochs %s)", sorted(got), [got[p] for p in sorted(got)])
+                self._notify()
+        await self._release_idle()
+        self._metrics.partitions.set(len(self.leases))
+
+    async def _release_idle(self) -> None:
+        idle = {
+            p: lease.epoch
+            for p, lease in self.leases.items()
+            if lease.releasing and not lease.busy and lease.usable_until > 0.0
+        }
+        if not idle:
+            return
+        for p in idle:
+            del self.leases[p]
+        released = await self._store.release(Fence.of(idle))
+        if released:
+            self._metrics.handover("released", len(released))
+            log.info("released partitions %s", sorted(released))
+
+    async def release_all(self, timeout: float) -> None:
+        """Stop handing out partitions, wait (bounded) for loops to check in, then release."""
+        for lease in self.leases.values():
+            lease.releasing = True
+        deadline = time.monotonic() + timeout
+        while any(lease.busy for lease in self.leases.values()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning(
+                    "partitions %s still busy at shutdown deadline",
+                    sorted(p for p, lease in self.leases.items() if lease.busy),
+                )
+                break
+            await self.wait_changed(remaining)
+        await self._release_idle()
+
+    async def wait_changed(self, timeout: float) -> None:
+        """Wait until partitions are acquired or checked in, or ``timeout`` passes."""
+        event = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()

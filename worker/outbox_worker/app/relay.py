@@ -1,0 +1,266 @@
+"""The relay pipeline: claim → publish in waves → await acks → fenced mark. One :class:`RelayLoop`
+per configured loop; loops share one publisher connection and one lease manager.
+
+Guarantees (README "Guarantees" states them for users):
+
+- At-least-once into the stream, exactly-once as stored: a row is deleted/marked only after its ack
+  (acked or duplicate); a row whose outcome is unknown stays pending and is re-published later with
+  the same ``Nats-Msg-Id``, which JetStream de-duplicates within its duplicate window.
+- Per-aggregate order (``ordering=per_aggregate``): at most one unacknowledged message per aggregate;
+  the next row of an aggregate is sent only after the previous one was acked; a failed row holds its
+  aggregate back (SQL hold-back via ``not_before``) until it succeeds or is dead-lettered.
+- Bounded: at most ``max_in_flight // loops`` publishes in flight per loop, ``batch_size`` rows in
+  memory per loop, every wait bounded by the ack timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from outbox_common import names
+from outbox_common.envelope import (
+    InvalidSubjectError,
+    OutboxRow,
+    SubjectTemplate,
+    build_headers,
+    subject_fields,
+)
+from outbox_common.settings import MarkMode, OrderingMode, WorkerSettings
+from outbox_worker.adapters.metrics import Metrics
+from outbox_worker.adapters.publisher import JetStreamPublisher, Message
+from outbox_worker.adapters.store import Fence, OutboxStore
+from outbox_worker.app.leases import LeaseManager
+from outbox_worker.core.policy import Outcome, PublishResult, backoff_delay, plan_waves
+
+log = logging.getLogger(__name__)
+
+CONFIG_PAUSE_SECONDS = 5.0
+MARK_RETRIES = 5
+
+
+@dataclass
+class RelayStats:
+    """Cumulative counters of one worker (all loops), read by the status reporter."""
+
+    published: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    marked: int = 0
+    fenced_out: int = 0  # acked rows a lost lease kept us from marking (a successor re-publishes)
+    last_error: str = ""
+    config_error: str = ""
+    config_error_at: float = 0.0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _BatchOutcome:
+    done: list[int] = field(default_factory=list)
+    failed_ids: list[int] = field(default_factory=list)
+    failed_errors: list[str] = field(default_factory=list)
+    failed_delays: list[float] = field(default_factory=list)
+    dead_ids: list[int] = field(default_factory=list)
+    dead_reasons: list[str] = field(default_factory=list)
+
+
+class RelayLoop:
+    def __init__(
+        self,
+        index: int,
+        settings: WorkerSettings,
+        store: OutboxStore,
+        publisher: JetStreamPublisher,
+        leases: LeaseManager,
+        metrics: Metrics,
+        stats: RelayStats,
+        wakeup: asyncio.Event,
+        hooks: RelayHooks | None = None,
+    ) -> None:
+        self.index = index
+        self._s = settings
+        self._store = store
+        self._pub = publisher
+        self._leases = leases
+        self._metrics = metrics
+        self._stats = stats
+        self._wakeup = wakeup
+        self._template = SubjectTemplate.parse(settings.subject_template)
+        self._ordered = settings.ordering == OrderingMode.PER_AGGREGATE
+        self._stopping = False
+        self.hooks = hooks or RelayHooks()
+
+    def stop(self) -> None:
+        """Finish the current batch (publish, await acks, mark), then return from :meth:`run`."""
+        self._stopping = True
+
+    async def run(self) -> None:
+        s = self._s
+        while not self._stopping:
+            parts = self._leases.checkout(s.loops)
+            if not parts:
+                await self._leases.wait_changed(s.poll_interval_seconds)
+                continue
+            self._wakeup.clear()  # a NOTIFY from now on wakes the wait below
+            try:
+                more = await self._one_batch(parts)
+            finally:
+                self._leases.checkin(parts)
+            if not more and not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), s.poll_interval_seconds)
+
+    async def _one_batch(self, parts: dict[int, int]) -> bool:
+        """Claim and relay one batch of ``parts``; True if the batch was full (more may be waiting)."""
+        s = self._s
+        started = time.monotonic()
+        try:
+            rows = await self._store.claim(sorted(parts), s.batch_size, self._ordered)
+        except Exception as exc:
+            self._error(f"claim failed: {type(exc).__name__}")
+            await asyncio.sleep(min(s.poll_interval_seconds, 1.0))
+            return False
+        if not rows:
+            return False
+        outcome = await self._publish(rows, parts)
+        await self._mark(parts, outcome)
+        self._stats.batches += 1
+        self._metrics.batch_latency.observe(time.monotonic() - started)
+        return len(rows) >= s.batch_size
+
+    async def _publish(self, rows: list[OutboxRow], parts: dict[int, int]) -> _BatchOutcome:
+        s = self._s
+        out = _BatchOutcome()
+        blocked: set[tuple[int, str]] = set()
+        stopped_parts: set[int] = set()
+        for wave in plan_waves(rows, self._ordered, s.per_loop_in_flight):
+            if self._stopping:
+                break  # shutting down: mark what was acked, leave the rest pending
+            usable = self._leases.still_usable(parts, 0.0)
+            wave = [
+                r
+                for r in wave
+                if r.partition in usable
+                and r.partition not in stopped_parts
+                and (r.partition, r.aggregate_id) not in blocked
+            ]
+            if not wave:
+                continue
+            messages: list[Message] = []
+            sendable: list[OutboxRow] = []
+            for row in wave:
+                try:
+                    subject = self._template.render(subject_fields(row))
+                except InvalidSubjectError as exc:
+                    self._failed(
+                        row, PublishResult(Outcome.PERMANENT, names.REASON_INVALID_SUBJECT, str(exc)), out, blocked
+                    )
+                    continue
+                messages.append(Message(subject, row.payload, build_headers(row, s.publisher)))
+                sendable.append(row)
+            self._metrics.in_flight.inc(len(messages))
+            try:
+                results = await self._pub.publish_wave(messages)
+            finally:
+                self._metrics.in_flight.dec(len(messages))
+            await self.hooks.after_wave(sendable, results)
+            for row, msg, res in zip(sendable, messages, results, strict=True):
+                if res.ok:
+                    out.done.append(row.id)
+                    self._stats.published += 1
+                    self._metrics.published.inc()
+                    if res.outcome == Outcome.DUPLICATE:
+                        self._stats.duplicates += 1
+                        self._metrics.duplicates.inc()
+                    continue
+                if res.reason == names.REASON_NO_RESPONDERS:
+                    exists = await self._pub.stream_exists_for(msg.subject)
+                    if exists is False:
+                        res = PublishResult(
+                            Outcome.CONFIG, names.REASON_NO_STREAM, f"no stream captures subject {msg.subject!r}"
+                        )
+                if res.outcome == Outcome.CONFIG:
+                    self._config_error(row.partition, res)
+                    stopped_parts.add(row.partition)
+                    continue
+                self._failed(row, res, out, blocked)
+        return out
+
+    def _failed(self, row: OutboxRow, res: PublishResult, out: _BatchOutcome, blocked: set[tuple[int, str]]) -> None:
+        s = self._s
+        self._stats.failed += 1
+        self._stats.failures_by_reason[res.reason] = self._stats.failures_by_reason.get(res.reason, 0) + 1
+        self._metrics.failed(res.reason)
+        detail = f"{res.reason}: {res.detail}"[:500]
+        self._stats.last_error = detail
+        blocked.add((row.partition, row.aggregate_id))
+        attempt = row.attempts + 1
+        if res.outcome == Outcome.PERMANENT and attempt >= s.max_attempts:
+            out.dead_ids.append(row.id)
+            out.dead_reasons.append(detail)
+            return
+        out.failed_ids.append(row.id)
+        out.failed_errors.append(detail)
+        out.failed_delays.append(backoff_delay(attempt, s.retry_backoff_initial_seconds, s.retry_backoff_max_seconds))
+
+    def _config_error(self, partition: int, res: PublishResult) -> None:
+        msg = f"{res.reason}: {res.detail}"
+        if msg != self._stats.config_error:
+            log.error("configuration error, pausing partition %d: %s", partition, msg)
+            self._metrics.config_error(res.reason)
+        self._stats.config_error = msg
+        self._stats.config_error_at = time.monotonic()
+        self._leases.pause(partition, CONFIG_PAUSE_SECONDS)
+
+    async def _mark(self, parts: dict[int, int], out: _BatchOutcome) -> None:
+        """Write the batch's results, fenced by the leases it was claimed under. Retries briefly:
+        if marking keeps failing, the rows stay pending and are re-published (absorbed as duplicates)."""
+        fence = Fence.of(parts)
+        delete = self._s.mark_mode == MarkMode.DELETE
+        await self.hooks.before_mark(out.done)
+        for attempt in range(1, MARK_RETRIES + 1):
+            try:
+                if out.done:
+                    n = await self._store.mark_done(fence, out.done, delete)
+                    self._stats.marked += n
+                    if n < len(out.done):
+                        self._stats.fenced_out += len(out.done) - n
+                        log.warning(
+                            "%d acked rows not marked: lease lost (a successor re-publishes them)", len(out.done) - n
+                        )
+                    out.done = []
+                if out.failed_ids:
+                    await self._store.mark_failed(fence, out.failed_ids, out.failed_errors, out.failed_delays)
+                    out.failed_ids = []
+                if out.dead_ids:
+                    n = await self._store.dead_letter(fence, out.dead_ids, out.dead_reasons)
+                    self._stats.dead_letters += n
+                    self._metrics.dead_letters.inc(n)
+                    if n:
+                        log.warning("dead-lettered %d rows: %s", n, out.dead_reasons[0])
+                    out.dead_ids = []
+                return
+            except Exception as exc:
+                self._error(f"mark failed (attempt {attempt}): {type(exc).__name__}")
+                if attempt == MARK_RETRIES or not self._leases.still_usable(parts, 0.0):
+                    return
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+
+    def _error(self, message: str) -> None:
+        self._stats.last_error = message
+        log.warning("%s", message)
+
+
+class RelayHooks:
+    """Test seams: deterministic points where fault tests stop or freeze a worker. No-ops here."""
+
+    async def after_wave(self, rows: list[OutboxRow], results: list[PublishResult]) -> None:
+        return None
+
+    async def before_mark(self, ids: list[int]) -> None:
+        return None

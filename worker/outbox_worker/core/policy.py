@@ -1,0 +1,97 @@
+"""Pure decisions of the relay: fair shares, retry delays, and how a batch is cut into waves.
+
+Nothing here does I/O, so every rule is unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from outbox_common import names
+from outbox_common.envelope import OutboxRow
+
+
+def fair_share(partitions: int, live_workers: Sequence[str], me: str) -> int:
+    """How many partitions ``me`` should own so that live workers differ by at most one.
+
+    Workers are ranked by id; the first ``partitions % n`` get one extra. Every worker computes the
+    same answer from the same list, so shares add up to ``partitions`` and converge without a leader.
+    """
+    workers = sorted(set(live_workers) | {me})
+    n = len(workers)
+    base, extra = divmod(partitions, n)
+    return base + (1 if workers.index(me) < extra else 0)
+
+
+def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random | None = None) -> float:
+    """Capped exponential backoff with full jitter in [delay/2, delay] (attempt counts from 1)."""
+    delay = min(cap, initial * 2.0 ** max(0, min(attempt - 1, 30)))
+    r = (rng or random).random()
+    return delay / 2 + r * delay / 2
+
+
+class Outcome(StrEnum):
+    """How one publish ended. Every publish ends in exactly one of these, within the ack timeout."""
+
+    ACKED = "acked"
+    DUPLICATE = "duplicate"  # the stream already had this Nats-Msg-Id: a success
+    RETRYABLE = "retryable"  # timeout, disconnect, 503, no responders: retry with the same id
+    PERMANENT = "permanent"  # this row can never be published: count the attempt, dead-letter at N
+    CONFIG = "config"  # no stream for the subject, auth: not the row's fault; stop the partition
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    outcome: Outcome
+    reason: str = ""  # a names.REASON_* value
+    detail: str = ""  # one line, from the server or the client; never holds a secret
+    seq: int = 0  # stream sequence of the stored message (acked or duplicate)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in (Outcome.ACKED, Outcome.DUPLICATE)
+
+
+# JetStream API error codes (err_code) seen on publish acks that mean "this row can never succeed".
+PERMANENT_ERR_CODES = frozenset(
+    {
+        10054,  # message size exceeds maximum allowed
+        10083,  # ... (reserved) invalid subject/headers from server side
+    }
+)
+
+
+def classify_error_ack(code: int, err_code: int, description: str) -> PublishResult:
+    """Map a JetStream error ack ``{"error": {"code", "err_code", "description"}}`` to an outcome."""
+    detail = f"{code}/{err_code}: {description}"[:300]
+    if err_code in PERMANENT_ERR_CODES or code == 413:
+        return PublishResult(Outcome.PERMANENT, names.REASON_PAYLOAD_TOO_LARGE, detail)
+    return PublishResult(Outcome.RETRYABLE, names.REASON_SERVER_ERROR, detail)
+
+
+def plan_waves(rows: Sequence[OutboxRow], ordered: bool, wave_limit: int) -> list[list[OutboxRow]]:
+    """Cut a claimed batch into waves that are published one after the other.
+
+    With ``ordered``, a wave holds at most one row per aggregate, and an aggregate's k-th row is in
+    wave k: the next row of an aggregate is only sent after the previous one was acked. Rows of
+    different aggregates share waves (pipelined). Waves never exceed ``wave_limit`` rows (the
+    per-loop in-flight bound); an aggregate's later rows then move to later waves, never earlier.
+    Without ``ordered``, rows are simply chunked.
+    """
+    if not ordered:
+        return [list(rows[i : i + wave_limit]) for i in range(0, len(rows), wave_limit)]
+    depth: dict[tuple[int, str], int] = {}
+    waves: list[list[OutboxRow]] = []
+    for row in rows:  # rows come in (partition, id) order
+        key = (row.partition, row.aggregate_id)
+        k = depth.get(key, -1) + 1
+        while k < len(waves) and len(waves[k]) >= wave_limit:
+            k += 1
+        depth[key] = k
+        while len(waves) <= k:
+            waves.append([])
+        waves[k].append(row)
+    return waves

@@ -1,0 +1,359 @@
+"""Every SQL statement the relay runs, in one place. Pure: text only, no I/O.
+
+Identifiers (schema, table) are validated by :func:`outbox_common.settings.validate_identifier` and
+then quoted; every value is a bound parameter. Nothing from configuration or from rows is ever
+formatted into SQL text except those validated identifiers and the integer partition count.
+
+Tables, for an outbox named ``<schema>.<table>``:
+
+- ``<table>``: the outbox (the application's contract, see README).
+- ``<table>_leases``: one row per (publisher, partition) with owner, epoch (fencing token) and expiry.
+- ``<table>_workers``: heartbeats of live workers, to compute fair shares.
+- ``<table>_dead_letters``: rows that can never be published, with the reason.
+- ``outbox_meta``: schema version and partition count of each outbox table in the schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from outbox_common.settings import validate_identifier
+
+SCHEMA_VERSION = 1
+MAX_PARTITIONS = 4096
+
+
+@dataclass(frozen=True)
+class Sql:
+    """The statements of one outbox table. Build with :meth:`for_table`."""
+
+    schema: str
+    table: str
+
+    @classmethod
+    def for_table(cls, schema: str, table: str) -> Sql:
+        validate_identifier(schema, "schema")
+        validate_identifier(table, "table")
+        if len(table) > 63 - len("_dead_letters"):
+            raise ValueError(f"table={table!r} is too long: at most {63 - len('_dead_letters')} characters")
+        return cls(schema, table)
+
+    # --- names ----------------------------------------------------------------------------------
+    def _q(self, name: str) -> str:
+        return f'"{self.schema}"."{name}"'
+
+    @property
+    def outbox(self) -> str:
+        return self._q(self.table)
+
+    @property
+    def leases(self) -> str:
+        return self._q(self.table + "_leases")
+
+    @property
+    def workers(self) -> str:
+        return self._q(self.table + "_workers")
+
+    @property
+    def dead_letters(self) -> str:
+        return self._q(self.table + "_dead_letters")
+
+    @property
+    def meta(self) -> str:
+        return self._q("outbox_meta")
+
+    @property
+    def channel(self) -> str:
+        """NOTIFY channel (a quoted identifier for LISTEN; the same text for pg_notify)."""
+        return f"{self.schema}.{self.table}"
+
+    # --- migration ------------------------------------------------------------------------------
+    def migration(self, partitions: int) -> list[str]:
+        """DDL that creates or upgrades the tables; every statement is idempotent.
+
+        The partition of a row is a stored generated column: a stable hash of ``aggregate_id``
+        modulo ``partitions``. It is fixed when the table is created (see :meth:`meta_select`).
+        """
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            raise ValueError(f"partitions={partitions}: use 1..{MAX_PARTITIONS}")
+        t = self.table
+        return [
+            f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"',
+            f"""CREATE TABLE IF NOT EXISTS {self.meta} (
+                table_name text PRIMARY KEY,
+                partitions int NOT NULL,
+                schema_version int NOT NULL,
+                created_at timestamptz NOT NULL DEFAULT now())""",
+            f"""CREATE TABLE IF NOT EXISTS {self.outbox} (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                event_id uuid NOT NULL DEFAULT gen_random_uuid(),
+                aggregate_type text NOT NULL,
+                aggregate_id text NOT NULL,
+                event_type text NOT NULL,
+                tenant text NOT NULL DEFAULT '',
+                payload bytea NOT NULL,
+                headers jsonb NOT NULL DEFAULT '{{}}'::jsonb,
+                created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                not_before timestamptz,
+                attempts int NOT NULL DEFAULT 0,
+                last_error text,
+                published_at timestamptz,
+                partition int NOT NULL GENERATED ALWAYS AS
+                    (((hashtextextended(aggregate_id, 0) & 2147483647) % {int(partitions)})::int) STORED,
+                CONSTRAINT "{t}_event_id_key" UNIQUE (event_id),
+                CONSTRAINT "{t}_headers_object" CHECK (jsonb_typeof(headers) = 'object'))""",
+            # Pending rows of a partition in id order: the claim walks this and nothing else.
+            f'CREATE INDEX IF NOT EXISTS "{t}_pending_idx" ON {self.outbox} (partition, id) WHERE published_at IS NULL',
+            # Held-back rows (delayed publish or retry backoff), probed per claimed row.
+            f'CREATE INDEX IF NOT EXISTS "{t}_held_idx" ON {self.outbox} (partition, aggregate_id, id) '
+            "WHERE not_before IS NOT NULL AND published_at IS NULL",
+            f'CREATE INDEX IF NOT EXISTS "{t}_published_idx" ON {self.outbox} (published_at) '
+            "WHERE published_at IS NOT NULL",
+            f"""CREATE TABLE IF NOT EXISTS {self.leases} (
+                publisher text NOT NULL,
+                partition int NOT NULL,
+                owner text,
+                epoch bigint NOT NULL DEFAULT 0,
+                expires_at timestamptz NOT NULL DEFAULT '-infinity',
+                PRIMARY KEY (publisher, partition))""",
+            f"""CREATE TABLE IF NOT EXISTS {self.workers} (
+                publisher text NOT NULL,
+                worker_id text NOT NULL,
+                expires_at timestamptz NOT NULL,
+                PRIMARY KEY (publisher, worker_id))""",
+            f"""CREATE TABLE IF NOT EXISTS {self.dead_letters} (
+                id bigint PRIMARY KEY,
+                event_id uuid NOT NULL,
+                aggregate_type text NOT NULL,
+                aggregate_id text NOT NULL,
+                event_type text NOT NULL,
+                tenant text NOT NULL,
+                payload bytea NOT NULL,
+                headers jsonb NOT NULL,
+                created_at timestamptz NOT NULL,
+                attempts int NOT NULL,
+                reason text NOT NULL,
+                publisher text NOT NULL,
+                dead_at timestamptz NOT NULL DEFAULT now())""",
+            f"""CREATE OR REPLACE FUNCTION "{self.schema}"."{t}_notify"() RETURNS trigger
+                LANGUAGE plpgsql AS $$
+                BEGIN PERFORM pg_notify('{self.channel}', ''); RETURN NULL; END $$""",
+            f'CREATE OR REPLACE TRIGGER "{t}_notify" AFTER INSERT ON {self.outbox} '
+            f'FOR EACH STATEMENT EXECUTE FUNCTION "{self.schema}"."{t}_notify"()',
+        ]
+
+    @property
+    def meta_select(self) -> str:
+        return f"SELECT partitions, schema_version FROM {self.meta} WHERE table_name = $1"
+
+    @property
+    def meta_insert(self) -> str:
+        return (
+            f"INSERT INTO {self.meta} (table_name, partitions, schema_version) VALUES ($1, $2, $3) "
+            "ON CONFLICT (table_name) DO UPDATE SET schema_version = excluded.schema_version"
+        )
+
+    @property
+    def advisory_lock(self) -> str:
+        """Serialises concurrent migrations of one table (a transaction-level advisory lock)."""
+        return "SELECT pg_advisory_xact_lock(hashtextextended($1, 7))"
+
+    # --- leases (times come from the database clock) --------------------------------------------
+    @property
+    def lease_seed(self) -> str:
+        """$1 publisher, $2 partitions: make sure one lease row exists per partition."""
+        return (
+            f"INSERT INTO {self.leases} (publisher, partition) "
+            "SELECT $1, g FROM generate_series(0, $2 - 1) AS g ON CONFLICT DO NOTHING"
+        )
+
+    @property
+    def heartbeat(self) -> str:
+        """$1 publisher, $2 worker, $3 ttl seconds. Returns the live workers, sorted."""
+        return f"""
+            WITH hb AS (
+                INSERT INTO {self.workers} (publisher, worker_id, expires_at)
+                VALUES ($1, $2, now() + make_interval(secs => $3))
+                ON CONFLICT (publisher, worker_id) DO UPDATE SET expires_at = excluded.expires_at)
+            SELECT worker_id FROM {self.workers}
+            WHERE publisher = $1 AND (expires_at > now() OR worker_id = $2)
+            UNION SELECT $2
+            ORDER BY 1"""
+
+    @property
+    def worker_leave(self) -> str:
+        return (
+            f"DELETE FROM {self.workers} WHERE publisher = $1 "
+            "AND (worker_id = $2 OR expires_at < now() - interval '1 hour')"
+        )
+
+    @property
+    def lease_renew(self) -> str:
+        """$1 publisher, $2 owner, $3 partitions[], $4 epochs[], $5 ttl. Returns the renewed ones.
+
+        A lease whose epoch moved on (another worker took it) is not renewed: it is lost.
+        """
+        return f"""
+            UPDATE {self.leases} AS l SET expires_at = now() + make_interval(secs => $5)
+            FROM unnest($3::int[], $4::bigint[]) AS mine(partition, epoch)
+            WHERE l.publisher = $1 AND l.owner = $2 AND l.partition = mine.partition
+              AND l.epoch = mine.epoch AND l.expires_at > now()
+            RETURNING l.partition, l.epoch"""
+
+    @property
+    def lease_acquire(self) -> str:
+        """$1 publisher, $2 owner, $3 how many, $4 ttl. Takes free or expired partitions.
+
+        Each takeover increments the epoch: the fencing token every later mark must present.
+        """
+        return f"""
+            UPDATE {self.leases} AS l
+            SET owner = $2, epoch = l.epoch + 1, expires_at = now() + make_interval(secs => $4)
+            FROM (SELECT partition FROM {self.leases}
+                  WHERE publisher = $1 AND (owner IS NULL OR expires_at <= now())
+                  ORDER BY partition LIMIT $3 FOR UPDATE SKIP LOCKED) AS free
+            WHERE l.publisher = $1 AND l.partition = free.partition
+            RETURNING l.partition, l.epoch"""
+
+    @property
+    def lease_release(self) -> str:
+        """$1 publisher, $2 owner, $3 partitions[], $4 epochs[]: give leases back now."""
+        return f"""
+            UPDATE {self.leases} AS l SET owner = NULL, expires_at = now()
+            FROM unnest($3::int[], $4::bigint[]) AS mine(partition, epoch)
+            WHERE l.publisher = $1 AND l.owner = $2 AND l.partition = mine.partition
+              AND l.epoch = mine.epoch
+            RETURNING l.partition"""
+
+    @property
+    def lease_table(self) -> str:
+        """$1 publisher: the whole lease table, for status and tests."""
+        return (
+            f"SELECT partition, owner, epoch, expires_at > now() AS live FROM {self.leases} "
+            "WHERE publisher = $1 ORDER BY partition"
+        )
+
+    # --- claim ------------------------------------------------------------------------------------
+    _COLUMNS = (
+        "o.id, o.event_id::text, o.partition, o.aggregate_type, o.aggregate_id, o.event_type, "
+        "o.tenant, o.payload, o.headers::text, o.created_at, o.attempts"
+    )
+
+    @property
+    def claim_ordered(self) -> str:
+        """$1 partitions[], $2 limit. Due pending rows in (partition, id) order.
+
+        A row is skipped while an earlier row of the same aggregate is held back (delayed publish or
+        retry backoff), so an aggregate's events never overtake each other. No row locks: the
+        partition lease makes the caller the only publisher of these rows.
+        """
+        return f"""
+            SELECT {self._COLUMNS} FROM {self.outbox} AS o
+            WHERE o.partition = ANY($1::int[]) AND o.published_at IS NULL
+              AND (o.not_before IS NULL OR o.not_before <= now())
+              AND NOT EXISTS (
+                  SELECT 1 FROM {self.outbox} AS h
+                  WHERE h.partition = o.partition AND h.aggregate_id = o.aggregate_id
+                    AND h.id < o.id AND h.not_before > now() AND h.published_at IS NULL)
+            ORDER BY o.partition, o.id
+            LIMIT $2"""
+
+    @property
+    def claim_unordered(self) -> str:
+        """$1 partitions[], $2 limit. Due pending rows; no per-aggregate hold-back."""
+        return f"""
+            SELECT {self._COLUMNS} FROM {self.outbox} AS o
+            WHERE o.partition = ANY($1::int[]) AND o.published_at IS NULL
+              AND (o.not_before IS NULL OR o.not_before <= now())
+            ORDER BY o.partition, o.id
+            LIMIT $2"""
+
+    # --- marks, all fenced by (publisher, owner, partition, epoch) in the same statement ---------
+    def _fence(self) -> str:
+        # FOR SHARE: a concurrent takeover (which updates the lease row) either commits first, and
+        # then the epoch no longer matches, or waits until this statement's transaction ends.
+        return f"""fence AS (
+                SELECT l.partition FROM {self.leases} AS l
+                JOIN unnest($3::int[], $4::bigint[]) AS mine(partition, epoch)
+                  ON l.partition = mine.partition AND l.epoch = mine.epoch
+                WHERE l.publisher = $1 AND l.owner = $2
+                FOR SHARE OF l)"""
+
+    @property
+    def mark_delete(self) -> str:
+        """$1 publisher, $2 owner, $3 partitions[], $4 epochs[], $5 ids[]. Deletes acked rows."""
+        return f"""
+            WITH {self._fence()}
+            DELETE FROM {self.outbox} AS o
+            WHERE o.id = ANY($5::bigint[]) AND o.partition IN (SELECT partition FROM fence)"""
+
+    @property
+    def mark_published(self) -> str:
+        """Same parameters as :attr:`mark_delete`; sets published_at instead of deleting."""
+        return f"""
+            WITH {self._fence()}
+            UPDATE {self.outbox} AS o SET published_at = now()
+            WHERE o.id = ANY($5::bigint[]) AND o.partition IN (SELECT partition FROM fence)
+              AND o.published_at IS NULL"""
+
+    @property
+    def mark_failed(self) -> str:
+        """$1-$4 fence, $5 ids[], $6 errors[], $7 delays (seconds)[]: count an attempt, hold back."""
+        return f"""
+            WITH {self._fence()}
+            UPDATE {self.outbox} AS o
+            SET attempts = o.attempts + 1, last_error = f.err,
+                not_before = now() + make_interval(secs => f.delay)
+            FROM unnest($5::bigint[], $6::text[], $7::float8[]) AS f(id, err, delay)
+            WHERE o.id = f.id AND o.partition IN (SELECT partition FROM fence)"""
+
+    @property
+    def dead_letter(self) -> str:
+        """$1-$4 fence, $5 ids[], $6 reasons[]: move rows to the dead-letter table, atomically."""
+        return f"""
+            WITH {self._fence()},
+            moved AS (
+                DELETE FROM {self.outbox} AS o
+                USING unnest($5::bigint[], $6::text[]) AS d(id, reason)
+                WHERE o.id = d.id AND o.partition IN (SELECT partition FROM fence)
+                RETURNING o.*, d.reason)
+            INSERT INTO {self.dead_letters}
+                (id, event_id, aggregate_type, aggregate_id, event_type, tenant, payload, headers,
+                 created_at, attempts, reason, publisher)
+            SELECT id, event_id, aggregate_type, aggregate_id, event_type, tenant, payload, headers,
+                   created_at, attempts + 1, reason, $1 FROM moved"""
+
+    @property
+    def retention_sweep(self) -> str:
+        """$1 retention seconds, $2 limit: delete published rows older than the retention."""
+        return f"""
+            DELETE FROM {self.outbox} WHERE id IN (
+                SELECT id FROM {self.outbox}
+                WHERE published_at IS NOT NULL
+                  AND published_at < now() - make_interval(secs => $1)
+                LIMIT $2)"""
+
+    # --- queue pressure ---------------------------------------------------------------------------
+    @property
+    def pressure(self) -> str:
+        """$1 partitions[]: pending rows and the age in seconds of the oldest one."""
+        return f"""
+            SELECT count(*)::bigint,
+                   COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
+            FROM {self.outbox} WHERE partition = ANY($1::int[]) AND published_at IS NULL"""
+
+    @property
+    def pressure_all(self) -> str:
+        return f"""
+            SELECT count(*)::bigint,
+                   COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
+            FROM {self.outbox} WHERE published_at IS NULL"""
+
+    @property
+    def insert_event(self) -> str:
+        """For producers in demo/bench/tests: $1 aggregate_type, $2 aggregate_id, $3 event_type,
+        $4 payload, $5 headers (json text), $6 tenant. Returns id and event_id."""
+        return (
+            f"INSERT INTO {self.outbox} (aggregate_type, aggregate_id, event_type, payload, headers, tenant) "
+            "VALUES ($1, $2, $3, $4, $5::jsonb, $6) RETURNING id, event_id::text"
+        )
