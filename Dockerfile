@@ -53,10 +53,10 @@ LABEL org.opencontainers.image.title="outbox-relay" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}"
 
-# No package manager for Python at run time, and a fixed unprivileged user (uid/gid 10001).
+# No package manager for Python at run time, and a fixed unprivileged user (uid/gid 65532).
 RUN python -m pip uninstall --no-cache-dir --yes pip \
-    && groupadd --system --gid 10001 outbox \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+    && groupadd --system --gid 65532 outbox \
+    && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin outbox
 
 COPY --from=builder /opt/venv /opt/venv
@@ -65,7 +65,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-USER 10001:10001
+USER 65532:65532
 WORKDIR /tmp
 
 ENTRYPOINT ["outboxctl"]
