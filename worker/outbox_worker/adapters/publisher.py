@@ -195,15 +195,19 @@ class JetStreamPublisher:
                     "or set stream mode to 'create'"
                 ) from None
             window = max(120.0, horizon_seconds * 2)
-            await jsm.add_stream(
-                name=s.stream,
-                subjects=[filter_subject],
-                storage=js_api.StorageType.FILE,
-                num_replicas=s.stream_replicas,
-                duplicate_window=window,
-            )
-            log.info("created stream %s for %s (duplicate window %.0fs)", s.stream, filter_subject, window)
-            return
+            try:
+                await jsm.add_stream(
+                    name=s.stream,
+                    subjects=[filter_subject],
+                    storage=js_api.StorageType.FILE,
+                    num_replicas=s.stream_replicas,
+                    duplicate_window=window,
+                )
+                log.info("created stream %s for %s (duplicate window %.0fs)", s.stream, filter_subject, window)
+                return
+            except js_errors.BadRequestError:
+                # Another worker created it first (or the config conflicts): check what exists.
+                info = await jsm.stream_info(s.stream)
         cfg = info.config
         subjects = list(cfg.subjects or [])
         if not any(subject_covers(pattern, filter_subject) for pattern in subjects):

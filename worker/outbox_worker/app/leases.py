@@ -66,10 +66,7 @@ class LeaseManager:
         free = [
             p
             for p, lease in sorted(self.leases.items())
-            if not lease.busy
-            and not lease.releasing
-            and lease.paused_until <= now
-            and lease.usable_until > now
+            if not lease.busy and not lease.releasing and lease.paused_until <= now and lease.usable_until > now
         ]
         if not free:
             return {}

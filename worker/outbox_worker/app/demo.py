@@ -1,0 +1,262 @@
+"""``outboxctl demo``: the whole relay on one machine, verified end to end.
+
+Starts embedded PostgreSQL and NATS (or uses given URLs), migrates, starts worker *processes*, drives
+producers (slow transactions that commit out of id order, rollbacks), shows progress, stops the
+workers with SIGTERM, reads the stream back and checks it against the ledger. Everything it started
+is stopped on exit, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+
+from outbox_common.settings import ENV_PREFIX
+from outbox_worker.adapters.history_io import read_stream, read_truth
+from outbox_worker.adapters.store import migrate
+from outbox_worker.app.producers import ProducerPlan, ProducerResult, prepare, produce
+from outbox_worker.core.history import HistoryReport, check_history
+from outbox_worker.core.sql import Sql
+
+STREAM = "OUTBOX_DEMO"
+
+
+@dataclass
+class DemoOptions:
+    events: int = 20_000
+    workers: int = 2
+    partitions: int = 16
+    aggregates: int = 2_000
+    database_url: str = ""
+    nats_url: str = ""
+    timeout: float = 600.0
+    worker_env: dict[str, str] = field(default_factory=dict)
+    progress: Callable[[str], None] | None = None
+
+
+@dataclass
+class DemoSummary:
+    events: int
+    published: int
+    lost: int
+    duplicates: int
+    order_violations: int
+    events_per_s: float
+    p50_ms: float
+    p99_ms: float
+    unexpected: int = 0
+    pending: int = 0
+    rolled_back: int = 0
+    workers: int = 0
+    worker_exit_codes: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicates or self.order_violations or self.unexpected or self.pending) and all(
+            c == 0 for c in self.worker_exit_codes
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"ok": self.ok}
+
+
+@contextlib.contextmanager
+def servers(options: DemoOptions, base: Path) -> Iterator[tuple[str, str]]:
+    """Yield (dsn, nats_url): the given ones, or embedded servers that are stopped on exit."""
+    from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedPostgres
+
+    with contextlib.ExitStack() as stack:
+        dsn, url = options.database_url, options.nats_url
+        if not dsn:
+            pg = EmbeddedPostgres()
+            stack.callback(pg.cleanup)
+            pg.start()
+            dsn = pg.dsn
+        if not url:
+            ns = EmbeddedNats(base_dir=base / "nats")
+            stack.callback(ns.cleanup)
+            ns.start()
+            url = ns.url
+        yield dsn, url
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def worker_env(dsn: str, nats_url: str, table: str, extra: dict[str, str], worker_id: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(
+        {
+            "OUTBOX_DATABASE_URL": dsn,
+            "OUTBOX_NATS_SERVERS": nats_url,
+            "OUTBOX_TABLE": table,
+            "OUTBOX_STREAM": STREAM,
+            "OUTBOX_STREAM_MODE": "create",
+            "OUTBOX_PUBLISHER": "demo",
+            "OUTBOX_WORKER_ID": worker_id,
+            "OUTBOX_METRICS_PORT": "0",
+            "OUTBOX_POLL_INTERVAL_SECONDS": "0.5",
+            "OUTBOX_LOG_LEVEL": "WARNING",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log = log_path.open("wb")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "outbox_cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    finally:
+        log.close()
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]], grace: float = 30.0) -> list[int]:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    codes = []
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    return codes
+
+
+async def run_demo(options: DemoOptions) -> DemoSummary:
+    say = options.progress or (lambda _m: None)
+    with tempfile.TemporaryDirectory(prefix="outbox-demo-") as tmp:
+        base = Path(tmp)
+        with servers(options, base) as (dsn, nats_url):
+            return await _run(options, base, dsn, nats_url, say)
+
+
+async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: Callable[[str], None]) -> DemoSummary:
+    sql = Sql.for_table("public", "outbox_demo")
+    conn = await asyncpg.connect(dsn)
+    try:
+        for stmt in (
+            f"DROP TABLE IF EXISTS {sql.outbox}, {sql.leases}, {sql.workers}, {sql.dead_letters}, "
+            f'"public"."outbox_demo_ledger"',
+            f"DELETE FROM {sql.meta} WHERE table_name = 'outbox_demo'",
+        ):
+            with contextlib.suppress(asyncpg.UndefinedTableError):
+                await conn.execute(stmt)
+        await migrate(conn, sql, options.partitions)
+        await prepare(conn, sql)
+    finally:
+        await conn.close()
+    nc = await nats.connect(nats_url)
+    with contextlib.suppress(Exception):
+        await nc.jetstream().delete_stream(STREAM)
+    say(f"servers up: postgres {dsn.split('@')[-1]}, nats {nats_url}; starting {options.workers} workers")
+    procs = [
+        start_worker(
+            worker_env(dsn, nats_url, sql.table, options.worker_env, f"demo-worker-{i}"), base / f"worker-{i}.log"
+        )
+        for i in range(options.workers)
+    ]
+    codes: list[int] = []
+    try:
+        plan = ProducerPlan(events=options.events, aggregates=options.aggregates)
+        progress = ProducerResult()
+        started = time.time()
+        producer = asyncio.create_task(produce(dsn, sql, plan, progress))
+        js = nc.jetstream()
+        deadline = time.monotonic() + options.timeout
+        stored = 0
+        while True:
+            await asyncio.sleep(1.0)
+            dead = [p.args for p in procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a worker exited early; see {base}/worker-*.log:\n" + _tails(base))
+            try:
+                stored = (await js.stream_info(STREAM)).state.messages
+            except Exception:
+                stored = 0
+            say(
+                f"  committed {progress.committed:>8,}  rolled back {progress.rolled_back:>7,}  "
+                f"in stream {stored:>8,}  ({time.time() - started:5.1f}s)"
+            )
+            if producer.done():
+                producer.result()
+                if stored >= progress.committed:
+                    break
+            if time.monotonic() > deadline:
+                say("timeout: stopping before the backlog drained")
+                break
+        finished = time.time()
+    finally:
+        codes = stop_workers(procs)
+        await nc.close()
+    say("workers stopped; reading the stream back and checking it against the ledger")
+    report, latencies, last_stored = await _verify(dsn, sql, nats_url, progress)
+    span = max(1e-6, (last_stored or finished) - (progress.first_commit or started))
+    return DemoSummary(
+        events=report.events,
+        published=report.published,
+        lost=report.lost,
+        duplicates=report.duplicates,
+        order_violations=report.order_violations,
+        events_per_s=round(report.published / span, 1),
+        p50_ms=round(percentile(latencies, 0.50) * 1000, 2),
+        p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
+        unexpected=report.unexpected,
+        pending=report.pending,
+        rolled_back=progress.rolled_back,
+        workers=options.workers,
+        worker_exit_codes=codes,
+        seconds=round(finished - started, 2),
+    )
+
+
+async def _verify(
+    dsn: str, sql: Sql, nats_url: str, progress: ProducerResult
+) -> tuple[HistoryReport, list[float], float]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        committed, pending, dead = await read_truth(conn, sql)
+    finally:
+        await conn.close()
+    stored = await read_stream(nats_url, STREAM)
+    report = check_history(committed, stored, pending, dead)
+    seen: set[str] = set()
+    latencies = []
+    for m in stored:
+        t = progress.commit_times.get(m.event_id)
+        if t is not None and m.event_id not in seen:
+            latencies.append(max(0.0, m.stored_at - t))
+        seen.add(m.event_id)
+    last = max((m.stored_at for m in stored), default=0.0)
+    return report, latencies, last
+
+
+def _tails(base: Path) -> str:
+    out = []
+    for log in sorted(base.glob("worker-*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-15:]
+        out.append(f"--- {log.name}\n" + "\n".join(lines))
+    return "\n".join(out)

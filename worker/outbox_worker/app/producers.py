@@ -1,0 +1,129 @@
+"""Synthetic producers for ``outboxctl demo``, ``outboxctl bench`` and the tests.
+
+Each producer owns a disjoint set of aggregates and writes each aggregate's events with increasing
+versions, each event's outbox row and ledger row in the same transaction. Some transactions are held
+open for a while (so rows commit out of id order), some roll back (their events must never appear).
+The wall-clock time of each commit is recorded per event id, for commit → stored latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from outbox_worker.adapters.history_io import ledger_ddl, ledger_insert
+from outbox_worker.core.sql import Sql
+
+
+@dataclass
+class ProducerPlan:
+    events: int
+    aggregates: int = 10_000
+    producers: int = 8
+    events_per_tx: int = 20
+    rollback_ratio: float = 0.1  # share of transactions that roll back (their events are re-sent)
+    slow_tx_ratio: float = 0.05  # share of transactions held open before commit
+    slow_tx_seconds: float = 0.2
+    aggregate_type: str = "order"
+    event_types: tuple[str, ...] = ("created", "paid", "shipped", "delivered", "closed")
+    rate_per_s: float = 0.0  # 0: as fast as possible
+    payload_bytes: int = 100
+    seed: int = 7
+
+
+@dataclass
+class ProducerResult:
+    committed: int = 0
+    rolled_back: int = 0
+    transactions: int = 0
+    commit_times: dict[str, float] = field(default_factory=dict)  # event_id -> time.time() of commit
+    first_commit: float = 0.0
+    last_commit: float = 0.0
+
+
+class _Rollback(Exception):
+    """Raised inside a producer transaction to roll it back on purpose."""
+
+
+async def prepare(conn: asyncpg.Connection, sql: Sql) -> None:
+    await conn.execute(ledger_ddl(sql))
+
+
+async def produce(dsn: str, sql: Sql, plan: ProducerPlan, progress: ProducerResult | None = None) -> ProducerResult:
+    """Write ``plan.events`` committed events (rolled-back ones are extra and never counted)."""
+    result = progress or ProducerResult()
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=plan.producers, command_timeout=30)
+    assert pool is not None
+    try:
+        per = [
+            plan.events // plan.producers + (1 if i < plan.events % plan.producers else 0)
+            for i in range(plan.producers)
+        ]
+        await asyncio.gather(*(_producer(pool, sql, plan, i, n, result) for i, n in enumerate(per)))
+    finally:
+        await pool.close()
+    return result
+
+
+async def _producer(
+    pool: asyncpg.Pool, sql: Sql, plan: ProducerPlan, index: int, count: int, result: ProducerResult
+) -> None:
+    rng = random.Random(plan.seed * 1000 + index)
+    mine = [a for a in range(plan.aggregates) if a % plan.producers == index] or [index]
+    version = dict.fromkeys(mine, 0)
+    insert_ledger = ledger_insert(sql)
+    padding = "x" * max(0, plan.payload_bytes - 60)
+    sent = 0
+    started = time.monotonic()
+    while sent < count:
+        n = min(plan.events_per_tx, count - sent)
+        rollback = rng.random() < plan.rollback_ratio
+        slow = rng.random() < plan.slow_tx_ratio
+        rows = []
+        for _ in range(n):
+            agg = rng.choice(mine)
+            version[agg] += 1
+            payload = json.dumps({"aggregate": agg, "version": version[agg], "pad": padding}).encode()
+            rows.append((agg, payload, plan.event_types[version[agg] % len(plan.event_types)]))
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                ids = await conn.fetch(
+                    f"INSERT INTO {sql.outbox} (aggregate_type, aggregate_id, event_type, payload, headers) "
+                    "SELECT $1, a, e, p, $5::jsonb FROM unnest($2::text[], $3::text[], $4::bytea[]) AS t(a, e, p) "
+                    "RETURNING id, event_id::text, aggregate_id",
+                    plan.aggregate_type,
+                    [str(r[0]) for r in rows],
+                    [r[2] for r in rows],
+                    [r[1] for r in rows],
+                    json.dumps({"traceparent": f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64):016x}-01"}),
+                )
+                await conn.executemany(insert_ledger, [(r[1], f"{plan.aggregate_type}/{r[2]}", r[0]) for r in ids])
+                if slow:
+                    await asyncio.sleep(plan.slow_tx_seconds)
+                if rollback:
+                    raise _Rollback
+        except _Rollback:
+            pass
+        result.transactions += 1
+        if rollback:
+            result.rolled_back += n
+            for r in rows:  # the versions were never committed: reuse them
+                version[r[0]] -= 1
+            continue
+        now = time.time()
+        for r in ids:
+            result.commit_times[r[1]] = now
+        result.first_commit = result.first_commit or now
+        result.last_commit = now
+        result.committed += n
+        sent += n
+        if plan.rate_per_s > 0:
+            share = plan.rate_per_s / plan.producers
+            ahead = sent / share - (time.monotonic() - started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
