@@ -188,9 +188,7 @@ def ensure_tools(bin_dir: Path | None = None, *, quiet: bool = True) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--bin-dir", type=Path, default=None, help="target directory (default: the interpreter's bin)"
-    )
+    parser.add_argument("--bin-dir", type=Path, default=None, help="target directory (default: the interpreter's bin)")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)
     try:

@@ -129,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         (args.out_dir / "build-requirements.txt").write_text(
-            render(
-                "Build backend for the project's own wheel (builder stage only).", hashes_by_pin([build_dir])
-            )
+            render("Build backend for the project's own wheel (builder stage only).", hashes_by_pin([build_dir]))
         )
     print(f"wrote {args.out_dir}/requirements.txt and build-requirements.txt for CPython {python}")
     return 0
