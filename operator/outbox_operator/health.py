@@ -1,0 +1,190 @@
+"""From the workers' own reports (``status.workers``) to totals, queue pressure and conditions.
+
+Pure functions over plain dicts. A report is *fresh* when it is at most three report intervals old;
+only fresh reports count for the gauges (backlog, age, rate, in flight, partitions) and for the
+health conditions, since a stale report describes a worker that may no longer be publishing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from . import constants as c
+from .conditions import Condition, parse_time
+
+Report = Mapping[str, Any]
+
+
+def is_fresh(report: Report, interval: float, now: datetime) -> bool:
+    at = parse_time(report.get("reportTime"))
+    return at is not None and (now - at).total_seconds() <= interval * c.STALE_AFTER_INTERVALS
+
+
+def gone_workers(workers: Mapping[str, Any], pods: Collection[str] | None) -> list[str]:
+    """Entries of pods that no longer exist (to be removed). Nothing when pods are unknown."""
+    if pods is None:
+        return []
+    return sorted(name for name in workers if name not in pods)
+
+
+def current_reports(workers: Mapping[str, Any], pods: Collection[str] | None) -> dict[str, Report]:
+    return {
+        name: report
+        for name, report in sorted(workers.items())
+        if isinstance(report, Mapping) and (pods is None or name in pods)
+    }
+
+
+def totals(reports: Mapping[str, Report], interval: float, now: datetime) -> dict[str, Any]:
+    """``status.totals``: counters over all current entries, gauges over the fresh ones."""
+    fresh = [r for r in reports.values() if is_fresh(r, interval, now)]
+
+    def total(key: str, among: Collection[Report]) -> int:
+        return sum(int(r.get(key) or 0) for r in among)
+
+    return {
+        "workers": len(fresh),
+        "partitionsOwned": sum(len(r.get("partitions") or []) for r in fresh),
+        "published": total("published", list(reports.values())),
+        "duplicates": total("duplicates", list(reports.values())),
+        "failed": total("failed", list(reports.values())),
+        "deadLetters": total("deadLetters", list(reports.values())),
+        "inFlight": total("inFlight", fresh),
+        "backlog": total("backlog", fresh),
+        "oldestPendingSeconds": round(max((float(r.get("oldestPendingSeconds") or 0) for r in fresh), default=0.0), 1),
+        "ratePerSecond": round(sum(float(r.get("ratePerSecond") or 0) for r in fresh), 1),
+    }
+
+
+_DATABASE_WORDS = ("database", "postgres", "sql", "table", "schema", "relation", "db:")
+
+
+def config_error_area(message: str) -> str:
+    """``database`` or ``stream``: which condition a worker's configError belongs to.
+
+    Workers should prefix the message with ``database:`` or ``stream:``/``nats:``; without a prefix
+    the words decide (tables and schemas are the database's, everything else is NATS's).
+    """
+    lowered = message.lower()
+    if lowered.startswith(("stream:", "nats:")):
+        return "stream"
+    if lowered.startswith("database:") or any(word in lowered for word in _DATABASE_WORDS):
+        return "database"
+    return "stream"
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """What the Deployment says about the worker pods."""
+
+    desired: int
+    replicas: int
+    ready: int
+
+
+def health_conditions(
+    *,
+    paused: bool,
+    rollout: Rollout,
+    reports: Mapping[str, Report],
+    interval: float,
+    target_lag_seconds: float,
+    stream_name: str,
+    duplicate_window_seconds: float,
+    duplicate_horizon_seconds: float,
+    now: datetime,
+) -> list[Condition]:
+    """Ready, Degraded, DatabaseReady, StreamReady and Lagging from a valid spec's observed state."""
+    fresh = {name: r for name, r in reports.items() if is_fresh(r, interval, now)}
+    errors = {name: str(r.get("configError")) for name, r in fresh.items() if r.get("configError")}
+    db_errors = {n: m for n, m in errors.items() if config_error_area(m) == "database"}
+    stream_errors = {n: m for n, m in errors.items() if config_error_area(m) == "stream"}
+    dead = sum(int(r.get("deadLetters") or 0) for r in reports.values())
+    stale = sorted(set(reports) - set(fresh))
+
+    def first(errs: Mapping[str, str]) -> str:
+        name = sorted(errs)[0]
+        more = f" (and {len(errs) - 1} more workers)" if len(errs) > 1 else ""
+        return f"{name}: {errs[name]}{more}"
+
+    waiting = "no fresh worker report yet"
+    if db_errors:
+        database = Condition(c.DATABASE_READY, "False", "DatabaseError", first(db_errors))
+    elif fresh:
+        database = Condition(c.DATABASE_READY, "True", "Reachable", f"{len(fresh)} worker(s) read the outbox table")
+    else:
+        database = Condition(c.DATABASE_READY, "Unknown", "NoReports", waiting)
+
+    if stream_errors:
+        stream = Condition(c.STREAM_READY, "False", "StreamError", first(stream_errors))
+    elif fresh:
+        stream = Condition(
+            c.STREAM_READY,
+            "True",
+            "StreamAvailable",
+            f"stream {stream_name} accepts the subjects; required duplicate window "
+            f"{duplicate_window_seconds:g}s covers the duplicate horizon {duplicate_horizon_seconds:g}s",
+        )
+    else:
+        stream = Condition(c.STREAM_READY, "Unknown", "NoReports", waiting)
+
+    if errors:
+        degraded = Condition(
+            c.DEGRADED, "True", "ConfigurationError", f"publishing stopped by a configuration error: {first(errors)}"
+        )
+    elif dead:
+        degraded = Condition(
+            c.DEGRADED,
+            "True",
+            "PoisonRows",
+            f"{dead} row(s) moved to the dead-letter table since the workers started; inspect them "
+            "there, fix and re-insert",
+        )
+    elif stale and not paused:
+        degraded = Condition(
+            c.DEGRADED,
+            "True",
+            "StaleReports",
+            f"no report for {interval * c.STALE_AFTER_INTERVALS:g}s from: {', '.join(stale)}",
+        )
+    else:
+        degraded = Condition(c.DEGRADED, "False", "AsExpected", "no configuration errors or dead letters")
+
+    oldest = max((float(r.get("oldestPendingSeconds") or 0) for r in fresh.values()), default=0.0)
+    if not fresh:
+        lagging = Condition(c.LAGGING, "Unknown", "NoReports", waiting)
+    elif oldest > target_lag_seconds:
+        lagging = Condition(
+            c.LAGGING,
+            "True",
+            "LagAboveTarget",
+            f"oldest pending row is {oldest:.0f}s old; target {target_lag_seconds:g}s",
+        )
+    else:
+        lagging = Condition(
+            c.LAGGING,
+            "False",
+            "LagWithinTarget",
+            f"oldest pending row is {oldest:.0f}s old; target {target_lag_seconds:g}s",
+        )
+
+    if paused:
+        ready = Condition(
+            c.READY, "False", "Paused", "spec.paused is true: workers drained and stopped; set it to false to resume"
+        )
+    elif rollout.desired == 0:
+        ready = Condition(c.READY, "False", "ScaledToZero", "spec.replicas is 0: no worker runs")
+    elif rollout.ready < rollout.desired:
+        ready = Condition(c.READY, "False", "WorkersNotReady", f"{rollout.ready}/{rollout.desired} worker pods ready")
+    elif errors:
+        ready = Condition(c.READY, "False", "ConfigurationError", first(errors))
+    elif not fresh:
+        ready = Condition(c.READY, "False", "WaitingForReports", f"{rollout.ready} worker pods ready; {waiting}")
+    else:
+        ready = Condition(
+            c.READY, "True", "Publishing", f"{rollout.ready} worker(s) publishing, {len(fresh)} reporting"
+        )
+    return [ready, degraded, database, stream, lagging]

@@ -1,0 +1,359 @@
+"""The reconcile plan: observed state in, the writes that make it right out. Pure, no I/O.
+
+One level-based function serves create, update, resume and the periodic timer. Everything it wants
+to write is compared with what was observed first, so a second pass over an unchanged object plans
+no write at all. The k8s adapter (``kube.py``) only observes and carries out plans.
+
+Order of decisions:
+
+1. An invalid spec: ``Ready=False/InvalidSpec`` naming the field and the fix; no child is touched.
+2. A missing Secret (or key): ``Ready=False/SecretNotFound``; no child is touched; retried later.
+3. Otherwise the children are created or replaced where their applied hash differs, the Deployment
+   is scaled to the decided count (paused: 0; autoscaling: the autoscaler; else spec.replicas),
+   the PDB exists only for more than one worker, gone pods' report entries are pruned, and totals,
+   autoscaler state and conditions are written where they changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from . import constants as c
+from .autoscaler import decide
+from .children import (
+    OperatorConfig,
+    Owner,
+    build_deployment,
+    build_metrics_service,
+    build_pdb,
+    build_role,
+    build_role_binding,
+    build_service_account,
+    metrics_service_name,
+    selector_string,
+    worker_name,
+)
+from .conditions import Condition, find, flips, merge_conditions
+from .health import Rollout, current_reports, gone_workers, health_conditions, totals
+from .spec import InvalidSpec, PublisherSpec, parse_spec, secret_refs
+
+Obj = dict[str, Any]
+ChildKey = tuple[str, str]  # (kind, name)
+
+# Status keys the operator owns; status.workers belongs to the workers (the operator only prunes).
+OWNED_STATUS_KEYS = (
+    "observedGeneration",
+    "replicas",
+    "readyReplicas",
+    "desiredReplicas",
+    "selector",
+    "totals",
+    "autoscaler",
+    "conditions",
+)
+CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "Service", "Deployment", "PodDisruptionBudget")
+
+
+def child_keys(owner: Owner) -> list[ChildKey]:
+    """Every child the operator may own for this publisher (to observe before planning)."""
+    worker = worker_name(owner)
+    return [
+        ("ServiceAccount", worker),
+        ("Role", worker),
+        ("RoleBinding", worker),
+        ("Service", metrics_service_name(owner)),
+        ("Deployment", worker),
+        ("PodDisruptionBudget", worker),
+    ]
+
+
+def secret_names(body: Mapping[str, Any]) -> list[str]:
+    """Secrets to observe: those a valid spec refers to (none for an invalid spec)."""
+    try:
+        spec = parse_spec(body.get("spec"))
+    except InvalidSpec:
+        return []
+    return sorted({name for _, name, _ in secret_refs(spec)})
+
+
+@dataclass(frozen=True)
+class Observed:
+    body: Mapping[str, Any]  # the OutboxPublisher
+    children: Mapping[ChildKey, Mapping[str, Any] | None]  # existing child, None when absent
+    secrets: Mapping[str, Collection[str] | None]  # Secret name -> its data keys, None when absent
+    pods: Collection[str] | None  # names of the worker pods; None when unknown (no pruning)
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: Literal["create", "replace", "patch", "delete"]
+    kind: str
+    name: str
+    body: Obj | None = None  # the object (create, replace) or a merge patch (patch)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    actions: list[Action] = field(default_factory=list)
+    status_patch: Obj = field(default_factory=dict)  # a JSON merge patch of .status
+    events: list[Event] = field(default_factory=list)
+    invalid: InvalidSpec | None = None  # the spec is invalid: a permanent error until it changes
+    retry_reason: str | None = None  # something is not there yet: retry with backoff
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.actions or self.status_patch or self.events)
+
+
+def backoff_seconds(retry: int) -> float:
+    """Delay before the next attempt after ``retry`` failed ones: 5 s doubling, capped at 5 min."""
+    return float(min(5 * 2 ** min(retry, 10), 300))
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> Obj:
+    """RFC 7386 merge patch that turns ``old`` into ``new`` (empty when equal)."""
+    patch: Obj = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        prior = old.get(key)
+        if isinstance(value, Mapping) and isinstance(prior, Mapping):
+            sub = merge_patch(prior, value)
+            if sub:
+                patch[key] = sub
+        elif key not in old or prior != value:
+            patch[key] = value
+    return patch
+
+
+def is_controlled_by(obj: Mapping[str, Any], owner: Owner) -> bool:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(ref.get("uid") == owner.uid and ref.get("controller") for ref in refs)
+
+
+def _owned_status(status: Mapping[str, Any]) -> Obj:
+    return {key: status[key] for key in OWNED_STATUS_KEYS if key in status}
+
+
+# Condition reasons of a freshly created publisher: not worth an Event.
+_EXPECTED_AT_START = frozenset({"WorkersNotReady", "WaitingForReports", "AsExpected", "NoReports"})
+
+
+def _events_for(old: Iterable[Mapping[str, Any]] | None, new: list[Obj]) -> list[Event]:
+    events: list[Event] = []
+    for prior, cond in flips(old, new):
+        if prior is None and cond["reason"] in _EXPECTED_AT_START:
+            continue
+        if cond["type"] == c.READY:
+            if cond["status"] == "True":
+                events.append(Event("Normal", "Ready", cond["message"]))
+            elif cond["status"] == "False":
+                events.append(
+                    Event(
+                        "Warning" if cond["reason"] not in ("Paused", "ScaledToZero") else "Normal",
+                        cond["reason"],
+                        cond["message"],
+                    )
+                )
+        elif cond["type"] == c.DEGRADED and cond["status"] == "True":
+            events.append(Event("Warning", cond["reason"], cond["message"]))
+        elif cond["type"] == c.DEGRADED and prior is not None and prior.get("status") == "True":
+            events.append(Event("Normal", "Recovered", cond["message"]))
+    return events
+
+
+def _replace_body(desired: Obj, existing: Mapping[str, Any]) -> Obj:
+    body = dict(desired)
+    body["metadata"] = {**desired["metadata"], "resourceVersion": existing["metadata"].get("resourceVersion")}
+    if desired["kind"] == "Service":  # allocated addresses are immutable: keep them
+        kept = {k: existing.get("spec", {})[k] for k in ("clusterIP", "clusterIPs") if k in existing.get("spec", {})}
+        body["spec"] = {**desired["spec"], **kept}
+    return body
+
+
+def _status_only(observed: Observed, generation: int, wanted: list[Condition]) -> tuple[Obj, list[Event]]:
+    status = observed.body.get("status") or {}
+    old = _owned_status(status)
+    new = dict(old)
+    new["observedGeneration"] = generation
+    new["conditions"] = merge_conditions(status.get("conditions"), wanted, generation, observed.now)
+    return merge_patch(old, new), _events_for(status.get("conditions"), new["conditions"])
+
+
+def plan(observed: Observed, config: OperatorConfig) -> Plan:
+    body = observed.body
+    owner = Owner.from_body(body)
+    generation = int(body["metadata"].get("generation") or 0)
+    status: Mapping[str, Any] = body.get("status") or {}
+
+    # 1. the spec, and everything rendered from it, must be valid
+    try:
+        spec = parse_spec(body.get("spec"))
+        build_deployment(owner, spec, 0, config)  # renders the env with the worker's own validation
+    except InvalidSpec as exc:
+        message = f"{exc.field}: {exc.message}"
+        patch, events = _status_only(
+            observed,
+            generation,
+            [
+                Condition(c.READY, "False", "InvalidSpec", message),
+                Condition(c.DEGRADED, "True", "InvalidSpec", f"no worker changes until the spec is fixed: {message}"),
+            ],
+        )
+        return Plan(status_patch=patch, events=events, invalid=exc)
+
+    # 2. every referenced Secret and key must exist (values are never read)
+    missing = []
+    for path, name, key in secret_refs(spec):
+        keys = observed.secrets.get(name)
+        if keys is None:
+            missing.append(
+                (
+                    path,
+                    f"Secret {name!r} ({path}) not found in namespace {owner.namespace!r}: "
+                    f"create it with the key {key!r}",
+                )
+            )
+        elif key not in keys:
+            missing.append((path, f"Secret {name!r} ({path}) has no key {key!r}: add it or set the key"))
+    if missing:
+        message = "; ".join(m for _, m in missing)
+        wanted = [Condition(c.READY, "False", "SecretNotFound", message)]
+        db = [m for p, m in missing if p.startswith("spec.database")]
+        nats = [m for p, m in missing if p.startswith("spec.nats")]
+        if db:
+            wanted.append(Condition(c.DATABASE_READY, "False", "SecretNotFound", "; ".join(db)))
+        if nats:
+            wanted.append(Condition(c.STREAM_READY, "False", "SecretNotFound", "; ".join(nats)))
+        patch, events = _status_only(observed, generation, wanted)
+        return Plan(status_patch=patch, events=events, retry_reason=message)
+
+    return _plan_valid(observed, config, owner, spec, generation, status)
+
+
+def _desired_replicas(
+    spec: PublisherSpec, status: Mapping[str, Any], pressure: Mapping[str, Any], now: datetime
+) -> tuple[int, Obj | None, Event | None]:
+    """Worker count, the new status.autoscaler (None: autoscaling off) and an Event if it scaled."""
+    if not spec.autoscaling.enabled:
+        return (0 if spec.paused else spec.replicas), None, None
+    decision = decide(
+        spec.autoscaling,
+        spec.partitions,
+        status.get("autoscaler"),
+        fallback=max(spec.replicas, spec.autoscaling.min_replicas),
+        pressure=None if spec.paused else pressure,
+        now=now,
+    )
+    event = (
+        Event("Normal", "Scaled", f"autoscaler set {decision.replicas} workers: {decision.reason}")
+        if decision.scaled and not spec.paused
+        else None
+    )
+    return (0 if spec.paused else decision.replicas), decision.state, event
+
+
+def _plan_valid(
+    observed: Observed,
+    config: OperatorConfig,
+    owner: Owner,
+    spec: PublisherSpec,
+    generation: int,
+    status: Mapping[str, Any],
+) -> Plan:
+    result = Plan()
+    now = observed.now
+    interval = spec.report_interval_seconds
+    workers: Mapping[str, Any] = status.get("workers") or {}
+    reports = current_reports(workers, observed.pods)
+    pressure = totals(reports, interval, now)
+    replicas, autoscaler, scaled = _desired_replicas(spec, status, pressure, now)
+
+    # children
+    desired = [
+        build_service_account(owner),
+        build_role(owner),
+        build_role_binding(owner),
+        build_metrics_service(owner, spec),
+        build_deployment(owner, spec, replicas, config),
+    ]
+    if replicas > 1:
+        desired.append(build_pdb(owner))
+    conflicts = []
+    wanted_keys = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
+    for obj in desired:
+        key = (obj["kind"], obj["metadata"]["name"])
+        existing = observed.children.get(key)
+        if existing is None:
+            result.actions.append(Action("create", *key, obj))
+            continue
+        if not is_controlled_by(existing, owner):
+            conflicts.append(f"{key[0]} {key[1]}")
+            continue
+        old_hash = (existing["metadata"].get("annotations") or {}).get(c.ANNOTATION_HASH)
+        new_hash = obj["metadata"]["annotations"][c.ANNOTATION_HASH]
+        if old_hash != new_hash:
+            result.actions.append(Action("replace", *key, _replace_body(obj, existing)))
+        elif key[0] == "Deployment" and existing.get("spec", {}).get("replicas") != replicas:
+            result.actions.append(Action("patch", *key, {"spec": {"replicas": replicas}}))
+    for key, existing in observed.children.items():
+        if existing is not None and key not in wanted_keys and is_controlled_by(existing, owner):
+            result.actions.append(Action("delete", *key))
+
+    # status
+    deployment = observed.children.get(("Deployment", worker_name(owner)))
+    dep_status = (deployment or {}).get("status") or {}
+    rollout = Rollout(
+        desired=replicas, replicas=int(dep_status.get("replicas") or 0), ready=int(dep_status.get("readyReplicas") or 0)
+    )
+    wanted = health_conditions(
+        paused=spec.paused,
+        rollout=rollout,
+        reports=reports,
+        interval=interval,
+        target_lag_seconds=spec.autoscaling.target_lag_seconds,
+        stream_name=spec.stream.name,
+        duplicate_window_seconds=spec.stream.duplicate_window_seconds,
+        duplicate_horizon_seconds=spec.duplicate_horizon_seconds,
+        now=now,
+    )
+    if conflicts:
+        wanted[0] = Condition(
+            c.READY,
+            "False",
+            "NameConflict",
+            f"{', '.join(conflicts)} exist(s) but belong(s) to something else: delete or rename it",
+        )
+    new: Obj = {
+        "observedGeneration": generation,
+        "replicas": rollout.replicas,
+        "readyReplicas": rollout.ready,
+        "desiredReplicas": replicas,
+        "selector": selector_string(owner),
+        "totals": pressure,
+        "conditions": merge_conditions(status.get("conditions"), wanted, generation, now),
+    }
+    if autoscaler is not None:
+        new["autoscaler"] = autoscaler
+    result.status_patch = merge_patch(_owned_status(status), new)
+    gone = gone_workers(workers, observed.pods)
+    if gone:
+        result.status_patch["workers"] = {name: None for name in gone}
+    result.events = _events_for(status.get("conditions"), new["conditions"])
+    if scaled is not None:
+        result.events.append(scaled)
+    return result
+
+
+def condition_of(body: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    """A condition of an OutboxPublisher (for tests and the CLI)."""
+    return find((body.get("status") or {}).get("conditions"), type_)

@@ -1,0 +1,380 @@
+"""The OutboxPublisher spec as a pydantic model, and its mapping onto the worker's settings.
+
+The model mirrors crds/outboxpublisher.yaml field by field (camelCase in YAML, snake_case here):
+``tests/unit/test_operator_crd.py`` proves both have the same fields, defaults, enums and bounds.
+The CRD's CEL rules are repeated as model validators, so a spec that reaches the operator without
+the API server's checks (an old API server, an emulator) is still rejected with the same message.
+
+:data:`SETTINGS_MAP` is the one table from spec paths to :class:`WorkerSettings` fields; the operator
+renders the worker's environment from it with the worker's own ``render_env``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from outbox_common.settings import (
+    MarkMode,
+    OrderingMode,
+    StreamMode,
+    WorkerSettings,
+    render_env,
+)
+
+
+class InvalidSpec(ValueError):
+    """A spec the operator cannot act on. ``field`` is the spec path, the message says how to fix it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the OutboxPublisher's namespace. Subclasses set the key's default."""
+
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(min_length=1, max_length=253)
+
+
+class DatabaseSecretRef(SecretKeyRef):
+    key: str = Field("url", min_length=1, max_length=253)
+
+
+class PasswordSecretRef(SecretKeyRef):
+    key: str = Field("password", min_length=1, max_length=253)
+
+
+class TokenSecretRef(SecretKeyRef):
+    key: str = Field("token", min_length=1, max_length=253)
+
+
+class CredentialsSecretRef(SecretKeyRef):
+    key: str = Field("nats.creds", min_length=1, max_length=253)
+
+
+class Autoscaling(_Model):
+    enabled: bool = False
+    min_replicas: int = Field(1, ge=1, le=4096)
+    max_replicas: int = Field(4, ge=1, le=4096)
+    target_backlog_per_replica: int = Field(10000, ge=1, le=100_000_000)
+    target_lag_seconds: float = Field(30.0, ge=1, le=86400)
+    scale_down_stabilization_seconds: int = Field(300, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _min_max(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("spec.autoscaling.minReplicas must be less than or equal to spec.autoscaling.maxReplicas")
+        return self
+
+
+class Database(_Model):
+    secret_ref: DatabaseSecretRef
+    db_schema: str = Field("public", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    table: str = Field("outbox", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    pool_size: int = Field(4, ge=2, le=64)
+    statement_timeout_seconds: float = Field(10.0, gt=0, le=300)
+
+
+class NatsTls(_Model):
+    secret_name: str = Field(min_length=1, max_length=253)
+    ca_key: str = Field("ca.crt", min_length=1, max_length=253)
+    cert_key: str = Field("", max_length=253)
+    key_key: str = Field("", max_length=253)
+
+    @model_validator(mode="after")
+    def _pair(self) -> NatsTls:
+        if (self.cert_key == "") != (self.key_key == ""):
+            raise ValueError("spec.nats.tls.certKey and keyKey must both be set (mutual TLS) or both be empty")
+        return self
+
+
+ServerUrl = Annotated[str, StringConstraints(max_length=253, pattern=r"^(nats|tls|ws|wss)://[^,\s]+$")]
+
+
+class Nats(_Model):
+    servers: list[ServerUrl] = Field(min_length=1, max_length=16)
+    user: str = Field("", max_length=253)
+    password_secret_ref: PasswordSecretRef | None = None
+    token_secret_ref: TokenSecretRef | None = None
+    credentials_secret_ref: CredentialsSecretRef | None = None
+    tls: NatsTls | None = None
+    ping_interval_seconds: float = Field(5.0, gt=0, le=120)
+
+    @model_validator(mode="after")
+    def _auth(self) -> Nats:
+        refs = [self.password_secret_ref, self.token_secret_ref, self.credentials_secret_ref]
+        if sum(r is not None for r in refs) > 1:
+            raise ValueError("use at most one of spec.nats.passwordSecretRef, tokenSecretRef and credentialsSecretRef")
+        if (self.password_secret_ref is not None) != (self.user != ""):
+            raise ValueError("spec.nats.user and spec.nats.passwordSecretRef go together")
+        return self
+
+
+class Stream(_Model):
+    name: str = Field("OUTBOX", max_length=255, pattern=r"^[A-Za-z0-9_-]+$")
+    mode: StreamMode = StreamMode.EXPECT
+    replicas: int = Field(1, ge=1, le=5)
+    duplicate_window_seconds: float = Field(120.0, ge=1, le=86400)
+
+
+class Retry(_Model):
+    initial_backoff_seconds: float = Field(0.2, gt=0, le=60)
+    max_backoff_seconds: float = Field(30.0, gt=0, le=3600)
+    max_attempts: int = Field(5, ge=1, le=1000)
+
+
+class Publishing(_Model):
+    batch_size: int = Field(1000, ge=1, le=10000)
+    loops: int = Field(2, ge=1, le=16)
+    max_in_flight: int = Field(4000, ge=1, le=100000)
+    ack_timeout_seconds: float = Field(5.0, gt=0, le=120)
+    batch_timeout_seconds: float = Field(30.0, gt=0, le=600)
+    poll_interval_seconds: float = Field(1.0, gt=0, le=60)
+    retry: Retry = Field(default_factory=Retry)
+    mark_mode: MarkMode = MarkMode.DELETE
+    retention_seconds: float = Field(86400.0, ge=0, le=31_536_000)
+
+    @model_validator(mode="after")
+    def _backoff(self) -> Publishing:
+        if self.retry.initial_backoff_seconds > self.retry.max_backoff_seconds:
+            raise ValueError("spec.publishing.retry.initialBackoffSeconds must not exceed maxBackoffSeconds")
+        return self
+
+
+class Leases(_Model):
+    ttl_seconds: float = Field(15.0, ge=1, le=600)
+    renew_seconds: float = Field(0.0, ge=0, le=200)
+
+
+class ResourceRequirements(_Model):
+    requests: dict[str, int | str] | None = None
+    limits: dict[str, int | str] | None = None
+
+
+class EnvVar(_Model):
+    name: str = Field(min_length=1, max_length=253)
+    value: str | None = None
+    value_from: dict[str, Any] | None = None
+
+
+class WorkerOverrides(_Model):
+    image: str = Field("", max_length=512)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    resources: ResourceRequirements | None = None
+    node_selector: dict[str, str] | None = None
+    tolerations: list[dict[str, Any]] | None = Field(None, max_length=32)
+    affinity: dict[str, Any] | None = None
+    env: list[EnvVar] | None = Field(None, max_length=64)
+    shutdown_grace_seconds: float = Field(20.0, gt=0, le=600)
+    metrics_port: int = Field(9090, ge=1, le=65535)
+    log_format: Literal["text", "json"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _env(self) -> WorkerOverrides:
+        for var in self.env or []:
+            if var.name.startswith("OUTBOX_"):
+                raise ValueError(
+                    f"spec.worker.env must not set OUTBOX_* variables ({var.name}): they are rendered "
+                    "from the spec; set the matching spec field instead"
+                )
+        return self
+
+
+class PublisherSpec(_Model):
+    """``spec`` of an OutboxPublisher, after the API server's defaulting."""
+
+    publisher: str | None = Field(None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    partitions: int = Field(ge=1, le=4096)
+    replicas: int = Field(1, ge=0, le=4096)
+    paused: bool = False
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    database: Database
+    nats: Nats
+    stream: Stream = Field(default_factory=Stream)
+    subject_template: str = Field("outbox.{aggregate_type}.{event_type}", min_length=1, max_length=255)
+    ordering: OrderingMode = OrderingMode.PER_AGGREGATE
+    publishing: Publishing = Field(default_factory=Publishing)
+    leases: Leases = Field(default_factory=Leases)
+    report_interval_seconds: float = Field(10.0, ge=1, le=600)
+    worker: WorkerOverrides = Field(default_factory=WorkerOverrides)
+
+    @model_validator(mode="after")
+    def _cross(self) -> PublisherSpec:
+        if self.replicas > self.partitions:
+            raise ValueError("spec.replicas must not exceed spec.partitions (a worker without a partition idles)")
+        if self.autoscaling.enabled and self.autoscaling.max_replicas > self.partitions:
+            raise ValueError("spec.autoscaling.maxReplicas must not exceed spec.partitions")
+        if self.publishing.ack_timeout_seconds * 2 > self.leases.ttl_seconds:
+            raise ValueError(
+                "spec.publishing.ackTimeoutSeconds must be at most half of spec.leases.ttlSeconds: a "
+                "publish must resolve well before its lease can move to another worker"
+            )
+        if self.leases.renew_seconds and self.leases.renew_seconds * 2 > self.leases.ttl_seconds:
+            raise ValueError(
+                "spec.leases.renewSeconds must be 0 (a third of the TTL) or at most half of spec.leases.ttlSeconds"
+            )
+        if self.stream.duplicate_window_seconds < self.duplicate_horizon_seconds:
+            raise ValueError(
+                "spec.stream.duplicateWindowSeconds must cover the duplicate horizon "
+                "(leases.ttlSeconds + publishing.ackTimeoutSeconds + publishing.retry.maxBackoffSeconds"
+                f" = {self.duplicate_horizon_seconds:g}s)"
+            )
+        return self
+
+    @property
+    def duplicate_horizon_seconds(self) -> float:
+        """Same formula as ``WorkerSettings.duplicate_horizon_seconds``."""
+        return self.leases.ttl_seconds + self.publishing.ack_timeout_seconds + self.publishing.retry.max_backoff_seconds
+
+
+# --- spec -> worker settings ------------------------------------------------------------------------
+
+# Where the NATS credential and TLS Secrets are mounted in the worker container.
+NATS_CREDS_DIR = "/etc/outbox/nats-creds"
+NATS_TLS_DIR = "/etc/outbox/nats-tls"
+
+# Worker setting <- spec path (dotted, camelCase as in the CRD). Values are copied as they are.
+SETTINGS_MAP: dict[str, str] = {
+    "db_schema": "database.schema",
+    "table": "database.table",
+    "db_pool_size": "database.poolSize",
+    "db_timeout_seconds": "database.statementTimeoutSeconds",
+    "nats_user": "nats.user",
+    "nats_ping_interval_seconds": "nats.pingIntervalSeconds",
+    "stream": "stream.name",
+    "stream_mode": "stream.mode",
+    "stream_replicas": "stream.replicas",
+    "subject_template": "subjectTemplate",
+    "batch_size": "publishing.batchSize",
+    "loops": "publishing.loops",
+    "max_in_flight": "publishing.maxInFlight",
+    "ack_timeout_seconds": "publishing.ackTimeoutSeconds",
+    "batch_timeout_seconds": "publishing.batchTimeoutSeconds",
+    "poll_interval_seconds": "publishing.pollIntervalSeconds",
+    "retry_backoff_initial_seconds": "publishing.retry.initialBackoffSeconds",
+    "retry_backoff_max_seconds": "publishing.retry.maxBackoffSeconds",
+    "max_attempts": "publishing.retry.maxAttempts",
+    "mark_mode": "publishing.markMode",
+    "retention_seconds": "publishing.retentionSeconds",
+    "ordering": "ordering",
+    "lease_ttl_seconds": "leases.ttlSeconds",
+    "lease_renew_seconds": "leases.renewSeconds",
+    "report_interval_seconds": "reportIntervalSeconds",
+    "shutdown_grace_seconds": "worker.shutdownGraceSeconds",
+    "metrics_port": "worker.metricsPort",
+    "log_format": "worker.logFormat",
+    "log_level": "worker.logLevel",
+}
+# Worker settings derived from the spec by a rule rather than copied (see worker_settings()).
+DERIVED_SETTINGS: dict[str, str] = {
+    "publisher": "publisher (defaults to metadata.name)",
+    "nats_servers": "nats.servers (joined with commas)",
+    "nats_creds_file": "nats.credentialsSecretRef (mounted file)",
+    "nats_tls_ca_file": "nats.tls.caKey (mounted file)",
+    "nats_tls_cert_file": "nats.tls.certKey (mounted file)",
+    "nats_tls_key_file": "nats.tls.keyKey (mounted file)",
+}
+# Secret settings: given to the pod by secretKeyRef only, never as values.
+SECRET_SETTINGS: dict[str, str] = {
+    "database_url": "database.secretRef",
+    "nats_password": "nats.passwordSecretRef",
+    "nats_token": "nats.tokenSecretRef",
+}
+# Settings filled from the pod itself (downward API).
+POD_SETTINGS: dict[str, str] = {"worker_id": "metadata.name", "kube_namespace": "metadata.namespace"}
+# Settings the operator leaves at the worker's default on purpose.
+DEFAULT_SETTINGS = frozenset({"metrics_host"})
+
+
+def _lookup(data: Mapping[str, Any], path: str) -> Any:
+    value: Any = data
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
+def spec_path_of_setting(field: str) -> str:
+    """The spec path that sets a worker setting (for error messages)."""
+    for table in (SETTINGS_MAP, DERIVED_SETTINGS, SECRET_SETTINGS):
+        if field in table:
+            return "spec." + table[field].split(" ")[0]
+    return field
+
+
+def parse_spec(spec: Mapping[str, Any] | None) -> PublisherSpec:
+    """Validate a CR's spec; raise :class:`InvalidSpec` naming the first bad field and the fix."""
+    if not spec:
+        raise InvalidSpec("spec", "is missing: give at least partitions, database.secretRef and nats.servers")
+    try:
+        return PublisherSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        path = "spec" + (f".{loc}" if loc else "")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if msg.startswith("spec."):
+            field, _, rest = msg.partition(" ")
+            raise InvalidSpec(field, rest) from None
+        raise InvalidSpec(path, msg) from None
+
+
+def worker_settings(spec: PublisherSpec, name: str) -> dict[str, Any]:
+    """Non-secret worker settings of a publisher named ``name``, keyed by WorkerSettings field."""
+    data = spec.model_dump(by_alias=True, mode="json")
+    values: dict[str, Any] = {field: _lookup(data, path) for field, path in SETTINGS_MAP.items()}
+    values["publisher"] = spec.publisher or name
+    values["nats_servers"] = ",".join(spec.nats.servers)
+    if spec.nats.credentials_secret_ref is not None:
+        values["nats_creds_file"] = f"{NATS_CREDS_DIR}/{spec.nats.credentials_secret_ref.key}"
+    if spec.nats.tls is not None:
+        values["nats_tls_ca_file"] = f"{NATS_TLS_DIR}/{spec.nats.tls.ca_key}"
+        if spec.nats.tls.cert_key:
+            values["nats_tls_cert_file"] = f"{NATS_TLS_DIR}/{spec.nats.tls.cert_key}"
+            values["nats_tls_key_file"] = f"{NATS_TLS_DIR}/{spec.nats.tls.key_key}"
+    return values
+
+
+def render_worker_env(spec: PublisherSpec, name: str) -> dict[str, str]:
+    """``OUTBOX_*`` variables of the worker, validated by the worker's own settings class.
+
+    A value the worker would refuse (say a subject template with an unknown placeholder) raises
+    :class:`InvalidSpec` with the spec path, so the operator never starts pods that would crash.
+    """
+    try:
+        return render_env(worker_settings(spec, name))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        field = spec_path_of_setting(loc) if loc in WorkerSettings.model_fields else "spec"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise InvalidSpec(field, msg) from None
+
+
+def secret_refs(spec: PublisherSpec) -> list[tuple[str, str, str]]:
+    """(spec path, Secret name, key) of every Secret the workers need."""
+    refs: list[tuple[str, str, str]] = [
+        ("spec.database.secretRef", spec.database.secret_ref.name, spec.database.secret_ref.key)
+    ]
+    n = spec.nats
+    if n.password_secret_ref is not None:
+        refs.append(("spec.nats.passwordSecretRef", n.password_secret_ref.name, n.password_secret_ref.key))
+    if n.token_secret_ref is not None:
+        refs.append(("spec.nats.tokenSecretRef", n.token_secret_ref.name, n.token_secret_ref.key))
+    if n.credentials_secret_ref is not None:
+        refs.append(("spec.nats.credentialsSecretRef", n.credentials_secret_ref.name, n.credentials_secret_ref.key))
+    if n.tls is not None:
+        for attr, key in (("caKey", n.tls.ca_key), ("certKey", n.tls.cert_key), ("keyKey", n.tls.key_key)):
+            if key:
+                refs.append((f"spec.nats.tls.{attr}", n.tls.secret_name, key))
+    return refs
