@@ -1,0 +1,182 @@
+"""The embedded servers are real: TCP, JetStream acks, crash/restart durability, pause, clustering."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import asyncpg
+import nats
+import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres
+
+pytestmark = pytest.mark.integration
+
+
+async def test_postgres_accepts_tcp_connection_and_query(pg_dsn: str) -> None:
+    conn = await asyncpg.connect(pg_dsn, timeout=5)
+    try:
+        assert await conn.fetchval("SELECT 40 + 2") == 42
+        assert await conn.fetchval("SELECT inet_server_addr()::text") == "127.0.0.1/32"
+        assert (await conn.fetchval("SELECT current_database()")).startswith("t_")
+    finally:
+        await conn.close()
+
+
+async def test_pg_dsn_gives_each_test_a_fresh_database(pg_dsn: str) -> None:
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        tables = await conn.fetchval("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
+        assert tables == 0
+        await conn.execute("CREATE TABLE leftover (id int)")
+    finally:
+        await conn.close()
+
+
+async def test_postgres_kill_and_restart_keeps_committed_data(own_pg: EmbeddedPostgres) -> None:
+    conn = await asyncpg.connect(own_pg.dsn)
+    await conn.execute("CREATE TABLE t (v text); INSERT INTO t VALUES ('kept')")
+    pid = own_pg.pid
+    assert pid is not None
+
+    own_pg.kill()
+    assert own_pg.pid is None
+    with pytest.raises((ConnectionError, OSError, asyncpg.PostgresError)):
+        await conn.fetchval("SELECT 1")
+    conn.terminate()
+
+    own_pg.restart()
+    assert own_pg.pid not in (None, pid)
+    conn = await asyncpg.connect(own_pg.dsn)
+    try:
+        assert await conn.fetchval("SELECT v FROM t") == "kept"
+    finally:
+        await conn.close()
+
+
+async def test_postgres_pause_stalls_and_resume_recovers(own_pg: EmbeddedPostgres) -> None:
+    own_pg.pause()
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncpg.connect(own_pg.dsn, timeout=0.5)
+    finally:
+        own_pg.resume()
+    conn = await asyncpg.connect(own_pg.dsn, timeout=5)
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+
+
+async def test_nats_accepts_jetstream_publish_with_ack(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="EMBEDDED", subjects=["embedded.>"])
+        ack = await js.publish("embedded.a", b"hello", headers={"Nats-Msg-Id": "id-1"})
+        assert ack.stream == "EMBEDDED"
+        assert ack.seq == 1
+        dup = await js.publish("embedded.a", b"hello", headers={"Nats-Msg-Id": "id-1"})
+        assert dup.duplicate
+        assert dup.seq == 1
+    finally:
+        await nc.close()
+
+
+async def test_nats_kill_and_restart_keeps_stream_data(own_nats: EmbeddedNats) -> None:
+    nc = await nats.connect(own_nats.url, allow_reconnect=False)
+    js = nc.jetstream()
+    await js.add_stream(name="DURABLE", subjects=["durable.>"])  # file storage is the default
+    for i in range(10):
+        await js.publish(f"durable.{i}", f"m{i}".encode())
+    await nc.close()
+    old_pid = own_nats.pid
+
+    own_nats.kill()
+    assert own_nats.pid is None
+    own_nats.restart()
+    assert own_nats.pid not in (None, old_pid)
+
+    nc = await nats.connect(own_nats.url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info("DURABLE")
+        assert info.state.messages == 10
+        msg = await js.get_msg("DURABLE", seq=10)
+        assert msg.data == b"m9"
+    finally:
+        await nc.close()
+
+
+async def test_nats_pause_stalls_and_resume_recovers(own_nats: EmbeddedNats) -> None:
+    nc = await nats.connect(own_nats.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="PAUSE", subjects=["pause.>"])
+        own_nats.pause()
+        assert own_nats.pid is not None
+        assert _state(own_nats.pid) == "T"
+        with pytest.raises(NatsTimeoutError):
+            await js.publish("pause.a", b"stalled", timeout=0.5)
+        own_nats.resume()
+        ack = await js.publish("pause.a", b"after", timeout=5)
+        assert ack.stream == "PAUSE"
+    finally:
+        own_nats.resume()
+        await nc.close()
+
+
+async def test_three_node_cluster_accepts_replicated_publish(
+    own_nats_cluster: EmbeddedNatsCluster,
+) -> None:
+    assert len(own_nats_cluster.urls) == 3
+    nc = await nats.connect(servers=own_nats_cluster.urls)
+    try:
+        js = nc.jetstream()
+        info = await _add_stream_with_retry(js, name="REPL", subjects=["repl.>"], num_replicas=3)
+        assert info.config.num_replicas == 3
+        ack = await js.publish("repl.a", b"replicated", timeout=10)
+        assert ack.seq == 1
+        info = await js.stream_info("REPL")
+        assert info.cluster is not None
+        assert info.cluster.leader is not None
+        assert len(info.cluster.replicas or []) == 2
+    finally:
+        await nc.close()
+
+
+def test_postgres_context_manager_removes_its_directory() -> None:
+    with EmbeddedPostgres() as server:
+        base = server.base_dir
+        assert server.pid is not None
+        assert (base / "data" / "PG_VERSION").exists()
+    assert not base.exists()
+
+
+async def test_nats_async_context_manager_stops_the_process() -> None:
+    async with EmbeddedNats() as server:
+        pid = server.pid
+        assert pid is not None
+        base = server.base_dir
+    assert server.pid is None
+    assert not base.exists()
+    assert not os.path.exists(f"/proc/{pid}") or _state(pid) == "Z"
+
+
+async def _add_stream_with_retry(js: nats.js.JetStreamContext, **config: object) -> nats.js.api.StreamInfo:
+    """Stream creation can race the first seconds of a cluster; retry briefly."""
+    for attempt in range(20):
+        try:
+            return await js.add_stream(**config)  # type: ignore[arg-type]
+        except (nats.js.errors.ServiceUnavailableError, NatsTimeoutError):
+            if attempt == 19:
+                raise
+            await asyncio.sleep(0.25)
+    raise AssertionError("unreachable")
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]

