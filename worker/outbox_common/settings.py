@@ -158,6 +158,12 @@ class WorkerSettings(BaseSettings):
     lease_renew_seconds: float = Field(0.0, ge=0, le=200, description="Renew interval; 0 means a third of the TTL.")
     poll_interval_seconds: float = Field(1.0, gt=0, le=60, description="Fallback poll when no NOTIFY arrives.")
     # --- lifecycle and observability ------------------------------------------------------------
+    startup_timeout_seconds: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="How long start-up retries an unreachable database or NATS before the worker exits (code 4).",
+    )
     shutdown_grace_seconds: float = Field(
         20.0, gt=0, le=600, description="Time to finish in-flight work after SIGTERM."
     )

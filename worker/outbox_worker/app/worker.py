@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -31,8 +31,8 @@ from outbox_common.envelope import SubjectTemplate
 from outbox_common.report import StatusSink, WorkerReport
 from outbox_common.settings import MarkMode, WorkerSettings
 from outbox_worker.adapters.metrics import HealthServer, Metrics
-from outbox_worker.adapters.publisher import JetStreamPublisher
-from outbox_worker.adapters.store import Listener, OutboxStore, connect_pool
+from outbox_worker.adapters.publisher import JetStreamPublisher, NatsUnavailableError
+from outbox_worker.adapters.store import DatabaseUnavailableError, Listener, OutboxStore, connect_pool
 from outbox_worker.app.leases import LeaseManager
 from outbox_worker.app.relay import RelayHooks, RelayLoop, RelayStats
 from outbox_worker.core.sql import Sql
@@ -45,6 +45,25 @@ RETENTION_INTERVAL_SECONDS = 60.0
 
 class SideTaskFailed(Exception):
     """A supervised side task died; the worker stopped."""
+
+
+T = TypeVar("T")
+
+
+async def _retry_unavailable(
+    attempt: Callable[[], Coroutine[Any, Any, T]], error: type[Exception], deadline: float, what: str
+) -> T:
+    """Retry ``attempt`` with capped backoff while it raises ``error``, until ``deadline``."""
+    delay = 0.5
+    while True:
+        try:
+            return await attempt()
+        except error as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s not reachable yet (%s); retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def default_worker_id() -> str:
@@ -85,13 +104,18 @@ class Worker:
     # --- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
-        self.pool = await connect_pool(
-            s.database_url.get_secret_value(), size=s.db_pool_size, timeout=s.db_timeout_seconds
+        deadline = time.monotonic() + s.startup_timeout_seconds
+        self.pool = await _retry_unavailable(
+            lambda: connect_pool(s.database_url.get_secret_value(), size=s.db_pool_size, timeout=s.db_timeout_seconds),
+            DatabaseUnavailableError,
+            deadline,
+            "PostgreSQL",
         )
         self.store = OutboxStore(self.pool, self.sql, s.publisher, self.worker_id)
         partitions = await self.store.check_schema()
         self.publisher = JetStreamPublisher(s, name=f"outbox-relay/{s.publisher}/{self.worker_id}")
-        await self.publisher.connect()
+        publisher = self.publisher
+        await _retry_unavailable(publisher.connect, NatsUnavailableError, deadline, "NATS")
         template = SubjectTemplate.parse(s.subject_template)
         await self.publisher.ensure_stream(template.filter_subject(), s.duplicate_horizon_seconds)
         self.leases = LeaseManager(self.store, s, partitions, self.metrics)
