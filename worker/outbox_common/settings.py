@@ -88,7 +88,8 @@ class StreamMode(StrEnum):
 class WorkerSettings(BaseSettings):
     """Everything one relay worker needs. Each field maps to ``OUTBOX_<FIELD>`` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    # hide_input_in_errors: a ValidationError's text would otherwise echo the raw DSN (a secret).
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, hide_input_in_errors=True)
 
     # --- identity -------------------------------------------------------------------------------
     publisher: str = Field(
