@@ -1,0 +1,194 @@
+"""WorkerSettings: the one contract between operator and worker. Bad values fail at start-up with the
+field name and how to fix it; secrets never leak; the environment rendering round-trips."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from outbox_common.settings import (
+    SECRET_FIELDS,
+    MarkMode,
+    OrderingMode,
+    StreamMode,
+    WorkerSettings,
+    describe_error,
+    env_name,
+    render_env,
+    validate_identifier,
+    validate_subject_template,
+)
+
+DSN = "postgresql://relay:s3cr3t-pw@db:5432/app"
+
+
+def make(**kw: object) -> WorkerSettings:
+    return WorkerSettings(database_url=DSN, **kw)  # type: ignore[arg-type]
+
+
+def errors_of(**kw: object) -> str:
+    with pytest.raises(ValidationError) as info:
+        make(**kw)
+    return describe_error(info.value)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("OUTBOX_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_are_valid_and_safe() -> None:
+    s = make()
+    assert s.db_schema == "public"
+    assert s.table == "outbox"
+    assert s.ordering is OrderingMode.PER_AGGREGATE
+    assert s.mark_mode is MarkMode.DELETE
+    assert s.stream_mode is StreamMode.EXPECT
+    # a publish always resolves well before the lease can move
+    assert s.ack_timeout_seconds * 2 <= s.lease_ttl_seconds
+    assert s.renew_interval == pytest.approx(s.lease_ttl_seconds / 3)
+
+
+def test_reads_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OUTBOX_DATABASE_URL", DSN)
+    monkeypatch.setenv("OUTBOX_BATCH_SIZE", "250")
+    monkeypatch.setenv("OUTBOX_ORDERING", "none")
+    monkeypatch.setenv("OUTBOX_NATS_SERVERS", " nats://a:4222 , nats://b:4222 ,")
+    s = WorkerSettings()  # type: ignore[call-arg]
+    assert s.batch_size == 250
+    assert s.ordering is OrderingMode.NONE
+    assert s.server_list == ["nats://a:4222", "nats://b:4222"]
+
+
+def test_database_url_is_required() -> None:
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings()  # type: ignore[call-arg]
+    text = describe_error(info.value)
+    assert "database_url" in text
+    assert "OUTBOX_DATABASE_URL" in text
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("table", "Outbox", "not a valid identifier"),
+        ("table", "outbox; DROP TABLE users", "not a valid identifier"),
+        ("table", 'x"y', "not a valid identifier"),
+        ("db_schema", "1abc", "not a valid identifier"),
+        ("db_schema", "a" * 64, "not a valid identifier"),
+        ("stream", "OUT.BOX", "stream="),
+        ("publisher", "Orders_1", "DNS label"),
+        ("nats_servers", "127.0.0.1:4222", "needs a scheme"),
+        ("nats_servers", " , ", "empty"),
+        ("subject_template", "outbox.{nope}", "unknown"),
+        ("subject_template", "outbox..{event_type}", "invalid"),
+        ("subject_template", "outbox.*.{event_type}", "invalid"),
+        ("subject_template", "outbox.x{event_type}", "invalid"),
+        ("batch_size", 0, "greater than or equal to 1"),
+        ("log_format", "yaml", "log_format"),
+    ],
+)
+def test_bad_value_names_the_field_and_the_fix(field: str, value: object, needle: str) -> None:
+    text = errors_of(**{field: value})
+    assert text.startswith(f"{field}:"), text
+    assert needle in text
+    assert f"OUTBOX_{field.upper()}" in text  # how to fix it
+    assert f"--{field.replace('_', '-')}" in text
+
+
+def test_database_url_error_never_shows_the_secret() -> None:
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings(database_url="mysql://relay:s3cr3t-pw@db/app")  # type: ignore[arg-type]
+    text = describe_error(info.value)
+    assert "database_url" in text
+    assert "s3cr3t-pw" not in text
+    assert "s3cr3t-pw" not in str(info.value)
+
+
+def test_secrets_are_masked_in_repr() -> None:
+    s = make(nats_password=SecretStr("pw-123"), nats_token=SecretStr("tok-456"))
+    shown = repr(s) + str(s) + str(s.model_dump())
+    for secret in ("s3cr3t-pw", "pw-123", "tok-456"):
+        assert secret not in shown
+    assert {"database_url", "nats_password", "nats_token"} <= SECRET_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"retry_backoff_initial_seconds": 10, "retry_backoff_max_seconds": 5}, "retry_backoff_initial_seconds"),
+        ({"lease_ttl_seconds": 6, "lease_renew_seconds": 4, "ack_timeout_seconds": 1}, "lease_renew_seconds"),
+        ({"lease_ttl_seconds": 3, "ack_timeout_seconds": 2}, "ack_timeout_seconds"),
+    ],
+)
+def test_cross_field_rules(kw: dict[str, float], needle: str) -> None:
+    assert needle in errors_of(**kw)
+
+
+def test_renew_interval_and_in_flight_split() -> None:
+    s = make(lease_ttl_seconds=3, lease_renew_seconds=1, ack_timeout_seconds=1, max_in_flight=10, loops=3)
+    assert s.renew_interval == 1
+    assert s.per_loop_in_flight == 3
+    assert s.per_loop_in_flight * s.loops <= s.max_in_flight
+    assert make(max_in_flight=1, loops=4).per_loop_in_flight == 1
+
+
+def test_duplicate_horizon_covers_ttl_ack_and_backoff() -> None:
+    s = make(lease_ttl_seconds=10, ack_timeout_seconds=2, retry_backoff_max_seconds=7)
+    assert s.duplicate_horizon_seconds == pytest.approx(19)
+
+
+def test_settings_are_frozen() -> None:
+    s = make()
+    with pytest.raises(ValidationError):
+        s.batch_size = 5  # type: ignore[misc]
+
+
+def test_env_name() -> None:
+    assert env_name("batch_size") == "OUTBOX_BATCH_SIZE"
+    with pytest.raises(KeyError):
+        env_name("no_such_setting")
+
+
+def test_render_env_round_trips_through_the_worker_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {
+        "publisher": "orders",
+        "batch_size": 500,
+        "ordering": OrderingMode.NONE,
+        "lease_ttl_seconds": 10.5,
+        "subject_template": "ev.{tenant}.{aggregate_type}",
+    }
+    env = render_env(values)
+    assert env == {
+        "OUTBOX_BATCH_SIZE": "500",
+        "OUTBOX_LEASE_TTL_SECONDS": "10.5",
+        "OUTBOX_ORDERING": "none",
+        "OUTBOX_PUBLISHER": "orders",
+        "OUTBOX_SUBJECT_TEMPLATE": "ev.{tenant}.{aggregate_type}",
+    }
+    for k, v in {**env, "OUTBOX_DATABASE_URL": DSN}.items():
+        monkeypatch.setenv(k, v)
+    s = WorkerSettings()  # type: ignore[call-arg]
+    assert (s.publisher, s.batch_size, s.ordering, s.lease_ttl_seconds) == ("orders", 500, OrderingMode.NONE, 10.5)
+
+
+def test_render_env_refuses_secrets_unknown_fields_and_bad_values() -> None:
+    with pytest.raises(ValueError, match="Secret reference"):
+        render_env({"nats_password": "x"})
+    with pytest.raises(ValueError, match="unknown worker settings"):
+        render_env({"batchsize": 1})
+    with pytest.raises(ValidationError, match="table"):
+        render_env({"table": "bad-name"})
+
+
+def test_validators_usable_alone() -> None:
+    assert validate_identifier("outbox_2", "table") == "outbox_2"
+    with pytest.raises(ValueError, match="table='o\"b'"):
+        validate_identifier('o"b', "table")
+    assert validate_subject_template("a.{aggregate_id}.b") == "a.{aggregate_id}.b"
+    with pytest.raises(ValueError, match="empty"):
+        validate_subject_template("")
