@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,11 +121,12 @@ def worker_env(dsn: str, nats_url: str, table: str, extra: dict[str, str], worke
     return env
 
 
-def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def start_worker(env: dict[str, str], log_path: Path, command: Sequence[str] = ("worker",)) -> subprocess.Popen[bytes]:
+    """Start ``python -m outbox_cli <command>`` (a worker by default) with ``env``, output to ``log_path``."""
     log = log_path.open("wb")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "outbox_cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "outbox_cli", *command], env=env, stdout=log, stderr=subprocess.STDOUT
         )
     finally:
         log.close()
