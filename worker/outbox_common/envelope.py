@@ -79,8 +79,13 @@ class OutboxRow:
 
 
 def build_headers(row: OutboxRow, publisher: str) -> dict[str, str]:
-    """Headers of the message for ``row``; user headers never override the relay's own."""
-    headers = {k: v for k, v in row.headers.items() if k not in names.RESERVED_HEADERS}
+    """Headers of the message for ``row``; user headers never override the relay's own, and user
+    headers starting with ``Nats-`` (JetStream control headers) are dropped."""
+    # "Nats-*" headers steer the server (Nats-Rollup purges, Nats-Expected-* makes every retry fail):
+    # they are the relay's to set, never the row's.
+    headers = {
+        k: v for k, v in row.headers.items() if k not in names.RESERVED_HEADERS and not k.lower().startswith("nats-")
+    }
     headers[names.HDR_MSG_ID] = row.event_id
     headers[names.HDR_EVENT_TYPE] = row.event_type
     headers[names.HDR_AGGREGATE_TYPE] = row.aggregate_type
