@@ -1,0 +1,75 @@
+"""The history checker is the judge of every relay test: it must find each kind of violation."""
+
+from __future__ import annotations
+
+from outbox_worker.core.history import CommittedEvent, StoredEvent, check_history
+
+
+def committed(*spec: tuple[str, str, int]) -> list[CommittedEvent]:
+    return [CommittedEvent(e, a, i) for e, a, i in spec]
+
+
+def stored(*spec: tuple[str, str, int]) -> list[StoredEvent]:
+    return [StoredEvent(seq + 1, e, a, i) for seq, (e, a, i) in enumerate(spec)]
+
+
+TRUTH = committed(("e1", "o/1", 1), ("e2", "o/1", 2), ("e3", "o/2", 3), ("e4", "o/1", 4))
+
+
+def test_clean_history() -> None:
+    r = check_history(TRUTH, stored(("e1", "o/1", 1), ("e3", "o/2", 3), ("e2", "o/1", 2), ("e4", "o/1", 4)))
+    assert r.ok
+    assert (r.events, r.stored, r.published) == (4, 4, 4)
+    assert (r.lost, r.duplicates, r.order_violations, r.unexpected, r.pending, r.dead_lettered) == (0,) * 6
+    assert r.to_dict()["ok"] is True
+
+
+def test_lost_event_is_found_unless_pending_or_dead() -> None:
+    s = stored(("e1", "o/1", 1), ("e2", "o/1", 2))
+    r = check_history(TRUTH, s)
+    assert r.lost == 2
+    assert not r.ok
+    assert set(r.examples["lost"]) == {"e3", "e4"}
+    r = check_history(TRUTH, s, pending_ids={"e3"}, dead_ids={"e4"})
+    assert (r.lost, r.pending, r.dead_lettered) == (0, 1, 1)
+    assert r.ok
+
+
+def test_duplicates_are_counted_per_extra_copy() -> None:
+    r = check_history(TRUTH, stored(("e1", "o/1", 1), ("e1", "o/1", 1), ("e2", "o/1", 2), ("e1", "o/1", 1)))
+    assert r.duplicates == 2
+    assert r.published == 2
+    assert not r.ok
+
+
+def test_order_violation_within_an_aggregate_only() -> None:
+    r = check_history(TRUTH, stored(("e2", "o/1", 2), ("e3", "o/2", 3), ("e1", "o/1", 1), ("e4", "o/1", 4)))
+    assert r.order_violations == 1
+    assert "o/1: id 1 stored after id 2" in r.examples["order_violations"][0]
+    assert not r.ok
+    # different aggregates interleave freely
+    r = check_history(TRUTH, stored(("e3", "o/2", 3), ("e1", "o/1", 1), ("e2", "o/1", 2), ("e4", "o/1", 4)))
+    assert r.order_violations == 0
+
+
+def test_a_late_duplicate_copy_is_not_an_order_violation() -> None:
+    r = check_history(TRUTH, stored(("e1", "o/1", 1), ("e2", "o/1", 2), ("e1", "o/1", 1)))
+    assert (r.duplicates, r.order_violations) == (1, 0)
+
+
+def test_phantom_event_is_unexpected() -> None:
+    r = check_history(TRUTH[:1], stored(("e1", "o/1", 1), ("rolled-back", "o/1", 9)))
+    assert r.unexpected == 1
+    assert not r.ok
+
+
+def test_stream_is_judged_in_sequence_order() -> None:
+    msgs = [StoredEvent(2, "e1", "o/1", 1), StoredEvent(1, "e2", "o/1", 2)]
+    assert check_history(TRUTH[:2], msgs).order_violations == 1
+
+
+def test_examples_are_bounded() -> None:
+    truth = committed(*[(f"e{i}", "a/1", i) for i in range(50)])
+    r = check_history(truth, [])
+    assert r.lost == 50
+    assert len(r.examples["lost"]) == 5

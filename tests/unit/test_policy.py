@@ -1,0 +1,117 @@
+"""Pure relay decisions: fair shares, retry delays, error-ack classification, waves."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+
+import pytest
+
+from outbox_common import names
+from outbox_common.envelope import OutboxRow
+from outbox_worker.core.policy import (
+    Outcome,
+    PublishResult,
+    backoff_delay,
+    classify_error_ack,
+    fair_share,
+    plan_waves,
+)
+
+
+@pytest.mark.parametrize("partitions", [1, 7, 16, 64])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 20])
+def test_fair_shares_add_up_and_differ_by_at_most_one(partitions: int, n: int) -> None:
+    workers = [f"w{i}" for i in range(n)]
+    shares = [fair_share(partitions, workers, w) for w in workers]
+    assert sum(shares) == partitions
+    assert max(shares) - min(shares) <= 1
+
+
+def test_fair_share_is_independent_of_list_order_and_includes_me() -> None:
+    assert fair_share(10, ["b", "a", "c"], "a") == fair_share(10, ["c", "a", "b"], "a") == 4
+    # a worker not (yet) in the heartbeat list counts itself
+    assert fair_share(10, ["a"], "b") == 5
+    assert fair_share(10, ["a", "a", "b"], "b") == 5
+
+
+def test_backoff_grows_exponentially_within_jitter_and_is_capped() -> None:
+    rng = random.Random(1)
+    for attempt in range(1, 40):
+        nominal = min(30.0, 0.2 * 2 ** (attempt - 1))
+        for _ in range(20):
+            d = backoff_delay(attempt, 0.2, 30.0, rng)
+            assert nominal / 2 <= d <= nominal
+    # jitter: not always the same value
+    assert len({round(backoff_delay(3, 1.0, 100.0, rng), 6) for _ in range(20)}) > 1
+    # absurd attempt counts stay finite and capped
+    assert backoff_delay(10_000, 0.2, 30.0, rng) <= 30.0
+
+
+@pytest.mark.parametrize(
+    ("code", "err_code", "outcome", "reason"),
+    [
+        (503, 10077, Outcome.RETRYABLE, names.REASON_SERVER_ERROR),  # max messages, discard new
+        (503, 10047, Outcome.RETRYABLE, names.REASON_SERVER_ERROR),  # insufficient resources
+        (400, 10071, Outcome.RETRYABLE, names.REASON_SERVER_ERROR),  # wrong last sequence
+        (400, 10054, Outcome.PERMANENT, names.REASON_PAYLOAD_TOO_LARGE),  # message size exceeds max
+        (413, 0, Outcome.PERMANENT, names.REASON_PAYLOAD_TOO_LARGE),
+    ],
+)
+def test_error_ack_classification(code: int, err_code: int, outcome: Outcome, reason: str) -> None:
+    res = classify_error_ack(code, err_code, "some description " * 50)
+    assert res.outcome is outcome
+    assert res.reason == reason
+    assert not res.ok
+    assert res.detail.startswith(f"{code}/{err_code}: ")
+    assert len(res.detail) <= 300
+
+
+def test_only_acks_and_duplicates_are_success() -> None:
+    assert PublishResult(Outcome.ACKED, seq=1).ok
+    assert PublishResult(Outcome.DUPLICATE, seq=1).ok
+    for o in (Outcome.RETRYABLE, Outcome.PERMANENT, Outcome.CONFIG):
+        assert not PublishResult(o).ok
+
+
+def _rows(spec: list[tuple[int, str]]) -> list[OutboxRow]:
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    return [
+        OutboxRow(i + 1, f"e{i + 1}", p, "t", agg, "ev", "", b"", {}, t, 0) for i, (p, agg) in enumerate(spec)
+    ]
+
+
+def _check_wave_plan(rows: list[OutboxRow], waves: list[list[OutboxRow]], limit: int) -> None:
+    flat = [r for w in waves for r in w]
+    assert sorted(r.id for r in flat) == [r.id for r in rows]  # every row exactly once
+    assert all(0 < len(w) <= limit for w in waves)
+    wave_of = {r.id: k for k, w in enumerate(waves) for r in w}
+    last: dict[tuple[int, str], int] = {}
+    for r in rows:
+        key = (r.partition, r.aggregate_id)
+        if key in last:  # a later row of an aggregate goes in a strictly later wave
+            assert wave_of[r.id] > last[key]
+        last[key] = wave_of[r.id]
+
+
+def test_ordered_waves_hold_one_row_per_aggregate_and_pipeline_others() -> None:
+    rows = _rows([(0, "a"), (0, "a"), (0, "b"), (1, "a"), (0, "a"), (1, "c"), (1, "c")])
+    waves = plan_waves(rows, True, 100)
+    _check_wave_plan(rows, waves, 100)
+    assert [[r.id for r in w] for w in waves] == [[1, 3, 4, 6], [2, 7], [5]]
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 50])
+def test_ordered_waves_respect_the_in_flight_limit(limit: int) -> None:
+    rng = random.Random(limit)
+    rows = _rows([(rng.randrange(3), f"a{rng.randrange(8)}") for _ in range(200)])
+    rows.sort(key=lambda r: (r.partition, r.id))
+    waves = plan_waves(rows, True, limit)
+    _check_wave_plan(sorted(rows, key=lambda r: r.id), waves, limit)
+
+
+def test_unordered_waves_are_plain_chunks() -> None:
+    rows = _rows([(0, "a")] * 7)
+    waves = plan_waves(rows, False, 3)
+    assert [[r.id for r in w] for w in waves] == [[1, 2, 3], [4, 5, 6], [7]]
+    assert plan_waves([], True, 3) == []

@@ -1,0 +1,189 @@
+"""SQL text: only validated, quoted identifiers are ever formatted in; every value is a bound
+parameter; every mark is fenced by the lease epoch; the claim walks the pending index order."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from outbox_worker.core.sql import MAX_PARTITIONS, Sql
+
+SQL = Sql.for_table("relay", "orders_outbox")
+
+STATEMENTS = [
+    "meta_select",
+    "meta_insert",
+    "advisory_lock",
+    "lease_seed",
+    "heartbeat",
+    "worker_leave",
+    "lease_renew",
+    "lease_acquire",
+    "lease_release",
+    "lease_table",
+    "claim_ordered",
+    "claim_unordered",
+    "mark_delete",
+    "mark_published",
+    "mark_failed",
+    "dead_letter",
+    "retention_sweep",
+    "pressure",
+    "pressure_all",
+    "insert_event",
+]
+FENCED = ["mark_delete", "mark_published", "mark_failed", "dead_letter"]
+
+
+@pytest.mark.parametrize(
+    ("schema", "table"),
+    [
+        ("public", 'outbox"; DROP TABLE users; --'),
+        ("public", "outbox; DROP TABLE users"),
+        ('public"."x', "outbox"),
+        ("public", "Outbox"),
+        ("public", "out box"),
+        ("public", ""),
+        ("", "outbox"),
+        ("public", "1outbox"),
+        ("public", "outbox$1"),
+        ("public", "ou\u0000tbox"),
+        ("pub lic", "outbox"),
+        ("a" * 64, "outbox"),
+    ],
+)
+def test_unsafe_identifiers_are_refused(schema: str, table: str) -> None:
+    with pytest.raises(ValueError, match="not a valid identifier"):
+        Sql.for_table(schema, table)
+
+
+def test_table_name_leaves_room_for_suffixes() -> None:
+    longest = "t" * (63 - len("_dead_letters"))
+    sql = Sql.for_table("public", longest)
+    assert len(sql.dead_letters.split(".")[1].strip('"')) == 63
+    with pytest.raises(ValueError, match="too long"):
+        Sql.for_table("public", longest + "t")
+
+
+def _identifiers(text: str) -> set[str]:
+    return set(re.findall(r'"([^"]*)"', text))
+
+
+ALLOWED = {
+    "relay",
+    "orders_outbox",
+    "orders_outbox_leases",
+    "orders_outbox_workers",
+    "orders_outbox_dead_letters",
+    "outbox_meta",
+    "orders_outbox_event_id_key",
+    "orders_outbox_headers_object",
+    "orders_outbox_pending_idx",
+    "orders_outbox_held_idx",
+    "orders_outbox_published_idx",
+    "orders_outbox_notify",
+}
+
+
+@pytest.mark.parametrize("name", STATEMENTS)
+def test_statements_quote_only_derived_identifiers(name: str) -> None:
+    text = getattr(SQL, name)
+    assert _identifiers(text) <= ALLOWED
+    # No value is formatted in: no string literal other than fixed keywords/intervals.
+    literals = set(re.findall(r"'([^']*)'", text))
+    assert literals <= {"1 hour", "-infinity", "{}"}, literals
+
+
+def test_migration_formats_only_identifiers_and_the_partition_count() -> None:
+    ddl = "\n".join(SQL.migration(37))
+    assert _identifiers(ddl) <= ALLOWED
+    assert "% 37)" in ddl
+    literals = set(re.findall(r"'([^']*)'", ddl))
+    # the channel name of pg_notify is schema.table, both validated
+    assert literals <= {"-infinity", "{}", "object", "relay.orders_outbox", ""}, literals
+
+
+@pytest.mark.parametrize("partitions", [0, -1, MAX_PARTITIONS + 1])
+def test_partition_count_is_bounded(partitions: int) -> None:
+    with pytest.raises(ValueError, match="partitions"):
+        SQL.migration(partitions)
+
+
+def test_migration_is_idempotent_ddl() -> None:
+    for stmt in SQL.migration(16):
+        head = " ".join(stmt.split()[:5]).upper()
+        assert any(
+            k in head
+            for k in ("IF NOT EXISTS", "CREATE OR REPLACE")
+        ), stmt
+
+
+def test_migration_contract_columns() -> None:
+    ddl = SQL.migration(16)[2]
+    for col in (
+        "event_id uuid NOT NULL",
+        "aggregate_type text NOT NULL",
+        "aggregate_id text NOT NULL",
+        "event_type text NOT NULL",
+        "payload bytea NOT NULL",
+        "headers jsonb NOT NULL",
+        "created_at timestamptz",
+        "not_before timestamptz",
+        "attempts int NOT NULL DEFAULT 0",
+        "last_error text",
+        "tenant text",
+        "UNIQUE (event_id)",
+    ):
+        assert col in ddl, col
+    assert "hashtextextended(aggregate_id" in ddl
+
+
+def test_pending_index_matches_the_claim_order() -> None:
+    ddl = "\n".join(SQL.migration(16))
+    assert "(partition, id) WHERE published_at IS NULL" in ddl
+    for name in ("claim_ordered", "claim_unordered"):
+        text = " ".join(getattr(SQL, name).split())
+        assert "ORDER BY o.partition, o.id" in text
+        assert "o.published_at IS NULL" in text
+        assert "LIMIT $2" in text
+
+
+def test_ordered_claim_holds_back_later_rows_of_a_held_aggregate() -> None:
+    ordered = " ".join(SQL.claim_ordered.split())
+    assert "NOT EXISTS" in ordered
+    assert "h.aggregate_id = o.aggregate_id AND h.id < o.id AND h.not_before > now()" in ordered
+    assert "NOT EXISTS" not in SQL.claim_unordered
+
+
+@pytest.mark.parametrize("name", FENCED)
+def test_every_mark_is_fenced_by_owner_partition_and_epoch(name: str) -> None:
+    text = " ".join(getattr(SQL, name).split())
+    assert "l.publisher = $1 AND l.owner = $2" in text
+    assert "l.partition = mine.partition AND l.epoch = mine.epoch" in text
+    assert "FOR SHARE OF l" in text
+    assert "o.partition IN (SELECT partition FROM fence)" in text
+
+
+def test_lease_statements_use_the_database_clock_and_bump_epochs() -> None:
+    acquire = " ".join(SQL.lease_acquire.split())
+    assert "epoch = l.epoch + 1" in acquire
+    assert "expires_at <= now()" in acquire
+    assert "SKIP LOCKED" in acquire
+    renew = " ".join(SQL.lease_renew.split())
+    assert "l.epoch = mine.epoch AND l.expires_at > now()" in renew
+    for name in ("lease_acquire", "lease_renew", "heartbeat"):
+        assert "now() + make_interval(secs =>" in getattr(SQL, name)
+
+
+@pytest.mark.parametrize("name", STATEMENTS)
+def test_parameters_are_numbered_without_gaps(name: str) -> None:
+    nums = sorted({int(n) for n in re.findall(r"\$(\d+)", getattr(SQL, name))})
+    assert nums == list(range(1, len(nums) + 1))
+
+
+def test_channel_and_names() -> None:
+    assert SQL.channel == "relay.orders_outbox"
+    assert SQL.outbox == '"relay"."orders_outbox"'
+    assert SQL.leases == '"relay"."orders_outbox_leases"'
+    assert SQL.meta == '"relay"."outbox_meta"'
