@@ -1,0 +1,106 @@
+"""`outboxctl`: commands, flags over environment, exit codes and messages for bad input (no servers)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from outbox_cli import cmd_worker
+from outbox_cli.main import EXIT_USAGE, build_parser, main
+from outbox_common.settings import WorkerSettings
+
+DSN = "postgresql://relay:pw-xyz@127.0.0.1:1/app"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("OUTBOX_"):
+            monkeypatch.delenv(key)
+
+
+def test_no_command_prints_help_and_exits_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == EXIT_USAGE
+    out = capsys.readouterr().out
+    for name in ("demo", "migrate", "worker"):
+        assert name in out
+
+
+def test_unknown_flag_exits_with_argparse_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["migrate", "--no-such-flag"])
+    assert info.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err
+
+
+def test_worker_has_a_flag_for_every_setting() -> None:
+    parser = build_parser(["worker"])
+    args = parser.parse_args(["worker", "--batch-size", "7", "--lease-ttl-seconds", "9"])
+    assert args.opt_batch_size == "7"
+    help_text = parser._subparsers._group_actions[0].choices["worker"].format_help()  # type: ignore[union-attr]
+    for name in WorkerSettings.model_fields:
+        assert f"--{name.replace('_', '-')}" in help_text
+        assert f"OUTBOX_{name.upper()}" in help_text
+
+
+def test_worker_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OUTBOX_DATABASE_URL", DSN)
+    monkeypatch.setenv("OUTBOX_BATCH_SIZE", "100")
+    monkeypatch.setenv("OUTBOX_LOOPS", "3")
+    args = build_parser(["worker"]).parse_args(["worker", "--batch-size", "250"])
+    s = cmd_worker.load_settings(args)
+    assert s.batch_size == 250  # flag wins
+    assert s.loops == 3  # environment still applies
+
+
+def test_worker_bad_setting_exits_usage_naming_field_and_fix(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OUTBOX_DATABASE_URL", DSN)
+    assert main(["worker", "--batch-size", "0", "--table", "x;drop"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "batch_size" in err
+    assert "OUTBOX_BATCH_SIZE" in err
+    assert "table" in err
+    assert "pw-xyz" not in err
+
+
+def test_worker_without_database_url_exits_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker"]) == EXIT_USAGE
+    assert "database_url" in capsys.readouterr().err
+
+
+def test_migrate_requires_a_database_url(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["migrate"]) == EXIT_USAGE
+    assert "--database-url" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--table", "outbox; DROP TABLE users"], "not a valid identifier"),
+        (["--schema", 'x"y'], "not a valid identifier"),
+        (["--partitions", "0"], "partitions=0"),
+        (["--partitions", "5000"], "partitions=5000"),
+    ],
+)
+def test_migrate_refuses_bad_input_before_connecting(
+    flags: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The DSN points at a closed port: exit 2 proves validation happens before any connection.
+    assert main(["migrate", "--database-url", DSN, *flags]) == EXIT_USAGE
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--events", "0"],
+        ["--workers", "0"],
+        ["--workers", "5", "--partitions", "4"],
+    ],
+)
+def test_demo_refuses_bad_flags(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--json", *flags]) == EXIT_USAGE
+    assert "error:" in capsys.readouterr().err
