@@ -76,9 +76,7 @@ def test_only_acks_and_duplicates_are_success() -> None:
 
 def _rows(spec: list[tuple[int, str]]) -> list[OutboxRow]:
     t = datetime(2026, 1, 1, tzinfo=UTC)
-    return [
-        OutboxRow(i + 1, f"e{i + 1}", p, "t", agg, "ev", "", b"", {}, t, 0) for i, (p, agg) in enumerate(spec)
-    ]
+    return [OutboxRow(i + 1, f"e{i + 1}", p, "t", agg, "ev", "", b"", {}, t, 0) for i, (p, agg) in enumerate(spec)]
 
 
 def _check_wave_plan(rows: list[OutboxRow], waves: list[list[OutboxRow]], limit: int) -> None:

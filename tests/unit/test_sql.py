@@ -113,10 +113,7 @@ def test_partition_count_is_bounded(partitions: int) -> None:
 def test_migration_is_idempotent_ddl() -> None:
     for stmt in SQL.migration(16):
         head = " ".join(stmt.split()[:5]).upper()
-        assert any(
-            k in head
-            for k in ("IF NOT EXISTS", "CREATE OR REPLACE")
-        ), stmt
+        assert any(k in head for k in ("IF NOT EXISTS", "CREATE OR REPLACE")), stmt
 
 
 def test_migration_contract_columns() -> None:
