@@ -273,7 +273,7 @@ def test_crd_is_a_valid_apiextensions_object() -> None:
 
 def _example_crs() -> list[tuple[str, dict[str, Any]]]:
     found = []
-    for path in [*sorted((cc.ROOT / "examples").rglob("*.yaml")), cc.ROOT / "deploy" / "kind" / "outboxpublisher.yaml"]:
+    for path in [*sorted((cc.ROOT / "examples").glob("*.yaml")), cc.ROOT / "deploy" / "kind" / "outboxpublisher.yaml"]:
         for doc in cc.load_docs(path.read_text()):
             if doc.get("kind") == "OutboxPublisher":
                 found.append((str(path.relative_to(cc.ROOT)), doc))
@@ -344,6 +344,7 @@ def _plain_yaml() -> list[Path]:
         *sorted((cc.CHART / "ci").glob("*.yaml")),
         *sorted((cc.CHART / "crds").glob("*.yaml")),
         *sorted((cc.ROOT / "deploy" / "kind").glob("*.yaml")),
+        *sorted((cc.ROOT / "examples").rglob("*.yaml")),
         cc.ROOT / "kind-config.yaml",
         cc.ROOT / ".hadolint.yaml",
         cc.YAMLLINT_CONFIG,
