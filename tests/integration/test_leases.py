@@ -1,0 +1,269 @@
+"""Partition leases against a real PostgreSQL: epochs fence stale owners, no two workers may publish a
+partition at the same time, and shares rebalance to within one when workers join or leave."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import pytest
+
+from outbox_common.settings import WorkerSettings
+from outbox_worker.adapters.history_io import verify
+from outbox_worker.adapters.store import Fence, OutboxStore, migrate
+from outbox_worker.app.producers import ProducerPlan, prepare, produce
+from outbox_worker.app.worker import Worker
+from outbox_worker.core.sql import Sql
+
+SQL = Sql.for_table("public", "outbox")
+STREAM = "LEASES"
+TTL = 3.0
+RENEW = 1.0
+
+
+async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(interval)
+
+
+def worker_settings(dsn: str, nats_url: str, worker_id: str, **kw: Any) -> WorkerSettings:
+    values: dict[str, Any] = {
+        "database_url": dsn,
+        "nats_servers": nats_url,
+        "worker_id": worker_id,
+        "publisher": "leases",
+        "stream": STREAM,
+        "stream_mode": "create",
+        "metrics_port": 0,
+        "lease_ttl_seconds": TTL,
+        "lease_renew_seconds": RENEW,
+        "ack_timeout_seconds": 1.0,
+        "poll_interval_seconds": 0.2,
+        "retry_backoff_initial_seconds": 0.05,
+        "retry_backoff_max_seconds": 1.0,
+        "shutdown_grace_seconds": 5.0,
+        "db_pool_size": 3,
+        "batch_size": 200,
+        "loops": 2,
+        "startup_timeout_seconds": 5.0,
+    }
+    values.update(kw)
+    return WorkerSettings(**values)
+
+
+@dataclass
+class Running:
+    worker: Worker
+    task: asyncio.Task[None]
+
+    @property
+    def id(self) -> str:
+        return self.worker.worker_id
+
+    def usable(self) -> dict[int, int]:
+        """Partitions this worker believes it may publish right now: {partition: epoch}."""
+        leases = self.worker.leases
+        if leases is None or self.task.done():
+            return {}
+        now = time.monotonic()
+        return {p: lease.epoch for p, lease in leases.leases.items() if lease.usable_until > now}
+
+
+async def start(settings: WorkerSettings) -> Running:
+    worker = Worker(settings)
+    await worker.start()
+    return Running(worker, asyncio.create_task(worker.run()))
+
+
+async def stop(r: Running) -> None:
+    r.worker.request_stop()
+    await asyncio.wait_for(r.task, 15)
+
+
+@dataclass
+class LeaseSampler:
+    """Samples every worker's local view and the lease table, many times a second, and checks that a
+    partition a worker may publish is live in the table under that worker and epoch, for one worker."""
+
+    pool: asyncpg.Pool
+    workers: list[Running]
+    samples: int = 0
+    violations: list[str] = field(default_factory=list)
+    max_epoch: dict[int, int] = field(default_factory=dict)
+
+    async def sample(self) -> None:
+        before = {r.id: r.usable() for r in self.workers}
+        rows = await self.pool.fetch(SQL.lease_table, "leases")
+        after = {r.id: r.usable() for r in self.workers}
+        table = {r["partition"]: r for r in rows}
+        holders: dict[int, list[str]] = {}
+        for wid, mine in before.items():
+            for p, epoch in mine.items():
+                if after[wid].get(p) != epoch:
+                    continue  # changed during the query: not a stable observation
+                holders.setdefault(p, []).append(wid)
+                row = table[p]
+                if (row["owner"], row["epoch"], row["live"]) != (wid, epoch, True):
+                    self.violations.append(
+                        f"{wid} may publish partition {p} at epoch {epoch}, table says "
+                        f"owner={row['owner']} epoch={row['epoch']} live={row['live']}"
+                    )
+        for p, ws in holders.items():
+            if len(ws) > 1:
+                self.violations.append(f"partition {p} usable by {ws} at once")
+        for p, row in table.items():
+            if row["epoch"] < self.max_epoch.get(p, 0):
+                self.violations.append(f"partition {p} epoch went back from {self.max_epoch[p]} to {row['epoch']}")
+            self.max_epoch[p] = max(self.max_epoch.get(p, 0), row["epoch"])
+        self.samples += 1
+
+    async def run(self) -> None:
+        while True:
+            await self.sample()
+            await asyncio.sleep(0.02)
+
+
+async def live_shares(pool: asyncpg.Pool) -> Counter[str]:
+    rows = await pool.fetch(SQL.lease_table, "leases")
+    return Counter(r["owner"] for r in rows if r["live"] and r["owner"])
+
+
+async def test_stale_epoch_changes_nothing(pg_dsn: str) -> None:
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=3)
+    assert pool is not None
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn, SQL, 4)
+        a = OutboxStore(pool, SQL, "p", "worker-a")
+        b = OutboxStore(pool, SQL, "p", "worker-b")
+        await a.check_schema()
+        held = await a.acquire(4, 1.0)
+        assert sorted(held) == [0, 1, 2, 3]
+        assert await b.acquire(4, 1.0) == {}  # live leases are not taken
+        ids = [
+            r[0]
+            for r in await pool.fetch(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+                "SELECT 'o', g::text, 'e', '' FROM generate_series(1, 40) g RETURNING id"
+            )
+        ]
+        old = Fence.of(held)
+        await wait_for(
+            lambda: pool.fetchval("SELECT bool_and(expires_at <= now()) FROM outbox_leases"), 5, "leases to expire"
+        )
+        taken = await b.acquire(4, 30.0)
+        assert {p: taken[p] for p in taken} == {p: held[p] + 1 for p in held}  # takeover bumps every epoch
+        # The stale owner renews, marks, fails, dead-letters and releases nothing.
+        assert await a.renew(old, 30.0) == {}
+        assert await a.mark_done(old, ids, delete=True) == 0
+        assert await a.mark_done(old, ids, delete=False) == 0
+        assert await a.mark_failed(old, ids, ["x"] * len(ids), [1.0] * len(ids)) == 0
+        assert await a.dead_letter(old, ids, ["x"] * len(ids)) == 0
+        assert await a.release(old) == []
+        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE attempts = 0 AND published_at IS NULL") == 40
+        assert await pool.fetchval("SELECT count(*) FROM outbox_dead_letters") == 0
+        # The stale owner cannot use the new owner's epoch either: the fence names the owner.
+        new = Fence.of(taken)
+        assert await a.mark_done(new, ids, delete=True) == 0
+        # The new owner can.
+        assert await b.mark_done(new, ids[:10], delete=True) == 10
+        assert sorted(await b.release(new)) == [0, 1, 2, 3]
+        rows = await b.lease_table()
+        assert all(r["owner"] is None and not r["live"] for r in rows)
+    finally:
+        await pool.close()
+
+
+async def test_owners_never_overlap_and_shares_rebalance(pg_dsn: str, nats_url: str) -> None:
+    partitions = 12
+    async with asyncpg.create_pool(pg_dsn, min_size=1, max_size=4) as pool:
+        async with pool.acquire() as conn:
+            await migrate(conn, SQL, partitions)
+            await prepare(conn, SQL)
+        workers: list[Running] = []
+        sampler = LeaseSampler(pool, workers)
+        sampler_task = asyncio.create_task(sampler.run())
+        plan = ProducerPlan(events=3000, aggregates=300, producers=3, rate_per_s=300, rollback_ratio=0.1)
+        producer = asyncio.create_task(produce(pg_dsn, SQL, plan))
+        convergence = TTL + RENEW + 1.0  # about one TTL + renew, with 1 s for scheduling slack
+
+        async def shares_are(expected: list[int]) -> bool:
+            shares = await live_shares(pool)
+            return sorted(shares.values()) == expected and set(shares) == {w.id for w in workers}
+
+        try:
+            workers.append(await start(worker_settings(pg_dsn, nats_url, "w1")))
+            await wait_for(lambda: shares_are([12]), convergence, "w1 to own all partitions")
+
+            for wid, expected in (("w2", [6, 6]), ("w3", [4, 4, 4])):
+                joined = time.monotonic()
+                workers.append(await start(worker_settings(pg_dsn, nats_url, wid)))
+                await wait_for(lambda e=expected: shares_are(e), convergence, f"shares {expected} after {wid} joined")
+                assert time.monotonic() - joined <= convergence
+
+            left = time.monotonic()
+            leaving = workers.pop(1)
+            await stop(leaving)
+            await wait_for(lambda: shares_are([6, 6]), convergence, "shares [6, 6] after w2 left")
+            assert time.monotonic() - left <= convergence + 5.0  # stop itself may take a batch
+            assert leaving.id not in await live_shares(pool)
+
+            await asyncio.wait_for(producer, 60)
+            await wait_for(
+                lambda: pool.fetchval("SELECT count(*) = 0 FROM outbox"), 30, "the outbox to drain", interval=0.2
+            )
+        finally:
+            sampler_task.cancel()
+            producer.cancel()
+            for r in workers:
+                await stop(r)
+        assert sampler.samples > 100
+        assert sampler.violations == [], sampler.violations[:5]
+        # Every takeover bumped an epoch: the table saw handovers.
+        assert sum(sampler.max_epoch.values()) > partitions
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert report.ok, report.to_dict()
+    assert (report.lost, report.duplicates, report.order_violations, report.pending) == (0, 0, 0, 0)
+    assert report.events == plan.events
+
+
+@pytest.mark.parametrize("n", [2, 3])
+async def test_simultaneous_start_splits_fairly(pg_dsn: str, nats_url: str, n: int) -> None:
+    """Workers starting together (a Deployment rollout) converge without a leader to shares within one."""
+    partitions = 7
+    async with asyncpg.create_pool(pg_dsn, min_size=1, max_size=2) as pool:
+        async with pool.acquire() as conn:
+            await migrate(conn, SQL, partitions)
+            await prepare(conn, SQL)
+        workers = list(await asyncio.gather(*(start(worker_settings(pg_dsn, nats_url, f"w{i}")) for i in range(n))))
+        sampler = LeaseSampler(pool, workers)
+        sampler_task = asyncio.create_task(sampler.run())
+        try:
+
+            async def fair() -> bool:
+                shares = await live_shares(pool)
+                counts = [shares.get(w.id, 0) for w in workers]
+                return sum(counts) == partitions and max(counts) - min(counts) <= 1
+
+            await wait_for(fair, TTL + RENEW + 1.0, "a fair split")
+            await produce(pg_dsn, SQL, ProducerPlan(events=500, aggregates=50, producers=2))
+            await wait_for(lambda: pool.fetchval("SELECT count(*) = 0 FROM outbox"), 30, "drain", interval=0.2)
+        finally:
+            sampler_task.cancel()
+            for r in workers:
+                await stop(r)
+        assert sampler.violations == [], sampler.violations[:5]
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert report.ok, report.to_dict()
+    assert report.published == report.events == 500
