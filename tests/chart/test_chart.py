@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -169,13 +170,14 @@ def test_operator_may_manage_every_child_kind(render: Render) -> None:
         ("rbac.authorization.k8s.io", "roles"),
         ("rbac.authorization.k8s.io", "rolebindings"),
     ]:
-        for verb in ("get", "list", "watch", "create", "patch", "delete"):
+        for verb in ("get", "list", "create", "update", "patch", "delete"):
             assert _allows(rules, api_group, resource, verb), (api_group, resource, verb)
     for verb in ("get", "list", "watch", "patch"):
         assert _allows(rules, group, plural, verb)
     assert _allows(rules, group, f"{plural}/status", "patch")
     assert _allows(rules, "", "events", "create")
     assert _allows(rules, "", "secrets", "get")
+    assert _allows(rules, "", "pods", "list")
     assert not _allows(rules, "", "secrets", "list"), "the operator must not list Secrets"
 
 
@@ -189,7 +191,7 @@ def test_rbac_group_matches_the_operator(render: Render) -> None:
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=VALUE_IDS)
-def test_operator_runs_once_with_recreate_and_standalone(render: Render, values: Path) -> None:
+def test_operator_runs_once_with_recreate(render: Render, values: Path) -> None:
     deployments = [d for d in docs_for(render, values) if d["kind"] == "Deployment"]
     assert len(deployments) == 1
     spec = deployments[0]["spec"]
@@ -197,10 +199,31 @@ def test_operator_runs_once_with_recreate_and_standalone(render: Render, values:
     assert spec["strategy"] == {"type": "Recreate"}
     container = spec["template"]["spec"]["containers"][0]
     assert container["args"][0] == "operator"
-    assert "--standalone" in container["args"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    worker_image = next(a for a in container["args"] if a.startswith("--worker-image="))
-    assert worker_image.split("=", 1)[1]
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=VALUE_IDS)
+def test_operator_args_parse_with_outboxctl(render: Render, values: Path) -> None:
+    """The rendered command line is one `outboxctl operator` accepts (catches renamed flags)."""
+    cmd = pytest.importorskip("outbox_cli.cmd_operator")
+    container = _by_kind(docs_for(render, values))["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+    args = [a for a in container["args"][1:] if a != "--verbose"]  # the matrix's extraArgs example
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    cmd.add_arguments(parser)
+    parsed = parser.parse_args(args)
+    assert parsed.worker_image
+    assert parsed.liveness.endswith(f":{container['ports'][0]['containerPort']}/healthz")
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert parsed.all_namespaces or parsed.namespace
+
+
+def test_operator_is_standalone_without_peering() -> None:
+    """The chart grants no kopfpeerings and runs one replica because the operator never peers."""
+    handlers = pytest.importorskip("outbox_operator.handlers")
+    kopf = pytest.importorskip("kopf")
+    settings = kopf.OperatorSettings()
+    handlers.configure_settings(settings)
+    assert settings.peering.standalone is True
 
 
 def test_image_reference(render: Render) -> None:
