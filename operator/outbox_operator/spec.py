@@ -293,8 +293,9 @@ SECRET_SETTINGS: dict[str, str] = {
 }
 # Settings filled from the pod itself (downward API).
 POD_SETTINGS: dict[str, str] = {"worker_id": "metadata.name", "kube_namespace": "metadata.namespace"}
-# Settings the operator leaves at the worker's default on purpose.
-DEFAULT_SETTINGS = frozenset({"metrics_host"})
+# Settings the operator leaves at the worker's default on purpose: the bind address, and the start-up
+# retry budget (in a cluster, a worker that gives up is restarted by the kubelet anyway).
+DEFAULT_SETTINGS = frozenset({"metrics_host", "startup_timeout_seconds"})
 
 
 def _lookup(data: Mapping[str, Any], path: str) -> Any:

@@ -1,0 +1,226 @@
+"""kopf runs the operator in-process against the API emulator (marker ``operator``)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from datetime import UTC, datetime
+from typing import Any
+
+import crd_schema
+import pytest
+import yaml
+from kube_emulator import KubeEmulator
+from opkit import NAMESPACE, eventually, kopf_in_process
+
+pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
+
+API = "outbox.dev/v1alpha1"
+KIND = "OutboxPublisher"
+
+
+def example(name: str = "outboxpublisher.yaml") -> dict[str, Any]:
+    obj = yaml.safe_load((crd_schema.ROOT / "examples" / name).read_text())
+    obj["metadata"]["namespace"] = NAMESPACE
+    return obj
+
+
+async def make_secret(emu: KubeEmulator, name: str, key: str = "url") -> None:
+    value = base64.b64encode(b"postgresql://relay:pw@db:5432/shop").decode()
+    await emu.apply(
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NAMESPACE}, "data": {key: value}}
+    )
+
+
+def publisher(emu: KubeEmulator, name: str = "orders") -> dict[str, Any]:
+    obj = emu.get(API, KIND, NAMESPACE, name)
+    assert obj is not None
+    return obj
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return cond
+    raise AssertionError(f"no {type_} condition in {obj.get('status')}")
+
+
+async def add_worker_pod(emu: KubeEmulator, name: str, publisher_name: str = "orders") -> None:
+    await emu.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": NAMESPACE,
+                "labels": {"outbox.dev/publisher": publisher_name, "app.kubernetes.io/component": "worker"},
+            },
+            "spec": {"containers": [{"name": "worker", "image": "x"}]},
+        }
+    )
+
+
+async def report(emu: KubeEmulator, pod: str, **fields: Any) -> None:
+    entry = {
+        "pod": pod,
+        "partitions": [0, 1, 2, 3],
+        "published": 100,
+        "duplicates": 0,
+        "failed": 0,
+        "deadLetters": 0,
+        "inFlight": 0,
+        "backlog": 0,
+        "oldestPendingSeconds": 0.0,
+        "ratePerSecond": 10.0,
+        "lastError": "",
+        "configError": "",
+        "reportTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **fields,
+    }
+    await emu.patch(API, KIND, NAMESPACE, "orders", {"status": {"workers": {pod: entry}}}, "status")
+
+
+async def test_create_reconciles_children_status_and_is_idempotent(emulator: KubeEmulator) -> None:
+    await make_secret(emulator, "orders-db")
+    cr = example()
+    cr["spec"]["reportIntervalSeconds"] = 60  # reports stay fresh for the whole test
+    await emulator.apply(cr)
+    async with kopf_in_process():
+        dep = await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"))
+        assert dep["spec"]["replicas"] == 2
+        assert dep["spec"]["template"]["spec"]["containers"][0]["command"] == ["outboxctl", "worker"]
+        for api, kind, name in [
+            ("v1", "ServiceAccount", "orders-relay"),
+            ("rbac.authorization.k8s.io/v1", "Role", "orders-relay"),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding", "orders-relay"),
+            ("v1", "Service", "orders-relay-metrics"),
+            ("policy/v1", "PodDisruptionBudget", "orders-relay"),
+        ]:
+            child = await eventually(lambda a=api, k=kind, n=name: emulator.get(a, k, NAMESPACE, n))
+            ref = child["metadata"]["ownerReferences"][0]
+            assert ref["controller"] is True
+            assert ref["uid"] == publisher(emulator)["metadata"]["uid"]
+
+        await eventually(lambda: condition(publisher(emulator), "Ready")["reason"] == "WaitingForReports")
+        status = publisher(emulator)["status"]
+        assert status["observedGeneration"] == 1
+        assert status["selector"] == "app.kubernetes.io/component=worker,outbox.dev/publisher=orders"
+        assert status["readyReplicas"] == 2
+
+        # two workers report; a third entry belongs to a pod that is gone and gets pruned
+        for pod in ("orders-relay-a", "orders-relay-b"):
+            await add_worker_pod(emulator, pod)
+            await report(emulator, pod, backlog=40, oldestPendingSeconds=2.5)
+        await report(emulator, "orders-relay-gone")
+        await eventually(lambda: condition(publisher(emulator), "Ready")["status"] == "True")
+        await eventually(lambda: "orders-relay-gone" not in publisher(emulator)["status"]["workers"])
+        status = publisher(emulator)["status"]
+        assert status["totals"]["backlog"] == 80
+        assert status["totals"]["published"] == 200
+        assert status["totals"]["workers"] == 2
+        assert condition(publisher(emulator), "DatabaseReady")["status"] == "True"
+        assert condition(publisher(emulator), "StreamReady")["status"] == "True"
+        assert condition(publisher(emulator), "Lagging")["status"] == "False"
+        ready_since = condition(publisher(emulator), "Ready")["lastTransitionTime"]
+
+        # level-based and idempotent: several resync passes over an unchanged world write nothing
+        await asyncio.sleep(1.5)
+        before = len(emulator.writes())
+        await asyncio.sleep(3.5)
+        new_writes = [(w.method, w.path) for w in emulator.writes()[before:]]
+        assert new_writes == []
+        assert condition(publisher(emulator), "Ready")["lastTransitionTime"] == ready_since
+
+        events = [e["reason"] for e in emulator.list("v1", "Event", NAMESPACE)]
+        assert "Ready" in events
+
+
+async def test_spec_change_rolls_the_template_and_scale_subresource(emulator: KubeEmulator) -> None:
+    await make_secret(emulator, "orders-db")
+    await emulator.apply(example())
+    async with kopf_in_process():
+        dep = await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"))
+        old_hash = dep["metadata"]["annotations"]["outbox.dev/pod-template-hash"]
+
+        await emulator.patch(API, KIND, NAMESPACE, "orders", {"spec": {"publishing": {"batchSize": 250}}})
+
+        def rolled() -> bool:
+            dep = emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")
+            return dep["metadata"]["annotations"]["outbox.dev/pod-template-hash"] != old_hash
+
+        await eventually(rolled)
+        env = {
+            e["name"]: e.get("value")
+            for e in emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")["spec"]["template"]["spec"][
+                "containers"
+            ][0]["env"]
+        }
+        assert env["OUTBOX_BATCH_SIZE"] == "250"
+        await eventually(lambda: publisher(emulator)["status"]["observedGeneration"] == 2)
+
+        # kubectl scale goes through the scale subresource; the Deployment follows, the PDB goes
+        await emulator.patch(API, KIND, NAMESPACE, "orders", {"spec": {"replicas": 1}})
+        await eventually(
+            lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")["spec"]["replicas"] == 1
+        )
+        await eventually(lambda: emulator.get("policy/v1", "PodDisruptionBudget", NAMESPACE, "orders-relay") is None)
+
+        # paused drains: the Deployment goes to 0 and Ready says why
+        await emulator.patch(API, KIND, NAMESPACE, "orders", {"spec": {"paused": True}})
+        await eventually(
+            lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")["spec"]["replicas"] == 0
+        )
+        await eventually(lambda: condition(publisher(emulator), "Ready")["reason"] == "Paused")
+
+
+async def test_invalid_spec_sets_condition_and_creates_nothing(emulator: KubeEmulator) -> None:
+    await make_secret(emulator, "db")
+    cr = yaml.safe_load((crd_schema.ROOT / "examples" / "invalid" / "unknown-placeholder.yaml").read_text())
+    cr["metadata"]["namespace"] = NAMESPACE
+    await emulator.apply(cr)
+    async with kopf_in_process():
+
+        def invalid() -> bool:
+            cond = condition(publisher(emulator, "unknown-placeholder"), "Ready")
+            return cond["status"] == "False" and cond["reason"] == "InvalidSpec"
+
+        await eventually(invalid)
+        message = condition(publisher(emulator, "unknown-placeholder"), "Ready")["message"]
+        assert message.startswith("spec.subjectTemplate:")
+        assert "{customer}" in message
+        assert emulator.list("apps/v1", "Deployment", NAMESPACE) == []
+        assert emulator.list("v1", "ServiceAccount", NAMESPACE) == []
+        assert any(e["reason"] == "InvalidSpec" for e in emulator.list("v1", "Event", NAMESPACE))
+
+        # fixing the spec heals it
+        await emulator.patch(
+            API, KIND, NAMESPACE, "unknown-placeholder", {"spec": {"subjectTemplate": "orders.{event_type}"}}
+        )
+        await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "unknown-placeholder-relay"))
+
+
+async def test_missing_secret_waits_and_recovers(emulator: KubeEmulator) -> None:
+    await emulator.apply(example())
+    async with kopf_in_process():
+
+        def missing() -> bool:
+            cond = condition(publisher(emulator), "Ready")
+            return cond["reason"] == "SecretNotFound"
+
+        await eventually(missing)
+        assert "orders-db" in condition(publisher(emulator), "Ready")["message"]
+        assert condition(publisher(emulator), "DatabaseReady")["reason"] == "SecretNotFound"
+        assert emulator.list("apps/v1", "Deployment", NAMESPACE) == []
+        await make_secret(emulator, "orders-db")
+        await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"))
+
+
+async def test_delete_removes_children(emulator: KubeEmulator) -> None:
+    await make_secret(emulator, "orders-db")
+    await emulator.apply(example())
+    async with kopf_in_process():
+        await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"))
+        await emulator.delete(API, KIND, NAMESPACE, "orders")
+        await eventually(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None)
+        assert emulator.list("apps/v1", "Deployment", NAMESPACE) == []
+        assert emulator.list("v1", "Service", NAMESPACE) == []
