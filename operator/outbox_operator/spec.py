@@ -194,7 +194,6 @@ class WorkerOverrides(_Model):
 class PublisherSpec(_Model):
     """``spec`` of an OutboxPublisher, after the API server's defaulting."""
 
-    publisher: str | None = Field(None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     partitions: int = Field(ge=1, le=4096)
     replicas: int = Field(1, ge=0, le=4096)
     paused: bool = False
@@ -278,7 +277,7 @@ SETTINGS_MAP: dict[str, str] = {
 }
 # Worker settings derived from the spec by a rule rather than copied (see worker_settings()).
 DERIVED_SETTINGS: dict[str, str] = {
-    "publisher": "publisher (defaults to metadata.name)",
+    "publisher": "metadata.name (the relay's identity in the lease table)",
     "nats_servers": "nats.servers (joined with commas)",
     "nats_creds_file": "nats.credentialsSecretRef (mounted file)",
     "nats_tls_ca_file": "nats.tls.caKey (mounted file)",
@@ -309,7 +308,8 @@ def spec_path_of_setting(field: str) -> str:
     """The spec path that sets a worker setting (for error messages)."""
     for table in (SETTINGS_MAP, DERIVED_SETTINGS, SECRET_SETTINGS):
         if field in table:
-            return "spec." + table[field].split(" ")[0]
+            path = table[field].split(" ")[0]
+            return path if path.startswith("metadata.") else f"spec.{path}"
     return field
 
 
@@ -334,7 +334,7 @@ def worker_settings(spec: PublisherSpec, name: str) -> dict[str, Any]:
     """Non-secret worker settings of a publisher named ``name``, keyed by WorkerSettings field."""
     data = spec.model_dump(by_alias=True, mode="json")
     values: dict[str, Any] = {field: _lookup(data, path) for field, path in SETTINGS_MAP.items()}
-    values["publisher"] = spec.publisher or name
+    values["publisher"] = name
     values["nats_servers"] = ",".join(spec.nats.servers)
     if spec.nats.credentials_secret_ref is not None:
         values["nats_creds_file"] = f"{NATS_CREDS_DIR}/{spec.nats.credentials_secret_ref.key}"
