@@ -7,10 +7,13 @@ Keeping them free of pytest lets the positive tests (the real chart passes) and 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jsonschema
@@ -23,6 +26,20 @@ CANONICAL_CRDS = ROOT / "crds"
 YAMLLINT_CONFIG = Path(__file__).resolve().parent / "yamllint.yaml"
 
 Doc = dict[str, Any]
+Render = Callable[..., str]  # the ``render`` fixture: (values files, chart=..., **helm kw) -> YAML
+
+
+def load_tool_module(name: str) -> ModuleType:
+    """Import ``tools/<name>.py`` (tools/ holds scripts, not a package)."""
+    path = ROOT / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_tools_{name}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 # --- helm -------------------------------------------------------------------------------------------
 

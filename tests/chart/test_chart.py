@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,7 @@ import chartchecks as cc
 import kubernetes_validate
 import pytest
 import yaml
-
-from conftest import Render, load_tool_module
+from chartchecks import Render, load_tool_module
 
 CI_VALUES = sorted((cc.CHART / "ci").glob("*-values.yaml"))
 VALUE_IDS = [p.name.removesuffix("-values.yaml") for p in CI_VALUES]
@@ -55,7 +56,8 @@ def test_helm_lint_strict(helm: Path, values: Path) -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("values", CI_VALUES, ids=VALUE_IDS)
 def test_rendered_manifests_validate(render: Render, values: Path, version: str) -> None:
-    docs = docs_for(render, values)
+    major_minor = ".".join(version.split(".")[:2])
+    docs = cc.load_docs(render([values], kube_version=f"{major_minor}.0"))  # also checks Chart kubeVersion
     assert docs, "nothing rendered"
     assert cc.k8s_validate(docs, version, crds=crds()) == []
 
@@ -275,6 +277,23 @@ def test_values_schema_rejects_unknown_keys_everywhere() -> None:
 def test_every_value_is_documented_in_the_chart_readme() -> None:
     assert cc.undocumented_values(VALUES, SCHEMA, README) == []
     assert cc.stale_documented_keys(VALUES, SCHEMA, README) == []
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=VALUE_IDS)
+def test_notes_render_next_steps(helm: Path, values: Path, tmp_path: Path) -> None:
+    """NOTES.txt only renders on install; a client-side dry run renders it without a cluster."""
+    result = subprocess.run(
+        [str(helm), "install", "outbox", str(cc.CHART), "--dry-run=client", "-n", "outbox-system", "-f", str(values)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "KUBECONFIG": str(tmp_path / "none")},
+    )
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "rollout status deployment/outbox-outbox-operator" in notes
+    assert "helm show crds" in notes
+    scope = (yaml.safe_load(values.read_text()) or {}).get("operator", {}).get("scope", "cluster")
+    assert ("in every namespace" in notes) == (scope == "cluster")
 
 
 def test_readme_documents_the_kind_command() -> None:

@@ -18,8 +18,7 @@ from typing import Any
 import chartchecks as cc
 import pytest
 import yaml
-
-from conftest import Render, load_tool_module
+from chartchecks import Render, load_tool_module
 
 BROKEN_VALUES = sorted((Path(__file__).parent / "broken-values").glob("*.yaml"))
 K8S_VERSION = "1.30"
@@ -142,7 +141,7 @@ def test_drifted_crd_copy_fails(tmp_path: Path) -> None:
     sync = load_tool_module("sync_chart_crd")
     source, target = tmp_path / "crds", tmp_path / "chart-crds"
     shutil.copytree(cc.CANONICAL_CRDS, source)
-    shutil.copytree(cc.CHART / "crds", target)
+    shutil.copytree(cc.CANONICAL_CRDS, target)  # an in-sync copy, whatever the repository's state
     assert sync.drift(source, target) == []
     crd = target / "outboxpublisher.yaml"
     crd.write_text(crd.read_text().replace("maximum: 4096", "maximum: 4095", 1))
@@ -161,7 +160,7 @@ def test_sync_script_check_mode_exits_nonzero_on_drift(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(cc.ROOT / "tools", repo / "tools", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(cc.CANONICAL_CRDS, repo / "crds")
-    shutil.copytree(cc.CHART / "crds", repo / "helm" / "outbox-operator" / "crds")
+    shutil.copytree(cc.CANONICAL_CRDS, repo / "helm" / "outbox-operator" / "crds")
     script = repo / "tools" / "sync_chart_crd.py"
     ok = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr
