@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from outbox_common.settings import WorkerSettings
@@ -39,6 +40,7 @@ class Lease:
     busy: bool = False  # checked out by a loop
     releasing: bool = False  # will be released once checked in
     paused_until: float = 0.0  # monotonic; set by a configuration error
+    dirty: bool = True  # rows may have arrived since this partition was last claimed
 
 
 class LeaseManager:
@@ -54,30 +56,49 @@ class LeaseManager:
         self._rotation = 0
         self.ticks = 0
         self.last_error = ""
+        self.on_acquired: Callable[[], None] | None = None  # the worker wakes its loops
 
     # --- for the relay loops ------------------------------------------------------------------------
     @property
     def owned(self) -> list[int]:
         return sorted(self.leases)
 
-    def checkout(self, loops: int) -> dict[int, int]:
-        """Take a fair slice of the free, usable partitions for one loop: {partition: epoch}."""
+    def _free(self) -> list[int]:
         now = time.monotonic()
-        free = [
+        return [
             p
             for p, lease in sorted(self.leases.items())
             if not lease.busy and not lease.releasing and lease.paused_until <= now and lease.usable_until > now
         ]
+
+    def checkout(self, loops: int) -> dict[int, int]:
+        """Take a fair slice of the free, usable partitions for one loop: {partition: epoch}.
+
+        Partitions marked dirty (woken by a NOTIFY, or newly acquired) come first, and are clean once
+        checked out: the claim that follows sees every row committed before the wake-up.
+        """
+        free = self._free()
         if not free:
             return {}
         active = sum(1 for lease in self.leases.values() if not lease.releasing)
         share = max(1, -(-active // loops))
         start = self._rotation % len(free)
         self._rotation += 1
-        chosen = (free[start:] + free[:start])[:share]
+        rotated = free[start:] + free[:start]
+        chosen = sorted(rotated, key=lambda p: not self.leases[p].dirty)[:share]
         for p in chosen:
             self.leases[p].busy = True
+            self.leases[p].dirty = False
         return {p: self.leases[p].epoch for p in chosen}
+
+    def mark_dirty(self) -> None:
+        """Rows may have arrived in every partition (a NOTIFY): each must be claimed once more."""
+        for lease in self.leases.values():
+            lease.dirty = True
+
+    def has_dirty(self) -> bool:
+        """Whether a free partition still waits for the claim a wake-up asked for."""
+        return any(self.leases[p].dirty for p in self._free())
 
     def checkin(self, parts: dict[int, int]) -> None:
         for p, epoch in parts.items():
@@ -153,6 +174,8 @@ class LeaseManager:
             if got:
                 log.info("acquired partitions %s (epochs %s)", sorted(got), [got[p] for p in sorted(got)])
                 self._notify()
+                if self.on_acquired is not None:
+                    self.on_acquired()
         await self._release_idle()
         self._metrics.partitions.set(len(self.leases))
 

@@ -111,7 +111,9 @@ class RelayLoop:
                 more = await self._one_batch(parts)
             finally:
                 self._leases.checkin(parts)
-            if not more and not self._stopping:
+            # A wake-up marks every partition dirty, but this loop claimed only its slice: sleep
+            # only once no free partition still waits for its claim.
+            if not more and not self._stopping and not self._leases.has_dirty():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), s.poll_interval_seconds)
 

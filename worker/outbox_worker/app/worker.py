@@ -119,6 +119,7 @@ class Worker:
         template = SubjectTemplate.parse(s.subject_template)
         await self.publisher.ensure_stream(template.filter_subject(), s.duplicate_horizon_seconds)
         self.leases = LeaseManager(self.store, s, partitions, self.metrics)
+        self.leases.on_acquired = self.wake
         self._wake_events = [asyncio.Event() for _ in range(s.loops)]
         self.loops = [
             RelayLoop(
@@ -157,6 +158,8 @@ class Worker:
         )
 
     def wake(self) -> None:
+        if self.leases is not None:
+            self.leases.mark_dirty()
         for event in self._wake_events:
             event.set()
 
