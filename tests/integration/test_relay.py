@@ -1,0 +1,335 @@
+"""The relay in-process against real PostgreSQL and NATS: everything committed reaches the stream once,
+in per-aggregate order, with the envelope consumers rely on; NOTIFY wakes it; delayed rows wait."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import nats
+import pytest
+from nats.js import api as js_api
+
+from outbox_common import names
+from outbox_common.settings import WorkerSettings
+from outbox_worker.adapters.embedded import free_port
+from outbox_worker.adapters.history_io import ledger_insert, verify
+from outbox_worker.adapters.store import migrate
+from outbox_worker.app.producers import ProducerPlan, prepare, produce
+from outbox_worker.app.worker import Worker
+from outbox_worker.core.history import HistoryReport
+from outbox_worker.core.sql import Sql
+
+SQL = Sql.for_table("public", "outbox")
+STREAM = "RELAY"
+
+
+async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(interval)
+
+
+def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:
+    values: dict[str, Any] = {
+        "database_url": dsn,
+        "nats_servers": nats_url,
+        "worker_id": "relay-1",
+        "publisher": "relay",
+        "stream": STREAM,
+        "stream_mode": "create",
+        "metrics_port": 0,
+        "lease_ttl_seconds": 3.0,
+        "ack_timeout_seconds": 1.0,
+        "poll_interval_seconds": 0.2,
+        "retry_backoff_initial_seconds": 0.05,
+        "retry_backoff_max_seconds": 1.0,
+        "shutdown_grace_seconds": 5.0,
+        "db_pool_size": 3,
+        "startup_timeout_seconds": 5.0,
+    }
+    values.update(kw)
+    return WorkerSettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: WorkerSettings) -> AsyncIterator[Worker]:
+    worker = Worker(settings)
+    await worker.start()
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def setup_db(dsn: str, partitions: int = 8) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn, SQL, partitions)
+        await prepare(conn, SQL)
+    finally:
+        await conn.close()
+
+
+async def insert(
+    conn: asyncpg.Connection,
+    aggregate_id: str,
+    *,
+    aggregate_type: str = "order",
+    event_type: str = "created",
+    payload: bytes = b"{}",
+    headers: dict[str, str] | None = None,
+    tenant: str = "",
+    delay: float | None = None,
+) -> tuple[int, str]:
+    """Insert one event and its ledger row in one transaction, as an application would."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers, tenant, not_before) "
+            "VALUES ($1, $2, $3, $4, $5::jsonb, $6, now() + make_interval(secs => $7)) RETURNING id, event_id::text",
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            payload,
+            json.dumps(headers or {}),
+            tenant,
+            delay,
+        )
+        assert row is not None
+        await conn.execute(ledger_insert(SQL), row[1], f"{aggregate_type}/{aggregate_id}", row[0])
+    return row[0], row[1]
+
+
+async def stream_messages(nats_url: str, count: int, timeout: float = 10) -> list[Any]:
+    """The first ``count`` messages of the stream, with subjects, headers and server timestamps."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe("", stream=STREAM, config=js_api.ConsumerConfig(ack_policy=js_api.AckPolicy.NONE))
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < count and time.monotonic() < deadline:
+            with contextlib.suppress(nats.errors.TimeoutError):
+                out += await sub.fetch(count - len(out), timeout=1)
+        return out
+    finally:
+        await nc.close()
+
+
+async def stored_count(nats_url: str) -> int:
+    nc = await nats.connect(nats_url)
+    try:
+        try:
+            return int((await nc.jetstream().stream_info(STREAM)).state.messages)
+        except nats.js.errors.NotFoundError:
+            return 0
+    finally:
+        await nc.close()
+
+
+async def pending_rows(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"))
+    finally:
+        await conn.close()
+
+
+async def test_relays_every_committed_event_once_in_order(pg_dsn: str, nats_url: str) -> None:
+    await setup_db(pg_dsn, partitions=16)
+    plan = ProducerPlan(events=5000, aggregates=400, producers=4, rollback_ratio=0.15, slow_tx_ratio=0.1)
+    # Events are written while the worker runs (and some before), with out-of-order commits.
+    before = await produce(pg_dsn, SQL, ProducerPlan(events=500, aggregates=400, producers=2, seed=1))
+    async with running(worker_settings(pg_dsn, nats_url, loops=2, batch_size=300, max_in_flight=400)) as worker:
+        result = await produce(pg_dsn, SQL, plan)
+        total = before.committed + result.committed
+        await wait_for(lambda: _is(stored_count(nats_url), total), 30, f"{total} messages in the stream", 0.1)
+        await wait_for(lambda: _is(pending_rows(pg_dsn), 0), 10, "the outbox to drain", 0.1)
+        assert worker.stats.published >= total
+        assert worker.stats.failed == 0
+    assert result.rolled_back > 0  # rolled-back events exist and must not appear
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert report.ok, report.to_dict()
+    assert (report.events, report.published, report.stored) == (total, total, total)
+    assert (report.lost, report.duplicates, report.order_violations, report.unexpected, report.pending) == (0,) * 5
+
+
+def assert_clean(report: HistoryReport, published: int) -> None:
+    assert report.ok, report.to_dict()
+    assert report.published == published, report.to_dict()
+
+
+async def _is(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
+
+
+async def test_envelope_subject_headers_and_payload(pg_dsn: str, nats_url: str) -> None:
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        _, eid = await insert(
+            conn,
+            "o.1 x",
+            aggregate_type="shop.v2",
+            event_type="order paid",
+            payload=b'{"total": 12}',
+            headers={"traceparent": "00-aa-bb-01", "Nats-Rollup": "all", names.HDR_AGGREGATE_ID: "forged"},
+            tenant="acme",
+        )
+        settings = worker_settings(pg_dsn, nats_url, subject_template="ev.{tenant}.{aggregate_type}.{event_type}")
+        async with running(settings):
+            [msg] = await stream_messages(nats_url, 1)
+        assert msg.subject == "ev.acme.shop_v2.order_paid"
+        assert msg.data == b'{"total": 12}'
+        h = msg.headers
+        assert h[names.HDR_MSG_ID] == eid
+        assert h[names.HDR_AGGREGATE_TYPE] == "shop.v2"
+        assert h[names.HDR_AGGREGATE_ID] == "o.1 x"
+        assert h[names.HDR_EVENT_TYPE] == "order paid"
+        assert h[names.HDR_TENANT] == "acme"
+        assert h[names.HDR_PUBLISHER] == "relay"
+        assert h["traceparent"] == "00-aa-bb-01"
+        assert "Nats-Rollup" not in h
+        assert await conn.fetchval("SELECT count(*) FROM outbox") == 0  # delete mode
+    finally:
+        await conn.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert_clean(report, 1)
+
+
+async def test_mark_mode_keeps_rows_with_published_at(pg_dsn: str, nats_url: str) -> None:
+    await setup_db(pg_dsn)
+    await produce(pg_dsn, SQL, ProducerPlan(events=300, aggregates=30, producers=2, rollback_ratio=0))
+    async with running(worker_settings(pg_dsn, nats_url, mark_mode="mark")):
+        await wait_for(lambda: _is(pending_rows(pg_dsn), 0), 15, "all rows marked", 0.05)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 300
+    finally:
+        await conn.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert_clean(report, 300)
+
+
+async def test_notify_wakes_an_idle_worker_long_before_the_poll(pg_dsn: str, nats_url: str) -> None:
+    await setup_db(pg_dsn)
+    # Poll every 10 s: only the NOTIFY trigger can make the relay fast.
+    settings = worker_settings(pg_dsn, nats_url, poll_interval_seconds=10.0)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        async with running(settings) as worker:
+            await wait_for(lambda: _true(worker.leases is not None and len(worker.leases.owned) == 8), 5, "leases")
+            await asyncio.sleep(0.3)  # let the loops go idle: their first claims found nothing
+            latencies = []
+            for i in range(5):
+                t0 = time.monotonic()
+                await insert(conn, f"agg-{i}")
+                # right after the previous one is stored: the worker may still be marking it
+                await wait_for(lambda n=i + 1: _is(stored_count(nats_url), n), 3, f"event {i} stored")
+                latencies.append(time.monotonic() - t0)
+        assert max(latencies) < 1.5, latencies
+    finally:
+        await conn.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert_clean(report, 5)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@pytest.mark.parametrize("ordering", ["per_aggregate", "none"])
+async def test_delayed_publish(pg_dsn: str, nats_url: str, ordering: str) -> None:
+    """A row with not_before in the future is not published before then. Under per-aggregate ordering
+    it holds back the later events of its aggregate; with ordering=none they overtake it."""
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        delay = 2.0
+        async with running(worker_settings(pg_dsn, nats_url, ordering=ordering)):
+            _, delayed = await insert(conn, "A", event_type="reminder", delay=delay)
+            due_at = await conn.fetchval("SELECT EXTRACT(EPOCH FROM not_before)::float8 FROM outbox")
+            _, later_same = await insert(conn, "A", event_type="paid")
+            _, other = await insert(conn, "B", event_type="created")
+            msgs = await stream_messages(nats_url, 3, timeout=delay + 5)
+        order = [m.headers[names.HDR_MSG_ID] for m in msgs]
+        when = {m.headers[names.HDR_MSG_ID]: m.metadata.timestamp.timestamp() for m in msgs}
+        assert set(order) == {delayed, later_same, other}
+        assert when[delayed] >= due_at  # never before its time
+        assert when[other] < due_at  # another aggregate is not held back
+        if ordering == "per_aggregate":
+            assert order.index(delayed) < order.index(later_same)
+            assert when[later_same] >= due_at
+        else:
+            assert order.index(later_same) < order.index(delayed)
+            assert when[later_same] < due_at
+    finally:
+        await conn.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert (report.published, report.lost, report.duplicates) == (3, 0, 0), report.to_dict()
+    assert report.order_violations == (0 if ordering == "per_aggregate" else 1)
+
+
+async def test_in_flight_stays_bounded(pg_dsn: str, nats_url: str) -> None:
+    await setup_db(pg_dsn, partitions=16)
+    await produce(pg_dsn, SQL, ProducerPlan(events=4000, aggregates=2000, producers=4, rollback_ratio=0))
+    settings = worker_settings(pg_dsn, nats_url, loops=2, max_in_flight=60, batch_size=500)
+    peak = 0
+    async with running(settings) as worker:
+        assert worker.publisher is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            peak = max(peak, worker.publisher.in_flight)
+            if worker.stats.published >= 4000:
+                break
+            await asyncio.sleep(0)
+        assert worker.stats.published >= 4000
+    assert 30 <= peak <= 60  # pipelined up to the bound, never beyond
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert_clean(report, 4000)
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def test_metrics_health_and_readiness(pg_dsn: str, nats_url: str) -> None:
+    await setup_db(pg_dsn)
+    await produce(pg_dsn, SQL, ProducerPlan(events=200, aggregates=20, producers=1, rollback_ratio=0))
+    port = free_port()
+    settings = worker_settings(pg_dsn, nats_url, metrics_port=port, metrics_host="127.0.0.1")
+    base = f"http://127.0.0.1:{port}"
+    async with running(settings) as worker:
+        await wait_for(lambda: _is(pending_rows(pg_dsn), 0), 15, "200 published and marked")
+        await worker.sample_pressure()
+        status, _ = await asyncio.to_thread(_get, base + "/healthz")
+        assert status == 200
+        status, _ = await asyncio.to_thread(_get, base + "/readyz")
+        assert status == 200
+        status, text = await asyncio.to_thread(_get, base + "/metrics")
+        assert status == 200
+        assert f'{names.M_PUBLISHED}{{publisher="relay"}} 200.0' in text
+        assert f'{names.M_PARTITIONS}{{publisher="relay"}} 8.0' in text
+        assert f'{names.M_BACKLOG}{{publisher="relay"}} 0.0' in text
+        assert names.M_ACK_LATENCY + "_bucket" in text
+        assert 'kind="acquired"' in text
+        assert pg_dsn.split("@")[0] not in text  # no DSN (with its password) anywhere
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert_clean(report, 200)
