@@ -1,0 +1,146 @@
+"""``outboxctl bench``: throughput, latency and scaling of the relay against baselines, verified.
+
+The scenarios, what each number measures and the JSON schema are in docs/benchmarks.md. A full run
+takes several minutes; ``--scale 0.01 --repeat 1`` is a quick smoke.
+
+Hidden ``--child`` modes are the processes the bench starts itself: a worker that reports the asyncio
+tasks left after its shutdown, the naive relay and the publish ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from outbox_cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from outbox_common.settings import WorkerSettings
+
+HELP = "Benchmark the relay (seed pressure levels, sustained drain, baselines, latency, growth), verified."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from outbox_worker.core.benchstats import SCENARIOS
+
+    parser.add_argument(
+        "--scenario",
+        default="all",
+        help="comma-separated subset of: " + ", ".join(SCENARIOS) + " (default all)",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario; medians are reported (default 3)")
+    parser.add_argument("--json", dest="json_path", default="", help="write the report (stable schema) to this path")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply event counts and durations (e.g. 0.01 for a smoke run)"
+    )
+    parser.add_argument("--partitions", type=int, default=16, help="virtual partitions of the bench tables")
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="OUTBOX_X=V",
+        help="extra worker setting for every bench worker, e.g. OUTBOX_LOOPS=4 (repeatable)",
+    )
+    parser.add_argument("--database-url", default="", help="use this PostgreSQL instead of an embedded one")
+    parser.add_argument("--nats-url", default="", help="use this NATS server instead of an embedded one")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
+    # The processes the bench starts itself.
+    parser.add_argument("--child", choices=("worker", "naive", "ceiling"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--child-events", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--child-aggregates", type=int, default=10_000, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.child:
+        return _run_child(args)
+    from outbox_worker.app.bench import BenchOptions, run_bench
+    from outbox_worker.core.benchstats import SCENARIOS, render_table
+
+    scenarios = SCENARIOS if args.scenario == "all" else tuple(s.strip() for s in args.scenario.split(","))
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown or args.repeat < 1 or args.scale <= 0 or args.partitions < 2:
+        print(
+            f"error: unknown scenario {unknown} (use {', '.join(SCENARIOS)})"
+            if unknown
+            else "error: --repeat must be >= 1, --scale > 0, --partitions >= 2",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    env: dict[str, str] = {}
+    for item in args.worker_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("OUTBOX_"):
+            print(f"error: --worker-env {item!r}: use OUTBOX_NAME=value", file=sys.stderr)
+            return EXIT_USAGE
+        env[key] = value
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    options = BenchOptions(
+        scenarios=scenarios,
+        repeat=args.repeat,
+        scale=args.scale,
+        partitions=args.partitions,
+        database_url=args.database_url,
+        nats_url=args.nats_url,
+        worker_env=env,
+        progress=say,
+    )
+    report = asyncio.run(run_bench(options))
+    if args.json_path:
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    print(render_table(report))
+    return EXIT_OK if report["ok"] else EXIT_FAILURE
+
+
+def _run_child(args: argparse.Namespace) -> int:
+    from outbox_cli.cmd_worker import setup_logging
+
+    settings = WorkerSettings()  # from OUTBOX_* like a worker
+    setup_logging(settings.log_format, settings.log_level)
+    out = Path(args.child_out)
+    if args.child == "worker":
+        code, result = asyncio.run(_probe_worker(settings))
+    else:
+        code, result = EXIT_OK, asyncio.run(_baseline(args, settings))
+    out.write_text(json.dumps(result))
+    return code if code == EXIT_OK else EXIT_FAILURE
+
+
+async def _probe_worker(settings: WorkerSettings) -> tuple[int, dict[str, object]]:
+    """A normal worker (``outboxctl worker``), then the asyncio tasks still alive after it stopped."""
+    from outbox_cli.cmd_worker import serve
+
+    code = await serve(settings)
+    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    return code, {
+        "exit_code": code,
+        "tasks_left": len(left),
+        "task_names": sorted(t.get_name() for t in left)[:20],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+async def _baseline(args: argparse.Namespace, settings: WorkerSettings) -> dict[str, object]:
+    from outbox_worker.app.baselines import naive_relay, publish_ceiling, synthetic_rows
+
+    if args.child == "naive":
+        cpu0 = time.process_time()
+        result = await naive_relay(settings, args.child_events)
+    else:
+        rows = synthetic_rows(args.child_events, args.child_aggregates)
+        cpu0 = time.process_time()
+        result = await publish_ceiling(settings, rows)
+    data: dict[str, object] = dict(result.to_json())
+    return data | {
+        "cpu_seconds": time.process_time() - cpu0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }

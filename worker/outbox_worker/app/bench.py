@@ -1,0 +1,710 @@
+"""``outboxctl bench``: how fast the relay is, at what latency, against which baselines, verified.
+
+Every scenario runs on real servers (embedded PostgreSQL and NATS by default, the same as
+``outboxctl demo``), with worker *processes* started exactly like the demo's (``OUTBOX_*``
+environment, SIGTERM to stop), a file-storage stream, ``Nats-Msg-Id`` on and per-aggregate ordering
+on. Each run uses a fresh table and a fresh stream and ends by reading the stream back and checking
+it against the ledger the producers wrote in their own transactions (0 lost, 0 duplicates, 0 order
+violations, or the run is reported as failed).
+
+Scenarios (``--scenario``; docs/benchmarks.md says what each number means):
+
+- ``seed``: the seed's four pressure levels (500, 2,000, 5,000, 10,000 events over N/10 aggregates
+  clamped to 50..1,000, 5 topics), produced live while one worker relays; commit → ack latency.
+- ``sustained``: a backlog (200,000 events over 10,000 aggregates) committed at once, drained by one
+  worker process and by two; events/s, CPU seconds per 1,000 events, peak RSS per worker.
+- ``baselines``: a naive relay (one event in flight, one mark per event) and the publish ceiling
+  (the project's publisher, no database), on the same servers.
+- ``latency``: steady offered load of 1,000 and 5,000 events/s; p50/p99 commit → ack; idle CPU.
+- ``growth``: claim time per batch with 1,000,000 published rows in the table (mark mode) vs none.
+- ``hot``: one hot aggregate (every event in one aggregate: one publish in flight at a time).
+
+Latency is the producer's commit (wall clock right after COMMIT returned) to the stream's stored
+timestamp of the message (the server's clock, same machine): the time the relay adds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+from nats.js import errors as js_errors
+
+from outbox_common.settings import WorkerSettings
+from outbox_worker.adapters.history_io import read_stream, read_truth
+from outbox_worker.adapters.store import Fence, OutboxStore, migrate
+from outbox_worker.app.baselines import EVENT_TYPES, synthetic_truth
+from outbox_worker.app.demo import DemoOptions, servers, start_worker, stop_workers, worker_env
+from outbox_worker.app.producers import ProducerPlan, ProducerResult, prepare, produce
+from outbox_worker.core.benchstats import (
+    SCENARIOS,
+    SEED_LEVELS,
+    Row,
+    build_report,
+    percentile,
+    seed_aggregates,
+)
+from outbox_worker.core.history import HistoryReport, StoredEvent, check_history
+from outbox_worker.core.sql import Sql
+
+DB_SCHEMA = "outbox_bench"  # bench tables live here; each run drops and recreates its own table
+STREAM = "OUTBOX_BENCH"
+SUBJECT_TEMPLATE = "bench.{aggregate_type}.{event_type}"  # 5 event types: 5 subjects ("topics")
+PUBLISHER = "bench"
+AGGREGATES = 10_000
+
+SUSTAINED_EVENTS = 200_000
+NAIVE_EVENTS = 20_000
+HOT_EVENTS = 20_000
+LATENCY_RATES = (1_000, 5_000)
+LATENCY_SECONDS = 20.0
+IDLE_SECONDS = 15.0
+GROWTH_HISTORY = 1_000_000
+GROWTH_BATCHES = 30
+BATCH = 1000
+
+
+@dataclass
+class BenchOptions:
+    scenarios: Sequence[str] = SCENARIOS
+    repeat: int = 3
+    scale: float = 1.0  # multiplies event counts and durations (the smoke test uses ~0.01)
+    partitions: int = 16
+    database_url: str = ""
+    nats_url: str = ""
+    worker_env: dict[str, str] = field(default_factory=dict)  # OUTBOX_* overrides for every worker
+    progress: Callable[[str], None] | None = None
+
+    def n(self, count: int, minimum: int = 100) -> int:
+        return max(minimum, int(count * self.scale))
+
+    def seconds(self, s: float, minimum: float = 2.0) -> float:
+        return max(minimum, s * self.scale)
+
+
+class BenchError(RuntimeError):
+    """A run could not complete (a worker died, a wait timed out)."""
+
+
+async def run_bench(options: BenchOptions) -> dict[str, Any]:
+    """Run the chosen scenarios ``options.repeat`` times each; return the JSON report."""
+    with tempfile.TemporaryDirectory(prefix="outbox-bench-") as tmp:
+        base = Path(tmp)
+        demo_opts = DemoOptions(database_url=options.database_url, nats_url=options.nats_url)
+        with servers(demo_opts, base) as (dsn, nats_url):
+            bench = _Bench(options, base, dsn, nats_url)
+            rows = await bench.run()
+            machine = await bench.machine()
+    config = {
+        "repeat": options.repeat,
+        "scale": options.scale,
+        "scenarios": list(options.scenarios),
+        "partitions": options.partitions,
+        "aggregates": AGGREGATES,
+        "embedded_servers": {"postgres": not options.database_url, "nats": not options.nats_url},
+        "worker": _worker_config(options.worker_env),
+    }
+    created = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return build_report(rows, machine=machine, config=config, created_at=created)
+
+
+def _worker_config(overrides: dict[str, str]) -> dict[str, Any]:
+    s = WorkerSettings.model_validate(
+        {"database_url": "postgresql://placeholder/db"}
+        | {k.removeprefix("OUTBOX_").lower(): v for k, v in overrides.items()}
+    )
+    keys = ("batch_size", "loops", "max_in_flight", "ordering", "mark_mode", "poll_interval_seconds")
+    return {k: (v.value if hasattr(v, "value") else v) for k in keys for v in [getattr(s, k)]}
+
+
+# --- process helpers (Linux /proc) ----------------------------------------------------------------
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) of ``pid`` in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class _Procs:
+    procs: list[subprocess.Popen[bytes]]
+    outs: list[Path]
+    logs: list[Path]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def cpu(self) -> list[float]:
+        return [cpu_seconds(pid) for pid in self.pids]
+
+    def check_alive(self) -> None:
+        for p, log in zip(self.procs, self.logs, strict=True):
+            if p.poll() is not None:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+                raise BenchError(f"a bench process exited early (code {p.returncode}); {log}:\n{tail}")
+
+    def stop(self) -> tuple[list[int], list[dict[str, Any]]]:
+        codes = stop_workers(self.procs)
+        results = []
+        for out in self.outs:
+            try:
+                results.append(json.loads(out.read_text()))
+            except (OSError, ValueError):
+                results.append({})
+        return codes, results
+
+
+# --- the bench ------------------------------------------------------------------------------------
+class _Bench:
+    def __init__(self, options: BenchOptions, base: Path, dsn: str, nats_url: str) -> None:
+        self.o = options
+        self.base = base
+        self.dsn = dsn
+        self.url = nats_url
+        self.say = options.progress or (lambda _m: None)
+        self._seq = 0
+
+    async def run(self) -> list[Row]:
+        rows: list[Row] = []
+        o = self.o
+        runners: dict[str, Callable[[], Any]] = {
+            "seed": self._seed,
+            "sustained": self._sustained,
+            "baselines": self._baselines,
+            "latency": self._latency,
+            "growth": self._growth,
+            "hot": self._hot,
+        }
+        for name in SCENARIOS:
+            if name in o.scenarios:
+                self.say(f"== {name}")
+                rows.extend(await runners[name]())
+        return rows
+
+    async def machine(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(),
+            "memory_gb": _mem_gb(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        }
+        for dist in ("nats-py", "asyncpg"):
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                info[dist] = importlib.metadata.version(dist)
+        with contextlib.suppress(Exception):
+            conn = await asyncpg.connect(self.dsn, timeout=10)
+            try:
+                info["postgres"] = await conn.fetchval("SHOW server_version")
+            finally:
+                await conn.close()
+        with contextlib.suppress(Exception):
+            nc = await nats.connect(self.url, connect_timeout=5)
+            info["nats_server"] = nc._server_info.get("version", "")
+            await nc.close()
+        return info
+
+    # --- scenarios ----------------------------------------------------------------------------------
+    async def _seed(self) -> list[Row]:
+        out = []
+        for level in SEED_LEVELS:
+            events = self.o.n(level, minimum=50)
+            aggs = seed_aggregates(events)
+            row = Row(f"seed/{level}", "seed")
+            for i in range(self.o.repeat):
+                plan = ProducerPlan(
+                    events=events,
+                    aggregates=aggs,
+                    producers=min(aggs, 50),
+                    events_per_tx=1,
+                    rollback_ratio=0.0,
+                    slow_tx_ratio=0.0,
+                )
+                run = await self._live_run("seed", plan, workers=1)
+                run["aggregates"] = aggs
+                run["level"] = level
+                self._add(row, run, f"seed {events} events, run {i + 1}")
+            out.append(row)
+        return out
+
+    async def _sustained(self) -> list[Row]:
+        out = []
+        for workers in (1, 2):
+            name = "sustained/1-worker" if workers == 1 else "sustained/2-workers"
+            row = Row(name, "sustained")
+            for i in range(self.o.repeat):
+                run = await self._drain_run("sustained", self.o.n(SUSTAINED_EVENTS), AGGREGATES, workers)
+                self._add(row, run, f"{name} run {i + 1}")
+            out.append(row)
+        return out
+
+    async def _hot(self) -> list[Row]:
+        row = Row("hot-aggregate", "hot", note="every event in one aggregate: one publish in flight at a time")
+        for i in range(self.o.repeat):
+            run = await self._drain_run("hot", self.o.n(HOT_EVENTS), 1, 1)
+            self._add(row, run, f"hot aggregate run {i + 1}")
+        return [row]
+
+    async def _baselines(self) -> list[Row]:
+        naive = Row("baseline/naive", "baselines", note="publish one, await its ack, delete it, next")
+        ceiling = Row("baseline/ceiling", "baselines", note="the project's publisher, no database")
+        for i in range(self.o.repeat):
+            self._add(naive, await self._naive_run(self.o.n(NAIVE_EVENTS)), f"naive run {i + 1}")
+            self._add(ceiling, await self._ceiling_run(self.o.n(SUSTAINED_EVENTS)), f"ceiling run {i + 1}")
+        return [naive, ceiling]
+
+    async def _latency(self) -> list[Row]:
+        out = []
+        for rate in LATENCY_RATES:
+            row = Row(f"latency/{rate}-per-s", "latency")
+            for i in range(self.o.repeat):
+                seconds = self.o.seconds(LATENCY_SECONDS)
+                plan = ProducerPlan(
+                    events=max(100, int(rate * seconds)),
+                    aggregates=AGGREGATES,
+                    producers=8,
+                    events_per_tx=5,
+                    rollback_ratio=0.0,
+                    slow_tx_ratio=0.0,
+                    rate_per_s=rate,
+                )
+                run = await self._live_run("latency", plan, workers=1)
+                run["offered_per_s"] = rate
+                self._add(row, run, f"latency {rate}/s run {i + 1}")
+            out.append(row)
+        idle = Row("idle/1-worker", "latency", note="a worker with no events arriving")
+        for i in range(self.o.repeat):
+            self._add(idle, await self._idle_run(), f"idle run {i + 1}")
+        out.append(idle)
+        return out
+
+    async def _growth(self) -> list[Row]:
+        history = self.o.n(GROWTH_HISTORY, minimum=1000)
+        batches = max(3, int(GROWTH_BATCHES * min(1.0, self.o.scale * 10)))
+        empty = Row("growth/empty", "growth")
+        full = Row(f"growth/{_short(GROWTH_HISTORY)}-history", "growth", note=f"{history:,} published rows")
+        sql_empty = await self._fresh("growth_empty")
+        sql_full = await self._fresh("growth_history")
+        self.say(f"  writing {history:,} published rows of history")
+        await self._write_history(sql_full, history)
+        for i in range(self.o.repeat):
+            for row, sql, hist in ((empty, sql_empty, 0), (full, sql_full, history)):
+                run = await self._claim_run(sql, batches)
+                run["history_rows"] = hist
+                self._add(row, run, f"{row.name} run {i + 1}")
+        return [empty, full]
+
+    # --- one run of each kind -------------------------------------------------------------------------
+    async def _drain_run(self, table: str, events: int, aggregates: int, workers: int) -> dict[str, Any]:
+        """Workers ready on an empty table; ``events`` rows committed in one transaction; drained."""
+        sql = await self._fresh(table)
+        procs = self._start_workers(sql, workers)
+        try:
+            await self._wait_leases(sql, workers, procs)
+            cpu0 = procs.cpu()
+            committed_at = await self._bulk_seed(sql, events, aggregates)
+            await self._wait_stored(events, procs, timeout=max(120.0, events / 500))
+            cpu1 = procs.cpu()
+            rss = [peak_rss_mb(pid) for pid in procs.pids]
+            await self._wait_marked(sql, procs)
+        finally:
+            codes, probes = procs.stop()
+        report, stored = await self._verify(sql)
+        last = max((m.stored_at for m in stored), default=committed_at)
+        cpu = sum(b - a for a, b in zip(cpu0, cpu1, strict=True))
+        return {
+            "events": events,
+            "events_per_s": report.published / max(1e-6, last - committed_at),
+            "cpu_s_per_1k": cpu / (events / 1000),
+            "peak_rss_mb": max(rss),
+            "peak_rss_mb_per_worker": rss,
+            "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
+            "exit_codes": codes,
+            "_report": report,
+        }
+
+    async def _live_run(self, table: str, plan: ProducerPlan, workers: int) -> dict[str, Any]:
+        """Workers ready; producers commit ``plan.events`` while the workers relay."""
+        sql = await self._fresh(table)
+        procs = self._start_workers(sql, workers)
+        progress = ProducerResult()
+        try:
+            await self._wait_leases(sql, workers, procs)
+            cpu0, t0 = procs.cpu(), time.monotonic()
+            producer = asyncio.create_task(produce(self.dsn, sql, plan, progress))
+            try:
+                await self._wait_stored(plan.events, procs, timeout=max(120.0, plan.events / 200), producer=producer)
+            finally:
+                if not producer.done():
+                    producer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await producer
+            cpu1, t1 = procs.cpu(), time.monotonic()
+            await self._wait_marked(sql, procs)
+        finally:
+            codes, probes = procs.stop()
+        report, stored = await self._verify(sql)
+        latencies = _latencies(stored, progress.commit_times)
+        last = max((m.stored_at for m in stored), default=progress.last_commit)
+        return {
+            "events": report.events,
+            "events_per_s": report.published / max(1e-6, last - progress.first_commit),
+            "p50_ms": percentile(latencies, 0.50) * 1000,
+            "p99_ms": percentile(latencies, 0.99) * 1000,
+            "max_ms": max(latencies, default=0.0) * 1000,
+            "success_rate": report.published / max(1, report.events),
+            "cpu_percent": 100 * sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / max(1e-6, t1 - t0),
+            "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
+            "exit_codes": codes,
+            "_report": report,
+        }
+
+    async def _idle_run(self) -> dict[str, Any]:
+        sql = await self._fresh("idle")
+        procs = self._start_workers(sql, 1)
+        try:
+            await self._wait_leases(sql, 1, procs)
+            await asyncio.sleep(2.0)  # past start-up
+            seconds = self.o.seconds(IDLE_SECONDS)
+            cpu0, t0 = procs.cpu(), time.monotonic()
+            await asyncio.sleep(seconds)
+            cpu1, t1 = procs.cpu(), time.monotonic()
+            procs.check_alive()
+        finally:
+            codes, probes = procs.stop()
+        return {
+            "cpu_percent": 100 * (cpu1[0] - cpu0[0]) / (t1 - t0),
+            "seconds": t1 - t0,
+            "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
+            "exit_codes": codes,
+        }
+
+    async def _naive_run(self, events: int) -> dict[str, Any]:
+        sql = await self._fresh("naive")
+        await self._bulk_seed(sql, events, AGGREGATES)
+        procs = self._start_child("naive", sql, events)
+        result = await self._wait_child(procs, timeout=max(300.0, events / 100))
+        report, _ = await self._verify(sql)
+        return {
+            "events": events,
+            "events_per_s": result["published"] / max(1e-6, result["seconds"]),
+            "_report": report,
+        }
+
+    async def _ceiling_run(self, events: int) -> dict[str, Any]:
+        sql = await self._fresh("ceiling")  # only for the settings; the ceiling never touches it
+        procs = self._start_child("ceiling", sql, events, AGGREGATES)
+        result = await self._wait_child(procs, timeout=max(300.0, events / 1000))
+        stored = await read_stream(self.url, STREAM)
+        report = check_history(synthetic_truth(events, AGGREGATES), stored)
+        return {
+            "events": events,
+            "events_per_s": result["published"] / max(1e-6, result["seconds"]),
+            "cpu_s_per_1k": result.get("cpu_seconds", 0.0) / (events / 1000),
+            "peak_rss_mb": result.get("peak_rss_mb"),
+            "_report": report,
+        }
+
+    async def _claim_run(self, sql: Sql, batches: int) -> dict[str, Any]:
+        """Add ``batches`` full batches of pending rows, then claim and mark (mark mode) them batch by
+        batch, timing each claim statement; remove them again so every run starts from the same
+        table. Twice: with PostgreSQL's default plan choice, and forced to the generic plan (asyncpg
+        prepares statements, so a worker runs the generic plan after a few executions)."""
+        out: dict[str, Any] = {"batch": BATCH}
+        for label, settings in (("", {}), ("generic_", {"plan_cache_mode": "force_generic_plan"})):
+            pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, server_settings=settings)
+            assert pool is not None
+            try:
+                watermark = int(await pool.fetchval(f"SELECT COALESCE(max(id), 0) FROM {sql.outbox}"))
+                await self._bulk_seed(sql, batches * BATCH, AGGREGATES, ledger=False)
+                store = OutboxStore(pool, sql, PUBLISHER, "growth")
+                partitions = await store.check_schema()
+                await pool.execute(f"UPDATE {sql.leases} SET owner = NULL, expires_at = now()")
+                fence = Fence.of(await store.acquire(partitions, 60))
+                times = []
+                while True:
+                    t0 = time.perf_counter()
+                    rows = await store.claim(fence.partitions, BATCH, True)
+                    if not rows:
+                        break
+                    times.append(time.perf_counter() - t0)
+                    await store.mark_done(fence, [r.id for r in rows], delete=False)
+                await pool.execute(f"DELETE FROM {sql.outbox} WHERE id > $1", watermark)
+                await pool.execute(f"VACUUM ANALYZE {sql.outbox}")
+            finally:
+                await pool.close()
+            out[f"claim_{label}ms_p50"] = percentile(times, 0.5) * 1000
+            out[f"claim_{label}ms_p99"] = percentile(times, 0.99) * 1000
+        return out
+
+    # --- building blocks --------------------------------------------------------------------------------
+    def _add(self, row: Row, run: dict[str, Any], label: str) -> None:
+        report: HistoryReport | None = run.pop("_report", None)
+        codes = run.pop("exit_codes", [])
+        metrics = {k: v for k, v in run.items() if isinstance(v, int | float) or v is None}
+        row.runs.append(metrics)
+        if report is not None:
+            row.checks.append(
+                {
+                    "lost": report.lost,
+                    "duplicates": report.duplicates,
+                    "order_violations": report.order_violations,
+                    "unexpected": report.unexpected,
+                    "pending": report.pending,
+                }
+            )
+        if any(codes):
+            raise BenchError(f"{label}: a worker exited with {codes} (logs under the bench's temporary directory)")
+        shown = ", ".join(f"{k} {_short_num(v)}" for k, v in metrics.items() if not k.endswith("per_worker"))
+        verdict = "" if report is None else ("  verified ok" if report.ok and not report.pending else "  CHECK FAILED")
+        self.say(f"  {label}: {shown}{verdict}")
+
+    async def _fresh(self, table: str) -> Sql:
+        """Drop and recreate ``outbox_bench.<table>`` (+ ledger); delete the bench stream."""
+        sql = Sql.for_table(DB_SCHEMA, table)
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{DB_SCHEMA}"')
+            await conn.execute(
+                f"DROP TABLE IF EXISTS {sql.outbox}, {sql.leases}, {sql.workers}, {sql.dead_letters}, "
+                f'"{DB_SCHEMA}"."{table}_ledger"'
+            )
+            with contextlib.suppress(asyncpg.UndefinedTableError):
+                await conn.execute(f"DELETE FROM {sql.meta} WHERE table_name = $1", table)
+            await migrate(conn, sql, self.o.partitions)
+            await prepare(conn, sql)
+        finally:
+            await conn.close()
+        nc = await nats.connect(self.url, connect_timeout=5)
+        try:
+            with contextlib.suppress(js_errors.NotFoundError):
+                await nc.jetstream().delete_stream(STREAM)
+        finally:
+            await nc.close()
+        return sql
+
+    def _env(self, sql: Sql, worker_id: str) -> dict[str, str]:
+        extra = {
+            "OUTBOX_DB_SCHEMA": DB_SCHEMA,
+            "OUTBOX_STREAM": STREAM,
+            "OUTBOX_PUBLISHER": PUBLISHER,
+            "OUTBOX_SUBJECT_TEMPLATE": SUBJECT_TEMPLATE,
+            "OUTBOX_POLL_INTERVAL_SECONDS": "1.0",  # the worker's default (demo polls faster)
+        }
+        return worker_env(self.dsn, self.url, sql.table, extra | self.o.worker_env, worker_id)
+
+    def _start_workers(self, sql: Sql, count: int) -> _Procs:
+        self._seq += 1
+        procs, outs, logs = [], [], []
+        for i in range(count):
+            out = self.base / f"run{self._seq}-worker{i}.json"
+            log = self.base / f"run{self._seq}-worker{i}.log"
+            env = self._env(sql, f"bench-{self._seq}-{i}")
+            procs.append(start_worker(env, log, ("bench", "--child", "worker", "--child-out", str(out))))
+            outs.append(out)
+            logs.append(log)
+        return _Procs(procs, outs, logs)
+
+    def _start_child(self, kind: str, sql: Sql, events: int, aggregates: int = AGGREGATES) -> _Procs:
+        self._seq += 1
+        out = self.base / f"run{self._seq}-{kind}.json"
+        log = self.base / f"run{self._seq}-{kind}.log"
+        args = ["bench", "--child", kind, "--child-out", str(out), "--child-events", str(events)]
+        args += ["--child-aggregates", str(aggregates)]
+        proc = start_worker(self._env(sql, f"bench-{kind}"), log, args)
+        return _Procs([proc], [out], [log])
+
+    async def _wait_child(self, procs: _Procs, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        proc = procs.procs[0]
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                procs.stop()
+                raise BenchError(f"{procs.logs[0].name} did not finish in {timeout:.0f}s")
+            await asyncio.sleep(0.1)
+        _, results = procs.stop()
+        if proc.returncode != 0 or not results[0]:
+            tail = "\n".join(procs.logs[0].read_text(errors="replace").splitlines()[-20:])
+            raise BenchError(f"{procs.logs[0].name} failed (exit {proc.returncode}):\n{tail}")
+        return results[0]
+
+    async def _wait_leases(self, sql: Sql, workers: int, procs: _Procs, timeout: float = 60.0) -> None:
+        """Until every worker holds its fair share of the partitions (and its loops can run)."""
+        deadline = time.monotonic() + timeout
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            while True:
+                procs.check_alive()
+                counts = [
+                    int(r[0])
+                    for r in await conn.fetch(
+                        f"SELECT count(*) FROM {sql.leases} WHERE publisher = $1 AND owner IS NOT NULL "
+                        "AND expires_at > now() GROUP BY owner",
+                        PUBLISHER,
+                    )
+                ]
+                share = self.o.partitions // workers
+                if len(counts) == workers and sum(counts) == self.o.partitions and min(counts) >= share:
+                    break
+                if time.monotonic() > deadline:
+                    raise BenchError(f"workers did not share the partitions within {timeout:.0f}s: {counts}")
+                await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+        await asyncio.sleep(0.2)  # loops check the partitions out
+
+    async def _bulk_seed(self, sql: Sql, events: int, aggregates: int, *, ledger: bool = True) -> float:
+        """Commit ``events`` rows (and their ledger rows) in ONE transaction; return the commit time.
+
+        Row i belongs to aggregate ``i % aggregates`` with version ``i // aggregates + 1`` (ids
+        increase with the version), event type by version over 5 types, ~100-byte JSON payload and
+        a ``traceparent`` user header, like the synthetic rows of the publish ceiling.
+        """
+        types = "ARRAY[" + ",".join(f"'{t}'" for t in EVENT_TYPES) + "]"
+        select = (
+            f"SELECT 'order', (g % $3)::text, ({types})[((g / $3 + 1) % 5) + 1], "
+            "convert_to(json_build_object('aggregate', g % $3, 'version', g / $3 + 1, "
+            "'pad', repeat('x', 40))::text, 'UTF8'), "
+            "jsonb_build_object('traceparent', '00-' || md5(g::text) || '-' || left(md5((g + 1)::text), 16) || '-01') "
+            "FROM generate_series($1::bigint, $2::bigint - 1) AS g ORDER BY g"
+        )
+        insert = f"INSERT INTO {sql.outbox} (aggregate_type, aggregate_id, event_type, payload, headers) {select}"
+        if ledger:
+            stmt = (
+                f"WITH ins AS ({insert} RETURNING id, event_id, aggregate_type, aggregate_id) "
+                f'INSERT INTO "{sql.schema}"."{sql.table}_ledger" (event_id, aggregate, outbox_id) '
+                "SELECT event_id, aggregate_type || '/' || aggregate_id, id FROM ins"
+            )
+        else:
+            stmt = insert
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            async with conn.transaction():
+                for lo in range(0, events, 50_000):
+                    await conn.execute(stmt, lo, min(events, lo + 50_000), aggregates)
+            return time.time()
+        finally:
+            await conn.close()
+
+    async def _write_history(self, sql: Sql, rows: int) -> None:
+        """``rows`` already-published rows (mark mode history), then VACUUM ANALYZE."""
+        conn = await asyncpg.connect(self.dsn, timeout=60)
+        try:
+            for lo in range(0, rows, 100_000):
+                await conn.execute(
+                    f"INSERT INTO {sql.outbox} (aggregate_type, aggregate_id, event_type, payload, published_at) "
+                    "SELECT 'order', (g % 10000)::text, 'created', convert_to(repeat('x', 100), 'UTF8'), now() "
+                    "FROM generate_series($1::bigint, $2::bigint - 1) AS g",
+                    lo,
+                    min(rows, lo + 100_000),
+                )
+            await conn.execute(f"VACUUM ANALYZE {sql.outbox}")
+        finally:
+            await conn.close()
+
+    async def _wait_stored(
+        self, events: int, procs: _Procs, timeout: float, producer: asyncio.Task[ProducerResult] | None = None
+    ) -> None:
+        """Until the stream holds ``events`` messages (polled every 20 ms)."""
+        nc = await nats.connect(self.url, connect_timeout=5)
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if producer is not None and producer.done():
+                    producer.result()  # raise what the producer raised
+                with contextlib.suppress(js_errors.NotFoundError):
+                    if (await js.stream_info(STREAM)).state.messages >= events:
+                        return
+                procs.check_alive()
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the stream did not reach {events:,} messages within {timeout:.0f}s")
+                await asyncio.sleep(0.02)
+        finally:
+            await nc.close()
+
+    async def _wait_marked(self, sql: Sql, procs: _Procs, timeout: float = 60.0) -> None:
+        """Until no row is pending (acked rows are deleted/marked after their ack)."""
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        deadline = time.monotonic() + timeout
+        try:
+            while await conn.fetchval(f"SELECT count(*) FROM {sql.outbox} WHERE published_at IS NULL"):
+                procs.check_alive()
+                if time.monotonic() > deadline:
+                    raise BenchError(f"rows still pending {timeout:.0f}s after the stream had them all")
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+
+    async def _verify(self, sql: Sql) -> tuple[HistoryReport, list[StoredEvent]]:
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            committed, pending, dead = await read_truth(conn, sql)
+        finally:
+            await conn.close()
+        stored = await read_stream(self.url, STREAM, timeout=300)
+        return check_history(committed, stored, pending, dead), stored
+
+
+def _latencies(stored: list[StoredEvent], commit_times: dict[str, float]) -> list[float]:
+    seen: set[str] = set()
+    out = []
+    for m in stored:
+        t = commit_times.get(m.event_id)
+        if t is not None and m.event_id not in seen:
+            out.append(max(0.0, m.stored_at - t))
+        seen.add(m.event_id)
+    return out
+
+
+def _short(n: int) -> str:
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
+def _short_num(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _mem_gb() -> float | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    return None

@@ -1,0 +1,332 @@
+"""Numbers of ``outboxctl bench``: percentiles, medians of repeats, targets, the JSON report schema
+and the human table. Pure: no I/O, so the report format is unit-testable and stable.
+
+The JSON report (``--json PATH``), schema version :data:`SCHEMA_VERSION`, documented in
+docs/benchmarks.md::
+
+    {
+      "schema": "outbox-bench", "schema_version": 1, "created_at": "2026-11-29T10:00:00Z", "ok": true,
+      "machine": {"cpus": 2, "cpu_model": "...", "python": "3.11.2", "platform": "...", ...},
+      "config": {"repeat": 3, "scale": 1.0, "scenarios": ["seed", ...], "worker": {...}},
+      "rows": [
+        {"name": "sustained/1-worker", "scenario": "sustained",
+         "metrics": {"events_per_s": 61234.0, ...},        # medians over the runs
+         "runs": [{"events_per_s": 60001.0, ...}, ...],     # one object per repeat
+         "checks": {"lost": 0, "duplicates": 0, "order_violations": 0, "unexpected": 0,
+                    "pending": 0, "verified_runs": 3, "ok": true}},
+        ...
+      ],
+      "ratios": {"relay_over_naive": 31.2, "relay_over_ceiling": 0.81},
+      "targets": [{"name": "...", "target": ">= 60000", "value": 61234.0, "met": true}],
+      "seed_reference": [{"events": 500, "msg_per_s": 33.21, "send_latency_ms": 1.57}, ...]
+    }
+
+Metric values are numbers (or null when not applicable); ``checks`` counts are summed over runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA = "outbox-bench"
+SCHEMA_VERSION = 1
+
+SCENARIOS = ("seed", "sustained", "baselines", "latency", "growth", "hot")
+
+# The report this project grew from: its NATS publisher at four pressure levels. "msg/s" divides the
+# count by a duration that includes a fixed 15 s / 30 s wait; "send latency" is how long the publish
+# call took to return (before any ack). See docs/benchmarks.md.
+SEED_REFERENCE: tuple[dict[str, float], ...] = (
+    {"events": 500, "msg_per_s": 33.21, "send_latency_ms": 1.570},
+    {"events": 2000, "msg_per_s": 131.83, "send_latency_ms": 9.358},
+    {"events": 5000, "msg_per_s": 164.07, "send_latency_ms": 45.353},
+    {"events": 10000, "msg_per_s": 325.42, "send_latency_ms": 68.444},
+)
+SEED_LEVELS = tuple(int(r["events"]) for r in SEED_REFERENCE)
+
+CHECK_KEYS = ("lost", "duplicates", "order_violations", "unexpected", "pending")
+
+
+def seed_aggregates(events: int) -> int:
+    """Aggregates of a seed pressure level: N/10 clamped to 50..1000 (as the seed's test did)."""
+    return max(50, min(1000, events // 10))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..1) of ``values``; 0.0 for no values."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    rank = max(1, math.ceil(q * len(s)))
+    return float(s[min(len(s), rank) - 1])
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """Median of the non-null values (mean of the middle two for an even count); None if none."""
+    s = sorted(float(v) for v in values if v is not None)
+    if not s:
+        return None
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+@dataclass
+class Row:
+    """One line of the results: a scenario variant with one metrics dict per repeat."""
+
+    name: str
+    scenario: str
+    runs: list[dict[str, float | None]] = field(default_factory=list)
+    checks: list[dict[str, int]] = field(default_factory=list)  # history-checker findings per run
+    note: str = ""
+
+    def metrics(self) -> dict[str, float | None]:
+        keys: list[str] = []
+        for run in self.runs:
+            keys.extend(k for k in run if k not in keys)
+        return {k: _round(median(run.get(k) for run in self.runs)) for k in keys}
+
+    def summed_checks(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: sum(c.get(k, 0) for c in self.checks) for k in CHECK_KEYS}
+        out["verified_runs"] = len(self.checks)
+        out["ok"] = all(out[k] == 0 for k in CHECK_KEYS)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "scenario": self.scenario,
+            "metrics": self.metrics(),
+            "runs": [{k: _round(v) for k, v in run.items()} for run in self.runs],
+            "checks": self.summed_checks(),
+        }
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+def _round(v: float | None) -> float | None:
+    if v is None:
+        return None
+    return round(float(v), 3)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    row: str  # a row name, or "ratio:<key>"
+    metric: str
+    op: str  # ">=", "<=" or "<"
+    bound: float
+
+    def evaluate(self, rows: Mapping[str, Mapping[str, Any]], ratios: Mapping[str, float | None]) -> dict[str, Any]:
+        if self.row.startswith("ratio:"):
+            value = ratios.get(self.row.split(":", 1)[1])
+        else:
+            value = rows.get(self.row, {}).get("metrics", {}).get(self.metric)
+        met: bool | None = None
+        if value is not None:
+            met = {">=": value >= self.bound, "<=": value <= self.bound, "<": value < self.bound}[self.op]
+        return {"name": self.name, "target": f"{self.op} {self.bound:g}", "value": value, "met": met}
+
+
+TARGETS = (
+    Target("relay/naive (one worker process)", "ratio:relay_over_naive", "", ">=", 10),
+    Target("relay/ceiling (one worker process)", "ratio:relay_over_ceiling", "", ">=", 0.7),
+    Target("events/s, one worker process", "sustained/1-worker", "events_per_s", ">=", 60_000),
+    Target("events/s, two worker processes", "sustained/2-workers", "events_per_s", ">=", 90_000),
+    Target("p99 commit->ack at 5000/s offered (ms)", "latency/5000-per-s", "p99_ms", "<=", 25),
+    Target("idle worker CPU (% of a core)", "idle/1-worker", "cpu_percent", "<", 2),
+    Target("claim time 1M history / empty", "ratio:claim_history_over_empty", "", "<=", 1.5),
+)
+
+
+def ratios(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    def metric(row: str, key: str) -> float | None:
+        v = rows.get(row, {}).get("metrics", {}).get(key)
+        return None if v is None else float(v)
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else round(a / b, 3)
+
+    relay = metric("sustained/1-worker", "events_per_s")
+    return {
+        "relay_over_naive": div(relay, metric("baseline/naive", "events_per_s")),
+        "relay_over_ceiling": div(relay, metric("baseline/ceiling", "events_per_s")),
+        "claim_history_over_empty": div(
+            metric("growth/1M-history", "claim_ms_p50"), metric("growth/empty", "claim_ms_p50")
+        ),
+    }
+
+
+def build_report(
+    rows: Sequence[Row],
+    *,
+    machine: Mapping[str, Any],
+    config: Mapping[str, Any],
+    created_at: str,
+) -> dict[str, Any]:
+    """The whole JSON report (see the module docstring)."""
+    by_name = {r.name: r.to_json() for r in rows}
+    rat = ratios(by_name)
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created_at": created_at,
+        "machine": dict(machine),
+        "config": dict(config),
+        "rows": list(by_name.values()),
+        "ratios": rat,
+        "targets": [t.evaluate(by_name, rat) for t in TARGETS],
+        "seed_reference": [dict(r) for r in SEED_REFERENCE],
+        "ok": all(r["checks"]["ok"] for r in by_name.values()),
+    }
+
+
+def validate_report(report: Mapping[str, Any]) -> list[str]:
+    """Problems with ``report``'s shape (empty when it follows schema version 1)."""
+    problems: list[str] = []
+
+    def need(obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
+        if key not in obj:
+            problems.append(f"{where}: missing {key!r}")
+            return None
+        if not isinstance(obj[key], types):
+            problems.append(f"{where}.{key}: expected {types}, got {type(obj[key]).__name__}")
+            return None
+        return obj[key]
+
+    if report.get("schema") != SCHEMA:
+        problems.append(f"schema: expected {SCHEMA!r}")
+    if report.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema_version: expected {SCHEMA_VERSION}")
+    need(report, "created_at", str, "report")
+    need(report, "machine", dict, "report")
+    need(report, "config", dict, "report")
+    need(report, "ok", bool, "report")
+    for i, row in enumerate(need(report, "rows", list, "report") or []):
+        where = f"rows[{i}]"
+        need(row, "name", str, where)
+        scenario = need(row, "scenario", str, where)
+        if scenario is not None and scenario not in SCENARIOS:
+            problems.append(f"{where}.scenario: unknown {scenario!r}")
+        for key, value in (need(row, "metrics", dict, where) or {}).items():
+            if value is not None and not isinstance(value, int | float):
+                problems.append(f"{where}.metrics.{key}: not a number")
+        for j, run in enumerate(need(row, "runs", list, where) or []):
+            if not isinstance(run, dict):
+                problems.append(f"{where}.runs[{j}]: not an object")
+        checks = need(row, "checks", dict, where) or {}
+        for key in (*CHECK_KEYS, "verified_runs"):
+            need(checks, key, int, f"{where}.checks")
+        need(checks, "ok", bool, f"{where}.checks")
+    rat = need(report, "ratios", dict, "report") or {}
+    for key in ("relay_over_naive", "relay_over_ceiling", "claim_history_over_empty"):
+        if key not in rat:
+            problems.append(f"ratios: missing {key!r}")
+    for i, t in enumerate(need(report, "targets", list, "report") or []):
+        for key, types in (("name", str), ("target", str)):
+            need(t, key, types, f"targets[{i}]")
+        if "met" not in t or t["met"] not in (True, False, None):
+            problems.append(f"targets[{i}].met: expected true, false or null")
+    need(report, "seed_reference", list, "report")
+    return problems
+
+
+# --- the human table ------------------------------------------------------------------------------
+def _fmt(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and digits:
+        return f"{v:,.{digits}f}"
+    return f"{v:,.0f}" if isinstance(v, int | float) else str(v)
+
+
+def render_table(report: Mapping[str, Any]) -> str:
+    """The report as text: one section per scenario family, the seed's figures beside ours."""
+    rows = {r["name"]: r for r in report["rows"]}
+    out: list[str] = []
+    repeat = report.get("config", {}).get("repeat", "?")
+    out.append(f"medians of {repeat} run(s); commit->ack: producer's COMMIT returned -> message stored in the stream")
+    seed = [r for r in report["rows"] if r["scenario"] == "seed"]
+    if seed:
+        ref = {int(r["events"]): r for r in report["seed_reference"]}
+        out.append("")
+        out.append(f"{'seed pressure levels: ours':<83} | the seed's NATS figures")
+        out.append(
+            f"{'events':>8} {'aggs':>5} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'order viol':>10} "
+            f"{'success':>8} {'tasks left':>10} | {'msg/s':>8} {'send ms':>8}"
+        )
+        for r in seed:
+            m = r["metrics"]
+            events = int(m.get("events") or 0)
+            sr = ref.get(int(m.get("level") or events), {})
+            out.append(
+                f"{events:>8,} {_fmt(m.get('aggregates')):>5} {_fmt(m.get('events_per_s')):>10} "
+                f"{_fmt(m.get('p50_ms'), 1):>8} {_fmt(m.get('p99_ms'), 1):>8} "
+                f"{r['checks']['order_violations']:>10} {_pct(m.get('success_rate')):>8} "
+                f"{_fmt(m.get('tasks_left')):>10} | {_fmt(sr.get('msg_per_s'), 2):>8} "
+                f"{_fmt(sr.get('send_latency_ms'), 3):>8}"
+            )
+    thr = [r for r in report["rows"] if r["scenario"] in ("sustained", "baselines", "hot")]
+    if thr:
+        out.append("")
+        out.append(
+            f"{'throughput':<22} {'events':>9} {'events/s':>10} {'CPU s/1k ev':>12} {'peak RSS MB':>12} {'ok':>4}"
+        )
+        for r in thr:
+            m = r["metrics"]
+            out.append(
+                f"{r['name']:<22} {_fmt(m.get('events')):>9} {_fmt(m.get('events_per_s')):>10} "
+                f"{_fmt(m.get('cpu_s_per_1k'), 3):>12} {_fmt(m.get('peak_rss_mb'), 1):>12} "
+                f"{'yes' if r['checks']['ok'] else 'NO':>4}"
+            )
+    lat = [r for r in report["rows"] if r["scenario"] == "latency"]
+    if lat:
+        out.append("")
+        out.append(f"{'latency':<22} {'offered/s':>10} {'achieved/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU %':>7}")
+        for r in lat:
+            m = r["metrics"]
+            out.append(
+                f"{r['name']:<22} {_fmt(m.get('offered_per_s')):>10} {_fmt(m.get('events_per_s')):>10} "
+                f"{_fmt(m.get('p50_ms'), 1):>8} {_fmt(m.get('p99_ms'), 1):>8} {_fmt(m.get('cpu_percent'), 2):>7}"
+            )
+    growth = [r for r in report["rows"] if r["scenario"] == "growth"]
+    if growth:
+        out.append("")
+        out.append(f"{'claim per batch':<22} {'history':>10} {'batch':>6} {'p50 ms':>8} {'p99 ms':>8}")
+        for r in growth:
+            m = r["metrics"]
+            out.append(
+                f"{r['name']:<22} {_fmt(m.get('history_rows')):>10} {_fmt(m.get('batch')):>6} "
+                f"{_fmt(m.get('claim_ms_p50'), 2):>8} {_fmt(m.get('claim_ms_p99'), 2):>8}"
+            )
+    out.append("")
+    rat = report["ratios"]
+    out.append(
+        "ratios: relay/naive "
+        + _fmt(rat.get("relay_over_naive"), 2)
+        + ", relay/ceiling "
+        + _fmt(rat.get("relay_over_ceiling"), 2)
+        + ", claim 1M-history/empty "
+        + _fmt(rat.get("claim_history_over_empty"), 2)
+    )
+    out.append("")
+    out.append("targets")
+    for t in report["targets"]:
+        mark = {True: "met", False: "MISSED", None: "not run"}[t["met"]]
+        value = "-" if t["value"] is None else f"{t['value']:,.2f}"
+        out.append(f"  {t['name']:<42} {t['target']:>10}  {value:>12}  {mark}")
+    bad = [r["name"] for r in rows.values() if not r["checks"]["ok"]]
+    out.append("")
+    out.append(
+        "verification: " + ("0 lost, 0 duplicates, 0 order violations in every run" if not bad else f"FAILED in {bad}")
+    )
+    return "\n".join(out)
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * float(v):.1f}%"
