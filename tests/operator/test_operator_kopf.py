@@ -131,8 +131,7 @@ async def test_create_reconciles_children_status_and_is_idempotent(emulator: Kub
         assert new_writes == []
         assert condition(publisher(emulator), "Ready")["lastTransitionTime"] == ready_since
 
-        events = [e["reason"] for e in emulator.list("v1", "Event", NAMESPACE)]
-        assert "Ready" in events
+        await eventually(lambda: "Ready" in [e["reason"] for e in emulator.list("v1", "Event", NAMESPACE)])
 
 
 async def test_spec_change_rolls_the_template_and_scale_subresource(emulator: KubeEmulator) -> None:
@@ -190,7 +189,7 @@ async def test_invalid_spec_sets_condition_and_creates_nothing(emulator: KubeEmu
         assert "{customer}" in message
         assert emulator.list("apps/v1", "Deployment", NAMESPACE) == []
         assert emulator.list("v1", "ServiceAccount", NAMESPACE) == []
-        assert any(e["reason"] == "InvalidSpec" for e in emulator.list("v1", "Event", NAMESPACE))
+        await eventually(lambda: any(e["reason"] == "InvalidSpec" for e in emulator.list("v1", "Event", NAMESPACE)))
 
         # fixing the spec heals it
         await emulator.patch(

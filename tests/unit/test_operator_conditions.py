@@ -1,0 +1,136 @@
+"""Condition math: lastTransitionTime moves only on a flip; health from worker reports."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from outbox_operator.conditions import Condition, flips, merge_conditions, parse_time
+from outbox_operator.health import Rollout, config_error_area, gone_workers, health_conditions, is_fresh, totals
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def iso(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_transition_time_moves_only_when_status_flips() -> None:
+    first = merge_conditions([], [Condition("Ready", "False", "WorkersNotReady", "0/2")], 1, T0)
+    assert first[0]["lastTransitionTime"] == iso(T0)
+    # reason and message change, status does not: the time stays
+    second = merge_conditions(first, [Condition("Ready", "False", "WaitingForReports", "2/2")], 2, T0 + timedelta(60))
+    assert second[0]["lastTransitionTime"] == iso(T0)
+    assert second[0]["reason"] == "WaitingForReports"
+    assert second[0]["observedGeneration"] == 2
+    third = merge_conditions(second, [Condition("Ready", "True", "Publishing", "ok")], 2, T0 + timedelta(seconds=90))
+    assert third[0]["lastTransitionTime"] == iso(T0 + timedelta(seconds=90))
+
+
+def test_conditions_keep_other_types_and_a_stable_order() -> None:
+    existing = [{"type": "Custom", "status": "True"}, {"type": "Lagging", "status": "False"}]
+    merged = merge_conditions(
+        existing,
+        [Condition("Ready", "True", "Publishing", ""), Condition("Degraded", "False", "AsExpected", "")],
+        1,
+        T0,
+    )
+    assert [c["type"] for c in merged] == ["Ready", "Degraded", "Lagging", "Custom"]
+
+
+def test_flips_report_status_or_reason_changes() -> None:
+    old = merge_conditions([], [Condition("Ready", "False", "A", "m")], 1, T0)
+    same = merge_conditions(old, [Condition("Ready", "False", "A", "other message")], 1, T0)
+    assert flips(old, same) == []
+    changed = merge_conditions(old, [Condition("Ready", "False", "B", "m")], 1, T0)
+    assert len(flips(old, changed)) == 1
+
+
+def test_parse_time_accepts_rfc3339_variants() -> None:
+    assert parse_time("2026-01-01T12:00:00Z") == T0
+    assert parse_time("2026-01-01T12:00:00.5+00:00") == T0 + timedelta(milliseconds=500)
+    assert parse_time("garbage") is None
+    assert parse_time(None) is None
+
+
+def report(age: float = 0, **fields: object) -> dict[str, object]:
+    return {
+        "reportTime": iso(T0 - timedelta(seconds=age)),
+        "partitions": [0, 1],
+        "published": 10,
+        "backlog": 5,
+        "oldestPendingSeconds": 1.0,
+        "ratePerSecond": 2.0,
+        **fields,
+    }
+
+
+def test_totals_count_gauges_of_fresh_reports_only() -> None:
+    reports = {"a": report(), "b": report(age=5), "stale": report(age=100)}
+    out = totals(reports, interval=10, now=T0)
+    assert out["workers"] == 2
+    assert out["backlog"] == 10
+    assert out["published"] == 30  # counters include the stale entry of a still existing pod
+    assert out["partitionsOwned"] == 4
+    assert is_fresh(reports["b"], 10, T0)
+    assert not is_fresh(reports["stale"], 10, T0)
+
+
+def test_gone_workers_need_a_known_pod_list() -> None:
+    assert gone_workers({"a": {}, "b": {}}, ["a"]) == ["b"]
+    assert gone_workers({"a": {}}, None) == []
+
+
+def test_config_errors_route_to_their_condition() -> None:
+    assert config_error_area("database: relation public.outbox does not exist") == "database"
+    assert config_error_area("table public.outbox is missing; run outboxctl migrate") == "database"
+    assert config_error_area("stream: no stream captures subject outbox.order.created") == "stream"
+    assert config_error_area("nats: authorization violation") == "stream"
+
+
+def conditions(reports: dict, *, ready: int = 2, desired: int = 2, paused: bool = False) -> dict[str, tuple]:
+    out = health_conditions(
+        paused=paused,
+        rollout=Rollout(desired, ready, ready),
+        reports=reports,
+        interval=10,
+        target_lag_seconds=30,
+        stream_name="OUTBOX",
+        duplicate_window_seconds=120,
+        duplicate_horizon_seconds=50,
+        now=T0,
+    )
+    return {c.type: (c.status, c.reason) for c in out}
+
+
+def test_healthy_relay_is_ready() -> None:
+    got = conditions({"a": report(), "b": report()})
+    assert got == {
+        "Ready": ("True", "Publishing"),
+        "Degraded": ("False", "AsExpected"),
+        "DatabaseReady": ("True", "Reachable"),
+        "StreamReady": ("True", "StreamAvailable"),
+        "Lagging": ("False", "LagWithinTarget"),
+    }
+
+
+def test_no_reports_yet_is_unknown_not_false() -> None:
+    got = conditions({})
+    assert got["Ready"] == ("False", "WaitingForReports")
+    assert got["DatabaseReady"][0] == "Unknown"
+    assert got["Lagging"][0] == "Unknown"
+
+
+def test_config_error_degrades_and_blames_the_right_dependency() -> None:
+    got = conditions({"a": report(configError="stream: no stream captures subject x"), "b": report()})
+    assert got["Ready"] == ("False", "ConfigurationError")
+    assert got["Degraded"] == ("True", "ConfigurationError")
+    assert got["StreamReady"] == ("False", "StreamError")
+    assert got["DatabaseReady"] == ("True", "Reachable")
+
+
+def test_poison_rows_lag_and_rollout() -> None:
+    assert conditions({"a": report(deadLetters=3)})["Degraded"] == ("True", "PoisonRows")
+    assert conditions({"a": report(oldestPendingSeconds=45.0)})["Lagging"] == ("True", "LagAboveTarget")
+    assert conditions({"a": report()}, ready=1)["Ready"] == ("False", "WorkersNotReady")
+    assert conditions({}, ready=0, desired=0, paused=True)["Ready"] == ("False", "Paused")
+    assert conditions({"a": report(age=100)})["Degraded"] == ("True", "StaleReports")
