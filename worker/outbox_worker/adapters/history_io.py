@@ -4,6 +4,14 @@ The ground truth is the ledger table ``<table>_ledger`` (event id, aggregate, ou
 producers of ``outboxctl demo``, ``outboxctl bench`` and the test suite write in the *same
 transaction* as the outbox row: a rolled-back event is in neither. Applications that want an audit
 trail can write it the same way (README, "Verifying a relay").
+
+The optional mark audit (:func:`audit_ddl`) is a statement-level trigger on the outbox that records,
+inside every statement that deletes a pending row or sets ``published_at``, which worker did it
+(from the session's ``application_name``, ``outbox-relay/<worker id>``) and whether that worker
+held the lease of the row's partition at that moment. The checker then reports marks made without
+the stream holding the event, marks made before it was stored, and marks made under a stale lease.
+It costs one extra insert per marked row: a verification tool for test and staging runs, not for
+production tables.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import nats
 from nats.js import api as js_api
 
 from outbox_common import names
-from outbox_worker.core.history import CommittedEvent, HistoryReport, StoredEvent, check_history
+from outbox_worker.core.history import CommittedEvent, HistoryReport, MarkRecord, StoredEvent, check_history
 from outbox_worker.core.sql import Sql
 
 
@@ -33,9 +41,75 @@ def ledger_insert(sql: Sql) -> str:
     return f'INSERT INTO "{sql.schema}"."{sql.table}_ledger" (event_id, aggregate, outbox_id) VALUES ($1, $2, $3)'
 
 
-async def read_stream(nats_url: str, stream: str, *, timeout: float = 120.0, batch: int = 5000) -> list[StoredEvent]:
+MARKER_PREFIX = "outbox-relay/"
+"""A worker session whose ``application_name`` is ``outbox-relay/<worker id>`` is attributed."""
+
+
+def audit_table(sql: Sql) -> str:
+    return f'"{sql.schema}"."{sql.table}_mark_audit"'
+
+
+def audit_ddl(sql: Sql) -> list[str]:
+    """DDL of the mark audit (idempotent). Needs the outbox and lease tables (``outboxctl migrate``)."""
+    t = sql.table
+    fn = f'"{sql.schema}"."{t}_mark_audit_fn"'
+    audit = audit_table(sql)
+    # Did the marking session's worker hold the lease of the row's partition, now? The relay's mark
+    # statements lock the lease rows they are fenced by (FOR SHARE), so no takeover can commit between
+    # the fence and this trigger.
+    held = (
+        f"CASE WHEN marker = '' THEN NULL ELSE EXISTS (SELECT 1 FROM {sql.leases} AS l "
+        "WHERE l.partition = r.partition AND l.owner = marker) END"
+    )
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {audit} (
+            event_id uuid NOT NULL, outbox_id bigint NOT NULL, partition int NOT NULL, op text NOT NULL,
+            marker text NOT NULL, lease_held boolean,
+            marked_at timestamptz NOT NULL DEFAULT clock_timestamp())""",
+        f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+            DECLARE
+                app text := coalesce(current_setting('application_name', true), '');
+                marker text := CASE WHEN app LIKE '{MARKER_PREFIX}%'
+                                    THEN substr(app, {len(MARKER_PREFIX) + 1}) ELSE '' END;
+            BEGIN
+                IF TG_OP = 'DELETE' THEN
+                    INSERT INTO {audit} (event_id, outbox_id, partition, op, marker, lease_held)
+                    SELECT r.event_id, r.id, r.partition, 'delete', marker, {held}
+                    FROM old_rows AS r WHERE r.published_at IS NULL;
+                ELSE
+                    INSERT INTO {audit} (event_id, outbox_id, partition, op, marker, lease_held)
+                    SELECT r.event_id, r.id, r.partition, 'mark', marker, {held}
+                    FROM new_rows AS r JOIN old_rows AS o ON o.id = r.id
+                    WHERE r.published_at IS NOT NULL AND o.published_at IS NULL;
+                END IF;
+                RETURN NULL;
+            END $$""",
+        f'CREATE OR REPLACE TRIGGER "{t}_mark_audit_del" AFTER DELETE ON {sql.outbox} '
+        f"REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {fn}()",
+        f'CREATE OR REPLACE TRIGGER "{t}_mark_audit_upd" AFTER UPDATE ON {sql.outbox} '
+        f"REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {fn}()",
+    ]
+
+
+async def read_marks(conn: asyncpg.Connection, sql: Sql) -> list[MarkRecord] | None:
+    """The audited marks, or None when the audit is not installed."""
+    if await conn.fetchval("SELECT to_regclass($1)", audit_table(sql)) is None:
+        return None
+    rows = await conn.fetch(
+        f"SELECT event_id::text, EXTRACT(EPOCH FROM marked_at)::float8, op, marker, lease_held FROM {audit_table(sql)}"
+    )
+    return [MarkRecord(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+async def read_stream(
+    nats_url: str | list[str], stream: str, *, timeout: float = 120.0, batch: int = 5000
+) -> list[StoredEvent]:
     """Every message of ``stream`` in sequence order, via an ephemeral no-ack consumer (bounded time)."""
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=5)
+
+    async def quiet(_exc: Exception) -> None:  # connection errors surface as exceptions, not log spam
+        return None
+
+    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=5, error_cb=quiet)
     out: list[StoredEvent] = []
     try:
         js = nc.jetstream()
@@ -91,11 +165,16 @@ async def read_truth(conn: asyncpg.Connection, sql: Sql) -> tuple[list[Committed
     )
 
 
-async def verify(dsn: str, sql: Sql, nats_url: str, stream: str) -> HistoryReport:
+async def verify(
+    dsn: str, sql: Sql, nats_url: str | list[str], stream: str, *, expect_drained: bool = False, timeout: float = 120.0
+) -> HistoryReport:
+    """Read the ledger, the outbox, the dead letters, the mark audit (if installed) and the stream;
+    check them. Connection errors propagate (asyncpg / nats exceptions)."""
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         committed, pending, dead = await read_truth(conn, sql)
+        marks = await read_marks(conn, sql)
     finally:
         await conn.close()
-    stored = await read_stream(nats_url, stream)
-    return check_history(committed, stored, pending, dead)
+    stored = await read_stream(nats_url, stream, timeout=timeout)
+    return check_history(committed, stored, pending, dead, marks, expect_drained=expect_drained)

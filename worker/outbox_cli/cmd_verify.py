@@ -1,0 +1,158 @@
+"""``outboxctl verify``: check a relay's history, the ledger in PostgreSQL against the stream.
+
+Reads every committed event from ``<table>_ledger`` (written by producers in the same transaction as
+the outbox row), what is still pending and dead-lettered, the mark audit if it is installed, and the
+whole stream; prints the checker's figures. Exit codes (``outbox_cli.main``): 0 no violation,
+1 a violation (lost, unexpected, duplicate, out of order, inconsistent or stale marks; with
+``--expect-drained`` also a backlog left), 2 usage, 3 configuration (missing table, ledger or
+stream, rejected credentials), 4 unavailable (database or NATS not reachable in time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from typing import Any
+
+from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+
+_STREAM = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+
+HELP = "Check the stream against the committed events: lost, duplicates, order, marks (exit 1 on a violation)."
+
+_FIGURES = (
+    ("events", "events committed"),
+    ("stored", "messages in stream"),
+    ("published", "committed and stored"),
+    ("lost", "lost"),
+    ("unexpected", "unexpected (phantom)"),
+    ("duplicates", "duplicates in stream"),
+    ("order_violations", "order violations"),
+    ("pending", "pending (backlog left)"),
+    ("dead_lettered", "dead-lettered"),
+    ("marks", "marks audited"),
+    ("marked_not_stored", "marked, not in stream"),
+    ("marked_before_stored", "marked before stored"),
+    ("stale_marks", "marks under a stale lease"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("OUTBOX_DATABASE_URL", ""),
+        help="PostgreSQL DSN [env OUTBOX_DATABASE_URL]",
+    )
+    parser.add_argument(
+        "--nats-url",
+        default=os.environ.get("OUTBOX_NATS_SERVERS", ""),
+        help="NATS server URL(s), comma-separated [env OUTBOX_NATS_SERVERS]",
+    )
+    parser.add_argument("--stream", default=os.environ.get("OUTBOX_STREAM", ""), help="stream [env OUTBOX_STREAM]")
+    parser.add_argument("--schema", default=os.environ.get("OUTBOX_DB_SCHEMA", "public"), help="schema (public)")
+    parser.add_argument("--table", default=os.environ.get("OUTBOX_TABLE", "outbox"), help="outbox table (outbox)")
+    parser.add_argument(
+        "--expect-drained", action="store_true", help="a committed event still pending is a violation (exit 1)"
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="bound of the stream read, seconds (120)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def _usage(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def run(args: argparse.Namespace) -> int:
+    from outbox_worker.core.sql import Sql
+
+    if not args.database_url:
+        return _usage("--database-url is required (or set OUTBOX_DATABASE_URL)")
+    if not args.database_url.startswith(("postgres://", "postgresql://")):
+        return _usage("--database-url must start with postgresql:// (value not shown: it may hold a secret)")
+    if not args.nats_url:
+        return _usage("--nats-url is required (or set OUTBOX_NATS_SERVERS)")
+    if not args.stream:
+        return _usage("--stream is required (or set OUTBOX_STREAM)")
+    if args.timeout <= 0:
+        return _usage("--timeout must be positive")
+    servers = [u.strip() for u in args.nats_url.split(",") if u.strip()]
+    bad = [u for u in servers if not u.startswith(("nats://", "tls://", "ws://", "wss://"))]
+    if not servers or bad:
+        return _usage(f"--nats-url entries need a scheme, e.g. nats://{(bad or ['host:4222'])[0]}")
+    if not _STREAM.match(args.stream):
+        return _usage(f"--stream={args.stream!r}: use letters, digits, '-' or '_' (e.g. OUTBOX)")
+    try:
+        sql = Sql.for_table(args.schema, args.table)
+    except ValueError as exc:
+        return _usage(str(exc))
+    args.servers = servers
+    code, report = asyncio.run(_verify(args, sql))
+    if report is None:
+        return code
+    data: dict[str, Any] = report.to_dict()
+    if args.json:
+        print(json.dumps(data))
+    else:
+        for key, label in _FIGURES:
+            if key.startswith("mark") and key != "marks" and not report.marks:
+                continue
+            print(f"{label:<28}{data[key]:>12,}")
+        if not report.marks:
+            print("(no mark audit installed: mark consistency not checked)")
+        for kind, examples in report.examples.items():
+            print(f"  e.g. {kind}: " + "; ".join(examples))
+        print("OK" if report.ok else "VIOLATION: " + ", ".join(f"{k}={v}" for k, v in report.violations().items()))
+    return EXIT_OK if report.ok else EXIT_FAILURE
+
+
+async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
+    import asyncpg
+    from nats import errors as nats_errors
+    from nats.js import errors as js_errors
+
+    from outbox_worker.adapters.history_io import verify
+
+    def fail(code: int, message: str) -> tuple[int, None]:
+        print(f"error: {message}", file=sys.stderr)
+        return code, None
+
+    try:
+        report = await asyncio.wait_for(
+            verify(
+                args.database_url,
+                sql,
+                args.servers,
+                args.stream,
+                expect_drained=args.expect_drained,
+                timeout=args.timeout,
+            ),
+            args.timeout + 30,
+        )
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
+        return fail(EXIT_CONFIG, "PostgreSQL rejected the credentials in --database-url")
+    except asyncpg.InvalidCatalogNameError:
+        return fail(EXIT_CONFIG, "the database named in --database-url does not exist")
+    except asyncpg.UndefinedTableError as exc:
+        return fail(
+            EXIT_CONFIG,
+            f"{exc.args[0] if exc.args else exc}: verify needs the outbox tables (`outboxctl migrate`) and the "
+            f"ledger {sql.schema}.{sql.table}_ledger that producers write in the same transaction as each "
+            "outbox row (README, Reliability)",
+        )
+    except js_errors.NotFoundError:
+        return fail(EXIT_CONFIG, f"stream {args.stream!r} does not exist on {args.nats_url}")
+    except nats_errors.AuthorizationError as exc:
+        return fail(EXIT_CONFIG, f"NATS rejected the connection: {type(exc).__name__}")
+    except (nats_errors.NoServersError, nats_errors.TimeoutError) as exc:
+        return fail(EXIT_UNAVAILABLE, f"NATS not reachable at {args.nats_url}: {type(exc).__name__}")
+    except (OSError, TimeoutError, asyncpg.CannotConnectNowError) as exc:
+        return fail(EXIT_UNAVAILABLE, f"a server was not reachable in time: {type(exc).__name__}: {exc}"[:300])
+    return EXIT_OK, report
+
+
+__all__ = ["run"]
