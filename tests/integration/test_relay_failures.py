@@ -1,0 +1,416 @@
+"""Failures the relay must survive or refuse, against real servers: broker crash and restart, error
+acks, stalled acks, poison rows, and streams that cannot take the events (refused at start-up)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import nats
+import pytest
+from nats.js import api as js_api
+
+from outbox_common import names
+from outbox_common.envelope import OutboxRow
+from outbox_common.settings import WorkerSettings
+from outbox_worker.adapters.embedded import EmbeddedNats
+from outbox_worker.adapters.history_io import ledger_insert, verify
+from outbox_worker.adapters.publisher import JetStreamPublisher, Message
+from outbox_worker.adapters.store import migrate
+from outbox_worker.app.producers import ProducerPlan, prepare, produce
+from outbox_worker.app.relay import RelayHooks
+from outbox_worker.app.worker import Worker
+from outbox_worker.core.policy import Outcome, PublishResult
+from outbox_worker.core.sql import Sql
+
+SQL = Sql.for_table("public", "outbox")
+STREAM = "FAILURES"
+
+
+async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(interval)
+
+
+def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:
+    values: dict[str, Any] = {
+        "database_url": dsn,
+        "nats_servers": nats_url,
+        "worker_id": "fail-1",
+        "publisher": "failures",
+        "stream": STREAM,
+        "stream_mode": "create",
+        "metrics_port": 0,
+        "lease_ttl_seconds": 3.0,
+        "ack_timeout_seconds": 1.0,
+        "poll_interval_seconds": 0.2,
+        "retry_backoff_initial_seconds": 0.1,
+        "retry_backoff_max_seconds": 1.0,
+        "shutdown_grace_seconds": 5.0,
+        "nats_ping_interval_seconds": 1.0,
+        "db_pool_size": 3,
+        "startup_timeout_seconds": 5.0,
+    }
+    values.update(kw)
+    return WorkerSettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: WorkerSettings, hooks: RelayHooks | None = None) -> AsyncIterator[Worker]:
+    worker = Worker(settings, hooks=hooks)
+    await worker.start()
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def setup_db(dsn: str, partitions: int = 8) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn, SQL, partitions)
+        await prepare(conn, SQL)
+    finally:
+        await conn.close()
+
+
+async def insert(
+    conn: asyncpg.Connection, aggregate_type: str, aggregate_id: str, payload: bytes = b"{}"
+) -> tuple[int, str]:
+    async with conn.transaction():
+        row = await conn.fetchrow(SQL.insert_event, aggregate_type, aggregate_id, "changed", payload, "{}", "")
+        assert row is not None
+        await conn.execute(ledger_insert(SQL), row[1], f"{aggregate_type}/{aggregate_id}", row[0])
+    return row[0], row[1]
+
+
+async def fetchval(dsn: str, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+async def stream_messages(url: str, stream: str = STREAM) -> int:
+    nc = await nats.connect(url, allow_reconnect=False)
+    try:
+        return int((await nc.jetstream().stream_info(stream)).state.messages)
+    finally:
+        await nc.close()
+
+
+@dataclass
+class WaveLog:
+    seconds: float
+    results: list[PublishResult]
+
+
+def time_waves(worker: Worker) -> list[WaveLog]:
+    """Wrap the worker's publisher so each wave's duration and results are recorded."""
+    pub = worker.publisher
+    assert pub is not None
+    original = pub.publish_wave
+    log: list[WaveLog] = []
+
+    async def timed(messages: Sequence[Message]) -> list[PublishResult]:
+        t0 = time.monotonic()
+        results = await original(messages)
+        log.append(WaveLog(time.monotonic() - t0, results))
+        return results
+
+    pub.publish_wave = timed  # type: ignore[method-assign]
+    return log
+
+
+# --- broker crash ---------------------------------------------------------------------------------
+
+
+async def test_nats_killed_and_restarted_mid_stream(pg_dsn: str, own_nats: EmbeddedNats) -> None:
+    await setup_db(pg_dsn, partitions=8)
+    plan = ProducerPlan(events=5000, aggregates=300, producers=4, rate_per_s=2000, rollback_ratio=0.05)
+    settings = worker_settings(pg_dsn, own_nats.url, loops=2, batch_size=300)
+    async with running(settings) as worker:
+        producer = asyncio.create_task(produce(pg_dsn, SQL, plan))
+        await wait_for(lambda: _at_least(stream_messages(own_nats.url), 1000), 20, "1000 events stored")
+        own_nats.kill()  # SIGKILL: no goodbye to the client
+        await asyncio.sleep(1.0)
+        own_nats.start()
+        await asyncio.wait_for(producer, 60)
+        await wait_for(
+            lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 45, "the backlog to drain", interval=0.2
+        )
+        assert worker.publisher is not None
+        assert worker.publisher.disconnects >= 1
+        assert worker.stats.failures_by_reason.get(names.REASON_DISCONNECT, 0) > 0  # the crash hit publishes
+        assert worker.publisher.in_flight == 0
+    report = await verify(pg_dsn, SQL, own_nats.url, STREAM)
+    assert report.ok, report.to_dict()
+    assert (report.lost, report.duplicates, report.order_violations, report.pending) == (0, 0, 0, 0)
+    assert report.published == report.events == 5000
+
+
+async def _at_least(value: Awaitable[int], n: int) -> bool:
+    with contextlib.suppress(Exception):
+        return await value >= n
+    return False
+
+
+# --- error acks and stalled acks ------------------------------------------------------------------
+
+
+async def test_error_acks_fail_fast_and_rows_retry_without_dead_letters(pg_dsn: str, nats_url: str) -> None:
+    """A full stream with discard=new answers every publish with an error ack. Each publish ends as a
+    retryable failure well within the ack timeout (nats-py's publish_async would wait forever), nothing
+    stays in flight, and the rows stay pending with their attempts and the server's error; they are
+    not dead letters, however often they fail. When the stream has room again, they flow in order."""
+    await setup_db(pg_dsn)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.add_stream(
+        name=STREAM,
+        subjects=["outbox.>"],
+        max_msgs=50,
+        discard=js_api.DiscardPolicy.NEW,
+        duplicate_window=120,
+    )
+    try:
+        await produce(pg_dsn, SQL, ProducerPlan(events=80, aggregates=20, producers=2, rollback_ratio=0))
+        settings = worker_settings(
+            pg_dsn, nats_url, stream_mode="expect", max_attempts=2, retry_backoff_initial_seconds=0.05
+        )
+        async with running(settings) as worker:
+            waves = time_waves(worker)
+            # The first pending row of each aggregate has failed more often than max_attempts; the
+            # aggregate's later rows wait behind it (per-aggregate order).
+            heads = (
+                "SELECT count(*) FILTER (WHERE attempts >= 3) = count(*) FROM outbox o "
+                "WHERE id = (SELECT min(id) FROM outbox p WHERE p.aggregate_id = o.aggregate_id)"
+            )
+            await wait_for(lambda: fetchval(pg_dsn, heads), 20, "each aggregate's first row to fail 3 times")
+            assert await fetchval(pg_dsn, "SELECT count(*) FROM outbox") == 30
+            assert worker.publisher is not None
+            assert worker.publisher.in_flight == 0
+            failures = [r for w in waves for r in w.results if not r.ok]
+            assert failures
+            assert all(r.outcome is Outcome.RETRYABLE for r in failures)
+            assert all(r.reason == names.REASON_SERVER_ERROR for r in failures)
+            assert all("maximum messages exceeded" in r.detail for r in failures)
+            assert max(w.seconds for w in waves) < settings.ack_timeout_seconds
+            errors = await fetchval(
+                pg_dsn, "SELECT array_agg(DISTINCT last_error) FROM outbox WHERE last_error IS NOT NULL"
+            )
+            assert errors == ["server_error: 503/10077: maximum messages exceeded"]
+            assert await fetchval(pg_dsn, "SELECT count(*) FROM outbox_dead_letters") == 0
+            assert await stream_messages(nats_url) == 50
+
+            await js.update_stream(
+                js_api.StreamConfig(
+                    name=STREAM,
+                    subjects=["outbox.>"],
+                    max_msgs=-1,
+                    discard=js_api.DiscardPolicy.NEW,
+                    duplicate_window=120,
+                )
+            )
+            await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 15, "the rest to flow")
+    finally:
+        await nc.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert report.ok, report.to_dict()
+    assert (report.published, report.dead_lettered, report.order_violations) == (80, 0, 0)
+
+
+async def test_stalled_server_times_out_every_publish_and_retry_is_deduplicated(own_nats: EmbeddedNats) -> None:
+    """With the server frozen, a wave ends as timeouts after the ack timeout, nothing left in flight;
+    late acks are ignored; re-publishing with the same ids is absorbed as duplicates."""
+    nc = await nats.connect(own_nats.url)
+    await nc.jetstream().add_stream(name=STREAM, subjects=["stall.>"], duplicate_window=120)
+    await nc.close()
+    settings = worker_settings("postgresql://unused/db", own_nats.url, ack_timeout_seconds=0.5)
+    pub = JetStreamPublisher(settings)
+    await pub.connect()
+    messages = [Message(f"stall.{i}", b"x", {names.HDR_MSG_ID: f"id-{i}"}) for i in range(20)]
+    try:
+        own_nats.pause()
+        try:
+            t0 = time.monotonic()
+            results = await asyncio.wait_for(pub.publish_wave(messages), 5)
+            elapsed = time.monotonic() - t0
+        finally:
+            own_nats.resume()
+        assert 0.5 <= elapsed < 1.5
+        assert [r.reason for r in results] == [names.REASON_TIMEOUT] * 20
+        assert pub.in_flight == 0
+        # the server got the messages before it froze: their acks arrive late and are ignored
+        await wait_for(lambda: _true(pub.late_acks == 20), 5, "late acks")
+        again = await pub.publish_wave(messages)
+        assert [r.outcome for r in again] == [Outcome.DUPLICATE] * 20
+        assert await stream_messages(own_nats.url) == 20
+    finally:
+        await pub.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# --- poison rows ----------------------------------------------------------------------------------
+
+
+class WaveRecorder(RelayHooks):
+    def __init__(self) -> None:
+        self.published: list[tuple[float, str]] = []  # (wall time, event id) of acked publishes
+
+    async def after_wave(self, rows: list[OutboxRow], results: list[PublishResult]) -> None:
+        now = time.time()
+        self.published += [(now, row.event_id) for row, res in zip(rows, results, strict=True) if res.ok]
+
+
+async def test_poison_rows_are_dead_lettered_and_hold_back_only_their_aggregate(pg_dsn: str, nats_url: str) -> None:
+    await setup_db(pg_dsn)
+    # 200 healthy events in 20 aggregates, committed first
+    await produce(pg_dsn, SQL, ProducerPlan(events=200, aggregates=20, producers=2, rollback_ratio=0))
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        big_id, big = await insert(conn, "order", "poison-big", payload=b"x" * (1024 * 1024 + 1))
+        _, big_next1 = await insert(conn, "order", "poison-big")
+        _, big_next2 = await insert(conn, "order", "poison-big")
+        bad_id, bad = await insert(conn, "", "poison-subject")  # empty aggregate type: no valid subject
+        _, bad_next = await insert(conn, "order", "poison-subject")
+        hooks = WaveRecorder()
+        settings = worker_settings(
+            pg_dsn, nats_url, max_attempts=3, retry_backoff_initial_seconds=0.3, retry_backoff_max_seconds=1.0
+        )
+        async with running(settings, hooks) as worker:
+            await wait_for(
+                lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 20, "all rows published or dead"
+            )
+            assert worker.stats.dead_letters == 2
+        dead = {
+            r["id"]: r
+            for r in await conn.fetch(
+                "SELECT id, event_id::text, attempts, reason, EXTRACT(EPOCH FROM dead_at)::float8 AS dead_at, "
+                "payload, publisher FROM outbox_dead_letters"
+            )
+        }
+    finally:
+        await conn.close()
+    assert set(dead) == {big_id, bad_id}
+    assert dead[big_id]["reason"].startswith(names.REASON_PAYLOAD_TOO_LARGE + ": ")
+    assert "max_payload" in dead[big_id]["reason"]
+    assert len(dead[big_id]["payload"]) == 1024 * 1024 + 1  # kept whole for inspection
+    assert dead[bad_id]["reason"].startswith(names.REASON_INVALID_SUBJECT + ": ")
+    assert {r["attempts"] for r in dead.values()} == {3}
+    assert {r["publisher"] for r in dead.values()} == {"failures"}
+
+    when = {eid: t for t, eid in hooks.published}
+    assert big not in when
+    assert bad not in when
+    # later events of a poisoned aggregate waited until the poison row was dead-lettered ...
+    for later in (big_next1, big_next2):
+        assert when[later] >= dead[big_id]["dead_at"]
+    assert when[bad_next] >= dead[bad_id]["dead_at"]
+    assert when[big_next1] < when[big_next2]
+    # ... while every other aggregate flowed before either poison row was given up on
+    healthy = [t for t, eid in hooks.published if eid not in (big_next1, big_next2, bad_next)]
+    assert len(healthy) == 200
+    assert max(healthy) < min(r["dead_at"] for r in dead.values())
+
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert report.ok, report.to_dict()
+    assert (report.events, report.published, report.dead_lettered) == (205, 203, 2)
+    assert (report.lost, report.duplicates, report.order_violations) == (0, 0, 0)
+
+
+# --- refused configurations ----------------------------------------------------------------------
+
+
+async def run_worker_process(env: dict[str, str], timeout: float = 30) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "outbox_cli",
+        "worker",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+def process_env(dsn: str, nats_url: str, **kw: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    env.update(
+        {
+            "OUTBOX_DATABASE_URL": dsn,
+            "OUTBOX_NATS_SERVERS": nats_url,
+            "OUTBOX_PUBLISHER": "refused",
+            "OUTBOX_STREAM": STREAM,
+            "OUTBOX_METRICS_PORT": "0",
+            "OUTBOX_LEASE_TTL_SECONDS": "3",
+            "OUTBOX_ACK_TIMEOUT_SECONDS": "1",
+            "OUTBOX_RETRY_BACKOFF_MAX_SECONDS": "1",
+            "OUTBOX_STARTUP_TIMEOUT_SECONDS": "2",
+        }
+    )
+    env.update({f"OUTBOX_{k.upper()}": v for k, v in kw.items()})
+    return env
+
+
+@pytest.mark.parametrize(
+    ("stream", "expected"),
+    [
+        (None, [f"stream '{STREAM}' does not exist", "'outbox.*.*'", "stream mode to 'create'"]),
+        ({"subjects": ["other.>"]}, [f"stream '{STREAM}' captures ['other.>']", "needs 'outbox.*.*'"]),
+        ({"subjects": ["outbox.*.created"]}, [f"stream '{STREAM}' captures", "needs 'outbox.*.*'"]),
+        (
+            {"subjects": ["outbox.>"], "duplicate_window": 4},
+            [f"stream '{STREAM}' has a duplicate window of 4s", "re-publish horizon of 5s", "duplicate_window"],
+        ),
+    ],
+    ids=["missing", "other-subjects", "narrower-subjects", "short-duplicate-window"],
+)
+async def test_worker_refuses_a_stream_that_cannot_take_the_events(
+    pg_dsn: str, nats_url: str, stream: dict[str, Any] | None, expected: list[str]
+) -> None:
+    await setup_db(pg_dsn)
+    if stream is not None:
+        nc = await nats.connect(nats_url)
+        await nc.jetstream().add_stream(name=STREAM, **stream)
+        await nc.close()
+    t0 = time.monotonic()
+    code, out = await run_worker_process(process_env(pg_dsn, nats_url, stream_mode="expect"))
+    assert code == 3, out
+    for text in expected:
+        assert text in out, out
+    assert "configuration error" in out
+    assert time.monotonic() - t0 < 15  # refused at once, not after retries
+    # nothing was claimed or published
+    assert await fetchval(pg_dsn, "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL") == 0
+    report = await verify(pg_dsn, SQL, nats_url, STREAM) if stream is not None else None
+    assert report is None or (report.ok and report.stored == 0)
+
+
+async def test_worker_refuses_an_unmigrated_database(pg_dsn: str, nats_url: str) -> None:
+    code, out = await run_worker_process(process_env(pg_dsn, nats_url, stream_mode="create"))
+    assert code == 3, out
+    assert "outbox table public.outbox is not set up" in out
+    assert "outboxctl migrate" in out
