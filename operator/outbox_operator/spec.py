@@ -254,6 +254,7 @@ SETTINGS_MAP: dict[str, str] = {
     "stream": "stream.name",
     "stream_mode": "stream.mode",
     "stream_replicas": "stream.replicas",
+    "stream_duplicate_window_seconds": "stream.duplicateWindowSeconds",
     "subject_template": "subjectTemplate",
     "batch_size": "publishing.batchSize",
     "loops": "publishing.loops",

@@ -125,6 +125,13 @@ class WorkerSettings(BaseSettings):
     stream: str = Field("OUTBOX", description="JetStream stream that must capture the subjects.")
     stream_mode: StreamMode = Field(StreamMode.EXPECT, description="expect or create the stream.")
     stream_replicas: int = Field(1, ge=1, le=5, description="Replicas when the worker creates the stream.")
+    stream_duplicate_window_seconds: float = Field(
+        120.0,
+        ge=1,
+        le=86400,
+        description="Duplicate window when the worker creates the stream; must cover the re-publish horizon "
+        "(lease TTL + ack timeout + max retry delay).",
+    )
     subject_template: str = Field(
         "outbox.{aggregate_type}.{event_type}",
         description="Subject of each event; placeholders {aggregate_type}, {event_type}, {tenant}, "
@@ -233,6 +240,12 @@ class WorkerSettings(BaseSettings):
             raise ValueError(
                 "ack_timeout_seconds must be at most half of lease_ttl_seconds: a publish must resolve "
                 "well before the lease can move to another worker"
+            )
+        if self.stream_duplicate_window_seconds < self.duplicate_horizon_seconds:
+            raise ValueError(
+                f"stream_duplicate_window_seconds={self.stream_duplicate_window_seconds:g} is shorter than the "
+                f"re-publish horizon {self.duplicate_horizon_seconds:g}s (lease_ttl_seconds + ack_timeout_seconds "
+                "+ retry_backoff_max_seconds): raise it or lower those settings"
             )
         return self
 

@@ -211,7 +211,9 @@ class RelayLoop:
         out.failed_delays.append(backoff_delay(attempt, s.retry_backoff_initial_seconds, s.retry_backoff_max_seconds))
 
     def _config_error(self, partition: int, res: PublishResult) -> None:
-        msg = f"{res.reason}: {res.detail}"
+        # The prefix names the dependency at fault; the operator maps it to StreamReady/DatabaseReady.
+        area = "stream" if res.reason == names.REASON_NO_STREAM else "nats"
+        msg = f"{area}: {res.detail}"
         if msg != self._stats.config_error:
             log.error("configuration error, pausing partition %d: %s", partition, msg)
             self._metrics.config_error(res.reason)
