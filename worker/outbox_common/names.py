@@ -14,6 +14,7 @@ HDR_TENANT = "Outbox-Tenant"
 HDR_CREATED_AT = "Outbox-Created-At"  # RFC 3339, from the row
 HDR_OUTBOX_ID = "Outbox-Seq"  # the row's bigint id: per-aggregate order key
 HDR_PUBLISHER = "Outbox-Publisher"
+HDR_EXPECTED_STREAM = "Nats-Expected-Stream"  # set by the relay: the server refuses to store elsewhere
 # User headers from the row's `headers` column (trace ids, correlation ids) are copied as they are,
 # except that they may not override the headers above.
 RESERVED_HEADERS = frozenset(

@@ -163,7 +163,9 @@ class RelayLoop:
                         row, PublishResult(Outcome.PERMANENT, names.REASON_INVALID_SUBJECT, str(exc)), out, blocked
                     )
                     continue
-                messages.append(Message(subject, row.payload, build_headers(row, s.publisher)))
+                headers = build_headers(row, s.publisher)
+                headers[names.HDR_EXPECTED_STREAM] = s.stream  # stored there or refused, never elsewhere
+                messages.append(Message(subject, row.payload, headers))
                 sendable.append(row)
             self._metrics.in_flight.inc(len(messages))
             try:

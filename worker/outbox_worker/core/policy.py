@@ -64,11 +64,18 @@ PERMANENT_ERR_CODES = frozenset(
 )
 
 
+STREAM_MISMATCH_ERR_CODE = 10060  # "expected stream does not match" (Nats-Expected-Stream)
+
+
 def classify_error_ack(code: int, err_code: int, description: str) -> PublishResult:
     """Map a JetStream error ack ``{"error": {"code", "err_code", "description"}}`` to an outcome."""
     detail = f"{code}/{err_code}: {description}"[:300]
     if err_code in PERMANENT_ERR_CODES or code == 413:
         return PublishResult(Outcome.PERMANENT, names.REASON_PAYLOAD_TOO_LARGE, detail)
+    if err_code == STREAM_MISMATCH_ERR_CODE:
+        # The subject is captured by another stream than the configured one (the stream was replaced):
+        # not the row's fault; stop the partition until the configuration is right.
+        return PublishResult(Outcome.CONFIG, names.REASON_NO_STREAM, detail)
     return PublishResult(Outcome.RETRYABLE, names.REASON_SERVER_ERROR, detail)
 
 
