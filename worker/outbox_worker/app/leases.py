@@ -123,8 +123,14 @@ class LeaseManager:
 
     # --- the lease loop ------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Tick every renew interval until cancelled. Database errors are logged and retried; the
-        leases simply become unusable if renewals keep failing."""
+        """Tick every renew interval, or every poll interval if that is shorter, until cancelled.
+        Database errors are logged and retried; the leases simply become unusable if renewals keep
+        failing.
+
+        The poll interval bounds how long expired leases of a dead worker stay unclaimed: a tick is
+        when this worker sees the dead one's heartbeat gone and takes its partitions, so takeover
+        happens within lease TTL + one poll interval of the death, not TTL + one renew interval.
+        """
         while True:
             try:
                 await self.tick()
@@ -135,7 +141,7 @@ class LeaseManager:
                 self.last_error = f"lease renewal failed: {type(exc).__name__}"
                 log.warning("%s", self.last_error)
             self.ticks += 1
-            await asyncio.sleep(self._s.renew_interval)
+            await asyncio.sleep(min(self._s.renew_interval, self._s.poll_interval_seconds))
 
     async def tick(self) -> None:
         s = self._s
