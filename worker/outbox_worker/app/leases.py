@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import asyncpg
+
 from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.metrics import Metrics
 from outbox_worker.adapters.store import Fence, OutboxStore
@@ -31,6 +33,9 @@ from outbox_worker.core.policy import fair_share
 log = logging.getLogger(__name__)
 
 SAFETY_MARGIN_SECONDS = 0.5
+# Errors that retrying cannot fix: SQLSTATE class 42 (undefined table or column, insufficient
+# privilege) and 3F000 (the schema does not exist). Connection errors and timeouts stay retryable.
+_PERMANENT = (asyncpg.SyntaxOrAccessError, asyncpg.InvalidSchemaNameError)
 
 
 @dataclass(slots=True)
@@ -124,8 +129,9 @@ class LeaseManager:
     # --- the lease loop ------------------------------------------------------------------------------
     async def run(self) -> None:
         """Tick every renew interval, or every poll interval if that is shorter, until cancelled.
-        Database errors are logged and retried; the leases simply become unusable if renewals keep
-        failing.
+        Transient database errors are logged and retried; the leases simply become unusable if
+        renewals keep failing. Errors no retry can fix (a dropped table, revoked privileges) end the
+        task, and with it the worker.
 
         The poll interval bounds how long expired leases of a dead worker stay unclaimed: a tick is
         when this worker sees the dead one's heartbeat gone and takes its partitions, so takeover
@@ -136,6 +142,12 @@ class LeaseManager:
                 await self.tick()
                 self.last_error = ""
             except asyncio.CancelledError:
+                raise
+            except _PERMANENT as exc:
+                # The lease tables are gone or no longer accessible: no retry can fix that. End the
+                # task; the worker's supervision stops it with a non-zero exit instead of idling.
+                self.last_error = f"lease renewal cannot succeed: {type(exc).__name__}: {exc}"
+                log.error("%s", self.last_error)
                 raise
             except Exception as exc:
                 self.last_error = f"lease renewal failed: {type(exc).__name__}"
