@@ -78,14 +78,21 @@ class OutboxRow:
     attempts: int
 
 
+_RESERVED_LOWER = frozenset(h.lower() for h in names.RESERVED_HEADERS)
+
+
 def build_headers(row: OutboxRow, publisher: str) -> dict[str, str]:
     """Headers of the message for ``row``; user headers never override the relay's own, and user
     headers starting with ``Nats-`` (JetStream control headers) are dropped."""
     # "Nats-*" headers steer the server (Nats-Rollup purges, Nats-Expected-* makes every retry fail):
     # they are the relay's to set, never the row's.
-    headers = {
-        k: v for k, v in row.headers.items() if k not in names.RESERVED_HEADERS and not k.lower().startswith("nats-")
-    }
+    # Names are compared as NATS clients send them: stripped (" Nats-Msg-Id" goes out as Nats-Msg-Id,
+    # and the server honours the first one) and without regard to case.
+    headers: dict[str, str] = {}
+    for k, v in row.headers.items():
+        key = k.strip()
+        if key and key.lower() not in _RESERVED_LOWER and not key.lower().startswith("nats-"):
+            headers[key] = v
     headers[names.HDR_MSG_ID] = row.event_id
     headers[names.HDR_EVENT_TYPE] = row.event_type
     headers[names.HDR_AGGREGATE_TYPE] = row.aggregate_type
