@@ -1,0 +1,459 @@
+"""Worker processes under real signals: SIGKILL mid-batch, SIGSTOP past the lease (a zombie), SIGTERM
+under load, an idle worker's CPU, and a worker whose lease task dies. Each ends with the checker.
+
+Processes are real ``outboxctl worker`` processes, or (for SIGKILL/SIGSTOP at a chosen point) the
+same worker started by :data:`RUNNER`, which adds RelayHooks that signal the process itself between
+publish and mark and logs what the worker did as JSON lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+import pytest
+
+from outbox_worker.adapters.history_io import audit_ddl, verify
+from outbox_worker.adapters.store import migrate
+from outbox_worker.app.producers import ProducerPlan, prepare, produce
+from outbox_worker.core.history import HistoryReport
+from outbox_worker.core.sql import Sql
+
+SQL = Sql.for_table("public", "outbox")
+STREAM = "PROC"
+PUBLISHER = "proc"
+TTL = 3.0
+RENEW = 1.0
+POLL = 0.5
+GRACE = 5.0
+
+RUNNER = r"""
+import asyncio, dataclasses, json, os, signal, sys, time
+
+import asyncpg
+
+WORKER_ID = os.environ["OUTBOX_WORKER_ID"]
+MODE = os.environ.get("RUNNER_MODE", "")
+LOG = os.environ["RUNNER_LOG"]
+AFTER = int(os.environ.get("RUNNER_AFTER", "3"))
+
+_create_pool = asyncpg.create_pool
+def create_pool(*args, **kwargs):  # attribute this worker's marks in the mark audit
+    kwargs["server_settings"] = {**(kwargs.get("server_settings") or {}),
+                                 "application_name": f"outbox-relay/{WORKER_ID}"}
+    return _create_pool(*args, **kwargs)
+asyncpg.create_pool = create_pool
+
+from outbox_cli.cmd_worker import setup_logging
+from outbox_common.settings import WorkerSettings
+from outbox_worker.app.relay import RelayHooks
+from outbox_worker.app.worker import SideTaskFailed, Worker
+
+
+def record(event, **fields):
+    with open(LOG, "a") as f:
+        f.write(json.dumps({"t": time.time(), "event": event, **fields}) + "\n")
+
+
+class Hooks(RelayHooks):
+    worker = None
+    waves = 0
+    frozen = False
+
+    async def after_wave(self, rows, results):
+        leases = self.worker.leases.leases
+        ok = [r.event_id for r, res in zip(rows, results) if res.ok]
+        parts = sorted({r.partition for r in rows})
+        record("wave", parts=[[p, leases[p].epoch if p in leases else None] for p in parts], ok=len(ok))
+        if ok:
+            self.waves += 1
+        if MODE == "kill" and ok and self.waves >= AFTER:
+            record("killing", ids=ok)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def before_mark(self, ids):
+        if MODE == "stop" and ids and not self.frozen and self.waves >= AFTER:
+            self.frozen = True
+            record("frozen", n=len(ids))
+            os.kill(os.getpid(), signal.SIGSTOP)
+            record("resumed")
+
+
+async def main():
+    settings = WorkerSettings()
+    setup_logging(settings.log_format, settings.log_level)
+    hooks = Hooks()
+    worker = Worker(settings, hooks=hooks)
+    hooks.worker = worker
+    await worker.start()
+    mark_done = worker.store.mark_done
+
+    async def recorded_mark(fence, ids, delete):
+        changed = await mark_done(fence, ids, delete)
+        record("mark", fence=[list(x) for x in zip(fence.partitions, fence.epochs)], n=len(ids), changed=changed)
+        return changed
+
+    worker.store.mark_done = recorded_mark
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    record("started")
+    try:
+        await worker.run()
+    except SideTaskFailed as exc:
+        record("failed", error=str(exc))
+        return 1
+    record("stopped", stats={k: v for k, v in dataclasses.asdict(worker.stats).items() if k != "failures_by_reason"})
+    return 0
+
+
+sys.exit(asyncio.run(main()))
+"""
+
+
+async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(interval)
+
+
+class Proc:
+    """One worker process, its output file and (for the runner) its JSON-lines event log."""
+
+    def __init__(self, dsn: str, nats_url: str, worker_id: str, tmp: Path, mode: str | None, **env: str) -> None:
+        self.id = worker_id
+        self.output = tmp / f"{worker_id}.out"
+        self.events_path = tmp / f"{worker_id}.jsonl"
+        full = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+        full.update(
+            {
+                "OUTBOX_DATABASE_URL": dsn,
+                "OUTBOX_NATS_SERVERS": nats_url,
+                "OUTBOX_WORKER_ID": worker_id,
+                "OUTBOX_PUBLISHER": PUBLISHER,
+                "OUTBOX_STREAM": STREAM,
+                "OUTBOX_STREAM_MODE": "create",
+                "OUTBOX_METRICS_PORT": "0",
+                "OUTBOX_LEASE_TTL_SECONDS": str(TTL),
+                "OUTBOX_LEASE_RENEW_SECONDS": str(RENEW),
+                "OUTBOX_ACK_TIMEOUT_SECONDS": "1",
+                "OUTBOX_POLL_INTERVAL_SECONDS": str(POLL),
+                "OUTBOX_RETRY_BACKOFF_INITIAL_SECONDS": "0.1",
+                "OUTBOX_RETRY_BACKOFF_MAX_SECONDS": "1",
+                "OUTBOX_SHUTDOWN_GRACE_SECONDS": str(GRACE),
+                "OUTBOX_DB_POOL_SIZE": "3",
+                "OUTBOX_BATCH_SIZE": "200",
+                "OUTBOX_STARTUP_TIMEOUT_SECONDS": "5",
+                "OUTBOX_LOG_LEVEL": "INFO",
+                "RUNNER_LOG": str(self.events_path),
+                "RUNNER_MODE": mode or "",
+            }
+        )
+        full.update({k if k.startswith("RUNNER_") else f"OUTBOX_{k.upper()}": v for k, v in env.items()})
+        argv = [sys.executable, "-c", RUNNER] if mode is not None else [sys.executable, "-m", "outbox_cli", "worker"]
+        with self.output.open("wb") as out:
+            self.popen = subprocess.Popen(argv, env=full, stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        if not self.events_path.exists():
+            return []
+        rows = [json.loads(line) for line in self.events_path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if kind is None or r["event"] == kind]
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, sig)
+
+    async def exited(self, timeout: float) -> int:
+        code = await wait_for(lambda: _value(self.popen.poll() is not None), timeout, f"{self.id} to exit")
+        assert code
+        assert self.popen.returncode is not None
+        return self.popen.returncode
+
+    async def stop(self, timeout: float = GRACE + 5) -> int:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        return await self.exited(timeout)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+async def _value(v: Any) -> Any:
+    return v
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    """Every worker process a test starts; any still running at the end is killed."""
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.signal(signal.SIGCONT)
+        p.kill()
+
+
+async def setup_db(dsn: str, partitions: int = 8) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=3)
+    assert pool is not None
+    async with pool.acquire() as conn:
+        await migrate(conn, SQL, partitions)
+        await prepare(conn, SQL)
+        for stmt in audit_ddl(SQL):
+            await conn.execute(stmt)
+    return pool
+
+
+async def owners(pool: asyncpg.Pool) -> dict[int, tuple[str | None, int, bool]]:
+    rows = await pool.fetch(SQL.lease_table, PUBLISHER)
+    return {r["partition"]: (r["owner"], r["epoch"], r["live"]) for r in rows}
+
+
+async def owns(pool: asyncpg.Pool, worker: str, parts: set[int] | None = None) -> set[int]:
+    table = await owners(pool)
+    return {p for p, (o, _, live) in table.items() if o == worker and live and (parts is None or p in parts)}
+
+
+async def shared(pool: asyncpg.Pool, *workers: str) -> bool:
+    """Each of ``workers`` owns a fair share of the 8 partitions."""
+    table = await owners(pool)
+    counts = [sum(1 for o, _, live in table.values() if o == w and live) for w in workers]
+    return len(table) == 8 and sum(counts) == 8 and max(counts) - min(counts) <= 1
+
+
+async def drained(pool: asyncpg.Pool) -> bool:
+    return bool(await pool.fetchval("SELECT count(*) = 0 FROM outbox"))
+
+
+def assert_clean(report: HistoryReport, events: int) -> None:
+    assert report.ok, report.to_dict()
+    assert (report.lost, report.duplicates, report.order_violations, report.unexpected) == (0, 0, 0, 0)
+    assert (report.events, report.published, report.pending) == (events, events, 0), report.to_dict()
+    assert report.stale_marks == 0, report.to_dict()
+
+
+# --- SIGKILL --------------------------------------------------------------------------------------
+
+
+async def test_sigkill_mid_batch_loses_nothing_and_partitions_move_within_ttl(
+    pg_dsn: str, nats_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    pool = await setup_db(pg_dsn)
+    try:
+        survivor = Proc(pg_dsn, nats_url, "survivor", tmp_path, mode="")
+        victim = Proc(pg_dsn, nats_url, "victim", tmp_path, mode="kill", RUNNER_AFTER="5")
+        procs += [survivor, victim]
+        await wait_for(lambda: shared(pool, "survivor", "victim"), 15, "both workers to own partitions")
+        plan = ProducerPlan(events=4000, aggregates=400, producers=4, rate_per_s=1000)
+        producer = asyncio.create_task(produce(pg_dsn, SQL, plan))
+        # The victim SIGKILLs itself after its 5th acked wave, before marking it: acked, unmarked rows.
+        assert await victim.exited(30) == -signal.SIGKILL
+        died = time.monotonic()
+        [killing] = victim.events("killing")
+        lost_parts = await owns(pool, "victim")
+        assert lost_parts, "the victim held partitions when it died"
+
+        async def taken_over() -> bool:
+            return await owns(pool, "survivor", lost_parts) == lost_parts
+
+        await wait_for(taken_over, TTL + 3, "the survivor to take the victim's partitions", interval=0.02)
+        takeover = time.monotonic() - died
+        assert takeover <= TTL + POLL + 0.3, f"takeover after {takeover:.2f}s"
+
+        await asyncio.wait_for(producer, 30)
+        await wait_for(lambda: drained(pool), 20, "the backlog to drain", interval=0.1)
+        # The killed batch's rows were acked but never marked: the survivor re-published them and the
+        # broker absorbed the copies (Nats-Msg-Id); none was lost.
+        assert killing["ids"]
+        assert await survivor.stop() == 0
+        stats = survivor.events("stopped")[0]["stats"]
+        assert stats["duplicates"] >= len(killing["ids"])
+    finally:
+        await pool.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert_clean(report, 4000)
+
+
+# --- SIGSTOP (zombie) -----------------------------------------------------------------------------
+
+
+async def test_sigstop_past_the_lease_then_sigcont_marks_nothing_and_stops_publishing(
+    pg_dsn: str, nats_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    pool = await setup_db(pg_dsn)
+    try:
+        peer = Proc(pg_dsn, nats_url, "peer", tmp_path, mode="")
+        zombie = Proc(pg_dsn, nats_url, "zombie", tmp_path, mode="stop", LOOPS="1", RUNNER_AFTER="3")
+        procs += [peer, zombie]
+        await wait_for(lambda: shared(pool, "peer", "zombie"), 15, "both workers to own partitions")
+        plan = ProducerPlan(events=3000, aggregates=300, producers=4, rate_per_s=1000)
+        producer = asyncio.create_task(produce(pg_dsn, SQL, plan))
+        # The zombie freezes itself (SIGSTOP) after acks, before marking.
+        await wait_for(lambda: _value(bool(zombie.events("frozen"))), 30, "the zombie to freeze")
+        await wait_for(lambda: _value(psutil.Process(zombie.pid).status() == psutil.STATUS_STOPPED), 5, "stopped")
+        marks_before = zombie.events("mark")
+        held = {p for p, (o, _, live) in (await owners(pool)).items() if o == "zombie"}
+        epochs_before = {p: e for p, (_, e, _) in (await owners(pool)).items()}
+        assert held
+
+        async def peer_took_all() -> bool:
+            return await owns(pool, "peer", held) == held
+
+        await wait_for(peer_took_all, TTL + 3, "the peer to take the zombie's partitions", interval=0.05)
+        table = await owners(pool)
+        assert all(table[p][1] > epochs_before[p] for p in held)  # new epochs fence the zombie out
+
+        resumed_at = time.time()
+        zombie.signal(signal.SIGCONT)
+        await wait_for(lambda: _value(len(zombie.events("mark")) > len(marks_before)), 10, "the zombie's mark")
+        fenced = zombie.events("mark")[len(marks_before)]
+        assert fenced["n"] > 0
+        assert fenced["changed"] == 0  # the fenced mark changed nothing
+        stale = {(p, e) for p, e in fenced["fence"]}
+        assert {p for p, _ in stale} <= held
+
+        await asyncio.wait_for(producer, 30)
+        await wait_for(lambda: drained(pool), 20, "the backlog to drain", interval=0.1)
+        assert await zombie.stop() == 0
+        assert await peer.stop() == 0
+        # After it resumed, the zombie published nothing under the leases it lost (it may have
+        # acquired partitions again, under new epochs, once the shares were rebalanced).
+        later = [w for w in zombie.events("wave") if w["t"] >= resumed_at]
+        published_under = {(p, e) for w in later for p, e in w["parts"]}
+        assert not published_under & stale, published_under & stale
+        assert all(e is not None for _, e in published_under)
+        stats = zombie.events("stopped")[0]["stats"]
+        assert stats["fenced_out"] >= fenced["n"]
+        assert "lease on partition" in zombie.text()
+    finally:
+        await pool.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert_clean(report, 3000)
+    assert report.marks >= 3000
+    assert report.unattributed_marks == 0
+
+
+# --- SIGTERM --------------------------------------------------------------------------------------
+
+
+async def test_sigterm_under_load_exits_0_releases_leases_and_successor_continues(
+    pg_dsn: str, nats_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    pool = await setup_db(pg_dsn)
+    try:
+        first = Proc(pg_dsn, nats_url, "first", tmp_path, mode=None)
+        second = Proc(pg_dsn, nats_url, "second", tmp_path, mode=None)
+        procs += [first, second]
+        await wait_for(lambda: shared(pool, "first", "second"), 15, "both workers to own partitions")
+        plan = ProducerPlan(events=6000, aggregates=500, producers=4, rate_per_s=1500)
+        producer = asyncio.create_task(produce(pg_dsn, SQL, plan))
+        await wait_for(lambda: pool.fetchval("SELECT count(*) > 1000 FROM outbox_ledger"), 10, "load")
+        assert not producer.done()
+
+        t0 = time.monotonic()
+        first.signal(signal.SIGTERM)
+        code = await first.exited(GRACE + 2)
+        took = time.monotonic() - t0
+        assert code == 0, first.text()[-2000:]
+        assert took <= GRACE, f"stopped after {took:.2f}s"
+        # Leases released at once (not left to expire), membership left.
+        table = await owners(pool)
+        assert all(o != "first" for o, _, _ in table.values()), table
+        assert await pool.fetchval("SELECT count(*) FROM outbox_workers WHERE worker_id = 'first'") == 0
+        # The successor takes everything well before a TTL would have expired them.
+        await wait_for(lambda: _is_len(owns(pool, "second"), 8), RENEW + 1.5, "the successor to own all 8")
+
+        await asyncio.wait_for(producer, 30)
+        await wait_for(lambda: drained(pool), 20, "the backlog to drain", interval=0.1)
+        assert await second.stop() == 0
+        assert "worker stopped cleanly" in first.text()
+    finally:
+        await pool.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert report.unattributed_marks == report.marks  # plain outboxctl workers: marks not attributed
+    assert_clean(report, 6000)
+
+
+async def _is_len(value: Awaitable[set[int]], n: int) -> bool:
+    return len(await value) == n
+
+
+# --- idle -------------------------------------------------------------------------------------------
+
+
+async def test_idle_worker_does_not_busy_loop(pg_dsn: str, nats_url: str, tmp_path: Path, procs: list[Proc]) -> None:
+    pool = await setup_db(pg_dsn)
+    try:
+        worker = Proc(pg_dsn, nats_url, "idle", tmp_path, mode=None, POLL_INTERVAL_SECONDS="1")
+        procs.append(worker)
+        await wait_for(lambda: _is_len(owns(pool, "idle"), 8), 10, "the worker to own all partitions")
+        await asyncio.sleep(1.0)  # start-up work done
+        p = psutil.Process(worker.pid)
+        before = p.cpu_times()
+        await asyncio.sleep(5.0)
+        after = p.cpu_times()
+        cpu = (after.user - before.user) + (after.system - before.system)
+        assert cpu < 0.25, f"idle worker used {cpu:.3f}s CPU in 5s"
+        # still alive and relaying
+        await produce(pg_dsn, SQL, ProducerPlan(events=50, aggregates=10, producers=1))
+        await wait_for(lambda: drained(pool), 10, "the events to be relayed")
+        assert await worker.stop() == 0
+    finally:
+        await pool.close()
+    assert_clean(await verify(pg_dsn, SQL, nats_url, STREAM), 50)
+
+
+# --- supervision --------------------------------------------------------------------------------
+
+
+async def test_worker_exits_non_zero_when_its_lease_task_dies(
+    pg_dsn: str, nats_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """The lease table disappears under a running worker (someone dropped it): renewals can never
+    succeed again, so the lease task ends and the worker exits 1 instead of idling half-alive."""
+    pool = await setup_db(pg_dsn)
+    try:
+        await produce(pg_dsn, SQL, ProducerPlan(events=500, aggregates=50, producers=2))
+        worker = Proc(pg_dsn, nats_url, "doomed", tmp_path, mode=None)
+        procs.append(worker)
+        await wait_for(lambda: drained(pool), 10, "the first events to be relayed")
+        await pool.execute("DROP TABLE outbox_leases")
+        code = await worker.exited(RENEW + GRACE + 3)
+        assert code == 1, worker.text()[-2000:]
+        assert "task leases ended unexpectedly" in worker.text()
+        assert "UndefinedTableError" in worker.text()
+        # Re-migrate: a new worker picks up what came after.
+        async with pool.acquire() as conn:
+            await migrate(conn, SQL, 8)
+        await produce(pg_dsn, SQL, ProducerPlan(events=100, aggregates=10, producers=1, seed=3))
+        successor = Proc(pg_dsn, nats_url, "successor", tmp_path, mode=None)
+        procs.append(successor)
+        await wait_for(lambda: drained(pool), 15, "the successor to relay the rest")
+        assert await successor.stop() == 0
+    finally:
+        await pool.close()
+    assert_clean(await verify(pg_dsn, SQL, nats_url, STREAM), 600)
