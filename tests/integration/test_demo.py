@@ -1,0 +1,48 @@
+"""`outboxctl demo --json`: the newcomer's first command runs the whole relay on embedded servers and
+verifies the stream against what was committed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+KEYS = ("events", "published", "lost", "duplicates", "order_violations", "events_per_s", "p50_ms", "p99_ms")
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_demo_json_reports_a_clean_relay() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "outbox_cli", "demo", "--events", "3000", "--json", "--timeout", "120"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout  # --json prints exactly one JSON object, progress goes to stderr
+    summary = json.loads(lines[0])
+    assert set(KEYS) <= summary.keys()
+    assert summary["events"] == 3000
+    assert summary["published"] == 3000
+    assert (summary["lost"], summary["duplicates"], summary["order_violations"]) == (0, 0, 0)
+    assert summary["events_per_s"] > 0
+    assert 0 < summary["p50_ms"] <= summary["p99_ms"]
+    assert summary["ok"] is True
+    assert summary["rolled_back"] > 0  # rolled-back producer transactions were exercised, and excluded
+    assert summary["worker_exit_codes"] == [0] * summary["workers"]
+    # The embedded servers it started are stopped: nothing listens on their ports any more.
+    found = re.search(r"servers up: postgres 127\.0\.0\.1:(\d+)/\S*, nats nats://127\.0\.0\.1:(\d+)", proc.stderr)
+    assert found, proc.stderr[-2000:]
+    ports = [int(p) for p in found.groups()]
+    assert [listening(p) for p in ports] == [False, False]
