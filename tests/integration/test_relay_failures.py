@@ -414,3 +414,37 @@ async def test_worker_refuses_an_unmigrated_database(pg_dsn: str, nats_url: str)
     assert code == 3, out
     assert "outbox table public.outbox is not set up" in out
     assert "outboxctl migrate" in out
+
+
+# --- configuration error at run time ---------------------------------------------------------------
+
+
+async def test_stream_deleted_at_run_time_pauses_partitions_without_dead_letters(pg_dsn: str, nats_url: str) -> None:
+    """The stream disappears under a running worker: publishes get no responders. That is a
+    configuration error, reported as such; rows keep their attempts and are never dead-lettered, and
+    they flow once the stream is back."""
+    await setup_db(pg_dsn)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    config = js_api.StreamConfig(name=STREAM, subjects=["outbox.>"], duplicate_window=120)
+    await js.add_stream(config)
+    try:
+        settings = worker_settings(pg_dsn, nats_url, stream_mode="expect", max_attempts=1)
+        async with running(settings) as worker:
+            await js.delete_stream(STREAM)
+            await produce(pg_dsn, SQL, ProducerPlan(events=100, aggregates=10, producers=1, rollback_ratio=0))
+            await wait_for(lambda: _true(bool(worker.stats.config_error)), 10, "a configuration error")
+            report = worker.report()
+            assert report.configError.startswith("stream: no stream captures subject 'outbox.")
+            assert worker.stats.dead_letters == 0
+            metrics = worker.metrics.render().decode()
+            assert f'config_errors_total{{publisher="failures",reason="{names.REASON_NO_STREAM}"}}' in metrics
+            assert await fetchval(pg_dsn, "SELECT count(*) FROM outbox WHERE published_at IS NULL") == 100
+            assert await fetchval(pg_dsn, "SELECT max(attempts) FROM outbox") == 0  # not the rows' fault
+            await js.add_stream(config)
+            await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 20, "the rows to flow")
+    finally:
+        await nc.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert report.ok, report.to_dict()
+    assert (report.published, report.dead_lettered, report.lost) == (100, 0, 0)
