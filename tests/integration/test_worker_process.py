@@ -408,7 +408,10 @@ async def _is_len(value: Awaitable[set[int]], n: int) -> bool:
 async def test_idle_worker_does_not_busy_loop(pg_dsn: str, nats_url: str, tmp_path: Path, procs: list[Proc]) -> None:
     pool = await setup_db(pg_dsn)
     try:
-        worker = Proc(pg_dsn, nats_url, "idle", tmp_path, mode=None, POLL_INTERVAL_SECONDS="1")
+        # The test server trusts local users, so the DSN may carry a password that must never be logged.
+        dsn = pg_dsn.replace("postgres@", "postgres:pw-never-logged@")
+        assert dsn != pg_dsn
+        worker = Proc(dsn, nats_url, "idle", tmp_path, mode=None, POLL_INTERVAL_SECONDS="1", LOG_FORMAT="json")
         procs.append(worker)
         await wait_for(lambda: _is_len(owns(pool, "idle"), 8), 10, "the worker to own all partitions")
         await asyncio.sleep(1.0)  # start-up work done
@@ -422,6 +425,11 @@ async def test_idle_worker_does_not_busy_loop(pg_dsn: str, nats_url: str, tmp_pa
         await produce(pg_dsn, SQL, ProducerPlan(events=50, aggregates=10, producers=1))
         await wait_for(lambda: drained(pool), 10, "the events to be relayed")
         assert await worker.stop() == 0
+        # structured logs: one JSON object per line, no secret
+        lines = worker.text().splitlines()
+        assert any("worker idle started" in json.loads(line)["message"] for line in lines)
+        assert all({"time", "level", "logger", "message"} <= json.loads(line).keys() for line in lines)
+        assert "pw-never-logged" not in worker.text()
     finally:
         await pool.close()
     assert_clean(await verify(pg_dsn, SQL, nats_url, STREAM), 50)
