@@ -29,9 +29,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     tr.section("fault scenarios: history checker figures")
     tr.write_line(f"{'scenario':<44}{'events':>8}{'lost':>6}{'dups':>6}{'order':>6}{'dead':>6}{'stale':>6}  result")
     for r in RESULTS:
+        result = "ok" if r["ok"] else "VIOLATION"
         tr.write_line(
             f"{r['scenario'][:43]:<44}{r['events']:>8}{r['lost']:>6}{r['duplicates']:>6}"
-            f"{r['order_violations']:>6}{r['dead_lettered']:>6}{r['stale_marks']:>6}  {'ok' if r['ok'] else 'VIOLATION'}"
+            f"{r['order_violations']:>6}{r['dead_lettered']:>6}{r['stale_marks']:>6}  {result}"
         )
 
 

@@ -29,7 +29,7 @@ from faults.harness import (
     wait_for,
 )
 from faults.proxy import TcpProxy
-from outbox_worker.adapters.embedded import EmbeddedNats
+from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedNatsCluster
 
 IN_FLIGHT_LINE = re.compile(r"NATS disconnected with (\d+) publishes in flight")
 
@@ -387,3 +387,74 @@ async def _stored_at_least(rig: Rig, n: int) -> bool:
 async def _max_attempts_at_least(rig: Rig, n: int) -> bool:
     rows = await fetch(rig.dsn, f"SELECT coalesce(max(attempts), 0) AS a FROM {rig.sql.outbox}")
     return int(rows[0]["a"]) >= n
+
+
+async def test_cluster_r3_stream_leader_killed_under_load(
+    pg_dsn: str, own_nats_cluster: EmbeddedNatsCluster, make_rig: Callable[..., Rig]
+) -> None:
+    """A three-node JetStream cluster on loopback, stream with 3 replicas; under load, SIGKILL the
+    server that leads the stream, restart it 3 s later, three times. Workers know all three URLs."""
+    cluster = own_nats_cluster
+    rig = make_rig(pg_dsn, cluster.urls)
+    await rig.prepare()
+    await rig.create_stream(num_replicas=3)
+    started = time.monotonic()
+    workers = [rig.worker("w1"), rig.worker("w2")]
+    await wait_for(lambda: all(w.ready() for w in workers), 30, what="workers ready")
+    producer = asyncio.create_task(produce(rig.dsn, rig.sql, 24_000, rate=1000, aggregates=1000, timeout=90))
+    killed: list[str] = []
+    elections: list[float] = []
+    for _ in range(3):
+        await asyncio.sleep(3)
+        leader = await _stream_leader(cluster.urls, rig.stream)
+        server = next(s for s in cluster.servers if s.name == leader)
+        server.kill()
+        t0 = time.monotonic()
+        killed.append(leader)
+        await wait_for(
+            lambda lead=leader: _has_other_leader(cluster.urls, rig.stream, lead), 30, 0.2, what="new stream leader"
+        )
+        elections.append(round(time.monotonic() - t0, 1))
+        await asyncio.sleep(max(0.0, 3 - (time.monotonic() - t0)))
+        server.start(30)
+    await asyncio.wait_for(producer, 120)
+    await wait_drained(rig, 90)
+    codes = rig.stop_all()
+    assert codes == [0, 0]
+    report = await check(
+        rig,
+        "3-node cluster, R3 stream, leader SIGKILLed x3",
+        f"stream leader SIGKILLed 3 times under 1,000 ev/s ({', '.join(killed)}), each restarted >=3s later; "
+        f"new leader elected after {elections} s",
+        seconds=time.monotonic() - started,
+        extra={"killed": killed, "election_s": elections},
+    )
+    assert_clean(report)
+
+
+async def _stream_leader(urls: list[str], stream: str) -> str:
+    nc = await nats.connect(urls, connect_timeout=5)
+    try:
+        for _ in range(50):
+            with contextlib.suppress(Exception):
+                info = await nc.jetstream(timeout=2).stream_info(stream)
+                if info.cluster is not None and info.cluster.leader:
+                    return str(info.cluster.leader)
+            await asyncio.sleep(0.2)
+        raise AssertionError("no stream leader")
+    finally:
+        await nc.close()
+
+
+async def _has_other_leader(urls: list[str], stream: str, old: str) -> bool:
+    try:
+        nc = await nats.connect(urls, connect_timeout=2, max_reconnect_attempts=1)
+    except Exception:
+        return False
+    try:
+        info = await nc.jetstream(timeout=2).stream_info(stream)
+        return bool(info.cluster and info.cluster.leader and info.cluster.leader != old)
+    except Exception:
+        return False
+    finally:
+        await nc.close()

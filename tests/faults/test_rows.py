@@ -103,8 +103,10 @@ async def test_poison_rows_dead_lettered_others_unaffected(
     )
     assert [(d["aggregate_id"], d["attempts"]) for d in dead] == [("huge", 3), ("badsubj", 3), ("badsubj", 3)]
     assert "payload_too_large" in dead[0]["reason"]
-    assert "invalid_subject" in dead[1]["reason"] and "empty" in dead[1]["reason"]
-    assert "invalid_subject" in dead[2]["reason"] and "longer than" in dead[2]["reason"]
+    assert "invalid_subject" in dead[1]["reason"]
+    assert "empty" in dead[1]["reason"]
+    assert "invalid_subject" in dead[2]["reason"]
+    assert "longer than" in dead[2]["reason"]
     assert_clean(report, dead_lettered=3)
 
 
@@ -149,7 +151,8 @@ async def test_malformed_rows_do_not_stop_their_partition(
         seconds=time.monotonic() - started,
     )
     assert [d["aggregate_id"] for d in dead] == ["m4"]
-    assert "invalid" in dead[0]["reason"] and "header" in dead[0]["reason"]
+    assert "invalid" in dead[0]["reason"]
+    assert "header" in dead[0]["reason"]
     assert "claim failed" not in w.log_text()
     assert_clean(report, dead_lettered=1)
 
