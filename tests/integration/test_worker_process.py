@@ -282,7 +282,8 @@ async def test_sigkill_mid_batch_loses_nothing_and_partitions_move_within_ttl(
 
         await wait_for(taken_over, TTL + 3, "the survivor to take the victim's partitions", interval=0.02)
         takeover = time.monotonic() - died
-        assert takeover <= TTL + POLL + 0.3, f"takeover after {takeover:.2f}s"
+        # TTL + one poll interval, plus 0.5 s for process and database scheduling on a busy CI box
+        assert takeover <= TTL + POLL + 0.5, f"takeover after {takeover:.2f}s"
 
         await asyncio.wait_for(producer, 30)
         await wait_for(lambda: drained(pool), 20, "the backlog to drain", interval=0.1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from outbox_worker.core.history import CommittedEvent, StoredEvent, check_history
+from outbox_worker.core.history import CommittedEvent, MarkRecord, StoredEvent, check_history
 
 
 def committed(*spec: tuple[str, str, int]) -> list[CommittedEvent]:
@@ -73,3 +73,38 @@ def test_examples_are_bounded() -> None:
     r = check_history(truth, [])
     assert r.lost == 50
     assert len(r.examples["lost"]) == 5
+
+
+def test_expect_drained_turns_backlog_into_a_violation() -> None:
+    s = stored(("e1", "o/1", 1), ("e2", "o/1", 2), ("e3", "o/2", 3))
+    assert check_history(TRUTH, s, pending_ids={"e4"}).ok
+    r = check_history(TRUTH, s, pending_ids={"e4"}, expect_drained=True)
+    assert not r.ok
+    assert r.violations() == {"pending": 1}
+    assert r.examples["pending"] == ["e4"]
+
+
+def _stored_at(*spec: tuple[str, str, int, float]) -> list[StoredEvent]:
+    return [StoredEvent(i + 1, e, a, o, t) for i, (e, a, o, t) in enumerate(spec)]
+
+
+def test_mark_audit_findings() -> None:
+    s = _stored_at(("e1", "o/1", 1, 100.0), ("e2", "o/1", 2, 101.0))
+    marks = [
+        MarkRecord("e1", 100.5, "delete", "w1", True),  # after the store, under its lease: fine
+        MarkRecord("e2", 100.5, "delete", "w1", True),  # before e2 was stored: cannot follow an ack
+        MarkRecord("e3", 102.0, "delete", "w2", False),  # not in the stream, and under a stale lease
+        MarkRecord("e4", 102.0, "delete", "", None),  # unknown worker: not judged for the lease
+    ]
+    r = check_history(TRUTH, s, dead_ids={"e4"}, marks=marks)
+    assert (r.marks, r.marked_before_stored, r.marked_not_stored, r.stale_marks, r.unattributed_marks) == (
+        4,
+        1,
+        1,
+        1,
+        1,
+    )
+    assert not r.ok
+    assert set(r.violations()) == {"marked_before_stored", "marked_not_stored", "stale_marks", "lost"}
+    # a dead-letter move is not a publish mark: no "marked_not_stored" for e4
+    assert "e4" not in r.examples["marked_not_stored"]
