@@ -267,3 +267,58 @@ async def test_simultaneous_start_splits_fairly(pg_dsn: str, nats_url: str, n: i
     report = await verify(pg_dsn, SQL, nats_url, STREAM)
     assert report.ok, report.to_dict()
     assert report.published == report.events == 500
+
+
+async def test_a_worker_that_cannot_renew_stops_publishing_before_its_lease_expires(pg_dsn: str, nats_url: str) -> None:
+    """Renewals block (someone holds a lock on the lease table) while a long batch is being published:
+    the worker sends no wave later than ack_timeout + margin before its lease expires on the database
+    clock, so every publish it sent resolves before another worker could take the partition."""
+    async with asyncpg.create_pool(pg_dsn, min_size=1, max_size=2) as pool:
+        async with pool.acquire() as conn:
+            await migrate(conn, SQL, 2)
+            await prepare(conn, SQL)
+        # One aggregate: per-aggregate order makes its events one-message waves, 10000 in one batch,
+        # which takes longer to publish than the lease stays usable without renewals.
+        plan = ProducerPlan(events=10000, aggregates=1, producers=1, events_per_tx=500, rollback_ratio=0)
+        await produce(pg_dsn, SQL, plan)
+        settings = worker_settings(pg_dsn, nats_url, "w1", batch_size=10000, loops=1)
+        r = await start(settings)
+        sends: list[tuple[float, float]] = []  # (monotonic, wall) when each wave was sent
+        assert r.worker.publisher is not None
+        original = r.worker.publisher.publish_wave
+
+        async def recorded(messages: Any) -> Any:
+            sends.append((time.monotonic(), time.time()))
+            return await original(messages)
+
+        r.worker.publisher.publish_wave = recorded  # type: ignore[method-assign]
+        try:
+            await wait_for(lambda: _true(len(sends) > 50), 10, "publishing to start")
+            async with pool.acquire() as locker:
+                tx = locker.transaction()
+                await tx.start()
+                await locker.execute("LOCK TABLE outbox_leases IN ACCESS EXCLUSIVE MODE")
+                locked_at = time.monotonic()
+                expires = await locker.fetchval("SELECT EXTRACT(EPOCH FROM max(expires_at))::float8 FROM outbox_leases")
+                assert r.worker.leases is not None
+                usable_until = max(lease.usable_until for lease in r.worker.leases.leases.values())
+                await asyncio.sleep(TTL + 1.0)  # past the lease's expiry
+                during = [s for s in sends if s[0] >= locked_at]
+                await tx.rollback()
+            assert during, "the batch was still being published when renewals stopped"
+            last_mono, last_wall = max(during)
+            # no wave after the local deadline (checked before the wave is built: allow for building it)
+            assert last_mono <= usable_until + 0.05
+            # the last publish resolves (ack or timeout) before the lease expires on the database clock
+            assert last_wall + settings.ack_timeout_seconds < expires
+            # and the worker recovers once the lock is gone
+            await wait_for(lambda: pool.fetchval("SELECT count(*) = 0 FROM outbox"), 20, "drain", interval=0.2)
+        finally:
+            await stop(r)
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert report.ok, report.to_dict()
+    assert (report.published, report.duplicates, report.order_violations) == (10000, 0, 0)
+
+
+async def _true(value: bool) -> bool:
+    return value
