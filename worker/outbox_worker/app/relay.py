@@ -91,6 +91,10 @@ class RelayLoop:
         self._stats = stats
         self._wakeup = wakeup
         self._template = SubjectTemplate.parse(settings.subject_template)
+        # Rendered subjects by the row fields the template reads (subject_fields): most rows share a
+        # handful of subjects, and rendering sanitizes every token. Bounded; failures never cached.
+        self._subjects: dict[tuple[str, str, str, str], str] = {}
+        self._subject_by_id = (True, "aggregate_id") in self._template.parts
         self._ordered = settings.ordering == OrderingMode.PER_AGGREGATE
         self._stopping = False
         self.hooks = hooks or RelayHooks()
@@ -144,20 +148,21 @@ class RelayLoop:
             if self._stopping:
                 break  # shutting down: mark what was acked, leave the rest pending
             usable = self._leases.still_usable(parts, 0.0)
-            wave = [
-                r
-                for r in wave
-                if r.partition in usable
-                and r.partition not in stopped_parts
-                and (r.partition, r.aggregate_id) not in blocked
-            ]
+            if len(usable) < len(parts) or stopped_parts or blocked:  # else every row still goes
+                wave = [
+                    r
+                    for r in wave
+                    if r.partition in usable
+                    and r.partition not in stopped_parts
+                    and (r.partition, r.aggregate_id) not in blocked
+                ]
             if not wave:
                 continue
             messages: list[Message] = []
             sendable: list[OutboxRow] = []
             for row in wave:
                 try:
-                    subject = self._template.render(subject_fields(row))
+                    subject = self._subject(row)
                 except InvalidSubjectError as exc:
                     self._failed(
                         row, PublishResult(Outcome.PERMANENT, names.REASON_INVALID_SUBJECT, str(exc)), out, blocked
@@ -173,14 +178,13 @@ class RelayLoop:
             finally:
                 self._metrics.in_flight.dec(len(messages))
             await self.hooks.after_wave(sendable, results)
+            acked = duplicates = 0  # counted per wave: a metrics update takes a lock
             for row, msg, res in zip(sendable, messages, results, strict=True):
                 if res.ok:
                     out.done.append(row.id)
-                    self._stats.published += 1
-                    self._metrics.published.inc()
+                    acked += 1
                     if res.outcome == Outcome.DUPLICATE:
-                        self._stats.duplicates += 1
-                        self._metrics.duplicates.inc()
+                        duplicates += 1
                     continue
                 if res.reason == names.REASON_NO_RESPONDERS:
                     exists = await self._pub.stream_exists_for(msg.subject)
@@ -193,7 +197,22 @@ class RelayLoop:
                     stopped_parts.add(row.partition)
                     continue
                 self._failed(row, res, out, blocked)
+            self._stats.published += acked
+            self._stats.duplicates += duplicates
+            self._metrics.published.inc(acked)
+            if duplicates:
+                self._metrics.duplicates.inc(duplicates)
         return out
+
+    def _subject(self, row: OutboxRow) -> str:
+        key = (row.aggregate_type, row.event_type, row.tenant, row.aggregate_id if self._subject_by_id else "")
+        subject = self._subjects.get(key)
+        if subject is None:
+            subject = self._template.render(subject_fields(row))
+            if len(self._subjects) >= 10_000:
+                self._subjects.clear()
+            self._subjects[key] = subject
+        return subject
 
     def _failed(self, row: OutboxRow, res: PublishResult, out: _BatchOutcome, blocked: set[tuple[int, str]]) -> None:
         s = self._s
