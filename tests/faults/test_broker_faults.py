@@ -44,25 +44,25 @@ async def test_nats_sigkill_with_5000_acks_in_flight_five_times(
     """SIGKILL nats-server while ≥5,000 publishes await their acks, restart it after 3 s; five times.
 
     The count of unacknowledged publishes at each crash is the worker's own figure (logged when the
-    connection drops). A kill that caught fewer in flight is not counted; at most 12 kills.
+    connection drops). A kill that caught fewer in flight is not counted; at most 15 kills.
     """
     rig = make_rig(pg_dsn, own_nats.url)
     await rig.prepare()
     await rig.create_stream()
-    await bulk_insert(rig.dsn, rig.sql, 40_000, 20_000, 600)
+    await bulk_insert(rig.dsn, rig.sql, 50_000, 40_000, 600)
     started = time.monotonic()
-    w = rig.worker("w1", {"OUTBOX_MAX_IN_FLIGHT": "12000", "OUTBOX_BATCH_SIZE": "6000", "OUTBOX_LOOPS": "2"})
+    w = rig.worker("w1", {"OUTBOX_MAX_IN_FLIGHT": "20000", "OUTBOX_BATCH_SIZE": "10000", "OUTBOX_LOOPS": "2"})
     await wait_for(lambda: w.ready() is True, 20, what="worker ready")
     qualifying: list[int] = []
     all_counts: list[int] = []
     kills = 0
     attempts = 0
-    while len(qualifying) < 5 and kills < 12 and attempts < 20:
+    while len(qualifying) < 5 and kills < 15 and attempts < 25:
         attempts += 1
-        if (await pending_count(rig.dsn, rig.sql) or 0) < 20_000:
-            await bulk_insert(rig.dsn, rig.sql, 20_000, 20_000, 600)
+        if (await pending_count(rig.dsn, rig.sql) or 0) < 30_000:
+            await bulk_insert(rig.dsn, rig.sql, 30_000, 40_000, 600)
         before = len(_in_flight_at_disconnect(w.log_text()))
-        if not await _until_in_flight(w, 5000, 5.0):
+        if not await _until_in_flight(w, 10_000, 5.0):
             continue
         own_nats.kill()
         kills += 1
@@ -166,7 +166,7 @@ async def test_one_way_ack_loss_20s_through_proxy(pg_dsn: str, nats_url: str, ma
     with TcpProxy(int(nats_url.rsplit(":", 1)[1])) as proxy:
         w = rig.worker("w1", {"OUTBOX_NATS_SERVERS": proxy.url})
         await wait_for(lambda: w.ready() is True, 20, what="worker ready")
-        producer = asyncio.create_task(produce(rig.dsn, rig.sql, 15_000, rate=500, aggregates=300, timeout=90))
+        producer = asyncio.create_task(produce(rig.dsn, rig.sql, 12_000, rate=500, aggregates=300, timeout=90))
         await asyncio.sleep(3)
         stored_before = await stream_messages(rig.nats_urls, rig.stream)
         proxy.set_blackhole(down=True)
@@ -212,7 +212,7 @@ async def test_slow_broker_bandwidth_limit_bounded_then_recovers(
         w = rig.worker("w1", {"OUTBOX_NATS_SERVERS": proxy.url, "OUTBOX_MAX_IN_FLIGHT": str(max_in_flight)})
         await wait_for(lambda: w.ready() is True, 20, what="worker ready")
         producer = asyncio.create_task(
-            produce(rig.dsn, rig.sql, 36_000, rate=1500, aggregates=2000, payload_bytes=400, timeout=90)
+            produce(rig.dsn, rig.sql, 27_000, rate=1500, aggregates=2000, payload_bytes=400, timeout=90)
         )
         await asyncio.sleep(3)
         rss_before = w.sample_rss()

@@ -28,7 +28,7 @@ async def test_out_of_order_commits_and_20pct_rollbacks(
     stats = await produce(
         rig.dsn,
         rig.sql,
-        12_000,
+        8_000,
         producers=8,
         tx_size=10,
         rollback_ratio=0.2,

@@ -241,7 +241,7 @@ async def test_postgres_killed_mid_run_and_restarted(
     started = time.monotonic()
     workers = [rig.worker("w1"), rig.worker("w2")]
     await wait_for(lambda: all(w.ready() for w in workers), 20, what="workers ready")
-    producer = asyncio.create_task(produce(rig.dsn, rig.sql, 20_000, rate=1000, aggregates=500, timeout=90))
+    producer = asyncio.create_task(produce(rig.dsn, rig.sql, 15_000, rate=1000, aggregates=500, timeout=90))
     await asyncio.sleep(5)
     own_pg.kill()
     await asyncio.sleep(3)

@@ -109,7 +109,9 @@ async def read_stream(
     async def quiet(_exc: Exception) -> None:  # connection errors surface as exceptions, not log spam
         return None
 
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=5, error_cb=quiet)
+    nc = await nats.connect(
+        nats_url, connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=3, error_cb=quiet
+    )
     out: list[StoredEvent] = []
     try:
         js = nc.jetstream()
