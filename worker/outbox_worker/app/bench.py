@@ -46,7 +46,7 @@ from nats.js import errors as js_errors
 
 from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.history_io import read_stream, read_truth
-from outbox_worker.adapters.store import Fence, OutboxStore, migrate
+from outbox_worker.adapters.store import Fence, OutboxStore, connect_pool, migrate
 from outbox_worker.app.baselines import EVENT_TYPES, synthetic_truth
 from outbox_worker.app.demo import DemoOptions, servers, start_worker, stop_workers, worker_env
 from outbox_worker.app.producers import ProducerPlan, ProducerResult, prepare, produce
@@ -105,10 +105,14 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="outbox-bench-") as tmp:
         base = Path(tmp)
         demo_opts = DemoOptions(database_url=options.database_url, nats_url=options.nats_url)
+        load_before = os.getloadavg()
         with servers(demo_opts, base) as (dsn, nats_url):
             bench = _Bench(options, base, dsn, nats_url)
             rows = await bench.run()
             machine = await bench.machine()
+        # Other work on the machine skews every number here; the load average says how much there was.
+        machine["loadavg_before"] = [round(x, 2) for x in load_before]
+        machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     config = {
         "repeat": options.repeat,
         "scale": options.scale,
@@ -149,6 +153,18 @@ def peak_rss_mb(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def host_cpu() -> tuple[int, int]:
+    """(all, idle) jiffies of the whole machine so far: busy share = 1 - Δidle/Δall."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return sum(v), v[3] + v[4]
+
+
+def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[0] - before[0]
+    return 100.0 * (total - (after[1] - before[1])) / total if total > 0 else 0.0
 
 
 @dataclass
@@ -330,8 +346,9 @@ class _Bench:
             await self._wait_leases(sql, workers, procs)
             cpu0 = procs.cpu()
             committed_at = await self._bulk_seed(sql, events, aggregates)
+            host0 = host_cpu()
             await self._wait_stored(events, procs, timeout=max(120.0, events / 500))
-            cpu1 = procs.cpu()
+            cpu1, host1 = procs.cpu(), host_cpu()
             rss = [peak_rss_mb(pid) for pid in procs.pids]
             await self._wait_marked(sql, procs)
         finally:
@@ -346,6 +363,7 @@ class _Bench:
             "peak_rss_mb": max(rss),
             "peak_rss_mb_per_worker": rss,
             "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
+            "host_busy_percent": busy_percent(host0, host1),
             "exit_codes": codes,
             "_report": report,
         }
@@ -357,7 +375,7 @@ class _Bench:
         progress = ProducerResult()
         try:
             await self._wait_leases(sql, workers, procs)
-            cpu0, t0 = procs.cpu(), time.monotonic()
+            cpu0, t0, host0 = procs.cpu(), time.monotonic(), host_cpu()
             producer = asyncio.create_task(produce(self.dsn, sql, plan, progress))
             try:
                 await self._wait_stored(plan.events, procs, timeout=max(120.0, plan.events / 200), producer=producer)
@@ -366,7 +384,7 @@ class _Bench:
                     producer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await producer
-            cpu1, t1 = procs.cpu(), time.monotonic()
+            cpu1, t1, host1 = procs.cpu(), time.monotonic(), host_cpu()
             await self._wait_marked(sql, procs)
         finally:
             codes, probes = procs.stop()
@@ -382,6 +400,7 @@ class _Bench:
             "success_rate": report.published / max(1, report.events),
             "cpu_percent": 100 * sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / max(1e-6, t1 - t0),
             "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
+            "host_busy_percent": busy_percent(host0, host1),
             "exit_codes": codes,
             "_report": report,
         }
@@ -393,9 +412,9 @@ class _Bench:
             await self._wait_leases(sql, 1, procs)
             await asyncio.sleep(2.0)  # past start-up
             seconds = self.o.seconds(IDLE_SECONDS)
-            cpu0, t0 = procs.cpu(), time.monotonic()
+            cpu0, t0, host0 = procs.cpu(), time.monotonic(), host_cpu()
             await asyncio.sleep(seconds)
-            cpu1, t1 = procs.cpu(), time.monotonic()
+            cpu1, t1, host1 = procs.cpu(), time.monotonic(), host_cpu()
             procs.check_alive()
         finally:
             codes, probes = procs.stop()
@@ -403,6 +422,7 @@ class _Bench:
             "cpu_percent": 100 * (cpu1[0] - cpu0[0]) / (t1 - t0),
             "seconds": t1 - t0,
             "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
+            "host_busy_percent": busy_percent(host0, host1),
             "exit_codes": codes,
         }
 
@@ -435,11 +455,15 @@ class _Bench:
     async def _claim_run(self, sql: Sql, batches: int) -> dict[str, Any]:
         """Add ``batches`` full batches of pending rows, then claim and mark (mark mode) them batch by
         batch, timing each claim statement; remove them again so every run starts from the same
-        table. Twice: with PostgreSQL's default plan choice, and forced to the generic plan (asyncpg
-        prepares statements, so a worker runs the generic plan after a few executions)."""
+        table. First through the worker's own pool (generic plans, see store.connect_pool), then
+        with PostgreSQL's default plan choice (``claim_auto_*``: custom plans for the first five
+        executions of a prepared statement), for comparison."""
         out: dict[str, Any] = {"batch": BATCH}
-        for label, settings in (("", {}), ("generic_", {"plan_cache_mode": "force_generic_plan"})):
-            pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, server_settings=settings)
+        for label in ("", "auto_"):
+            if label:
+                pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2)
+            else:
+                pool = await connect_pool(self.dsn, size=2)
             assert pool is not None
             try:
                 watermark = int(await pool.fetchval(f"SELECT COALESCE(max(id), 0) FROM {sql.outbox}"))
