@@ -445,7 +445,23 @@ async def pending_count(dsn: str, sql: Sql) -> int | None:
 
 
 async def wait_drained(rig: Rig, timeout: float, what: str = "backlog drained") -> float:
+    """Wait until no row is pending. If that takes more than 15 s, print what the database sessions
+    are doing (once), to tell a slow relay from a blocked one."""
+    started = time.monotonic()
+    dumped = False
+
     async def drained() -> bool:
+        nonlocal dumped
+        if not dumped and time.monotonic() - started > 15:
+            dumped = True
+            with contextlib.suppress(Exception):
+                for r in await fetch(
+                    rig.dsn,
+                    "SELECT application_name, state, wait_event_type, wait_event, "
+                    "round(extract(epoch FROM now() - query_start)::numeric, 1) AS s, left(query, 90) AS q "
+                    "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                ):
+                    print(f"[faults] slow drain, pg session: {dict(r)}")
         return await pending_count(rig.dsn, rig.sql) == 0
 
     return await wait_for(drained, timeout, 0.3, what)

@@ -49,9 +49,9 @@ async def test_nats_sigkill_with_5000_acks_in_flight_five_times(
     rig = make_rig(pg_dsn, own_nats.url)
     await rig.prepare()
     await rig.create_stream()
-    await bulk_insert(rig.dsn, rig.sql, 50_000, 40_000, 600)
+    await bulk_insert(rig.dsn, rig.sql, 40_000, 30_000, 600)
     started = time.monotonic()
-    w = rig.worker("w1", {"OUTBOX_MAX_IN_FLIGHT": "20000", "OUTBOX_BATCH_SIZE": "10000", "OUTBOX_LOOPS": "2"})
+    w = rig.worker("w1", {"OUTBOX_MAX_IN_FLIGHT": "16000", "OUTBOX_BATCH_SIZE": "8000", "OUTBOX_LOOPS": "2"})
     await wait_for(lambda: w.ready() is True, 20, what="worker ready")
     qualifying: list[int] = []
     all_counts: list[int] = []
@@ -59,10 +59,10 @@ async def test_nats_sigkill_with_5000_acks_in_flight_five_times(
     attempts = 0
     while len(qualifying) < 5 and kills < 15 and attempts < 25:
         attempts += 1
-        if (await pending_count(rig.dsn, rig.sql) or 0) < 30_000:
-            await bulk_insert(rig.dsn, rig.sql, 30_000, 40_000, 600)
+        if (await pending_count(rig.dsn, rig.sql) or 0) < 20_000:
+            await bulk_insert(rig.dsn, rig.sql, 20_000, 30_000, 600)
         before = len(_in_flight_at_disconnect(w.log_text()))
-        if not await _until_in_flight(w, 10_000, 5.0):
+        if not await _until_in_flight(w, 8000, 5.0):
             continue
         own_nats.kill()
         kills += 1

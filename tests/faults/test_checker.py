@@ -85,7 +85,10 @@ async def verify_cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
 
 async def test_verify_cli_figures_json_and_exit_codes(pg_dsn: str, nats_url: str, make_rig: Callable[..., Rig]) -> None:
     rig = make_rig(pg_dsn, nats_url)
-    await rig.prepare()
+    await rig.prepare(audit=False)
+    code, out, err = await verify_cli("--database-url", rig.dsn, "--install-audit")
+    assert code == EXIT_OK, err
+    assert "mark audit" in out
     await rig.create_stream()
     await bulk_insert(rig.dsn, rig.sql, 2000, 100)
     rig.worker("w1")

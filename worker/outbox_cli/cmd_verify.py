@@ -59,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--expect-drained", action="store_true", help="a committed event still pending is a violation (exit 1)"
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="bound of the stream read, seconds (120)")
+    parser.add_argument(
+        "--install-audit",
+        action="store_true",
+        help="create the ledger table and the mark-audit trigger on the outbox (test/staging), then exit",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -74,6 +79,12 @@ def run(args: argparse.Namespace) -> int:
         return _usage("--database-url is required (or set OUTBOX_DATABASE_URL)")
     if not args.database_url.startswith(("postgres://", "postgresql://")):
         return _usage("--database-url must start with postgresql:// (value not shown: it may hold a secret)")
+    if args.install_audit:
+        try:
+            sql = Sql.for_table(args.schema, args.table)
+        except ValueError as exc:
+            return _usage(str(exc))
+        return asyncio.run(_install_audit(args.database_url, sql))
     if not args.nats_url:
         return _usage("--nats-url is required (or set OUTBOX_NATS_SERVERS)")
     if not args.stream:
@@ -108,6 +119,33 @@ def run(args: argparse.Namespace) -> int:
             print(f"  e.g. {kind}: " + "; ".join(examples))
         print("OK" if report.ok else "VIOLATION: " + ", ".join(f"{k}={v}" for k, v in report.violations().items()))
     return EXIT_OK if report.ok else EXIT_FAILURE
+
+
+async def _install_audit(dsn: str, sql: Any) -> int:
+    import asyncpg
+
+    from outbox_worker.adapters.history_io import audit_ddl, ledger_ddl
+
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
+        print("error: PostgreSQL rejected the credentials in --database-url", file=sys.stderr)
+        return EXIT_CONFIG
+    except (OSError, TimeoutError) as exc:
+        print(f"error: PostgreSQL not reachable: {type(exc).__name__}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        async with conn.transaction():
+            await conn.execute(ledger_ddl(sql))
+            for stmt in audit_ddl(sql):
+                await conn.execute(stmt)
+    except asyncpg.UndefinedTableError as exc:
+        print(f"error: {exc}: run `outboxctl migrate` first", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        await conn.close()
+    print(f"installed {sql.schema}.{sql.table}_ledger and the mark audit on {sql.schema}.{sql.table}")
+    return EXIT_OK
 
 
 async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
