@@ -95,7 +95,7 @@ class Rig:
             "name": self.stream,
             "subjects": SUBJECTS,
             "storage": js_api.StorageType.FILE,
-            "duplicate_window": 60.0,
+            "duplicate_window": 120.0,  # the product's default when it creates the stream
         }
         cfg.update(config)
         nc = await nats.connect(self.nats_urls, connect_timeout=5)

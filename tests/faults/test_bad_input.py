@@ -12,10 +12,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import nats
 import pytest
 
-from faults.harness import Rig, bulk_insert, fetch, worker_env
+from faults.harness import Rig, bulk_insert, check, fetch, worker_env
 from outbox_cli.main import EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_USAGE
 from outbox_worker.adapters.embedded import EmbeddedNats, free_port
 
@@ -187,13 +186,17 @@ async def test_duplicate_window_shorter_than_horizon_refuses_to_start(
     """The stream de-duplicates for 5 s but a re-publish can come 9 s after the first publish (lease
     TTL 6 + ack timeout 2 + max retry delay 1): the worker must refuse to start, not risk duplicates."""
     rig = await _rig(make_rig, pg_dsn, nats_url, duplicate_window=5.0)
+    started = time.monotonic()
     code, out, _ = await run_worker(_env(rig))
     assert code == EXIT_CONFIG, out
     assert "duplicate window of 5s" in out
     assert "re-publish horizon of 9s" in out
     await _untouched(rig)
-    nc = await nats.connect(nats_url)
-    try:
-        assert (await nc.jetstream().stream_info(rig.stream)).state.messages == 0
-    finally:
-        await nc.close()
+    report = await check(
+        rig,
+        "duplicate window 5s < re-publish horizon 9s",
+        f"stream duplicate_window 5s; worker exited {code} at start-up naming both figures; nothing published",
+        expect_drained=False,
+        seconds=time.monotonic() - started,
+    )
+    assert (report.stored, report.pending, report.ok) == (0, 10, True)
