@@ -338,8 +338,10 @@ class JetStreamPublisher:
                     if entry is not None:
                         entry[0].resolve(entry[1], failed)
         if wave.remaining:
+            # asyncio.timeout, not wait_for: no extra task per wave (one wave per event for a hot aggregate)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wave.done.wait(), self._s.ack_timeout_seconds)
+                async with asyncio.timeout(self._s.ack_timeout_seconds):
+                    await wave.done.wait()
         if wave.remaining:
             timeout = PublishResult(
                 Outcome.RETRYABLE, names.REASON_TIMEOUT, f"no ack within {self._s.ack_timeout_seconds}s"
