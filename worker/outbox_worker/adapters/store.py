@@ -52,14 +52,19 @@ class MigrationResult:
     created: bool
 
 
-async def connect_pool(dsn: str, *, size: int = 4, timeout: float = 10.0) -> asyncpg.Pool:
-    """Open a pool; map failures to errors that say what to fix and never echo the DSN."""
+async def connect_pool(
+    dsn: str, *, size: int = 4, timeout: float = 10.0, connect_timeout: float | None = None
+) -> asyncpg.Pool:
+    """Open a pool; map failures to errors that say what to fix and never echo the DSN.
+
+    ``timeout`` bounds every statement; ``connect_timeout`` (default: ``timeout``) each connection attempt.
+    """
     try:
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min(2, size),
             max_size=size,
-            timeout=timeout,
+            timeout=timeout if connect_timeout is None else connect_timeout,
             command_timeout=timeout,
             # Generic plans always: asyncpg prepares every statement, and PostgreSQL plans its first
             # five executions for the given values. Right after a burst of inserts (statistics still

@@ -66,6 +66,11 @@ async def _retry_unavailable(
             delay = min(delay * 2, 5.0)
 
 
+def _attempt_budget(deadline: float) -> float:
+    """Time one connection attempt may take: what is left of the start-up budget, within [0.5, 10] s."""
+    return max(0.5, min(10.0, deadline - time.monotonic()))
+
+
 def default_worker_id() -> str:
     return f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
@@ -106,7 +111,12 @@ class Worker:
         s = self.settings
         deadline = time.monotonic() + s.startup_timeout_seconds
         self.pool = await _retry_unavailable(
-            lambda: connect_pool(s.database_url.get_secret_value(), size=s.db_pool_size, timeout=s.db_timeout_seconds),
+            lambda: connect_pool(
+                s.database_url.get_secret_value(),
+                size=s.db_pool_size,
+                timeout=s.db_timeout_seconds,
+                connect_timeout=min(s.db_timeout_seconds, _attempt_budget(deadline)),
+            ),
             DatabaseUnavailableError,
             deadline,
             "PostgreSQL",
@@ -115,7 +125,9 @@ class Worker:
         partitions = await self.store.check_schema()
         self.publisher = JetStreamPublisher(s, name=f"outbox-relay/{s.publisher}/{self.worker_id}")
         publisher = self.publisher
-        await _retry_unavailable(publisher.connect, NatsUnavailableError, deadline, "NATS")
+        await _retry_unavailable(
+            lambda: publisher.connect(timeout=_attempt_budget(deadline)), NatsUnavailableError, deadline, "NATS"
+        )
         template = SubjectTemplate.parse(s.subject_template)
         await self.publisher.ensure_stream(template.filter_subject(), s.duplicate_horizon_seconds)
         self.leases = LeaseManager(self.store, s, partitions, self.metrics)
