@@ -250,7 +250,8 @@ def render_table(report: Mapping[str, Any]) -> str:
     rows = {r["name"]: r for r in report["rows"]}
     out: list[str] = []
     repeat = report.get("config", {}).get("repeat", "?")
-    out.append(f"medians of {repeat} run(s); commit->ack: producer's COMMIT returned -> message stored in the stream")
+    clock = report.get("machine", {}).get("latency_clock") or "producer's clock"
+    out.append(f"medians of {repeat} run(s); commit->ack: commit ({clock}) -> message stored in the stream")
     seed = [r for r in report["rows"] if r["scenario"] == "seed"]
     if seed:
         ref = {int(r["events"]): r for r in report["seed_reference"]}
