@@ -39,6 +39,7 @@ def plot(report: dict[str, Any], out: Path) -> None:
     ax_t.bar([i - width / 2 for i in x], ours, width, label="relay: committed -> stored, verified")
     ax_t.bar([i + width / 2 for i in x], seed, width, label="seed: count / (send + fixed wait)")
     ax_t.set_yscale("log")
+    ax_t.set_ylim(top=max([*ours, *seed, 1.0]) * 20)  # room for the legend above the bars
     ax_t.set_xticks(list(x), labels)
     ax_t.set_xlabel("events per pressure level")
     ax_t.set_ylabel("events/s (log)")
