@@ -19,8 +19,9 @@ Scenarios (``--scenario``; docs/benchmarks.md says what each number means):
 - ``growth``: claim time per batch with 1,000,000 published rows in the table (mark mode) vs none.
 - ``hot``: one hot aggregate (every event in one aggregate: one publish in flight at a time).
 
-Latency is the producer's commit (wall clock right after COMMIT returned) to the stream's stored
-timestamp of the message (the server's clock, same machine): the time the relay adds.
+Latency runs from the producer's commit (PostgreSQL's commit timestamp of the transaction that wrote
+the outbox row and its ledger row; the producer's clock after COMMIT returned when commit timestamps
+are off) to the stream's stored timestamp of the message (the server's clock, same machine).
 """
 
 from __future__ import annotations

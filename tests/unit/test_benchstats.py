@@ -1,0 +1,91 @@
+"""The bench's pure numbers: percentiles, medians of repeats, ratios, targets, schema, table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from outbox_worker.core.benchstats import (
+    SEED_REFERENCE,
+    Row,
+    build_report,
+    median,
+    percentile,
+    render_table,
+    seed_aggregates,
+    validate_report,
+)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.50) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile(values, 1.0) == 100.0
+    assert percentile([7.0], 0.99) == 7.0
+    assert percentile([], 0.5) == 0.0
+
+
+def test_median_ignores_missing_values() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, None, 2.0, 3.0]) == 2.5
+    assert median([None]) is None
+
+
+@pytest.mark.parametrize(("events", "aggregates"), [(500, 50), (2000, 200), (5000, 500), (10000, 1000), (50000, 1000)])
+def test_seed_aggregates_are_n_over_10_clamped(events: int, aggregates: int) -> None:
+    assert seed_aggregates(events) == aggregates
+
+
+def _report() -> dict[str, Any]:
+    sustained = Row("sustained/1-worker", "sustained")
+    for eps in (60_000.0, 62_000.0, 59_000.0):
+        sustained.runs.append({"events_per_s": eps, "cpu_s_per_1k": 0.015})
+        sustained.checks.append({"lost": 0, "duplicates": 0, "order_violations": 0, "unexpected": 0, "pending": 0})
+    naive = Row("baseline/naive", "baselines", runs=[{"events_per_s": 3_000.0}])
+    naive.checks.append({"lost": 0, "duplicates": 0, "order_violations": 0, "unexpected": 0, "pending": 0})
+    seed = Row("seed/500", "seed", runs=[{"events": 500.0, "level": 500.0, "events_per_s": 900.0, "p50_ms": 4.0}])
+    seed.checks.append({"lost": 0, "duplicates": 0, "order_violations": 1, "unexpected": 0, "pending": 0})
+    growth = [
+        Row("growth/empty", "growth", runs=[{"claim_ms_p50": 2.0}]),
+        Row("growth/1M-history", "growth", runs=[{"claim_ms_p50": 2.5}]),
+    ]
+    return build_report([seed, sustained, naive, *growth], machine={"cpus": 2}, config={"repeat": 3}, created_at="t")
+
+
+def test_report_medians_ratios_targets_and_checks() -> None:
+    report = _report()
+    assert validate_report(report) == []
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["sustained/1-worker"]["metrics"]["events_per_s"] == 60_000.0
+    assert report["ratios"] == {
+        "relay_over_naive": 20.0,
+        "relay_over_ceiling": None,
+        "claim_history_over_empty": 1.25,
+    }
+    targets = {t["name"]: t for t in report["targets"]}
+    assert targets["events/s, one worker process"]["met"] is True
+    assert targets["relay/ceiling (one worker process)"]["met"] is None  # not run
+    assert targets["claim time 1M history / empty"]["met"] is True
+    # One order violation anywhere fails the report.
+    assert rows["seed/500"]["checks"]["ok"] is False
+    assert report["ok"] is False
+    assert len(report["seed_reference"]) == len(SEED_REFERENCE)
+
+
+def test_table_puts_the_seed_figures_beside_ours() -> None:
+    text = render_table(_report())
+    seed_line = next(line for line in text.splitlines() if line.strip().startswith("500"))
+    assert "33.21" in seed_line
+    assert "1.570" in seed_line
+    assert "FAILED in ['seed/500']" in text
+
+
+def test_validate_report_names_the_problems() -> None:
+    report = _report()
+    report["rows"][0]["metrics"]["p50_ms"] = "fast"
+    del report["ratios"]
+    problems = validate_report(report)
+    assert any("p50_ms" in p for p in problems)
+    assert any("ratios" in p for p in problems)
