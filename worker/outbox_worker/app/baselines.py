@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from outbox_common import names
 from outbox_common.envelope import OutboxRow, SubjectTemplate, build_headers, subject_fields
 from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.publisher import JetStreamPublisher, Message
@@ -40,6 +41,13 @@ class BaselineResult:
 
     def to_json(self) -> dict[str, float]:
         return {k: float(getattr(self, k)) for k in self.__dataclass_fields__}
+
+
+def relay_headers(row: OutboxRow, settings: WorkerSettings) -> dict[str, str]:
+    """The headers the relay sends for ``row`` (app/relay.py): the envelope's plus the expected stream."""
+    headers = build_headers(row, settings.publisher)
+    headers[names.HDR_EXPECTED_STREAM] = settings.stream
+    return headers
 
 
 async def _publisher(settings: WorkerSettings) -> JetStreamPublisher:
@@ -68,7 +76,7 @@ async def naive_relay(settings: WorkerSettings, events: int, timeout: float = 60
                 await asyncio.sleep(0.01)
                 continue
             for row in rows:
-                msg = Message(template.render(subject_fields(row)), row.payload, build_headers(row, settings.publisher))
+                msg = Message(template.render(subject_fields(row)), row.payload, relay_headers(row, settings))
                 (res,) = await pub.publish_wave([msg])
                 if not res.ok:
                     failed += 1
@@ -122,8 +130,7 @@ async def publish_ceiling(settings: WorkerSettings, rows: list[OutboxRow]) -> Ba
         nonlocal published, failed
         for batch in mine:
             messages = [
-                Message(template.render(subject_fields(r)), r.payload, build_headers(r, settings.publisher))
-                for r in batch
+                Message(template.render(subject_fields(r)), r.payload, relay_headers(r, settings)) for r in batch
             ]
             for res in await pub.publish_wave(messages):
                 if res.ok:
