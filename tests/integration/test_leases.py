@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import pytest
+from support import wait_for
 
 from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.history_io import verify
@@ -24,17 +24,6 @@ SQL = Sql.for_table("public", "outbox")
 STREAM = "LEASES"
 TTL = 3.0
 RENEW = 1.0
-
-
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        await asyncio.sleep(interval)
 
 
 def worker_settings(dsn: str, nats_url: str, worker_id: str, **kw: Any) -> WorkerSettings:

@@ -8,13 +8,14 @@ import contextlib
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import asyncpg
 import nats
 import pytest
 from nats.js import api as js_api
+from support import wait_for
 
 from outbox_common import names
 from outbox_common.settings import WorkerSettings
@@ -28,17 +29,6 @@ from outbox_worker.core.sql import Sql
 
 SQL = Sql.for_table("public", "outbox")
 STREAM = "RELAY"
-
-
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        await asyncio.sleep(interval)
 
 
 def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:

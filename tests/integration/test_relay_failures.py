@@ -8,7 +8,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import asyncpg
 import nats
 import pytest
 from nats.js import api as js_api
+from support import wait_for
 
 from outbox_common import names
 from outbox_common.envelope import OutboxRow
@@ -32,17 +33,6 @@ from outbox_worker.core.sql import Sql
 
 SQL = Sql.for_table("public", "outbox")
 STREAM = "FAILURES"
-
-
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        await asyncio.sleep(interval)
 
 
 def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:

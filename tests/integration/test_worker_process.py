@@ -15,13 +15,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import psutil
 import pytest
+from support import wait_for
 
 from outbox_worker.adapters.history_io import audit_ddl, verify
 from outbox_worker.adapters.store import migrate
@@ -119,17 +120,6 @@ async def main():
 
 sys.exit(asyncio.run(main()))
 """
-
-
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        await asyncio.sleep(interval)
 
 
 class Proc:
