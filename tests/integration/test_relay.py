@@ -18,13 +18,16 @@ from nats.js import api as js_api
 from support import wait_for
 
 from outbox_common import names
+from outbox_common.envelope import OutboxRow
 from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.embedded import free_port
 from outbox_worker.adapters.history_io import ledger_insert, verify
 from outbox_worker.adapters.store import migrate
 from outbox_worker.app.producers import ProducerPlan, prepare, produce
+from outbox_worker.app.relay import RelayHooks
 from outbox_worker.app.worker import Worker
 from outbox_worker.core.history import HistoryReport
+from outbox_worker.core.policy import PublishResult
 from outbox_worker.core.sql import Sql
 
 SQL = Sql.for_table("public", "outbox")
@@ -323,3 +326,45 @@ async def test_metrics_health_and_readiness(pg_dsn: str, nats_url: str) -> None:
         assert pg_dsn.split("@")[0] not in text  # no DSN (with its password) anywhere
     report = await verify(pg_dsn, SQL, nats_url, STREAM)
     assert_clean(report, 200)
+
+
+class SlowWaves(RelayHooks):
+    """Makes every wave take 0.3 s longer and records how many waves each batch published."""
+
+    def __init__(self) -> None:
+        self.waves_per_batch: list[int] = []
+        self._waves = 0
+
+    async def after_wave(self, rows: list[OutboxRow], results: list[PublishResult]) -> None:
+        self._waves += 1
+        await asyncio.sleep(0.3)
+
+    async def before_mark(self, ids: list[int]) -> None:
+        self.waves_per_batch.append(self._waves)
+        self._waves = 0
+
+
+async def test_batch_timeout_bounds_one_batch(pg_dsn: str, nats_url: str) -> None:
+    """No new wave starts once batch_timeout_seconds is spent; the batch's other rows stay pending and
+    the next claim picks them up, still in order."""
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        for _ in range(8):  # one aggregate: its 8 rows go out in 8 waves, one unacked at a time
+            await insert(conn, "hot")
+    finally:
+        await conn.close()
+    hooks = SlowWaves()
+    worker = Worker(worker_settings(pg_dsn, nats_url, batch_timeout_seconds=0.5, loops=1), hooks=hooks)
+    await worker.start()
+    task = asyncio.create_task(worker.run())
+    try:
+        await stream_messages(nats_url, 8, timeout=15)
+        await wait_for(lambda: _is(pending_rows(pg_dsn), 0), 10, "the rows to be marked")
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 15)
+    # Waves start at ~0 s and ~0.3 s; at ~0.6 s the 0.5 s budget is spent, so no batch has a third.
+    assert max(hooks.waves_per_batch) == 2, hooks.waves_per_batch
+    assert sum(hooks.waves_per_batch) == 8, hooks.waves_per_batch
+    assert_clean(await verify(pg_dsn, SQL, nats_url, STREAM), 8)

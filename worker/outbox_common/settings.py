@@ -145,7 +145,11 @@ class WorkerSettings(BaseSettings):
         5.0, gt=0, le=120, description="A publish with no ack within this time fails as a timeout."
     )
     batch_timeout_seconds: float = Field(
-        30.0, gt=0, le=600, description="Upper bound of one batch (all waves of acks)."
+        30.0,
+        gt=0,
+        le=600,
+        description="Upper bound of one batch: no new wave of publishes starts after this; "
+        "the batch's remaining rows stay pending for the next claim.",
     )
     retry_backoff_initial_seconds: float = Field(0.2, gt=0, le=60, description="First retry delay.")
     retry_backoff_max_seconds: float = Field(30.0, gt=0, le=3600, description="Cap of the retry delay.")

@@ -133,20 +133,20 @@ class RelayLoop:
             return False
         if not rows:
             return False
-        outcome = await self._publish(rows, parts)
+        outcome = await self._publish(rows, parts, started + s.batch_timeout_seconds)
         await self._mark(parts, outcome)
         self._stats.batches += 1
         self._metrics.batch_latency.observe(time.monotonic() - started)
         return len(rows) >= s.batch_size
 
-    async def _publish(self, rows: list[OutboxRow], parts: dict[int, int]) -> _BatchOutcome:
+    async def _publish(self, rows: list[OutboxRow], parts: dict[int, int], deadline: float) -> _BatchOutcome:
         s = self._s
         out = _BatchOutcome()
         blocked: set[tuple[int, str]] = set()
         stopped_parts: set[int] = set()
         for wave in plan_waves(rows, self._ordered, s.per_loop_in_flight):
-            if self._stopping:
-                break  # shutting down: mark what was acked, leave the rest pending
+            if self._stopping or time.monotonic() > deadline:
+                break  # shutting down or batch_timeout_seconds spent: mark what was acked, leave the rest
             usable = self._leases.still_usable(parts, 0.0)
             if len(usable) < len(parts) or stopped_parts or blocked:  # else every row still goes
                 wave = [
