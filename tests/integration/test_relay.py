@@ -8,29 +8,25 @@ import contextlib
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import Any
 
 import asyncpg
 import nats
 import pytest
 from nats.js import api as js_api
-from support import wait_for
+from support import SQL, running, setup_db, wait_for
 
 from outbox_common import names
 from outbox_common.envelope import OutboxRow
 from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.embedded import free_port
 from outbox_worker.adapters.history_io import ledger_insert, verify
-from outbox_worker.adapters.store import migrate
-from outbox_worker.app.producers import ProducerPlan, prepare, produce
+from outbox_worker.app.producers import ProducerPlan, produce
 from outbox_worker.app.relay import RelayHooks
-from outbox_worker.app.worker import Worker
 from outbox_worker.core.history import HistoryReport
 from outbox_worker.core.policy import PublishResult
-from outbox_worker.core.sql import Sql
 
-SQL = Sql.for_table("public", "outbox")
 STREAM = "RELAY"
 
 
@@ -54,27 +50,6 @@ def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:
     }
     values.update(kw)
     return WorkerSettings(**values)
-
-
-@contextlib.asynccontextmanager
-async def running(settings: WorkerSettings) -> AsyncIterator[Worker]:
-    worker = Worker(settings)
-    await worker.start()
-    task = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, 15)
-
-
-async def setup_db(dsn: str, partitions: int = 8) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn, SQL, partitions)
-        await prepare(conn, SQL)
-    finally:
-        await conn.close()
 
 
 async def insert(
@@ -355,15 +330,9 @@ async def test_batch_timeout_bounds_one_batch(pg_dsn: str, nats_url: str) -> Non
     finally:
         await conn.close()
     hooks = SlowWaves()
-    worker = Worker(worker_settings(pg_dsn, nats_url, batch_timeout_seconds=0.5, loops=1), hooks=hooks)
-    await worker.start()
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker_settings(pg_dsn, nats_url, batch_timeout_seconds=0.5, loops=1), hooks):
         await stream_messages(nats_url, 8, timeout=15)
         await wait_for(lambda: _is(pending_rows(pg_dsn), 0), 10, "the rows to be marked")
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, 15)
     # Waves start at ~0 s and ~0.3 s; at ~0.6 s the 0.5 s budget is spent, so no batch has a third.
     assert max(hooks.waves_per_batch) == 2, hooks.waves_per_batch
     assert sum(hooks.waves_per_batch) == 8, hooks.waves_per_batch

@@ -8,7 +8,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ import asyncpg
 import nats
 import pytest
 from nats.js import api as js_api
-from support import wait_for
+from support import SQL, running, setup_db, wait_for
 
 from outbox_common import names
 from outbox_common.envelope import OutboxRow
@@ -24,14 +24,11 @@ from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.embedded import EmbeddedNats
 from outbox_worker.adapters.history_io import ledger_insert, verify
 from outbox_worker.adapters.publisher import JetStreamPublisher, Message
-from outbox_worker.adapters.store import migrate
-from outbox_worker.app.producers import ProducerPlan, prepare, produce
+from outbox_worker.app.producers import ProducerPlan, produce
 from outbox_worker.app.relay import RelayHooks
 from outbox_worker.app.worker import Worker
 from outbox_worker.core.policy import Outcome, PublishResult
-from outbox_worker.core.sql import Sql
 
-SQL = Sql.for_table("public", "outbox")
 STREAM = "FAILURES"
 
 
@@ -56,27 +53,6 @@ def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:
     }
     values.update(kw)
     return WorkerSettings(**values)
-
-
-@contextlib.asynccontextmanager
-async def running(settings: WorkerSettings, hooks: RelayHooks | None = None) -> AsyncIterator[Worker]:
-    worker = Worker(settings, hooks=hooks)
-    await worker.start()
-    task = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, 15)
-
-
-async def setup_db(dsn: str, partitions: int = 8) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn, SQL, partitions)
-        await prepare(conn, SQL)
-    finally:
-        await conn.close()
 
 
 async def insert(
