@@ -30,7 +30,6 @@ STATEMENTS = [
     "dead_letter",
     "retention_sweep",
     "pressure",
-    "pressure_all",
     "insert_event",
 ]
 FENCED = ["mark_delete", "mark_published", "mark_failed", "dead_letter"]

@@ -237,11 +237,9 @@ class OutboxStore:
         status = await self.pool.execute(self.sql.retention_sweep, retention, limit)
         return int(status.split()[-1])
 
-    async def pressure(self, partitions: Sequence[int] | None) -> tuple[int, float]:
-        if partitions is None:
-            row = await self.pool.fetchrow(self.sql.pressure_all)
-        else:
-            row = await self.pool.fetchrow(self.sql.pressure, list(partitions))
+    async def pressure(self, partitions: Sequence[int]) -> tuple[int, float]:
+        """Pending rows of ``partitions`` and the age in seconds of the oldest one."""
+        row = await self.pool.fetchrow(self.sql.pressure, list(partitions))
         assert row is not None
         return int(row[0]), float(row[1])
 

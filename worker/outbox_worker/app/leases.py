@@ -59,7 +59,6 @@ class LeaseManager:
         self.target = 0
         self._changed = asyncio.Event()
         self._rotation = 0
-        self.ticks = 0
         self.last_error = ""
         self.on_acquired: Callable[[], None] | None = None  # the worker wakes its loops
 
@@ -152,7 +151,6 @@ class LeaseManager:
             except Exception as exc:
                 self.last_error = f"lease renewal failed: {type(exc).__name__}"
                 log.warning("%s", self.last_error)
-            self.ticks += 1
             await asyncio.sleep(min(self._s.renew_interval, self._s.poll_interval_seconds))
 
     async def tick(self) -> None:

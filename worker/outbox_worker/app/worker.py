@@ -245,8 +245,6 @@ class Worker:
                 await asyncio.wait_for(self.leases.release_all(1.0), max(0.1, deadline - time.monotonic()))
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.store.leave(), 2)
-        with contextlib.suppress(Exception):
-            await self._report_once()
         if self.publisher is not None:
             await self.publisher.close(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
         if self.health is not None:

@@ -343,13 +343,6 @@ class Sql:
             FROM {self.outbox} WHERE partition = ANY($1::int[]) AND published_at IS NULL"""
 
     @property
-    def pressure_all(self) -> str:
-        return f"""
-            SELECT count(*)::bigint,
-                   COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
-            FROM {self.outbox} WHERE published_at IS NULL"""
-
-    @property
     def insert_event(self) -> str:
         """For producers in demo/bench/tests: $1 aggregate_type, $2 aggregate_id, $3 event_type,
         $4 payload, $5 headers (json text), $6 tenant. Returns id and event_id."""
