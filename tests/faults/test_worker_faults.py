@@ -96,39 +96,31 @@ async def _random_kills(rig: Rig, seconds: float, seed: int) -> dict[str, int]:
     return {"kills": kills, "events": events, "duplicate_acks_after_last_restart": dup_acks}
 
 
-async def test_random_worker_kills_30s_three_workers(pg_dsn: str, nats_url: str, make_rig: Callable[..., Rig]) -> None:
-    rig = make_rig(pg_dsn, nats_url)
+async def _random_kills_scenario(rig: Rig, seconds: float, seed: int, label: str, min_kills: int) -> None:
     await rig.prepare()
     await rig.create_stream()
     started = time.monotonic()
-    stats = await _random_kills(rig, 30, seed=11)
+    stats = await _random_kills(rig, seconds, seed=seed)
     report = await check(
         rig,
-        "random worker SIGKILLs for 30s, 3 workers",
+        label,
         f"{stats['kills']} SIGKILLs every 2-4s, each worker restarted at once with its id; 1,000 ev/s",
         seconds=time.monotonic() - started,
         extra=stats,
     )
-    assert stats["kills"] >= 7
+    assert stats["kills"] >= min_kills
     assert_clean(report)
+
+
+async def test_random_worker_kills_30s_three_workers(pg_dsn: str, nats_url: str, make_rig: Callable[..., Rig]) -> None:
+    await _random_kills_scenario(make_rig(pg_dsn, nats_url), 30, 11, "random worker SIGKILLs for 30s, 3 workers", 7)
 
 
 @pytest.mark.soak
 async def test_random_worker_kills_2min_three_workers(pg_dsn: str, nats_url: str, make_rig: Callable[..., Rig]) -> None:
-    rig = make_rig(pg_dsn, nats_url)
-    await rig.prepare()
-    await rig.create_stream()
-    started = time.monotonic()
-    stats = await _random_kills(rig, 120, seed=12)
-    report = await check(
-        rig,
-        "random worker SIGKILLs for 2 min, 3 workers (soak)",
-        f"{stats['kills']} SIGKILLs every 2-4s, each worker restarted at once with its id; 1,000 ev/s",
-        seconds=time.monotonic() - started,
-        extra=stats,
+    await _random_kills_scenario(
+        make_rig(pg_dsn, nats_url), 120, 12, "random worker SIGKILLs for 2 min, 3 workers (soak)", 30
     )
-    assert stats["kills"] >= 30
-    assert_clean(report)
 
 
 async def test_zombie_worker_frozen_past_its_lease(pg_dsn: str, nats_url: str, make_rig: Callable[..., Rig]) -> None:
