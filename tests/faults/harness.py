@@ -241,6 +241,25 @@ class WorkerProc:
         """The worker's /metrics, summed over label sets: {name or name{reason=...}: value}."""
         return parse_metrics(_http(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout)[1])
 
+    def serving_metrics(self, startup: float = 30.0) -> dict[str, float]:
+        """/metrics of a worker that may have just been (re)started: it serves only once connected
+        to both servers, so connection refusals are retried while the process lives, ≤ ``startup`` s."""
+        deadline = time.monotonic() + startup
+        while True:
+            try:
+                return self.metrics(2.0)
+            except ConnectionRefusedError:
+                pass
+            except urllib.error.URLError as exc:
+                if not isinstance(exc.reason, ConnectionRefusedError):
+                    raise
+            if self.pid is None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.name} did not serve /metrics within {startup}s (alive: {self.pid is not None}); "
+                    f"log tail:\n{self.log_text()[-2000:]}"
+                )
+            time.sleep(0.2)
+
     def ready(self, timeout: float = 1.0) -> bool | None:
         """/readyz: True, False, or None when the worker does not answer."""
         try:

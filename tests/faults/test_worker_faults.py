@@ -52,7 +52,7 @@ async def test_worker_killed_between_publish_and_mark(pg_dsn: str, nats_url: str
     w2 = rig.worker("w2")
     takeover = await wait_for(lambda: _holds_all(rig, "w2"), 30, what="w2 took over every partition")
     await wait_drained(rig, 60)
-    dup_acks = int(w2.metrics(2.0).get("outbox_duplicates_total", 0))
+    dup_acks = int(w2.serving_metrics().get("outbox_duplicates_total", 0))
     codes = rig.stop_all()
     assert codes == [None, 0]
     report = await check(
@@ -90,7 +90,7 @@ async def _random_kills(rig: Rig, seconds: float, seed: int) -> dict[str, int]:
         victim.start()
     await asyncio.wait_for(producer, seconds + 90)
     await wait_drained(rig, 90)
-    dup_acks = sum(int(w.metrics(2.0).get("outbox_duplicates_total", 0)) for w in workers if w.pid)
+    dup_acks = sum(int(w.serving_metrics().get("outbox_duplicates_total", 0)) for w in workers if w.pid)
     codes = rig.stop_all()
     assert codes == [0, 0, 0]
     return {"kills": kills, "events": events, "duplicate_acks_after_last_restart": dup_acks}
@@ -198,7 +198,7 @@ async def test_sigterm_under_load_exits_0_within_grace(
     takeover = await wait_for(lambda: _holds_all(rig, "w2"), 20, 0.1, what="w2 took over every partition")
     await asyncio.wait_for(producer, 90)
     await wait_drained(rig, 60)
-    dup_acks = int(w2.metrics(2.0).get("outbox_duplicates_total", 0))
+    dup_acks = int(w2.serving_metrics().get("outbox_duplicates_total", 0))
     codes = [code, w2.terminate()]
     report = await check(
         rig,

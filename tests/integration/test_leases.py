@@ -99,7 +99,7 @@ class LeaseSampler:
         holders: dict[int, list[str]] = {}
         for wid, mine in before.items():
             for p, epoch in mine.items():
-                if after[wid].get(p) != epoch:
+                if after.get(wid, {}).get(p) != epoch:  # a worker may leave during the query
                     continue  # changed during the query: not a stable observation
                 holders.setdefault(p, []).append(wid)
                 row = table[p]
@@ -118,9 +118,14 @@ class LeaseSampler:
         self.samples += 1
 
     async def run(self) -> None:
-        while True:
-            await self.sample()
-            await asyncio.sleep(0.02)
+        """Sample until cancelled; a crash is recorded as a violation, so it cannot pass unseen."""
+        try:
+            while True:
+                await self.sample()
+                await asyncio.sleep(0.02)
+        except Exception as exc:
+            self.violations.append(f"the sampler crashed after {self.samples} samples: {exc!r}")
+            raise
 
 
 async def live_shares(pool: asyncpg.Pool) -> Counter[str]:
