@@ -4,6 +4,7 @@ unsafe identifiers, installs a NOTIFY trigger, and gives the claim a plan that w
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -245,7 +246,7 @@ async def test_claim_uses_the_pending_index_under_a_generic_plan(pg_dsn: str) ->
         await conn.execute("ANALYZE outbox")
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         for name in ("claim_ordered", "claim_unordered"):
-            plan = await _plan(conn, name, getattr(SQL, name), "'{0,1,2,3}'::int[], 1000")
+            plan = await _plan(conn, name, getattr(SQL, name), "'{0,1,2,3}'::int[], 250, 1000")
             scans = _scans(plan)
             claim_scan = next(s for s in scans if s[1] == "outbox")
             assert claim_scan == ("Index Scan", "outbox", "outbox_pending_idx"), scans
@@ -259,6 +260,54 @@ async def test_claim_uses_the_pending_index_under_a_generic_plan(pg_dsn: str) ->
         assert all(s[0] != "Seq Scan" or s[1] != "outbox" for s in _scans(plan)), _scans(plan)
     finally:
         await conn.close()
+
+
+async def test_claim_spreads_a_batch_over_partitions_and_keeps_it_full(pg_dsn: str) -> None:
+    """A batch takes the first pending rows of every partition (so it holds few events per aggregate),
+    in (partition, id) order; once some partitions are idle, the busy ones get their share."""
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn, SQL, 4)
+            await conn.execute(  # ~100 rows in each partition (the partition is a hash of aggregate_id)
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+                "SELECT 'o', g::text, 'e', 'x' FROM generate_series(1, 400) g"
+            )
+        late = await pool.fetchval("SELECT aggregate_id FROM outbox WHERE partition = 3 LIMIT 1")
+        store = OutboxStore(pool, SQL, "p", "w")
+        rows, more = await store.claim([0, 1, 2, 3], 20, True)
+        assert [r.partition for r in rows] == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+        assert all(a.id < b.id for a, b in itertools.pairwise(rows) if a.partition == b.partition)
+        assert more
+        # the first rows of each partition, in id order
+        first = await pool.fetch("SELECT partition, min(id) AS id FROM outbox GROUP BY partition ORDER BY 1")
+        assert [r.id for r in rows[::5]] == [r["id"] for r in first]
+        # partitions 2 and 3 run dry: after one claim that sees it, 0 and 1 fill the batch
+        await pool.execute("DELETE FROM outbox WHERE partition IN (2, 3)")
+        await pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r.id for r in rows])
+        rows, more = await store.claim([0, 1, 2, 3], 20, True)
+        assert len(rows) == 10
+        assert more
+        rows, more = await store.claim([0, 1, 2, 3], 20, True)
+        assert [r.partition for r in rows] == [0] * 10 + [1] * 10
+        assert more
+        # rows arriving in an idle partition are claimed at once, within the batch limit
+        await pool.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('o', $1, 'e', 'x')", late
+        )
+        rows, more = await store.claim([0, 1, 2, 3], 20, True)
+        assert len(rows) == 20
+        assert 3 in {r.partition for r in rows}
+        assert more
+        # the last rows: not full, nothing more
+        await pool.execute("DELETE FROM outbox WHERE partition <> 1")
+        remaining = await pool.fetchval("SELECT count(*) FROM outbox")
+        rows, more = await store.claim([0, 1, 2, 3], 1000, True)
+        assert len(rows) == remaining
+        assert not more
+    finally:
+        await pool.close()
 
 
 async def test_ledger_and_checker_wiring(pg_dsn: str) -> None:

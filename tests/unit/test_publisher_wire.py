@@ -5,12 +5,25 @@ would, rejects what nats-py would reject, and that the private nats-py methods i
 from __future__ import annotations
 
 import inspect
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from nats import errors as nats_errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
-from outbox_worker.adapters.publisher import InvalidMessageError, encode_hpub
+from outbox_common import names
+from outbox_common.envelope import HeaderBlock, InvalidSubjectError, OutboxRow, build_headers
+from outbox_common.settings import WorkerSettings
+from outbox_worker.adapters.publisher import (
+    InvalidMessageError,
+    JetStreamPublisher,
+    Message,
+    _Wave,
+    encode_headers,
+    encode_hpub,
+)
+from outbox_worker.core.policy import Outcome
 
 HEADER_SETS = [
     {},
@@ -65,3 +78,95 @@ def test_private_nats_py_api_used_by_the_publisher_exists() -> None:
     assert inspect.iscoroutinefunction(Client._send_command)
     assert inspect.iscoroutinefunction(Client._flush_pending)
     assert isinstance(Client.is_draining_pubs, property)
+
+
+def _row(**kw: object) -> OutboxRow:
+    base: dict[str, object] = {
+        "id": 9_007_199_254_740_993,
+        "event_id": "0b4a2a4e-8d6c-4a53-9a49-3f1f4f0d1c11",
+        "partition": 3,
+        "aggregate_type": "order",
+        "aggregate_id": "o-1",
+        "event_type": "created",
+        "tenant": "",
+        "payload": b"{}",
+        "headers": {},
+        "created_at": datetime(2026, 1, 2, 3, 4, 5, 120, tzinfo=UTC),
+        "attempts": 0,
+    }
+    base.update(kw)
+    return OutboxRow(**base)  # type: ignore[arg-type]
+
+
+ROWS = [
+    _row(),
+    _row(headers={"traceparent": "00-abc-def-01"}, tenant="acme"),
+    _row(aggregate_id="  padded\r\nid ", event_type="line\nbreak", aggregate_type=" t ", tenant=" \r\n"),
+    _row(headers={"Outbox-Seq": "forged", "nats-msg-id": "forged", " x-a ": "1", "x-a": "2", "": "skip"}),
+    _row(headers={"X-Unicode": "grüße ✓", "X-Empty": "", "X-Tab": "\tv\t"}, aggregate_id="ünï"),
+    _row(created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-5)))),
+]
+
+
+@pytest.mark.parametrize("row", ROWS)
+async def test_header_block_is_the_relay_headers_as_nats_py_encodes_them(row: OutboxRow) -> None:
+    """The relay renders headers in one pass (HeaderBlock); the bytes must be build_headers + the
+    expected stream, exactly as nats-py would send them."""
+    headers = build_headers(row, "pub-1")
+    headers[names.HDR_EXPECTED_STREAM] = "EVENTS"
+    block = HeaderBlock("pub-1", "EVENTS")
+    rendered = block.render(row)
+    assert rendered == block.render(row)  # the cached lines change nothing
+    assert rendered == encode_headers(headers)
+    frame, _ = encode_hpub("a.b", "_INBOX.x.1", rendered, row.payload)
+    assert frame == await _nats_py_frame("a.b", "_INBOX.x.1", headers, row.payload)
+
+
+def test_header_block_renders_each_rows_own_created_at() -> None:
+    block = HeaderBlock("p", "S")
+    utc = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    same_instant_elsewhere = utc.astimezone(timezone(timedelta(hours=2)))
+    later = utc + timedelta(microseconds=1)
+    for ts in (utc, utc, same_instant_elsewhere, later, utc):
+        row = _row(created_at=ts)
+        assert block.render(row) == HeaderBlock("p", "S").render(row)
+        assert f"Outbox-Created-At: {ts.isoformat()}\r\n".encode() in block.render(row)
+
+
+@pytest.mark.parametrize("name", ["bad name", "colon:", "ü"])
+def test_header_block_refuses_header_names_nats_py_refuses(name: str) -> None:
+    with pytest.raises(InvalidSubjectError, match="invalid header name"):
+        HeaderBlock("p", "S").render(_row(headers={name: "v"}))
+
+
+@pytest.mark.parametrize(
+    ("data", "outcome", "seq"),
+    [
+        (b'{"stream":"EVENTS","seq":17}', Outcome.ACKED, 17),
+        (b'{"stream":"EVENTS","seq":18,"duplicate":true}', Outcome.DUPLICATE, 18),
+        (b'{"stream":"EVENTS","domain":"hub","seq":19}', Outcome.ACKED, 19),
+        (b'{ "stream": "EVENTS", "seq": 20 }', Outcome.ACKED, 20),
+        (b'{"seq":21, "duplicate": true, "stream":"EVENTS"}', Outcome.DUPLICATE, 21),
+        (b'{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}', Outcome.RETRYABLE, 0),
+        (b'{"error":{"code":400,"err_code":10060,"description":"expected stream does not match"}}', Outcome.CONFIG, 0),
+        (b"not json", Outcome.RETRYABLE, 0),
+    ],
+)
+async def test_ack_payloads_resolve_to_their_outcome(data: bytes, outcome: Outcome, seq: int) -> None:
+    """Acks are read without a JSON decode when they have the server's usual shape; every shape the
+    fast path does not recognise falls back to the decoder."""
+    pub = JetStreamPublisher(WorkerSettings(database_url="postgresql://x@localhost/db"))
+    wave = _Wave([None], 0.0, 1)
+    pub._pending[7] = (wave, 0)
+    await pub._on_ack(Msg(None, subject="_INBOX.abc.7", data=data))  # type: ignore[arg-type]
+    result = wave.results[0]
+    assert result is not None
+    assert (result.outcome, result.seq) == (outcome, seq)
+    assert not pub._pending
+
+
+def test_message_accepts_an_encoded_header_block() -> None:
+    msg = Message("a.b", b"x", HeaderBlock("p", "S").render(_row()))
+    frame, size = encode_hpub(msg.subject, "_INBOX.x.1", msg.headers, msg.payload)
+    assert frame.startswith(b"HPUB a.b _INBOX.x.1 ")
+    assert size == len(msg.headers) + 1

@@ -140,9 +140,12 @@ def test_pending_index_matches_the_claim_order() -> None:
     assert "(partition, id) WHERE published_at IS NULL" in ddl
     for name in ("claim_ordered", "claim_unordered"):
         text = " ".join(getattr(SQL, name).split())
-        assert "ORDER BY o.partition, o.id" in text
-        assert "o.published_at IS NULL" in text
-        assert "LIMIT $2" in text
+        # per partition: an id-ordered walk of its pending rows, its share at most
+        assert "WHERE o.partition = p.partition AND o.published_at IS NULL" in text
+        assert "ORDER BY o.id LIMIT $2" in text
+        # the batch: cut fairly to the limit, returned in (partition, id) order
+        assert "ORDER BY rank, c.partition LIMIT $3" in text
+        assert text.endswith("ORDER BY b.partition, b.id")
 
 
 def test_ordered_claim_holds_back_later_rows_of_a_held_aggregate() -> None:

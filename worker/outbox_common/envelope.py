@@ -18,10 +18,12 @@ from outbox_common import names
 MAX_TOKEN = 256
 MAX_SUBJECT = 1024
 _BAD = re.compile(r"[\s.*>\x00]")
+# nats-py 2.16's rule for header names (nats/aio/client.py); values are stripped and CR/LF become spaces.
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class InvalidSubjectError(ValueError):
-    """A row's values cannot form a valid subject."""
+    """A row's values cannot form a valid subject (or header): it can never be published."""
 
 
 def sanitize_token(value: str) -> str:
@@ -61,9 +63,10 @@ class SubjectTemplate:
         return ".".join("*" if ph else v for ph, v in self.parts)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutboxRow:
-    """One pending row, as claimed."""
+    """One pending row, as claimed. Read-only by convention: not frozen, because a claim builds a
+    thousand of these per batch and a frozen dataclass costs 2.5 times as much to construct."""
 
     id: int
     event_id: str
@@ -103,6 +106,81 @@ def build_headers(row: OutboxRow, publisher: str) -> dict[str, str]:
     if row.tenant:
         headers[names.HDR_TENANT] = row.tenant
     return headers
+
+
+def header_value(value: str) -> str:
+    """A header value as NATS clients send it: stripped, CR/LF replaced by spaces."""
+    value = value.strip()
+    if "\r" in value or "\n" in value:
+        value = value.replace("\r", " ").replace("\n", " ")
+    return value
+
+
+class HeaderBlock:
+    """Renders the NATS header block (``NATS/1.0\\r\\n`` … blank line) of a row's message: exactly
+    :func:`build_headers` plus ``Nats-Expected-Stream``, encoded as nats-py would (a unit test compares
+    the bytes), in one pass.
+
+    Why: building the headers dict and encoding it header by header was ~6 µs of the relay's ~28 µs
+    CPU per event. The lines that depend only on (event type, aggregate type) and on the tenant are
+    cached (bounded), like rendered subjects. Raises :class:`InvalidSubjectError` for a user header
+    name NATS would refuse.
+    """
+
+    _CACHE_LIMIT = 10_000
+
+    def __init__(self, publisher: str, stream: str) -> None:
+        self._publisher_line = f"{names.HDR_PUBLISHER}: {header_value(publisher)}\r\n"
+        self._stream_line = f"{names.HDR_EXPECTED_STREAM}: {header_value(stream)}\r\n\r\n"
+        self._types: dict[tuple[str, str], str] = {}
+        self._tails: dict[str, str] = {}
+        self._names: set[str] = set()  # user header names already checked
+        # created_at defaults to now(), the transaction's start: rows of one transaction share it.
+        self._created: tuple[datetime | None, str] = (None, "")
+
+    def render(self, row: OutboxRow) -> bytes:
+        types = self._types.get((row.event_type, row.aggregate_type))
+        if types is None:
+            types = (
+                f"{names.HDR_EVENT_TYPE}: {header_value(row.event_type)}\r\n"
+                f"{names.HDR_AGGREGATE_TYPE}: {header_value(row.aggregate_type)}\r\n"
+            )
+            if len(self._types) >= self._CACHE_LIMIT:
+                self._types.clear()
+            self._types[(row.event_type, row.aggregate_type)] = types
+        tail = self._tails.get(row.tenant)
+        if tail is None:
+            tenant = f"{names.HDR_TENANT}: {header_value(row.tenant)}\r\n" if row.tenant else ""
+            tail = self._publisher_line + tenant + self._stream_line
+            if len(self._tails) >= self._CACHE_LIMIT:
+                self._tails.clear()
+            self._tails[row.tenant] = tail
+        created, ts = self._created, row.created_at
+        if created[0] is None or created[0] != ts or created[0].tzinfo is not ts.tzinfo:  # equal, other offset
+            created = self._created = (ts, ts.isoformat())
+        return (
+            f"NATS/1.0\r\n{self._user_lines(row.headers) if row.headers else ''}"
+            f"{names.HDR_MSG_ID}: {header_value(row.event_id)}\r\n{types}"
+            f"{names.HDR_AGGREGATE_ID}: {header_value(row.aggregate_id)}\r\n{names.HDR_OUTBOX_ID}: {row.id}\r\n"
+            f"{names.HDR_CREATED_AT}: {created[1]}\r\n{tail}"
+        ).encode()
+
+    def _user_lines(self, headers: Mapping[str, str]) -> str:
+        kept: dict[str, str] = {}  # same filtering and last-wins as build_headers
+        for k, v in headers.items():
+            key = k.strip()
+            if key and key.lower() not in _RESERVED_LOWER and not key.lower().startswith("nats-"):
+                kept[key] = v
+        lines = []
+        for key, v in kept.items():
+            if key not in self._names:
+                if not HEADER_NAME.fullmatch(key):
+                    raise InvalidSubjectError(f"invalid header name {key!r}"[:200])
+                if len(self._names) >= self._CACHE_LIMIT:
+                    self._names.clear()
+                self._names.add(key)
+            lines.append(f"{key}: {header_value(v)}\r\n")
+        return "".join(lines)
 
 
 def subject_fields(row: OutboxRow) -> dict[str, str]:

@@ -36,6 +36,7 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 
 from outbox_common import names
+from outbox_common.envelope import HEADER_NAME, header_value
 from outbox_common.settings import StreamMode, WorkerSettings
 from outbox_worker.core.policy import Outcome, PublishResult, classify_error_ack
 from outbox_worker.core.subjects import subject_covers
@@ -44,10 +45,8 @@ log = logging.getLogger(__name__)
 
 _STATUS = "Status"
 _DESCRIPTION = "Description"
-# nats-py 2.16's own rules (nats/aio/client.py): subjects without whitespace, header names of these
-# characters; header values are stripped and CR/LF become spaces.
+# nats-py 2.16's rule (nats/aio/client.py): subjects without whitespace.
 _SUBJECT_INVALID = re.compile(r"[ \t\r\n]")
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _valid_names: set[str] = set()  # header names already checked (bounded)
 
 
@@ -55,9 +54,28 @@ class InvalidMessageError(ValueError):
     """A message that NATS would refuse (bad subject or header name): it can never be published."""
 
 
-def encode_hpub(subject: str, reply: str, headers: Mapping[str, str], payload: bytes) -> tuple[bytes, int]:
+def encode_headers(headers: Mapping[str, str]) -> bytes:
+    """The header block (``NATS/1.0`` line, one line per header, blank line) nats-py writes for
+    ``headers``. Raises InvalidMessageError for a header name nats-py refuses."""
+    lines = ["NATS/1.0\r\n"]
+    for k, v in headers.items():
+        key = k.strip()
+        if not key:
+            continue
+        if key not in _valid_names:
+            if not HEADER_NAME.fullmatch(key):
+                raise InvalidMessageError(f"invalid header name {key!r}"[:200])
+            if len(_valid_names) < 4096:
+                _valid_names.add(key)
+        lines.append(f"{key}: {header_value(v)}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode()
+
+
+def encode_hpub(subject: str, reply: str, headers: Mapping[str, str] | bytes, payload: bytes) -> tuple[bytes, int]:
     """The ``HPUB`` frame nats-py's ``Client.publish`` writes for these arguments, byte for byte (a
     unit test compares them), and the size the server counts against max_payload (headers + payload).
+    ``headers`` is a mapping, or a header block already encoded (:class:`~outbox_common.envelope.HeaderBlock`).
 
     Why not ``Client.publish``: it validates and encodes every header value character by character
     (``str.translate`` with a dict), ~10 µs per message with the relay's nine headers, the largest
@@ -65,24 +83,9 @@ def encode_hpub(subject: str, reply: str, headers: Mapping[str, str], payload: b
     """
     if not subject or _SUBJECT_INVALID.search(subject):
         raise InvalidMessageError(f"invalid subject {subject!r}"[:200])
-    lines = ["NATS/1.0\r\n"]
-    for k, v in headers.items():
-        key = k.strip()
-        if not key:
-            continue
-        if key not in _valid_names:
-            if not _HEADER_NAME.fullmatch(key):
-                raise InvalidMessageError(f"invalid header name {key!r}"[:200])
-            if len(_valid_names) < 4096:
-                _valid_names.add(key)
-        value = v.strip()
-        if "\r" in value or "\n" in value:
-            value = value.replace("\r", " ").replace("\n", " ")
-        lines.append(f"{key}: {value}\r\n")
-    lines.append("\r\n")
-    hdr = "".join(lines).encode()
+    hdr = headers if isinstance(headers, bytes) else encode_headers(headers)
     total = len(hdr) + len(payload)
-    return b"".join((f"HPUB {subject} {reply} {len(hdr)} {total}\r\n".encode(), hdr, payload, b"\r\n")), total
+    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject.encode(), reply.encode(), len(hdr), total, hdr, payload), total
 
 
 class NatsConfigError(Exception):
@@ -97,13 +100,13 @@ class NatsUnavailableError(Exception):
 class Message:
     subject: str
     payload: bytes
-    headers: dict[str, str]
+    headers: Mapping[str, str] | bytes  # a mapping, or an encoded header block (HeaderBlock.render)
 
 
 @dataclass(slots=True)
 class _Wave:
     results: list[PublishResult | None]
-    sent_at: list[float]
+    sent_at: float  # one write per wave: every message of it was sent at once
     remaining: int
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -288,7 +291,7 @@ class JetStreamPublisher:
         Returns within ``ack_timeout`` of the last send. Never raises for a per-message problem.
         """
         n = len(messages)
-        wave = _Wave([None] * n, [0.0] * n, n)
+        wave = _Wave([None] * n, time.monotonic(), n)
         if n == 0:
             return []
         nc = self._nc
@@ -301,7 +304,6 @@ class JetStreamPublisher:
         limit = self._max_payload
         frames: list[bytes] = []
         tokens: list[int] = []
-        now = time.monotonic()
         for i, m in enumerate(messages):
             self._token += 1
             token = self._token
@@ -321,7 +323,6 @@ class JetStreamPublisher:
                 )
                 continue
             pending[token] = (wave, i)
-            wave.sent_at[i] = now
             frames.append(frame)
             tokens.append(token)
         if frames:
@@ -375,8 +376,22 @@ class JetStreamPublisher:
             else:
                 wave.resolve(index, PublishResult(Outcome.RETRYABLE, names.REASON_SERVER_ERROR, f"{status} {desc}"))
             return
-        self.ack_latencies.append(time.monotonic() - wave.sent_at[index])
+        self.ack_latencies.append(time.monotonic() - wave.sent_at)
         data = msg.data
+        if b'"error"' not in data and b" " not in data:
+            # The server's compact shape, without a JSON decode: {"stream":"S","seq":7[,"duplicate":true]}.
+            at = data.find(b'"seq":')
+            end = data.find(b",", at) if at >= 0 else -1
+            if end < 0:
+                end = data.find(b"}", at)
+            try:
+                seq = int(data[at + 6 : end]) if at >= 0 and end > at else -1
+            except ValueError:
+                seq = -1  # not the shape above: decode it below
+            if seq >= 0:
+                outcome = Outcome.DUPLICATE if b'"duplicate":true' in data else Outcome.ACKED
+                wave.resolve(index, PublishResult(outcome, seq=seq))
+                return
         try:
             ack = json.loads(data)
         except ValueError:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -130,6 +131,11 @@ def _row(r: asyncpg.Record) -> OutboxRow:
     )
 
 
+class Claim(NamedTuple):
+    rows: list[OutboxRow]
+    more: bool  # some partition returned its whole share: claim again without waiting
+
+
 class OutboxStore:
     """Statements of one worker of one publisher on one outbox table."""
 
@@ -138,6 +144,7 @@ class OutboxStore:
         self.sql = sql
         self.publisher = publisher
         self.owner = owner
+        self._idle: set[int] = set()  # partitions whose last claim found no due row
 
     async def check_schema(self) -> int:
         """Return the partition count; raise SchemaError with the fix if tables are missing."""
@@ -195,10 +202,31 @@ class OutboxStore:
         return list(await self.pool.fetch(self.sql.lease_table, self.publisher))
 
     # --- rows -------------------------------------------------------------------------------------
-    async def claim(self, partitions: Sequence[int], limit: int, ordered: bool) -> list[OutboxRow]:
+    async def claim(self, partitions: Sequence[int], limit: int, ordered: bool) -> Claim:
+        """At most ``limit`` due pending rows of ``partitions``, spread over them (see Sql.claim_ordered),
+        in (partition, id) order; ``more`` when some partition may hold more right now.
+
+        Each partition's share is ``limit`` over the partitions that had rows at their last claim,
+        so a batch stays full when only a few partitions are busy; one that was idle still gets a
+        share, and when the shares exceed ``limit`` every partition's last rows are cut first, so
+        rows arriving in an idle partition wait at most one claim.
+        """
+        parts = list(partitions)
+        if not parts:
+            return Claim([], False)
+        busy = sum(1 for p in parts if p not in self._idle) or len(parts)
+        share = -(-limit // busy)
         stmt = self.sql.claim_ordered if ordered else self.sql.claim_unordered
-        rows = await self.pool.fetch(stmt, list(partitions), limit)
-        return [_row(r) for r in rows]
+        records = await self.pool.fetch(stmt, parts, share, limit)
+        rows = [_row(r) for r in records]
+        counts = Counter(r.partition for r in rows)
+        full = len(rows) >= limit
+        for p in parts:
+            if counts[p]:
+                self._idle.discard(p)
+            elif not full or limit >= len(parts):  # else the cut may have taken its first row
+                self._idle.add(p)
+        return Claim(rows, full or any(n >= share for n in counts.values()))
 
     async def mark_done(self, fence: Fence, ids: Sequence[int], delete: bool) -> int:
         """Delete (or mark published) acked rows, only while ``fence`` still holds. Returns rows changed."""

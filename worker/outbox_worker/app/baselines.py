@@ -19,8 +19,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from outbox_common import names
-from outbox_common.envelope import OutboxRow, SubjectTemplate, build_headers, subject_fields
+from outbox_common.envelope import HeaderBlock, OutboxRow, SubjectTemplate, subject_fields
 from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.publisher import JetStreamPublisher, Message
 from outbox_worker.adapters.store import OutboxStore, connect_pool
@@ -43,13 +42,6 @@ class BaselineResult:
         return {k: float(getattr(self, k)) for k in self.__dataclass_fields__}
 
 
-def relay_headers(row: OutboxRow, settings: WorkerSettings) -> dict[str, str]:
-    """The headers the relay sends for ``row`` (app/relay.py): the envelope's plus the expected stream."""
-    headers = build_headers(row, settings.publisher)
-    headers[names.HDR_EXPECTED_STREAM] = settings.stream
-    return headers
-
-
 async def _publisher(settings: WorkerSettings) -> JetStreamPublisher:
     pub = JetStreamPublisher(settings, name="outbox-bench-baseline")
     await pub.connect()
@@ -61,6 +53,7 @@ async def naive_relay(settings: WorkerSettings, events: int, timeout: float = 60
     """Relay ``events`` rows of ``settings``' outbox table one at a time (see the module docstring)."""
     sql = Sql.for_table(settings.db_schema, settings.table)
     template = SubjectTemplate.parse(settings.subject_template)
+    headers = HeaderBlock(settings.publisher, settings.stream)  # the relay's headers (app/relay.py)
     pub = await _publisher(settings)
     pool = await connect_pool(settings.database_url.get_secret_value(), size=2)
     store = OutboxStore(pool, sql, settings.publisher, "naive")
@@ -71,12 +64,12 @@ async def naive_relay(settings: WorkerSettings, events: int, timeout: float = 60
     deadline = time.monotonic() + timeout
     try:
         while published < events and time.monotonic() < deadline:
-            rows = await store.claim(parts, 100, True)
+            rows = (await store.claim(parts, 100, True)).rows
             if not rows:
                 await asyncio.sleep(0.01)
                 continue
             for row in rows:
-                msg = Message(template.render(subject_fields(row)), row.payload, relay_headers(row, settings))
+                msg = Message(template.render(subject_fields(row)), row.payload, headers.render(row))
                 (res,) = await pub.publish_wave([msg])
                 if not res.ok:
                     failed += 1
@@ -122,6 +115,7 @@ def synthetic_truth(events: int, aggregates: int) -> list[CommittedEvent]:
 async def publish_ceiling(settings: WorkerSettings, rows: list[OutboxRow]) -> BaselineResult:
     """Publish ``rows`` with no database: ``settings.loops`` loops, waves of ``settings.batch_size``."""
     template = SubjectTemplate.parse(settings.subject_template)
+    headers = HeaderBlock(settings.publisher, settings.stream)  # the relay's headers (app/relay.py)
     pub = await _publisher(settings)
     batches = [rows[i : i + settings.batch_size] for i in range(0, len(rows), settings.batch_size)]
     published = failed = 0
@@ -129,9 +123,7 @@ async def publish_ceiling(settings: WorkerSettings, rows: list[OutboxRow]) -> Ba
     async def loop(mine: list[list[OutboxRow]]) -> None:
         nonlocal published, failed
         for batch in mine:
-            messages = [
-                Message(template.render(subject_fields(r)), r.payload, relay_headers(r, settings)) for r in batch
-            ]
+            messages = [Message(template.render(subject_fields(r)), r.payload, headers.render(r)) for r in batch]
             for res in await pub.publish_wave(messages):
                 if res.ok:
                     published += 1

@@ -506,7 +506,7 @@ class _Bench:
                 times = []
                 while True:
                     t0 = time.perf_counter()
-                    rows = await store.claim(fence.partitions, BATCH, True)
+                    rows = (await store.claim(fence.partitions, BATCH, True)).rows
                     if not rows:
                         break
                     times.append(time.perf_counter() - t0)

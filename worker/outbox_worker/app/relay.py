@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 from outbox_common import names
 from outbox_common.envelope import (
+    HeaderBlock,
     InvalidSubjectError,
     OutboxRow,
     SubjectTemplate,
-    build_headers,
     subject_fields,
 )
 from outbox_common.settings import MarkMode, OrderingMode, WorkerSettings
@@ -95,6 +95,8 @@ class RelayLoop:
         # handful of subjects, and rendering sanitizes every token. Bounded; failures never cached.
         self._subjects: dict[tuple[str, str, str, str], str] = {}
         self._subject_by_id = (True, "aggregate_id") in self._template.parts
+        # Headers: build_headers + Nats-Expected-Stream (stored there or refused, never elsewhere).
+        self._headers = HeaderBlock(settings.publisher, settings.stream)
         self._ordered = settings.ordering == OrderingMode.PER_AGGREGATE
         self._stopping = False
         self.hooks = hooks or RelayHooks()
@@ -122,11 +124,11 @@ class RelayLoop:
                     await asyncio.wait_for(self._wakeup.wait(), s.poll_interval_seconds)
 
     async def _one_batch(self, parts: dict[int, int]) -> bool:
-        """Claim and relay one batch of ``parts``; True if the batch was full (more may be waiting)."""
+        """Claim and relay one batch of ``parts``; True if more rows may be waiting."""
         s = self._s
         started = time.monotonic()
         try:
-            rows = await self._store.claim(sorted(parts), s.batch_size, self._ordered)
+            rows, more = await self._store.claim(sorted(parts), s.batch_size, self._ordered)
         except Exception as exc:
             self._error(f"claim failed: {type(exc).__name__}")
             await asyncio.sleep(min(s.poll_interval_seconds, 1.0))
@@ -137,7 +139,7 @@ class RelayLoop:
         await self._mark(parts, outcome)
         self._stats.batches += 1
         self._metrics.batch_latency.observe(time.monotonic() - started)
-        return len(rows) >= s.batch_size
+        return more
 
     async def _publish(self, rows: list[OutboxRow], parts: dict[int, int], deadline: float) -> _BatchOutcome:
         s = self._s
@@ -163,13 +165,12 @@ class RelayLoop:
             for row in wave:
                 try:
                     subject = self._subject(row)
+                    headers = self._headers.render(row)
                 except InvalidSubjectError as exc:
                     self._failed(
                         row, PublishResult(Outcome.PERMANENT, names.REASON_INVALID_SUBJECT, str(exc)), out, blocked
                     )
                     continue
-                headers = build_headers(row, s.publisher)
-                headers[names.HDR_EXPECTED_STREAM] = s.stream  # stored there or refused, never elsewhere
                 messages.append(Message(subject, row.payload, headers))
                 sendable.append(row)
             self._metrics.in_flight.inc(len(messages))

@@ -238,35 +238,54 @@ class Sql:
         "o.id, o.event_id::text, o.partition, o.aggregate_type, o.aggregate_id, o.event_type, "
         "o.tenant, o.payload, o.headers::text, o.created_at, o.attempts"
     )
+    _CLAIMED = (  # the same columns, by name, from the claim's inner query
+        "id, event_id, partition, aggregate_type, aggregate_id, event_type, tenant, payload, headers, "
+        "created_at, attempts"
+    )
 
     @property
     def claim_ordered(self) -> str:
-        """$1 partitions[], $2 limit. Due pending rows in (partition, id) order.
+        """$1 partitions[], $2 rows per partition, $3 rows in all. Due pending rows, the first of each
+        partition in id order, returned in (partition, id) order.
+
+        Spread over partitions: a batch of one partition holds several events of many aggregates,
+        and per-aggregate order then splits it into several waves, each a round trip; the same
+        number of rows over all the loop's partitions mostly fits in one wave.
 
         A row is skipped while an earlier row of the same aggregate is held back (delayed publish or
         retry backoff), so an aggregate's events never overtake each other. No row locks: the
         partition lease makes the caller the only publisher of these rows.
         """
-        return f"""
-            SELECT {self._COLUMNS} FROM {self.outbox} AS o
-            WHERE o.partition = ANY($1::int[]) AND o.published_at IS NULL
-              AND (o.not_before IS NULL OR o.not_before <= now())
-              AND NOT EXISTS (
-                  SELECT 1 FROM {self.outbox} AS h
-                  WHERE h.partition = o.partition AND h.aggregate_id = o.aggregate_id
-                    AND h.id < o.id AND h.not_before > now() AND h.published_at IS NULL)
-            ORDER BY o.partition, o.id
-            LIMIT $2"""
+        return self._claim(
+            f"""
+                  AND NOT EXISTS (
+                      SELECT 1 FROM {self.outbox} AS h
+                      WHERE h.partition = o.partition AND h.aggregate_id = o.aggregate_id
+                        AND h.id < o.id AND h.not_before > now() AND h.published_at IS NULL)"""
+        )
 
     @property
     def claim_unordered(self) -> str:
-        """$1 partitions[], $2 limit. Due pending rows; no per-aggregate hold-back."""
+        """Like :attr:`claim_ordered`, without the per-aggregate hold-back."""
+        return self._claim("")
+
+    def _claim(self, hold_back: str) -> str:
+        # Each partition is an index walk of (partition, id) over pending rows only. When the shares
+        # add up to more than $3, the cut takes every partition's last rows first (rank, then
+        # partition), so each partition with a due row keeps at least its first one.
         return f"""
-            SELECT {self._COLUMNS} FROM {self.outbox} AS o
-            WHERE o.partition = ANY($1::int[]) AND o.published_at IS NULL
-              AND (o.not_before IS NULL OR o.not_before <= now())
-            ORDER BY o.partition, o.id
-            LIMIT $2"""
+            SELECT {self._CLAIMED} FROM (
+                SELECT c.*, row_number() OVER (PARTITION BY c.partition ORDER BY c.id) AS rank
+                FROM unnest($1::int[]) AS p(partition)
+                CROSS JOIN LATERAL (
+                    SELECT {self._COLUMNS} FROM {self.outbox} AS o
+                    WHERE o.partition = p.partition AND o.published_at IS NULL
+                      AND (o.not_before IS NULL OR o.not_before <= now()){hold_back}
+                    ORDER BY o.id
+                    LIMIT $2) AS c
+                ORDER BY rank, c.partition
+                LIMIT $3) AS b
+            ORDER BY b.partition, b.id"""
 
     # --- marks, all fenced by (publisher, owner, partition, epoch) in the same statement ---------
     def _fence(self) -> str:
