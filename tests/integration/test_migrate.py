@@ -279,7 +279,7 @@ async def test_claim_spreads_a_batch_over_partitions_and_keeps_it_full(pg_dsn: s
         rows, more = await store.claim([0, 1, 2, 3], 20, True)
         assert [r.partition for r in rows] == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
         assert all(a.id < b.id for a, b in itertools.pairwise(rows) if a.partition == b.partition)
-        assert more
+        assert more == {0, 1, 2, 3}  # each returned its whole share
         # the first rows of each partition, in id order
         first = await pool.fetch("SELECT partition, min(id) AS id FROM outbox GROUP BY partition ORDER BY 1")
         assert [r.id for r in rows[::5]] == [r["id"] for r in first]
@@ -288,10 +288,10 @@ async def test_claim_spreads_a_batch_over_partitions_and_keeps_it_full(pg_dsn: s
         await pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r.id for r in rows])
         rows, more = await store.claim([0, 1, 2, 3], 20, True)
         assert len(rows) == 10
-        assert more
+        assert more == {0, 1}
         rows, more = await store.claim([0, 1, 2, 3], 20, True)
         assert [r.partition for r in rows] == [0] * 10 + [1] * 10
-        assert more
+        assert more == {0, 1}
         # rows arriving in an idle partition are claimed at once, within the batch limit
         await pool.execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('o', $1, 'e', 'x')", late
@@ -299,7 +299,7 @@ async def test_claim_spreads_a_batch_over_partitions_and_keeps_it_full(pg_dsn: s
         rows, more = await store.claim([0, 1, 2, 3], 20, True)
         assert len(rows) == 20
         assert 3 in {r.partition for r in rows}
-        assert more
+        assert more == {0, 1, 3}  # cut to the limit: every partition that had rows may have more
         # the last rows: not full, nothing more
         await pool.execute("DELETE FROM outbox WHERE partition <> 1")
         remaining = await pool.fetchval("SELECT count(*) FROM outbox")

@@ -215,6 +215,38 @@ async def test_notify_wakes_an_idle_worker_long_before_the_poll(pg_dsn: str, nat
     assert_clean(report, 5)
 
 
+async def test_a_loop_never_sleeps_while_its_partitions_hold_rows(pg_dsn: str, nats_url: str) -> None:
+    """Rows concentrated in two of eight partitions, small batches, two loops, a 30 s poll: a loop
+    whose claim found nothing (its slice held drained partitions) must not sleep while a partition
+    that returned a full share waits for its next claim. Drained long before a single poll."""
+    await setup_db(pg_dsn)
+    settings = worker_settings(pg_dsn, nats_url, poll_interval_seconds=30.0, batch_size=50, loops=2)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        hot = await conn.fetch(  # aggregates of partitions 0 and 5 (the table's partition formula)
+            "SELECT g::text AS a FROM generate_series(1, 5000) g "
+            "WHERE ((hashtextextended(g::text, 0) & 2147483647) % 8) IN (0, 5) LIMIT 40"
+        )
+        aggregates = [r["a"] for r in hot] * 50 + ["x1", "x2", "x3"]  # 2,000 hot rows, 3 elsewhere
+        async with running(settings) as worker:
+            await wait_for(lambda: _true(worker.leases is not None and len(worker.leases.owned) == 8), 5, "leases")
+            await asyncio.sleep(0.3)  # both loops idle now, waiting on the 30 s poll
+            async with conn.transaction():
+                await conn.execute(
+                    "WITH ins AS (INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+                    "SELECT 'order', a, 'created', '{}' FROM unnest($1::text[]) WITH ORDINALITY AS t(a, n) "
+                    "ORDER BY n RETURNING id, event_id, aggregate_id) "
+                    "INSERT INTO outbox_ledger (event_id, aggregate, outbox_id) "
+                    "SELECT event_id, 'order/' || aggregate_id, id FROM ins",
+                    aggregates,
+                )
+            await wait_for(lambda: _is(stored_count(nats_url), len(aggregates)), 20, "the 2,003 events stored")
+    finally:
+        await conn.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert_clean(report, len(aggregates))
+
+
 async def _true(value: bool) -> bool:
     return value
 

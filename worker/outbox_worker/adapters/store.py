@@ -133,7 +133,7 @@ def _row(r: asyncpg.Record) -> OutboxRow:
 
 class Claim(NamedTuple):
     rows: list[OutboxRow]
-    more: bool  # some partition returned its whole share: claim again without waiting
+    more: frozenset[int]  # partitions that may hold more due rows right now: claim them again at once
 
 
 class OutboxStore:
@@ -204,7 +204,7 @@ class OutboxStore:
     # --- rows -------------------------------------------------------------------------------------
     async def claim(self, partitions: Sequence[int], limit: int, ordered: bool) -> Claim:
         """At most ``limit`` due pending rows of ``partitions``, spread over them (see Sql.claim_ordered),
-        in (partition, id) order; ``more`` when some partition may hold more right now.
+        in (partition, id) order, and the partitions that may hold more right now.
 
         Each partition's share is ``limit`` over the partitions that had rows at their last claim,
         so a batch stays full when only a few partitions are busy; one that was idle still gets a
@@ -213,7 +213,7 @@ class OutboxStore:
         """
         parts = list(partitions)
         if not parts:
-            return Claim([], False)
+            return Claim([], frozenset())
         busy = sum(1 for p in parts if p not in self._idle) or len(parts)
         share = -(-limit // busy)
         stmt = self.sql.claim_ordered if ordered else self.sql.claim_unordered
@@ -221,12 +221,17 @@ class OutboxStore:
         rows = [_row(r) for r in records]
         counts = Counter(r.partition for r in rows)
         full = len(rows) >= limit
+        unknown = full and limit < len(parts)  # the cut may have taken a partition's first row
         for p in parts:
             if counts[p]:
                 self._idle.discard(p)
-            elif not full or limit >= len(parts):  # else the cut may have taken its first row
+            elif not unknown:
                 self._idle.add(p)
-        return Claim(rows, full or any(n >= share for n in counts.values()))
+        if full:  # cut to the limit: any partition that had rows, or might have, may have more
+            more = frozenset(p for p in parts if counts[p] or unknown)
+        else:
+            more = frozenset(p for p, n in counts.items() if n >= share)
+        return Claim(rows, more)
 
     async def mark_done(self, fence: Fence, ids: Sequence[int], delete: bool) -> int:
         """Delete (or mark published) acked rows, only while ``fence`` still holds. Returns rows changed."""

@@ -67,6 +67,7 @@ class _BatchOutcome:
     failed_delays: list[float] = field(default_factory=list)
     dead_ids: list[int] = field(default_factory=list)
     dead_reasons: list[str] = field(default_factory=list)
+    cut_short: bool = False  # stopped before the last wave (shutdown or batch time spent)
 
 
 class RelayLoop:
@@ -113,18 +114,19 @@ class RelayLoop:
                 await self._leases.wait_changed(s.poll_interval_seconds)
                 continue
             self._wakeup.clear()  # a NOTIFY from now on wakes the wait below
+            more: frozenset[int] = frozenset()
             try:
                 more = await self._one_batch(parts)
             finally:
-                self._leases.checkin(parts)
+                self._leases.checkin(parts, more)  # partitions that may hold more come back dirty
             # A wake-up marks every partition dirty, but this loop claimed only its slice: sleep
-            # only once no free partition still waits for its claim.
+            # only once no free partition still waits for its claim (another loop's included).
             if not more and not self._stopping and not self._leases.has_dirty():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), s.poll_interval_seconds)
 
-    async def _one_batch(self, parts: dict[int, int]) -> bool:
-        """Claim and relay one batch of ``parts``; True if more rows may be waiting."""
+    async def _one_batch(self, parts: dict[int, int]) -> frozenset[int]:
+        """Claim and relay one batch of ``parts``; returns the partitions that may hold more rows."""
         s = self._s
         started = time.monotonic()
         try:
@@ -132,13 +134,15 @@ class RelayLoop:
         except Exception as exc:
             self._error(f"claim failed: {type(exc).__name__}")
             await asyncio.sleep(min(s.poll_interval_seconds, 1.0))
-            return False
+            return frozenset()
         if not rows:
-            return False
+            return frozenset()
         outcome = await self._publish(rows, parts, started + s.batch_timeout_seconds)
         await self._mark(parts, outcome)
         self._stats.batches += 1
         self._metrics.batch_latency.observe(time.monotonic() - started)
+        if outcome.cut_short:  # rows of this batch were left unsent
+            return frozenset(parts)
         return more
 
     async def _publish(self, rows: list[OutboxRow], parts: dict[int, int], deadline: float) -> _BatchOutcome:
@@ -148,7 +152,8 @@ class RelayLoop:
         stopped_parts: set[int] = set()
         for wave in plan_waves(rows, self._ordered, s.per_loop_in_flight):
             if self._stopping or time.monotonic() > deadline:
-                break  # shutting down or batch_timeout_seconds spent: mark what was acked, leave the rest
+                out.cut_short = True  # shutting down or batch_timeout_seconds spent: mark what was acked
+                break
             usable = self._leases.still_usable(parts, 0.0)
             if len(usable) < len(parts) or stopped_parts or blocked:  # else every row still goes
                 wave = [
