@@ -232,6 +232,30 @@ async def test_stalled_server_times_out_every_publish_and_retry_is_deduplicated(
         await pub.close()
 
 
+async def test_acks_duplicates_and_status_replies_resolve_every_publish(nats_url: str) -> None:
+    """Plain acks are resolved from the parser (the fast path); a status reply (503, no stream for
+    the subject) still takes nats-py's subscription path; every publish gets its result."""
+    nc = await nats.connect(nats_url)
+    await nc.jetstream().add_stream(name="ACKS", subjects=["acks.>"], duplicate_window=120)
+    await nc.close()
+    pub = JetStreamPublisher(worker_settings("postgresql://unused/db", nats_url))
+    await pub.connect()
+    try:
+        messages = [Message(f"acks.{i % 3}", b"x", {names.HDR_MSG_ID: f"ack-{i}"}) for i in range(50)]
+        first = await pub.publish_wave(messages)
+        assert [r.outcome for r in first] == [Outcome.ACKED] * 50
+        assert [r.seq for r in first] == list(range(1, 51))
+        again = await pub.publish_wave(messages[:10])
+        assert [(r.outcome, r.seq) for r in again] == [(Outcome.DUPLICATE, s) for s in range(1, 11)]
+        (nobody,) = await pub.publish_wave([Message("nowhere.x", b"x", {names.HDR_MSG_ID: "lost"})])
+        assert (nobody.outcome, nobody.reason) == (Outcome.RETRYABLE, names.REASON_NO_RESPONDERS)
+        assert pub.ack_subscription is not None
+        assert pub.ack_subscription.delivered == 1  # only the status reply went through nats-py's queue
+        assert (pub.in_flight, pub.late_acks) == (0, 0)
+    finally:
+        await pub.close()
+
+
 async def _true(value: bool) -> bool:
     return value
 

@@ -11,6 +11,7 @@ import pytest
 from nats import errors as nats_errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.protocol import parser as nats_parser
 
 from outbox_common import names
 from outbox_common.envelope import HeaderBlock, InvalidSubjectError, OutboxRow, build_headers
@@ -78,6 +79,11 @@ def test_private_nats_py_api_used_by_the_publisher_exists() -> None:
     assert inspect.iscoroutinefunction(Client._send_command)
     assert inspect.iscoroutinefunction(Client._flush_pending)
     assert isinstance(Client.is_draining_pubs, property)
+    # the ack fast path replaces the instance's _process_msg; the parser must call it that way
+    params = list(inspect.signature(Client._process_msg).parameters)
+    assert params == ["self", "sid", "subject", "reply", "data", "headers"]
+    assert inspect.iscoroutinefunction(Client._process_msg)
+    assert "await self.nc._process_msg(sid, subject, reply, payload, hdr)" in inspect.getsource(nats_parser)
 
 
 def _row(**kw: object) -> OutboxRow:

@@ -32,6 +32,7 @@ import nats
 from nats import errors as nats_errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import api as js_api
 from nats.js import errors as js_errors
 
@@ -135,6 +136,7 @@ class JetStreamPublisher:
         self.disconnects = 0
         self.ack_latencies: list[float] = []  # drained by the metrics sampler
         self._stream_cache: dict[str, tuple[float, bool]] = {}
+        self.ack_subscription: Subscription | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def connect(self, timeout: float = 10.0) -> None:
@@ -195,7 +197,10 @@ class JetStreamPublisher:
         self._nc = await nats.connect(**opts)
         self._max_payload = self._nc.max_payload
         self._prefix = self._nc.new_inbox()
-        await self._nc.subscribe(self._prefix + ".*", cb=self._on_ack, pending_msgs_limit=1_000_000)
+        self.ack_subscription = await self._nc.subscribe(
+            self._prefix + ".*", cb=self._on_ack, pending_msgs_limit=1_000_000
+        )
+        self._install_ack_fast_path(self._nc, self.ack_subscription._id)
         await self._nc.flush(timeout=int(timeout))
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -357,18 +362,49 @@ class JetStreamPublisher:
             out.append(r)
         return out
 
+    def _install_ack_fast_path(self, nc: Client, sid: int) -> None:
+        """Resolve plain acks (no headers) of the ack inbox straight from nats-py's parser.
+
+        Why: the stock path builds a ``Msg``, queues it for the subscription task, and awaits the
+        callback per ack: ~30% of a worker's CPU before this. Here the parser's call goes to
+        :meth:`_ack`; everything else (status messages such as 503 no responders, other
+        subscriptions) takes nats-py's own path, and so the subscription callback stays in place.
+        Private API of the pinned nats-py 2.16 (``Client._process_msg`` and the parser's call of it);
+        tests/unit/test_publisher_wire.py fails if either changes.
+        """
+        original = nc._process_msg
+        prefix = (self._prefix + ".").encode()
+        start = len(prefix)
+        stats = nc.stats
+
+        async def process_msg(msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+            if msg_sid == sid and not headers and subject.startswith(prefix):
+                stats["in_msgs"] += 1
+                stats["in_bytes"] += len(data)
+                try:
+                    token = int(subject[start:])
+                except ValueError:
+                    return
+                self._ack(token, data)
+                return
+            await original(msg_sid, subject, reply, data, headers)
+
+        nc._process_msg = process_msg  # type: ignore[method-assign,assignment]
+
     async def _on_ack(self, msg: Msg) -> None:
+        """Ack-inbox messages nats-py delivered: status replies (with headers), and plain acks if the
+        fast path is not installed."""
         try:
             token = int(msg.subject.rsplit(".", 1)[1])
         except (ValueError, IndexError):
             return
-        entry = self._pending.pop(token, None)
-        if entry is None:
-            self.late_acks += 1
-            return
-        wave, index = entry
         hdrs = msg.headers
         if hdrs and hdrs.get(_STATUS):
+            entry = self._pending.pop(token, None)
+            if entry is None:
+                self.late_acks += 1
+                return
+            wave, index = entry
             status = hdrs.get(_STATUS, "")
             desc = hdrs.get(_DESCRIPTION, "")
             if status == "503":
@@ -376,8 +412,16 @@ class JetStreamPublisher:
             else:
                 wave.resolve(index, PublishResult(Outcome.RETRYABLE, names.REASON_SERVER_ERROR, f"{status} {desc}"))
             return
+        self._ack(token, msg.data)
+
+    def _ack(self, token: int, data: bytes) -> None:
+        """Resolve the publish ``token`` with the ack payload ``data`` (a JSON pub ack)."""
+        entry = self._pending.pop(token, None)
+        if entry is None:
+            self.late_acks += 1
+            return
+        wave, index = entry
         self.ack_latencies.append(time.monotonic() - wave.sent_at)
-        data = msg.data
         if b'"error"' not in data and b" " not in data:
             # The server's compact shape, without a JSON decode: {"stream":"S","seq":7[,"duplicate":true]}.
             at = data.find(b'"seq":')
