@@ -59,7 +59,7 @@ async def insert(
     aggregate_type: str = "order",
     event_type: str = "created",
     payload: bytes = b"{}",
-    headers: dict[str, str] | None = None,
+    headers: dict[str, Any] | None = None,
     tenant: str = "",
     delay: float | None = None,
 ) -> tuple[int, str]:
@@ -154,7 +154,13 @@ async def test_envelope_subject_headers_and_payload(pg_dsn: str, nats_url: str) 
             aggregate_type="shop.v2",
             event_type="order paid",
             payload=b'{"total": 12}',
-            headers={"traceparent": "00-aa-bb-01", "Nats-Rollup": "all", names.HDR_AGGREGATE_ID: "forged"},
+            headers={
+                "traceparent": "00-aa-bb-01",
+                "Nats-Rollup": "all",
+                names.HDR_AGGREGATE_ID: "forged",
+                "x-retries": 3,  # a JSON value that is not a string goes out as its JSON text
+                "x-flags": {"vip": True},
+            },
             tenant="acme",
         )
         settings = worker_settings(pg_dsn, nats_url, subject_template="ev.{tenant}.{aggregate_type}.{event_type}")
@@ -170,6 +176,7 @@ async def test_envelope_subject_headers_and_payload(pg_dsn: str, nats_url: str) 
         assert h[names.HDR_TENANT] == "acme"
         assert h[names.HDR_PUBLISHER] == "relay"
         assert h["traceparent"] == "00-aa-bb-01"
+        assert (h["x-retries"], h["x-flags"]) == ("3", '{"vip": true}')
         assert "Nats-Rollup" not in h
         assert await conn.fetchval("SELECT count(*) FROM outbox") == 0  # delete mode
     finally:

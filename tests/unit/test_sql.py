@@ -186,3 +186,12 @@ def test_channel_and_names() -> None:
     assert SQL.outbox == '"relay"."orders_outbox"'
     assert SQL.leases == '"relay"."orders_outbox_leases"'
     assert SQL.meta == '"relay"."outbox_meta"'
+
+
+def test_claimed_columns_are_outbox_row_fields_in_order() -> None:
+    """The store builds OutboxRow positionally from the claim's columns: their order must match."""
+    from dataclasses import fields
+
+    from outbox_common.envelope import OutboxRow
+
+    assert [c.strip() for c in SQL._CLAIMED.split(",")] == [f.name for f in fields(OutboxRow)]
