@@ -2,8 +2,9 @@
 
 Why not ``js.publish_async``: in nats-py 2.16 an error ack never completes its future, there is no
 per-message ack timeout, and publishes lost in a disconnect are never failed (facts.md). Here each
-publish carries a reply subject under one private inbox (``<inbox>.<token>``); a single wildcard
-subscription resolves acks by token.
+publish carries a reply subject under one private inbox (``<inbox>.<token>``); acks arriving there are
+resolved by token, straight from nats-py's parser (``_install_ack_fast_path``), and status replies
+through one wildcard subscription.
 
 Guarantees of :meth:`JetStreamPublisher.publish_wave`:
 
