@@ -84,18 +84,25 @@ class OutboxRow:
 _RESERVED_LOWER = frozenset(h.lower() for h in names.RESERVED_HEADERS)
 
 
-def build_headers(row: OutboxRow, publisher: str) -> dict[str, str]:
-    """Headers of the message for ``row``; user headers never override the relay's own, and user
-    headers starting with ``Nats-`` (JetStream control headers) are dropped."""
+def user_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The row's own headers that go out: names stripped, the relay's names and ``Nats-*`` dropped."""
     # "Nats-*" headers steer the server (Nats-Rollup purges, Nats-Expected-* makes every retry fail):
     # they are the relay's to set, never the row's.
     # Names are compared as NATS clients send them: stripped (" Nats-Msg-Id" goes out as Nats-Msg-Id,
     # and the server honours the first one) and without regard to case.
-    headers: dict[str, str] = {}
-    for k, v in row.headers.items():
+    kept: dict[str, str] = {}
+    for k, v in headers.items():
         key = k.strip()
         if key and key.lower() not in _RESERVED_LOWER and not key.lower().startswith("nats-"):
-            headers[key] = v
+            kept[key] = v
+    return kept
+
+
+def build_headers(row: OutboxRow, publisher: str) -> dict[str, str]:
+    """Headers of the message for ``row``; user headers never override the relay's own, and user
+    headers starting with ``Nats-`` (JetStream control headers) are dropped. The relay sends these
+    through :class:`HeaderBlock`, which renders the same bytes in one pass."""
+    headers = user_headers(row.headers)
     headers[names.HDR_MSG_ID] = row.event_id
     headers[names.HDR_EVENT_TYPE] = row.event_type
     headers[names.HDR_AGGREGATE_TYPE] = row.aggregate_type
@@ -166,13 +173,8 @@ class HeaderBlock:
         ).encode()
 
     def _user_lines(self, headers: Mapping[str, str]) -> str:
-        kept: dict[str, str] = {}  # same filtering and last-wins as build_headers
-        for k, v in headers.items():
-            key = k.strip()
-            if key and key.lower() not in _RESERVED_LOWER and not key.lower().startswith("nats-"):
-                kept[key] = v
         lines = []
-        for key, v in kept.items():
+        for key, v in user_headers(headers).items():
             if key not in self._names:
                 if not HEADER_NAME.fullmatch(key):
                     raise InvalidSubjectError(f"invalid header name {key!r}"[:200])
