@@ -262,6 +262,46 @@ async def test_claim_uses_the_pending_index_under_a_generic_plan(pg_dsn: str) ->
         await conn.close()
 
 
+def _nodes(plan: dict) -> list[dict]:  # type: ignore[type-arg]
+    return [plan, *(n for child in plan.get("Plans", []) for n in _nodes(child))]
+
+
+@pytest.mark.parametrize("analyzed", [False, True])
+async def test_hold_back_probes_by_aggregate_with_thousands_of_rows_in_backoff(pg_dsn: str, analyzed: bool) -> None:
+    """After a broker outage thousands of rows wait in retry backoff. The claim must probe the held
+    index per candidate by (partition, aggregate_id, id), never scan a partition's held rows per
+    candidate (that plan ran claims past the statement timeout once the broker came back)."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, SQL, 8)
+        await conn.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+            "SELECT 'o', (g % 2000)::text, 'e', 'x' FROM generate_series(1, 30000) g"
+        )
+        await conn.execute(  # 4,000 rows of the even aggregates wait for a retry
+            "UPDATE outbox SET not_before = now() + interval '1 minute', attempts = 1 "
+            "WHERE id <= 8000 AND aggregate_id::int % 2 = 0"
+        )
+        if analyzed:
+            await conn.execute("ANALYZE outbox")
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        plan = await _plan(conn, "claim_held", SQL.claim_ordered, "'{0,1,2,3}'::int[], 250, 1000")
+        held = [n for n in _nodes(plan) if n.get("Index Name") == "outbox_held_idx"]
+        assert held, plan
+        for node in held:
+            assert "aggregate_id = o.aggregate_id" in node["Index Cond"], node
+            assert "id < o.id" in node["Index Cond"], node
+        assert not any("aggregate_id" in n.get("Join Filter", "") for n in _nodes(plan)), plan
+        rows = await conn.fetch("EXECUTE claim_held('{0,1,2,3}'::int[], 250, 1000)")
+        assert rows  # aggregates with nothing in backoff still flow
+        held_aggregates = {
+            r["aggregate_id"] for r in await conn.fetch("SELECT DISTINCT aggregate_id FROM outbox WHERE attempts > 0")
+        }
+        assert not held_aggregates & {r["aggregate_id"] for r in rows}
+    finally:
+        await conn.close()
+
+
 async def test_claim_spreads_a_batch_over_partitions_and_keeps_it_full(pg_dsn: str) -> None:
     """A batch takes the first pending rows of every partition (so it holds few events per aggregate),
     in (partition, id) order; once some partitions are idle, the busy ones get their share."""

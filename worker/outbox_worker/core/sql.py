@@ -256,12 +256,17 @@ class Sql:
         retry backoff), so an aggregate's events never overtake each other. No row locks: the
         partition lease makes the caller the only publisher of these rows.
         """
+        # OFFSET 0 keeps the hold-back a per-row probe of the held index by (partition, aggregate_id,
+        # id). As a join, the planner could probe by partition only (the lateral's partition joins
+        # the same equivalence class) and filter every held row of the partition for every candidate:
+        # with thousands of rows in retry backoff, claims ran past the 5 s statement timeout.
         return self._claim(
             f"""
                   AND NOT EXISTS (
                       SELECT 1 FROM {self.outbox} AS h
                       WHERE h.partition = o.partition AND h.aggregate_id = o.aggregate_id
-                        AND h.id < o.id AND h.not_before > now() AND h.published_at IS NULL)"""
+                        AND h.id < o.id AND h.not_before > now() AND h.published_at IS NULL
+                      OFFSET 0)"""
         )
 
     @property
