@@ -12,6 +12,7 @@ from nats import errors as nats_errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.protocol import parser as nats_parser
+from test_envelope import row
 
 from outbox_common import names
 from outbox_common.envelope import HeaderBlock, InvalidSubjectError, OutboxRow, build_headers
@@ -87,21 +88,8 @@ def test_private_nats_py_api_used_by_the_publisher_exists() -> None:
 
 
 def _row(**kw: object) -> OutboxRow:
-    base: dict[str, object] = {
-        "id": 9_007_199_254_740_993,
-        "event_id": "0b4a2a4e-8d6c-4a53-9a49-3f1f4f0d1c11",
-        "partition": 3,
-        "aggregate_type": "order",
-        "aggregate_id": "o-1",
-        "event_type": "created",
-        "tenant": "",
-        "payload": b"{}",
-        "headers": {},
-        "created_at": datetime(2026, 1, 2, 3, 4, 5, 120, tzinfo=UTC),
-        "attempts": 0,
-    }
-    base.update(kw)
-    return OutboxRow(**base)  # type: ignore[arg-type]
+    """test_envelope's row, with an id past 2**53 and microseconds in created_at."""
+    return row(**{"id": 9_007_199_254_740_993, "created_at": datetime(2026, 1, 2, 3, 4, 5, 120, tzinfo=UTC), **kw})
 
 
 ROWS = [
