@@ -141,20 +141,20 @@ def check_history(
     truth = {e.event_id: e for e in committed}
     report.events = len(truth)
     seen: dict[str, float] = {}  # event id -> stored_at of its first copy
-    first: dict[str, tuple[int, float]] = {}  # event id -> (seq, stored_at) of its first copy
+    first_seq: dict[str, int] = {}  # event id -> stream sequence of its first copy
     last_in_aggregate: dict[str, int] = {}
     for m in sorted(stream, key=lambda m: m.seq):
         report.stored += 1
         if m.event_id in seen:
             report.duplicates += 1
-            first_seq, first_at = first[m.event_id]
             report._example(
                 "duplicates",
-                f"{m.event_id} again at seq {m.seq} (first at seq {first_seq}, {m.stored_at - first_at:.3f}s earlier)",
+                f"{m.event_id} again at seq {m.seq} (first at seq {first_seq[m.event_id]}, "
+                f"{m.stored_at - seen[m.event_id]:.3f}s earlier)",
             )
             continue
         seen[m.event_id] = m.stored_at
-        first[m.event_id] = (m.seq, m.stored_at)
+        first_seq[m.event_id] = m.seq
         if m.event_id not in truth:
             report.unexpected += 1
             report._example("unexpected", f"{m.event_id} at seq {m.seq}")
