@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import asyncpg
@@ -104,17 +105,15 @@ class LeaseManager:
         """Whether a free partition still waits for the claim a wake-up asked for."""
         return any(self.leases[p].dirty for p in self._free())
 
-    def checkin(self, parts: dict[int, int], more: Iterable[int] = ()) -> None:
+    def checkin(self, parts: dict[int, int], more: AbstractSet[int] = frozenset()) -> None:
         """Return partitions after a batch; those in ``more`` may hold more due rows and are marked
         dirty, so a loop claims them next instead of sleeping (or claiming drained ones)."""
-        for p in more:
-            lease = self.leases.get(p)
-            if lease is not None and lease.epoch == parts.get(p):
-                lease.dirty = True
         for p, epoch in parts.items():
             lease = self.leases.get(p)
             if lease is not None and lease.epoch == epoch:
                 lease.busy = False
+                if p in more:
+                    lease.dirty = True
         self._notify()
 
     def still_usable(self, parts: dict[int, int], needed: float) -> dict[int, int]:
