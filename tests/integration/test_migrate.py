@@ -226,11 +226,13 @@ async def _plan(conn: asyncpg.Connection, name: str, statement: str, args: str) 
     return json.loads(text)[0]["Plan"]  # type: ignore[no-any-return]
 
 
+def _nodes(plan: dict) -> list[dict]:  # type: ignore[type-arg]
+    return [plan, *(n for child in plan.get("Plans", []) for n in _nodes(child))]
+
+
 def _scans(plan: dict) -> list[tuple[str, str, str]]:  # type: ignore[type-arg]
-    out = [(plan["Node Type"], plan.get("Relation Name", ""), plan.get("Index Name", ""))]
-    for child in plan.get("Plans", []):
-        out += _scans(child)
-    return [s for s in out if "Scan" in s[0]]
+    nodes = [(n["Node Type"], n.get("Relation Name", ""), n.get("Index Name", "")) for n in _nodes(plan)]
+    return [s for s in nodes if "Scan" in s[0]]
 
 
 async def test_claim_uses_the_pending_index_under_a_generic_plan(pg_dsn: str) -> None:
@@ -260,10 +262,6 @@ async def test_claim_uses_the_pending_index_under_a_generic_plan(pg_dsn: str) ->
         assert all(s[0] != "Seq Scan" or s[1] != "outbox" for s in _scans(plan)), _scans(plan)
     finally:
         await conn.close()
-
-
-def _nodes(plan: dict) -> list[dict]:  # type: ignore[type-arg]
-    return [plan, *(n for child in plan.get("Plans", []) for n in _nodes(child))]
 
 
 @pytest.mark.parametrize("analyzed", [False, True])
