@@ -28,9 +28,13 @@ from outbox_worker.core.history import CommittedEvent, HistoryReport, MarkRecord
 from outbox_worker.core.sql import Sql
 
 
+def ledger_table(sql: Sql) -> str:
+    return f'"{sql.schema}"."{sql.table}_ledger"'
+
+
 def ledger_ddl(sql: Sql) -> str:
     return (
-        f'CREATE TABLE IF NOT EXISTS "{sql.schema}"."{sql.table}_ledger" ('
+        f"CREATE TABLE IF NOT EXISTS {ledger_table(sql)} ("
         "event_id uuid PRIMARY KEY, aggregate text NOT NULL, outbox_id bigint NOT NULL, "
         "committed_at timestamptz NOT NULL DEFAULT clock_timestamp())"
     )
@@ -38,7 +42,7 @@ def ledger_ddl(sql: Sql) -> str:
 
 def ledger_insert(sql: Sql) -> str:
     """$1 event_id, $2 aggregate, $3 outbox_id."""
-    return f'INSERT INTO "{sql.schema}"."{sql.table}_ledger" (event_id, aggregate, outbox_id) VALUES ($1, $2, $3)'
+    return f"INSERT INTO {ledger_table(sql)} (event_id, aggregate, outbox_id) VALUES ($1, $2, $3)"
 
 
 MARKER_PREFIX = "outbox-relay/"
@@ -157,7 +161,7 @@ async def read_stream(
 
 async def read_truth(conn: asyncpg.Connection, sql: Sql) -> tuple[list[CommittedEvent], set[str], set[str]]:
     """(committed events from the ledger, event ids still pending, event ids dead-lettered)."""
-    ledger = await conn.fetch(f'SELECT event_id::text, aggregate, outbox_id FROM "{sql.schema}"."{sql.table}_ledger"')
+    ledger = await conn.fetch(f"SELECT event_id::text, aggregate, outbox_id FROM {ledger_table(sql)}")
     pending = await conn.fetch(f"SELECT event_id::text FROM {sql.outbox} WHERE published_at IS NULL")
     dead = await conn.fetch(f"SELECT event_id::text FROM {sql.dead_letters}")
     return (
