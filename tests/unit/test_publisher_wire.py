@@ -24,6 +24,7 @@ from outbox_worker.adapters.publisher import (
     _Wave,
     encode_headers,
     encode_hpub,
+    take_acks,
 )
 from outbox_worker.core.policy import Outcome
 
@@ -85,6 +86,13 @@ def test_private_nats_py_api_used_by_the_publisher_exists() -> None:
     assert params == ["self", "sid", "subject", "reply", "data", "headers"]
     assert inspect.iscoroutinefunction(Client._process_msg)
     assert "await self.nc._process_msg(sid, subject, reply, payload, hdr)" in inspect.getsource(nats_parser)
+    # ... and replaces the parser's parse, which the read loop calls per read, at frame boundaries
+    assert "await self._ps.parse(b)" in inspect.getsource(Client._read_loop)
+    assert inspect.iscoroutinefunction(nats_parser.Parser.parse)
+    parser = nats_parser.Parser()
+    assert isinstance(parser.buf, bytearray)
+    assert parser.state == nats_parser.AWAITING_CONTROL_LINE
+    assert "self.buf = bytearray()" in inspect.getsource(nats_parser.Parser.reset)
 
 
 def _row(**kw: object) -> OutboxRow:
@@ -164,3 +172,127 @@ def test_message_accepts_an_encoded_header_block() -> None:
     frame, size = encode_hpub(msg.subject, "_INBOX.x.1", msg.headers, msg.payload)
     assert frame.startswith(b"HPUB a.b _INBOX.x.1 ")
     assert size == len(msg.headers) + 1
+
+
+# --- acks read from the parser in bulk (take_acks) ----------------------------------------------------
+
+ACK_SID = 5
+INBOX = "_INBOX.abc"
+
+
+def _ack_frame(token: int | str, payload: bytes, sid: int = ACK_SID, reply: str = "") -> bytes:
+    reply_part = f" {reply}" if reply else ""
+    return f"MSG {INBOX}.{token} {sid}{reply_part} {len(payload)}\r\n".encode() + payload + b"\r\n"
+
+
+def _seq(i: int, dup: bool = False) -> bytes:
+    return b'{"stream":"EVENTS","seq":%d%s}' % (i, b',"duplicate":true' if dup else b"")
+
+
+STATUS = b"NATS/1.0 503\r\n\r\n"
+WIRE = b"".join(
+    [
+        *(_ack_frame(i, _seq(i)) for i in range(1, 4)),
+        b"PING\r\n",
+        _ack_frame(4, _seq(4, dup=True)),
+        f"HMSG {INBOX}.5 {ACK_SID} {len(STATUS)} {len(STATUS)}\r\n".encode() + STATUS + b"\r\n",  # no responders
+        b"MSG other.subject 9 3\r\nabc\r\n",  # another subscription
+        _ack_frame(6, b"{}", reply="_INBOX.r"),  # a reply subject: nats-py's parser, then the ack path
+        _ack_frame("x", b"{}"),  # not one of our tokens: ignored
+        *(_ack_frame(i, _seq(i)) for i in range(7, 41)),
+        b"+OK\r\nPONG\r\n",
+        *(_ack_frame(i, b"") for i in range(41, 61)),
+    ]
+)
+EXPECTED = [
+    *(("ack", i, _seq(i)) for i in range(1, 4)),
+    ("ping",),
+    ("ack", 4, _seq(4, dup=True)),
+    ("msg", ACK_SID, f"{INBOX}.5".encode(), b"", b"", STATUS),
+    ("msg", 9, b"other.subject", b"", b"abc", None),
+    ("ack", 6, b"{}"),
+    *(("ack", i, _seq(i)) for i in range(7, 41)),
+    ("pong",),
+    *(("ack", i, b"") for i in range(41, 61)),
+]
+
+
+class _Conn:
+    """What nats-py's parser calls on its client, recorded in order."""
+
+    def __init__(self) -> None:
+        self.stats = {"in_msgs": 0, "in_bytes": 0}
+        self.log: list[tuple[object, ...]] = []
+        self._ps = nats_parser.Parser(self)
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        self.log.append(("msg", sid, subject, reply, data, headers))
+
+    async def _process_ping(self) -> None:
+        self.log.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.log.append(("pong",))
+
+    async def _process_err(self, err: str) -> None:
+        self.log.append(("err", err))
+
+    async def _process_info(self, info: object) -> None:
+        self.log.append(("info", info))
+
+
+def _fast_path_conn() -> _Conn:
+    conn = _Conn()
+    pub = JetStreamPublisher(WorkerSettings(database_url="postgresql://x@localhost/db"))
+    pub._prefix = INBOX
+    pub._ack = lambda token, data: conn.log.append(("ack", token, bytes(data)))  # type: ignore[method-assign]
+    pub._install_ack_fast_path(conn, ACK_SID)  # type: ignore[arg-type]
+    return conn
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 13, 29, 64, 101, 1000, len(WIRE)])
+async def test_acks_taken_in_bulk_keep_every_frame_and_its_order(chunk: int) -> None:
+    """However the reads cut the wire, every ack reaches the ack path once, and every other frame
+    reaches nats-py's handlers, all in wire order."""
+    conn = _fast_path_conn()
+    for i in range(0, len(WIRE), chunk):
+        await conn._ps.parse(WIRE[i : i + chunk])
+    assert conn.log == EXPECTED
+    acks = [e[2] for e in EXPECTED if e[0] == "ack"]
+    # counted as received like nats-py counts them: the acks, and the frame with a foreign token
+    assert conn.stats["in_msgs"] == len(acks) + 1
+    assert conn.stats["in_bytes"] == sum(len(a) for a in acks if isinstance(a, bytes)) + 2
+    assert not conn._ps.buf
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 90, 4096])
+async def test_a_run_of_acks_never_reaches_nats_py_parser(chunk: int) -> None:
+    """Plain acks, split anywhere, are read by take_acks alone: nats-py's parser (which records the
+    last MSG it parsed in msg_arg) never sees one."""
+    wire = b"".join(_ack_frame(i, _seq(i)) for i in range(1, 200))
+    conn = _fast_path_conn()
+    for i in range(0, len(wire), chunk):
+        await conn._ps.parse(wire[i : i + chunk])
+    assert conn.log == [("ack", i, _seq(i)) for i in range(1, 200)]
+    assert conn._ps.msg_arg == {}
+
+
+def test_take_acks_stops_where_a_frame_is_cut_or_foreign() -> None:
+    head = f"MSG {INBOX}.".encode()
+    got: list[tuple[int, bytes]] = []
+
+    def take(buf: bytes) -> tuple[int, int, int, bool]:
+        got.clear()
+        return take_acks(buf, head, str(ACK_SID).encode(), lambda t, d: got.append((t, d)))
+
+    two = _ack_frame(1, b"ab") + _ack_frame(2, b"cde")
+    assert take(two) == (len(two), 2, 5, True)
+    assert got == [(1, b"ab"), (2, b"cde")]
+    first = len(_ack_frame(1, b"ab"))
+    for cut in range(first + 1, len(two)):  # the second frame cut anywhere: wait for the rest
+        assert take(two[:cut]) == (first, 1, 2, True)
+    assert take(b"MS") == (0, 0, 0, True)
+    assert take(b"PING\r\n") == (0, 0, 0, False)
+    assert take(_ack_frame(1, b"ab") + _ack_frame(3, b"x", sid=6)) == (first, 1, 2, False)
+    assert take(_ack_frame(-1, b"x")) == (0, 0, 0, False)
+    assert take(f"MSG {INBOX}.1 {ACK_SID} -5\r\nx\r\n".encode()) == (0, 0, 0, False)
