@@ -101,7 +101,7 @@ def _pid_alive(pid: int) -> bool:
     return _proc_state(pid) != "Z"  # without procfs the state is None: trust kill(0)
 
 
-def _children_of(pid: int) -> list[int]:
+def children_of(pid: int) -> list[int]:
     """Direct children of ``pid``, read from /proc (empty where there is no procfs)."""
     children: list[int] = []
     for entry in Path("/proc").glob("[0-9]*/stat"):
@@ -380,7 +380,7 @@ class EmbeddedPostgres(_Lifecycle):
         self.resume()
         pid = self.pid
         if pid is not None:
-            children = _children_of(pid)
+            children = children_of(pid)
             try:
                 self._run(
                     [
@@ -406,7 +406,7 @@ class EmbeddedPostgres(_Lifecycle):
         self._paused = []
         pid = self.pid
         if pid is not None:
-            self._sigkill_tree(pid, _children_of(pid))
+            self._sigkill_tree(pid, children_of(pid))
 
     def pause(self) -> None:
         """Freeze the server (SIGSTOP to the postmaster and its children): connections stall.
@@ -416,7 +416,7 @@ class EmbeddedPostgres(_Lifecycle):
         pid = self.pid
         if pid is None:
             raise EmbeddedServerError("cannot pause: PostgreSQL is not running")
-        pids = [pid, *_children_of(pid)]
+        pids = [pid, *children_of(pid)]
         for p in pids:
             _signal(p, signal.SIGSTOP)
         self._paused = pids
@@ -558,7 +558,7 @@ class EmbeddedPostgres(_Lifecycle):
                 )
 
     def _sigkill_tree(self, pid: int, children: list[int]) -> None:
-        children = sorted({*children, *_children_of(pid)})
+        children = sorted({*children, *children_of(pid)})
         _signal(pid, signal.SIGKILL)
         for child in children:
             _signal(child, signal.SIGKILL)

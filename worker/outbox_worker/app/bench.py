@@ -46,10 +46,11 @@ import nats
 from nats.js import errors as js_errors
 
 from outbox_common.settings import WorkerSettings
+from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedPostgres, children_of
 from outbox_worker.adapters.history_io import read_stream, read_truth
 from outbox_worker.adapters.store import Fence, OutboxStore, connect_pool, migrate
 from outbox_worker.app.baselines import EVENT_TYPES, synthetic_truth
-from outbox_worker.app.demo import DemoOptions, servers, start_worker, stop_workers, worker_env
+from outbox_worker.app.demo import start_worker, stop_workers, worker_env
 from outbox_worker.app.producers import ProducerPlan, ProducerResult, prepare, produce
 from outbox_worker.core.benchstats import (
     SCENARIOS,
@@ -102,13 +103,12 @@ class BenchError(RuntimeError):
 
 
 @contextlib.asynccontextmanager
-async def bench_servers(options: BenchOptions, base: Path) -> AsyncIterator[tuple[str, str]]:
+async def bench_servers(options: BenchOptions, base: Path) -> AsyncIterator[tuple[str, str, dict[str, int]]]:
     """Like the demo's servers, except that an embedded PostgreSQL pays for durable commits
-    (fsync on) and records commit timestamps (the latency clock starts at the real commit)."""
-    from outbox_worker.adapters.embedded import EmbeddedPostgres
-
+    (fsync on) and records commit timestamps (the latency clock starts at the real commit).
+    Yields (dsn, nats url, pids of the embedded servers: ``postgres`` (the postmaster), ``nats``)."""
     with contextlib.ExitStack() as stack:
-        dsn = options.database_url
+        dsn, url, pids = options.database_url, options.nats_url, {}
         if not dsn:
             pg = EmbeddedPostgres(fsync=True)
             stack.callback(pg.cleanup)
@@ -120,9 +120,14 @@ async def bench_servers(options: BenchOptions, base: Path) -> AsyncIterator[tupl
                 await conn.close()
             pg.restart()
             dsn = pg.dsn
-        demo_opts = DemoOptions(database_url=dsn, nats_url=options.nats_url)
-        with servers(demo_opts, base) as (dsn, nats_url):
-            yield dsn, nats_url
+            pids["postgres"] = pg.pid or 0
+        if not url:
+            ns = EmbeddedNats(base_dir=base / "nats")
+            stack.callback(ns.cleanup)
+            ns.start()
+            url = ns.url
+            pids["nats"] = ns.pid or 0
+        yield dsn, url, {k: v for k, v in pids.items() if v}
 
 
 async def run_bench(options: BenchOptions) -> dict[str, Any]:
@@ -130,8 +135,8 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="outbox-bench-") as tmp:
         base = Path(tmp)
         load_before = os.getloadavg()
-        async with bench_servers(options, base) as (dsn, nats_url):
-            bench = _Bench(options, base, dsn, nats_url)
+        async with bench_servers(options, base) as (dsn, nats_url, server_pids):
+            bench = _Bench(options, base, dsn, nats_url, server_pids)
             rows = await bench.run()
             machine = await bench.machine()
             machine["latency_clock"] = bench.latency_clock
@@ -169,6 +174,20 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its children, live (their own and their reaped children's) and
+    already reaped (PostgreSQL forks a backend per connection)."""
+    total = 0.0
+    for p in [pid, *children_of(pid)]:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone since the listing: its time is now in its parent's reaped children
+            continue
+        total += sum(int(x) for x in fields[11:15]) / _TICKS
+    return total
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -224,8 +243,11 @@ class _Procs:
 
 # --- the bench ------------------------------------------------------------------------------------
 class _Bench:
-    def __init__(self, options: BenchOptions, base: Path, dsn: str, nats_url: str) -> None:
+    def __init__(
+        self, options: BenchOptions, base: Path, dsn: str, nats_url: str, server_pids: dict[str, int] | None = None
+    ) -> None:
         self.o = options
+        self.server_pids = server_pids or {}  # embedded servers only: their CPU is reported per run
         self.base = base
         self.dsn = dsn
         self.url = nats_url
@@ -372,9 +394,9 @@ class _Bench:
             await self._wait_leases(sql, workers, procs)
             cpu0 = procs.cpu()
             committed_at = await self._bulk_seed(sql, events, aggregates)
-            host0 = host_cpu()
+            host0, servers0 = host_cpu(), self._server_cpu()
             await self._wait_stored(events, procs, timeout=max(120.0, events / 500))
-            cpu1, host1 = procs.cpu(), host_cpu()
+            cpu1, host1, servers1 = procs.cpu(), host_cpu(), self._server_cpu()
             rss = [peak_rss_mb(pid) for pid in procs.pids]
             await self._wait_marked(sql, procs)
         finally:
@@ -386,6 +408,7 @@ class _Bench:
             "events": events,
             "events_per_s": report.published / max(1e-6, last - committed_at),
             "cpu_s_per_1k": cpu / (events / 1000),
+            **{f"{name}_cpu_s_per_1k": (servers1[name] - servers0[name]) / (events / 1000) for name in servers0},
             "peak_rss_mb": max(rss),
             "peak_rss_mb_per_worker": rss,
             "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
@@ -469,16 +492,25 @@ class _Bench:
             "_report": report,
         }
 
+    def _server_cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by each embedded server (PostgreSQL with its backends)."""
+        return {name: tree_cpu_seconds(pid) for name, pid in self.server_pids.items()}
+
     async def _ceiling_run(self, events: int) -> dict[str, Any]:
         sql = await self._fresh("ceiling")  # only for the settings; the ceiling never touches it
+        servers0 = self._server_cpu()
         procs = self._start_child("ceiling", sql, events, AGGREGATES)
         result = await self._wait_child(procs, timeout=max(300.0, events / 1000))
+        servers1 = self._server_cpu()
         stored = await read_stream(self.url, STREAM)
         report = check_history(synthetic_truth(events, AGGREGATES), stored)
         return {
             "events": events,
             "events_per_s": result["published"] / max(1e-6, result["seconds"]),
             "cpu_s_per_1k": result.get("cpu_seconds", 0.0) / (events / 1000),
+            "nats_cpu_s_per_1k": (servers1["nats"] - servers0["nats"]) / (events / 1000)
+            if "nats" in servers0
+            else None,
             "peak_rss_mb": result.get("peak_rss_mb"),
             "_report": report,
         }

@@ -276,14 +276,16 @@ def render_table(report: Mapping[str, Any]) -> str:
     if thr:
         out.append("")
         out.append(
-            f"{'throughput':<22} {'events':>9} {'events/s':>10} {'CPU s/1k ev':>12} {'peak RSS MB':>12} {'ok':>4}"
+            f"{'throughput':<22} {'events':>9} {'events/s':>10} {'CPU s/1k ev':>12} {'peak RSS MB':>12} "
+            f"{'NATS s/1k':>10} {'PG s/1k':>8} {'host %':>7} {'ok':>4}"
         )
         for r in thr:
             m = r["metrics"]
             out.append(
                 f"{r['name']:<22} {_fmt(m.get('events')):>9} {_fmt(m.get('events_per_s')):>10} "
                 f"{_fmt(m.get('cpu_s_per_1k'), 3):>12} {_fmt(m.get('peak_rss_mb'), 1):>12} "
-                f"{'yes' if r['checks']['ok'] else 'NO':>4}"
+                f"{_fmt(m.get('nats_cpu_s_per_1k'), 3):>10} {_fmt(m.get('postgres_cpu_s_per_1k'), 3):>8} "
+                f"{_fmt(m.get('host_busy_percent'), 1):>7} {'yes' if r['checks']['ok'] else 'NO':>4}"
             )
     lat = [r for r in report["rows"] if r["scenario"] == "latency"]
     if lat:
