@@ -160,6 +160,7 @@ async def test_envelope_subject_headers_and_payload(pg_dsn: str, nats_url: str) 
                 names.HDR_AGGREGATE_ID: "forged",
                 "x-retries": 3,  # a JSON value that is not a string goes out as its JSON text
                 "x-flags": {"vip": True},
+                "x-big": 2**70,  # past 64 bits: beyond orjson, read by the standard decoder
             },
             tenant="acme",
         )
@@ -176,7 +177,7 @@ async def test_envelope_subject_headers_and_payload(pg_dsn: str, nats_url: str) 
         assert h[names.HDR_TENANT] == "acme"
         assert h[names.HDR_PUBLISHER] == "relay"
         assert h["traceparent"] == "00-aa-bb-01"
-        assert (h["x-retries"], h["x-flags"]) == ("3", '{"vip": true}')
+        assert (h["x-retries"], h["x-flags"], h["x-big"]) == ("3", '{"vip": true}', str(2**70))
         assert "Nats-Rollup" not in h
         assert await conn.fetchval("SELECT count(*) FROM outbox") == 0  # delete mode
     finally:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import asyncpg
+import orjson
 
 from outbox_common.envelope import OutboxRow
 from outbox_worker.core.sql import SCHEMA_VERSION, Sql
@@ -113,14 +114,21 @@ async def migrate(conn: asyncpg.Connection, sql: Sql, partitions: int) -> Migrat
 def _row(r: asyncpg.Record) -> OutboxRow:
     """A claimed record (columns in OutboxRow's field order) as an OutboxRow; header values that are
     not JSON strings become their JSON text. Positional and without a copy of the headers when every
-    value is a string: this runs once per event (1.8 µs vs 3.3 µs with keywords and a copy)."""
+    value is a string: this runs once per event (1.8 µs vs 3.3 µs with keywords and a copy).
+
+    User headers are read with orjson (~0.2 µs for a traceparent header, json.loads ~1.1 µs). Both
+    read string values alike; any other value is read again by the standard decoder, whose numbers
+    keep their exact JSON text (orjson turns integers past 64 bits into floats)."""
     raw = r[8]
     headers: dict[str, Any] = {}
     if raw != "{}":
-        headers = json.loads(raw)
+        try:
+            headers = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            headers = json.loads(raw)  # PostgreSQL's jsonb text is valid JSON: this raises what it must
         for v in headers.values():
             if type(v) is not str:
-                headers = {k: v if isinstance(v, str) else json.dumps(v) for k, v in headers.items()}
+                headers = {k: v if isinstance(v, str) else json.dumps(v) for k, v in json.loads(raw).items()}
                 break
     return OutboxRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], headers, r[9], r[10])
 
