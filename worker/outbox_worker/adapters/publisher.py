@@ -27,7 +27,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats
 from nats import errors as nats_errors
@@ -130,8 +130,9 @@ class NatsUnavailableError(Exception):
     """NATS could not be reached in time."""
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
+    """One message to publish (a tuple: one is built per event)."""
+
     subject: str
     payload: bytes
     headers: Mapping[str, str] | bytes  # a mapping, or an encoded header block (HeaderBlock.render)
