@@ -795,6 +795,8 @@ def _short(n: int) -> str:
 
 def _short_num(v: Any) -> str:
     if isinstance(v, float):
+        if abs(v) < 1:  # CPU seconds per 1k events are a few hundredths: keep three digits
+            return f"{v:.3f}"
         return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
     return f"{v:,}" if isinstance(v, int) else str(v)
 
