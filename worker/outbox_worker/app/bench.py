@@ -46,11 +46,11 @@ import nats
 from nats.js import errors as js_errors
 
 from outbox_common.settings import WorkerSettings
-from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedPostgres, children_of
+from outbox_worker.adapters.embedded import EmbeddedPostgres, children_of
 from outbox_worker.adapters.history_io import read_stream, read_truth
 from outbox_worker.adapters.store import Fence, OutboxStore, connect_pool, migrate
 from outbox_worker.app.baselines import EVENT_TYPES, synthetic_truth
-from outbox_worker.app.demo import start_worker, stop_workers, worker_env
+from outbox_worker.app.demo import DemoOptions, servers, start_worker, stop_workers, worker_env
 from outbox_worker.app.producers import ProducerPlan, ProducerResult, prepare, produce
 from outbox_worker.core.benchstats import (
     SCENARIOS,
@@ -108,7 +108,7 @@ async def bench_servers(options: BenchOptions, base: Path) -> AsyncIterator[tupl
     (fsync on) and records commit timestamps (the latency clock starts at the real commit).
     Yields (dsn, nats url, pids of the embedded servers: ``postgres`` (the postmaster), ``nats``)."""
     with contextlib.ExitStack() as stack:
-        dsn, url, pids = options.database_url, options.nats_url, {}
+        dsn, pids = options.database_url, {}
         if not dsn:
             pg = EmbeddedPostgres(fsync=True)
             stack.callback(pg.cleanup)
@@ -119,15 +119,9 @@ async def bench_servers(options: BenchOptions, base: Path) -> AsyncIterator[tupl
             finally:
                 await conn.close()
             pg.restart()
-            dsn = pg.dsn
-            pids["postgres"] = pg.pid or 0
-        if not url:
-            ns = EmbeddedNats(base_dir=base / "nats")
-            stack.callback(ns.cleanup)
-            ns.start()
-            url = ns.url
-            pids["nats"] = ns.pid or 0
-        yield dsn, url, {k: v for k, v in pids.items() if v}
+            dsn, pids["postgres"] = pg.dsn, pg.pid or 0
+        with servers(DemoOptions(database_url=dsn, nats_url=options.nats_url), base) as (dsn, url, more):
+            yield dsn, url, {k: v for k, v in (pids | more).items() if v}
 
 
 async def run_bench(options: BenchOptions) -> dict[str, Any]:

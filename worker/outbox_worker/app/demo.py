@@ -75,23 +75,24 @@ class DemoSummary:
 
 
 @contextlib.contextmanager
-def servers(options: DemoOptions, base: Path) -> Iterator[tuple[str, str]]:
-    """Yield (dsn, nats_url): the given ones, or embedded servers that are stopped on exit."""
+def servers(options: DemoOptions, base: Path) -> Iterator[tuple[str, str, dict[str, int]]]:
+    """Yield (dsn, nats_url, pids): the given servers, or embedded ones that are stopped on exit;
+    ``pids`` has the embedded ones' pids (``postgres``: the postmaster, ``nats``)."""
     from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedPostgres
 
     with contextlib.ExitStack() as stack:
-        dsn, url = options.database_url, options.nats_url
+        dsn, url, pids = options.database_url, options.nats_url, {}
         if not dsn:
             pg = EmbeddedPostgres()
             stack.callback(pg.cleanup)
             pg.start()
-            dsn = pg.dsn
+            dsn, pids["postgres"] = pg.dsn, pg.pid or 0
         if not url:
             ns = EmbeddedNats(base_dir=base / "nats")
             stack.callback(ns.cleanup)
             ns.start()
-            url = ns.url
-        yield dsn, url
+            url, pids["nats"] = ns.url, ns.pid or 0
+        yield dsn, url, {k: v for k, v in pids.items() if v}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -151,7 +152,7 @@ async def run_demo(options: DemoOptions) -> DemoSummary:
     say = options.progress or (lambda _m: None)
     with tempfile.TemporaryDirectory(prefix="outbox-demo-") as tmp:
         base = Path(tmp)
-        with servers(options, base) as (dsn, nats_url):
+        with servers(options, base) as (dsn, nats_url, _pids):
             return await _run(options, base, dsn, nats_url, say)
 
 
