@@ -202,6 +202,51 @@ async def test_error_acks_fail_fast_and_rows_retry_without_dead_letters(pg_dsn: 
     assert (report.published, report.dead_lettered, report.order_violations) == (80, 0, 0)
 
 
+async def test_a_failed_row_holds_its_aggregate_back_across_batches(pg_dsn: str, nats_url: str) -> None:
+    """An aggregate's first event is too large for the stream: the server refuses it with an error
+    ack, and it is retried. Its later, small events sit in the next two batches of ten; they wait
+    behind it while every other aggregate flows. Once the stream takes larger messages, the
+    aggregate flows in order. (A relay that claims a batch before the previous one's failures are
+    marked must keep this too: the SQL hold-back sees a failure only once it is marked.)"""
+    await setup_db(pg_dsn, partitions=1)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    config = js_api.StreamConfig(name=STREAM, subjects=["outbox.>"], duplicate_window=120, max_msg_size=2000)
+    await js.add_stream(config)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        for i in range(30):  # batches of 10: the held aggregate's events are the 3rd, 13th and 23rd
+            held = i % 10 == 2
+            await insert(conn, "order", "held" if held else f"free-{i}", b"x" * 4000 if i == 2 else b"{}")
+        settings = worker_settings(
+            pg_dsn,
+            nats_url,
+            stream_mode="expect",
+            loops=1,
+            batch_size=10,
+            retry_backoff_initial_seconds=0.2,
+            max_attempts=100,  # no dead letter before the stream takes larger messages
+        )
+        async with running(settings) as worker:
+            waves = time_waves(worker)
+            await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 3 FROM outbox"), 15, "the free rows to flow")
+            # the first event fails again and again; the two after it wait behind it, across batches
+            await wait_for(lambda: fetchval(pg_dsn, "SELECT max(attempts) >= 3 FROM outbox"), 15, "3 failed attempts")
+            failures = [r for w in waves for r in w.results if not r.ok]
+            assert {r.reason for r in failures} == {names.REASON_PAYLOAD_TOO_LARGE}
+            assert await fetchval(pg_dsn, "SELECT count(*) FROM outbox WHERE attempts > 0") == 1
+            assert await stream_messages(nats_url) == 27
+            await js.update_stream(js_api.StreamConfig(name=STREAM, subjects=["outbox.>"], duplicate_window=120))
+            await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 15, "the held aggregate")
+            assert worker.stats.batches >= 3
+    finally:
+        await conn.close()
+        await nc.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert report.ok, report.to_dict()
+    assert (report.published, report.order_violations, report.dead_lettered) == (30, 0, 0)
+
+
 async def test_stalled_server_times_out_every_publish_and_retry_is_deduplicated(own_nats: EmbeddedNats) -> None:
     """With the server frozen, a wave ends as timeouts after the ack timeout, nothing left in flight;
     late acks are ignored; re-publishing with the same ids is absorbed as duplicates."""
