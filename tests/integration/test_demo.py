@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -46,3 +47,57 @@ def test_demo_json_reports_a_clean_relay() -> None:
     assert found, proc.stderr[-2000:]
     ports = [int(p) for p in found.groups()]
     assert [listening(p) for p in ports] == [False, False]
+
+
+def _children(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid``."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_stops_the_demo_with_its_workers_and_servers() -> None:
+    """`kill <demo>` (SIGTERM) must not orphan what it started: workers and embedded servers stop."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "outbox_cli", "demo", "--events", "5000000", "--timeout", "300", "--json"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        seen = ""
+        while "committed" not in seen:  # a progress line: workers started, producers running
+            line = proc.stderr.readline()
+            assert line, seen[-2000:]
+            seen += line
+        found = re.search(r"servers up: postgres 127\.0\.0\.1:(\d+)/\S*, nats nats://127\.0\.0\.1:(\d+)", seen)
+        assert found, seen[-2000:]
+        started = _children(proc.pid)
+        assert started
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ports = [int(p) for p in found.groups()]
+    assert [listening(p) for p in ports] == [False, False]
+    assert [p for p in started if _alive(p)] == []

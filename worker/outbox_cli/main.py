@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import Protocol, cast
 
@@ -57,6 +58,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
@@ -64,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return EXIT_USAGE
+    # SIGTERM unwinds like Ctrl-C: `demo` and `bench` stop the workers and the embedded servers they
+    # started (the default action would kill this process and orphan them). `worker` and `operator`
+    # install their own handler for a graceful stop once their event loop runs.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(args._run(args))
     except KeyboardInterrupt:

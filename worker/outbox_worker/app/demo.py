@@ -182,6 +182,7 @@ async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: C
         for i in range(options.workers)
     ]
     codes: list[int] = []
+    producer: asyncio.Task[ProducerResult] | None = None
     try:
         plan = ProducerPlan(events=options.events, aggregates=options.aggregates)
         progress = ProducerResult()
@@ -212,6 +213,9 @@ async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: C
                 break
         finished = time.time()
     finally:
+        if producer is not None and not producer.done():  # interrupted: stop writing before the servers stop
+            producer.cancel()
+            await asyncio.wait({producer}, timeout=10)
         codes = stop_workers(procs)
         await nc.close()
     say("workers stopped; reading the stream back and checking it against the ledger")
