@@ -109,6 +109,7 @@ class Nats(_Model):
     credentials_secret_ref: CredentialsSecretRef | None = None
     tls: NatsTls | None = None
     ping_interval_seconds: float = Field(5.0, gt=0, le=120)
+    message_tracing: bool = False
 
     @model_validator(mode="after")
     def _auth(self) -> Nats:
@@ -251,6 +252,7 @@ SETTINGS_MAP: dict[str, str] = {
     "db_timeout_seconds": "database.statementTimeoutSeconds",
     "nats_user": "nats.user",
     "nats_ping_interval_seconds": "nats.pingIntervalSeconds",
+    "nats_message_tracing": "nats.messageTracing",
     "stream": "stream.name",
     "stream_mode": "stream.mode",
     "stream_replicas": "stream.replicas",

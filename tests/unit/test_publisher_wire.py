@@ -15,7 +15,7 @@ from nats.protocol import parser as nats_parser
 from test_envelope import row
 
 from outbox_common import names
-from outbox_common.envelope import HeaderBlock, InvalidSubjectError, OutboxRow, build_headers
+from outbox_common.envelope import HeaderBlock, InvalidSubjectError, OutboxRow, build_headers, sampled_traceparent
 from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.publisher import (
     InvalidMessageError,
@@ -133,6 +133,38 @@ def test_header_block_renders_each_rows_own_created_at() -> None:
         row = _row(created_at=ts)
         assert block.render(row) == HeaderBlock("p", "S").render(row)
         assert f"Outbox-Created-At: {ts.isoformat()}\r\n".encode() in block.render(row)
+
+
+@pytest.mark.parametrize(
+    ("value", "sampled"),
+    [
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", True),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03", True),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", False),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1", False),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-01", False),
+        ("00-x-y-zz", False),
+        ("", False),
+    ],
+)
+def test_sampled_traceparent_is_read_as_nats_server_reads_it(value: str, sampled: bool) -> None:
+    assert sampled_traceparent(value) is sampled
+
+
+def test_header_block_turns_the_servers_trace_check_off_for_sampled_traceparents() -> None:
+    """With skip_trace_check, a sampled traceparent (any case) puts Nats-Trace-Dest: trace disabled
+    first, and everything else is exactly what the block renders without it."""
+    on, off = HeaderBlock("p", "S", skip_trace_check=True), HeaderBlock("p", "S")
+    trace_line = f"{names.HDR_TRACE_DEST}: {names.TRACE_DEST_DISABLED}\r\n".encode()
+    sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    for headers in ({"traceparent": sampled}, {"x-a": "1", "TraceParent": f" {sampled} "}):
+        row = _row(headers=headers)
+        plain = off.render(row)
+        assert trace_line not in plain
+        assert on.render(row) == b"NATS/1.0\r\n" + trace_line + plain[len(b"NATS/1.0\r\n") :]
+    for headers in ({"traceparent": sampled.replace("-01", "-00")}, {"x-traceparent": sampled}, {}):
+        row = _row(headers=headers)
+        assert on.render(row) == off.render(row)
 
 
 @pytest.mark.parametrize("name", ["bad name", "colon:", "ü"])

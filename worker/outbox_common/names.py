@@ -15,6 +15,10 @@ HDR_CREATED_AT = "Outbox-Created-At"  # RFC 3339, from the row
 HDR_OUTBOX_ID = "Outbox-Seq"  # the row's bigint id: per-aggregate order key
 HDR_PUBLISHER = "Outbox-Publisher"
 HDR_EXPECTED_STREAM = "Nats-Expected-Stream"  # set by the relay: the server refuses to store elsewhere
+# Set by the relay ahead of a sampled `traceparent` row header unless nats_message_tracing is on:
+# nats-server 2.14+ then skips its message-trace check (ADR-41) for that message.
+HDR_TRACE_DEST = "Nats-Trace-Dest"
+TRACE_DEST_DISABLED = "trace disabled"  # nats-server's own value for "do not trace"; not a subject
 # User headers from the row's `headers` column (trace ids, correlation ids) are copied as they are,
 # except that they may not override the headers above.
 RESERVED_HEADERS = frozenset(

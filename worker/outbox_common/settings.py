@@ -121,6 +121,12 @@ class WorkerSettings(BaseSettings):
     nats_ping_interval_seconds: float = Field(
         5.0, gt=0, le=120, description="Ping interval; a stalled server is detected after 3 missed pings."
     )
+    nats_message_tracing: bool = Field(
+        False,
+        description="Let nats-server's message tracing act on a sampled traceparent row header. Off: "
+        "on nats-server 2.14+ such a message also carries Nats-Trace-Dest: trace disabled, which "
+        "saves the server ~2.5 µs of CPU per message. Turn on if your NATS account sets trace_dest.",
+    )
     # --- stream and subjects --------------------------------------------------------------------
     stream: str = Field("OUTBOX", description="JetStream stream that must capture the subjects.")
     stream_mode: StreamMode = Field(StreamMode.EXPECT, description="expect or create the stream.")

@@ -39,7 +39,7 @@ from nats.js import errors as js_errors
 from nats.protocol import parser as nats_parser
 
 from outbox_common import names
-from outbox_common.envelope import HEADER_NAME, header_value
+from outbox_common.envelope import HEADER_NAME, HeaderBlock, header_value
 from outbox_common.settings import StreamMode, WorkerSettings
 from outbox_worker.core.policy import Outcome, PublishResult, classify_error_ack
 from outbox_worker.core.subjects import subject_covers
@@ -171,6 +171,23 @@ class JetStreamPublisher:
         self.ack_latencies: list[float] = []  # drained by the metrics sampler
         self._stream_cache: dict[str, tuple[float, bool]] = {}
         self.ack_subscription: Subscription | None = None
+
+    def header_block(self) -> HeaderBlock:
+        """The header block for rows' messages (the relay's and the bench baselines'). Call after
+        :meth:`connect`: the trace-check line (see HeaderBlock) needs nats-server 2.14+, and older
+        servers would log an invalid trace destination for every message that carried it."""
+        skip = not self._s.nats_message_tracing and self.server_at_least(2, 14)
+        return HeaderBlock(self._s.publisher, self._s.stream, skip_trace_check=skip)
+
+    def server_at_least(self, major: int, minor: int) -> bool:
+        """Whether the server connected to runs ``major.minor`` or later (False if unknown)."""
+        if self._nc is None:
+            return False
+        try:
+            version = self._nc.connected_server_version
+            return (version.major, version.minor) >= (major, minor)
+        except (ValueError, TypeError):
+            return False
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def connect(self, timeout: float = 10.0) -> None:

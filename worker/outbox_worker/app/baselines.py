@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from outbox_common.envelope import HeaderBlock, OutboxRow, SubjectTemplate, subject_fields
+from outbox_common.envelope import OutboxRow, SubjectTemplate, subject_fields
 from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.publisher import JetStreamPublisher, Message
 from outbox_worker.adapters.store import OutboxStore, connect_pool
@@ -53,8 +53,8 @@ async def naive_relay(settings: WorkerSettings, events: int, timeout: float = 60
     """Relay ``events`` rows of ``settings``' outbox table one at a time (see the module docstring)."""
     sql = Sql.for_table(settings.db_schema, settings.table)
     template = SubjectTemplate.parse(settings.subject_template)
-    headers = HeaderBlock(settings.publisher, settings.stream)  # the relay's headers (app/relay.py)
     pub = await _publisher(settings)
+    headers = pub.header_block()  # the relay's headers (app/relay.py)
     pool = await connect_pool(settings.database_url.get_secret_value(), size=2)
     store = OutboxStore(pool, sql, settings.publisher, "naive")
     parts = list(range(await store.check_schema()))
@@ -115,8 +115,8 @@ def synthetic_truth(events: int, aggregates: int) -> list[CommittedEvent]:
 async def publish_ceiling(settings: WorkerSettings, rows: list[OutboxRow]) -> BaselineResult:
     """Publish ``rows`` with no database: ``settings.loops`` loops, waves of ``settings.batch_size``."""
     template = SubjectTemplate.parse(settings.subject_template)
-    headers = HeaderBlock(settings.publisher, settings.stream)  # the relay's headers (app/relay.py)
     pub = await _publisher(settings)
+    headers = pub.header_block()  # the relay's headers (app/relay.py)
     batches = [rows[i : i + settings.batch_size] for i in range(0, len(rows), settings.batch_size)]
     published = failed = 0
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 from outbox_common import names
 from outbox_common.envelope import (
-    HeaderBlock,
     InvalidSubjectError,
     OutboxRow,
     SubjectTemplate,
@@ -97,7 +96,7 @@ class RelayLoop:
         self._subjects: dict[tuple[str, str, str, str], str] = {}
         self._subject_by_id = (True, "aggregate_id") in self._template.parts
         # Headers: build_headers + Nats-Expected-Stream (stored there or refused, never elsewhere).
-        self._headers = HeaderBlock(settings.publisher, settings.stream)
+        self._headers = publisher.header_block()
         self._ordered = settings.ordering == OrderingMode.PER_AGGREGATE
         self._stopping = False
         self.hooks = hooks or RelayHooks()
