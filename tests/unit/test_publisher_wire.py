@@ -157,7 +157,11 @@ def test_header_block_turns_the_servers_trace_check_off_for_sampled_traceparents
     on, off = HeaderBlock("p", "S", skip_trace_check=True), HeaderBlock("p", "S")
     trace_line = f"{names.HDR_TRACE_DEST}: {names.TRACE_DEST_DISABLED}\r\n".encode()
     sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    for headers in ({"traceparent": sampled}, {"x-a": "1", "TraceParent": f" {sampled} "}):
+    for headers in (
+        {"traceparent": sampled},
+        {"x-a": "1", "TraceParent": f" {sampled} "},
+        {"traceparent": sampled, "Traceparent": sampled},  # the line goes out once
+    ):
         row = _row(headers=headers)
         plain = off.render(row)
         assert trace_line not in plain

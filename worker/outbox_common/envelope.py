@@ -189,7 +189,12 @@ class HeaderBlock:
                     self._names.clear()
                 self._names.add(key)
             value = header_value(v)
-            if self._skip_trace_check and key.lower() == "traceparent" and sampled_traceparent(value):
+            if (
+                self._skip_trace_check
+                and key.lower() == "traceparent"
+                and sampled_traceparent(value)
+                and lines[:1] != [_TRACE_OFF_LINE]  # once, even if two names differ only in case
+            ):
                 lines.insert(0, _TRACE_OFF_LINE)
             lines.append(f"{key}: {value}\r\n")
         return "".join(lines)

@@ -95,7 +95,8 @@ class RelayLoop:
         # handful of subjects, and rendering sanitizes every token. Bounded; failures never cached.
         self._subjects: dict[tuple[str, str, str, str], str] = {}
         self._subject_by_id = (True, "aggregate_id") in self._template.parts
-        # Headers: build_headers + Nats-Expected-Stream (stored there or refused, never elsewhere).
+        # Headers: build_headers + Nats-Expected-Stream (stored there or refused, never elsewhere),
+        # and the trace-check line for rows with a sampled traceparent (see HeaderBlock).
         self._headers = publisher.header_block()
         self._ordered = settings.ordering == OrderingMode.PER_AGGREGATE
         self._stopping = False
