@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 
+from outbox_worker.adapters.embedded import children_of, pid_alive
+
 KEYS = ("events", "published", "lost", "duplicates", "order_violations", "events_per_s", "p50_ms", "p99_ms")
 
 
@@ -49,29 +51,6 @@ def test_demo_json_reports_a_clean_relay() -> None:
     assert [listening(p) for p in ports] == [False, False]
 
 
-def _children(pid: int) -> set[int]:
-    """Live processes whose parent is ``pid``."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.add(int(entry))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_sigterm_stops_the_demo_with_its_workers_and_servers() -> None:
     """`kill <demo>` (SIGTERM) must not orphan what it started: workers and embedded servers stop."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
@@ -91,7 +70,7 @@ def test_sigterm_stops_the_demo_with_its_workers_and_servers() -> None:
             seen += line
         found = re.search(r"servers up: postgres 127\.0\.0\.1:(\d+)/\S*, nats nats://127\.0\.0\.1:(\d+)", seen)
         assert found, seen[-2000:]
-        started = _children(proc.pid)
+        started = children_of(proc.pid)
         assert started
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
@@ -100,4 +79,4 @@ def test_sigterm_stops_the_demo_with_its_workers_and_servers() -> None:
             proc.kill()
     ports = [int(p) for p in found.groups()]
     assert [listening(p) for p in ports] == [False, False]
-    assert [p for p in started if _alive(p)] == []
+    assert [p for p in started if pid_alive(p)] == []

@@ -90,7 +90,7 @@ def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return f"--- last {len(tail)} lines of {path} ---\n" + "\n".join(tail)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
         os.kill(pid, 0)
@@ -122,7 +122,7 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 def _wait_gone(pids: list[int], timeout: float) -> bool:
     """Wait until none of ``pids`` is alive; False if some still are after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while any(_pid_alive(p) for p in pids):
+    while any(pid_alive(p) for p in pids):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
@@ -341,7 +341,7 @@ class EmbeddedPostgres(_Lifecycle):
             pid = int(first)
         except (OSError, ValueError):
             return None
-        return pid if _pid_alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     @property
     def running(self) -> bool:
@@ -485,7 +485,7 @@ class EmbeddedPostgres(_Lifecycle):
                 pid = int(lock.read_text().split("\n", 1)[0])
             except (OSError, ValueError):
                 continue
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 lock.unlink(missing_ok=True)
 
     def _initdb(self) -> None:
