@@ -74,6 +74,15 @@ def test_report_medians_ratios_targets_and_checks() -> None:
     assert len(report["seed_reference"]) == len(SEED_REFERENCE)
 
 
+def test_report_keeps_cpu_per_event_to_a_tenth_of_a_microsecond() -> None:
+    # CPU s per 1,000 events is ~0.015: three decimals would hide a 0.4 µs/event change.
+    row = Row("sustained/1-worker", "sustained", runs=[{"events_per_s": 48945.07312, "cpu_s_per_1k": 0.0153849}])
+    row.checks.append({"lost": 0, "duplicates": 0, "order_violations": 0, "unexpected": 0, "pending": 0})
+    report = build_report([row], machine={}, config={}, created_at="t")
+    assert report["rows"][0]["metrics"] == {"events_per_s": 48945.073, "cpu_s_per_1k": 0.01538}
+    assert "0.0154" in render_table(report)
+
+
 def test_table_puts_the_seed_figures_beside_ours() -> None:
     text = render_table(_report())
     seed_line = next(line for line in text.splitlines() if line.strip().startswith("500"))

@@ -109,9 +109,12 @@ class Row:
 
 
 def _round(v: float | None) -> float | None:
+    """3 decimals, and 4 significant digits below 1: CPU seconds per 1,000 events (~0.015) would
+    otherwise be read in whole microseconds per event, coarser than most changes worth measuring."""
     if v is None:
         return None
-    return round(float(v), 3)
+    v = float(v)
+    return float(f"{v:.4g}") if abs(v) < 1 else round(v, 3)
 
 
 @dataclass(frozen=True)
@@ -283,8 +286,8 @@ def render_table(report: Mapping[str, Any]) -> str:
             m = r["metrics"]
             out.append(
                 f"{r['name']:<22} {_fmt(m.get('events')):>9} {_fmt(m.get('events_per_s')):>10} "
-                f"{_fmt(m.get('cpu_s_per_1k'), 3):>12} {_fmt(m.get('peak_rss_mb'), 1):>12} "
-                f"{_fmt(m.get('nats_cpu_s_per_1k'), 3):>10} {_fmt(m.get('postgres_cpu_s_per_1k'), 3):>8} "
+                f"{_fmt(m.get('cpu_s_per_1k'), 4):>12} {_fmt(m.get('peak_rss_mb'), 1):>12} "
+                f"{_fmt(m.get('nats_cpu_s_per_1k'), 4):>10} {_fmt(m.get('postgres_cpu_s_per_1k'), 4):>8} "
                 f"{_fmt(m.get('host_busy_percent'), 1):>7} {'yes' if r['checks']['ok'] else 'NO':>4}"
             )
     lat = [r for r in report["rows"] if r["scenario"] == "latency"]
