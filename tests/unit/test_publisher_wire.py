@@ -24,6 +24,7 @@ from outbox_worker.adapters.publisher import (
     _Wave,
     encode_headers,
     encode_hpub,
+    stored_ack_frame,
     take_acks,
 )
 from outbox_worker.core.policy import Outcome
@@ -177,19 +178,21 @@ def test_header_block_refuses_header_names_nats_py_refuses(name: str) -> None:
         HeaderBlock("p", "S").render(_row(headers={name: "v"}))
 
 
-@pytest.mark.parametrize(
-    ("data", "outcome", "seq"),
-    [
-        (b'{"stream":"EVENTS","seq":17}', Outcome.ACKED, 17),
-        (b'{"stream":"EVENTS","seq":18,"duplicate":true}', Outcome.DUPLICATE, 18),
-        (b'{"stream":"EVENTS","domain":"hub","seq":19}', Outcome.ACKED, 19),
-        (b'{ "stream": "EVENTS", "seq": 20 }', Outcome.ACKED, 20),
-        (b'{"seq":21, "duplicate": true, "stream":"EVENTS"}', Outcome.DUPLICATE, 21),
-        (b'{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}', Outcome.RETRYABLE, 0),
-        (b'{"error":{"code":400,"err_code":10060,"description":"expected stream does not match"}}', Outcome.CONFIG, 0),
-        (b"not json", Outcome.RETRYABLE, 0),
-    ],
-)
+ACK_PAYLOADS = [
+    (b'{"stream":"EVENTS","seq":17}', Outcome.ACKED, 17),
+    (b'{"stream":"EVENTS","seq":18,"duplicate":true}', Outcome.DUPLICATE, 18),
+    (b'{"stream":"EVENTS","domain":"hub","seq":19}', Outcome.ACKED, 19),
+    (b'{ "stream": "EVENTS", "seq": 20 }', Outcome.ACKED, 20),
+    (b'{"seq":21, "duplicate": true, "stream":"EVENTS"}', Outcome.DUPLICATE, 21),
+    (b'{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}', Outcome.RETRYABLE, 0),
+    (b'{"error":{"code":400,"err_code":10060,"description":"expected stream does not match"}}', Outcome.CONFIG, 0),
+    (b"not json", Outcome.RETRYABLE, 0),
+    (b'{"stream":"EV\\"X","seq":22}', Outcome.ACKED, 22),  # an escaped quote in the name
+    (b'{"stream":"EVENTS","seq":23,"duplicate":false}', Outcome.ACKED, 23),
+]
+
+
+@pytest.mark.parametrize(("data", "outcome", "seq"), ACK_PAYLOADS)
 async def test_ack_payloads_resolve_to_their_outcome(data: bytes, outcome: Outcome, seq: int) -> None:
     """Acks are read without a JSON decode when they have the server's usual shape; every shape the
     fast path does not recognise falls back to the decoder."""
@@ -201,6 +204,24 @@ async def test_ack_payloads_resolve_to_their_outcome(data: bytes, outcome: Outco
     assert result is not None
     assert (result.outcome, result.seq) == (outcome, seq)
     assert not pub._pending
+
+
+@pytest.mark.parametrize(("data", "outcome", "seq"), ACK_PAYLOADS)
+async def test_acks_read_from_the_parser_resolve_like_delivered_ones(data: bytes, outcome: Outcome, seq: int) -> None:
+    """The parser fast path (compact acks by one regex, the rest by ``_ack``) ends every payload in
+    the same result as the delivered path above."""
+    conn = _Conn()
+    pub = JetStreamPublisher(WorkerSettings(database_url="postgresql://x@localhost/db"))
+    pub._prefix = INBOX
+    pub._install_ack_fast_path(conn, ACK_SID)  # type: ignore[arg-type]
+    wave = _Wave([None], 0.0, 1)
+    pub._pending[7] = (wave, 0)
+    await conn._ps.parse(_ack_frame(7, data))
+    result = wave.results[0]
+    assert result is not None
+    assert (result.outcome, result.seq) == (outcome, seq)
+    assert not pub._pending
+    assert conn.log == []
 
 
 def test_message_accepts_an_encoded_header_block() -> None:
@@ -277,11 +298,25 @@ class _Conn:
         self.log.append(("info", info))
 
 
-def _fast_path_conn() -> _Conn:
+def _fast_path_conn(paths: list[str] | None = None) -> _Conn:
+    """A parser with the fast path installed. Acks are logged as ("ack", token, payload) whichever
+    way they came: ``_stored`` (compact acks) rebuilds its payload from (seq, duplicate), so a wrong
+    token, seq or duplicate flag shows in the log. ``paths`` records which way each ack came."""
     conn = _Conn()
+    paths = [] if paths is None else paths
     pub = JetStreamPublisher(WorkerSettings(database_url="postgresql://x@localhost/db"))
     pub._prefix = INBOX
-    pub._ack = lambda token, data: conn.log.append(("ack", token, bytes(data)))  # type: ignore[method-assign]
+
+    def ack(token: int, data: bytes) -> None:
+        paths.append("ack")
+        conn.log.append(("ack", token, bytes(data)))
+
+    def stored(token: int, seq: int, duplicate: bool) -> None:
+        paths.append("stored")
+        conn.log.append(("ack", token, _seq(seq, duplicate)))
+
+    pub._ack = ack  # type: ignore[method-assign]
+    pub._stored = stored  # type: ignore[method-assign]
     pub._install_ack_fast_path(conn, ACK_SID)  # type: ignore[arg-type]
     return conn
 
@@ -305,12 +340,14 @@ async def test_acks_taken_in_bulk_keep_every_frame_and_its_order(chunk: int) -> 
 async def test_a_run_of_acks_never_reaches_nats_py_parser(chunk: int) -> None:
     """Plain acks, split anywhere, are read by take_acks alone: nats-py's parser (which records the
     last MSG it parsed in msg_arg) never sees one."""
-    wire = b"".join(_ack_frame(i, _seq(i)) for i in range(1, 200))
-    conn = _fast_path_conn()
+    wire = b"".join(_ack_frame(i, _seq(i, dup=i % 7 == 0)) for i in range(1, 200))
+    paths: list[str] = []
+    conn = _fast_path_conn(paths)
     for i in range(0, len(wire), chunk):
         await conn._ps.parse(wire[i : i + chunk])
-    assert conn.log == [("ack", i, _seq(i)) for i in range(1, 200)]
+    assert conn.log == [("ack", i, _seq(i, dup=i % 7 == 0)) for i in range(1, 200)]
     assert conn._ps.msg_arg == {}
+    assert set(paths) == {"stored"}  # every one by the compact-ack regex
 
 
 def test_take_acks_stops_where_a_frame_is_cut_or_foreign() -> None:
@@ -332,3 +369,43 @@ def test_take_acks_stops_where_a_frame_is_cut_or_foreign() -> None:
     assert take(_ack_frame(1, b"ab") + _ack_frame(3, b"x", sid=6)) == (first, 1, 2, False)
     assert take(_ack_frame(-1, b"x")) == (0, 0, 0, False)
     assert take(f"MSG {INBOX}.1 {ACK_SID} -5\r\nx\r\n".encode()) == (0, 0, 0, False)
+
+
+def test_take_acks_reads_compact_acks_by_regex_and_the_rest_by_frame() -> None:
+    head = f"MSG {INBOX}.".encode()
+    sid = str(ACK_SID).encode()
+    got: list[tuple[object, ...]] = []
+
+    def take(buf: bytes) -> tuple[int, int, int, bool]:
+        got.clear()
+        return take_acks(
+            buf,
+            head,
+            sid,
+            lambda t, d: got.append(("ack", t, d)),
+            (stored_ack_frame(head, sid), lambda t, seq, dup: got.append(("stored", t, seq, dup))),
+        )
+
+    wire = _ack_frame(1, _seq(11)) + _ack_frame(2, b'{"stream":"EVENTS","domain":"hub","seq":12}')
+    wire += _ack_frame(3, _seq(13, dup=True))
+    assert take(wire) == (len(wire), 3, len(wire) - 3 * len(f"MSG {INBOX}.1 {ACK_SID} 00\r\n\r\n"), True)
+    assert got == [
+        ("stored", 1, 11, False),
+        ("ack", 2, b'{"stream":"EVENTS","domain":"hub","seq":12}'),
+        ("stored", 3, 13, True),
+    ]
+    first = len(_ack_frame(1, _seq(11)))
+    for cut in range(first + 1, len(wire) - 1):  # cut anywhere after the first: it alone is taken
+        consumed, taken, _, wait = take(wire[:cut])
+        assert wait
+        assert consumed >= first
+        assert taken >= 1
+        assert got[0] == ("stored", 1, 11, False)
+    # A size field that disagrees with the compact payload: the frame is read by its size.
+    payload = _seq(14) + b"\r\nXY"
+    lying = f"MSG {INBOX}.4 {ACK_SID} {len(payload)}\r\n".encode() + payload + b"\r\n"
+    assert take(lying) == (len(lying), 1, len(payload), True)
+    assert got == [("ack", 4, payload)]
+    # Another subscription's frame of the same shape is not an ack.
+    assert take(_ack_frame(5, _seq(15), sid=6)) == (0, 0, 0, False)
+    assert got == []

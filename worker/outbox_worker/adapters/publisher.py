@@ -91,7 +91,24 @@ def encode_hpub(subject: str, reply: str, headers: Mapping[str, str] | bytes, pa
     return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject.encode(), reply.encode(), len(hdr), total, hdr, payload), total
 
 
-def take_acks(buf: bytes, head: bytes, sid: bytes, on_ack: Callable[[int, bytes], None]) -> tuple[int, int, int, bool]:
+def stored_ack_frame(head: bytes, sid: bytes) -> re.Pattern[bytes]:
+    """One whole ack frame (see :func:`take_acks`) whose payload is the server's compact success ack,
+    ``{"stream":"S","seq":7}`` or ``{"stream":"S","seq":7,"duplicate":true}``. Groups: token, size,
+    payload, seq, ``,"duplicate":true`` or None. Any other payload (an error, a domain, spaces, an
+    escaped stream name) does not match and takes :func:`take_acks`' general path."""
+    return re.compile(
+        re.escape(head) + rb"(\d+) " + re.escape(sid) + rb" (\d+)\r\n"
+        rb'(\{"stream":"[^"\\\r\n]*","seq":(\d+)(,"duplicate":true)?\})\r\n'
+    )
+
+
+def take_acks(
+    buf: bytes,
+    head: bytes,
+    sid: bytes,
+    on_ack: Callable[[int, bytes], None],
+    stored: tuple[re.Pattern[bytes], Callable[[int, int, bool], None]] | None = None,
+) -> tuple[int, int, int, bool]:
     """Hand the complete ack frames at the start of ``buf`` to ``on_ack(token, payload)``.
 
     An ack frame is ``MSG <head><token> <sid> <size>\r\n<payload>\r\n``: ``head`` is ``b"MSG "`` plus
@@ -100,9 +117,24 @@ def take_acks(buf: bytes, head: bytes, sid: bytes, on_ack: Callable[[int, bytes]
     complete yet. Returns (bytes consumed, acks taken, their payload bytes, ``wait``): ``wait`` means
     the rest, if any, may be the beginning of an ack frame and needs more bytes; otherwise the rest
     starts with a frame for nats-py's parser.
+
+    With ``stored = (stored_ack_frame(head, sid), on_stored)``, a frame carrying the compact success
+    ack goes to ``on_stored(token, seq, duplicate)`` instead, read by one regex match: ~1.4 µs per ack
+    against ~2.9 µs for the frame split here plus the payload search in ``on_ack``.
     """
     pos, n, taken, nbytes, skip = 0, len(buf), 0, 0, len(head)
+    match, on_stored = (stored[0].match, stored[1]) if stored else (None, None)
     while pos < n:
+        if match is not None and on_stored is not None:
+            m = match(buf, pos)
+            if m is not None:
+                token, size, payload, seq, duplicate = m.groups()
+                if int(size) == len(payload):
+                    on_stored(int(token), int(seq), duplicate is not None)
+                    taken += 1
+                    nbytes += len(payload)
+                    pos = m.end()
+                    continue
         if not buf.startswith(head, pos):
             return pos, taken, nbytes, n - pos < skip and head.startswith(buf[pos:])
         eol = buf.find(b"\r\n", pos + skip)
@@ -420,8 +452,9 @@ class JetStreamPublisher:
         awaits the callback per ack: ~30% of a worker's CPU before this. Two hooks:
 
         - the parser's ``parse``: while at a frame boundary, the run of complete ack frames at the
-          start of what was read goes to :meth:`_ack` in one loop (:func:`take_acks`, ~0.8 µs per ack
-          instead of ~2 µs); the first other frame and everything after it go to nats-py's parser;
+          start of what was read is read in one loop (:func:`take_acks`): the server's compact success
+          acks to :meth:`_stored` (one regex match each), other acks to :meth:`_ack`; the first other
+          frame and everything after it go to nats-py's parser;
         - ``_process_msg``, where nats-py's parser delivers messages: acks it parsed itself (after
           another frame, or a frame split across reads) still skip the ``Msg`` and the queue.
 
@@ -454,6 +487,7 @@ class JetStreamPublisher:
         parse = ps.parse
         head = b"MSG " + prefix
         sid_bytes = str(sid).encode()
+        stored = (stored_ack_frame(head, sid_bytes), self._stored)
 
         async def parse_acks_first(data: bytes = b"") -> None:
             if ps.state != nats_parser.AWAITING_CONTROL_LINE:  # inside a frame nats-py started
@@ -461,7 +495,7 @@ class JetStreamPublisher:
                 return
             buf = ps.buf  # reset() on reconnect replaces it: read it per call
             buf.extend(data)
-            consumed, taken, nbytes, wait = take_acks(bytes(buf), head, sid_bytes, ack)
+            consumed, taken, nbytes, wait = take_acks(bytes(buf), head, sid_bytes, ack, stored)
             if consumed:
                 del buf[:consumed]
                 stats["in_msgs"] += taken
@@ -493,6 +527,16 @@ class JetStreamPublisher:
                 wave.resolve(index, PublishResult(Outcome.RETRYABLE, names.REASON_SERVER_ERROR, f"{status} {desc}"))
             return
         self._ack(token, msg.data)
+
+    def _stored(self, token: int, seq: int, duplicate: bool) -> None:
+        """Resolve the publish ``token``: the server stored it at ``seq`` (or had, if ``duplicate``)."""
+        entry = self._pending.pop(token, None)
+        if entry is None:
+            self.late_acks += 1
+            return
+        wave, index = entry
+        self.ack_latencies.append(time.monotonic() - wave.sent_at)
+        wave.resolve(index, PublishResult(Outcome.DUPLICATE if duplicate else Outcome.ACKED, "", "", seq))
 
     def _ack(self, token: int, data: bytes) -> None:
         """Resolve the publish ``token`` with the ack payload ``data`` (a JSON pub ack)."""
