@@ -142,6 +142,14 @@ def test_header_block_renders_each_rows_own_created_at() -> None:
         ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", True),
         ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03", True),
         ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", False),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-7F", True),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-81", False),  # past int8: the server's parse fails
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff", False),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-+1", True),  # Go's ParseInt takes a sign
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7- 1", False),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x", False),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-é1", False),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-01", False),
         ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1", False),
         ("00-4bf92f3577b34da6a3ce929d0e0e4736-01", False),
         ("00-x-y-zz", False),
