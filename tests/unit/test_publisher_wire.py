@@ -106,6 +106,7 @@ ROWS = [
     _row(headers={"traceparent": "00-abc-def-01"}, tenant="acme"),
     _row(aggregate_id="  padded\r\nid ", event_type="line\nbreak", aggregate_type=" t ", tenant=" \r\n"),
     _row(headers={"Outbox-Seq": "forged", "nats-msg-id": "forged", " x-a ": "1", "x-a": "2", "": "skip"}),
+    _row(headers={"x-b": "1", "Outbox-Seq": "forged", "Nats-Rollup": "all", "x-c": "2"}),  # no name to strip
     _row(headers={"X-Unicode": "grüße ✓", "X-Empty": "", "X-Tab": "\tv\t"}, aggregate_id="ünï"),
     _row(created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-5)))),
 ]

@@ -148,7 +148,9 @@ class HeaderBlock:
         self._stream_line = f"{names.HDR_EXPECTED_STREAM}: {header_value(stream)}\r\n\r\n"
         self._types: dict[tuple[str, str], str] = {}
         self._tails: dict[str, str] = {}
-        self._names: set[str] = set()  # user header names already checked
+        # user header name -> is it a traceparent (any case); only names that are valid, kept and
+        # already stripped (the common case: one pass, no intermediate dict)
+        self._plain: dict[str, bool] = {}
         # created_at defaults to now(), the transaction's start: rows of one transaction share it.
         self._created: tuple[datetime | None, str] = (None, "")
 
@@ -180,14 +182,39 @@ class HeaderBlock:
         ).encode()
 
     def _user_lines(self, headers: Mapping[str, str]) -> str:
+        plain = self._plain
+        lines: list[str] = []
+        check, trace_off = self._skip_trace_check, False
+        for key, v in headers.items():
+            traceparent = plain.get(key)
+            if traceparent is None:
+                if not self._is_plain(key):
+                    return self._user_lines_slow(headers)
+                traceparent = plain[key]
+            value = v.strip()
+            if "\r" in value or "\n" in value:
+                value = value.replace("\r", " ").replace("\n", " ")
+            if traceparent and check and not trace_off and sampled_traceparent(value):
+                trace_off = True
+                lines.insert(0, _TRACE_OFF_LINE)
+            lines.append(f"{key}: {value}\r\n")
+        return "".join(lines)
+
+    def _is_plain(self, key: str) -> bool:
+        """Whether ``key`` goes out as it is (valid, kept, nothing to strip); remembers it if so."""
+        if key != key.strip() or user_headers({key: ""}) == {} or not HEADER_NAME.fullmatch(key):
+            return False
+        if len(self._plain) >= self._CACHE_LIMIT:
+            self._plain.clear()
+        self._plain[key] = key.lower() == "traceparent"
+        return True
+
+    def _user_lines_slow(self, headers: Mapping[str, str]) -> str:
+        """Names with spaces to strip, dropped names (relay's own, ``Nats-*``) or invalid ones."""
         lines: list[str] = []
         for key, v in user_headers(headers).items():
-            if key not in self._names:
-                if not HEADER_NAME.fullmatch(key):
-                    raise InvalidSubjectError(f"invalid header name {key!r}"[:200])
-                if len(self._names) >= self._CACHE_LIMIT:
-                    self._names.clear()
-                self._names.add(key)
+            if not HEADER_NAME.fullmatch(key):
+                raise InvalidSubjectError(f"invalid header name {key!r}"[:200])
             value = header_value(v)
             if (
                 self._skip_trace_check
