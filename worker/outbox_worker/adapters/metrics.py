@@ -9,16 +9,59 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
 from outbox_common import names
 
 log = logging.getLogger(__name__)
+# How prometheus_client's Histogram writes its le labels ("0.0005", "1.0", "+Inf"); untyped there.
+_le = cast(Callable[[float], str], _untyped_float_to_go_string)
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class BucketCounts:
+    """Histogram counts kept by the caller's loop, for a value observed once per event (ack latency).
+
+    ``observe`` is one bisect and two additions, ~0.15 µs; prometheus_client's ``Histogram.observe``
+    scans the buckets and takes a lock per call, ~0.45 µs, which at tens of thousands of acks per
+    second was ~3% of a worker's CPU. Not thread-safe: the worker's event loop is the only writer, and
+    /metrics is rendered on that same loop. Exposed by :class:`BucketCountsCollector` with the
+    buckets of a prometheus ``Histogram`` (``le`` is ``value <= bound``, like ``Histogram``'s)."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = list(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class BucketCountsCollector(Collector):
+    """One histogram metric, ``name`` with one label set, read from a :class:`BucketCounts`."""
+
+    def __init__(self, name: str, doc: str, labels: dict[str, str], counts: BucketCounts) -> None:
+        self._name, self._doc, self._labels, self._counts = name, doc, labels, counts
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        c = self._counts
+        family = HistogramMetricFamily(self._name, self._doc, labels=list(self._labels))
+        buckets, total = [], 0
+        for bound, n in zip([*c.bounds, float("inf")], c.counts, strict=True):
+            total += n
+            buckets.append((_le(bound), total))
+        family.add_metric(list(self._labels.values()), buckets, c.sum)
+        yield family
 
 
 class Metrics:
@@ -39,11 +82,15 @@ class Metrics:
             names.M_DEAD_LETTERS.removesuffix("_total"), "Rows dead-lettered", pl, registry=r
         ).labels(publisher)
         self.in_flight = Gauge(names.M_IN_FLIGHT, "Unacknowledged publishes", pl, registry=r).labels(publisher)
-        self.ack_latency = Histogram(
-            names.M_ACK_LATENCY, "Publish to ack", pl, registry=r, buckets=_LATENCY_BUCKETS
-        ).labels(publisher)
+        # Observed per ack by the publisher (BucketCounts), so not a prometheus_client Histogram.
+        self.ack_latency = BucketCounts(LATENCY_BUCKETS)
+        r.register(
+            BucketCountsCollector(
+                names.M_ACK_LATENCY, "Publish to ack", {names.LABEL_PUBLISHER: publisher}, self.ack_latency
+            )
+        )
         self.batch_latency = Histogram(
-            names.M_BATCH_LATENCY, "Claim to mark of one batch", pl, registry=r, buckets=_LATENCY_BUCKETS
+            names.M_BATCH_LATENCY, "Claim to mark of one batch", pl, registry=r, buckets=LATENCY_BUCKETS
         ).labels(publisher)
         self.backlog = Gauge(names.M_BACKLOG, "Pending rows in owned partitions", pl, registry=r).labels(publisher)
         self.oldest_age = Gauge(

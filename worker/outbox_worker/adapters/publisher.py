@@ -41,6 +41,7 @@ from nats.protocol import parser as nats_parser
 from outbox_common import names
 from outbox_common.envelope import HEADER_NAME, HeaderBlock, header_value
 from outbox_common.settings import StreamMode, WorkerSettings
+from outbox_worker.adapters.metrics import LATENCY_BUCKETS, BucketCounts
 from outbox_worker.core.policy import Outcome, PublishResult, classify_error_ack
 from outbox_worker.core.subjects import subject_covers
 
@@ -190,7 +191,9 @@ class _Wave:
 class JetStreamPublisher:
     """One NATS connection, many acks in flight, results for every publish. Not thread-safe."""
 
-    def __init__(self, settings: WorkerSettings, *, name: str = "outbox-relay") -> None:
+    def __init__(
+        self, settings: WorkerSettings, *, name: str = "outbox-relay", ack_latency: BucketCounts | None = None
+    ) -> None:
         self._s = settings
         self._name = name
         self._nc: Client | None = None
@@ -200,7 +203,8 @@ class JetStreamPublisher:
         self._max_payload = 1024 * 1024
         self.late_acks = 0
         self.disconnects = 0
-        self.ack_latencies: list[float] = []  # drained by the metrics sampler
+        # seconds from a wave's write to each of its acks (the worker exposes it on /metrics)
+        self.ack_latency = ack_latency if ack_latency is not None else BucketCounts(LATENCY_BUCKETS)
         self._stream_cache: dict[str, tuple[float, bool]] = {}
         self.ack_subscription: Subscription | None = None
 
@@ -535,7 +539,7 @@ class JetStreamPublisher:
             self.late_acks += 1
             return
         wave, index = entry
-        self.ack_latencies.append(time.monotonic() - wave.sent_at)
+        self.ack_latency.observe(time.monotonic() - wave.sent_at)
         wave.resolve(index, PublishResult(Outcome.DUPLICATE if duplicate else Outcome.ACKED, "", "", seq))
 
     def _ack(self, token: int, data: bytes) -> None:
@@ -545,7 +549,7 @@ class JetStreamPublisher:
             self.late_acks += 1
             return
         wave, index = entry
-        self.ack_latencies.append(time.monotonic() - wave.sent_at)
+        self.ack_latency.observe(time.monotonic() - wave.sent_at)
         if b'"error"' not in data and b" " not in data:
             # The server's compact shape, without a JSON decode: {"stream":"S","seq":7[,"duplicate":true]}.
             at = data.find(b'"seq":')

@@ -123,7 +123,9 @@ class Worker:
         )
         self.store = OutboxStore(self.pool, self.sql, s.publisher, self.worker_id)
         partitions = await self.store.check_schema()
-        self.publisher = JetStreamPublisher(s, name=f"outbox-relay/{s.publisher}/{self.worker_id}")
+        self.publisher = JetStreamPublisher(
+            s, name=f"outbox-relay/{s.publisher}/{self.worker_id}", ack_latency=self.metrics.ack_latency
+        )
         publisher = self.publisher
         await _retry_unavailable(
             lambda: publisher.connect(timeout=_attempt_budget(deadline)), NatsUnavailableError, deadline, "NATS"
@@ -275,9 +277,6 @@ class Worker:
             log.debug("pressure sample failed: %s", type(exc).__name__)
         self.metrics.backlog.set(self.backlog)
         self.metrics.oldest_age.set(self.oldest_age)
-        lat, self.publisher.ack_latencies = self.publisher.ack_latencies, []
-        for v in lat:
-            self.metrics.ack_latency.observe(v)
         now = time.monotonic()
         dt = now - self._last_rate_at
         if dt > 0:
