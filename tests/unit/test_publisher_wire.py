@@ -418,3 +418,57 @@ def test_take_acks_reads_compact_acks_by_regex_and_the_rest_by_frame() -> None:
     # Another subscription's frame of the same shape is not an ack.
     assert take(_ack_frame(5, _seq(15), sid=6)) == (0, 0, 0, False)
     assert got == []
+
+
+class _WireNc:
+    """The part of a nats-py Client publish_wave touches; records what it writes."""
+
+    is_connected = True
+    is_draining_pubs = False
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    async def _send_command(self, cmd: bytes) -> None:
+        self.written.append(cmd)
+
+    async def _flush_pending(self) -> None:
+        return None
+
+
+async def test_publish_wave_writes_encode_hpubs_frames_in_one_write() -> None:
+    """The wave's frames are encode_hpub's bytes, with a reply subject per message, whether the
+    subject is new or cached and the headers a mapping or an encoded block; messages NATS would
+    refuse never reach the wire and end as permanent failures."""
+    pub = JetStreamPublisher(WorkerSettings(database_url="postgresql://x@localhost/db", ack_timeout_seconds=0.05))
+    nc = _WireNc()
+    pub._nc = nc  # type: ignore[assignment]
+    pub._prefix = INBOX
+    pub._max_payload = 400
+    block = HeaderBlock("p", "S").render(_row())
+    messages = [
+        Message("a.b", b"1", block),  # new subject
+        Message("a.b", b"2", block),  # cached subject
+        Message("a.c", b"3", {"X-A": "1"}),  # a mapping
+        Message("a.c", b"4", block),
+        Message("bad subject", b"5", block),  # refused, twice: never cached
+        Message("bad subject", b"6", block),
+        Message("a.b", b"x" * 400, block),  # past max_payload
+    ]
+    results = await pub.publish_wave(messages)
+    sent = [0, 1, 2, 3]
+    assert nc.written == [
+        b"".join(
+            encode_hpub(messages[i].subject, f"{INBOX}.{i + 1}", messages[i].headers, messages[i].payload)[0]
+            for i in sent
+        )
+    ]
+    assert [r.reason for r in results] == [names.REASON_TIMEOUT] * 4 + [
+        names.REASON_INVALID_SUBJECT,
+        names.REASON_INVALID_SUBJECT,
+        names.REASON_PAYLOAD_TOO_LARGE,
+    ]
+    assert pub._subjects == {"a.b": b"a.b", "a.c": b"a.c"}
+    # tokens go on from where the wave left them
+    await pub.publish_wave([Message("a.b", b"7", block)])
+    assert nc.written[1] == encode_hpub("a.b", f"{INBOX}.8", block, b"7")[0]

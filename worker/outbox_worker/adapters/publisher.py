@@ -52,6 +52,7 @@ _DESCRIPTION = "Description"
 # nats-py 2.16's rule (nats/aio/client.py): subjects without whitespace.
 _SUBJECT_INVALID = re.compile(r"[ \t\r\n]")
 _valid_names: set[str] = set()  # header names already checked (bounded)
+_SUBJECT_CACHE_LIMIT = 10_000
 
 
 class InvalidMessageError(ValueError):
@@ -206,6 +207,7 @@ class JetStreamPublisher:
         # seconds from a wave's write to each of its acks (the worker exposes it on /metrics)
         self.ack_latency = ack_latency if ack_latency is not None else BucketCounts(LATENCY_BUCKETS)
         self._stream_cache: dict[str, tuple[float, bool]] = {}
+        self._subjects: dict[str, bytes] = {}  # subjects encode_hpub accepted, encoded
         self.ack_subscription: Subscription | None = None
 
     def header_block(self) -> HeaderBlock:
@@ -392,15 +394,34 @@ class JetStreamPublisher:
                 wave.resolve(i, PublishResult(Outcome.RETRYABLE, names.REASON_DISCONNECT, "not connected"))
             return [r for r in wave.results if r is not None]
         prefix = self._prefix
+        reply_head = prefix.encode() + b"."
         pending = self._pending
         limit = self._max_payload
+        subjects = self._subjects
         frames: list[bytes] = []
         tokens: list[int] = []
+        token = self._token
         for i, m in enumerate(messages):
-            self._token += 1
-            token = self._token
+            token += 1
+            hdr, payload = m.headers, m.payload
+            subject = subjects.get(m.subject)
             try:
-                frame, size = encode_hpub(m.subject, f"{prefix}.{token}", m.headers, m.payload)
+                if subject is None or type(hdr) is not bytes:
+                    frame, size = encode_hpub(m.subject, f"{prefix}.{token}", hdr, payload)
+                    if len(subjects) >= _SUBJECT_CACHE_LIMIT:
+                        subjects.clear()
+                    subjects[m.subject] = m.subject.encode()  # valid: encode_hpub checked it
+                else:  # encode_hpub's bytes, with the subject checked and encoded once
+                    size = len(hdr) + len(payload)
+                    frame = b"HPUB %s %s%d %d %d\r\n%s%s\r\n" % (
+                        subject,
+                        reply_head,
+                        token,
+                        len(hdr),
+                        size,
+                        hdr,
+                        payload,
+                    )
             except InvalidMessageError as exc:
                 wave.resolve(i, PublishResult(Outcome.PERMANENT, names.REASON_INVALID_SUBJECT, str(exc)))
                 continue
@@ -417,6 +438,7 @@ class JetStreamPublisher:
             pending[token] = (wave, i)
             frames.append(frame)
             tokens.append(token)
+        self._token = token
         if frames:
             # One write for the whole wave through nats-py's pending buffer and flusher, exactly
             # where Client.publish puts each frame (private API of the pinned nats-py 2.16; the unit
