@@ -554,24 +554,27 @@ class JetStreamPublisher:
             return
         self._ack(token, msg.data)
 
-    def _stored(self, token: int, seq: int, duplicate: bool) -> None:
-        """Resolve the publish ``token``: the server stored it at ``seq`` (or had, if ``duplicate``)."""
+    def _take(self, token: int) -> tuple[_Wave, int] | None:
+        """The pending publish ``token``, removed, its ack latency counted; None for a late ack."""
         entry = self._pending.pop(token, None)
         if entry is None:
             self.late_acks += 1
-            return
-        wave, index = entry
-        self.ack_latency.observe(time.monotonic() - wave.sent_at)
-        wave.resolve(index, PublishResult(Outcome.DUPLICATE if duplicate else Outcome.ACKED, "", "", seq))
+            return None
+        self.ack_latency.observe(time.monotonic() - entry[0].sent_at)
+        return entry
+
+    def _stored(self, token: int, seq: int, duplicate: bool) -> None:
+        """Resolve the publish ``token``: the server stored it at ``seq`` (or had, if ``duplicate``)."""
+        entry = self._take(token)
+        if entry is not None:
+            entry[0].resolve(entry[1], PublishResult(Outcome.DUPLICATE if duplicate else Outcome.ACKED, "", "", seq))
 
     def _ack(self, token: int, data: bytes) -> None:
         """Resolve the publish ``token`` with the ack payload ``data`` (a JSON pub ack)."""
-        entry = self._pending.pop(token, None)
+        entry = self._take(token)
         if entry is None:
-            self.late_acks += 1
             return
         wave, index = entry
-        self.ack_latency.observe(time.monotonic() - wave.sent_at)
         if b'"error"' not in data and b" " not in data:
             # The server's compact shape, without a JSON decode: {"stream":"S","seq":7[,"duplicate":true]}.
             at = data.find(b'"seq":')
