@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from outbox_cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from outbox_cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async
 from outbox_common.settings import WorkerSettings
 
 HELP = "Benchmark the relay (seed pressure levels, sustained drain, baselines, latency, growth), verified."
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         worker_env=env,
         progress=say,
     )
-    report = asyncio.run(run_bench(options))
+    report = run_async(run_bench(options))
     if args.json_path:
         path = Path(args.json_path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 
-from outbox_cli.main import EXIT_FAILURE, EXIT_OK
+from outbox_cli.main import EXIT_FAILURE, EXIT_OK, run_async
 
 HELP = "Run the relay end to end on embedded PostgreSQL and NATS (no cluster) and verify the stream."
 
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         progress=say,
     )
-    summary = asyncio.run(run_demo(options))
+    summary = run_async(run_demo(options))
     if args.json:
         keys = ("events", "published", "lost", "duplicates", "order_violations", "events_per_s", "p50_ms", "p99_ms")
         data = {k: getattr(summary, k) for k in keys} | summary.to_json()

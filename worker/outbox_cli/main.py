@@ -9,10 +9,14 @@ loads asyncpg.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import signal
 import sys
-from typing import Protocol, cast
+from collections.abc import Coroutine
+from typing import Any, Protocol, TypeVar, cast
+
+T = TypeVar("T")
 
 COMMANDS = ("demo", "migrate", "worker", "verify", "bench", "operator")
 
@@ -60,6 +64,41 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, where SIGTERM cancels ``main`` like Ctrl-C does and then exits 143.
+
+    Why not let :func:`_terminated` raise: a SystemExit raised between two bytecodes of whatever runs
+    (an asyncpg or nats-py callback, a producer task) leaves that library half-way through a message,
+    and the clean-up that follows can wait on it for good (seen: `kill <demo>` not exiting in 60 s).
+    A cancelled ``main`` unwinds at an ``await``, so its ``finally`` blocks and context managers stop
+    what it started. Outside the loop (start-up, clean-up after it) :func:`_terminated` still applies.
+    """
+
+    async def guarded() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        terminated = False
+
+        def on_sigterm() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        try:
+            return await main
+        except asyncio.CancelledError:
+            if terminated:
+                raise SystemExit(128 + signal.SIGTERM) from None
+            raise
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)  # leaves SIG_DFL: put ours back
+            signal.signal(signal.SIGTERM, _terminated)
+
+    return asyncio.run(guarded())
 
 
 def main(argv: list[str] | None = None) -> int:
