@@ -70,10 +70,10 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)``, where SIGTERM cancels ``main`` like Ctrl-C does and then exits 143.
 
     Why not let :func:`_terminated` raise: a SystemExit raised between two bytecodes of whatever runs
-    (an asyncpg or nats-py callback, a producer task) leaves that library half-way through a message,
-    and the clean-up that follows can wait on it for good (seen: `kill <demo>` not exiting in 60 s).
-    A cancelled ``main`` unwinds at an ``await``, so its ``finally`` blocks and context managers stop
-    what it started. Outside the loop (start-up, clean-up after it) :func:`_terminated` still applies.
+    (an asyncpg or nats-py callback, a producer task) can leave that library half-way through a
+    message, with the clean-up that follows waiting on it; once, a demo did not exit within 60 s of
+    SIGTERM. A cancelled ``main`` unwinds at an ``await``, so its ``finally`` blocks and context
+    managers stop what it started. Outside the loop (start-up, clean-up) :func:`_terminated` applies.
     """
 
     async def guarded() -> T:
