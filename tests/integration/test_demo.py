@@ -3,6 +3,7 @@ verifies the stream against what was committed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -75,7 +76,10 @@ def test_sigterm_stops_the_demo_with_its_workers_and_servers() -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # failed: leave no orphans behind for the tests after this one
+            for pid in children_of(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.kill()
     ports = [int(p) for p in found.groups()]
     assert [listening(p) for p in ports] == [False, False]
