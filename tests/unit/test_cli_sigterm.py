@@ -57,7 +57,9 @@ def test_sigterm_cancels_the_command_at_an_await_and_exits_143() -> None:
 
 def test_sigterm_outside_the_loop_still_exits_143() -> None:
     script = "import signal, time\nfrom outbox_cli import main as cli\nsignal.signal(signal.SIGTERM, cli._terminated)\n"
-    script += "print('ready', flush=True)\ntry:\n    time.sleep(60)\nfinally:\n    print('cleaned up', flush=True)\n"
+    # "ready" inside the try: a SIGTERM right after it must land inside, whatever the machine's load
+    script += "try:\n    print('ready', flush=True)\n    time.sleep(60)\n"
+    script += "finally:\n    print('cleaned up', flush=True)\n"
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     assert proc.stdout.readline() == "ready\n"
