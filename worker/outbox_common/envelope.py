@@ -188,8 +188,8 @@ class HeaderBlock:
         for key, v in headers.items():
             traceparent = plain.get(key)
             if traceparent is None:
-                if not self._is_plain(key):
-                    return self._user_lines_slow(headers)
+                if not self._is_plain(key):  # names are stripped, dropped or refused first
+                    return self._user_lines(_kept_headers(headers))
                 traceparent = plain[key]
             value = v.strip()
             if "\r" in value or "\n" in value:
@@ -202,29 +202,22 @@ class HeaderBlock:
 
     def _is_plain(self, key: str) -> bool:
         """Whether ``key`` goes out as it is (valid, kept, nothing to strip); remembers it if so."""
-        if key != key.strip() or user_headers({key: ""}) == {} or not HEADER_NAME.fullmatch(key):
+        if key != key.strip() or not user_headers({key: ""}) or not HEADER_NAME.fullmatch(key):
             return False
         if len(self._plain) >= self._CACHE_LIMIT:
             self._plain.clear()
         self._plain[key] = key.lower() == "traceparent"
         return True
 
-    def _user_lines_slow(self, headers: Mapping[str, str]) -> str:
-        """Names with spaces to strip, dropped names (relay's own, ``Nats-*``) or invalid ones."""
-        lines: list[str] = []
-        for key, v in user_headers(headers).items():
-            if not HEADER_NAME.fullmatch(key):
-                raise InvalidSubjectError(f"invalid header name {key!r}"[:200])
-            value = header_value(v)
-            if (
-                self._skip_trace_check
-                and key.lower() == "traceparent"
-                and sampled_traceparent(value)
-                and lines[:1] != [_TRACE_OFF_LINE]  # once, even if two names differ only in case
-            ):
-                lines.insert(0, _TRACE_OFF_LINE)
-            lines.append(f"{key}: {value}\r\n")
-        return "".join(lines)
+
+def _kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """:func:`user_headers`, every name checked: raises InvalidSubjectError for one NATS would refuse.
+    Every name it returns is one :meth:`HeaderBlock._user_lines` sends as it is."""
+    kept = user_headers(headers)
+    for key in kept:
+        if not HEADER_NAME.fullmatch(key):
+            raise InvalidSubjectError(f"invalid header name {key!r}"[:200])
+    return kept
 
 
 _TRACE_OFF_LINE = f"{names.HDR_TRACE_DEST}: {names.TRACE_DEST_DISABLED}\r\n"
