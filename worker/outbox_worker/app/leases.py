@@ -17,10 +17,10 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -47,6 +47,7 @@ class Lease:
     releasing: bool = False  # will be released once checked in
     paused_until: float = 0.0  # monotonic; set by a configuration error
     dirty: bool = True  # rows may have arrived since this partition was last claimed
+    backlog: bool = False  # its last claim was cut short: it holds more rows right now
 
 
 class LeaseManager:
@@ -61,7 +62,8 @@ class LeaseManager:
         self._changed = asyncio.Event()
         self._rotation = 0
         self.last_error = ""
-        self.on_acquired: Callable[[], None] | None = None  # the worker wakes its loops
+        # Loops with nothing to claim, parked in wait_for_work (oldest first); woken one at a time.
+        self._idle_loops: collections.deque[asyncio.Future[None]] = collections.deque()
 
     # --- for the relay loops ------------------------------------------------------------------------
     @property
@@ -77,29 +79,45 @@ class LeaseManager:
         ]
 
     def checkout(self, loops: int) -> dict[int, int]:
-        """Take a fair slice of the free, usable partitions for one loop: {partition: epoch}.
+        """Take partitions for one loop to claim: {partition: epoch}.
 
-        Partitions marked dirty (woken by a NOTIFY, or newly acquired) come first, and are clean once
-        checked out: the claim that follows sees every row committed before the wake-up.
+        - Backlog (a partition's last claim was cut short by its share): a fair slice of the free
+          partitions, backlog and dirty ones first, so the loops drain the backlog side by side.
+        - No backlog, some dirty (woken by a NOTIFY, or newly acquired): every dirty free partition,
+          so one claim serves a wake-up however many loops there are (the others stay parked).
+        - Neither (the poll): a fair slice, rotating, so a row a wake-up missed is found within a
+          few polls.
+
+        Partitions are clean once checked out: the claim that follows sees every row committed
+        before the wake-up.
         """
         free = self._free()
         if not free:
             return {}
-        active = sum(1 for lease in self.leases.values() if not lease.releasing)
-        share = max(1, -(-active // loops))
-        start = self._rotation % len(free)
-        self._rotation += 1
-        rotated = free[start:] + free[:start]
-        chosen = sorted(rotated, key=lambda p: not self.leases[p].dirty)[:share]
+        leases = self.leases
+        if any(leases[p].dirty for p in free) and not any(leases[p].backlog for p in free):
+            chosen = [p for p in free if leases[p].dirty]
+        else:
+            active = sum(1 for lease in leases.values() if not lease.releasing)
+            share = max(1, -(-active // loops))
+            start = self._rotation % len(free)
+            self._rotation += 1
+            rotated = free[start:] + free[:start]
+            chosen = sorted(rotated, key=lambda p: (not leases[p].backlog, not leases[p].dirty))[:share]
         for p in chosen:
-            self.leases[p].busy = True
-            self.leases[p].dirty = False
-        return {p: self.leases[p].epoch for p in chosen}
+            leases[p].busy = True
+            leases[p].dirty = False
+            leases[p].backlog = False
+        if self.has_dirty():  # a slice of a backlog: the next idle loop takes the next slice
+            self._wake_one()
+        return {p: leases[p].epoch for p in chosen}
 
     def mark_dirty(self) -> None:
-        """Rows may have arrived in every partition (a NOTIFY): each must be claimed once more."""
+        """Rows may have arrived in every partition (a NOTIFY): each must be claimed once more.
+        Wakes one idle loop; a busy loop finds the dirty partitions when it checks in."""
         for lease in self.leases.values():
             lease.dirty = True
+        self._wake_one()
 
     def has_dirty(self) -> bool:
         """Whether a free partition still waits for the claim a wake-up asked for."""
@@ -114,6 +132,7 @@ class LeaseManager:
                 lease.busy = False
                 if p in more:
                     lease.dirty = True
+                    lease.backlog = True
         self._notify()
 
     def still_usable(self, parts: dict[int, int], needed: float) -> dict[int, int]:
@@ -195,8 +214,7 @@ class LeaseManager:
             if got:
                 log.info("acquired partitions %s (epochs %s)", sorted(got), [got[p] for p in sorted(got)])
                 self._notify()
-                if self.on_acquired is not None:
-                    self.on_acquired()
+                self._wake_one()  # new leases are dirty: their rows wait for a claim
         await self._release_idle()
         self._metrics.partitions.set(len(self.leases))
 
@@ -240,3 +258,34 @@ class LeaseManager:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Park a loop that has nothing to claim until it is woken (:meth:`mark_dirty`, new leases,
+        or a backlog slice left for it), :meth:`wake_all`, or ``timeout`` passes (the poll).
+
+        Loops are woken one at a time, and a loop that takes a slice of a backlog wakes the next:
+        a NOTIFY costs one wake-up and one claim however many loops wait. No wake-up is lost: a
+        loop checks for work and parks in the same step of the event loop.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle_loops.append(future)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(future, timeout)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._idle_loops.remove(future)
+
+    def wake_all(self) -> None:
+        """Wake every parked loop (shutdown)."""
+        while self._idle_loops:
+            future = self._idle_loops.popleft()
+            if not future.done():
+                future.set_result(None)
+
+    def _wake_one(self) -> None:
+        while self._idle_loops:
+            future = self._idle_loops.popleft()
+            if not future.done():
+                future.set_result(None)
+                return

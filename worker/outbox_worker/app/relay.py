@@ -16,7 +16,6 @@ Guarantees (README "Guarantees" states them for users):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -79,7 +78,6 @@ class RelayLoop:
         leases: LeaseManager,
         metrics: Metrics,
         stats: RelayStats,
-        wakeup: asyncio.Event,
         hooks: RelayHooks | None = None,
     ) -> None:
         self.index = index
@@ -89,7 +87,6 @@ class RelayLoop:
         self._leases = leases
         self._metrics = metrics
         self._stats = stats
-        self._wakeup = wakeup
         self._template = SubjectTemplate.parse(settings.subject_template)
         # Rendered subjects by the row fields the template reads (subject_fields): most rows share a
         # handful of subjects, and rendering sanitizes every token. Bounded; failures never cached.
@@ -110,20 +107,18 @@ class RelayLoop:
         s = self._s
         while not self._stopping:
             parts = self._leases.checkout(s.loops)
-            if not parts:
-                await self._leases.wait_changed(s.poll_interval_seconds)
+            if not parts:  # every partition is busy, paused or clean since its last claim
+                await self._leases.wait_for_work(s.poll_interval_seconds)
                 continue
-            self._wakeup.clear()  # a NOTIFY from now on wakes the wait below
             more: frozenset[int] = frozenset()
             try:
                 more = await self._one_batch(parts)
             finally:
                 self._leases.checkin(parts, more)  # partitions that may hold more come back dirty
-            # A wake-up marks every partition dirty, but this loop claimed only its slice: sleep
-            # only once no free partition still waits for its claim (another loop's included).
-            if not more and not self._stopping and not self._leases.has_dirty():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), s.poll_interval_seconds)
+            # Dirty partitions (a wake-up during this batch, or a backlog) are claimed at once by
+            # this loop; else it parks until a wake-up or the poll.
+            if not self._stopping and not self._leases.has_dirty():
+                await self._leases.wait_for_work(s.poll_interval_seconds)
 
     async def _one_batch(self, parts: dict[int, int]) -> frozenset[int]:
         """Claim and relay one batch of ``parts``; returns the partitions that may hold more rows."""

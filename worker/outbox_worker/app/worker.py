@@ -96,7 +96,6 @@ class Worker:
         self.leases: LeaseManager | None = None
         self.loops: list[RelayLoop] = []
         self.health: HealthServer | None = None
-        self._wake_events: list[asyncio.Event] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
         self._stopped = False
@@ -133,8 +132,6 @@ class Worker:
         template = SubjectTemplate.parse(s.subject_template)
         await self.publisher.ensure_stream(template.filter_subject(), s.duplicate_horizon_seconds)
         self.leases = LeaseManager(self.store, s, partitions, self.metrics)
-        self.leases.on_acquired = self.wake
-        self._wake_events = [asyncio.Event() for _ in range(s.loops)]
         self.loops = [
             RelayLoop(
                 i,
@@ -144,7 +141,6 @@ class Worker:
                 self.leases,
                 self.metrics,
                 self.stats,
-                self._wake_events[i],
                 self.hooks,
             )
             for i in range(s.loops)
@@ -172,10 +168,9 @@ class Worker:
         )
 
     def wake(self) -> None:
+        """Rows were committed (a NOTIFY): every partition is claimed once more."""
         if self.leases is not None:
             self.leases.mark_dirty()
-        for event in self._wake_events:
-            event.set()
 
     # --- run --------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -228,7 +223,8 @@ class Worker:
         deadline = time.monotonic() + s.shutdown_grace_seconds
         for lp in self.loops:
             lp.stop()
-        self.wake()
+        if self.leases is not None:
+            self.leases.wake_all()
         if loop_tasks:
             _, still = await asyncio.wait(loop_tasks, timeout=max(0.1, deadline - time.monotonic() - 2))
             for t in still:
