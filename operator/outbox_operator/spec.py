@@ -136,7 +136,7 @@ class Retry(_Model):
 
 class Publishing(_Model):
     batch_size: int = Field(1000, ge=1, le=10000)
-    loops: int = Field(2, ge=1, le=16)
+    loops: int = Field(4, ge=1, le=16)
     max_in_flight: int = Field(4000, ge=1, le=100000)
     ack_timeout_seconds: float = Field(5.0, gt=0, le=120)
     batch_timeout_seconds: float = Field(30.0, gt=0, le=600)

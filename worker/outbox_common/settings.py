@@ -145,7 +145,7 @@ class WorkerSettings(BaseSettings):
     )
     # --- publishing limits ----------------------------------------------------------------------
     batch_size: int = Field(1000, ge=1, le=10000, description="Rows claimed per batch.")
-    loops: int = Field(2, ge=1, le=16, description="Concurrent claim/publish loops per worker.")
+    loops: int = Field(4, ge=1, le=16, description="Concurrent claim/publish loops per worker.")
     max_in_flight: int = Field(4000, ge=1, le=100000, description="Upper bound of unacknowledged publishes per worker.")
     ack_timeout_seconds: float = Field(
         5.0, gt=0, le=120, description="A publish with no ack within this time fails as a timeout."
