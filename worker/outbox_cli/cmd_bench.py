@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from outbox_cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async
+from outbox_cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, tune_gc
 from outbox_common.settings import WorkerSettings
 
 HELP = "Benchmark the relay (seed pressure levels, sustained drain, baselines, latency, growth), verified."
@@ -137,6 +137,7 @@ async def _baseline(args: argparse.Namespace, settings: WorkerSettings) -> dict[
         result = await naive_relay(settings, args.child_events)
     else:
         rows = synthetic_rows(args.child_events, args.child_aggregates)
+        tune_gc()  # as `outboxctl worker` does once started (the rows built above are input, not work)
         cpu0 = time.process_time()
         result = await publish_ceiling(settings, rows)
     data: dict[str, object] = dict(result.to_json())

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, tune_gc
 from outbox_common.settings import WorkerSettings, describe_error
 
 HELP = "Run a relay worker (settings from OUTBOX_* environment variables or flags)."
@@ -93,6 +93,7 @@ async def serve(settings: WorkerSettings) -> int:
         log.error("unavailable: %s", exc)
         await worker.close()
         return EXIT_UNAVAILABLE
+    tune_gc()  # started: imports done, connections open
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
