@@ -108,7 +108,7 @@ class LeaseManager:
             leases[p].busy = True
             leases[p].dirty = False
             leases[p].backlog = False
-        if self.has_dirty():  # a slice of a backlog: the next idle loop takes the next slice
+        if any(leases[p].dirty for p in free if not leases[p].busy):  # a backlog slice: wake the next loop
             self._wake_one()
         return {p: leases[p].epoch for p in chosen}
 
@@ -279,9 +279,7 @@ class LeaseManager:
     def wake_all(self) -> None:
         """Wake every parked loop (shutdown)."""
         while self._idle_loops:
-            future = self._idle_loops.popleft()
-            if not future.done():
-                future.set_result(None)
+            self._wake_one()
 
     def _wake_one(self) -> None:
         while self._idle_loops:
