@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import pytest
@@ -247,13 +248,17 @@ async def test_claim_uses_the_pending_index_under_a_generic_plan(pg_dsn: str) ->
         await conn.execute("UPDATE outbox SET published_at = now() WHERE id <= 29000")
         await conn.execute("ANALYZE outbox")
         await conn.execute("SET plan_cache_mode = force_generic_plan")
-        for name in ("claim_ordered", "claim_unordered"):
+        for name in ("claim_ordered", "claim_unordered", "claim_ordered_uncut", "claim_unordered_uncut"):
             plan = await _plan(conn, name, getattr(SQL, name), "'{0,1,2,3}'::int[], 250, 1000")
             scans = _scans(plan)
             claim_scan = next(s for s in scans if s[1] == "outbox")
             assert claim_scan == ("Index Scan", "outbox", "outbox_pending_idx"), scans
             assert all(s[2] != "outbox_pkey" for s in scans), scans
             assert all(s[0] != "Seq Scan" for s in scans), scans
+            if name.endswith("_uncut"):  # what it saves: the ranking's window and its two extra sorts
+                kinds = [n["Node Type"] for n in _nodes(plan)]
+                assert "WindowAgg" not in kinds, kinds
+                assert kinds.count("Sort") == 1, kinds
         # fenced marks find rows by primary key, not by scanning
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         plan = await _plan(
@@ -344,6 +349,69 @@ async def test_claim_spreads_a_batch_over_partitions_and_keeps_it_full(pg_dsn: s
         rows, more = await store.claim([0, 1, 2, 3], 1000, True)
         assert len(rows) == remaining
         assert not more
+    finally:
+        await pool.close()
+
+
+async def test_uncut_claim_returns_what_the_cut_claim_returns_when_the_shares_fit(pg_dsn: str) -> None:
+    """The store runs the uncut claim whenever shares x partitions <= limit: it must return exactly
+    the cut claim's rows and columns then, held-back aggregates included."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, SQL, 8)
+        await conn.execute(  # uneven partitions: some hold fewer rows than a share
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+            "SELECT 'o', (g % 37)::text, 'e', 'x' FROM generate_series(1, 600) g"
+        )
+        await conn.execute(  # aggregate 5 waits for a retry, aggregate 6 for a delayed publish
+            "UPDATE outbox SET not_before = now() + interval '1 minute', attempts = 1 "
+            "WHERE id = (SELECT min(id) FROM outbox WHERE aggregate_id = '5')"
+        )
+        await conn.execute(
+            "UPDATE outbox SET not_before = now() + interval '1 minute' WHERE id = "
+            "(SELECT min(id) FROM outbox WHERE aggregate_id = '6')"
+        )
+        for cut, uncut in (("claim_ordered", "claim_ordered_uncut"), ("claim_unordered", "claim_unordered_uncut")):
+            for parts, share, limit in (([0, 1, 2, 3, 4, 5, 6, 7], 12, 100), ([1, 4, 6], 40, 120), ([2], 500, 500)):
+                want = await conn.fetch(getattr(SQL, cut), parts, share, limit)
+                got = await conn.fetch(getattr(SQL, uncut), parts, share, limit)
+                assert [tuple(r) for r in got] == [tuple(r) for r in want], (uncut, parts)
+                assert list(got[0].keys()) == list(want[0].keys())
+    finally:
+        await conn.close()
+
+
+async def test_store_runs_the_uncut_claim_only_when_the_shares_fit(pg_dsn: str) -> None:
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn, SQL, 4)
+            await conn.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+                "SELECT 'o', g::text, 'e', 'x' FROM generate_series(1, 400) g"
+            )
+        ran: list[tuple[str, int]] = []
+
+        class Recording:  # the real pool, noting which claim ran with which share
+            async def fetch(self, stmt: str, *args: Any) -> list[asyncpg.Record]:
+                ran.append(({SQL.claim_ordered: "cut", SQL.claim_ordered_uncut: "uncut"}[stmt], args[1]))
+                return await pool.fetch(stmt, *args)
+
+        store = OutboxStore(Recording(), SQL, "p", "w")  # type: ignore[arg-type]
+        # every partition busy: 30 // 4 = 7 each, 28 rows, no cut
+        rows, _ = await store.claim([0, 1, 2, 3], 30, True)
+        assert ran[-1] == ("uncut", 7)
+        assert len(rows) == 28
+        # partition 3 runs dry: the busy three get ceil(30 / 3) = 10, and the idle one too: cut to 30
+        await pool.execute("DELETE FROM outbox WHERE partition = 3")
+        await store.claim([0, 1, 2, 3], 30, True)
+        rows, _ = await store.claim([0, 1, 2, 3], 30, True)
+        assert ran[-1] == ("cut", 10)
+        assert len(rows) == 30
+        # fewer rows than partitions in the limit: a share of one row each would not fit
+        await store.claim([0, 1, 2], 2, True)
+        assert ran[-1] == ("cut", 1)
     finally:
         await pool.close()
 

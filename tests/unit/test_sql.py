@@ -24,6 +24,8 @@ STATEMENTS = [
     "lease_table",
     "claim_ordered",
     "claim_unordered",
+    "claim_ordered_uncut",
+    "claim_unordered_uncut",
     "mark_delete",
     "mark_published",
     "mark_failed",
@@ -148,11 +150,26 @@ def test_pending_index_matches_the_claim_order() -> None:
         assert text.endswith("ORDER BY b.partition, b.id")
 
 
+def test_uncut_claims_walk_the_same_rows_without_ranking() -> None:
+    """The uncut claims are the cut ones minus the fair cut: same per-partition walk and hold-back,
+    the same $3 bound, the same (partition, id) order, and no window function."""
+    for cut, uncut in (("claim_ordered", "claim_ordered_uncut"), ("claim_unordered", "claim_unordered_uncut")):
+        full = " ".join(getattr(SQL, cut).split())
+        text = " ".join(getattr(SQL, uncut).split())
+        walk = full[full.index("FROM unnest") : full.index("ORDER BY rank")]
+        assert walk in text
+        assert text.endswith("ORDER BY c.partition, c.id LIMIT $3")
+        assert "row_number" not in text
+        assert "rank" not in text
+
+
 def test_ordered_claim_holds_back_later_rows_of_a_held_aggregate() -> None:
-    ordered = " ".join(SQL.claim_ordered.split())
-    assert "NOT EXISTS" in ordered
-    assert "h.aggregate_id = o.aggregate_id AND h.id < o.id AND h.not_before > now()" in ordered
+    for name in ("claim_ordered", "claim_ordered_uncut"):
+        ordered = " ".join(getattr(SQL, name).split())
+        assert "NOT EXISTS" in ordered
+        assert "h.aggregate_id = o.aggregate_id AND h.id < o.id AND h.not_before > now()" in ordered
     assert "NOT EXISTS" not in SQL.claim_unordered
+    assert "NOT EXISTS" not in SQL.claim_unordered_uncut
 
 
 @pytest.mark.parametrize("name", FENCED)

@@ -211,18 +211,25 @@ class OutboxStore:
         Each partition's share is ``limit`` over the partitions that had rows at their last claim,
         so a batch stays full when only a few partitions are busy; one that was idle still gets a
         share, and when the shares exceed ``limit`` every partition's last rows are cut first, so
-        rows arriving in an idle partition wait at most one claim.
+        rows arriving in an idle partition wait at most one claim. When every partition had rows,
+        or none did, the share is rounded down so the shares fit in ``limit`` and the cheaper uncut
+        statement runs (the batch is then at most ``len(partitions) - 1`` rows short of ``limit``).
         """
         parts = list(partitions)
         if not parts:
             return Claim([], frozenset())
         busy = sum(1 for p in parts if p not in self._idle) or len(parts)
-        share = -(-limit // busy)
-        stmt = self.sql.claim_ordered if ordered else self.sql.claim_unordered
+        share = max(1, limit // busy) if busy == len(parts) else -(-limit // busy)
+        cut = share * len(parts) > limit
+        sql = self.sql
+        if ordered:
+            stmt = sql.claim_ordered if cut else sql.claim_ordered_uncut
+        else:
+            stmt = sql.claim_unordered if cut else sql.claim_unordered_uncut
         records = await self.pool.fetch(stmt, parts, share, limit)
         rows = [_row(r) for r in records]
         counts = Counter(r.partition for r in rows)
-        full = len(rows) >= limit
+        full = cut and len(rows) >= limit
         unknown = full and limit < len(parts)  # the cut may have taken a partition's first row
         for p in parts:
             if counts[p]:
