@@ -287,9 +287,14 @@ async def test_acks_duplicates_and_status_replies_resolve_every_publish(nats_url
     await pub.connect()
     try:
         messages = [Message(f"acks.{i % 3}", b"x", {names.HDR_MSG_ID: f"ack-{i}"}) for i in range(50)]
+        started = time.monotonic()
         first = await pub.publish_wave(messages)
+        elapsed = time.monotonic() - started
         assert [r.outcome for r in first] == [Outcome.ACKED] * 50
         assert [r.seq for r in first] == list(range(1, 51))
+        # every ack's latency is counted once, between 0 and the wave's own duration
+        assert sum(pub.ack_latency.counts) == 50
+        assert 0 < pub.ack_latency.sum <= 50 * elapsed
         again = await pub.publish_wave(messages[:10])
         assert [(r.outcome, r.seq) for r in again] == [(Outcome.DUPLICATE, s) for s in range(1, 11)]
         (nobody,) = await pub.publish_wave([Message("nowhere.x", b"x", {names.HDR_MSG_ID: "lost"})])

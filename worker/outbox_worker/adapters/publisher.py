@@ -165,11 +165,19 @@ class NatsUnavailableError(Exception):
 
 
 class Message(NamedTuple):
-    """One message to publish (a tuple: one is built per event)."""
+    """One message to publish. :meth:`JetStreamPublisher.publish_wave` takes any tuple of these three
+    fields, so the relay builds plain tuples (one per event; a NamedTuple's constructor costs ~0.2 µs
+    more)."""
 
     subject: str
     payload: bytes
     headers: Mapping[str, str] | bytes  # a mapping, or an encoded header block (HeaderBlock.render)
+
+
+MessageFields = tuple[str, bytes, Mapping[str, str] | bytes]  # (subject, payload, headers): a Message or a plain tuple
+# PublishResult(outcome, "", "", seq) without its Python-level constructor: built once per ack.
+_new_result = tuple.__new__
+_ACKED, _DUPLICATE = Outcome.ACKED, Outcome.DUPLICATE
 
 
 @dataclass(slots=True)
@@ -200,6 +208,7 @@ class JetStreamPublisher:
         self._nc: Client | None = None
         self._prefix = ""
         self._token = 0
+        self._read_at = 0.0  # time.monotonic() of the read whose acks the fast path is resolving
         self._pending: dict[int, tuple[_Wave, int]] = {}
         self._max_payload = 1024 * 1024
         self.late_acks = 0
@@ -379,7 +388,7 @@ class JetStreamPublisher:
         return found
 
     # --- publishing ---------------------------------------------------------------------------------
-    async def publish_wave(self, messages: Sequence[Message]) -> list[PublishResult]:
+    async def publish_wave(self, messages: Sequence[MessageFields]) -> list[PublishResult]:
         """Publish all messages with acks in flight together; return one result per message, in order.
 
         Returns within ``ack_timeout`` of the last send. Never raises for a per-message problem.
@@ -401,16 +410,15 @@ class JetStreamPublisher:
         frames: list[bytes] = []
         tokens: list[int] = []
         token = self._token
-        for i, m in enumerate(messages):
+        for i, (text, payload, hdr) in enumerate(messages):
             token += 1
-            hdr, payload = m.headers, m.payload
-            subject = subjects.get(m.subject)
+            subject = subjects.get(text)
             try:
                 if subject is None or type(hdr) is not bytes:
-                    frame, size = encode_hpub(m.subject, f"{prefix}.{token}", hdr, payload)
+                    frame, size = encode_hpub(text, f"{prefix}.{token}", hdr, payload)
                     if len(subjects) >= _SUBJECT_CACHE_LIMIT:
                         subjects.clear()
-                    subjects[m.subject] = m.subject.encode()  # valid: encode_hpub checked it
+                    subjects[text] = text.encode()  # valid: encode_hpub checked it
                 else:  # encode_hpub's bytes, with the subject checked and encoded once
                     size = len(hdr) + len(payload)
                     frame = b"HPUB %s %s%d %d %d\r\n%s%s\r\n" % (
@@ -521,6 +529,7 @@ class JetStreamPublisher:
                 return
             buf = ps.buf  # reset() on reconnect replaces it: read it per call
             buf.extend(data)
+            self._read_at = time.monotonic()  # every ack of this read arrived now (see _stored)
             consumed, taken, nbytes, wait = take_acks(bytes(buf), head, sid_bytes, ack, stored)
             if consumed:
                 del buf[:consumed]
@@ -564,10 +573,19 @@ class JetStreamPublisher:
         return entry
 
     def _stored(self, token: int, seq: int, duplicate: bool) -> None:
-        """Resolve the publish ``token``: the server stored it at ``seq`` (or had, if ``duplicate``)."""
-        entry = self._take(token)
-        if entry is not None:
-            entry[0].resolve(entry[1], PublishResult(Outcome.DUPLICATE if duplicate else Outcome.ACKED, "", "", seq))
+        """Resolve the publish ``token``: the server stored it at ``seq`` (or had, if ``duplicate``).
+
+        :meth:`_take` inlined, the ack latency measured to the time of the read that brought the ack
+        (one clock read per read), the result built without its constructor: this runs once per
+        event, and the three took ~0.4 of its ~1.8 µs (micro-benchmark of 1,000-ack reads).
+        """
+        entry = self._pending.pop(token, None)
+        if entry is None:
+            self.late_acks += 1
+            return
+        wave, index = entry
+        self.ack_latency.observe(self._read_at - wave.sent_at)
+        wave.resolve(index, _new_result(PublishResult, (_DUPLICATE if duplicate else _ACKED, "", "", seq)))
 
     def _ack(self, token: int, data: bytes) -> None:
         """Resolve the publish ``token`` with the ack payload ``data`` (a JSON pub ack)."""

@@ -29,7 +29,7 @@ from outbox_common.envelope import (
 )
 from outbox_common.settings import MarkMode, OrderingMode, WorkerSettings
 from outbox_worker.adapters.metrics import Metrics
-from outbox_worker.adapters.publisher import JetStreamPublisher, Message
+from outbox_worker.adapters.publisher import JetStreamPublisher
 from outbox_worker.adapters.store import Fence, OutboxStore
 from outbox_worker.app.leases import LeaseManager
 from outbox_worker.core.policy import Outcome, PublishResult, backoff_delay, plan_waves
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_PAUSE_SECONDS = 5.0
 MARK_RETRIES = 5
+_SUCCESS = (Outcome.ACKED, Outcome.DUPLICATE)  # PublishResult.ok, read per event without the property
+_DUPLICATE = Outcome.DUPLICATE
 
 
 @dataclass
@@ -160,7 +162,7 @@ class RelayLoop:
                 ]
             if not wave:
                 continue
-            messages: list[Message] = []
+            messages: list[tuple[str, bytes, bytes]] = []  # (subject, payload, headers): see Message
             sendable: list[OutboxRow] = []
             for row in wave:
                 try:
@@ -171,7 +173,7 @@ class RelayLoop:
                         row, PublishResult(Outcome.PERMANENT, names.REASON_INVALID_SUBJECT, str(exc)), out, blocked
                     )
                     continue
-                messages.append(Message(subject, row.payload, headers))
+                messages.append((subject, row.payload, headers))
                 sendable.append(row)
             self._metrics.in_flight.inc(len(messages))
             try:
@@ -180,18 +182,21 @@ class RelayLoop:
                 self._metrics.in_flight.dec(len(messages))
             await self.hooks.after_wave(sendable, results)
             acked = duplicates = 0  # counted per wave: a metrics update takes a lock
+            done = out.done
             for row, msg, res in zip(sendable, messages, results, strict=True):
-                if res.ok:
-                    out.done.append(row.id)
+                outcome = res.outcome
+                if outcome in _SUCCESS:
+                    done.append(row.id)
                     acked += 1
-                    if res.outcome == Outcome.DUPLICATE:
+                    if outcome is _DUPLICATE:
                         duplicates += 1
                     continue
                 if res.reason == names.REASON_NO_RESPONDERS:
-                    exists = await self._pub.stream_exists_for(msg.subject)
+                    subject = msg[0]
+                    exists = await self._pub.stream_exists_for(subject)
                     if exists is False:
                         res = PublishResult(
-                            Outcome.CONFIG, names.REASON_NO_STREAM, f"no stream captures subject {msg.subject!r}"
+                            Outcome.CONFIG, names.REASON_NO_STREAM, f"no stream captures subject {subject!r}"
                         )
                 if res.outcome == Outcome.CONFIG:
                     self._config_error(row.partition, res)
