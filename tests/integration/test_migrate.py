@@ -9,13 +9,15 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 import pytest
 
+from outbox_common.envelope import created_at_text
 from outbox_worker.adapters.history_io import ledger_ddl
-from outbox_worker.adapters.store import OutboxStore, SchemaError, migrate
+from outbox_worker.adapters.store import OutboxStore, SchemaError, connect_pool, migrate
 from outbox_worker.core.history import check_history
 from outbox_worker.core.sql import Sql
 
@@ -414,6 +416,45 @@ async def test_store_runs_the_uncut_claim_only_when_the_shares_fit(pg_dsn: str) 
         assert ran[-1] == ("cut", 1)
     finally:
         await pool.close()
+
+
+async def test_claimed_created_at_is_the_header_text_whatever_the_session_settings(pg_dsn: str) -> None:
+    """The claim renders created_at as Outbox-Created-At's text (RFC 3339, UTC, microseconds): the
+    same text as created_at_text gives for the same instant, whatever the database's TimeZone and
+    DateStyle; infinite timestamps keep PostgreSQL's own word for them."""
+    instants = [
+        datetime(2026, 1, 2, 3, 4, 5, 120, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-5))),  # no microseconds
+        datetime(999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),  # a year of three digits
+        datetime(2026, 7, 1, 12, 0, 0, 500000, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+    ]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, SQL, 1)
+        database = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f"ALTER DATABASE \"{database}\" SET TimeZone = 'Asia/Kolkata'")
+        await conn.execute(f"ALTER DATABASE \"{database}\" SET DateStyle = 'SQL, DMY'")
+        for ts in instants:
+            await conn.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) "
+                "VALUES ('o', 'a', 'e', 'x', $1)",
+                ts,
+            )
+        await conn.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) "
+            "VALUES ('o', 'a', 'e', 'x', 'infinity')"
+        )
+    finally:
+        await conn.close()
+    pool = await connect_pool(pg_dsn, size=1)  # new sessions: the database's settings apply
+    try:
+        assert await pool.fetchval("SHOW TimeZone") == "Asia/Kolkata"
+        rows, _ = await OutboxStore(pool, SQL, "p", "w").claim([0], 100, False)
+    finally:
+        await pool.close()
+    assert [r.created_at for r in rows] == [*(created_at_text(ts) for ts in instants), "infinity"]
+    assert rows[1].created_at == "2026-01-02T08:04:05.000000+00:00"
+    assert rows[2].created_at == "0999-12-31T23:59:59.999999+00:00"
 
 
 async def test_ledger_and_checker_wiring(pg_dsn: str) -> None:

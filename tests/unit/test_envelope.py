@@ -15,6 +15,7 @@ from outbox_common.envelope import (
     OutboxRow,
     SubjectTemplate,
     build_headers,
+    created_at_text,
     sanitize_token,
     subject_fields,
 )
@@ -33,7 +34,7 @@ def row(**kw: object) -> OutboxRow:
         "tenant": "",
         "payload": b"{}",
         "headers": {},
-        "created_at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        "created_at": created_at_text(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
         "attempts": 0,
     }
     base.update(kw)
@@ -103,7 +104,7 @@ def test_headers_carry_event_metadata_and_msg_id() -> None:
     assert h[names.HDR_OUTBOX_ID] == "42"
     assert h[names.HDR_TENANT] == "acme"
     assert h[names.HDR_PUBLISHER] == "orders"
-    assert datetime.fromisoformat(h[names.HDR_CREATED_AT]) == r.created_at
+    assert h[names.HDR_CREATED_AT] == "2026-01-02T03:04:05.000000+00:00"
     assert h["traceparent"] == "00-abc-def-01"
     assert h["x-correlation-id"] == "c1"
 

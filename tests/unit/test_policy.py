@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
 
 import pytest
 
@@ -75,7 +74,7 @@ def test_only_acks_and_duplicates_are_success() -> None:
 
 
 def _rows(spec: list[tuple[int, str]]) -> list[OutboxRow]:
-    t = datetime(2026, 1, 1, tzinfo=UTC)
+    t = "2026-01-01T00:00:00.000000+00:00"
     return [OutboxRow(i + 1, f"e{i + 1}", p, "t", agg, "ev", "", b"", {}, t, 0) for i, (p, agg) in enumerate(spec)]
 
 

@@ -15,7 +15,14 @@ from nats.protocol import parser as nats_parser
 from test_envelope import row
 
 from outbox_common import names
-from outbox_common.envelope import HeaderBlock, InvalidSubjectError, OutboxRow, build_headers, sampled_traceparent
+from outbox_common.envelope import (
+    HeaderBlock,
+    InvalidSubjectError,
+    OutboxRow,
+    build_headers,
+    created_at_text,
+    sampled_traceparent,
+)
 from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.publisher import (
     InvalidMessageError,
@@ -98,7 +105,7 @@ def test_private_nats_py_api_used_by_the_publisher_exists() -> None:
 
 def _row(**kw: object) -> OutboxRow:
     """test_envelope's row, with an id past 2**53 and microseconds in created_at."""
-    return row(**{"id": 9_007_199_254_740_993, "created_at": datetime(2026, 1, 2, 3, 4, 5, 120, tzinfo=UTC), **kw})
+    return row(**{"id": 9_007_199_254_740_993, "created_at": "2026-01-02T03:04:05.000120+00:00", **kw})
 
 
 ROWS = [
@@ -108,7 +115,7 @@ ROWS = [
     _row(headers={"Outbox-Seq": "forged", "nats-msg-id": "forged", " x-a ": "1", "x-a": "2", "": "skip"}),
     _row(headers={"x-b": "1", "Outbox-Seq": "forged", "Nats-Rollup": "all", "x-c": "2"}),  # no name to strip
     _row(headers={"X-Unicode": "grüße ✓", "X-Empty": "", "X-Tab": "\tv\t"}, aggregate_id="ünï"),
-    _row(created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-5)))),
+    _row(created_at=created_at_text(datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-5))))),
 ]
 
 
@@ -131,10 +138,13 @@ def test_header_block_renders_each_rows_own_created_at() -> None:
     utc = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     same_instant_elsewhere = utc.astimezone(timezone(timedelta(hours=2)))
     later = utc + timedelta(microseconds=1)
-    for ts in (utc, utc, same_instant_elsewhere, later, utc):
-        row = _row(created_at=ts)
+    texts = [created_at_text(ts) for ts in (utc, utc, same_instant_elsewhere, later, utc)]
+    assert texts[2] == texts[0] == "2026-01-02T03:04:05.000000+00:00"
+    assert texts[3] == "2026-01-02T03:04:05.000001+00:00"
+    for text in texts:
+        row = _row(created_at=text)
         assert block.render(row) == HeaderBlock("p", "S").render(row)
-        assert f"Outbox-Created-At: {ts.isoformat()}\r\n".encode() in block.render(row)
+        assert f"Outbox-Created-At: {text}\r\n".encode() in block.render(row)
 
 
 @pytest.mark.parametrize(

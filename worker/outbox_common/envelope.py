@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from outbox_common import names
 
@@ -77,8 +77,15 @@ class OutboxRow:
     tenant: str
     payload: bytes
     headers: Mapping[str, str]
-    created_at: datetime
+    created_at: str  # RFC 3339 in UTC, microseconds always: the claim's text (created_at_text's)
     attempts: int
+
+
+def created_at_text(ts: datetime) -> str:
+    """``ts`` as the claim renders ``created_at`` (and ``Outbox-Created-At`` carries it): RFC 3339 in
+    UTC with six fractional digits, e.g. ``2026-01-02T03:04:05.000120+00:00``. For rows built in
+    Python (baselines, tests); an integration test checks that both give the same text."""
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 _RESERVED_LOWER = frozenset(h.lower() for h in names.RESERVED_HEADERS)
@@ -108,7 +115,7 @@ def build_headers(row: OutboxRow, publisher: str) -> dict[str, str]:
     headers[names.HDR_AGGREGATE_TYPE] = row.aggregate_type
     headers[names.HDR_AGGREGATE_ID] = row.aggregate_id
     headers[names.HDR_OUTBOX_ID] = str(row.id)
-    headers[names.HDR_CREATED_AT] = row.created_at.isoformat()
+    headers[names.HDR_CREATED_AT] = row.created_at
     headers[names.HDR_PUBLISHER] = publisher
     if row.tenant:
         headers[names.HDR_TENANT] = row.tenant
@@ -151,8 +158,6 @@ class HeaderBlock:
         # user header name -> is it a traceparent (any case); only names that are valid, kept and
         # already stripped (the common case: one pass, no intermediate dict)
         self._plain: dict[str, bool] = {}
-        # created_at defaults to now(), the transaction's start: rows of one transaction share it.
-        self._created: tuple[datetime | None, str] = (None, "")
 
     def render(self, row: OutboxRow) -> bytes:
         types = self._types.get((row.event_type, row.aggregate_type))
@@ -171,14 +176,11 @@ class HeaderBlock:
             if len(self._tails) >= self._CACHE_LIMIT:
                 self._tails.clear()
             self._tails[row.tenant] = tail
-        created, ts = self._created, row.created_at
-        if created[0] is None or created[0] != ts or created[0].tzinfo is not ts.tzinfo:  # equal, other offset
-            created = self._created = (ts, ts.isoformat())
         return (
             f"NATS/1.0\r\n{self._user_lines(row.headers) if row.headers else ''}"
             f"{names.HDR_MSG_ID}: {header_value(row.event_id)}\r\n{types}"
             f"{names.HDR_AGGREGATE_ID}: {header_value(row.aggregate_id)}\r\n{names.HDR_OUTBOX_ID}: {row.id}\r\n"
-            f"{names.HDR_CREATED_AT}: {created[1]}\r\n{tail}"
+            f"{names.HDR_CREATED_AT}: {row.created_at}\r\n{tail}"
         ).encode()
 
     def _user_lines(self, headers: Mapping[str, str]) -> str:

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from outbox_common.envelope import OutboxRow, SubjectTemplate, subject_fields
+from outbox_common.envelope import OutboxRow, SubjectTemplate, created_at_text, subject_fields
 from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.publisher import JetStreamPublisher, Message
 from outbox_worker.adapters.store import OutboxStore, connect_pool
@@ -84,7 +84,7 @@ async def naive_relay(settings: WorkerSettings, events: int, timeout: float = 60
 
 def synthetic_rows(events: int, aggregates: int, payload_bytes: int = 100) -> list[OutboxRow]:
     """Rows shaped like the bench's seeded rows (same aggregates, topics, payload and header sizes)."""
-    now = datetime.now(UTC)
+    now = created_at_text(datetime.now(UTC))
     pad = "x" * max(0, payload_bytes - 60)
     rows = []
     for i in range(events):

@@ -234,9 +234,14 @@ class Sql:
         )
 
     # --- claim ------------------------------------------------------------------------------------
+    # created_at arrives as the text of its Outbox-Created-At header (envelope.created_at_text): decoding a
+    # timestamptz into a datetime and formatting it again took ~1.3 µs of the worker's CPU per event,
+    # to_char ~0.35 µs of PostgreSQL's. Infinite timestamps (to_char gives NULL) keep their own text.
     _COLUMNS = (
         "o.id, o.event_id::text, o.partition, o.aggregate_type, o.aggregate_id, o.event_type, "
-        "o.tenant, o.payload, o.headers::text, o.created_at, o.attempts"
+        "o.tenant, o.payload, o.headers::text, "
+        "COALESCE(to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), "
+        "o.created_at::text) AS created_at, o.attempts"
     )
     _CLAIMED = (  # the same columns, by name, from the claim's inner query
         "id, event_id, partition, aggregate_type, aggregate_id, event_type, tenant, payload, headers, "
