@@ -179,6 +179,48 @@ async def test_stale_epoch_changes_nothing(pg_dsn: str) -> None:
         await pool.close()
 
 
+async def test_a_mark_changes_only_rows_of_partitions_whose_lease_still_holds(pg_dsn: str) -> None:
+    """One statement carries a batch from several partitions. When some of their leases moved on,
+    the rows of the others are still marked, and the moved ones' rows are left to their new owner."""
+    async with asyncpg.create_pool(pg_dsn, min_size=1, max_size=3) as pool:
+        async with pool.acquire() as conn:
+            await migrate(conn, SQL, 4)
+        store = OutboxStore(pool, SQL, "p", "worker-a")
+        await store.check_schema()
+        held = await store.acquire(4, 30.0)
+        assert sorted(held) == [0, 1, 2, 3]
+        await pool.execute(  # partitions 2 and 3 were taken over (and given back) since the claim
+            "UPDATE outbox_leases SET epoch = epoch + 1 WHERE publisher = 'p' AND partition >= 2"
+        )
+        fence = Fence.of(held)
+
+        async def insert() -> tuple[list[int], set[int]]:
+            rows = await pool.fetch(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+                "SELECT 'o', g::text, 'e', '' FROM generate_series(1, 40) g RETURNING id, partition"
+            )
+            assert {r["partition"] for r in rows} == {0, 1, 2, 3}
+            return [r["id"] for r in rows], {r["id"] for r in rows if r["partition"] < 2}
+
+        async def changed(ids: list[int], where: str) -> set[int]:
+            rows = await pool.fetch(f"SELECT id FROM outbox WHERE id = ANY($1::bigint[]) AND {where}", ids)
+            return {r["id"] for r in rows}
+
+        ids, live = await insert()
+        assert await store.mark_done(fence, ids, delete=False) == len(live)
+        assert await changed(ids, "published_at IS NOT NULL") == live
+        ids, live = await insert()
+        assert await store.mark_failed(fence, ids, ["x"] * len(ids), [60.0] * len(ids)) == len(live)
+        assert await changed(ids, "attempts = 1") == live
+        ids, live = await insert()
+        assert await store.dead_letter(fence, ids, ["x"] * len(ids)) == len(live)
+        dead = {r["id"] for r in await pool.fetch("SELECT id FROM outbox_dead_letters")}
+        assert dead == live
+        ids, live = await insert()
+        assert await store.mark_done(fence, ids, delete=True) == len(live)
+        assert await changed(ids, "true") == set(ids) - live
+
+
 async def test_owners_never_overlap_and_shares_rebalance(pg_dsn: str, nats_url: str) -> None:
     partitions = 12
     async with asyncpg.create_pool(pg_dsn, min_size=1, max_size=4) as pool:

@@ -181,7 +181,7 @@ def test_every_mark_is_fenced_by_owner_partition_and_epoch(name: str) -> None:
     assert "l.publisher = $1 AND l.owner = $2" in text
     assert "l.partition = mine.partition AND l.epoch = mine.epoch" in text
     assert "FOR SHARE OF l" in text
-    assert "o.partition IN (SELECT partition FROM fence)" in text
+    assert "o.partition = ANY(ARRAY(SELECT partition FROM fence))" in text
 
 
 def test_lease_statements_use_the_database_clock_and_bump_epochs() -> None:
