@@ -489,3 +489,30 @@ async def test_ledger_and_checker_wiring(pg_dsn: str) -> None:
         assert check_history(committed, [], pending, dead).lost == 1
     finally:
         await conn.close()
+
+
+async def test_the_pool_releases_without_a_reset_round_trip_and_still_rolls_back(pg_dsn: str) -> None:
+    """asyncpg's default reset sends a statement on every release: a round trip after each claim and
+    mark. The relay's pool sends none, and a transaction left open is still rolled back."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, SQL, 1)
+    finally:
+        await conn.close()
+    pool = await connect_pool(pg_dsn, size=1)  # one connection: every acquire gets the same session
+    try:
+        sent: list[str] = []
+        async with pool.acquire() as conn:
+            conn.add_query_logger(lambda q: sent.append(q.query))
+        assert await pool.fetchval("SELECT 1") == 1
+        await pool.execute("SELECT 2")
+        assert sent == ["SELECT 1", "SELECT 2"]
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('o', '1', 'e', '')"
+            )
+        assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+        assert sent[-2:] == ["ROLLBACK", "SELECT count(*) FROM outbox"]
+    finally:
+        await pool.close()

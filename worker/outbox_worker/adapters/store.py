@@ -54,12 +54,24 @@ class MigrationResult:
     created: bool
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing beyond asyncpg's own, which rolls back an open transaction.
+
+    asyncpg's default also sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on
+    every release: a round trip after each claim and each mark, on the relay's critical path. This
+    pool runs only this module's statements, and none leaves session state behind (no SET, cursor,
+    LISTEN or session advisory lock: the migration's lock is transaction-level, and LISTEN has its
+    own connection, :class:`Listener`).
+    """
+
+
 async def connect_pool(
     dsn: str, *, size: int = 4, timeout: float = 10.0, connect_timeout: float | None = None
 ) -> asyncpg.Pool:
     """Open a pool; map failures to errors that say what to fix and never echo the DSN.
 
     ``timeout`` bounds every statement; ``connect_timeout`` (default: ``timeout``) each connection attempt.
+    For the relay's own statements only: a released connection keeps its session (see :func:`_keep_session`).
     """
     try:
         pool = await asyncpg.create_pool(
@@ -68,6 +80,7 @@ async def connect_pool(
             max_size=size,
             timeout=timeout if connect_timeout is None else connect_timeout,
             command_timeout=timeout,
+            reset=_keep_session,
             # Generic plans always: asyncpg prepares every statement, and PostgreSQL plans its first
             # five executions for the given values. Right after a burst of inserts (statistics still
             # say the table is tiny) that custom plan of the claim bitmap-scans and sorts the whole
