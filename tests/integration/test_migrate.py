@@ -238,16 +238,22 @@ def _scans(plan: dict) -> list[tuple[str, str, str]]:  # type: ignore[type-arg]
     return [s for s in nodes if "Scan" in s[0]]
 
 
-async def test_claim_uses_the_pending_index_under_a_generic_plan(pg_dsn: str) -> None:
+@pytest.mark.parametrize("table", ["mark mode: published history", "delete mode: a backlog, partition 0 empty"])
+async def test_claim_uses_the_pending_index_under_a_generic_plan(pg_dsn: str, table: str) -> None:
+    """A claim walks each partition's pending rows and nothing else. On a table of pending rows only
+    (delete mode), the unordered claims were planned as a walk of the primary key filtered by
+    partition: a partition with no due rows read the whole backlog of the others."""
     conn = await asyncpg.connect(pg_dsn)
     try:
         await migrate(conn, SQL, 16)
-        # A realistic table: mostly published rows (mark mode) and a pending tail.
         await conn.execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
             "SELECT 'o', (g % 500)::text, 'e', 'x' FROM generate_series(1, 30000) g"
         )
-        await conn.execute("UPDATE outbox SET published_at = now() WHERE id <= 29000")
+        if table.startswith("mark"):  # mostly published rows and a pending tail
+            await conn.execute("UPDATE outbox SET published_at = now() WHERE id <= 29000")
+        else:
+            await conn.execute("DELETE FROM outbox WHERE partition = 0")
         await conn.execute("ANALYZE outbox")
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         for name in ("claim_ordered", "claim_unordered", "claim_ordered_uncut", "claim_unordered_uncut"):

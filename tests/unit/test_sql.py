@@ -145,9 +145,10 @@ def test_pending_index_matches_the_claim_order() -> None:
     assert "(partition, id) WHERE published_at IS NULL" in ddl
     for name in ("claim_ordered", "claim_unordered"):
         text = " ".join(getattr(SQL, name).split())
-        # per partition: an id-ordered walk of its pending rows, its share at most
-        assert "WHERE o.partition = p.partition AND o.published_at IS NULL" in text
-        assert "ORDER BY o.id LIMIT $2" in text
+        # per partition: an id-ordered walk of its pending rows, its share at most, in the index's
+        # own (partition, id) order, which the primary key cannot give
+        assert "WHERE o.partition BETWEEN p.partition AND p.partition AND o.published_at IS NULL" in text
+        assert "ORDER BY o.partition, o.id LIMIT $2" in text
         # the batch: cut fairly to the limit, returned in (partition, id) order
         assert "ORDER BY rank, c.partition LIMIT $3" in text
         assert text.endswith("ORDER BY b.partition, b.id")

@@ -296,14 +296,19 @@ class Sql:
                       OFFSET 0)"""
 
     def _claim(self, hold_back: str, *, cut: bool) -> str:
-        # Each partition is an index walk of (partition, id) over pending rows only.
+        # Each partition is an index walk of (partition, id) over pending rows only. The partition is
+        # matched as a range of one, in (partition, id) order, which only that index provides. With
+        # `o.partition = p.partition` and `ORDER BY o.id`, the planner may walk the primary key in id
+        # order and filter by partition (it did for the unordered claims on a table of pending rows):
+        # a partition with no due rows then read every pending row of the others, 24 ms per claim
+        # at 200k, growing with the backlog.
         per_partition = f"""
                 FROM unnest($1::int[]) AS p(partition)
                 CROSS JOIN LATERAL (
                     SELECT {self._COLUMNS} FROM {self.outbox} AS o
-                    WHERE o.partition = p.partition AND o.published_at IS NULL
+                    WHERE o.partition BETWEEN p.partition AND p.partition AND o.published_at IS NULL
                       AND (o.not_before IS NULL OR o.not_before <= now()){hold_back}
-                    ORDER BY o.id
+                    ORDER BY o.partition, o.id
                     LIMIT $2) AS c"""
         if not cut:
             return f"""
