@@ -233,6 +233,17 @@ def _nodes(plan: dict) -> list[dict]:  # type: ignore[type-arg]
     return [plan, *(n for child in plan.get("Plans", []) for n in _nodes(child))]
 
 
+async def _analyze(conn: asyncpg.Connection, name: str, args: str) -> dict:  # type: ignore[type-arg]
+    """The executed plan of a statement :func:`_plan` prepared (its rows are read, nothing changes)."""
+    text = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {name}({args})")
+    return json.loads(text)[0]["Plan"]  # type: ignore[no-any-return]
+
+
+def _probes(plan: dict) -> list[dict]:  # type: ignore[type-arg]
+    """The hold-back's per-row probes of the held index (not its one look for any held row)."""
+    return [n for n in _nodes(plan) if "aggregate_id = o.aggregate_id" in n.get("Index Cond", "")]
+
+
 def _scans(plan: dict) -> list[tuple[str, str, str]]:  # type: ignore[type-arg]
     nodes = [(n["Node Type"], n.get("Relation Name", ""), n.get("Index Name", "")) for n in _nodes(plan)]
     return [s for s in nodes if "Scan" in s[0]]
@@ -252,17 +263,20 @@ async def test_claim_uses_the_pending_index_under_a_generic_plan(pg_dsn: str, ta
         )
         if table.startswith("mark"):  # mostly published rows and a pending tail
             await conn.execute("UPDATE outbox SET published_at = now() WHERE id <= 29000")
-        else:
+        else:  # and rows in retry backoff, none of them in the claimed partitions
             await conn.execute("DELETE FROM outbox WHERE partition = 0")
+            await conn.execute("UPDATE outbox SET not_before = now() + interval '1 minute' WHERE partition >= 4")
         await conn.execute("ANALYZE outbox")
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         for name in ("claim_ordered", "claim_unordered", "claim_ordered_uncut", "claim_unordered_uncut"):
             plan = await _plan(conn, name, getattr(SQL, name), "'{0,1,2,3}'::int[], 250, 1000")
             scans = _scans(plan)
-            claim_scan = next(s for s in scans if s[1] == "outbox")
-            assert claim_scan == ("Index Scan", "outbox", "outbox_pending_idx"), scans
-            assert all(s[2] != "outbox_pkey" for s in scans), scans
+            walks = [s for s in scans if s[1] == "outbox" and s[2] != "outbox_held_idx"]  # held: the hold-back
+            assert walks == [("Index Scan", "outbox", "outbox_pending_idx")], scans
             assert all(s[0] != "Seq Scan" for s in scans), scans
+            if name.startswith("claim_ordered"):  # nothing of theirs is held back: no probe runs
+                executed = await _analyze(conn, name, "'{0,1,2,3}'::int[], 250, 1000")
+                assert [n["Actual Loops"] for n in _probes(executed)] == [0], executed
             if name.endswith("_uncut"):  # what it saves: the ranking's window and its two extra sorts
                 kinds = [n["Node Type"] for n in _nodes(plan)]
                 assert "WindowAgg" not in kinds, kinds
@@ -308,10 +322,17 @@ async def test_hold_back_probes_by_aggregate_with_thousands_of_rows_in_backoff(p
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         plan = await _plan(conn, "claim_held", SQL.claim_ordered, "'{0,1,2,3}'::int[], 250, 1000")
         held = [n for n in _nodes(plan) if n.get("Index Name") == "outbox_held_idx"]
-        assert held, plan
-        for node in held:
-            assert "aggregate_id = o.aggregate_id" in node["Index Cond"], node
+        probes = _probes(plan)
+        assert probes, plan
+        for node in probes:
             assert "id < o.id" in node["Index Cond"], node
+        # the only other use of the held index: one look per partition for any held row
+        others = [n for n in held if n not in probes]
+        assert [n["Index Cond"] for n in others] == ["((partition >= p.partition) AND (partition <= p.partition))"]
+        executed = await _analyze(conn, "claim_held", "'{0,1,2,3}'::int[], 250, 1000")
+        assert all(n["Actual Loops"] > 0 for n in _probes(executed)), executed  # rows are held: probes run
+        looks = [n for n in _nodes(executed) if n.get("Subplan Name", "").startswith("InitPlan")]
+        assert [n["Actual Loops"] for n in looks] == [4], looks  # once per claimed partition
         assert not any("aggregate_id" in n.get("Join Filter", "") for n in _nodes(plan)), plan
         rows = await conn.fetch("EXECUTE claim_held('{0,1,2,3}'::int[], 250, 1000)")
         assert rows  # aggregates with nothing in backoff still flow

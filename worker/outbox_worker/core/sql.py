@@ -288,12 +288,21 @@ class Sql:
         # id). As a join, the planner could probe by partition only (the lateral's partition joins
         # the same equivalence class) and filter every held row of the partition for every candidate:
         # with thousands of rows in retry backoff, claims ran past the 5 s statement timeout.
+        # The probes run only in a partition with a row in the held index: one look per partition
+        # (a subquery of the partition alone, evaluated once per partition). Without held rows every
+        # probe finds nothing, and the ~1,000 probes of a full claim were a quarter of its CPU. The
+        # look is ordered like the held index, so no statistics can make it a scan of the table.
         return f"""
-                  AND NOT EXISTS (
-                      SELECT 1 FROM {self.outbox} AS h
-                      WHERE h.partition = o.partition AND h.aggregate_id = o.aggregate_id
-                        AND h.id < o.id AND h.not_before > now() AND h.published_at IS NULL
-                      OFFSET 0)"""
+                  AND ((SELECT x.id FROM {self.outbox} AS x
+                        WHERE x.partition BETWEEN p.partition AND p.partition
+                          AND x.not_before IS NOT NULL AND x.published_at IS NULL
+                        ORDER BY x.partition, x.aggregate_id, x.id
+                        LIMIT 1) IS NULL
+                       OR NOT EXISTS (
+                          SELECT 1 FROM {self.outbox} AS h
+                          WHERE h.partition = o.partition AND h.aggregate_id = o.aggregate_id
+                            AND h.id < o.id AND h.not_before > now() AND h.published_at IS NULL
+                          OFFSET 0))"""
 
     def _claim(self, hold_back: str, *, cut: bool) -> str:
         # Each partition is an index walk of (partition, id) over pending rows only. The partition is
