@@ -290,7 +290,7 @@ class Sql:
         # with thousands of rows in retry backoff, claims ran past the 5 s statement timeout.
         # The probes run only in a partition with a row in the held index: one look per partition
         # (a subquery of the partition alone, evaluated once per partition). Without held rows every
-        # probe finds nothing, and the ~1,000 probes of a full claim were a quarter of its CPU. The
+        # probe finds nothing, and the ~1,000 probes of a full claim were a fifth of its CPU. The
         # look is ordered like the held index, so no statistics can make it a scan of the table.
         return f"""
                   AND ((SELECT x.id FROM {self.outbox} AS x
