@@ -118,7 +118,9 @@ async def read_stream(
     )
     out: list[StoredEvent] = []
     try:
-        js = nc.jetstream()
+        # JetStream API calls wait up to 15 s (nats-py's default is 5): right after a cluster loses
+        # a leader, the stream info and consumer requests go unanswered until a new one is elected.
+        js = nc.jetstream(timeout=15.0)
         info = await js.stream_info(stream)
         last = info.state.last_seq
         if info.state.messages == 0:
