@@ -79,6 +79,10 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
+    # A publisher deleted while its resync timer is reconciling keeps kopf's finalizer until that pass
+    # ends, and kopf looks again only after cancellation_polling seconds: 60 by default, so deleting
+    # could hang for a minute. A pass is a few API calls, each bounded by the client's timeouts.
+    settings.background.cancellation_polling = 1.0
 
 
 def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:

@@ -222,6 +222,9 @@ class KubeEmulator:
         self.history: list[tuple[int, tuple[str, str, str], str, Obj]] = []
         self.watchers: list[Watcher] = []
         self.requests: list[Request] = []
+        # (method, path substring, seconds): matching requests are answered that much later, like a
+        # busy API server (tests of what the operator does while one of its calls is in flight)
+        self.delays: list[tuple[str, str, float]] = []
         self.auto_ready_deployments = auto_ready_deployments
         self.lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
@@ -529,6 +532,9 @@ class KubeEmulator:
             raw = await request.read()
             body = json.loads(raw) if raw else None
         self.requests.append(Request(request.method, request.path, request.content_type, body))
+        for method, part, seconds in self.delays:
+            if request.method == method and part in request.path:
+                await asyncio.sleep(seconds)
         try:
             return await self._route(request, body)
         except ApiFailure as exc:

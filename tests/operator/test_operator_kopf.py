@@ -223,3 +223,17 @@ async def test_delete_removes_children(emulator: KubeEmulator) -> None:
         await eventually(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None)
         assert emulator.list("apps/v1", "Deployment", NAMESPACE) == []
         assert emulator.list("v1", "Service", NAMESPACE) == []
+
+
+async def test_delete_while_a_resync_pass_is_in_flight(emulator: KubeEmulator) -> None:
+    """A publisher deleted while its periodic reconcile is running goes once that pass ends. kopf
+    holds the finalizer until the timer has stopped and, by default, looks again only 60 s later."""
+    await make_secret(emulator, "orders-db")
+    await emulator.apply(example())
+    async with kopf_in_process(resync_seconds=0.5):
+        await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"))
+        emulator.delays.append(("GET", "/secrets/", 2.0))  # each pass now reads its Secret for 2 s
+        seen = len(emulator.requests)
+        await eventually(lambda: any("/secrets/" in r.path for r in emulator.requests[seen:]))
+        await emulator.delete(API, KIND, NAMESPACE, "orders")  # while that pass waits for the Secret
+        await eventually(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None, timeout=15)
