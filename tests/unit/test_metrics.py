@@ -30,6 +30,19 @@ def test_bucket_counts_read_like_a_prometheus_histogram(values: list[float]) -> 
     assert _lines(ours) == _lines(reference)
 
 
+def test_bucket_counts_observe_times_is_that_many_observations() -> None:
+    reference = CollectorRegistry()
+    hist = Histogram("x_seconds", "doc", ["publisher"], registry=reference, buckets=LATENCY_BUCKETS).labels("p")
+    ours = CollectorRegistry()
+    counts = BucketCounts(LATENCY_BUCKETS)
+    ours.register(BucketCountsCollector("x_seconds", "doc", {"publisher": "p"}, counts))
+    for times, v in enumerate(VALUES, 1):
+        for _ in range(times):
+            hist.observe(v)
+        counts.observe_times(v, times)
+    assert _lines(ours) == _lines(reference)
+
+
 def test_worker_metrics_expose_ack_latency_per_publisher() -> None:
     metrics = Metrics("orders")
     metrics.ack_latency.observe(0.003)

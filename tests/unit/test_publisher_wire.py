@@ -28,10 +28,11 @@ from outbox_worker.adapters.publisher import (
     InvalidMessageError,
     JetStreamPublisher,
     Message,
+    StoredAcks,
+    StoredFrames,
     _Wave,
     encode_headers,
     encode_hpub,
-    stored_ack_frame,
     take_acks,
 )
 from outbox_worker.core.policy import Outcome
@@ -319,7 +320,7 @@ class _Conn:
 
 def _fast_path_conn(paths: list[str] | None = None) -> _Conn:
     """A parser with the fast path installed. Acks are logged as ("ack", token, payload) whichever
-    way they came: ``_stored`` (compact acks) rebuilds its payload from (seq, duplicate), so a wrong
+    way they came: ``_stored_run`` (runs of compact acks) rebuilds each payload from (seq, duplicate), so a wrong
     token, seq or duplicate flag shows in the log. ``paths`` records which way each ack came."""
     conn = _Conn()
     paths = [] if paths is None else paths
@@ -330,12 +331,14 @@ def _fast_path_conn(paths: list[str] | None = None) -> _Conn:
         paths.append("ack")
         conn.log.append(("ack", token, bytes(data)))
 
-    def stored(token: int, seq: int, duplicate: bool) -> None:
-        paths.append("stored")
-        conn.log.append(("ack", token, _seq(seq, duplicate)))
+    def stored_run(frames: StoredFrames) -> tuple[int, int]:
+        for token, _, _, seq, duplicate in frames:
+            paths.append("stored")
+            conn.log.append(("ack", int(token), _seq(int(seq), bool(duplicate))))
+        return len(frames), sum(len(f[2]) for f in frames)
 
     pub._ack = ack  # type: ignore[method-assign]
-    pub._stored = stored  # type: ignore[method-assign]
+    pub._stored_run = stored_run  # type: ignore[method-assign]
     pub._install_ack_fast_path(conn, ACK_SID)  # type: ignore[arg-type]
     return conn
 
@@ -369,6 +372,35 @@ async def test_a_run_of_acks_never_reaches_nats_py_parser(chunk: int) -> None:
     assert set(paths) == {"stored"}  # every one by the compact-ack regex
 
 
+async def test_a_run_of_acks_resolves_every_wave_in_it() -> None:
+    """One read with acks of two waves interleaved, a late ack and a duplicate: each publish gets its
+    own result, a wave completes when its last ack came, and each ack counts once in the latency."""
+    conn = _Conn()
+    pub = JetStreamPublisher(WorkerSettings(database_url="postgresql://x@localhost/db"))
+    pub._prefix = INBOX
+    pub._install_ack_fast_path(conn, ACK_SID)  # type: ignore[arg-type]
+    a, b = _Wave([None] * 3, 0.0, 3), _Wave([None] * 2, 0.0, 2)
+    pub._pending.update({1: (a, 0), 2: (b, 0), 3: (a, 1), 4: (a, 2), 5: (b, 1)})
+    await conn._ps.parse(
+        b"".join(_ack_frame(t, _seq(10 + t, dup=t == 4)) for t in (1, 2, 3, 9, 4))  # 9: not pending
+    )
+    assert [(r.outcome, r.seq) for r in a.results if r is not None] == [
+        (Outcome.ACKED, 11),
+        (Outcome.ACKED, 13),
+        (Outcome.DUPLICATE, 14),
+    ]
+    assert (a.remaining, a.done.is_set()) == (0, True)
+    first = b.results[0]
+    assert first is not None
+    assert (first.outcome, first.seq) == (Outcome.ACKED, 12)
+    assert (b.results[1], b.remaining, b.done.is_set()) == (None, 1, False)
+    assert pub._pending == {5: (b, 1)}
+    assert pub.late_acks == 1
+    assert sum(pub.ack_latency.counts) == 4
+    assert conn.stats["in_msgs"] == 5
+    assert conn.log == []
+
+
 def test_take_acks_stops_where_a_frame_is_cut_or_foreign() -> None:
     head = f"MSG {INBOX}.".encode()
     got: list[tuple[int, bytes]] = []
@@ -397,13 +429,16 @@ def test_take_acks_reads_compact_acks_by_regex_and_the_rest_by_frame() -> None:
 
     def take(buf: bytes) -> tuple[int, int, int, bool]:
         got.clear()
-        return take_acks(
-            buf,
-            head,
-            sid,
-            lambda t, d: got.append(("ack", t, d)),
-            (stored_ack_frame(head, sid), lambda t, seq, dup: got.append(("stored", t, seq, dup))),
-        )
+        return take_acks(buf, head, sid, lambda t, d: got.append(("ack", t, d)), StoredAcks.of(head, sid, run))
+
+    def run(frames: StoredFrames) -> tuple[int, int]:
+        taken = 0
+        for token, size, payload, seq, dup in frames:
+            if int(size) != len(payload):
+                break
+            got.append(("stored", int(token), int(seq), bool(dup)))
+            taken += 1
+        return taken, sum(len(f[2]) for f in frames[:taken])
 
     wire = _ack_frame(1, _seq(11)) + _ack_frame(2, b'{"stream":"EVENTS","domain":"hub","seq":12}')
     wire += _ack_frame(3, _seq(13, dup=True))
@@ -425,6 +460,10 @@ def test_take_acks_reads_compact_acks_by_regex_and_the_rest_by_frame() -> None:
     lying = f"MSG {INBOX}.4 {ACK_SID} {len(payload)}\r\n".encode() + payload + b"\r\n"
     assert take(lying) == (len(lying), 1, len(payload), True)
     assert got == [("ack", 4, payload)]
+    # ... also after compact acks of the same run, which are taken first
+    good = _ack_frame(3, _seq(13, dup=True))
+    assert take(good + lying) == (len(good + lying), 2, len(_seq(13, dup=True)) + len(payload), True)
+    assert got == [("stored", 3, 13, True), ("ack", 4, payload)]
     # Another subscription's frame of the same shape is not an ack.
     assert take(_ack_frame(5, _seq(15), sid=6)) == (0, 0, 0, False)
     assert got == []

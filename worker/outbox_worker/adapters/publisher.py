@@ -93,15 +93,41 @@ def encode_hpub(subject: str, reply: str, headers: Mapping[str, str] | bytes, pa
     return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject.encode(), reply.encode(), len(hdr), total, hdr, payload), total
 
 
+# A compact success ack frame; %s are the escaped head and subscription id (stored_ack_frame).
+_STORED_FRAME = rb'%s(\d+) %s (\d+)\r\n(\{"stream":"[^"\\\r\n]*","seq":(\d+)(,"duplicate":true)?\})\r\n'
+
+
 def stored_ack_frame(head: bytes, sid: bytes) -> re.Pattern[bytes]:
     """One whole ack frame (see :func:`take_acks`) whose payload is the server's compact success ack,
     ``{"stream":"S","seq":7}`` or ``{"stream":"S","seq":7,"duplicate":true}``. Groups: token, size,
-    payload, seq, ``,"duplicate":true`` or None. Any other payload (an error, a domain, spaces, an
+    payload, seq, ``,"duplicate":true`` when present. Any other payload (an error, a domain, spaces, an
     escaped stream name) does not match and takes :func:`take_acks`' general path."""
-    return re.compile(
-        re.escape(head) + rb"(\d+) " + re.escape(sid) + rb" (\d+)\r\n"
-        rb'(\{"stream":"[^"\\\r\n]*","seq":(\d+)(,"duplicate":true)?\})\r\n'
-    )
+    return re.compile(_STORED_FRAME % (re.escape(head), re.escape(sid)))
+
+
+def stored_ack_run(head: bytes, sid: bytes) -> re.Pattern[bytes]:
+    """One or more :func:`stored_ack_frame` frames back to back: where a run of them ends."""
+    frame = _STORED_FRAME.replace(b"(", b"(?:")  # the same frame, without groups
+    return re.compile(b"(?:%s)+" % (frame % (re.escape(head), re.escape(sid))))
+
+
+# (token, size, payload, seq, duplicate) of each frame of a run, as re.findall gives them
+StoredFrames = list[tuple[bytes, bytes, bytes, bytes, bytes]]
+
+
+class StoredAcks(NamedTuple):
+    """How :func:`take_acks` reads runs of compact success acks: ``on_run(frames)`` gets the frames
+    of a run (:data:`StoredFrames`) in wire order and returns how many it took and their payload
+    bytes. It stops at the first frame whose size field disagrees with its payload, which
+    :func:`take_acks` then reads by its size."""
+
+    frame: re.Pattern[bytes]
+    run: re.Pattern[bytes]
+    on_run: Callable[[StoredFrames], tuple[int, int]]
+
+    @classmethod
+    def of(cls, head: bytes, sid: bytes, on_run: Callable[[StoredFrames], tuple[int, int]]) -> StoredAcks:
+        return cls(stored_ack_frame(head, sid), stored_ack_run(head, sid), on_run)
 
 
 def take_acks(
@@ -109,7 +135,7 @@ def take_acks(
     head: bytes,
     sid: bytes,
     on_ack: Callable[[int, bytes], None],
-    stored: tuple[re.Pattern[bytes], Callable[[int, int, bool], None]] | None = None,
+    stored: StoredAcks | None = None,
 ) -> tuple[int, int, int, bool]:
     """Hand the complete ack frames at the start of ``buf`` to ``on_ack(token, payload)``.
 
@@ -120,23 +146,25 @@ def take_acks(
     the rest, if any, may be the beginning of an ack frame and needs more bytes; otherwise the rest
     starts with a frame for nats-py's parser.
 
-    With ``stored = (stored_ack_frame(head, sid), on_stored)``, a frame carrying the compact success
-    ack goes to ``on_stored(token, seq, duplicate)`` instead, read by one regex match: ~1.4 µs per ack
-    against ~2.9 µs for the frame split here plus the payload search in ``on_ack``.
+    With ``stored`` (:class:`StoredAcks`), a run of frames carrying the server's compact success ack
+    goes to ``stored.on_run`` in one call: one regex match finds where the run ends, one ``findall``
+    reads its frames, ~0.2 + 0.3 µs per ack. Matching frame by frame and resolving each in its own
+    call cost ~1.4 µs per ack in all, against ~1.0 now (micro-benchmark of 1,000-ack reads).
     """
     pos, n, taken, nbytes, skip = 0, len(buf), 0, 0, len(head)
-    match, on_stored = (stored[0].match, stored[1]) if stored else (None, None)
     while pos < n:
-        if match is not None and on_stored is not None:
-            m = match(buf, pos)
+        if stored is not None:
+            m = stored.run.match(buf, pos)
             if m is not None:
-                token, size, payload, seq, duplicate = m.groups()
-                if int(size) == len(payload):
-                    on_stored(int(token), int(seq), duplicate is not None)
-                    taken += 1
-                    nbytes += len(payload)
+                frames = stored.frame.findall(buf, pos, m.end())
+                k, size = stored.on_run(frames)
+                taken += k
+                nbytes += size
+                if k == len(frames):
                     pos = m.end()
                     continue
+                # frame k's size field disagrees with its payload: read it by its size, below
+                pos += sum(skip + len(t) + len(s) + len(p) + len(sid) + 6 for t, s, p, _, _ in frames[:k])
         if not buf.startswith(head, pos):
             return pos, taken, nbytes, n - pos < skip and head.startswith(buf[pos:])
         eol = buf.find(b"\r\n", pos + skip)
@@ -487,7 +515,7 @@ class JetStreamPublisher:
 
         - the parser's ``parse``: while at a frame boundary, the run of complete ack frames at the
           start of what was read is read in one loop (:func:`take_acks`): the server's compact success
-          acks to :meth:`_stored` (one regex match each), other acks to :meth:`_ack`; the first other
+          acks to :meth:`_stored_run` (a run of them at a time), other acks to :meth:`_ack`; the first other
           frame and everything after it go to nats-py's parser;
         - ``_process_msg``, where nats-py's parser delivers messages: acks it parsed itself (after
           another frame, or a frame split across reads) still skip the ``Msg`` and the queue.
@@ -521,7 +549,7 @@ class JetStreamPublisher:
         parse = ps.parse
         head = b"MSG " + prefix
         sid_bytes = str(sid).encode()
-        stored = (stored_ack_frame(head, sid_bytes), self._stored)
+        stored = StoredAcks.of(head, sid_bytes, self._stored_run)
 
         async def parse_acks_first(data: bytes = b"") -> None:
             if ps.state != nats_parser.AWAITING_CONTROL_LINE:  # inside a frame nats-py started
@@ -529,7 +557,7 @@ class JetStreamPublisher:
                 return
             buf = ps.buf  # reset() on reconnect replaces it: read it per call
             buf.extend(data)
-            self._read_at = time.monotonic()  # every ack of this read arrived now (see _stored)
+            self._read_at = time.monotonic()  # every ack of this read arrived now (see _settle)
             consumed, taken, nbytes, wait = take_acks(bytes(buf), head, sid_bytes, ack, stored)
             if consumed:
                 del buf[:consumed]
@@ -572,20 +600,47 @@ class JetStreamPublisher:
         self.ack_latency.observe(time.monotonic() - entry[0].sent_at)
         return entry
 
-    def _stored(self, token: int, seq: int, duplicate: bool) -> None:
-        """Resolve the publish ``token``: the server stored it at ``seq`` (or had, if ``duplicate``).
+    def _stored_run(self, frames: StoredFrames) -> tuple[int, int]:
+        """Resolve the publishes of a run of compact success acks (see :class:`StoredAcks`): each was
+        stored at its ``seq``, or had been before if ``duplicate``. Returns (frames taken, payload
+        bytes); stops at a frame whose size field disagrees with its payload.
 
-        :meth:`_take` inlined, the ack latency measured to the time of the read that brought the ack
-        (one clock read per read), the result built without its constructor: this runs once per
-        event, and the three took ~0.4 of its ~1.8 µs (micro-benchmark of 1,000-ack reads).
+        Per frame only what differs per frame: the ack latency is counted once per wave (all its
+        messages went in one write, and all these acks came in one read), the result is built without
+        its constructor and set in place. This runs once per event.
         """
-        entry = self._pending.pop(token, None)
-        if entry is None:
-            self.late_acks += 1
-            return
-        wave, index = entry
-        self.ack_latency.observe(self._read_at - wave.sent_at)
-        wave.resolve(index, _new_result(PublishResult, (_DUPLICATE if duplicate else _ACKED, "", "", seq)))
+        pop = self._pending.pop
+        wave: _Wave | None = None
+        results: list[PublishResult | None] = []
+        resolved = taken = nbytes = 0
+        for token, size, payload, seq, duplicate in frames:
+            length = len(payload)
+            if int(size) != length:
+                break
+            taken += 1
+            nbytes += length
+            entry = pop(int(token), None)
+            if entry is None:
+                self.late_acks += 1
+                continue
+            w, index = entry
+            if w is not wave:
+                if wave is not None:
+                    self._settle(wave, resolved)
+                wave, results, resolved = w, w.results, 0
+            if results[index] is None:
+                results[index] = _new_result(PublishResult, (_DUPLICATE if duplicate else _ACKED, "", "", int(seq)))
+                resolved += 1
+        if wave is not None:
+            self._settle(wave, resolved)
+        return taken, nbytes
+
+    def _settle(self, wave: _Wave, resolved: int) -> None:
+        """``resolved`` more results of ``wave`` were set in place (:meth:`_stored_run`)."""
+        self.ack_latency.observe_times(self._read_at - wave.sent_at, resolved)
+        wave.remaining -= resolved
+        if wave.remaining == 0:
+            wave.done.set()
 
     def _ack(self, token: int, data: bytes) -> None:
         """Resolve the publish ``token`` with the ack payload ``data`` (a JSON pub ack)."""
