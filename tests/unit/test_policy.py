@@ -15,6 +15,7 @@ from outbox_worker.core.policy import (
     classify_error_ack,
     fair_share,
     plan_waves,
+    pressure_pause,
 )
 
 
@@ -112,3 +113,12 @@ def test_unordered_waves_are_plain_chunks() -> None:
     waves = plan_waves(rows, False, 3)
     assert [[r.id for r in w] for w in waves] == [[1, 2, 3], [4, 5, 6], [7]]
     assert plan_waves([], True, 3) == []
+
+
+@pytest.mark.parametrize(
+    ("took", "pause"),
+    [(0.0, 5.0), (0.03, 5.0), (0.1, 5.0), (0.3, 15.0), (1.0, 50.0), (1.2, 60.0), (5.0, 60.0)],
+)
+def test_pressure_samples_slow_down_when_counting_the_backlog_is_costly(took: float, pause: float) -> None:
+    """Every 5 s while a sample is cheap; at most 1/50 of the time on counting; at least once a minute."""
+    assert pressure_pause(took) == pytest.approx(pause)

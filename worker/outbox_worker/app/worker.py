@@ -35,6 +35,7 @@ from outbox_worker.adapters.publisher import JetStreamPublisher, NatsUnavailable
 from outbox_worker.adapters.store import DatabaseUnavailableError, Listener, OutboxStore, connect_pool
 from outbox_worker.app.leases import LeaseManager
 from outbox_worker.app.relay import RelayHooks, RelayLoop, RelayStats
+from outbox_worker.core.policy import pressure_pause
 from outbox_worker.core.sql import Sql
 
 log = logging.getLogger(__name__)
@@ -259,8 +260,9 @@ class Worker:
     # --- side tasks -------------------------------------------------------------------------------
     async def _pressure_loop(self) -> None:
         while True:
+            started = time.monotonic()
             await self.sample_pressure()
-            await asyncio.sleep(PRESSURE_INTERVAL_SECONDS)
+            await asyncio.sleep(pressure_pause(time.monotonic() - started, PRESSURE_INTERVAL_SECONDS))
 
     async def sample_pressure(self) -> None:
         assert self.store is not None
