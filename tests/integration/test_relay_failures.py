@@ -449,6 +449,34 @@ async def test_worker_refuses_a_stream_that_cannot_take_the_events(
     assert report is None or (report.ok and report.stored == 0)
 
 
+@pytest.mark.parametrize("mode", [None, js_api.PersistMode.ASYNC], ids=["default", "async"])
+async def test_a_stream_that_acks_before_it_writes_is_warned_about(
+    nats_url: str, mode: js_api.PersistMode | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """persist_mode: async acks before the message is written; the relay deletes a row on its ack,
+    so a killed server can lose events. The worker says so at start-up (and still runs)."""
+    name = f"PERSIST_{'ASYNC' if mode else 'DEFAULT'}"
+    nc = await nats.connect(nats_url)
+    await nc.jetstream().add_stream(
+        js_api.StreamConfig(name=name, subjects=[f"{name.lower()}.>"], duplicate_window=120, persist_mode=mode)
+    )
+    await nc.close()
+    pub = JetStreamPublisher(worker_settings("postgresql://unused/db", nats_url, stream=name, stream_mode="expect"))
+    await pub.connect()
+    try:
+        with caplog.at_level("WARNING", logger="outbox_worker.adapters.publisher"):
+            await pub.ensure_stream(f"{name.lower()}.*.*", 60)
+    finally:
+        await pub.close()
+    warned = [r.getMessage() for r in caplog.records if "persist_mode: async" in r.getMessage()]
+    if mode is None:
+        assert warned == []
+    else:
+        assert len(warned) == 1
+        assert name in warned[0]
+        assert "can be lost" in warned[0]
+
+
 async def test_worker_refuses_an_unmigrated_database(pg_dsn: str, nats_url: str) -> None:
     code, out = await run_worker_process(process_env(pg_dsn, nats_url, stream_mode="create"))
     assert code == 3, out

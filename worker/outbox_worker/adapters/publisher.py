@@ -355,7 +355,8 @@ class JetStreamPublisher:
     # --- stream checks ------------------------------------------------------------------------------
     async def ensure_stream(self, filter_subject: str, horizon_seconds: float) -> None:
         """Check (or create) the stream: it must exist, capture ``filter_subject`` and keep a duplicate
-        window of at least ``horizon_seconds``. Raises NatsConfigError naming the fix."""
+        window of at least ``horizon_seconds``. Raises NatsConfigError naming the fix. Warns about a
+        stream that acks before it writes (``persist_mode: async``)."""
         assert self._nc is not None
         s = self._s
         jsm = self._nc.jsm()
@@ -395,6 +396,15 @@ class JetStreamPublisher:
                 f"re-publish horizon of {horizon_seconds:.0f}s (lease TTL + ack timeout + max retry "
                 "delay): a re-published event could be stored twice. Raise the stream's "
                 "duplicate_window or lower those settings"
+            )
+        if cfg.persist_mode == js_api.PersistMode.ASYNC:
+            # The relay deletes (or marks) a row on its ack. This mode acks before the message is
+            # written, so a killed nats-server can lose events whose rows are already gone.
+            log.warning(
+                "stream %r acks before it writes (persist_mode: async): if nats-server is killed, events "
+                "already deleted or marked in the outbox can be lost. Use the default persist mode for "
+                "the relay's no-loss guarantee",
+                s.stream,
             )
 
     async def stream_exists_for(self, subject: str) -> bool | None:
