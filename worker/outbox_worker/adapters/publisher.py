@@ -106,7 +106,10 @@ def stored_ack_frame(head: bytes, sid: bytes) -> re.Pattern[bytes]:
 
 
 def stored_ack_run(head: bytes, sid: bytes) -> re.Pattern[bytes]:
-    """One or more :func:`stored_ack_frame` frames back to back: where a run of them ends."""
+    """One or more :func:`stored_ack_frame` frames back to back: where a run of them ends.
+
+    Matching keeps ~400 bytes of state per frame (200,000 frames took ~80 MB). :func:`take_acks`
+    sees one read at a time (nats-py reads 32 KB), ~450 frames, ~0.2 MB."""
     frame = _STORED_FRAME.replace(b"(", b"(?:")  # the same frame, without groups
     return re.compile(b"(?:%s)+" % (frame % (re.escape(head), re.escape(sid))))
 
