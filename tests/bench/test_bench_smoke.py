@@ -42,6 +42,9 @@ async def test_bench_smoke_verifies_every_scenario(pg_dsn: str, nats_url: str, t
     for row in report["rows"]:
         if "tasks_left" in row["metrics"]:
             assert row["metrics"]["tasks_left"] == 0, row["name"]
+    for name in ("sustained/1-worker", "sustained/2-workers"):  # what each drain made PostgreSQL log
+        metrics = next(r["metrics"] for r in report["rows"] if r["name"] == name)
+        assert metrics["postgres_wal_mb"] > 0, metrics  # deleting the drained rows is logged
     for row in (r for r in report["rows"] if r["scenario"] == "growth"):
         assert row["metrics"]["claim_ms_p50"] > 0
     # The human table went to stdout, with the seed's figures beside ours.
