@@ -384,8 +384,9 @@ class _Bench:
         """Workers ready on an empty table; ``events`` rows committed in one transaction; drained."""
         sql = await self._fresh(table)
         procs = self._start_workers(sql, workers)
-        wal_conn = await asyncpg.connect(self.dsn, timeout=10)
+        wal_conn: asyncpg.Connection | None = None
         try:
+            wal_conn = await asyncpg.connect(self.dsn, timeout=10)
             await self._wait_leases(sql, workers, procs)
             cpu0 = procs.cpu()
             committed_at = await self._bulk_seed(sql, events, aggregates)
@@ -397,8 +398,9 @@ class _Bench:
             rss = [peak_rss_mb(pid) for pid in procs.pids]
             await self._wait_marked(sql, procs)
         finally:
-            await wal_conn.close()
             codes, probes = procs.stop()
+            if wal_conn is not None:
+                await wal_conn.close()
         report, stored = await self._verify(sql)
         last = max((m.stored_at for m in stored), default=committed_at)
         cpu = sum(b - a for a, b in zip(cpu0, cpu1, strict=True))
