@@ -121,4 +121,4 @@ def test_unordered_waves_are_plain_chunks() -> None:
 )
 def test_pressure_samples_slow_down_when_counting_the_backlog_is_costly(took: float, pause: float) -> None:
     """Every 5 s while a sample is cheap; at most 1/50 of the time on counting; at least once a minute."""
-    assert pressure_pause(took) == pytest.approx(pause)
+    assert pressure_pause(took, 5.0) == pytest.approx(pause)

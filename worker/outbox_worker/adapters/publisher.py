@@ -222,10 +222,15 @@ class _Wave:
         if self.results[index] is not None:
             return False
         self.results[index] = result
-        self.remaining -= 1
+        self.counted(1)
+        return True
+
+    def counted(self, resolved: int) -> None:
+        """``resolved`` more results are in ``results`` (set by :meth:`resolve`, or in place by the
+        ack fast path): the wave is done when none remains."""
+        self.remaining -= resolved
         if self.remaining == 0:
             self.done.set()
-        return True
 
 
 class JetStreamPublisher:
@@ -651,9 +656,7 @@ class JetStreamPublisher:
     def _settle(self, wave: _Wave, resolved: int) -> None:
         """``resolved`` more results of ``wave`` were set in place (:meth:`_stored_run`)."""
         self.ack_latency.observe_times(self._read_at - wave.sent_at, resolved)
-        wave.remaining -= resolved
-        if wave.remaining == 0:
-            wave.done.set()
+        wave.counted(resolved)
 
     def _ack(self, token: int, data: bytes) -> None:
         """Resolve the publish ``token`` with the ack payload ``data`` (a JSON pub ack)."""

@@ -33,7 +33,7 @@ def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random |
     return delay / 2 + r * delay / 2
 
 
-def pressure_pause(took: float, interval: float = 5.0, cost_factor: float = 50.0, longest: float = 60.0) -> float:
+def pressure_pause(took: float, interval: float, cost_factor: float = 50.0, longest: float = 60.0) -> float:
     """Seconds to wait before the next queue-pressure sample, the last one having taken ``took``.
 
     A sample counts the pending rows of the worker's partitions, a walk over every one of them: ~30 ms
