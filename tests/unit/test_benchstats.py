@@ -12,10 +12,19 @@ from outbox_worker.core.benchstats import (
     build_report,
     median,
     percentile,
+    poll_pause,
     render_table,
     seed_aggregates,
     validate_report,
 )
+
+
+def test_poll_pause_asks_rarely_while_much_is_left_and_often_near_the_end() -> None:
+    assert poll_pause(200_000, 0.0) == 0.2  # nothing arrived yet: no rate to go by
+    assert poll_pause(150_000, 80_000.0) == 0.2  # ~1.9 s to go: at most the longest pause
+    assert poll_pause(8_000, 80_000.0) == pytest.approx(0.05)  # half of the ~0.1 s left
+    assert poll_pause(100, 80_000.0) == 0.02  # never shorter than the shortest pause
+    assert poll_pause(10, 1.0, shortest=0.5, longest=3.0) == 3.0
 
 
 def test_percentile_is_nearest_rank() -> None:

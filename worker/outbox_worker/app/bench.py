@@ -58,6 +58,7 @@ from outbox_worker.core.benchstats import (
     Row,
     build_report,
     percentile,
+    poll_pause,
     seed_aggregates,
 )
 from outbox_worker.core.history import HistoryReport, StoredEvent, check_history
@@ -720,21 +721,26 @@ class _Bench:
     async def _wait_stored(
         self, events: int, procs: _Procs, timeout: float, producer: asyncio.Task[ProducerResult] | None = None
     ) -> None:
-        """Until the stream holds ``events`` messages (polled every 20 ms)."""
+        """Until the stream holds ``events`` messages (asked less often while many are still to come:
+        :func:`poll_pause`)."""
         nc = await nats.connect(self.url, connect_timeout=5)
         js = nc.jetstream()
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         try:
             while True:
                 if producer is not None and producer.done():
                     producer.result()  # raise what the producer raised
+                stored = 0
                 with contextlib.suppress(js_errors.NotFoundError):
-                    if (await js.stream_info(STREAM)).state.messages >= events:
-                        return
+                    stored = (await js.stream_info(STREAM)).state.messages
+                if stored >= events:
+                    return
                 procs.check_alive()
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise BenchError(f"the stream did not reach {events:,} messages within {timeout:.0f}s")
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(poll_pause(events - stored, stored / max(1e-6, now - start)))
         finally:
             await nc.close()
 
