@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from outbox_worker.core.benchstats import SCENARIOS, validate_report
@@ -21,12 +22,22 @@ async def test_bench_smoke_verifies_every_scenario(pg_dsn: str, nats_url: str, t
     report_path = tmp_path / "bench.json"
     argv = [sys.executable, "-m", "outbox_cli", "bench", "--scale", "0.01", "--repeat", "1", "--quiet"]
     argv += ["--json", str(report_path), "--database-url", pg_dsn, "--nats-url", nats_url]
-    proc = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=540)
+    checkpoints = "SELECT num_requested FROM pg_stat_checkpointer"
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        before = await conn.fetchval(checkpoints)
+        proc = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=540)
+        requested = await conn.fetchval(checkpoints) - before
+    finally:
+        await conn.close()
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
 
     report = json.loads(report_path.read_text())
     assert validate_report(report) == []
     assert report["ok"] is True
+    # Each run starts after a CHECKPOINT of its own (the tests' PostgreSQL user is a superuser).
+    assert report["machine"]["checkpoint_before_each_run"] is True
+    assert requested >= 10, requested
     assert {row["scenario"] for row in report["rows"]} == set(SCENARIOS)
     names = {row["name"] for row in report["rows"]}
     assert {"sustained/1-worker", "sustained/2-workers", "baseline/naive", "baseline/ceiling"} <= names

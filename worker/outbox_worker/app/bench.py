@@ -135,6 +135,7 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
             rows = await bench.run()
             machine = await bench.machine()
             machine["latency_clock"] = bench.latency_clock
+            machine["checkpoint_before_each_run"] = bench.checkpoints
         # Other work on the machine skews every number here; the load average says how much there was.
         machine["loadavg_before"] = [round(x, 2) for x in load_before]
         machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -249,6 +250,7 @@ class _Bench:
         self.say = options.progress or (lambda _m: None)
         self._seq = 0
         self.latency_clock = ""
+        self.checkpoints = True  # False once PostgreSQL refused a CHECKPOINT (see _checkpoint)
 
     async def run(self) -> list[Row]:
         rows: list[Row] = []
@@ -589,6 +591,7 @@ class _Bench:
                 await conn.execute(f"DELETE FROM {sql.meta} WHERE table_name = $1", table)
             await migrate(conn, sql, self.o.partitions)
             await prepare(conn, sql)
+            await self._checkpoint(conn)
         finally:
             await conn.close()
         nc = await nats.connect(self.url, connect_timeout=5)
@@ -598,6 +601,24 @@ class _Bench:
         finally:
             await nc.close()
         return sql
+
+    async def _checkpoint(self, conn: asyncpg.Connection) -> None:
+        """A CHECKPOINT before each run, so that no run pays for one that the others do not.
+
+        Each drain's backlog writes ~146 MB of WAL in one transaction, and PostgreSQL requests a
+        checkpoint once about half of ``max_wal_size`` has been written since the last one: with the
+        default 1 GB, every fourth drain or so. That checkpoint's buffer writes, and the full-page image of
+        every page the drain touched first after it, then fell into the next drain: ~39 MB of WAL
+        instead of ~12, and 79.6-86.9k events/s against 84.9-93.2k for the drains beside it
+        (docs/benchmarks.md). Needs superuser or ``pg_checkpoint``; without it the bench says so
+        once, goes on, and the report's ``machine.checkpoint_before_each_run`` is false."""
+        if not self.checkpoints:
+            return
+        try:
+            await conn.execute("CHECKPOINT")
+        except asyncpg.InsufficientPrivilegeError:
+            self.checkpoints = False
+            self.say("  no CHECKPOINT privilege: runs may pay for PostgreSQL's checkpoints unevenly")
 
     def _env(self, sql: Sql, worker_id: str) -> dict[str, str]:
         extra = {
