@@ -607,9 +607,9 @@ class _Bench:
 
         Each drain's backlog writes ~146 MB of WAL in one transaction, and PostgreSQL requests a
         checkpoint once about half of ``max_wal_size`` has been written since the last one: with the
-        default 1 GB, every fourth drain or so. That checkpoint's buffer writes, and the full-page image of
-        every page the drain touched first after it, then fell into the next drain: ~39 MB of WAL
-        instead of ~12, and 79.6-86.9k events/s against 84.9-93.2k for the drains beside it
+        default 1 GB, every fourth drain or so. That checkpoint's buffer writes, and a full-page
+        image of each page the drain changed first after it, then fell into the next drain: ~39 MB
+        of WAL instead of ~12, and 79.6-86.9k events/s against 84.9-93.2k for the drains beside it
         (docs/benchmarks.md). Needs superuser or ``pg_checkpoint``; without it the bench says so
         once, goes on, and the report's ``machine.checkpoint_before_each_run`` is false."""
         if not self.checkpoints:
