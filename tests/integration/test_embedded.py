@@ -10,7 +10,7 @@ import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres
+from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, _peers_ready
 
 pytestmark = pytest.mark.integration
 
@@ -128,6 +128,20 @@ async def test_nats_pause_stalls_and_resume_recovers(own_nats: EmbeddedNats) -> 
         await nc.close()
 
 
+def test_a_meta_leader_is_ready_once_it_counts_every_other_member_current_and_online() -> None:
+    def peer(name: str, current: bool = True, offline: bool = False) -> dict[str, object]:
+        return {"name": name, "current": current, "active": 1, "peer": name.upper()} | (
+            {"offline": True} if offline else {}
+        )
+
+    assert _peers_ready({"leader": "n1", "replicas": [peer("n2"), peer("n3")]}, {"n2", "n3"})
+    assert not _peers_ready({"leader": "n1", "replicas": [peer("n2")]}, {"n2", "n3"})  # n3 not heard from
+    assert not _peers_ready({"leader": "n1", "replicas": [peer("n2"), peer("n3", current=False)]}, {"n2", "n3"})
+    assert not _peers_ready({"leader": "n1", "replicas": [peer("n2"), peer("n3", offline=True)]}, {"n2", "n3"})
+    assert not _peers_ready({"leader": "n1"}, {"n2"})
+    assert _peers_ready({"leader": "n1", "replicas": [peer("n2")]}, {"n2"})  # n3 stopped: not waited for
+
+
 async def test_three_node_cluster_accepts_replicated_publish(
     own_nats_cluster: EmbeddedNatsCluster,
 ) -> None:
@@ -166,11 +180,15 @@ async def test_nats_async_context_manager_stops_the_process() -> None:
 
 
 async def _add_stream_with_retry(js: nats.js.JetStreamContext, **config: object) -> nats.js.api.StreamInfo:
-    """Stream creation can race the first seconds of a cluster; retry briefly."""
+    """Stream creation can race the first seconds of a cluster; retry briefly. The cluster's start
+    waits for a leader that counts every peer online, so "no suitable peers for placement"
+    (err_code 10005) should not happen: it is retried like the rest, in case a peer's state flaps."""
     for attempt in range(20):
         try:
             return await js.add_stream(**config)  # type: ignore[arg-type]
-        except (nats.js.errors.ServiceUnavailableError, NatsTimeoutError):
+        except (nats.js.errors.ServiceUnavailableError, nats.js.errors.BadRequestError, NatsTimeoutError) as e:
+            if isinstance(e, nats.js.errors.BadRequestError) and e.err_code != 10005:
+                raise  # a bad stream config, not a cluster still forming
             if attempt == 19:
                 raise
             await asyncio.sleep(0.25)

@@ -783,6 +783,12 @@ class EmbeddedNats(_Lifecycle):
         return body
 
 
+def _peers_ready(meta: dict[str, Any], others: set[str]) -> bool:
+    """Whether a meta leader's ``/jsz`` ``meta_cluster`` lists each of ``others`` as current and online."""
+    ready = {r.get("name") for r in meta.get("replicas") or [] if r.get("current") and not r.get("offline")}
+    return others <= ready
+
+
 class EmbeddedNatsCluster(_Lifecycle):
     """``size`` nats-servers forming one JetStream cluster over loopback routes.
 
@@ -827,27 +833,36 @@ class EmbeddedNatsCluster(_Lifecycle):
         self.wait_meta_leader(max(0.1, deadline - time.monotonic()))
 
     def wait_meta_leader(self, timeout: float = 30.0) -> str:
-        """Wait until every running member reports the same meta leader; return its name."""
+        """Wait until every running member reports the same meta leader, and that leader counts every
+        other running member as a current, online peer; return the leader's name.
+
+        An agreed leader alone was not enough: a replicated stream created right after it was refused
+        now and then with "no suitable peers for placement, peer offline" (err_code 10005), because
+        the leader had not yet heard from every peer."""
         deadline = time.monotonic() + timeout
         seen: dict[str, str | None] = {}
         while True:
-            seen = {}
+            seen, metas = {}, {}
             for server in self.servers:
                 if not server.running:
                     continue
                 try:
-                    seen[server.name] = server.jsz().get("meta_cluster", {}).get("leader") or None
+                    metas[server.name] = server.jsz().get("meta_cluster", {})
+                    seen[server.name] = metas[server.name].get("leader") or None
                 except (OSError, ValueError):
                     seen[server.name] = None
             leaders = set(seen.values())
             if seen and len(leaders) == 1 and None not in leaders:
                 leader = leaders.pop()
                 assert leader is not None
-                return leader
+                if leader in metas and _peers_ready(metas[leader], set(seen) - {leader}):
+                    return leader
             if time.monotonic() >= deadline:
                 tails = "\n".join(_log_tail(s.log_path, 15) for s in self.servers)
                 raise EmbeddedServerError(
-                    f"JetStream cluster has no agreed meta leader after {timeout:.0f}s: {seen}\n{tails}"
+                    f"JetStream cluster not ready after {timeout:.0f}s: meta leader seen by each member {seen}, "
+                    f"peers as the leader sees them "
+                    f"{[m.get('replicas') for n, m in metas.items() if seen.get(n) == n]}\n{tails}"
                 )
             time.sleep(0.1)
 
