@@ -22,6 +22,7 @@ import time
 import asyncpg
 import nats
 from nats.js import api as js_api
+from nats.js import errors as js_errors
 
 from outbox_common import names
 from outbox_worker.core.history import CommittedEvent, HistoryReport, MarkRecord, StoredEvent, check_history
@@ -142,6 +143,12 @@ async def read_stream(
             try:
                 msgs = await sub.fetch(batch, timeout=2)
             except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except js_errors.ServiceUnavailableError:
+                # Nobody answered for the consumer (503). In a cluster its server may not be listening
+                # yet: the consumer was just placed, or a member just restarted. Ask again shortly; a
+                # consumer that is gone for good ends in the TimeoutError above.
+                await asyncio.sleep(0.2)
                 continue
             for m in msgs:
                 seq = m.metadata.sequence.stream
