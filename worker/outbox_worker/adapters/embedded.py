@@ -862,7 +862,7 @@ class EmbeddedNatsCluster(_Lifecycle):
                 raise EmbeddedServerError(
                     f"JetStream cluster not ready after {timeout:.0f}s: meta leader seen by each member {seen}, "
                     f"peers as the leader sees them "
-                    f"{[m.get('replicas') for n, m in metas.items() if seen.get(n) == n]}\n{tails}"
+                    f"{[m.get('replicas') for n, m in metas.items() if m.get('leader') == n]}\n{tails}"
                 )
             time.sleep(0.1)
 
