@@ -186,7 +186,13 @@ def build_pdb(owner: Owner) -> Obj:
 
 
 def _env(owner: Owner, spec: PublisherSpec) -> list[Obj]:
-    env: list[Obj] = [{"name": k, "value": v} for k, v in render_worker_env(spec, owner.name).items()]
+    """The container's environment: the user's ``worker.env`` first, the operator's own variables last.
+
+    Kubernetes lets the last entry of a name win, so whatever ``worker.env`` holds, the settings the
+    operator renders (and the Secret references) are what the worker reads.
+    """
+    env: list[Obj] = [var.model_dump(by_alias=True, exclude_none=True) for var in spec.worker.env or []]
+    env.extend({"name": k, "value": v} for k, v in render_worker_env(spec, owner.name).items())
     env.append({"name": env_name("worker_id"), "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     env.append({"name": env_name("kube_namespace"), "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}})
     secrets: list[tuple[str, SecretKeyRef]] = [("database_url", spec.database.secret_ref)]
@@ -196,8 +202,6 @@ def _env(owner: Owner, spec: PublisherSpec) -> list[Obj]:
         secrets.append(("nats_token", spec.nats.token_secret_ref))
     for field, ref in secrets:
         env.append({"name": env_name(field), "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    for var in spec.worker.env or []:
-        env.append(var.model_dump(by_alias=True, exclude_none=True))
     return env
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from pydantic.alias_generators import to_camel
 
 from outbox_common.settings import (
+    ENV_PREFIX,
     MarkMode,
     OrderingMode,
     StreamMode,
@@ -162,6 +163,16 @@ class ResourceRequirements(_Model):
     limits: dict[str, int | str] | None = None
 
 
+def is_reserved_env_name(name: str) -> bool:
+    """True for every spelling of a name the worker reads as a setting (``OUTBOX_*``, any case).
+
+    pydantic-settings matches environment names case-insensitively, so ``outbox_database_url`` is
+    read as ``OUTBOX_DATABASE_URL``; the prefix test in upper case covers every field of
+    :class:`WorkerSettings` (whose names are all ``OUTBOX_`` plus the field name).
+    """
+    return name.upper().startswith(ENV_PREFIX)
+
+
 class EnvVar(_Model):
     name: str = Field(min_length=1, max_length=253)
     value: str | None = None
@@ -183,11 +194,12 @@ class WorkerOverrides(_Model):
 
     @model_validator(mode="after")
     def _env(self) -> WorkerOverrides:
-        for var in self.env or []:
-            if var.name.startswith("OUTBOX_"):
+        for index, var in enumerate(self.env or []):
+            if is_reserved_env_name(var.name):
                 raise ValueError(
-                    f"spec.worker.env must not set OUTBOX_* variables ({var.name}): they are rendered "
-                    "from the spec; set the matching spec field instead"
+                    f"spec.worker.env[{index}].name must not start with {ENV_PREFIX} in any letter case: "
+                    "the worker reads those names case-insensitively as its settings, which the operator "
+                    "renders from the spec; set the matching spec field instead"
                 )
         return self
 
