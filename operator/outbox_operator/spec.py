@@ -40,27 +40,40 @@ class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
+# Kubernetes' own rules: a Secret's name is a DNS-1123 subdomain; a key of its data matches
+# [-._a-zA-Z0-9]+. The CRD carries the same patterns, so a DSN pasted as a name is refused by field path.
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+OPTIONAL_SECRET_KEY_PATTERN = r"^([-._a-zA-Z0-9]+)?$"
+
+SecretName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=SECRET_NAME_PATTERN)]
+
+
+def _key(default: str) -> Any:
+    return Field(default, min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+
+
 class SecretKeyRef(_Model):
     """A key of a Secret in the OutboxPublisher's namespace. Subclasses set the key's default."""
 
-    name: str = Field(min_length=1, max_length=253)
-    key: str = Field(min_length=1, max_length=253)
+    name: SecretName
+    key: str = Field(min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
 
 
 class DatabaseSecretRef(SecretKeyRef):
-    key: str = Field("url", min_length=1, max_length=253)
+    key: str = _key("url")
 
 
 class PasswordSecretRef(SecretKeyRef):
-    key: str = Field("password", min_length=1, max_length=253)
+    key: str = _key("password")
 
 
 class TokenSecretRef(SecretKeyRef):
-    key: str = Field("token", min_length=1, max_length=253)
+    key: str = _key("token")
 
 
 class CredentialsSecretRef(SecretKeyRef):
-    key: str = Field("nats.creds", min_length=1, max_length=253)
+    key: str = _key("nats.creds")
 
 
 class Autoscaling(_Model):
@@ -87,10 +100,10 @@ class Database(_Model):
 
 
 class NatsTls(_Model):
-    secret_name: str = Field(min_length=1, max_length=253)
-    ca_key: str = Field("ca.crt", min_length=1, max_length=253)
-    cert_key: str = Field("", max_length=253)
-    key_key: str = Field("", max_length=253)
+    secret_name: SecretName
+    ca_key: str = _key("ca.crt")
+    cert_key: str = Field("", max_length=253, pattern=OPTIONAL_SECRET_KEY_PATTERN)
+    key_key: str = Field("", max_length=253, pattern=OPTIONAL_SECRET_KEY_PATTERN)
 
     @model_validator(mode="after")
     def _pair(self) -> NatsTls:
@@ -328,6 +341,14 @@ def spec_path_of_setting(field: str) -> str:
     return field
 
 
+def _without_input(message: str, value: Any) -> str:
+    """``message`` with the refused value cut out: a value that failed validation may be a secret
+    pasted into the wrong field, so messages name the field path only."""
+    if isinstance(value, str) and value and value in message:
+        return message.replace(value, "<the given value>")
+    return message
+
+
 def parse_spec(spec: Mapping[str, Any] | None) -> PublisherSpec:
     """Validate a CR's spec; raise :class:`InvalidSpec` naming the first bad field and the fix."""
     if not spec:
@@ -336,9 +357,9 @@ def parse_spec(spec: Mapping[str, Any] | None) -> PublisherSpec:
         return PublisherSpec.model_validate(dict(spec))
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
         path = "spec" + (f".{loc}" if loc else "")
-        msg = str(err["msg"]).removeprefix("Value error, ")
+        msg = _without_input(str(err["msg"]).removeprefix("Value error, "), err.get("input"))
         if msg.startswith("spec."):
             field, _, rest = msg.partition(" ")
             raise InvalidSpec(field, rest) from None
@@ -373,7 +394,7 @@ def render_worker_env(spec: PublisherSpec, name: str) -> dict[str, str]:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         field = spec_path_of_setting(loc) if loc in WorkerSettings.model_fields else "spec"
-        msg = str(err["msg"]).removeprefix("Value error, ")
+        msg = _without_input(str(err["msg"]).removeprefix("Value error, "), err.get("input"))
         raise InvalidSpec(field, msg) from None
 
 

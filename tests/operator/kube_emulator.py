@@ -425,6 +425,8 @@ class KubeEmulator:
             return copy.deepcopy(new)
         rv = self._bump(new)
         self._store(k)[(ns, new["metadata"]["name"])] = new
+        if k.kind == "CustomResourceDefinition":  # an updated CRD's schema applies to later writes
+            self._register_crd(new)
         self._notify(k, "MODIFIED", new, rv)
         self._controllers(k, new)
         return copy.deepcopy(new)
