@@ -288,7 +288,7 @@ def build_pod_template(owner: Owner, spec: PublisherSpec, config: OperatorConfig
     if spec.worker.node_selector:
         pod_spec["nodeSelector"] = dict(spec.worker.node_selector)
     if spec.worker.tolerations:
-        pod_spec["tolerations"] = copy.deepcopy(spec.worker.tolerations)
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.worker.tolerations]
     if spec.worker.affinity:
         pod_spec["affinity"] = copy.deepcopy(spec.worker.affinity)
     template: Obj = {"metadata": {"labels": common_labels(owner)}, "spec": pod_spec}

@@ -16,6 +16,7 @@ Order of decisions:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -352,6 +353,51 @@ def _plan_valid(
     if scaled is not None:
         result.events.append(scaled)
     return result
+
+
+# userinfo of a URL (scheme://user:password@host): the password part is a secret wherever it appears
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@]+@")
+REDACTED = "<redacted>"
+
+
+def literal_env_values(obj: Mapping[str, Any] | None) -> list[str]:
+    """Literal ``value``s of every container's env in a child (a Deployment): any may be a secret."""
+    template = ((obj or {}).get("spec") or {}).get("template") or {}
+    containers = (template.get("spec") or {}).get("containers") or []
+    return [
+        str(entry["value"])
+        for container in containers
+        for entry in container.get("env") or []
+        if entry.get("value")
+    ]
+
+
+def redact(message: str, sensitive: Iterable[str]) -> str:
+    """``message`` without credentials in URLs and without any of the ``sensitive`` strings."""
+    for value in sorted(set(sensitive), key=len, reverse=True):
+        if len(value) >= 3:
+            message = message.replace(value, REDACTED)
+    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{REDACTED}@", message)
+
+
+def plan_child_rejected(observed: Observed, action: Action, api_message: str) -> Plan:
+    """The API server refused a child write: say so in Ready (reason ``ChildRejected``) with its
+    message, secrets removed, and a Warning Event; plan no other write. Retried with backoff (the
+    refusal may be an admission policy or a quota that changes)."""
+    generation = int(observed.body["metadata"].get("generation") or 0)
+    message = redact(
+        f"the API server refused to {action.verb} {action.kind} {action.name}: {api_message}",
+        literal_env_values(action.body),
+    )
+    patch, events = _status_only(
+        observed,
+        generation,
+        [
+            Condition(c.READY, "False", "ChildRejected", message),
+            Condition(c.DEGRADED, "True", "ChildRejected", f"worker changes are not applied: {message}"),
+        ],
+    )
+    return Plan(status_patch=patch, events=events, retry_reason=message)
 
 
 def condition_of(body: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:

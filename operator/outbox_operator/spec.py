@@ -171,9 +171,55 @@ class Leases(_Model):
     renew_seconds: float = Field(0.0, ge=0, le=200)
 
 
+# Kubernetes' resource.Quantity syntax (the pattern its own CRDs use): 500m, 2, 256Mi, 1e3.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+Quantity = int | Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)]
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+
 class ResourceRequirements(_Model):
-    requests: dict[str, int | str] | None = None
-    limits: dict[str, int | str] | None = None
+    requests: dict[str, Quantity] | None = None
+    limits: dict[str, Quantity] | None = None
+
+
+class Toleration(_Model):
+    """core/v1 Toleration, with the API server's own rules (so a bad one is refused at admission)."""
+
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _rules(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists must not have a value")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key must have operator Exists (it then tolerates every taint)")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
+
+
+class EnvVarSource(_Model):
+    """core/v1 EnvVarSource: exactly one source; its inner fields are the API server's to check."""
+
+    secret_key_ref: dict[str, Any] | None = None
+    config_map_key_ref: dict[str, Any] | None = None
+    field_ref: dict[str, Any] | None = None
+    resource_field_ref: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvVarSource:
+        sources = [self.secret_key_ref, self.config_map_key_ref, self.field_ref, self.resource_field_ref]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError(
+                "valueFrom must have exactly one of secretKeyRef, configMapKeyRef, fieldRef and resourceFieldRef"
+            )
+        return self
 
 
 def is_reserved_env_name(name: str) -> bool:
@@ -187,9 +233,15 @@ def is_reserved_env_name(name: str) -> bool:
 
 
 class EnvVar(_Model):
-    name: str = Field(min_length=1, max_length=253)
+    name: str = Field(min_length=1, max_length=253, pattern=ENV_NAME_PATTERN)
     value: str | None = None
-    value_from: dict[str, Any] | None = None
+    value_from: EnvVarSource | None = None
+
+    @model_validator(mode="after")
+    def _value_xor_value_from(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("an env entry has either value or valueFrom, not both")
+        return self
 
 
 class WorkerOverrides(_Model):
@@ -197,7 +249,7 @@ class WorkerOverrides(_Model):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     resources: ResourceRequirements | None = None
     node_selector: dict[str, str] | None = None
-    tolerations: list[dict[str, Any]] | None = Field(None, max_length=32)
+    tolerations: list[Toleration] | None = Field(None, max_length=32)
     affinity: dict[str, Any] | None = None
     env: list[EnvVar] | None = Field(None, max_length=64)
     shutdown_grace_seconds: float = Field(20.0, gt=0, le=600)
