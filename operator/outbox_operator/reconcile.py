@@ -38,7 +38,7 @@ from .children import (
     worker_name,
 )
 from .conditions import Condition, find, flips, merge_conditions
-from .health import Rollout, current_reports, gone_workers, health_conditions, totals
+from .health import Rollout, current_reports, gone_workers, health_conditions, pressure_unknown, totals
 from .spec import InvalidSpec, PublisherSpec, parse_spec, secret_refs
 
 Obj = dict[str, Any]
@@ -252,7 +252,7 @@ def _desired_replicas(
         spec.partitions,
         status.get("autoscaler"),
         fallback=max(spec.replicas, spec.autoscaling.min_replicas),
-        pressure=None if spec.paused else pressure,
+        pressure=None if spec.paused or "backlog" not in pressure else pressure,  # unknown: hold
         now=now,
     )
     event = (
@@ -276,7 +276,8 @@ def _plan_valid(
     interval = spec.report_interval_seconds
     workers: Mapping[str, Any] = status.get("workers") or {}
     reports = current_reports(workers, observed.pods)
-    pressure = totals(reports, interval, now)
+    unknown = pressure_unknown(reports, interval, now, partitions=spec.partitions, paused=spec.paused)
+    pressure = totals(reports, interval, now, known=unknown is None)
     replicas, autoscaler, scaled = _desired_replicas(spec, status, pressure, now)
 
     # children
@@ -321,6 +322,7 @@ def _plan_valid(
         rollout=rollout,
         reports=reports,
         interval=interval,
+        partitions=spec.partitions,
         target_lag_seconds=spec.autoscaling.target_lag_seconds,
         stream_name=spec.stream.name,
         duplicate_window_seconds=spec.stream.duplicate_window_seconds,
