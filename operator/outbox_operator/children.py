@@ -238,8 +238,11 @@ def _volumes(spec: PublisherSpec) -> tuple[list[Obj], list[Obj]]:
     return volumes, mounts
 
 
-def build_pod_template(owner: Owner, spec: PublisherSpec, config: OperatorConfig) -> Obj:
-    """The worker pod template, with restricted pod security. Raises InvalidSpec on a bad spec."""
+def build_pod_template(owner: Owner, spec: PublisherSpec, config: OperatorConfig, secrets_hash: str = "") -> Obj:
+    """The worker pod template, with restricted pod security. Raises InvalidSpec on a bad spec.
+
+    ``secrets_hash`` (a digest of the referenced Secrets' resourceVersions) is an annotation of the
+    template: when a credential is rotated it changes, and the Deployment rolls the workers."""
     volumes, mounts = _volumes(spec)
     resources = spec.worker.resources.model_dump(exclude_none=True) if spec.worker.resources else DEFAULT_RESOURCES
     probe_port = "metrics"
@@ -292,14 +295,19 @@ def build_pod_template(owner: Owner, spec: PublisherSpec, config: OperatorConfig
     if spec.worker.affinity:
         pod_spec["affinity"] = copy.deepcopy(spec.worker.affinity)
     template: Obj = {"metadata": {"labels": common_labels(owner)}, "spec": pod_spec}
-    template["metadata"]["annotations"] = {c.ANNOTATION_TEMPLATE_HASH: content_hash(template)}
+    if secrets_hash:
+        template["metadata"]["annotations"] = {c.ANNOTATION_SECRETS_HASH: secrets_hash}
+    template_hash = content_hash(template)
+    template["metadata"].setdefault("annotations", {})[c.ANNOTATION_TEMPLATE_HASH] = template_hash
     return template
 
 
-def build_deployment(owner: Owner, spec: PublisherSpec, replicas: int, config: OperatorConfig) -> Obj:
+def build_deployment(
+    owner: Owner, spec: PublisherSpec, replicas: int, config: OperatorConfig, secrets_hash: str = ""
+) -> Obj:
     """The worker Deployment. ``replicas`` is decided by the plan (spec, autoscaler or 0 when paused)
     and is not part of the applied hash, so scaling never replaces the object."""
-    template = build_pod_template(owner, spec, config)
+    template = build_pod_template(owner, spec, config, secrets_hash)
     meta = _meta(owner, worker_name(owner))
     meta["annotations"] = {c.ANNOTATION_TEMPLATE_HASH: template["metadata"]["annotations"][c.ANNOTATION_TEMPLATE_HASH]}
     body = _stamp(

@@ -177,12 +177,16 @@ async def observe(kube: Kube, body: Mapping[str, Any], now: datetime | None = No
     keys = child_keys(owner)
     found = await asyncio.gather(*(kube.get(kind, owner.namespace, name) for kind, name in keys))
     secret_keys: dict[str, set[str] | None] = {}
+    versions: dict[str, str] = {}
     for name in secret_names(body):
         secret = await kube.get("Secret", owner.namespace, name)
-        # only the key names are kept: secret values never leave this function
-        secret_keys[name] = (
-            None if secret is None else set((secret.get("data") or {}) | (secret.get("stringData") or {}))
-        )
+        # only the key names and the resourceVersion are kept: values never leave this function (not
+        # even as a digest, which would let a weak password be guessed offline from the pod template)
+        if secret is None:
+            secret_keys[name] = None
+            continue
+        secret_keys[name] = set((secret.get("data") or {}) | (secret.get("stringData") or {}))
+        versions[name] = str(secret["metadata"].get("resourceVersion") or "")
     try:
         pods: list[str] | None = [
             p["metadata"]["name"] for p in await kube.list("Pod", owner.namespace, selector_string(owner))
@@ -196,6 +200,7 @@ async def observe(kube: Kube, body: Mapping[str, Any], now: datetime | None = No
         secrets=secret_keys,
         pods=pods,
         now=now or datetime.now(UTC),
+        secret_versions=versions,
     )
 
 

@@ -33,6 +33,7 @@ from .children import (
     build_role,
     build_role_binding,
     build_service_account,
+    content_hash,
     metrics_service_name,
     selector_string,
     worker_name,
@@ -87,6 +88,8 @@ class Observed:
     secrets: Mapping[str, Collection[str] | None]  # Secret name -> its data keys, None when absent
     pods: Collection[str] | None  # names of the worker pods; None when unknown (no pruning)
     now: datetime
+    # Secret name -> its resourceVersion: a rotated credential changes it
+    secret_versions: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,15 @@ def plan(observed: Observed, config: OperatorConfig) -> Plan:
     return _plan_valid(observed, config, owner, spec, generation, status)
 
 
+def secrets_hash(spec: PublisherSpec, versions: Mapping[str, str]) -> str:
+    """One digest over the resourceVersions of every Secret the workers use (empty when none is
+    known). Any write to such a Secret changes it, and with it the pod template: the workers roll."""
+    names = sorted({name for _, name, _ in secret_refs(spec)})
+    if not any(name in versions for name in names):
+        return ""
+    return content_hash({name: versions.get(name, "") for name in names})
+
+
 def _desired_replicas(
     spec: PublisherSpec, status: Mapping[str, Any], pressure: Mapping[str, Any], now: datetime
 ) -> tuple[int, Obj | None, Event | None]:
@@ -286,7 +298,7 @@ def _plan_valid(
         build_role(owner),
         build_role_binding(owner),
         build_metrics_service(owner, spec),
-        build_deployment(owner, spec, replicas, config),
+        build_deployment(owner, spec, replicas, config, secrets_hash(spec, observed.secret_versions)),
     ]
     if replicas > 1:
         desired.append(build_pdb(owner))
