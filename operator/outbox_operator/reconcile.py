@@ -38,7 +38,7 @@ from .children import (
     selector_string,
     worker_name,
 )
-from .conditions import Condition, find, flips, merge_conditions
+from .conditions import Condition, find, flips, merge_conditions, rfc3339
 from .health import Rollout, current_reports, gone_workers, health_conditions, pressure_unknown, totals
 from .spec import InvalidSpec, PublisherSpec, parse_spec, secret_refs
 
@@ -51,6 +51,8 @@ OWNED_STATUS_KEYS = (
     "replicas",
     "readyReplicas",
     "desiredReplicas",
+    "readyText",
+    "lastPublishTime",
     "selector",
     "totals",
     "autoscaler",
@@ -244,6 +246,18 @@ def plan(observed: Observed, config: OperatorConfig) -> Plan:
     return _plan_valid(observed, config, owner, spec, generation, status)
 
 
+def last_publish_time(status: Mapping[str, Any], published: int, now: datetime) -> str | None:
+    """``now`` when the published total grew since the last pass, else the time kept in status.
+
+    Worker counters start at 0 with each pod, so a total that shrank (a pod replaced) says
+    nothing; the time then stays until the total grows again."""
+    before = int((status.get("totals") or {}).get("published") or 0)
+    if published > before:
+        return rfc3339(now)
+    kept = status.get("lastPublishTime")
+    return str(kept) if kept else None
+
+
 def secrets_hash(spec: PublisherSpec, versions: Mapping[str, str]) -> str:
     """One digest over the resourceVersions of every Secret the workers use (empty when none is
     known). Any write to such a Secret changes it, and with it the pod template: the workers roll."""
@@ -353,12 +367,16 @@ def _plan_valid(
         "replicas": rollout.replicas,
         "readyReplicas": rollout.ready,
         "desiredReplicas": replicas,
+        "readyText": f"{rollout.ready}/{replicas}",
         "selector": selector_string(owner),
         "totals": pressure,
         "conditions": merge_conditions(status.get("conditions"), wanted, generation, now),
     }
     if autoscaler is not None:
         new["autoscaler"] = autoscaler
+    last_publish = last_publish_time(status, int(pressure["published"]), now)
+    if last_publish is not None:
+        new["lastPublishTime"] = last_publish
     result.status_patch = merge_patch(_owned_status(status), new)
     gone = gone_workers(workers, observed.pods)
     if gone:
