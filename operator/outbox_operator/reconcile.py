@@ -40,7 +40,7 @@ from .children import (
 )
 from .conditions import Condition, find, flips, merge_conditions, rfc3339
 from .health import Rollout, current_reports, gone_workers, health_conditions, pressure_unknown, totals
-from .spec import InvalidSpec, PublisherSpec, parse_spec, secret_refs
+from .spec import InvalidSpec, PublisherSpec, parse_spec, secret_refs, validate_name
 
 Obj = dict[str, Any]
 ChildKey = tuple[str, str]  # (kind, name)
@@ -203,6 +203,7 @@ def plan(observed: Observed, config: OperatorConfig) -> Plan:
 
     # 1. the spec, and everything rendered from it, must be valid
     try:
+        validate_name(owner.name)
         spec = parse_spec(body.get("spec"))
         build_deployment(owner, spec, 0, config)  # renders the env with the worker's own validation
     except InvalidSpec as exc:

@@ -2,8 +2,12 @@
 
 The model mirrors crds/outboxpublisher.yaml field by field (camelCase in YAML, snake_case here):
 ``tests/unit/test_operator_crd.py`` proves both have the same fields, defaults, enums and bounds.
-The CRD's CEL rules are repeated as model validators, so a spec that reaches the operator without
-the API server's checks (an old API server, an emulator) is still rejected with the same message.
+The CRD's CEL rules are repeated as model validators, the types are as strict as the schema's (no
+``"3"`` for an integer, no ``"yes"`` for a boolean) and :func:`validate_name` repeats the CRD's
+metadata.name rule, so a spec that reaches the operator without the API server's checks (an old
+API server, an object stored under an older CRD, an emulator) is still refused, naming the same
+field path as the API server (``tests/operator/test_operator_examples.py`` proves it for every
+example in examples/invalid/).
 
 :data:`SETTINGS_MAP` is the one table from spec paths to :class:`WorkerSettings` fields; the operator
 renders the worker's environment from it with the worker's own ``render_env``.
@@ -11,6 +15,8 @@ renders the worker's environment from it with the worker's own ``render_env``.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -401,12 +407,31 @@ def _without_input(message: str, value: Any) -> str:
     return message
 
 
+# The CRD's rule on metadata.name: child objects append "-relay-metrics" (14 characters) and must
+# stay within the 63 characters of a DNS label.
+NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+NAME_MAX_LENGTH = 47
+
+
+def validate_name(name: str) -> None:
+    """Raise :class:`InvalidSpec` unless ``name`` passes the CRD's metadata.name rule."""
+    if len(name) > NAME_MAX_LENGTH or not NAME_PATTERN.match(name):
+        raise InvalidSpec(
+            "metadata.name",
+            "must start with a letter, contain only lower-case letters, digits and '-', and be at most "
+            f"{NAME_MAX_LENGTH} characters (child objects append '-relay-metrics'); recreate the "
+            "OutboxPublisher under such a name",
+        )
+
+
 def parse_spec(spec: Mapping[str, Any] | None) -> PublisherSpec:
     """Validate a CR's spec; raise :class:`InvalidSpec` naming the first bad field and the fix."""
     if not spec:
         raise InvalidSpec("spec", "is missing: give at least partitions, database.secretRef and nats.servers")
     try:
-        return PublisherSpec.model_validate(dict(spec))
+        # strict, from JSON: the types the API server's schema enforces (no "3" for 3, no "yes" for
+        # true); enums and numbers are read as JSON gives them, as the CRD does
+        return PublisherSpec.model_validate_json(json.dumps(dict(spec)), strict=True)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
