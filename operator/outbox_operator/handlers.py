@@ -58,7 +58,7 @@ class Runtime:
 async def reconcile_body(
     runtime: Runtime, body: Mapping[str, Any], retry: int, *, from_timer: bool, logger: Any = log
 ) -> None:
-    """One pass for one publisher; raises kopf errors only from change handlers (not the timer)."""
+    """One pass for one publisher; raises kopf errors only from change handlers (not the resync)."""
     plain = copy.deepcopy(dict(body))
     uid = plain["metadata"]["uid"]
     lock = runtime.locks.setdefault(uid, asyncio.Lock())
@@ -120,7 +120,7 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         await reconcile_body(runtime, body, retry, from_timer=False, logger=logger)
 
     @kopf.on.event(*resource, registry=registry)
-    def remember(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002 - kopf's name
+    def remember(body: kopf.Body, type: str | None, **_: Any) -> None:
         uid = body["metadata"]["uid"]
         if type == "DELETED":
             forget(runtime, uid)

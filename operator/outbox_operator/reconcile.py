@@ -1,6 +1,6 @@
 """The reconcile plan: observed state in, the writes that make it right out. Pure, no I/O.
 
-One level-based function serves create, update, resume and the periodic timer. Everything it wants
+One level-based function serves create, update, resume and the periodic resync. Everything it wants
 to write is compared with what was observed first, so a second pass over an unchanged object plans
 no write at all. The k8s adapter (``kube.py``) only observes and carries out plans.
 
@@ -11,7 +11,10 @@ Order of decisions:
 3. Otherwise the children are created or replaced where their applied hash differs, the Deployment
    is scaled to the decided count (paused: 0; autoscaling: the autoscaler; else spec.replicas),
    the PDB exists only for more than one worker, gone pods' report entries are pruned, and totals,
-   autoscaler state and conditions are written where they changed.
+   autoscaler state and conditions are written where they changed. The pod template carries a
+   digest of the referenced Secrets' resourceVersions, so a rotated credential rolls the workers.
+4. A child write the API server refuses (the adapter reports it): :func:`plan_child_rejected` plans
+   only ``Ready=False/ChildRejected`` with the server's message, secrets removed, and an Event.
 """
 
 from __future__ import annotations
@@ -398,10 +401,7 @@ def literal_env_values(obj: Mapping[str, Any] | None) -> list[str]:
     template = ((obj or {}).get("spec") or {}).get("template") or {}
     containers = (template.get("spec") or {}).get("containers") or []
     return [
-        str(entry["value"])
-        for container in containers
-        for entry in container.get("env") or []
-        if entry.get("value")
+        str(entry["value"]) for container in containers for entry in container.get("env") or [] if entry.get("value")
     ]
 
 

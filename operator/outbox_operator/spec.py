@@ -48,9 +48,9 @@ class _Model(BaseModel):
 
 # Kubernetes' own rules: a Secret's name is a DNS-1123 subdomain; a key of its data matches
 # [-._a-zA-Z0-9]+. The CRD carries the same patterns, so a DSN pasted as a name is refused by field path.
-SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
-OPTIONAL_SECRET_KEY_PATTERN = r"^([-._a-zA-Z0-9]+)?$"
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # noqa: S105 - a name pattern, not a password
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # noqa: S105 - a key pattern
+OPTIONAL_SECRET_KEY_PATTERN = r"^([-._a-zA-Z0-9]+)?$"  # noqa: S105 - a key pattern
 
 SecretName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=SECRET_NAME_PATTERN)]
 

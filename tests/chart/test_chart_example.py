@@ -20,7 +20,7 @@ import yaml
 from chartchecks import Render
 
 sys.path.insert(0, str(cc.ROOT / "tests" / "operator"))
-import crd_schema  # noqa: E402
+import crd_schema
 
 CRD_SCHEMA = crd_schema.schema_of(crd_schema.load_crd(cc.CHART / "crds" / "outboxpublisher.yaml"))
 
@@ -66,7 +66,9 @@ def test_the_example_the_chart_renders_is_admitted_and_runs(render: Render, tmp_
     "args",
     [["--log-level=DEBUG"], ["--resync-seconds=2.5"], ["--resync-seconds=30", "--log-level=ERROR"]],
 )
-def test_extra_args_the_schema_accepts_are_ones_the_operator_runs_with(render: Render, tmp_path: Path, args: list[str]) -> None:
+def test_extra_args_the_schema_accepts_are_ones_the_operator_runs_with(
+    render: Render, tmp_path: Path, args: list[str]
+) -> None:
     from outbox_cli import cmd_operator
 
     values = tmp_path / "args.yaml"
@@ -78,7 +80,9 @@ def test_extra_args_the_schema_accepts_are_ones_the_operator_runs_with(render: R
     assert parsed.resync_seconds > 0
 
 
-@pytest.mark.parametrize("arg", ["--resync-seconds=0", "--resync-seconds=-1", "--resync-seconds", "--verbose", "--log-level=TRACE"])
+@pytest.mark.parametrize(
+    "arg", ["--resync-seconds=0", "--resync-seconds=-1", "--resync-seconds", "--verbose", "--log-level=TRACE"]
+)
 def test_extra_args_the_operator_refuses_fail_at_install(helm: Path, tmp_path: Path, arg: str) -> None:
     values = tmp_path / "args.yaml"
     values.write_text(yaml.safe_dump({"operator": {"extraArgs": [arg]}}))
@@ -114,7 +118,9 @@ def test_notes_keep_secrets_by_reference(helm: Path, tmp_path: Path) -> None:
     assert overrides, text
     pod = yaml.safe_load(overrides.group(1))
     env = pod["spec"]["containers"][0]["env"]
-    assert env == [{"name": "OUTBOX_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "outbox-database", "key": "url"}}}]
+    assert env == [
+        {"name": "OUTBOX_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "outbox-database", "key": "url"}}}
+    ]
     assert pod["spec"]["containers"][0]["securityContext"]["runAsNonRoot"] is True
 
 

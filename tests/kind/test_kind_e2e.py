@@ -163,8 +163,13 @@ def test_a_missing_secret_is_reported(cluster: Cluster, operator: None) -> None:
 
     ready = cluster.wait_for("Ready=False/SecretNotFound", reported, timeout=120)
     assert "no-such-secret" in ready["message"]
-    assert cluster.kubectl("-n", APP_NS, "get", "deployment", "e2e-nosecret-relay", "--ignore-not-found", "-o", "name") == ""
-    cluster.kubectl("-n", APP_NS, "delete", "outboxpublisher", "e2e-nosecret", "--wait=true", "--timeout=60s", timeout=90)
+    assert (
+        cluster.kubectl("-n", APP_NS, "get", "deployment", "e2e-nosecret-relay", "--ignore-not-found", "-o", "name")
+        == ""
+    )
+    cluster.kubectl(
+        "-n", APP_NS, "delete", "outboxpublisher", "e2e-nosecret", "--wait=true", "--timeout=60s", timeout=90
+    )
 
 
 def _wait_workers(cluster: Cluster, count: int) -> None:
@@ -199,7 +204,9 @@ def test_scale_down_and_up(cluster: Cluster, operator: None, event_ids: list[str
 
 
 def test_pause_and_resume(cluster: Cluster, operator: None, event_ids: list[str]) -> None:
-    cluster.kubectl("-n", APP_NS, "patch", "outboxpublisher", PUBLISHER, "--type=merge", "-p", '{"spec":{"paused":true}}')
+    cluster.kubectl(
+        "-n", APP_NS, "patch", "outboxpublisher", PUBLISHER, "--type=merge", "-p", '{"spec":{"paused":true}}'
+    )
 
     def paused() -> bool:
         obj = cluster.get_json("-n", APP_NS, "outboxpublisher", PUBLISHER)
@@ -215,7 +222,9 @@ def test_pause_and_resume(cluster: Cluster, operator: None, event_ids: list[str]
     assert pending == "50", "paused workers must not publish"
     obj = cluster.get_json("-n", APP_NS, "outboxpublisher", PUBLISHER)
     assert "backlog" not in obj["status"].get("totals", {}), "an unknown backlog is absent, never 0"
-    cluster.kubectl("-n", APP_NS, "patch", "outboxpublisher", PUBLISHER, "--type=merge", "-p", '{"spec":{"paused":false}}')
+    cluster.kubectl(
+        "-n", APP_NS, "patch", "outboxpublisher", PUBLISHER, "--type=merge", "-p", '{"spec":{"paused":false}}'
+    )
     _wait_workers(cluster, 2)
     assert_exactly_once_in_order(_read_stream(cluster, len(event_ids)), event_ids)
 

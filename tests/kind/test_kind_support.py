@@ -118,7 +118,9 @@ def test_publisher_manifests_are_admitted_or_refused_as_the_suite_expects() -> N
     parse_spec(good["spec"])
     _, errors = crd_schema.admit(schema, publisher_manifest("e2e-bad", partitions=2, replicas=3))
     assert any(e.startswith("spec.replicas") for e in errors), errors
-    bad, errors = crd_schema.admit(schema, publisher_manifest("e2e-bad", subject_template="outbox.{customer}.{event_type}"))
+    bad, errors = crd_schema.admit(
+        schema, publisher_manifest("e2e-bad", subject_template="outbox.{customer}.{event_type}")
+    )
     assert errors == []
     with pytest.raises(InvalidSpec) as caught:
         render_worker_env(parse_spec(bad["spec"]), "e2e-bad")

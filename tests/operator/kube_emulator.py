@@ -233,7 +233,8 @@ def _pod_spec_errors(pod: Obj, at: str) -> list[str]:
             if expr.get("operator") not in ("DoesNotExist", "Exists", "Gt", "In", "Lt", "NotIn"):
                 errors.append(
                     f"{at}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
-                    f'.nodeSelectorTerms[{t}].matchExpressions[{m}].operator: Unsupported value: "{expr.get("operator")}": '
+                    f".nodeSelectorTerms[{t}].matchExpressions[{m}].operator: "
+                    f'Unsupported value: "{expr.get("operator")}": '
                     'supported values: "DoesNotExist", "Exists", "Gt", "In", "Lt", "NotIn"'
                 )
     for c, container in enumerate(pod.get("containers") or []):

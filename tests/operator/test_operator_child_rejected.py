@@ -20,15 +20,27 @@ API, KIND = "outbox.dev/v1alpha1", "OutboxPublisher"
 
 BAD_WORKER_FIELDS: list[tuple[str, dict[str, Any], str]] = [
     ("quantity", {"resources": {"requests": {"cpu": "lots"}}}, "spec.worker.resources.requests.cpu"),
-    ("toleration-operator", {"tolerations": [{"key": "k", "operator": "Maybe"}]}, "spec.worker.tolerations[0].operator"),
+    (
+        "toleration-operator",
+        {"tolerations": [{"key": "k", "operator": "Maybe"}]},
+        "spec.worker.tolerations[0].operator",
+    ),
     ("toleration-effect", {"tolerations": [{"key": "k", "effect": "Sometimes"}]}, "spec.worker.tolerations[0].effect"),
-    ("exists-with-value", {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}, "spec.worker.tolerations[0]"),
+    (
+        "exists-with-value",
+        {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]},
+        "spec.worker.tolerations[0]",
+    ),
     (
         "value-and-valueFrom",
         {"env": [{"name": "A", "value": "x", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]},
         "spec.worker.env[0]",
     ),
-    ("two-sources", {"env": [{"name": "A", "valueFrom": {"fieldRef": {}, "secretKeyRef": {}}}]}, "spec.worker.env[0].valueFrom"),
+    (
+        "two-sources",
+        {"env": [{"name": "A", "valueFrom": {"fieldRef": {}, "secretKeyRef": {}}}]},
+        "spec.worker.env[0].valueFrom",
+    ),
     ("env-name", {"env": [{"name": "1A=b", "value": "x"}]}, "spec.worker.env[0].name"),
 ]
 
@@ -62,9 +74,17 @@ def test_good_pod_fields_pass() -> None:
         "tolerations": [
             {"key": "dedicated", "operator": "Equal", "value": "relay", "effect": "NoSchedule"},
             {"operator": "Exists"},
-            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30},
+            {
+                "key": "node.kubernetes.io/unreachable",
+                "operator": "Exists",
+                "effect": "NoExecute",
+                "tolerationSeconds": 30,
+            },
         ],
-        "env": [{"name": "TZ", "value": "UTC"}, {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        "env": [
+            {"name": "TZ", "value": "UTC"},
+            {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        ],
     }
     stored, errors = crd_schema.admit(SCHEMA, publisher(worker))
     assert errors == []
@@ -99,7 +119,8 @@ def assert_child_rejected(obj: dict[str, Any], events: list[dict[str, Any]], exp
     assert expected in ready["message"]
     assert secret not in str(obj["status"])
     warnings = [e for e in events if e["reason"] == "ChildRejected"]
-    assert warnings and warnings[0]["type"] == "Warning"
+    assert warnings
+    assert warnings[0]["type"] == "Warning"
     assert all(secret not in e["message"] for e in events)
 
 
@@ -109,11 +130,14 @@ async def test_refused_deployment_sets_child_rejected_and_writes_nothing_else(em
     secret = "Sup3rSecretPw"
     value = base64.b64encode(b"postgresql://relay:pw@db:5432/shop").decode()
     await emulator.apply(
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "orders-db", "namespace": NAMESPACE}, "data": {"url": value}}
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "orders-db", "namespace": NAMESPACE},
+            "data": {"url": value},
+        }
     )
-    await emulator.apply(
-        publisher({"affinity": BAD_AFFINITY, "env": [{"name": "API_KEY", "value": secret}]})
-    )
+    await emulator.apply(publisher({"affinity": BAD_AFFINITY, "env": [{"name": "API_KEY", "value": secret}]}))
     async with kopf_in_process():
 
         def rejected() -> bool:
@@ -143,7 +167,12 @@ def test_child_rejected_plan_is_status_and_event_only() -> None:
         pods=None,
         now=datetime(2026, 1, 1, tzinfo=UTC),
     )
-    action = Action("create", "Deployment", "orders-relay", {"spec": {"template": {"spec": {"containers": [{"env": [{"name": "K", "value": "hunter22"}]}]}}}})
+    action = Action(
+        "create",
+        "Deployment",
+        "orders-relay",
+        {"spec": {"template": {"spec": {"containers": [{"env": [{"name": "K", "value": "hunter22"}]}]}}}},
+    )
     result = plan_child_rejected(observed, action, 'env[0]: Invalid value: "hunter22"')
     assert result.actions == []
     assert "hunter22" not in str(result.status_patch) + str(result.events)

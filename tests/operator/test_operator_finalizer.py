@@ -24,7 +24,12 @@ def assert_no_finalizer(obj: dict[str, Any]) -> None:
 async def test_deleting_with_the_operator_stopped_completes(emulator: KubeEmulator) -> None:
     url = base64.b64encode(b"postgresql://relay:pw@db:5432/shop").decode()
     await emulator.apply(
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "orders-db", "namespace": NAMESPACE}, "data": {"url": url}}
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "orders-db", "namespace": NAMESPACE},
+            "data": {"url": url},
+        }
     )
     await emulator.apply(example())
     async with kopf_in_process(resync_seconds=0.3):

@@ -52,4 +52,5 @@ async def test_rotating_the_database_secret_rolls_the_workers(emulator: KubeEmul
         settled = len(emulator.writes())
         await eventually(lambda: len(emulator.requests) > settled + 10)
         dep = emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")
-        assert dep is not None and template_hash(dep) == template_hash(second)
+        assert dep is not None
+        assert template_hash(dep) == template_hash(second)

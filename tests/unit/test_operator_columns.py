@@ -13,9 +13,7 @@ import yaml
 from test_operator_crd import CRD_PATH
 from test_operator_reconcile import T0, World, body
 
-COLUMNS: list[dict[str, Any]] = yaml.safe_load(CRD_PATH.read_text())["spec"]["versions"][0][
-    "additionalPrinterColumns"
-]
+COLUMNS: list[dict[str, Any]] = yaml.safe_load(CRD_PATH.read_text())["spec"]["versions"][0]["additionalPrinterColumns"]
 _STEP = re.compile(r'\w+\[\?\(@\.\w+=="[^"]*"\)\]|[\w-]+')
 _FILTER = re.compile(r'^(?P<list>\w+)\[\?\(@\.(?P<key>\w+)=="(?P<value>[^"]*)"\)\]$')
 
@@ -65,7 +63,19 @@ def report(partitions: list[int], published: int, **fields: Any) -> dict[str, An
 
 def test_default_and_wide_columns() -> None:
     names = [c["name"] for c in COLUMNS]
-    assert names == ["Ready", "Status", "Backlog", "Oldest", "Rate", "Dead", "Last-Publish", "Published", "Failed", "Reporting", "Age"]
+    assert names == [
+        "Ready",
+        "Status",
+        "Backlog",
+        "Oldest",
+        "Rate",
+        "Dead",
+        "Last-Publish",
+        "Published",
+        "Failed",
+        "Reporting",
+        "Age",
+    ]
 
 
 def test_a_publishing_relay_shows_ready_over_desired_reason_and_pressure() -> None:

@@ -44,7 +44,9 @@ def status_of(reports: dict[str, Any], *, partitions: int = 4, paused: bool = Fa
     )
     return {
         "totals": totals(reports, 10, T0, known=unknown is None),
-        "conditions": [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message} for c in conditions],
+        "conditions": [
+            {"type": c.type, "status": c.status, "reason": c.reason, "message": c.message} for c in conditions
+        ],
     }
 
 

@@ -17,11 +17,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
-import crd_schema  # noqa: E402
+import crd_schema
 
-from outbox_common.settings import WorkerSettings, env_name  # noqa: E402
-from outbox_operator.children import OperatorConfig, Owner, build_deployment  # noqa: E402
-from outbox_operator.spec import InvalidSpec, parse_spec  # noqa: E402
+from outbox_common.settings import WorkerSettings, env_name
+from outbox_operator.children import OperatorConfig, Owner, build_deployment
+from outbox_operator.spec import InvalidSpec, parse_spec
 
 SCHEMA = crd_schema.schema_of(crd_schema.load_crd())
 READ_BY_THE_WORKER = sorted(env_name(field) for field in WorkerSettings.model_fields)
