@@ -23,7 +23,17 @@ from kubernetes import config as k8s_config
 from . import constants as c
 from .children import OperatorConfig, Owner, selector_string
 from .conditions import rfc3339
-from .reconcile import Action, Event, Observed, Plan, child_keys, plan, plan_child_rejected, secret_names
+from .reconcile import (
+    Action,
+    Event,
+    Observed,
+    Plan,
+    child_keys,
+    plan,
+    plan_child_rejected,
+    redact,
+    secret_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +57,12 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 class ApiError(Exception):
+    """An API server's error answer. Its text (logged, raised to kopf) has URL credentials removed:
+    the server's message may quote a value the operator sent."""
+
     def __init__(self, status: int, method: str, path: str, body: Any) -> None:
         message = body.get("message") if isinstance(body, Mapping) else str(body)[:300]
-        super().__init__(f"{method} {path}: HTTP {status}: {message}")
+        super().__init__(redact(f"{method} {path}: HTTP {status}: {message}", []))
         self.status = status
         self.body = body
 

@@ -90,3 +90,31 @@ def test_ready_needs_every_partition_owned_by_a_live_worker() -> None:
     assert ready_of(status) == ("False", "PartitionsUnowned")
     message = next(c["message"] for c in status["conditions"] if c["type"] == "Ready")
     assert "(2, 3)" in message
+
+
+def test_the_autoscaler_holds_while_the_pressure_is_unknown() -> None:
+    """No report for a while must not read as an empty queue and scale the workers down."""
+    from test_operator_reconcile import World, body
+
+    world = World(
+        body(
+            autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 6, "scaleDownStabilizationSeconds": 0},
+            replicas=4,
+        )
+    )
+    world.step()
+    world.pods = ["orders-relay-a"]
+    world.cr["status"]["workers"] = {
+        "orders-relay-a": {"partitions": [0, 1, 2, 3], "backlog": 0, "reportTime": "2026-01-01T12:00:00Z"}
+    }
+    result = world.step()  # partitions 4..7 have no live owner: unknown
+    assert world.children[("Deployment", "orders-relay")]["spec"]["replicas"] == 4
+    assert not any(e.reason == "Scaled" for e in result.events)
+    assert "backlog" not in world.cr["status"]["totals"]
+
+
+def test_api_errors_never_carry_url_credentials() -> None:
+    from outbox_operator.kube import ApiError
+
+    error = ApiError(422, "PUT", "/x", {"message": 'env[0].value: Invalid value: "postgresql://relay:pw@db/shop"'})
+    assert "relay:pw" not in str(error)
