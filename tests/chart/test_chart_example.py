@@ -7,6 +7,7 @@ or the CRD would refuse fail at ``helm install`` already (values.schema.json or 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -145,3 +146,43 @@ def test_example_with_more_workers_than_partitions_fails_at_install(helm: Path, 
     with pytest.raises(subprocess.CalledProcessError) as caught:
         cc.helm_template(helm, cc.CHART, [values])
     assert "example.replicas must not exceed example.partitions" in caught.value.stderr
+
+
+# example.<value> -> the CRD field it is rendered into (path of property names in openAPIV3Schema)
+EXAMPLE_FIELDS = {
+    "name": ("metadata", "name"),
+    "partitions": ("spec", "partitions"),
+    "replicas": ("spec", "replicas"),
+    "databaseSecret.name": ("spec", "database", "secretRef", "name"),
+    "databaseSecret.key": ("spec", "database", "secretRef", "key"),
+    "natsServers": ("spec", "nats", "servers"),
+    "stream": ("spec", "stream", "name"),
+    "streamMode": ("spec", "stream", "mode"),
+    "subjectTemplate": ("spec", "subjectTemplate"),
+}
+CONSTRAINTS = ("pattern", "maxLength", "minLength", "minimum", "maximum", "enum", "minItems", "maxItems")
+
+
+def _crd_field(path: tuple[str, ...]) -> dict[str, Any]:
+    node = CRD_SCHEMA
+    for name in path:
+        node = node["properties"][name]
+    return node
+
+
+def _values_field(key: str) -> dict[str, Any]:
+    node = json.loads((cc.CHART / "values.schema.json").read_text())["properties"]["example"]
+    for name in key.split("."):
+        node = node["properties"][name]
+    return dict(node)
+
+
+@pytest.mark.parametrize("key", sorted(EXAMPLE_FIELDS))
+def test_example_values_are_at_least_as_strict_as_the_crd(key: str) -> None:
+    """Every bound, pattern and enum of the CRD field is in values.schema.json too (the values
+    may be stricter: the subject template's placeholders are checked there, not in the CRD)."""
+    crd, values = _crd_field(EXAMPLE_FIELDS[key]), _values_field(key)
+    for node_crd, node_values in [(crd, values), (crd.get("items") or {}, values.get("items") or {})]:
+        for constraint in CONSTRAINTS:
+            if constraint in node_crd:
+                assert node_values.get(constraint) == node_crd[constraint], (key, constraint)
