@@ -186,7 +186,13 @@ def build_pdb(owner: Owner) -> Obj:
 
 
 def _env(owner: Owner, spec: PublisherSpec) -> list[Obj]:
-    env: list[Obj] = [{"name": k, "value": v} for k, v in render_worker_env(spec, owner.name).items()]
+    """The container's environment: the user's ``worker.env`` first, the operator's own variables last.
+
+    Kubernetes lets the last entry of a name win, so whatever ``worker.env`` holds, the settings the
+    operator renders (and the Secret references) are what the worker reads.
+    """
+    env: list[Obj] = [var.model_dump(by_alias=True, exclude_none=True) for var in spec.worker.env or []]
+    env.extend({"name": k, "value": v} for k, v in render_worker_env(spec, owner.name).items())
     env.append({"name": env_name("worker_id"), "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     env.append({"name": env_name("kube_namespace"), "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}})
     secrets: list[tuple[str, SecretKeyRef]] = [("database_url", spec.database.secret_ref)]
@@ -196,8 +202,6 @@ def _env(owner: Owner, spec: PublisherSpec) -> list[Obj]:
         secrets.append(("nats_token", spec.nats.token_secret_ref))
     for field, ref in secrets:
         env.append({"name": env_name(field), "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    for var in spec.worker.env or []:
-        env.append(var.model_dump(by_alias=True, exclude_none=True))
     return env
 
 
@@ -234,8 +238,11 @@ def _volumes(spec: PublisherSpec) -> tuple[list[Obj], list[Obj]]:
     return volumes, mounts
 
 
-def build_pod_template(owner: Owner, spec: PublisherSpec, config: OperatorConfig) -> Obj:
-    """The worker pod template, with restricted pod security. Raises InvalidSpec on a bad spec."""
+def build_pod_template(owner: Owner, spec: PublisherSpec, config: OperatorConfig, secrets_hash: str = "") -> Obj:
+    """The worker pod template, with restricted pod security. Raises InvalidSpec on a bad spec.
+
+    ``secrets_hash`` (a digest of the referenced Secrets' resourceVersions) is an annotation of the
+    template: when a credential is rotated it changes, and the Deployment rolls the workers."""
     volumes, mounts = _volumes(spec)
     resources = spec.worker.resources.model_dump(exclude_none=True) if spec.worker.resources else DEFAULT_RESOURCES
     probe_port = "metrics"
@@ -284,18 +291,23 @@ def build_pod_template(owner: Owner, spec: PublisherSpec, config: OperatorConfig
     if spec.worker.node_selector:
         pod_spec["nodeSelector"] = dict(spec.worker.node_selector)
     if spec.worker.tolerations:
-        pod_spec["tolerations"] = copy.deepcopy(spec.worker.tolerations)
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.worker.tolerations]
     if spec.worker.affinity:
         pod_spec["affinity"] = copy.deepcopy(spec.worker.affinity)
     template: Obj = {"metadata": {"labels": common_labels(owner)}, "spec": pod_spec}
-    template["metadata"]["annotations"] = {c.ANNOTATION_TEMPLATE_HASH: content_hash(template)}
+    if secrets_hash:
+        template["metadata"]["annotations"] = {c.ANNOTATION_SECRETS_HASH: secrets_hash}
+    template_hash = content_hash(template)
+    template["metadata"].setdefault("annotations", {})[c.ANNOTATION_TEMPLATE_HASH] = template_hash
     return template
 
 
-def build_deployment(owner: Owner, spec: PublisherSpec, replicas: int, config: OperatorConfig) -> Obj:
+def build_deployment(
+    owner: Owner, spec: PublisherSpec, replicas: int, config: OperatorConfig, secrets_hash: str = ""
+) -> Obj:
     """The worker Deployment. ``replicas`` is decided by the plan (spec, autoscaler or 0 when paused)
     and is not part of the applied hash, so scaling never replaces the object."""
-    template = build_pod_template(owner, spec, config)
+    template = build_pod_template(owner, spec, config, secrets_hash)
     meta = _meta(owner, worker_name(owner))
     meta["annotations"] = {c.ANNOTATION_TEMPLATE_HASH: template["metadata"]["annotations"][c.ANNOTATION_TEMPLATE_HASH]}
     body = _stamp(

@@ -26,6 +26,9 @@ MANAGER = "outbox-operator"
 ANNOTATION_HASH = f"{GROUP}/applied-hash"
 # Hash of the worker pod template, on the Deployment and on its pod template (visible on pods).
 ANNOTATION_TEMPLATE_HASH = f"{GROUP}/pod-template-hash"
+# Digest of the resourceVersions of every Secret the workers use, on the pod template: a rotated
+# credential changes it, and so rolls the workers.
+ANNOTATION_SECRETS_HASH = f"{GROUP}/secrets-hash"
 
 # --- condition types ------------------------------------------------------------------------------
 READY = "Ready"

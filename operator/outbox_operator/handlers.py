@@ -1,9 +1,16 @@
 """kopf wiring: thin handlers around one level-based reconcile.
 
-Create, update, resume and a periodic timer all call :func:`reconcile_body`: observe, plan, apply.
-The timer is what keeps status fresh (worker reports, Deployment readiness, autoscaling, pruning),
-since kopf does not call change handlers for status-only changes. A per-object lock keeps a timer
+Create, update, resume and a periodic resync all call :func:`reconcile_body`: observe, plan, apply.
+The resync is what keeps status fresh (worker reports, Deployment readiness, autoscaling, pruning),
+since kopf does not call change handlers for status-only changes. A per-object lock keeps a resync
 pass and a change pass of the same publisher from interleaving.
+
+No finalizer: deletion has nothing for the operator to do (children go with the publisher through
+their ownerReferences), so deleting an OutboxPublisher never waits for the operator, even when it is
+stopped or uninstalled. kopf's own timers and daemons always put a finalizer on the object, so the
+resync is a plain loop over the publishers kopf's watch has seen (an ``on.event`` handler keeps the
+latest body of each), started and stopped with the operator. A finalizer left by an older operator
+version is removed by kopf on the first event, since no handler requires one.
 
 Handlers are registered on a registry built by :func:`build_registry` (no import-time side
 effects), so tests and ``outboxctl operator`` each get their own.
@@ -12,6 +19,7 @@ effects), so tests and ``outboxctl operator`` each get their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 from collections.abc import Mapping
@@ -37,6 +45,9 @@ class Runtime:
     resync_seconds: float = 10.0
     kube: Kube | None = None
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # uid -> latest body seen by the watch, for the resync loop
+    known: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resync_task: asyncio.Task[None] | None = None
 
     def client(self) -> Kube:
         if self.kube is None:
@@ -47,7 +58,7 @@ class Runtime:
 async def reconcile_body(
     runtime: Runtime, body: Mapping[str, Any], retry: int, *, from_timer: bool, logger: Any = log
 ) -> None:
-    """One pass for one publisher; raises kopf errors only from change handlers (not the timer)."""
+    """One pass for one publisher; raises kopf errors only from change handlers (not the resync)."""
     plain = copy.deepcopy(dict(body))
     uid = plain["metadata"]["uid"]
     lock = runtime.locks.setdefault(uid, asyncio.Lock())
@@ -79,10 +90,6 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
-    # A publisher deleted while its resync timer is reconciling keeps kopf's finalizer until that pass
-    # ends, and kopf looks again only after cancellation_polling seconds: 60 by default, so deleting
-    # could hang for a minute. A pass is a few API calls, each bounded by the client's timeouts.
-    settings.background.cancellation_polling = 1.0
 
 
 def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
@@ -112,16 +119,49 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     async def on_change(body: kopf.Body, retry: int, logger: Any, **_: Any) -> None:
         await reconcile_body(runtime, body, retry, from_timer=False, logger=logger)
 
-    @kopf.timer(*resource, interval=runtime.resync_seconds, initial_delay=runtime.resync_seconds, registry=registry)
-    async def on_timer(body: kopf.Body, logger: Any, **_: Any) -> None:
-        await reconcile_body(runtime, body, 0, from_timer=True, logger=logger)
+    @kopf.on.event(*resource, registry=registry)
+    def remember(body: kopf.Body, type: str | None, **_: Any) -> None:
+        uid = body["metadata"]["uid"]
+        if type == "DELETED":
+            forget(runtime, uid)
+        else:
+            runtime.known[uid] = copy.deepcopy(dict(body))
 
-    @kopf.on.delete(*resource, registry=registry, optional=True)
-    def on_delete(body: kopf.Body, **_: Any) -> None:
-        # Children go with the publisher through their ownerReferences (garbage collection).
-        runtime.locks.pop(body["metadata"]["uid"], None)
+    @kopf.on.startup(registry=registry)
+    async def start_resync(**_: Any) -> None:
+        runtime.resync_task = asyncio.create_task(resync_forever(runtime), name="outbox-resync")
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_resync(**_: Any) -> None:
+        task, runtime.resync_task = runtime.resync_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     return registry
+
+
+def forget(runtime: Runtime, uid: str) -> None:
+    runtime.known.pop(uid, None)
+    runtime.locks.pop(uid, None)
+
+
+async def resync_once(runtime: Runtime) -> None:
+    """One reconcile pass over every known publisher that is not being deleted (concurrently; each
+    pass is bounded by the API client's timeout and logs, never raises, its errors)."""
+    bodies = [b for b in list(runtime.known.values()) if not b["metadata"].get("deletionTimestamp")]
+    await asyncio.gather(*(reconcile_body(runtime, body, 0, from_timer=True) for body in bodies))
+
+
+async def resync_forever(runtime: Runtime) -> None:
+    """Every ``resync_seconds``: a pass over all publishers. Runs until cancelled at shutdown."""
+    while True:
+        await asyncio.sleep(runtime.resync_seconds)
+        try:
+            await resync_once(runtime)
+        except Exception:  # a bug in one pass must not end the resync for good
+            log.exception("resync pass failed; trying again in %gs", runtime.resync_seconds)
 
 
 async def run_operator(

@@ -1,8 +1,10 @@
 """From the workers' own reports (``status.workers``) to totals, queue pressure and conditions.
 
 Pure functions over plain dicts. A report is *fresh* when it is at most three report intervals old;
-only fresh reports count for the gauges (backlog, age, rate, in flight, partitions) and for the
-health conditions, since a stale report describes a worker that may no longer be publishing.
+only fresh reports count for the health conditions, since a stale report describes a worker that
+may no longer be publishing. The gauges (backlog, age, rate, in flight) are written only when the
+fresh reports cover every partition and no current worker's report is stale; otherwise they are
+absent (unknown, never 0) and the Lagging condition says why.
 """
 
 from __future__ import annotations
@@ -38,25 +40,73 @@ def current_reports(workers: Mapping[str, Any], pods: Collection[str] | None) ->
     }
 
 
-def totals(reports: Mapping[str, Report], interval: float, now: datetime) -> dict[str, Any]:
-    """``status.totals``: counters over all current entries, gauges over the fresh ones."""
+@dataclass(frozen=True)
+class Unknown:
+    """Why the operator does not know the queue pressure: a condition reason and its message."""
+
+    reason: str
+    message: str
+
+
+def owned_partitions(reports: Mapping[str, Report]) -> set[int]:
+    return {int(p) for r in reports.values() for p in r.get("partitions") or []}
+
+
+def pressure_unknown(
+    reports: Mapping[str, Report], interval: float, now: datetime, *, partitions: int, paused: bool
+) -> Unknown | None:
+    """None when the fresh reports describe every partition; else why the pressure is unknown.
+
+    Backlog and age are sums and maxima over the partitions each worker owns, so they are known
+    only when every current worker reported recently and together they own every partition."""
+    if paused:
+        return Unknown("Paused", "spec.paused is true: no worker reads the outbox, so the backlog is unknown")
+    fresh = {name: r for name, r in reports.items() if is_fresh(r, interval, now)}
+    if not fresh:
+        return Unknown("NoReports", "no fresh worker report: the backlog is unknown")
+    stale = sorted(set(reports) - set(fresh))
+    if stale:
+        return Unknown(
+            "StaleReports",
+            f"no report for {interval * c.STALE_AFTER_INTERVALS:g}s from {', '.join(stale)}: "
+            "the backlog of its partitions is unknown",
+        )
+    unowned = sorted(set(range(partitions)) - owned_partitions(fresh))
+    if unowned:
+        return Unknown("PartitionsUnowned", f"{_partition_list(unowned)} of {partitions} have no live owner")
+    return None
+
+
+def _partition_list(numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:8]) + (", ..." if len(numbers) > 8 else "")
+    return f"{len(numbers)} partition(s) ({shown})"
+
+
+def totals(reports: Mapping[str, Report], interval: float, now: datetime, *, known: bool) -> dict[str, Any]:
+    """``status.totals``: counters over all current entries; the gauges (backlog, oldest pending age,
+    rate, in flight) only when ``known`` (see :func:`pressure_unknown`), absent otherwise: an unknown
+    backlog is never shown as 0."""
     fresh = [r for r in reports.values() if is_fresh(r, interval, now)]
 
     def total(key: str, among: Collection[Report]) -> int:
         return sum(int(r.get(key) or 0) for r in among)
 
-    return {
+    out: dict[str, Any] = {
         "workers": len(fresh),
-        "partitionsOwned": sum(len(r.get("partitions") or []) for r in fresh),
+        "partitionsOwned": len(owned_partitions({str(i): r for i, r in enumerate(fresh)})),
         "published": total("published", list(reports.values())),
         "duplicates": total("duplicates", list(reports.values())),
         "failed": total("failed", list(reports.values())),
         "deadLetters": total("deadLetters", list(reports.values())),
-        "inFlight": total("inFlight", fresh),
-        "backlog": total("backlog", fresh),
-        "oldestPendingSeconds": round(max((float(r.get("oldestPendingSeconds") or 0) for r in fresh), default=0.0), 1),
-        "ratePerSecond": round(sum(float(r.get("ratePerSecond") or 0) for r in fresh), 1),
     }
+    if known:
+        out["inFlight"] = total("inFlight", fresh)
+        out["backlog"] = total("backlog", fresh)
+        out["oldestPendingSeconds"] = round(
+            max((float(r.get("oldestPendingSeconds") or 0) for r in fresh), default=0.0), 1
+        )
+        out["ratePerSecond"] = round(sum(float(r.get("ratePerSecond") or 0) for r in fresh), 1)
+    return out
 
 
 _DATABASE_WORDS = ("database", "postgres", "sql", "table", "schema", "relation", "db:")
@@ -91,6 +141,7 @@ def health_conditions(
     rollout: Rollout,
     reports: Mapping[str, Report],
     interval: float,
+    partitions: int,
     target_lag_seconds: float,
     stream_name: str,
     duplicate_window_seconds: float,
@@ -154,8 +205,9 @@ def health_conditions(
         degraded = Condition(c.DEGRADED, "False", "AsExpected", "no configuration errors or dead letters")
 
     oldest = max((float(r.get("oldestPendingSeconds") or 0) for r in fresh.values()), default=0.0)
-    if not fresh:
-        lagging = Condition(c.LAGGING, "Unknown", "NoReports", waiting)
+    unknown = pressure_unknown(reports, interval, now, partitions=partitions, paused=paused)
+    if unknown is not None:
+        lagging = Condition(c.LAGGING, "Unknown", unknown.reason, unknown.message)
     elif oldest > target_lag_seconds:
         lagging = Condition(
             c.LAGGING,
@@ -183,6 +235,8 @@ def health_conditions(
         ready = Condition(c.READY, "False", "ConfigurationError", first(errors))
     elif not fresh:
         ready = Condition(c.READY, "False", "WaitingForReports", f"{rollout.ready} worker pods ready; {waiting}")
+    elif unknown is not None and unknown.reason == "PartitionsUnowned":
+        ready = Condition(c.READY, "False", "PartitionsUnowned", unknown.message)
     else:
         ready = Condition(
             c.READY, "True", "Publishing", f"{rollout.ready} worker(s) publishing, {len(fresh)} reporting"

@@ -23,7 +23,17 @@ from kubernetes import config as k8s_config
 from . import constants as c
 from .children import OperatorConfig, Owner, selector_string
 from .conditions import rfc3339
-from .reconcile import Action, Event, Observed, Plan, child_keys, plan, secret_names
+from .reconcile import (
+    Action,
+    Event,
+    Observed,
+    Plan,
+    child_keys,
+    plan,
+    plan_child_rejected,
+    redact,
+    secret_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +57,12 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 class ApiError(Exception):
+    """An API server's error answer. Its text (logged, raised to kopf) has URL credentials removed:
+    the server's message may quote a value the operator sent."""
+
     def __init__(self, status: int, method: str, path: str, body: Any) -> None:
         message = body.get("message") if isinstance(body, Mapping) else str(body)[:300]
-        super().__init__(f"{method} {path}: HTTP {status}: {message}")
+        super().__init__(redact(f"{method} {path}: HTTP {status}: {message}", []))
         self.status = status
         self.body = body
 
@@ -177,12 +190,16 @@ async def observe(kube: Kube, body: Mapping[str, Any], now: datetime | None = No
     keys = child_keys(owner)
     found = await asyncio.gather(*(kube.get(kind, owner.namespace, name) for kind, name in keys))
     secret_keys: dict[str, set[str] | None] = {}
+    versions: dict[str, str] = {}
     for name in secret_names(body):
         secret = await kube.get("Secret", owner.namespace, name)
-        # only the key names are kept: secret values never leave this function
-        secret_keys[name] = (
-            None if secret is None else set((secret.get("data") or {}) | (secret.get("stringData") or {}))
-        )
+        # only the key names and the resourceVersion are kept: values never leave this function (not
+        # even as a digest, which would let a weak password be guessed offline from the pod template)
+        if secret is None:
+            secret_keys[name] = None
+            continue
+        secret_keys[name] = set((secret.get("data") or {}) | (secret.get("stringData") or {}))
+        versions[name] = str(secret["metadata"].get("resourceVersion") or "")
     try:
         pods: list[str] | None = [
             p["metadata"]["name"] for p in await kube.list("Pod", owner.namespace, selector_string(owner))
@@ -196,6 +213,7 @@ async def observe(kube: Kube, body: Mapping[str, Any], now: datetime | None = No
         secrets=secret_keys,
         pods=pods,
         now=now or datetime.now(UTC),
+        secret_versions=versions,
     )
 
 
@@ -225,11 +243,32 @@ def event_body(involved: Mapping[str, Any], event: Event, now: datetime) -> Obj:
     }
 
 
-async def apply(kube: Kube, body: Mapping[str, Any], result: Plan, now: datetime) -> None:
-    """Carry a plan out: children first, then the status, then the Events."""
+# Answers of the API server that mean "this object is invalid" (BadRequest, Invalid), not "try again".
+REJECTED_STATUSES = frozenset({400, 422})
+
+
+class ChildRejected(Exception):
+    """The API server refused a child the plan wrote (invalid object, admission policy, quota)."""
+
+    def __init__(self, action: Action, error: ApiError) -> None:
+        super().__init__(f"{action.kind} {action.name} rejected: HTTP {error.status}")
+        self.action = action
+        self.api_message = str(error.body.get("message") if isinstance(error.body, Mapping) else error.body)[:1000]
+
+
+async def apply_children(kube: Kube, namespace: str, actions: list[Action]) -> None:
+    """Carry out child writes in order; the first one the API server refuses stops the rest."""
+    for action in actions:
+        try:
+            await _apply_action(kube, namespace, action)
+        except ApiError as exc:
+            if exc.status in REJECTED_STATUSES:
+                raise ChildRejected(action, exc) from None
+            raise
+
+
+async def apply_status_and_events(kube: Kube, body: Mapping[str, Any], result: Plan, now: datetime) -> None:
     owner = Owner.from_body(body)
-    for action in result.actions:
-        await _apply_action(kube, owner.namespace, action)
     if result.status_patch:
         await kube.patch(c.KIND, owner.namespace, owner.name, {"status": result.status_patch}, "status")
     for event in result.events:
@@ -237,6 +276,12 @@ async def apply(kube: Kube, body: Mapping[str, Any], result: Plan, now: datetime
             await kube.create("Event", owner.namespace, event_body(body, event, now))
         except ApiError as exc:  # an Event is best effort
             log.warning("cannot post event %s: %s", event.reason, exc)
+
+
+async def apply(kube: Kube, body: Mapping[str, Any], result: Plan, now: datetime) -> None:
+    """Carry a plan out: children first, then the status, then the Events."""
+    await apply_children(kube, Owner.from_body(body).namespace, result.actions)
+    await apply_status_and_events(kube, body, result, now)
 
 
 async def _apply_action(kube: Kube, namespace: str, action: Action) -> None:
@@ -262,5 +307,9 @@ async def reconcile(kube: Kube, body: Mapping[str, Any], config: OperatorConfig)
     """One level-based pass: observe, plan, apply. Returns the plan (for the caller's errors)."""
     observed = await observe(kube, body)
     result = plan(observed, config)
-    await apply(kube, body, result, observed.now)
+    try:
+        await apply_children(kube, Owner.from_body(body).namespace, result.actions)
+    except ChildRejected as rejected:
+        result = plan_child_rejected(observed, rejected.action, rejected.api_message)
+    await apply_status_and_events(kube, body, result, observed.now)
     return result

@@ -1,6 +1,6 @@
 """The reconcile plan: observed state in, the writes that make it right out. Pure, no I/O.
 
-One level-based function serves create, update, resume and the periodic timer. Everything it wants
+One level-based function serves create, update, resume and the periodic resync. Everything it wants
 to write is compared with what was observed first, so a second pass over an unchanged object plans
 no write at all. The k8s adapter (``kube.py``) only observes and carries out plans.
 
@@ -11,11 +11,15 @@ Order of decisions:
 3. Otherwise the children are created or replaced where their applied hash differs, the Deployment
    is scaled to the decided count (paused: 0; autoscaling: the autoscaler; else spec.replicas),
    the PDB exists only for more than one worker, gone pods' report entries are pruned, and totals,
-   autoscaler state and conditions are written where they changed.
+   autoscaler state and conditions are written where they changed. The pod template carries a
+   digest of the referenced Secrets' resourceVersions, so a rotated credential rolls the workers.
+4. A child write the API server refuses (the adapter reports it): :func:`plan_child_rejected` plans
+   only ``Ready=False/ChildRejected`` with the server's message, secrets removed, and an Event.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,13 +36,14 @@ from .children import (
     build_role,
     build_role_binding,
     build_service_account,
+    content_hash,
     metrics_service_name,
     selector_string,
     worker_name,
 )
-from .conditions import Condition, find, flips, merge_conditions
-from .health import Rollout, current_reports, gone_workers, health_conditions, totals
-from .spec import InvalidSpec, PublisherSpec, parse_spec, secret_refs
+from .conditions import Condition, find, flips, merge_conditions, rfc3339
+from .health import Rollout, current_reports, gone_workers, health_conditions, pressure_unknown, totals
+from .spec import InvalidSpec, PublisherSpec, parse_spec, secret_refs, validate_name
 
 Obj = dict[str, Any]
 ChildKey = tuple[str, str]  # (kind, name)
@@ -49,6 +54,8 @@ OWNED_STATUS_KEYS = (
     "replicas",
     "readyReplicas",
     "desiredReplicas",
+    "readyText",
+    "lastPublishTime",
     "selector",
     "totals",
     "autoscaler",
@@ -86,6 +93,8 @@ class Observed:
     secrets: Mapping[str, Collection[str] | None]  # Secret name -> its data keys, None when absent
     pods: Collection[str] | None  # names of the worker pods; None when unknown (no pruning)
     now: datetime
+    # Secret name -> its resourceVersion: a rotated credential changes it
+    secret_versions: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,7 @@ def plan(observed: Observed, config: OperatorConfig) -> Plan:
 
     # 1. the spec, and everything rendered from it, must be valid
     try:
+        validate_name(owner.name)
         spec = parse_spec(body.get("spec"))
         build_deployment(owner, spec, 0, config)  # renders the env with the worker's own validation
     except InvalidSpec as exc:
@@ -240,6 +250,27 @@ def plan(observed: Observed, config: OperatorConfig) -> Plan:
     return _plan_valid(observed, config, owner, spec, generation, status)
 
 
+def last_publish_time(status: Mapping[str, Any], published: int, now: datetime) -> str | None:
+    """``now`` when the published total grew since the last pass, else the time kept in status.
+
+    Worker counters start at 0 with each pod, so a total that shrank (a pod replaced) says
+    nothing; the time then stays until the total grows again."""
+    before = int((status.get("totals") or {}).get("published") or 0)
+    if published > before:
+        return rfc3339(now)
+    kept = status.get("lastPublishTime")
+    return str(kept) if kept else None
+
+
+def secrets_hash(spec: PublisherSpec, versions: Mapping[str, str]) -> str:
+    """One digest over the resourceVersions of every Secret the workers use (empty when none is
+    known). Any write to such a Secret changes it, and with it the pod template: the workers roll."""
+    names = sorted({name for _, name, _ in secret_refs(spec)})
+    if not any(name in versions for name in names):
+        return ""
+    return content_hash({name: versions.get(name, "") for name in names})
+
+
 def _desired_replicas(
     spec: PublisherSpec, status: Mapping[str, Any], pressure: Mapping[str, Any], now: datetime
 ) -> tuple[int, Obj | None, Event | None]:
@@ -251,7 +282,7 @@ def _desired_replicas(
         spec.partitions,
         status.get("autoscaler"),
         fallback=max(spec.replicas, spec.autoscaling.min_replicas),
-        pressure=None if spec.paused else pressure,
+        pressure=None if spec.paused or "backlog" not in pressure else pressure,  # unknown: hold
         now=now,
     )
     event = (
@@ -275,7 +306,8 @@ def _plan_valid(
     interval = spec.report_interval_seconds
     workers: Mapping[str, Any] = status.get("workers") or {}
     reports = current_reports(workers, observed.pods)
-    pressure = totals(reports, interval, now)
+    unknown = pressure_unknown(reports, interval, now, partitions=spec.partitions, paused=spec.paused)
+    pressure = totals(reports, interval, now, known=unknown is None)
     replicas, autoscaler, scaled = _desired_replicas(spec, status, pressure, now)
 
     # children
@@ -284,7 +316,7 @@ def _plan_valid(
         build_role(owner),
         build_role_binding(owner),
         build_metrics_service(owner, spec),
-        build_deployment(owner, spec, replicas, config),
+        build_deployment(owner, spec, replicas, config, secrets_hash(spec, observed.secret_versions)),
     ]
     if replicas > 1:
         desired.append(build_pdb(owner))
@@ -320,6 +352,7 @@ def _plan_valid(
         rollout=rollout,
         reports=reports,
         interval=interval,
+        partitions=spec.partitions,
         target_lag_seconds=spec.autoscaling.target_lag_seconds,
         stream_name=spec.stream.name,
         duplicate_window_seconds=spec.stream.duplicate_window_seconds,
@@ -338,12 +371,16 @@ def _plan_valid(
         "replicas": rollout.replicas,
         "readyReplicas": rollout.ready,
         "desiredReplicas": replicas,
+        "readyText": f"{rollout.ready}/{replicas}",
         "selector": selector_string(owner),
         "totals": pressure,
         "conditions": merge_conditions(status.get("conditions"), wanted, generation, now),
     }
     if autoscaler is not None:
         new["autoscaler"] = autoscaler
+    last_publish = last_publish_time(status, int(pressure["published"]), now)
+    if last_publish is not None:
+        new["lastPublishTime"] = last_publish
     result.status_patch = merge_patch(_owned_status(status), new)
     gone = gone_workers(workers, observed.pods)
     if gone:
@@ -352,6 +389,48 @@ def _plan_valid(
     if scaled is not None:
         result.events.append(scaled)
     return result
+
+
+# userinfo of a URL (scheme://user:password@host): the password part is a secret wherever it appears
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@]+@")
+REDACTED = "<redacted>"
+
+
+def literal_env_values(obj: Mapping[str, Any] | None) -> list[str]:
+    """Literal ``value``s of every container's env in a child (a Deployment): any may be a secret."""
+    template = ((obj or {}).get("spec") or {}).get("template") or {}
+    containers = (template.get("spec") or {}).get("containers") or []
+    return [
+        str(entry["value"]) for container in containers for entry in container.get("env") or [] if entry.get("value")
+    ]
+
+
+def redact(message: str, sensitive: Iterable[str]) -> str:
+    """``message`` without credentials in URLs and without any of the ``sensitive`` strings."""
+    for value in sorted(set(sensitive), key=len, reverse=True):
+        if len(value) >= 3:
+            message = message.replace(value, REDACTED)
+    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{REDACTED}@", message)
+
+
+def plan_child_rejected(observed: Observed, action: Action, api_message: str) -> Plan:
+    """The API server refused a child write: say so in Ready (reason ``ChildRejected``) with its
+    message, secrets removed, and a Warning Event; plan no other write. Retried with backoff (the
+    refusal may be an admission policy or a quota that changes)."""
+    generation = int(observed.body["metadata"].get("generation") or 0)
+    message = redact(
+        f"the API server refused to {action.verb} {action.kind} {action.name}: {api_message}",
+        literal_env_values(action.body),
+    )
+    patch, events = _status_only(
+        observed,
+        generation,
+        [
+            Condition(c.READY, "False", "ChildRejected", message),
+            Condition(c.DEGRADED, "True", "ChildRejected", f"worker changes are not applied: {message}"),
+        ],
+    )
+    return Plan(status_patch=patch, events=events, retry_reason=message)
 
 
 def condition_of(body: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:

@@ -2,8 +2,12 @@
 
 The model mirrors crds/outboxpublisher.yaml field by field (camelCase in YAML, snake_case here):
 ``tests/unit/test_operator_crd.py`` proves both have the same fields, defaults, enums and bounds.
-The CRD's CEL rules are repeated as model validators, so a spec that reaches the operator without
-the API server's checks (an old API server, an emulator) is still rejected with the same message.
+The CRD's CEL rules are repeated as model validators, the types are as strict as the schema's (no
+``"3"`` for an integer, no ``"yes"`` for a boolean) and :func:`validate_name` repeats the CRD's
+metadata.name rule, so a spec that reaches the operator without the API server's checks (an old
+API server, an object stored under an older CRD, an emulator) is still refused, naming the same
+field path as the API server (``tests/operator/test_operator_examples.py`` proves it for every
+example in examples/invalid/).
 
 :data:`SETTINGS_MAP` is the one table from spec paths to :class:`WorkerSettings` fields; the operator
 renders the worker's environment from it with the worker's own ``render_env``.
@@ -11,6 +15,8 @@ renders the worker's environment from it with the worker's own ``render_env``.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -18,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from pydantic.alias_generators import to_camel
 
 from outbox_common.settings import (
+    ENV_PREFIX,
     MarkMode,
     OrderingMode,
     StreamMode,
@@ -39,27 +46,40 @@ class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
+# Kubernetes' own rules: a Secret's name is a DNS-1123 subdomain; a key of its data matches
+# [-._a-zA-Z0-9]+. The CRD carries the same patterns, so a DSN pasted as a name is refused by field path.
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # noqa: S105 - a name pattern, not a password
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # noqa: S105 - a key pattern
+OPTIONAL_SECRET_KEY_PATTERN = r"^([-._a-zA-Z0-9]+)?$"  # noqa: S105 - a key pattern
+
+SecretName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=SECRET_NAME_PATTERN)]
+
+
+def _key(default: str) -> Any:
+    return Field(default, min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+
+
 class SecretKeyRef(_Model):
     """A key of a Secret in the OutboxPublisher's namespace. Subclasses set the key's default."""
 
-    name: str = Field(min_length=1, max_length=253)
-    key: str = Field(min_length=1, max_length=253)
+    name: SecretName
+    key: str = Field(min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
 
 
 class DatabaseSecretRef(SecretKeyRef):
-    key: str = Field("url", min_length=1, max_length=253)
+    key: str = _key("url")
 
 
 class PasswordSecretRef(SecretKeyRef):
-    key: str = Field("password", min_length=1, max_length=253)
+    key: str = _key("password")
 
 
 class TokenSecretRef(SecretKeyRef):
-    key: str = Field("token", min_length=1, max_length=253)
+    key: str = _key("token")
 
 
 class CredentialsSecretRef(SecretKeyRef):
-    key: str = Field("nats.creds", min_length=1, max_length=253)
+    key: str = _key("nats.creds")
 
 
 class Autoscaling(_Model):
@@ -86,10 +106,10 @@ class Database(_Model):
 
 
 class NatsTls(_Model):
-    secret_name: str = Field(min_length=1, max_length=253)
-    ca_key: str = Field("ca.crt", min_length=1, max_length=253)
-    cert_key: str = Field("", max_length=253)
-    key_key: str = Field("", max_length=253)
+    secret_name: SecretName
+    ca_key: str = _key("ca.crt")
+    cert_key: str = Field("", max_length=253, pattern=OPTIONAL_SECRET_KEY_PATTERN)
+    key_key: str = Field("", max_length=253, pattern=OPTIONAL_SECRET_KEY_PATTERN)
 
     @model_validator(mode="after")
     def _pair(self) -> NatsTls:
@@ -157,15 +177,77 @@ class Leases(_Model):
     renew_seconds: float = Field(0.0, ge=0, le=200)
 
 
+# Kubernetes' resource.Quantity syntax (the pattern its own CRDs use): 500m, 2, 256Mi, 1e3.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+Quantity = int | Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)]
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+
 class ResourceRequirements(_Model):
-    requests: dict[str, int | str] | None = None
-    limits: dict[str, int | str] | None = None
+    requests: dict[str, Quantity] | None = None
+    limits: dict[str, Quantity] | None = None
+
+
+class Toleration(_Model):
+    """core/v1 Toleration, with the API server's own rules (so a bad one is refused at admission)."""
+
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _rules(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists must not have a value")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key must have operator Exists (it then tolerates every taint)")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
+
+
+class EnvVarSource(_Model):
+    """core/v1 EnvVarSource: exactly one source; its inner fields are the API server's to check."""
+
+    secret_key_ref: dict[str, Any] | None = None
+    config_map_key_ref: dict[str, Any] | None = None
+    field_ref: dict[str, Any] | None = None
+    resource_field_ref: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvVarSource:
+        sources = [self.secret_key_ref, self.config_map_key_ref, self.field_ref, self.resource_field_ref]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError(
+                "valueFrom must have exactly one of secretKeyRef, configMapKeyRef, fieldRef and resourceFieldRef"
+            )
+        return self
+
+
+def is_reserved_env_name(name: str) -> bool:
+    """True for every spelling of a name the worker reads as a setting (``OUTBOX_*``, any case).
+
+    pydantic-settings matches environment names case-insensitively, so ``outbox_database_url`` is
+    read as ``OUTBOX_DATABASE_URL``; the prefix test in upper case covers every field of
+    :class:`WorkerSettings` (whose names are all ``OUTBOX_`` plus the field name).
+    """
+    return name.upper().startswith(ENV_PREFIX)
 
 
 class EnvVar(_Model):
-    name: str = Field(min_length=1, max_length=253)
+    name: str = Field(min_length=1, max_length=253, pattern=ENV_NAME_PATTERN)
     value: str | None = None
-    value_from: dict[str, Any] | None = None
+    value_from: EnvVarSource | None = None
+
+    @model_validator(mode="after")
+    def _value_xor_value_from(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("an env entry has either value or valueFrom, not both")
+        return self
 
 
 class WorkerOverrides(_Model):
@@ -173,7 +255,7 @@ class WorkerOverrides(_Model):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     resources: ResourceRequirements | None = None
     node_selector: dict[str, str] | None = None
-    tolerations: list[dict[str, Any]] | None = Field(None, max_length=32)
+    tolerations: list[Toleration] | None = Field(None, max_length=32)
     affinity: dict[str, Any] | None = None
     env: list[EnvVar] | None = Field(None, max_length=64)
     shutdown_grace_seconds: float = Field(20.0, gt=0, le=600)
@@ -183,11 +265,12 @@ class WorkerOverrides(_Model):
 
     @model_validator(mode="after")
     def _env(self) -> WorkerOverrides:
-        for var in self.env or []:
-            if var.name.startswith("OUTBOX_"):
+        for index, var in enumerate(self.env or []):
+            if is_reserved_env_name(var.name):
                 raise ValueError(
-                    f"spec.worker.env must not set OUTBOX_* variables ({var.name}): they are rendered "
-                    "from the spec; set the matching spec field instead"
+                    f"spec.worker.env[{index}].name must not start with {ENV_PREFIX} in any letter case: "
+                    "the worker reads those names case-insensitively as its settings, which the operator "
+                    "renders from the spec; set the matching spec field instead"
                 )
         return self
 
@@ -316,17 +399,44 @@ def spec_path_of_setting(field: str) -> str:
     return field
 
 
+def _without_input(message: str, value: Any) -> str:
+    """``message`` with the refused value cut out: a value that failed validation may be a secret
+    pasted into the wrong field, so messages name the field path only."""
+    if isinstance(value, str) and value and value in message:
+        return message.replace(value, "<the given value>")
+    return message
+
+
+# The CRD's rule on metadata.name: child objects append "-relay-metrics" (14 characters) and must
+# stay within the 63 characters of a DNS label.
+NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+NAME_MAX_LENGTH = 47
+
+
+def validate_name(name: str) -> None:
+    """Raise :class:`InvalidSpec` unless ``name`` passes the CRD's metadata.name rule."""
+    if len(name) > NAME_MAX_LENGTH or not NAME_PATTERN.match(name):
+        raise InvalidSpec(
+            "metadata.name",
+            "must start with a letter, contain only lower-case letters, digits and '-', and be at most "
+            f"{NAME_MAX_LENGTH} characters (child objects append '-relay-metrics'); recreate the "
+            "OutboxPublisher under such a name",
+        )
+
+
 def parse_spec(spec: Mapping[str, Any] | None) -> PublisherSpec:
     """Validate a CR's spec; raise :class:`InvalidSpec` naming the first bad field and the fix."""
     if not spec:
         raise InvalidSpec("spec", "is missing: give at least partitions, database.secretRef and nats.servers")
     try:
-        return PublisherSpec.model_validate(dict(spec))
+        # strict, from JSON: the types the API server's schema enforces (no "3" for 3, no "yes" for
+        # true); enums and numbers are read as JSON gives them, as the CRD does
+        return PublisherSpec.model_validate_json(json.dumps(dict(spec)), strict=True)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
         path = "spec" + (f".{loc}" if loc else "")
-        msg = str(err["msg"]).removeprefix("Value error, ")
+        msg = _without_input(str(err["msg"]).removeprefix("Value error, "), err.get("input"))
         if msg.startswith("spec."):
             field, _, rest = msg.partition(" ")
             raise InvalidSpec(field, rest) from None
@@ -361,7 +471,7 @@ def render_worker_env(spec: PublisherSpec, name: str) -> dict[str, str]:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         field = spec_path_of_setting(loc) if loc in WorkerSettings.model_fields else "spec"
-        msg = str(err["msg"]).removeprefix("Value error, ")
+        msg = _without_input(str(err["msg"]).removeprefix("Value error, "), err.get("input"))
         raise InvalidSpec(field, msg) from None
 
 

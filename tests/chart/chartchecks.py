@@ -195,6 +195,9 @@ def validate_custom_resource(doc: Doc, openapi_schema: Doc) -> list[str]:
     API server applies those (the kind suite covers them).
     """
     schema = strict_structural(openapi_schema)
+    metadata = (schema.get("properties") or {}).get("metadata")
+    if isinstance(metadata, dict):  # the schema may restrict metadata.name; the rest is ObjectMeta
+        metadata["additionalProperties"] = True
     body = copy.deepcopy(doc)
     meta = body.get("metadata") or {}
     problems = []
@@ -203,7 +206,11 @@ def validate_custom_resource(doc: Doc, openapi_schema: Doc) -> list[str]:
     validator = jsonschema.Draft4Validator(schema)
     for err in sorted(validator.iter_errors(body), key=lambda e: list(e.path)):
         path = ".".join(str(p) for p in err.path) or "<root>"
-        problems.append(f"{path}: {err.message}")
+        message = err.message
+        if err.validator == "required":  # named at the missing field, as the API server does
+            missing = next(name for name in err.validator_value if name not in (err.instance or {}))
+            path, message = f"{path}.{missing}".removeprefix("<root>."), "Required value"
+        problems.append(f"{path}: {message}")
     return problems
 
 

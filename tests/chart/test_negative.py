@@ -246,7 +246,7 @@ def _crd_schema() -> dict[str, Any]:
     [
         (lambda s: s.update(partitons=4), "Additional properties are not allowed ('partitons'"),
         (lambda s: s.update(partitions="four"), "partitions: 'four' is not of type 'integer'"),
-        (lambda s: s.pop("database"), "'database' is a required property"),
+        (lambda s: s.pop("database"), "spec.database: Required value"),
         (lambda s: s["nats"].update(servers=["nats.example.com:4222"]), "does not match"),
         (lambda s: s.update(publishing={"ackTimeoutSeconds": 0}), "less than or equal to the minimum of 0"),
         (lambda s: s.update(worker={"logLevel": "TRACE"}), "'TRACE' is not one of"),

@@ -151,9 +151,19 @@ def insert_events_sql(event_ids: list[str], start: int = 0) -> str:
     return f"INSERT INTO public.outbox (event_id, aggregate_type, aggregate_id, event_type, payload) VALUES\n{rows};\n"
 
 
-async def stream_contents(url: str, stream: str, expected: int, wait_seconds: int = 60) -> list[tuple[str, str]]:
-    """(Nats-Msg-Id, subject) of every message of ``stream``, after waiting up to ``wait_seconds``
-    for it to hold at least ``expected`` messages."""
+@dataclass(frozen=True)
+class StreamMessage:
+    """One message of the stream as the relay stored it."""
+
+    msg_id: str  # Nats-Msg-Id (the event id)
+    subject: str
+    aggregate_id: str  # Outbox-Aggregate-Id
+    n: int  # the sequence number insert_events_sql put in the payload ({"n": ...}); -1 if none
+
+
+async def stream_messages(url: str, stream: str, expected: int, wait_seconds: int = 60) -> list[StreamMessage]:
+    """Every message of ``stream`` in stream order, after waiting up to ``wait_seconds`` for it to
+    hold at least ``expected`` messages."""
     import nats
 
     nc = await nats.connect(url, connect_timeout=10, allow_reconnect=False)
@@ -168,7 +178,81 @@ async def stream_contents(url: str, stream: str, expected: int, wait_seconds: in
         out = []
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             msg = await js.get_msg(stream, seq)
-            out.append(((msg.headers or {}).get("Nats-Msg-Id", ""), msg.subject))
+            headers = msg.headers or {}
+            out.append(
+                StreamMessage(
+                    msg_id=headers.get("Nats-Msg-Id", ""),
+                    subject=msg.subject,
+                    aggregate_id=headers.get("Outbox-Aggregate-Id", ""),
+                    n=payload_number(msg.data or b""),
+                )
+            )
         return out
     finally:
         await nc.close()
+
+
+async def stream_contents(url: str, stream: str, expected: int, wait_seconds: int = 60) -> list[tuple[str, str]]:
+    """(Nats-Msg-Id, subject) of every message of ``stream`` (see :func:`stream_messages`)."""
+    return [(m.msg_id, m.subject) for m in await stream_messages(url, stream, expected, wait_seconds)]
+
+
+def payload_number(payload: bytes) -> int:
+    """The ``n`` of a payload written by :func:`insert_events_sql`; -1 for any other payload."""
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return -1
+    return int(value["n"]) if isinstance(value, dict) and isinstance(value.get("n"), int) else -1
+
+
+def order_violations(messages: list[StreamMessage]) -> list[str]:
+    """Per-aggregate order: within each aggregate, the ``n`` of the stored messages must increase
+    (insert_events_sql numbers events in insert order, which is ``id`` order). One line per message
+    stored after a later event of its aggregate."""
+    last: dict[str, StreamMessage] = {}
+    problems = []
+    for message in messages:
+        before = last.get(message.aggregate_id)
+        if before is not None and message.n <= before.n:
+            problems.append(f"{message.aggregate_id}: event {message.n} stored after event {before.n}")
+        else:
+            last[message.aggregate_id] = message
+    return problems
+
+
+def publisher_manifest(
+    name: str,
+    *,
+    secret: str = "outbox-database",
+    partitions: int = 4,
+    replicas: int = 1,
+    subject_template: str = "outbox.{aggregate_type}.{event_type}",
+    table: str = "outbox",
+) -> dict[str, Any]:
+    """An OutboxPublisher in the suite's namespace, like deploy/kind/outboxpublisher.yaml."""
+    return {
+        "apiVersion": "outbox.dev/v1alpha1",
+        "kind": "OutboxPublisher",
+        "metadata": {"name": name, "namespace": APP_NS},
+        "spec": {
+            "partitions": partitions,
+            "replicas": replicas,
+            "database": {"secretRef": {"name": secret, "key": "url"}, "table": table},
+            "nats": {"servers": [f"nats://nats.{APP_NS}.svc:4222"]},
+            "stream": {"name": "OUTBOX", "mode": "create"},
+            "subjectTemplate": subject_template,
+            "reportIntervalSeconds": 2,
+            "worker": {"imagePullPolicy": "IfNotPresent", "logFormat": "text"},
+        },
+    }
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    """A condition of an object's status by type ({} when absent)."""
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == type_), {})
+
+
+def owned_partitions(status: dict[str, Any]) -> list[int]:
+    """Every partition the workers' reports claim, with repeats (a partition owned twice shows twice)."""
+    return sorted(p for report in (status.get("workers") or {}).values() for p in report.get("partitions") or [])

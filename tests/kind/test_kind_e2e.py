@@ -1,13 +1,17 @@
 """End to end on kind: helm install, relay events from PostgreSQL to JetStream, helm uninstall.
 
 The tests run in file order and share the cluster: install → publisher Ready → events arrive in the
-stream exactly once → the OutboxPublisher status reports them → uninstall leaves nothing running.
+stream exactly once and in per-aggregate order → the OutboxPublisher status reports them → a bad
+spec is refused → a missing Secret is reported → scale 2 → 1 → 2 → pause and resume → an operator
+restart loses nothing → uninstall leaves nothing running. Every batch of events is checked against
+the whole stream: each event once, each aggregate's events in insert order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import re
 import subprocess
 import uuid
@@ -21,9 +25,14 @@ from kindsupport import (
     RELEASE,
     ROOT,
     Cluster,
+    StreamMessage,
+    condition,
     image_manifest,
     insert_events_sql,
-    stream_contents,
+    order_violations,
+    owned_partitions,
+    publisher_manifest,
+    stream_messages,
 )
 
 pytestmark = pytest.mark.timeout(1800)
@@ -108,10 +117,8 @@ def test_events_arrive_in_the_stream_exactly_once(cluster: Cluster, operator: No
 
     cluster.wait_for("the outbox to drain", drained, timeout=180)
     stored = _read_stream(cluster, len(event_ids))
-    counts = collections.Counter(msg_id for msg_id, _ in stored)
-    assert set(counts) == set(event_ids), "stream and outbox differ"
-    assert [i for i, n in counts.items() if n != 1] == [], "an event is in the stream more than once"
-    assert all(subject == "outbox.order.created" for _, subject in stored)
+    assert_exactly_once_in_order(stored, event_ids)
+    assert all(m.subject == "outbox.order.created" for m in stored)
 
 
 def test_status_reports_the_published_events(cluster: Cluster, operator: None, event_ids: list[str]) -> None:
@@ -127,6 +134,108 @@ def test_status_reports_the_published_events(cluster: Cluster, operator: None, e
     assert status["totals"]["published"] - status["totals"].get("duplicates", 0) <= len(event_ids)
     assert sum(len(w.get("partitions", [])) for w in status["workers"].values()) == 4
     assert status["observedGeneration"] >= 1
+
+
+def test_a_bad_spec_is_refused(cluster: Cluster, operator: None) -> None:
+    # the API server refuses what the CRD can see
+    bad = publisher_manifest("e2e-bad", partitions=2, replicas=3)
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(bad), check=False)  # exits 1: refused
+    assert cluster.kubectl("-n", APP_NS, "get", "outboxpublisher", "e2e-bad", "--ignore-not-found", "-o", "name") == ""
+    # the operator refuses what only the worker's settings can see, and creates nothing
+    cluster.apply(json.dumps(publisher_manifest("e2e-bad", subject_template="outbox.{customer}.{event_type}")))
+
+    def invalid() -> dict[str, Any] | None:
+        ready = condition(cluster.get_json("-n", APP_NS, "outboxpublisher", "e2e-bad"), "Ready")
+        return ready if ready.get("reason") == "InvalidSpec" else None
+
+    ready = cluster.wait_for("Ready=False/InvalidSpec", invalid, timeout=120)
+    assert ready["message"].startswith("spec.subjectTemplate:")
+    assert cluster.kubectl("-n", APP_NS, "get", "deployment", "e2e-bad-relay", "--ignore-not-found", "-o", "name") == ""
+    cluster.kubectl("-n", APP_NS, "delete", "outboxpublisher", "e2e-bad", "--wait=true", "--timeout=60s", timeout=90)
+
+
+def test_a_missing_secret_is_reported(cluster: Cluster, operator: None) -> None:
+    cluster.apply(json.dumps(publisher_manifest("e2e-nosecret", secret="no-such-secret", table="outbox_nosecret")))
+
+    def reported() -> dict[str, Any] | None:
+        ready = condition(cluster.get_json("-n", APP_NS, "outboxpublisher", "e2e-nosecret"), "Ready")
+        return ready if ready.get("reason") == "SecretNotFound" else None
+
+    ready = cluster.wait_for("Ready=False/SecretNotFound", reported, timeout=120)
+    assert "no-such-secret" in ready["message"]
+    assert (
+        cluster.kubectl("-n", APP_NS, "get", "deployment", "e2e-nosecret-relay", "--ignore-not-found", "-o", "name")
+        == ""
+    )
+    cluster.kubectl(
+        "-n", APP_NS, "delete", "outboxpublisher", "e2e-nosecret", "--wait=true", "--timeout=60s", timeout=90
+    )
+
+
+def _wait_workers(cluster: Cluster, count: int) -> None:
+    def settled() -> bool:
+        status = cluster.get_json("-n", APP_NS, "outboxpublisher", PUBLISHER).get("status", {})
+        return (
+            status.get("readyText") == f"{count}/{count}"
+            and len(status.get("workers") or {}) == count
+            and owned_partitions(status) == [0, 1, 2, 3]
+            and condition({"status": status}, "Ready").get("status") == "True"
+        )
+
+    cluster.wait_for(f"{count} workers owning the 4 partitions once each", settled, timeout=240)
+
+
+def _relay_more(cluster: Cluster, event_ids: list[str], count: int) -> None:
+    """Insert ``count`` more events (numbered after the earlier ones) and check the whole stream."""
+    start = len(event_ids)
+    new = [str(uuid.uuid4()) for _ in range(count)]
+    cluster.psql(insert_events_sql(new, start=start))
+    event_ids.extend(new)
+    assert_exactly_once_in_order(_read_stream(cluster, len(event_ids)), event_ids)
+
+
+def test_scale_down_and_up(cluster: Cluster, operator: None, event_ids: list[str]) -> None:
+    cluster.kubectl("-n", APP_NS, "scale", "outboxpublisher", PUBLISHER, "--replicas=1")
+    _wait_workers(cluster, 1)
+    _relay_more(cluster, event_ids, 100)
+    cluster.kubectl("-n", APP_NS, "scale", "outboxpublisher", PUBLISHER, "--replicas=2")
+    _wait_workers(cluster, 2)
+    _relay_more(cluster, event_ids, 100)
+
+
+def test_pause_and_resume(cluster: Cluster, operator: None, event_ids: list[str]) -> None:
+    cluster.kubectl(
+        "-n", APP_NS, "patch", "outboxpublisher", PUBLISHER, "--type=merge", "-p", '{"spec":{"paused":true}}'
+    )
+
+    def paused() -> bool:
+        obj = cluster.get_json("-n", APP_NS, "outboxpublisher", PUBLISHER)
+        workers = cluster.get_json("-n", APP_NS, "deployment", f"{PUBLISHER}-relay")
+        return condition(obj, "Ready").get("reason") == "Paused" and not workers["status"].get("replicas")
+
+    cluster.wait_for("paused: no worker pod", paused, timeout=180)
+    start = len(event_ids)
+    held = [str(uuid.uuid4()) for _ in range(50)]
+    cluster.psql(insert_events_sql(held, start=start))
+    event_ids.extend(held)
+    pending = cluster.psql("SELECT count(*) FROM public.outbox WHERE published_at IS NULL;").strip()
+    assert pending == "50", "paused workers must not publish"
+    obj = cluster.get_json("-n", APP_NS, "outboxpublisher", PUBLISHER)
+    assert "backlog" not in obj["status"].get("totals", {}), "an unknown backlog is absent, never 0"
+    cluster.kubectl(
+        "-n", APP_NS, "patch", "outboxpublisher", PUBLISHER, "--type=merge", "-p", '{"spec":{"paused":false}}'
+    )
+    _wait_workers(cluster, 2)
+    assert_exactly_once_in_order(_read_stream(cluster, len(event_ids)), event_ids)
+
+
+def test_operator_restart_loses_nothing(cluster: Cluster, operator: None, event_ids: list[str]) -> None:
+    cluster.kubectl("-n", OPERATOR_NS, "rollout", "restart", f"deployment/{RELEASE}")
+    cluster.kubectl("-n", OPERATOR_NS, "rollout", "status", f"deployment/{RELEASE}", "--timeout=180s", timeout=200)
+    _relay_more(cluster, event_ids, 100)
+    obj = cluster.get_json("-n", APP_NS, "outboxpublisher", PUBLISHER)
+    assert not obj["metadata"].get("finalizers"), "deletion must never wait for the operator"
+    _wait_workers(cluster, 2)
 
 
 def test_uninstall(cluster: Cluster, operator: None) -> None:
@@ -151,8 +260,16 @@ def test_uninstall(cluster: Cluster, operator: None) -> None:
     cluster.get_json("crd", "outboxpublishers.outbox.dev")
 
 
-def _read_stream(cluster: Cluster, expected: int) -> list[tuple[str, str]]:
-    """(Nats-Msg-Id, subject) of every message in the stream, read through a port-forward."""
+def assert_exactly_once_in_order(stored: list[StreamMessage], event_ids: list[str]) -> None:
+    """Each inserted event is in the stream once, and each aggregate's events are in insert order."""
+    counts = collections.Counter(m.msg_id for m in stored)
+    assert set(counts) == set(event_ids), "stream and outbox differ"
+    assert [i for i, n in counts.items() if n != 1] == [], "an event is in the stream more than once"
+    assert order_violations(stored) == []
+
+
+def _read_stream(cluster: Cluster, expected: int) -> list[StreamMessage]:
+    """Every message in the stream, read through a port-forward."""
     forward = subprocess.Popen(
         [str(cluster.kubectl_bin), "-n", APP_NS, "port-forward", "svc/nats", ":4222"],
         env=cluster.env,
@@ -165,7 +282,7 @@ def _read_stream(cluster: Cluster, expected: int) -> list[tuple[str, str]]:
         line = forward.stdout.readline()
         match = re.search(r"127\.0\.0\.1:(\d+)", line)
         assert match, f"port-forward said: {line!r}"
-        return asyncio.run(stream_contents(f"nats://127.0.0.1:{match.group(1)}", STREAM, expected))
+        return asyncio.run(stream_messages(f"nats://127.0.0.1:{match.group(1)}", STREAM, expected))
     finally:
         forward.terminate()
         forward.wait(timeout=30)

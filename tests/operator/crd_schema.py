@@ -154,7 +154,11 @@ def validate(schema: Schema, obj: dict[str, Any], old: dict[str, Any] | None = N
     errors = []
     for err in sorted(checker.iter_errors(obj), key=lambda e: list(e.absolute_path)):
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
-        errors.append(f"{where.lstrip('.') or '<root>'}: {err.message}")
+        message = err.message
+        if err.validator == "required":  # the API server names the missing field itself
+            missing = next(name for name in err.validator_value if name not in (err.instance or {}))
+            where, message = f"{where}.{missing}", "Required value"
+        errors.append(f"{where.lstrip('.') or '<root>'}: {message}")
     if errors:
         return errors
     _cel(schema, _typed(schema, obj), _typed(schema, old) if old is not None else None, "", errors)

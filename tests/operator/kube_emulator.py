@@ -211,6 +211,61 @@ class Request:
     body: Any
 
 
+_QUANTITY = re.compile(
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _pod_spec_errors(pod: Obj, at: str) -> list[str]:
+    """A few of the API server's own checks of a pod spec, with its wording (enough to test how the
+    operator handles a refused child; the real list is much longer)."""
+    errors = []
+    for i, tol in enumerate(pod.get("tolerations") or []):
+        if tol.get("operator", "Equal") not in ("Equal", "Exists"):
+            errors.append(
+                f'{at}.tolerations[{i}].operator: Unsupported value: "{tol["operator"]}": '
+                'supported values: "Equal", "Exists"'
+            )
+    node_affinity = (pod.get("affinity") or {}).get("nodeAffinity") or {}
+    required = node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    for t, term in enumerate(required.get("nodeSelectorTerms") or []):
+        for m, expr in enumerate(term.get("matchExpressions") or []):
+            if expr.get("operator") not in ("DoesNotExist", "Exists", "Gt", "In", "Lt", "NotIn"):
+                errors.append(
+                    f"{at}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                    f".nodeSelectorTerms[{t}].matchExpressions[{m}].operator: "
+                    f'Unsupported value: "{expr.get("operator")}": '
+                    'supported values: "DoesNotExist", "Exists", "Gt", "In", "Lt", "NotIn"'
+                )
+    for c, container in enumerate(pod.get("containers") or []):
+        where = f"{at}.containers[{c}]"
+        for kind in ("requests", "limits"):
+            for name, quantity in ((container.get("resources") or {}).get(kind) or {}).items():
+                if isinstance(quantity, str) and not _QUANTITY.match(quantity):
+                    errors.append(
+                        f'{where}.resources.{kind}[{name}]: Invalid value: "{quantity}": quantities must match '
+                        "the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"
+                    )
+        for e, env in enumerate(container.get("env") or []):
+            if env.get("value") and env.get("valueFrom"):
+                errors.append(
+                    f'{where}.env[{e}].valueFrom: Invalid value: "": may not be specified when `value` is not empty'
+                )
+    return errors
+
+
+def validate_builtin(k: Kind, obj: Obj) -> None:
+    """Refuse an invalid Deployment with 422 Invalid, as the API server does."""
+    if k.kind != "Deployment":
+        return
+    template = (obj.get("spec") or {}).get("template") or {}
+    errors = _pod_spec_errors(template.get("spec") or {}, "spec.template.spec")
+    if errors:
+        name = obj["metadata"]["name"]
+        detail = errors[0] if len(errors) == 1 else "[" + ", ".join(errors) + "]"
+        raise ApiFailure(422, "Invalid", f'Deployment.apps "{name}" is invalid: {detail}')
+
+
 class KubeEmulator:
     HISTORY = 5000  # watch events kept for resuming watches
 
@@ -370,6 +425,7 @@ class KubeEmulator:
         if k.status:
             obj.pop("status", None)
         obj = self._admit(k, obj, None)
+        validate_builtin(k, obj)
         meta = obj["metadata"]
         meta.update(uid=str(uuid.uuid4()), generation=1, creationTimestamp=_now())
         for transient in ("resourceVersion", "deletionTimestamp"):
@@ -410,6 +466,7 @@ class KubeEmulator:
             new["apiVersion"], new["kind"] = k.api_version, k.kind
         if k.schema is not None:
             new = self._admit(k, new, old)
+        validate_builtin(k, new)
         content = {key: v for key, v in new.items() if key not in ("metadata", "status")}
         old_content = {key: v for key, v in old.items() if key not in ("metadata", "status")}
         if content != old_content:
@@ -425,6 +482,8 @@ class KubeEmulator:
             return copy.deepcopy(new)
         rv = self._bump(new)
         self._store(k)[(ns, new["metadata"]["name"])] = new
+        if k.kind == "CustomResourceDefinition":  # an updated CRD's schema applies to later writes
+            self._register_crd(new)
         self._notify(k, "MODIFIED", new, rv)
         self._controllers(k, new)
         return copy.deepcopy(new)

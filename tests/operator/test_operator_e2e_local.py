@@ -4,12 +4,14 @@ PostgreSQL and nats-server the test suite starts.
 
 Apply an OutboxPublisher, write 20,000 events: each reaches the stream exactly once and in
 per-aggregate order, and the status shows the totals, backlog 0 and Ready=True. Scale 1 -> 3: the
-partitions rebalance over the three workers with no duplicate. Pause: the workers drain and exit
-0. Delete the OutboxPublisher: its children go.
+partitions rebalance over the three workers with no duplicate. Rotate the DSN Secret while events
+are written: the workers roll onto it and nothing is lost, duplicated or reordered. Pause: the
+workers drain and exit 0. Delete the OutboxPublisher: its children go.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,15 @@ async def stream_count(nats_url: str) -> int:
         await nc.close()
 
 
+def database_secret(dsn: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "orders-db", "namespace": NAMESPACE},
+        "data": {"url": base64.b64encode(dsn.encode()).decode()},
+    }
+
+
 def status(emu: KubeEmulator) -> dict[str, Any]:
     obj = emu.get(API, KIND, NAMESPACE, "orders")
     return (obj or {}).get("status") or {}
@@ -89,14 +100,7 @@ async def test_e2e_local(emulator: KubeEmulator, pg_dsn: str, nats_url: str, tmp
         await prepare(conn, SQL)
     finally:
         await conn.close()
-    await emulator.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "orders-db", "namespace": NAMESPACE},
-            "data": {"url": base64.b64encode(pg_dsn.encode()).decode()},
-        }
-    )
+    await emulator.apply(database_secret(pg_dsn))
     kubeconfig = tmp_path / "kubeconfig"
     (tmp_path / "pods").mkdir()
     async with (
@@ -152,6 +156,33 @@ async def test_e2e_local(emulator: KubeEmulator, pg_dsn: str, nats_url: str, tmp
         assert report.ok, report.to_dict()
         assert (report.published, report.duplicates, report.order_violations) == (total, 0, 0)
         assert kubelet.restarts == 0
+
+        # rotate the DSN Secret under load: the workers roll onto it, nothing is lost or duplicated
+        dep = emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")
+        old_hash = dep["spec"]["template"]["metadata"]["annotations"]["outbox.dev/pod-template-hash"]
+        load = asyncio.create_task(
+            produce(
+                pg_dsn,
+                SQL,
+                ProducerPlan(events=12_000, aggregates=300, producers=2, seed=13, rollback_ratio=0, rate_per_s=400),
+            )
+        )
+        rotated = pg_dsn + ("&" if "?" in pg_dsn else "?") + "application_name=rotated"
+        await emulator.apply(database_secret(rotated))
+
+        def rolled() -> bool:
+            pods = kubelet.running()
+            return len(pods) == 3 and all(p.template_hash != old_hash and p.ready for p in pods)
+
+        await eventually(lambda: any(p.template_hash != old_hash for p in kubelet.running()), 60)
+        assert not load.done(), "events must be written while the workers roll"
+        await eventually(rolled, 120)
+        third = await load
+        total += third.committed
+        await eventually(lambda: _equals(stream_count(nats_url), total), 120)
+        report = await verify(pg_dsn, SQL, nats_url, STREAM, expect_drained=True)
+        assert report.ok, report.to_dict()
+        assert (report.published, report.duplicates, report.order_violations, report.lost) == (total, 0, 0, 0)
 
         # pause: the workers drain and stop cleanly
         await emulator.patch(API, KIND, NAMESPACE, "orders", {"spec": {"paused": True}})

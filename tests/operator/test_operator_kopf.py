@@ -108,9 +108,9 @@ async def test_create_reconciles_children_status_and_is_idempotent(emulator: Kub
         assert status["readyReplicas"] == 2
 
         # two workers report; a third entry belongs to a pod that is gone and gets pruned
-        for pod in ("orders-relay-a", "orders-relay-b"):
+        for pod, owned in (("orders-relay-a", [0, 1, 2, 3]), ("orders-relay-b", [4, 5, 6, 7])):
             await add_worker_pod(emulator, pod)
-            await report(emulator, pod, backlog=40, oldestPendingSeconds=2.5)
+            await report(emulator, pod, partitions=owned, backlog=40, oldestPendingSeconds=2.5)
         await report(emulator, "orders-relay-gone")
         await eventually(lambda: condition(publisher(emulator), "Ready")["status"] == "True")
         await eventually(lambda: "orders-relay-gone" not in publisher(emulator)["status"]["workers"])

@@ -66,11 +66,12 @@ def report(age: float = 0, **fields: object) -> dict[str, object]:
 
 def test_totals_count_gauges_of_fresh_reports_only() -> None:
     reports = {"a": report(), "b": report(age=5), "stale": report(age=100)}
-    out = totals(reports, interval=10, now=T0)
+    out = totals(reports, interval=10, now=T0, known=True)
     assert out["workers"] == 2
     assert out["backlog"] == 10
     assert out["published"] == 30  # counters include the stale entry of a still existing pod
-    assert out["partitionsOwned"] == 4
+    assert out["partitionsOwned"] == 2  # distinct partitions
+    assert "backlog" not in totals(reports, interval=10, now=T0, known=False)
     assert is_fresh(reports["b"], 10, T0)
     assert not is_fresh(reports["stale"], 10, T0)
 
@@ -93,6 +94,7 @@ def conditions(reports: dict, *, ready: int = 2, desired: int = 2, paused: bool 
         rollout=Rollout(desired, ready, ready),
         reports=reports,
         interval=10,
+        partitions=2,
         target_lag_seconds=30,
         stream_name="OUTBOX",
         duplicate_window_seconds=120,

@@ -141,9 +141,10 @@ def test_crd_names_match_constants() -> None:
         "statusReplicasPath": ".status.replicas",
         "labelSelectorPath": ".status.selector",
     }
-    columns = [col["name"] for col in version["additionalPrinterColumns"]]
-    for name in ("Ready", "Replicas", "Backlog", "Oldest", "Rate", "Age"):
-        assert name in columns
+    default = [col["name"] for col in version["additionalPrinterColumns"] if not col.get("priority")]
+    assert default == ["Ready", "Status", "Backlog", "Oldest", "Rate", "Dead", "Age"]
+    wide = [col["name"] for col in version["additionalPrinterColumns"] if col.get("priority")]
+    assert wide == ["Last-Publish", "Published", "Failed", "Reporting"]
 
 
 def _walk(node: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any]]]:

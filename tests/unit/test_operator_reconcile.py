@@ -165,13 +165,13 @@ def test_reports_of_gone_pods_are_pruned_and_totals_written() -> None:
     world = World(body(reportIntervalSeconds=10))
     world.step()
     now = T0 + timedelta(seconds=5)
-    entry = {"partitions": [0, 1, 2, 3], "published": 7, "backlog": 3, "reportTime": "2026-01-01T12:00:04Z"}
+    entry = {"partitions": list(range(8)), "published": 7, "backlog": 3, "reportTime": "2026-01-01T12:00:04Z"}
     world.cr["status"]["workers"] = {"orders-relay-a": entry, "orders-relay-gone": entry}
     world.pods = ["orders-relay-a"]
     result = world.step(now)
     assert result.status_patch["workers"] == {"orders-relay-gone": None}
     assert world.cr["status"]["totals"]["backlog"] == 3
-    assert world.cr["status"]["totals"]["partitionsOwned"] == 4
+    assert world.cr["status"]["totals"]["partitionsOwned"] == 8
 
 
 def test_a_child_owned_by_someone_else_is_left_alone() -> None:
@@ -194,7 +194,9 @@ def test_autoscaler_drives_the_deployment() -> None:
     )
     world.step()
     assert world.children[("Deployment", "orders-relay")]["spec"]["replicas"] == 2  # from spec.replicas
-    world.cr["status"]["workers"] = {"orders-relay-a": {"backlog": 5500, "reportTime": "2026-01-01T12:00:00Z"}}
+    world.cr["status"]["workers"] = {
+        "orders-relay-a": {"partitions": list(range(8)), "backlog": 5500, "reportTime": "2026-01-01T12:00:00Z"}
+    }
     world.pods = ["orders-relay-a"]
     result = world.step()
     assert world.children[("Deployment", "orders-relay")]["spec"]["replicas"] == 6
