@@ -21,11 +21,12 @@ from faults.harness import (
     pending_count,
     produce,
     wait_drained,
-    wait_for,
 )
 from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
-from outbox_worker.adapters.embedded import EmbeddedNats, free_port
+from outbox_devkit.embedded import free_port
 from outbox_worker.core.history import CommittedEvent, MarkRecord, StoredEvent, check_history
+from support.polling import wait_for
+from support.servers import ControlledNats
 
 # --- the pure checker -----------------------------------------------------------------------------
 TRUTH = [CommittedEvent("e1", "o/1", 1), CommittedEvent("e2", "o/1", 2), CommittedEvent("e3", "o/2", 3)]
@@ -159,7 +160,7 @@ def assert_broken_relay_published(worker: WorkerProc, broken_step: str) -> int:
 
 
 async def test_broken_relay_marking_before_the_ack_is_caught(
-    pg_dsn: str, own_nats: EmbeddedNats, make_rig: Callable[..., Rig]
+    pg_dsn: str, own_nats: ControlledNats, make_rig: Callable[..., Rig]
 ) -> None:
     """A relay that treats 'handed to the client' as 'acked' loses every row it claims while the
     broker is down (nats-server SIGKILLed for 3 s); the checker reports them lost and marked without

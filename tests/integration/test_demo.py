@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 
-from outbox_worker.adapters.embedded import children_of, pid_alive
+from outbox_devkit.embedded import children_of, pid_alive
 
 KEYS = ("events", "published", "lost", "duplicates", "order_violations", "events_per_s", "p50_ms", "p99_ms")
 

@@ -21,9 +21,9 @@ from kube_emulator import KubeEmulator
 from local_kubelet import LocalKubelet
 from opkit import NAMESPACE, eventually, kopf_in_process
 
+from outbox_devkit.producers import ProducerPlan, prepare, produce
 from outbox_worker.adapters.history_io import verify
 from outbox_worker.adapters.store import migrate
-from outbox_worker.app.producers import ProducerPlan, prepare, produce
 from outbox_worker.core.sql import Sql
 
 pytestmark = [pytest.mark.e2e_local, pytest.mark.timeout(600)]

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from outbox_worker.core.benchstats import (
+from outbox_devkit.benchstats import (
     SEED_REFERENCE,
     Row,
     build_report,

