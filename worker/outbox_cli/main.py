@@ -27,6 +27,7 @@ EXIT_FAILURE = 1  # a violation was found (verify), or the worker stopped on an 
 EXIT_USAGE = 2  # bad flags or settings
 EXIT_CONFIG = 3  # configuration problem found at start-up: missing table or stream, bad credentials
 EXIT_UNAVAILABLE = 4  # a dependency could not be reached in time (database, NATS)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
 
 
 class _Command(Protocol):
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -656,8 +656,16 @@ class EmbeddedNats(ServerLifecycle):
         with self.log_path.open("ab") as log:
             log.write(f"\n=== {time.strftime('%H:%M:%S')} starting: {shlex.join(argv)}\n".encode())
             log.flush()
+            # Its own process group: Ctrl-C in a terminal signals the whole foreground group, and a
+            # server that died with it would fail its clients before they are stopped in order.
+            # (PostgreSQL's postmaster gets its own session from pg_ctl.)
             self._proc = subprocess.Popen(
-                argv, cwd=self._base_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                argv,
+                cwd=self._base_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         stop_at_exit(self)
 
