@@ -20,6 +20,7 @@ from pathlib import Path
 from outbox_cli.devkit import missing_embedded_servers
 from outbox_cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, tune_gc
 from outbox_common.settings import WorkerSettings
+from outbox_worker.core.sql import DEFAULT_PARTITIONS
 
 HELP = "Benchmark the relay (seed pressure levels, sustained drain, baselines, latency, growth), verified."
 
@@ -30,14 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scenario",
         default="all",
-        help="comma-separated subset of: " + ", ".join(SCENARIOS) + " (default all)",
+        help="comma-separated subset of: " + ", ".join(SCENARIOS) + ", or all",
     )
-    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario; medians are reported (default 3)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario; medians are reported")
     parser.add_argument("--json", dest="json_path", default="", help="write the report (stable schema) to this path")
     parser.add_argument(
         "--scale", type=float, default=1.0, help="multiply event counts and durations (e.g. 0.01 for a smoke run)"
     )
-    parser.add_argument("--partitions", type=int, default=16, help="virtual partitions of the bench tables")
+    parser.add_argument(
+        "--partitions", type=int, default=DEFAULT_PARTITIONS, help="virtual partitions of the bench tables"
+    )
     parser.add_argument(
         "--worker-env",
         action="append",
