@@ -13,11 +13,8 @@ from outbox_worker.core.sql import DEFAULT_PARTITIONS
 HELP = "Run the relay end to end on embedded PostgreSQL and NATS (no cluster) and verify the stream."
 
 # What each figure of the summary measures, printed beside it.
-EVENTS_PER_S_MEANS = (
-    "first commit to last event stored; bounded by the demo's producers, not the relay "
-    "(the relay's own capacity: `outboxctl bench`)"
-)
-LATENCY_MEANS = "commit to stored in the stream, workers already running (relay latency after start-up)"
+EVENTS_PER_S_MEANS = "first commit to last stored: the demo's producers set this pace (relay capacity: outboxctl bench)"
+LATENCY_MEANS = "commit to stored, workers running before the first commit: the relay's latency"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
