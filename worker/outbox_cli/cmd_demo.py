@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"unexpected (phantom)  {summary.unexpected:>10,}")
         print(f"events/s              {summary.events_per_s:>10,.0f}   {EVENTS_PER_S_MEANS}")
         print(f"commit->stored p50    {summary.p50_ms:>10.1f} ms  {LATENCY_MEANS}")
-        print(f"commit->stored p99    {summary.p99_ms:>10.1f} ms")
+        print(f"commit->stored p99    {summary.p99_ms:>10.1f} ms  clock: {summary.latency_clock}")
         print(f"workers exit codes    {summary.worker_exit_codes}")
         print("OK" if summary.ok else "FAILED")
     return EXIT_OK if summary.ok else EXIT_FAILURE

@@ -282,6 +282,10 @@ class EmbeddedPostgres(ServerLifecycle):
     SIGKILL drops the last ~hundreds of milliseconds of acknowledged commits, which would make
     fault tests report anomalies that a real deployment cannot have. Pass ``fsync=True`` for
     benchmarks that must pay the real cost of a durable commit.
+
+    ``track_commit_timestamp=True`` records each transaction's commit time, so latencies can be
+    measured from the real commit (``pg_xact_commit_timestamp``) rather than from when a client saw
+    its COMMIT return.
     """
 
     def __init__(
@@ -291,12 +295,14 @@ class EmbeddedPostgres(ServerLifecycle):
         *,
         fsync: bool = False,
         max_connections: int = 200,
+        track_commit_timestamp: bool = False,
     ) -> None:
         self._owns_dir = base_dir is None
         self._base_dir = base_dir
         self._port_fixed = port is not None
         self._port = port if port is not None else free_port()
         self._fsync = fsync
+        self._track_commit_timestamp = track_commit_timestamp
         self._max_connections = max_connections
         self._as_user: str | None = PG_SYSTEM_USER if os.geteuid() == 0 else None
         self._started_once = False
@@ -480,7 +486,8 @@ class EmbeddedPostgres(ServerLifecycle):
         onoff = "on" if self._fsync else "off"
         options = (
             f"-p {self._port} -k {shlex.quote(str(self.base_dir))} -c listen_addresses=127.0.0.1 "
-            f"-c fsync={onoff} -c full_page_writes={onoff} -c max_connections={self._max_connections}"
+            f"-c fsync={onoff} -c full_page_writes={onoff} -c max_connections={self._max_connections} "
+            f"-c track_commit_timestamp={'on' if self._track_commit_timestamp else 'off'}"
         )
         self._run(
             [
