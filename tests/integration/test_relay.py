@@ -91,7 +91,9 @@ async def stream_messages(nats_url: str, count: int, timeout: float = 10) -> lis
         out: list[Any] = []
         deadline = time.monotonic() + timeout
         while len(out) < count and time.monotonic() < deadline:
-            with contextlib.suppress(nats.errors.TimeoutError):
+            # nats-py 2.16 raises nats.errors.TimeoutError, or a bare asyncio.TimeoutError when its 1 s
+            # deadline is spent before the lingering pull (js/client.py, _fetch_n): both mean "none yet".
+            with contextlib.suppress(asyncio.TimeoutError):
                 out += await sub.fetch(count - len(out), timeout=1)
         return out
     finally:
