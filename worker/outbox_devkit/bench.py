@@ -71,7 +71,7 @@ from outbox_devkit.producers import (
 from outbox_worker.adapters.history_io import read_stream, read_truth
 from outbox_worker.adapters.store import Fence, OutboxStore, connect_pool, migrate
 from outbox_worker.core.history import HistoryReport, StoredEvent, check_history
-from outbox_worker.core.sql import Sql
+from outbox_worker.core.sql import DEFAULT_PARTITIONS, Sql
 
 DB_SCHEMA = "outbox_bench"  # bench tables live here; each run drops and recreates its own table
 STREAM = "OUTBOX_BENCH"
@@ -95,7 +95,7 @@ class BenchOptions:
     scenarios: Sequence[str] = SCENARIOS
     repeat: int = 3
     scale: float = 1.0  # multiplies event counts and durations (the smoke test uses ~0.01)
-    partitions: int = 16
+    partitions: int = DEFAULT_PARTITIONS
     database_url: str = ""
     nats_url: str = ""
     worker_env: dict[str, str] = field(default_factory=dict)  # OUTBOX_* overrides for every worker

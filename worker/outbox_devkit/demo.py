@@ -44,7 +44,7 @@ from outbox_devkit.producers import (
 from outbox_worker.adapters.history_io import read_stream, read_truth
 from outbox_worker.adapters.store import migrate
 from outbox_worker.core.history import HistoryReport, check_history
-from outbox_worker.core.sql import Sql
+from outbox_worker.core.sql import DEFAULT_PARTITIONS, Sql
 
 STREAM = "OUTBOX_DEMO"
 PUBLISHER = "demo"
@@ -55,7 +55,7 @@ READY_TIMEOUT_SECONDS = 60.0  # workers start, connect and share out the partiti
 class DemoOptions:
     events: int = 20_000
     workers: int = 2
-    partitions: int = 16
+    partitions: int = DEFAULT_PARTITIONS
     aggregates: int = 2_000
     database_url: str = ""
     nats_url: str = ""
