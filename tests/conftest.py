@@ -2,14 +2,14 @@
 
 Session-scoped servers start lazily (only when a test asks for them) and once per session:
 
-* ``pg`` -> :class:`EmbeddedPostgres`, ``nats_server`` -> :class:`EmbeddedNats`.
+* ``pg`` -> :class:`EmbeddedPostgres`, ``nats_server`` -> :class:`EmbeddedNats` (the dev kit's).
 
 Per test:
 
 * ``pg_dsn`` -> DSN of a fresh, empty database on the shared server (dropped afterwards).
 * ``nats_url`` -> URL of the shared nats-server; every JetStream stream is deleted after the test.
 * ``own_pg`` / ``own_nats`` / ``own_nats_cluster`` -> a private server for tests that kill, pause or
-  restart it (fault tests); removed after the test.
+  restart it (fault tests; ``support.servers``); removed after the test.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import nats
 import pytest
 from nats.js.errors import NotFoundError
 
-from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres
+from outbox_devkit.embedded import EmbeddedNats, EmbeddedPostgres
+from support.servers import ControlledNats, ControlledPostgres, NatsCluster
 
 
 @pytest.fixture(scope="session")
@@ -76,27 +77,27 @@ async def nats_url(nats_server: EmbeddedNats) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def own_pg() -> Iterator[EmbeddedPostgres]:
+def own_pg() -> Iterator[ControlledPostgres]:
     """A private, started PostgreSQL that the test may kill, pause or restart."""
-    server = EmbeddedPostgres()
+    server = ControlledPostgres()
     server.start()
     yield server
     server.cleanup()
 
 
 @pytest.fixture
-def own_nats() -> Iterator[EmbeddedNats]:
+def own_nats() -> Iterator[ControlledNats]:
     """A private, started nats-server that the test may kill, pause or restart."""
-    server = EmbeddedNats()
+    server = ControlledNats()
     server.start()
     yield server
     server.cleanup()
 
 
 @pytest.fixture
-def own_nats_cluster() -> Iterator[EmbeddedNatsCluster]:
+def own_nats_cluster() -> Iterator[NatsCluster]:
     """A private, started 3-node JetStream cluster (meta leader elected)."""
-    cluster = EmbeddedNatsCluster(size=3)
+    cluster = NatsCluster(size=3)
     cluster.start()
     yield cluster
     cluster.cleanup()

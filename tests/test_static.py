@@ -35,5 +35,12 @@ def test_mypy_strict() -> None:
     _run("mypy")
 
 
+def test_mypy_strict_fault_patches_and_test_support() -> None:
+    # The fault suite's worker entry patches product methods; checked against their real signatures
+    # so that a refactor of the relay cannot silently disarm a fault test (see the file's docstring).
+    # tests/support subclasses the dev kit's servers: checked the same way.
+    _run("mypy", "tests/faults/worker_entry.py", "tests/support")
+
+
 def test_import_contracts() -> None:
     _run("lint-imports")

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from outbox_worker.core.benchstats import SCENARIOS, validate_report
+from outbox_devkit.benchstats import SCENARIOS, validate_report
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(600)]
 

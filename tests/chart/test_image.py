@@ -117,3 +117,15 @@ def test_dockerignore_is_an_allow_list_covering_every_copy() -> None:
             src = src.rstrip("/")
             assert any(src == a or src.startswith(a + "/") for a in allowed), f"{src} is excluded by .dockerignore"
             assert (cc.ROOT / src).exists() or src == "README.md", f"{src} does not exist"
+
+
+def test_image_carries_no_embedded_servers_and_the_cli_says_so() -> None:
+    """The image holds the operator and the worker: the dev kit's 'embedded' extra (PostgreSQL and
+    nats-server binaries for `outboxctl demo`/`bench`) is not in its lock, and those commands name
+    the extra instead of failing (tests/unit/test_cli.py runs them without it)."""
+    project = tomllib.loads((cc.ROOT / "pyproject.toml").read_text())
+    locked = pins(LOCK)
+    extra = project["project"]["optional-dependencies"]["embedded"]
+    assert extra
+    for dep in extra:
+        assert canonicalize_name(Requirement(dep).name) not in locked, f"{dep} is in the image lock"

@@ -29,11 +29,12 @@ import asyncpg
 import nats
 from nats.js import api as js_api
 
-from outbox_worker.adapters.embedded import free_port
+from outbox_devkit.embedded import free_port
 from outbox_worker.adapters.history_io import audit_ddl, ledger_ddl, ledger_insert, read_marks, read_stream, read_truth
 from outbox_worker.adapters.store import migrate
 from outbox_worker.core.history import HistoryReport, check_history
 from outbox_worker.core.sql import Sql
+from support.polling import seconds_until
 
 HERE = Path(__file__).parent
 ENTRY = HERE / "worker_entry.py"
@@ -304,21 +305,6 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-async def wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str = "condition") -> float:
-    """Poll ``predicate()`` (sync or async) until true; return the seconds it took. Raise on timeout."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return time.monotonic() - start
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout:.0f}s")
-        await asyncio.sleep(interval)
-
-
 # --- producers ------------------------------------------------------------------------------------
 @dataclass
 class ProduceStats:
@@ -483,7 +469,7 @@ async def wait_drained(rig: Rig, timeout: float, what: str = "backlog drained") 
                     print(f"[faults] slow drain, pg session: {dict(r)}")
         return await pending_count(rig.dsn, rig.sql) == 0
 
-    return await wait_for(drained, timeout, 0.3, what)
+    return await seconds_until(drained, timeout, what, interval=0.3)
 
 
 async def fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:

@@ -16,7 +16,7 @@ import pytest
 
 from faults.harness import Rig, bulk_insert, check, fetch, worker_env
 from outbox_cli.main import EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_USAGE
-from outbox_worker.adapters.embedded import EmbeddedNats, free_port
+from outbox_devkit.embedded import EmbeddedNats, free_port
 
 SECRET = "s3cr3t-Pa55"
 

@@ -26,10 +26,10 @@ from faults.harness import (
     produce,
     stream_messages,
     wait_drained,
-    wait_for,
 )
 from faults.proxy import TcpProxy
-from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedNatsCluster
+from support.polling import seconds_until, wait_for
+from support.servers import ControlledNats, NatsCluster
 
 IN_FLIGHT_LINE = re.compile(r"NATS disconnected with (\d+) publishes in flight")
 
@@ -39,7 +39,7 @@ def _in_flight_at_disconnect(log: str) -> list[int]:
 
 
 async def test_nats_sigkill_with_5000_acks_in_flight_five_times(
-    pg_dsn: str, own_nats: EmbeddedNats, make_rig: Callable[..., Rig]
+    pg_dsn: str, own_nats: ControlledNats, make_rig: Callable[..., Rig]
 ) -> None:
     """SIGKILL nats-server while ≥5,000 publishes await their acks, restart it after 3 s; five times.
 
@@ -102,7 +102,7 @@ async def _until_in_flight(w: object, n: int, timeout: float) -> bool:
 
 
 async def test_nats_sigstop_30s_stall_detected_nothing_hangs(
-    pg_dsn: str, own_nats: EmbeddedNats, make_rig: Callable[..., Rig]
+    pg_dsn: str, own_nats: ControlledNats, make_rig: Callable[..., Rig]
 ) -> None:
     """Freeze nats-server (SIGSTOP) for 30 s under load, then SIGCONT.
 
@@ -121,7 +121,9 @@ async def test_nats_sigstop_30s_stall_detected_nothing_hangs(
     own_nats.pause()
     paused_at = time.monotonic()
     try:
-        detected = await wait_for(lambda: w.ready() is False, 25, 0.1, what="stall detected (readyz false)")
+        detected = await seconds_until(
+            lambda: w.ready() is False, 25, interval=0.1, what="stall detected (readyz false)"
+        )
         scrapes = 0
         while time.monotonic() - paused_at < 30:
             w.metrics(2.0)  # the worker answers while its broker is frozen
@@ -132,7 +134,7 @@ async def test_nats_sigstop_30s_stall_detected_nothing_hangs(
         )
     finally:
         own_nats.resume()
-    reconnected = await wait_for(lambda: w.ready() is True, 30, 0.1, what="worker ready after SIGCONT")
+    reconnected = await seconds_until(lambda: w.ready() is True, 30, interval=0.1, what="worker ready after SIGCONT")
     await asyncio.wait_for(producer, 120)
     drain = await wait_drained(rig, 90)
     codes = rig.stop_all()
@@ -229,7 +231,9 @@ async def test_slow_broker_bandwidth_limit_bounded_then_recovers(
         backlog = await pending_count(rig.dsn, rig.sql) or 0
         proxy.set_rate(0)
         lifted = time.monotonic()
-        await wait_for(lambda: _pending_below(rig, 3000), 30, 0.2, what="backlog drained after the limit was lifted")
+        await wait_for(
+            lambda: _pending_below(rig, 3000), 30, interval=0.2, what="backlog drained after the limit was lifted"
+        )
         recovered = time.monotonic() - lifted
         await asyncio.wait_for(producer, 120)
         await wait_drained(rig, 60)
@@ -390,7 +394,7 @@ async def _max_attempts_at_least(rig: Rig, n: int) -> bool:
 
 
 async def test_cluster_r3_stream_leader_killed_under_load(
-    pg_dsn: str, own_nats_cluster: EmbeddedNatsCluster, make_rig: Callable[..., Rig]
+    pg_dsn: str, own_nats_cluster: NatsCluster, make_rig: Callable[..., Rig]
 ) -> None:
     """A three-node JetStream cluster on loopback, stream with 3 replicas; under load, SIGKILL the
     server that leads the stream, restart it 3 s later, three times. Workers know all three URLs."""
@@ -412,7 +416,10 @@ async def test_cluster_r3_stream_leader_killed_under_load(
         t0 = time.monotonic()
         killed.append(leader)
         await wait_for(
-            lambda lead=leader: _has_other_leader(cluster.urls, rig.stream, lead), 30, 0.2, what="new stream leader"
+            lambda lead=leader: _has_other_leader(cluster.urls, rig.stream, lead),
+            30,
+            interval=0.2,
+            what="new stream leader",
         )
         elections.append(round(time.monotonic() - t0, 1))
         await asyncio.sleep(max(0.0, 3 - (time.monotonic() - t0)))

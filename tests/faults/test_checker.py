@@ -12,10 +12,21 @@ from collections.abc import Callable
 
 import nats
 
-from faults.harness import Rig, bulk_insert, check, fetch, pending_count, produce, wait_drained, wait_for
+from faults.harness import (
+    Rig,
+    WorkerProc,
+    bulk_insert,
+    check,
+    fetch,
+    pending_count,
+    produce,
+    wait_drained,
+)
 from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
-from outbox_worker.adapters.embedded import EmbeddedNats, free_port
+from outbox_devkit.embedded import free_port
 from outbox_worker.core.history import CommittedEvent, MarkRecord, StoredEvent, check_history
+from support.polling import wait_for
+from support.servers import ControlledNats
 
 # --- the pure checker -----------------------------------------------------------------------------
 TRUTH = [CommittedEvent("e1", "o/1", 1), CommittedEvent("e2", "o/1", 2), CommittedEvent("e3", "o/2", 3)]
@@ -136,8 +147,20 @@ async def test_verify_cli_figures_json_and_exit_codes(pg_dsn: str, nats_url: str
 
 
 # --- deliberately broken relays -------------------------------------------------------------------
+def assert_broken_relay_published(worker: WorkerProc, broken_step: str) -> int:
+    """The worker ran its broken step (``broken_step`` events in its hook log) and published through
+    it; returns the events it published. A broken relay that publishes nothing shows no fault at all,
+    so a test that lets it pass proves nothing about the checker."""
+    events = worker.hook_events()
+    steps = [e for e in events if e["event"] == broken_step]
+    assert steps, f"{worker.name} never ran its broken {broken_step}: the fault patch did not take effect"
+    published = sum(e["ok"] for e in events if e["event"] == "wave")
+    assert published > 0, f"{worker.name} published nothing: the broken relay did not relay at all"
+    return published
+
+
 async def test_broken_relay_marking_before_the_ack_is_caught(
-    pg_dsn: str, own_nats: EmbeddedNats, make_rig: Callable[..., Rig]
+    pg_dsn: str, own_nats: ControlledNats, make_rig: Callable[..., Rig]
 ) -> None:
     """A relay that treats 'handed to the client' as 'acked' loses every row it claims while the
     broker is down (nats-server SIGKILLed for 3 s); the checker reports them lost and marked without
@@ -156,12 +179,14 @@ async def test_broken_relay_marking_before_the_ack_is_caught(
     await asyncio.wait_for(producer, 60)
     await wait_drained(rig, 30)
     rig.stop_all()
+    assert_broken_relay_published(w, "broken_publish_wave")
     report = await check(
         rig,
         "BROKEN relay: marks before the ack (must be caught)",
         "relay reports every publish acked once handed to the client; nats-server SIGKILLed 3s",
         seconds=time.monotonic() - started,
     )
+    assert report.published > 0
     assert report.lost > 0
     assert report.marked_not_stored > 0
     assert not report.ok
@@ -180,12 +205,15 @@ async def test_broken_relay_with_an_id_cursor_is_caught(
     await rig.prepare()
     await rig.create_stream()
     started = time.monotonic()
-    rig.worker("broken", {"OUTBOX_TEST_BROKEN": "cursor", "OUTBOX_LOOPS": "1", "OUTBOX_POLL_INTERVAL_SECONDS": "0.1"})
+    broken = rig.worker(
+        "broken", {"OUTBOX_TEST_BROKEN": "cursor", "OUTBOX_LOOPS": "1", "OUTBOX_POLL_INTERVAL_SECONDS": "0.1"}
+    )
     await produce(
         rig.dsn, rig.sql, 3000, producers=6, tx_size=5, slow_ratio=0.3, slow_seconds=0.3, aggregates=120, timeout=60
     )
     await asyncio.sleep(3)  # more than enough for any correct relay to finish
     rig.stop_all()
+    published = assert_broken_relay_published(broken, "cursor_claim")
     skipped = await pending_count(rig.dsn, rig.sql)
     report = await check(
         rig,
@@ -194,7 +222,9 @@ async def test_broken_relay_with_an_id_cursor_is_caught(
         seconds=time.monotonic() - started,
     )
     assert skipped
-    assert report.pending == skipped
+    assert report.published == published  # the stream holds what the broken relay published ...
+    assert report.pending == skipped  # ... and the rows its cursor skipped are still pending
+    assert report.published + skipped == report.events
     assert report.lost == 0  # nothing was marked wrongly: the rows are silently left behind ...
     assert not report.ok  # ... which expect_drained reports
     assert report.violations() == {"pending": skipped}

@@ -21,9 +21,9 @@ from faults.harness import (
     fetch,
     produce,
     wait_drained,
-    wait_for,
 )
-from outbox_worker.adapters.embedded import EmbeddedPostgres
+from support.polling import seconds_until, wait_for
+from support.servers import ControlledPostgres
 
 
 async def _owned(rig: Rig) -> dict[str, int]:
@@ -50,7 +50,7 @@ async def test_worker_killed_between_publish_and_mark(pg_dsn: str, nats_url: str
     unmarked = [e for e in w1.hook_events() if e["event"] == "before_mark" and e["n"]]
     acked_unmarked = sum(e["n"] for e in unmarked)
     w2 = rig.worker("w2")
-    takeover = await wait_for(lambda: _holds_all(rig, "w2"), 30, what="w2 took over every partition")
+    takeover = await seconds_until(lambda: _holds_all(rig, "w2"), 30, what="w2 took over every partition")
     await wait_drained(rig, 60)
     dup_acks = int(w2.serving_metrics().get("outbox_duplicates_total", 0))
     codes = rig.stop_all()
@@ -138,7 +138,7 @@ async def test_zombie_worker_frozen_past_its_lease(pg_dsn: str, nats_url: str, m
     await wait_for(lambda: any(e["event"] == "freeze" for e in w1.hook_events()), 20, what="w1 frozen")
     frozen_at = time.monotonic()
     rig.worker("w2")
-    takeover = await wait_for(lambda: _holds_all(rig, "w2"), 20, what="w2 took over every partition")
+    takeover = await seconds_until(lambda: _holds_all(rig, "w2"), 20, what="w2 took over every partition")
     await wait_for(lambda: any(e["event"] == "resume" for e in w1.hook_events()), 20, what="w1 resumed")
     await asyncio.sleep(1)
     await bulk_insert(rig.dsn, rig.sql, 2000, 50)  # work for both after the zombie is back
@@ -195,7 +195,7 @@ async def test_sigterm_under_load_exits_0_within_grace(
     t0 = time.monotonic()
     code = w1.terminate(grace=15)
     exit_s = time.monotonic() - t0
-    takeover = await wait_for(lambda: _holds_all(rig, "w2"), 20, 0.1, what="w2 took over every partition")
+    takeover = await seconds_until(lambda: _holds_all(rig, "w2"), 20, interval=0.1, what="w2 took over every partition")
     await asyncio.wait_for(producer, 90)
     await wait_drained(rig, 60)
     dup_acks = int(w2.serving_metrics().get("outbox_duplicates_total", 0))
@@ -222,7 +222,7 @@ async def _both_own(rig: Rig) -> bool:
 
 
 async def test_postgres_killed_mid_run_and_restarted(
-    own_pg: EmbeddedPostgres, nats_url: str, make_rig: Callable[..., Rig]
+    own_pg: ControlledPostgres, nats_url: str, make_rig: Callable[..., Rig]
 ) -> None:
     """SIGKILL PostgreSQL (the postmaster and its children) under load, restart it 3 s later on the
     same port. Workers keep running, reconnect with backoff and finish; producers' transactions that

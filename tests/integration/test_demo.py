@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 
-from outbox_worker.adapters.embedded import children_of, pid_alive
+from outbox_devkit.embedded import children_of, pid_alive
 
 KEYS = ("events", "published", "lost", "duplicates", "order_violations", "events_per_s", "p50_ms", "p99_ms")
 
@@ -42,6 +42,7 @@ def test_demo_json_reports_a_clean_relay() -> None:
     assert (summary["lost"], summary["duplicates"], summary["order_violations"]) == (0, 0, 0)
     assert summary["events_per_s"] > 0
     assert 0 < summary["p50_ms"] <= summary["p99_ms"]
+    assert summary["latency_clock"] == "postgres commit timestamp"  # from the commit, not when COMMIT returned
     assert summary["ok"] is True
     assert summary["rolled_back"] > 0  # rolled-back producer transactions were exercised, and excluded
     assert summary["worker_exit_codes"] == [0] * summary["workers"]
@@ -81,6 +82,47 @@ def test_sigterm_stops_the_demo_with_its_workers_and_servers() -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             proc.kill()
+    ports = [int(p) for p in found.groups()]
+    assert [listening(p) for p in ports] == [False, False]
+    assert [p for p in started if pid_alive(p)] == []
+
+
+def test_ctrl_c_stops_the_demo_in_order_with_one_line() -> None:
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group. The demo's workers and
+    servers run in their own process groups, so only the demo gets it: it stops the workers, then
+    nats-server, then PostgreSQL, and prints one line, without a traceback from any of them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "outbox_cli", "demo", "--events", "5000000", "--timeout", "300"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the demo leads its own process group, as a shell's foreground job does
+    )
+    found = None
+    try:
+        assert proc.stdout is not None
+        seen = ""
+        while "committed" not in seen:  # a progress line: workers ready, producers running
+            line = proc.stdout.readline()
+            assert line, seen[-2000:]
+            seen += line
+        found = re.search(r"servers up: postgres 127\.0\.0\.1:(\d+)/\S*, nats nats://127\.0\.0\.1:(\d+)", seen)
+        assert found, seen[-2000:]
+        started = children_of(proc.pid)
+        assert started
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # failed: leave no orphans behind for the tests after this one
+            for pid in children_of(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    after = [line for line in (out + err).splitlines() if line.strip() and "committed" not in line]
+    assert after == ["interrupted: stopped the workers, then nats-server, then PostgreSQL"], (out + err)[-3000:]
     ports = [int(p) for p in found.groups()]
     assert [listening(p) for p in ports] == [False, False]
     assert [p for p in started if pid_alive(p)] == []

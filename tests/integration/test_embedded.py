@@ -10,7 +10,8 @@ import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, _peers_ready
+from outbox_devkit.embedded import EmbeddedNats, EmbeddedPostgres
+from support.servers import ControlledNats, ControlledPostgres, NatsCluster, peers_ready
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,7 @@ async def test_pg_dsn_gives_each_test_a_fresh_database(pg_dsn: str) -> None:
         await conn.close()
 
 
-async def test_postgres_kill_and_restart_keeps_committed_data(own_pg: EmbeddedPostgres) -> None:
+async def test_postgres_kill_and_restart_keeps_committed_data(own_pg: ControlledPostgres) -> None:
     conn = await asyncpg.connect(own_pg.dsn)
     await conn.execute("CREATE TABLE t (v text); INSERT INTO t VALUES ('kept')")
     pid = own_pg.pid
@@ -56,7 +57,7 @@ async def test_postgres_kill_and_restart_keeps_committed_data(own_pg: EmbeddedPo
         await conn.close()
 
 
-async def test_postgres_pause_stalls_and_resume_recovers(own_pg: EmbeddedPostgres) -> None:
+async def test_postgres_pause_stalls_and_resume_recovers(own_pg: ControlledPostgres) -> None:
     own_pg.pause()
     try:
         with pytest.raises(TimeoutError):
@@ -85,7 +86,7 @@ async def test_nats_accepts_jetstream_publish_with_ack(nats_url: str) -> None:
         await nc.close()
 
 
-async def test_nats_kill_and_restart_keeps_stream_data(own_nats: EmbeddedNats) -> None:
+async def test_nats_kill_and_restart_keeps_stream_data(own_nats: ControlledNats) -> None:
     nc = await nats.connect(own_nats.url, allow_reconnect=False)
     js = nc.jetstream()
     await js.add_stream(name="DURABLE", subjects=["durable.>"])  # file storage is the default
@@ -110,7 +111,7 @@ async def test_nats_kill_and_restart_keeps_stream_data(own_nats: EmbeddedNats) -
         await nc.close()
 
 
-async def test_nats_pause_stalls_and_resume_recovers(own_nats: EmbeddedNats) -> None:
+async def test_nats_pause_stalls_and_resume_recovers(own_nats: ControlledNats) -> None:
     nc = await nats.connect(own_nats.url)
     try:
         js = nc.jetstream()
@@ -134,16 +135,16 @@ def test_a_meta_leader_is_ready_once_it_counts_every_other_member_current_and_on
             {"offline": True} if offline else {}
         )
 
-    assert _peers_ready({"leader": "n1", "replicas": [peer("n2"), peer("n3")]}, {"n2", "n3"})
-    assert not _peers_ready({"leader": "n1", "replicas": [peer("n2")]}, {"n2", "n3"})  # n3 not heard from
-    assert not _peers_ready({"leader": "n1", "replicas": [peer("n2"), peer("n3", current=False)]}, {"n2", "n3"})
-    assert not _peers_ready({"leader": "n1", "replicas": [peer("n2"), peer("n3", offline=True)]}, {"n2", "n3"})
-    assert not _peers_ready({"leader": "n1"}, {"n2"})
-    assert _peers_ready({"leader": "n1", "replicas": [peer("n2")]}, {"n2"})  # n3 stopped: not waited for
+    assert peers_ready({"leader": "n1", "replicas": [peer("n2"), peer("n3")]}, {"n2", "n3"})
+    assert not peers_ready({"leader": "n1", "replicas": [peer("n2")]}, {"n2", "n3"})  # n3 not heard from
+    assert not peers_ready({"leader": "n1", "replicas": [peer("n2"), peer("n3", current=False)]}, {"n2", "n3"})
+    assert not peers_ready({"leader": "n1", "replicas": [peer("n2"), peer("n3", offline=True)]}, {"n2", "n3"})
+    assert not peers_ready({"leader": "n1"}, {"n2"})
+    assert peers_ready({"leader": "n1", "replicas": [peer("n2")]}, {"n2"})  # n3 stopped: not waited for
 
 
 async def test_three_node_cluster_accepts_replicated_publish(
-    own_nats_cluster: EmbeddedNatsCluster,
+    own_nats_cluster: NatsCluster,
 ) -> None:
     assert len(own_nats_cluster.urls) == 3
     nc = await nats.connect(servers=own_nats_cluster.urls)

@@ -11,14 +11,14 @@ from typing import Any
 
 import asyncpg
 import pytest
-from support import wait_for
 
 from outbox_common.settings import WorkerSettings
+from outbox_devkit.producers import ProducerPlan, prepare, produce
 from outbox_worker.adapters.history_io import verify
 from outbox_worker.adapters.store import Fence, OutboxStore, migrate
-from outbox_worker.app.producers import ProducerPlan, prepare, produce
 from outbox_worker.app.worker import Worker
 from outbox_worker.core.sql import Sql
+from support.polling import wait_for
 
 SQL = Sql.for_table("public", "outbox")
 STREAM = "LEASES"

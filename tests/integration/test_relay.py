@@ -15,17 +15,18 @@ import asyncpg
 import nats
 import pytest
 from nats.js import api as js_api
-from support import SQL, running, setup_db, wait_for
 
 from outbox_common import names
 from outbox_common.envelope import OutboxRow
 from outbox_common.settings import WorkerSettings
-from outbox_worker.adapters.embedded import free_port
+from outbox_devkit.embedded import free_port
+from outbox_devkit.producers import ProducerPlan, produce
 from outbox_worker.adapters.history_io import ledger_insert, verify
-from outbox_worker.app.producers import ProducerPlan, produce
 from outbox_worker.app.relay import RelayHooks
 from outbox_worker.core.history import HistoryReport
 from outbox_worker.core.policy import PublishResult
+from support.polling import wait_for
+from support.relay import SQL, running, setup_db
 
 STREAM = "RELAY"
 
@@ -90,7 +91,9 @@ async def stream_messages(nats_url: str, count: int, timeout: float = 10) -> lis
         out: list[Any] = []
         deadline = time.monotonic() + timeout
         while len(out) < count and time.monotonic() < deadline:
-            with contextlib.suppress(nats.errors.TimeoutError):
+            # nats-py 2.16 raises nats.errors.TimeoutError, or a bare asyncio.TimeoutError when its 1 s
+            # deadline is spent before the lingering pull (js/client.py, _fetch_n): both mean "none yet".
+            with contextlib.suppress(asyncio.TimeoutError):
                 out += await sub.fetch(count - len(out), timeout=1)
         return out
     finally:

@@ -16,18 +16,19 @@ import asyncpg
 import nats
 import pytest
 from nats.js import api as js_api
-from support import SQL, running, setup_db, wait_for
 
 from outbox_common import names
 from outbox_common.envelope import OutboxRow
 from outbox_common.settings import WorkerSettings
-from outbox_worker.adapters.embedded import EmbeddedNats
+from outbox_devkit.producers import ProducerPlan, produce
 from outbox_worker.adapters.history_io import ledger_insert, verify
 from outbox_worker.adapters.publisher import JetStreamPublisher, Message
-from outbox_worker.app.producers import ProducerPlan, produce
 from outbox_worker.app.relay import RelayHooks
 from outbox_worker.app.worker import Worker
 from outbox_worker.core.policy import Outcome, PublishResult
+from support.polling import wait_for
+from support.relay import SQL, running, setup_db
+from support.servers import ControlledNats
 
 STREAM = "FAILURES"
 
@@ -107,7 +108,7 @@ def time_waves(worker: Worker) -> list[WaveLog]:
 # --- broker crash ---------------------------------------------------------------------------------
 
 
-async def test_nats_killed_and_restarted_mid_stream(pg_dsn: str, own_nats: EmbeddedNats) -> None:
+async def test_nats_killed_and_restarted_mid_stream(pg_dsn: str, own_nats: ControlledNats) -> None:
     await setup_db(pg_dsn, partitions=8)
     plan = ProducerPlan(events=5000, aggregates=300, producers=4, rate_per_s=2000, rollback_ratio=0.05)
     settings = worker_settings(pg_dsn, own_nats.url, loops=2, batch_size=300)
@@ -247,7 +248,7 @@ async def test_a_failed_row_holds_its_aggregate_back_across_batches(pg_dsn: str,
     assert (report.published, report.order_violations, report.dead_lettered) == (30, 0, 0)
 
 
-async def test_stalled_server_times_out_every_publish_and_retry_is_deduplicated(own_nats: EmbeddedNats) -> None:
+async def test_stalled_server_times_out_every_publish_and_retry_is_deduplicated(own_nats: ControlledNats) -> None:
     """With the server frozen, a wave ends as timeouts after the ack timeout, nothing left in flight;
     late acks are ignored; re-publishing with the same ids is absorbed as duplicates."""
     nc = await nats.connect(own_nats.url)

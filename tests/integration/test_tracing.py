@@ -15,11 +15,12 @@ import asyncpg
 import nats
 import pytest
 from nats.aio.msg import Msg
-from support import running, setup_db, wait_for
 from test_relay import STREAM, insert, worker_settings
 
 from outbox_common import names
-from outbox_worker.adapters.embedded import EmbeddedNats
+from outbox_devkit.embedded import EmbeddedNats
+from support.polling import wait_for
+from support.relay import running, setup_db
 
 TRACES = "traces.relay"
 USER, PASSWORD = "relay", "relay-pw"

@@ -22,13 +22,13 @@ from typing import Any
 import asyncpg
 import psutil
 import pytest
-from support import wait_for
 
+from outbox_devkit.producers import ProducerPlan, prepare, produce
 from outbox_worker.adapters.history_io import audit_ddl, verify
 from outbox_worker.adapters.store import migrate
-from outbox_worker.app.producers import ProducerPlan, prepare, produce
 from outbox_worker.core.history import HistoryReport
 from outbox_worker.core.sql import Sql
+from support.polling import wait_for
 
 SQL = Sql.for_table("public", "outbox")
 STREAM = "PROC"

@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support import polling
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "outbox-relay:e2e"  # built from the repository's Dockerfile, loaded into the kind nodes
@@ -116,19 +117,12 @@ class Cluster:
         return "\n".join(parts)[-20000:]
 
     def wait_for(self, what: str, probe: Callable[[], Any], timeout: float = 180, interval: float = 2) -> Any:
-        """Poll ``probe`` until it returns something truthy; fail with diagnostics on timeout."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            try:
-                last = probe()
-            except AssertionError as exc:
-                last = exc
-            else:
-                if last:
-                    return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}\n{self.diagnostics()}")
+        """Poll ``probe`` (:func:`support.polling.wait_for`) until it returns something truthy; fail with
+        diagnostics on timeout."""
+        try:
+            return asyncio.run(polling.wait_for(probe, timeout, what, interval))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnostics()}") from exc
 
 
 def image_manifest(path: Path, image: str) -> str:

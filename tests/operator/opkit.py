@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 NAMESPACE = "shop"
 
@@ -26,22 +25,3 @@ async def kopf_in_process(namespaces: list[str] | None = None, resync_seconds: f
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
-    """Poll ``check`` (sync or async) until it returns a truthy value; fail with its last error."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: BaseException | None = None
-    while True:
-        try:
-            result = check()
-            if isinstance(result, Awaitable):
-                result = await result
-            if result:
-                return result
-            last = None
-        except AssertionError as exc:
-            last = exc
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s") from last
-        await asyncio.sleep(interval)

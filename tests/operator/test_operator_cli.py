@@ -15,7 +15,9 @@ import crd_schema
 import pytest
 import yaml
 from kube_emulator import KubeEmulator
-from opkit import NAMESPACE, eventually
+from opkit import NAMESPACE
+
+from support.polling import wait_for
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
 
@@ -58,8 +60,8 @@ async def test_outboxctl_operator_all_namespaces_json_logs(emulator: KubeEmulato
             env={**os.environ},
         )
         try:
-            orders = await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"), 40)
-            billing = await eventually(lambda: emulator.get("apps/v1", "Deployment", "billing", "billing-relay"), 40)
+            orders = await wait_for(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"), 40)
+            billing = await wait_for(lambda: emulator.get("apps/v1", "Deployment", "billing", "billing-relay"), 40)
             for dep in (orders, billing):
                 assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "relay:cli-test"
 
@@ -67,7 +69,7 @@ async def test_outboxctl_operator_all_namespaces_json_logs(emulator: KubeEmulato
                 cr = emulator.get("outbox.dev/v1alpha1", "OutboxPublisher", "billing", "billing")
                 return bool(cr and (cr.get("status") or {}).get("observedGeneration") == 1)
 
-            await eventually(observed, 40)
+            await wait_for(observed, 40)
         finally:
             proc.send_signal(signal.SIGTERM)
             code = await asyncio.wait_for(proc.wait(), 30)

@@ -21,12 +21,13 @@ import nats
 import pytest
 from kube_emulator import KubeEmulator
 from local_kubelet import LocalKubelet
-from opkit import NAMESPACE, eventually, kopf_in_process
+from opkit import NAMESPACE, kopf_in_process
 
+from outbox_devkit.producers import ProducerPlan, prepare, produce
 from outbox_worker.adapters.history_io import verify
 from outbox_worker.adapters.store import migrate
-from outbox_worker.app.producers import ProducerPlan, prepare, produce
 from outbox_worker.core.sql import Sql
+from support.polling import wait_for
 
 pytestmark = [pytest.mark.e2e_local, pytest.mark.timeout(600)]
 
@@ -108,12 +109,12 @@ async def test_e2e_local(emulator: KubeEmulator, pg_dsn: str, nats_url: str, tmp
         LocalKubelet(emulator, NAMESPACE, tmp_path / "pods", extra_env={"KUBECONFIG": str(kubeconfig)}) as kubelet,
     ):
         await emulator.apply(publisher_cr(nats_url))
-        await eventually(lambda: condition(emulator, "Ready").get("status") == "True", 60)
+        await wait_for(lambda: condition(emulator, "Ready").get("status") == "True", 60)
 
         # 20,000 events: each in the stream once, in per-aggregate order; status shows the totals
         plan = ProducerPlan(events=20_000, aggregates=500, producers=4, rollback_ratio=0.05, slow_tx_ratio=0.02)
         first = await produce(pg_dsn, SQL, plan)
-        await eventually(lambda: _equals(stream_count(nats_url), first.committed), 120)
+        await wait_for(lambda: _equals(stream_count(nats_url), first.committed), 120)
 
         def drained() -> bool:
             totals = status(emulator).get("totals") or {}
@@ -123,7 +124,7 @@ async def test_e2e_local(emulator: KubeEmulator, pg_dsn: str, nats_url: str, tmp
                 and totals.get("workers") == 1
             )
 
-        await eventually(drained, 60)
+        await wait_for(drained, 60)
         assert condition(emulator, "Ready")["status"] == "True"
         assert condition(emulator, "DatabaseReady")["status"] == "True"
         assert condition(emulator, "StreamReady")["status"] == "True"
@@ -146,12 +147,12 @@ async def test_e2e_local(emulator: KubeEmulator, pg_dsn: str, nats_url: str, tmp
                 and set().union(*owned) == set(range(PARTITIONS))
             )
 
-        await eventually(rebalanced, 90)
+        await wait_for(rebalanced, 90)
         second = await produce(
             pg_dsn, SQL, ProducerPlan(events=3000, aggregates=500, producers=2, seed=11, rollback_ratio=0)
         )
         total = first.committed + second.committed
-        await eventually(lambda: _equals(stream_count(nats_url), total), 120)
+        await wait_for(lambda: _equals(stream_count(nats_url), total), 120)
         report = await verify(pg_dsn, SQL, nats_url, STREAM, expect_drained=True)
         assert report.ok, report.to_dict()
         assert (report.published, report.duplicates, report.order_violations) == (total, 0, 0)
@@ -186,13 +187,13 @@ async def test_e2e_local(emulator: KubeEmulator, pg_dsn: str, nats_url: str, tmp
 
         # pause: the workers drain and stop cleanly
         await emulator.patch(API, KIND, NAMESPACE, "orders", {"spec": {"paused": True}})
-        await eventually(lambda: not kubelet.running(), 60)
+        await wait_for(lambda: not kubelet.running(), 60)
         assert set(kubelet.exit_codes.values()) == {0}, kubelet.exit_codes
-        await eventually(lambda: condition(emulator, "Ready").get("reason") == "Paused", 30)
+        await wait_for(lambda: condition(emulator, "Ready").get("reason") == "Paused", 30)
 
         # delete: the children go with the publisher
         await emulator.delete(API, KIND, NAMESPACE, "orders")
-        await eventually(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None, 30)
+        await wait_for(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None, 30)
         for api, kind in [
             ("apps/v1", "Deployment"),
             ("v1", "ServiceAccount"),

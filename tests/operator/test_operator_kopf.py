@@ -11,7 +11,9 @@ import crd_schema
 import pytest
 import yaml
 from kube_emulator import KubeEmulator
-from opkit import NAMESPACE, eventually, kopf_in_process
+from opkit import NAMESPACE, kopf_in_process
+
+from support.polling import wait_for
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
 
@@ -86,7 +88,7 @@ async def test_create_reconciles_children_status_and_is_idempotent(emulator: Kub
     cr["spec"]["reportIntervalSeconds"] = 60  # reports stay fresh for the whole test
     await emulator.apply(cr)
     async with kopf_in_process():
-        dep = await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"))
+        dep = await wait_for(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"), 20)
         assert dep["spec"]["replicas"] == 2
         assert dep["spec"]["template"]["spec"]["containers"][0]["command"] == ["outboxctl", "worker"]
         for api, kind, name in [
@@ -96,12 +98,12 @@ async def test_create_reconciles_children_status_and_is_idempotent(emulator: Kub
             ("v1", "Service", "orders-relay-metrics"),
             ("policy/v1", "PodDisruptionBudget", "orders-relay"),
         ]:
-            child = await eventually(lambda a=api, k=kind, n=name: emulator.get(a, k, NAMESPACE, n))
+            child = await wait_for(lambda a=api, k=kind, n=name: emulator.get(a, k, NAMESPACE, n), 20)
             ref = child["metadata"]["ownerReferences"][0]
             assert ref["controller"] is True
             assert ref["uid"] == publisher(emulator)["metadata"]["uid"]
 
-        await eventually(lambda: condition(publisher(emulator), "Ready")["reason"] == "WaitingForReports")
+        await wait_for(lambda: condition(publisher(emulator), "Ready")["reason"] == "WaitingForReports", 20)
         status = publisher(emulator)["status"]
         assert status["observedGeneration"] == 1
         assert status["selector"] == "app.kubernetes.io/component=worker,outbox.dev/publisher=orders"
@@ -112,8 +114,8 @@ async def test_create_reconciles_children_status_and_is_idempotent(emulator: Kub
             await add_worker_pod(emulator, pod)
             await report(emulator, pod, partitions=owned, backlog=40, oldestPendingSeconds=2.5)
         await report(emulator, "orders-relay-gone")
-        await eventually(lambda: condition(publisher(emulator), "Ready")["status"] == "True")
-        await eventually(lambda: "orders-relay-gone" not in publisher(emulator)["status"]["workers"])
+        await wait_for(lambda: condition(publisher(emulator), "Ready")["status"] == "True", 20)
+        await wait_for(lambda: "orders-relay-gone" not in publisher(emulator)["status"]["workers"], 20)
         status = publisher(emulator)["status"]
         assert status["totals"]["backlog"] == 80
         assert status["totals"]["published"] == 200
@@ -131,14 +133,14 @@ async def test_create_reconciles_children_status_and_is_idempotent(emulator: Kub
         assert new_writes == []
         assert condition(publisher(emulator), "Ready")["lastTransitionTime"] == ready_since
 
-        await eventually(lambda: "Ready" in [e["reason"] for e in emulator.list("v1", "Event", NAMESPACE)])
+        await wait_for(lambda: "Ready" in [e["reason"] for e in emulator.list("v1", "Event", NAMESPACE)], 20)
 
 
 async def test_spec_change_rolls_the_template_and_scale_subresource(emulator: KubeEmulator) -> None:
     await make_secret(emulator, "orders-db")
     await emulator.apply(example())
     async with kopf_in_process():
-        dep = await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"))
+        dep = await wait_for(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"), 20)
         old_hash = dep["metadata"]["annotations"]["outbox.dev/pod-template-hash"]
 
         await emulator.patch(API, KIND, NAMESPACE, "orders", {"spec": {"publishing": {"batchSize": 250}}})
@@ -147,7 +149,7 @@ async def test_spec_change_rolls_the_template_and_scale_subresource(emulator: Ku
             dep = emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")
             return dep["metadata"]["annotations"]["outbox.dev/pod-template-hash"] != old_hash
 
-        await eventually(rolled)
+        await wait_for(rolled, 20)
         env = {
             e["name"]: e.get("value")
             for e in emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")["spec"]["template"]["spec"][
@@ -155,21 +157,21 @@ async def test_spec_change_rolls_the_template_and_scale_subresource(emulator: Ku
             ][0]["env"]
         }
         assert env["OUTBOX_BATCH_SIZE"] == "250"
-        await eventually(lambda: publisher(emulator)["status"]["observedGeneration"] == 2)
+        await wait_for(lambda: publisher(emulator)["status"]["observedGeneration"] == 2, 20)
 
         # kubectl scale goes through the scale subresource; the Deployment follows, the PDB goes
         await emulator.patch(API, KIND, NAMESPACE, "orders", {"spec": {"replicas": 1}})
-        await eventually(
-            lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")["spec"]["replicas"] == 1
+        await wait_for(
+            lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")["spec"]["replicas"] == 1, 20
         )
-        await eventually(lambda: emulator.get("policy/v1", "PodDisruptionBudget", NAMESPACE, "orders-relay") is None)
+        await wait_for(lambda: emulator.get("policy/v1", "PodDisruptionBudget", NAMESPACE, "orders-relay") is None, 20)
 
         # paused drains: the Deployment goes to 0 and Ready says why
         await emulator.patch(API, KIND, NAMESPACE, "orders", {"spec": {"paused": True}})
-        await eventually(
-            lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")["spec"]["replicas"] == 0
+        await wait_for(
+            lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")["spec"]["replicas"] == 0, 20
         )
-        await eventually(lambda: condition(publisher(emulator), "Ready")["reason"] == "Paused")
+        await wait_for(lambda: condition(publisher(emulator), "Ready")["reason"] == "Paused", 20)
 
 
 async def test_invalid_spec_sets_condition_and_creates_nothing(emulator: KubeEmulator) -> None:
@@ -183,19 +185,19 @@ async def test_invalid_spec_sets_condition_and_creates_nothing(emulator: KubeEmu
             cond = condition(publisher(emulator, "unknown-placeholder"), "Ready")
             return cond["status"] == "False" and cond["reason"] == "InvalidSpec"
 
-        await eventually(invalid)
+        await wait_for(invalid, 20)
         message = condition(publisher(emulator, "unknown-placeholder"), "Ready")["message"]
         assert message.startswith("spec.subjectTemplate:")
         assert "{customer}" in message
         assert emulator.list("apps/v1", "Deployment", NAMESPACE) == []
         assert emulator.list("v1", "ServiceAccount", NAMESPACE) == []
-        await eventually(lambda: any(e["reason"] == "InvalidSpec" for e in emulator.list("v1", "Event", NAMESPACE)))
+        await wait_for(lambda: any(e["reason"] == "InvalidSpec" for e in emulator.list("v1", "Event", NAMESPACE)), 20)
 
         # fixing the spec heals it
         await emulator.patch(
             API, KIND, NAMESPACE, "unknown-placeholder", {"spec": {"subjectTemplate": "orders.{event_type}"}}
         )
-        await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "unknown-placeholder-relay"))
+        await wait_for(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "unknown-placeholder-relay"), 20)
 
 
 async def test_missing_secret_waits_and_recovers(emulator: KubeEmulator) -> None:
@@ -206,21 +208,21 @@ async def test_missing_secret_waits_and_recovers(emulator: KubeEmulator) -> None
             cond = condition(publisher(emulator), "Ready")
             return cond["reason"] == "SecretNotFound"
 
-        await eventually(missing)
+        await wait_for(missing, 20)
         assert "orders-db" in condition(publisher(emulator), "Ready")["message"]
         assert condition(publisher(emulator), "DatabaseReady")["reason"] == "SecretNotFound"
         assert emulator.list("apps/v1", "Deployment", NAMESPACE) == []
         await make_secret(emulator, "orders-db")
-        await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"))
+        await wait_for(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"), 20)
 
 
 async def test_delete_removes_children(emulator: KubeEmulator) -> None:
     await make_secret(emulator, "orders-db")
     await emulator.apply(example())
     async with kopf_in_process():
-        await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"))
+        await wait_for(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"), 20)
         await emulator.delete(API, KIND, NAMESPACE, "orders")
-        await eventually(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None)
+        await wait_for(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None, 20)
         assert emulator.list("apps/v1", "Deployment", NAMESPACE) == []
         assert emulator.list("v1", "Service", NAMESPACE) == []
 
@@ -231,9 +233,9 @@ async def test_delete_while_a_resync_pass_is_in_flight(emulator: KubeEmulator) -
     await make_secret(emulator, "orders-db")
     await emulator.apply(example())
     async with kopf_in_process(resync_seconds=0.5):
-        await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"))
+        await wait_for(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"), 20)
         emulator.delays.append(("GET", "/secrets/", 2.0))  # each pass now reads its Secret for 2 s
         seen = len(emulator.requests)
-        await eventually(lambda: any("/secrets/" in r.path for r in emulator.requests[seen:]))
+        await wait_for(lambda: any("/secrets/" in r.path for r in emulator.requests[seen:]), 20)
         await emulator.delete(API, KIND, NAMESPACE, "orders")  # while that pass waits for the Secret
-        await eventually(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None, timeout=15)
+        await wait_for(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None, timeout=15)

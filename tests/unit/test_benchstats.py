@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from outbox_worker.core.benchstats import (
+from outbox_devkit.benchstats import (
     SEED_REFERENCE,
     Row,
     build_report,
@@ -17,6 +17,7 @@ from outbox_worker.core.benchstats import (
     seed_aggregates,
     validate_report,
 )
+from outbox_devkit.demo import latency_percentiles_ms
 
 
 def test_poll_pause_asks_rarely_while_much_is_left_and_often_near_the_end() -> None:
@@ -34,6 +35,14 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 1.0) == 100.0
     assert percentile([7.0], 0.99) == 7.0
     assert percentile([], 0.5) == 0.0
+
+
+def test_demo_and_bench_report_the_same_nearest_rank_percentiles() -> None:
+    """One formula: the demo's commit->stored p50/p99 are the bench's nearest-rank percentiles
+    (the demo's own formula used to read one rank too high: 51 and 100 ms here)."""
+    latencies = [v / 1000 for v in range(1, 101)]  # 1 ms .. 100 ms
+    assert latency_percentiles_ms(latencies) == (50.0, 99.0)
+    assert latency_percentiles_ms([]) == (0.0, 0.0)
 
 
 def test_median_ignores_missing_values() -> None:

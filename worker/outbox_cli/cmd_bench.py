@@ -17,26 +17,30 @@ import sys
 import time
 from pathlib import Path
 
+from outbox_cli.devkit import missing_embedded_servers
 from outbox_cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, tune_gc
 from outbox_common.settings import WorkerSettings
+from outbox_worker.core.sql import DEFAULT_PARTITIONS
 
 HELP = "Benchmark the relay (seed pressure levels, sustained drain, baselines, latency, growth), verified."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from outbox_worker.core.benchstats import SCENARIOS
+    from outbox_devkit.benchstats import SCENARIOS
 
     parser.add_argument(
         "--scenario",
         default="all",
-        help="comma-separated subset of: " + ", ".join(SCENARIOS) + " (default all)",
+        help="comma-separated subset of: " + ", ".join(SCENARIOS) + ", or all",
     )
-    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario; medians are reported (default 3)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario; medians are reported")
     parser.add_argument("--json", dest="json_path", default="", help="write the report (stable schema) to this path")
     parser.add_argument(
         "--scale", type=float, default=1.0, help="multiply event counts and durations (e.g. 0.01 for a smoke run)"
     )
-    parser.add_argument("--partitions", type=int, default=16, help="virtual partitions of the bench tables")
+    parser.add_argument(
+        "--partitions", type=int, default=DEFAULT_PARTITIONS, help="virtual partitions of the bench tables"
+    )
     parser.add_argument(
         "--worker-env",
         action="append",
@@ -57,9 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.child:
         return _run_child(args)
-    from outbox_worker.app.bench import BenchOptions, run_bench
-    from outbox_worker.core.benchstats import SCENARIOS, render_table
+    from outbox_devkit.bench import BenchOptions, run_bench
+    from outbox_devkit.benchstats import SCENARIOS, render_table
 
+    if not (args.database_url and args.nats_url):
+        problem = missing_embedded_servers("bench")
+        if problem:
+            print(problem, file=sys.stderr)
+            return EXIT_USAGE
     scenarios = SCENARIOS if args.scenario == "all" else tuple(s.strip() for s in args.scenario.split(","))
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown or args.repeat < 1 or args.scale <= 0 or args.partitions < 2:
@@ -130,7 +139,7 @@ async def _probe_worker(settings: WorkerSettings) -> tuple[int, dict[str, object
 
 
 async def _baseline(args: argparse.Namespace, settings: WorkerSettings) -> dict[str, object]:
-    from outbox_worker.app.baselines import naive_relay, publish_ceiling, synthetic_rows
+    from outbox_devkit.baselines import naive_relay, publish_ceiling, synthetic_rows
 
     if args.child == "naive":
         cpu0 = time.process_time()

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resync-seconds",
         type=float,
         default=10.0,
-        help="how often each publisher's status and children are re-checked (default 10)",
+        help="how often each publisher's status and children are re-checked, seconds",
     )
     parser.add_argument(
         "--liveness",

@@ -10,9 +10,9 @@ import signal
 import sys
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
-from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, tune_gc
+from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, env_help, tune_gc
 from outbox_common.settings import WorkerSettings, describe_error
 
 HELP = "Run a relay worker (settings from OUTBOX_* environment variables or flags)."
@@ -20,11 +20,12 @@ HELP = "Run a relay worker (settings from OUTBOX_* environment variables or flag
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in WorkerSettings.model_fields.items():
+        secret = field.is_required() or isinstance(field.default, SecretStr)
         parser.add_argument(
             f"--{name.replace('_', '-')}",
             dest=f"opt_{name}",
-            default=None,
-            help=(field.description or "") + f" [env OUTBOX_{name.upper()}]",
+            default=None,  # None: not given, the environment or the settings default applies
+            help=env_help(field.description or "", name, show_default=not secret),
         )
 
 

@@ -27,6 +27,7 @@ EXIT_FAILURE = 1  # a violation was found (verify), or the worker stopped on an 
 EXIT_USAGE = 2  # bad flags or settings
 EXIT_CONFIG = 3  # configuration problem found at start-up: missing table or stream, bad credentials
 EXIT_UNAVAILABLE = 4  # a dependency could not be reached in time (database, NATS)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
 
 
 class _Command(Protocol):
@@ -35,6 +36,48 @@ class _Command(Protocol):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
 
     def run(self, args: argparse.Namespace) -> int: ...
+
+
+class DefaultsShownFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every ``--help`` ends each option's help with its default: ``(default: 16)``.
+
+    Left out where it would say nothing or too much: flags (``store_true``), options without a
+    default, and options whose help names an environment variable (``[env OUTBOX_…]``): their
+    default is that variable's value, which may hold a secret, so their help states the built-in
+    default itself (:func:`env_help`).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "%(default)" in text
+            or "[env " in text
+            or not action.option_strings
+            or action.default in (None, False, "", [], argparse.SUPPRESS)
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def setting_default(name: str) -> str:
+    """The default of worker setting ``name`` as its environment variable would spell it: CLI
+    defaults come from the settings class, never a second copy."""
+    from enum import Enum
+
+    from outbox_common.settings import WorkerSettings
+
+    value = WorkerSettings.model_fields[name].default
+    return str(value.value if isinstance(value, Enum) else value)
+
+
+def env_help(text: str, name: str, *, show_default: bool = True) -> str:
+    """``text [env OUTBOX_NAME; default: X]`` for an option that falls back to a worker setting's
+    environment variable, X from the settings class (``show_default=False`` for settings without a
+    meaningful default, e.g. the database URL)."""
+    env = f"OUTBOX_{name.upper()}"
+    if not show_default:
+        return f"{text} [env {env}]"
+    return f"{text} [env {env}; default: {setting_default(name) or 'empty'}]".replace("%", "%%")
 
 
 def _load(name: str) -> _Command:
@@ -57,7 +100,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             if exc.name != f"outbox_cli.cmd_{name}":
                 raise
             continue
-        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP, formatter_class=DefaultsShownFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
@@ -145,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

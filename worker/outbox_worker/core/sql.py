@@ -21,6 +21,7 @@ from outbox_common.settings import validate_identifier
 
 SCHEMA_VERSION = 1
 MAX_PARTITIONS = 4096
+DEFAULT_PARTITIONS = 16  # `outboxctl migrate`, demo and bench when --partitions is not given
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from outbox_worker.adapters.history_io import ledger_ddl, ledger_table
+from outbox_worker.core.history import StoredEvent
 from outbox_worker.core.sql import Sql
 
 
@@ -148,3 +149,36 @@ async def _producer(
             ahead = sent / share - (time.monotonic() - started)
             if ahead > 0:
                 await asyncio.sleep(ahead)
+
+
+# --- measuring what was produced -------------------------------------------------------------------
+LATENCY_CLOCK_COMMIT = "postgres commit timestamp"
+LATENCY_CLOCK_RETURNED = "producer, after COMMIT returned"
+
+
+async def ledger_commit_times(dsn: str, sql: Sql) -> dict[str, float]:
+    """Commit time (seconds since the epoch) of every ledger row, from PostgreSQL's commit timestamps
+    (the ledger row commits with its outbox row), or {} when ``track_commit_timestamp`` is off."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        rows = await conn.fetch(
+            "SELECT event_id::text, extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 "
+            f"FROM {ledger_table(sql)}"
+        )
+        return {r[0]: r[1] for r in rows if r[1] is not None}
+    except asyncpg.PostgresError:
+        return {}
+    finally:
+        await conn.close()
+
+
+def commit_latencies(stored: list[StoredEvent], commit_times: dict[str, float]) -> list[float]:
+    """Seconds from each event's commit to the stream storing its first copy (never negative)."""
+    seen: set[str] = set()
+    out = []
+    for m in stored:
+        t = commit_times.get(m.event_id)
+        if t is not None and m.event_id not in seen:
+            out.append(max(0.0, m.stored_at - t))
+        seen.add(m.event_id)
+    return out

@@ -46,13 +46,8 @@ import nats
 from nats.js import errors as js_errors
 
 from outbox_common.settings import WorkerSettings
-from outbox_worker.adapters.embedded import EmbeddedPostgres, children_of
-from outbox_worker.adapters.history_io import read_stream, read_truth
-from outbox_worker.adapters.store import Fence, OutboxStore, connect_pool, migrate
-from outbox_worker.app.baselines import EVENT_TYPES, synthetic_truth
-from outbox_worker.app.demo import DemoOptions, servers, start_worker, stop_workers, worker_env
-from outbox_worker.app.producers import ProducerPlan, ProducerResult, prepare, produce
-from outbox_worker.core.benchstats import (
+from outbox_devkit.baselines import EVENT_TYPES, synthetic_truth
+from outbox_devkit.benchstats import (
     SCENARIOS,
     SEED_LEVELS,
     Row,
@@ -61,8 +56,22 @@ from outbox_worker.core.benchstats import (
     poll_pause,
     seed_aggregates,
 )
+from outbox_devkit.demo import DemoOptions, servers, start_worker, stop_workers, wait_for_fair_leases, worker_env
+from outbox_devkit.embedded import EmbeddedPostgres, children_of
+from outbox_devkit.producers import (
+    LATENCY_CLOCK_COMMIT,
+    LATENCY_CLOCK_RETURNED,
+    ProducerPlan,
+    ProducerResult,
+    commit_latencies,
+    ledger_commit_times,
+    prepare,
+    produce,
+)
+from outbox_worker.adapters.history_io import read_stream, read_truth
+from outbox_worker.adapters.store import Fence, OutboxStore, connect_pool, migrate
 from outbox_worker.core.history import HistoryReport, StoredEvent, check_history
-from outbox_worker.core.sql import Sql
+from outbox_worker.core.sql import DEFAULT_PARTITIONS, Sql
 
 DB_SCHEMA = "outbox_bench"  # bench tables live here; each run drops and recreates its own table
 STREAM = "OUTBOX_BENCH"
@@ -86,7 +95,7 @@ class BenchOptions:
     scenarios: Sequence[str] = SCENARIOS
     repeat: int = 3
     scale: float = 1.0  # multiplies event counts and durations (the smoke test uses ~0.01)
-    partitions: int = 16
+    partitions: int = DEFAULT_PARTITIONS
     database_url: str = ""
     nats_url: str = ""
     worker_env: dict[str, str] = field(default_factory=dict)  # OUTBOX_* overrides for every worker
@@ -111,15 +120,9 @@ async def bench_servers(options: BenchOptions, base: Path) -> AsyncIterator[tupl
     with contextlib.ExitStack() as stack:
         dsn, pids = options.database_url, {}
         if not dsn:
-            pg = EmbeddedPostgres(fsync=True)
+            pg = EmbeddedPostgres(fsync=True, track_commit_timestamp=True)
             stack.callback(pg.cleanup)
             pg.start()
-            conn = await asyncpg.connect(pg.dsn, timeout=10)
-            try:
-                await conn.execute("ALTER SYSTEM SET track_commit_timestamp = on")
-            finally:
-                await conn.close()
-            pg.restart()
             dsn, pids["postgres"] = pg.dsn, pg.pid or 0
         with servers(DemoOptions(database_url=dsn, nats_url=options.nats_url), base) as (dsn, url, more):
             yield dsn, url, {k: v for k, v in (pids | more).items() if v}
@@ -443,8 +446,8 @@ class _Bench:
             codes, probes = procs.stop()
         report, stored = await self._verify(sql)
         commit_times = await self._commit_times(sql) or progress.commit_times
-        latencies = _latencies(stored, commit_times)
-        returned = _latencies(stored, progress.commit_times)  # from COMMIT returned: a lower bound
+        latencies = commit_latencies(stored, commit_times)
+        returned = commit_latencies(stored, progress.commit_times)  # from COMMIT returned: a lower bound
         last = max((m.stored_at for m in stored), default=progress.last_commit)
         first_commit = min(commit_times.values(), default=progress.first_commit)
         return {
@@ -667,27 +670,10 @@ class _Bench:
 
     async def _wait_leases(self, sql: Sql, workers: int, procs: _Procs, timeout: float = 60.0) -> None:
         """Until every worker holds its fair share of the partitions (and its loops can run)."""
-        deadline = time.monotonic() + timeout
-        conn = await asyncpg.connect(self.dsn, timeout=10)
         try:
-            while True:
-                procs.check_alive()
-                counts = [
-                    int(r[0])
-                    for r in await conn.fetch(
-                        f"SELECT count(*) FROM {sql.leases} WHERE publisher = $1 AND owner IS NOT NULL "
-                        "AND expires_at > now() GROUP BY owner",
-                        PUBLISHER,
-                    )
-                ]
-                share = self.o.partitions // workers
-                if len(counts) == workers and sum(counts) == self.o.partitions and min(counts) >= share:
-                    break
-                if time.monotonic() > deadline:
-                    raise BenchError(f"workers did not share the partitions within {timeout:.0f}s: {counts}")
-                await asyncio.sleep(0.1)
-        finally:
-            await conn.close()
+            await wait_for_fair_leases(self.dsn, sql, PUBLISHER, workers, self.o.partitions, procs.check_alive, timeout)
+        except TimeoutError as exc:
+            raise BenchError(str(exc)) from None
         await asyncio.sleep(0.2)  # loops check the partitions out
 
     async def _bulk_seed(self, sql: Sql, events: int, aggregates: int, *, ledger: bool = True) -> float:
@@ -779,21 +765,11 @@ class _Bench:
             await conn.close()
 
     async def _commit_times(self, sql: Sql) -> dict[str, float]:
-        """Commit time of every ledger row from PostgreSQL's commit timestamps (same transaction as
-        the outbox row), or {} when ``track_commit_timestamp`` is off: then the producers' own
-        clock (right after COMMIT returned, so later than the commit) is used instead."""
-        conn = await asyncpg.connect(self.dsn, timeout=10)
-        try:
-            rows = await conn.fetch(
-                "SELECT event_id::text, extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 "
-                f'FROM "{sql.schema}"."{sql.table}_ledger"'
-            )
-            times = {r[0]: r[1] for r in rows if r[1] is not None}
-        except asyncpg.PostgresError:
-            times = {}
-        finally:
-            await conn.close()
-        self.latency_clock = "postgres commit timestamp" if times else "producer, after COMMIT returned"
+        """Commit time of every ledger row from PostgreSQL's commit timestamps, or {} when
+        ``track_commit_timestamp`` is off: then the producers' own clock (right after COMMIT
+        returned, so later than the commit) is used instead."""
+        times = await ledger_commit_times(self.dsn, sql)
+        self.latency_clock = LATENCY_CLOCK_COMMIT if times else LATENCY_CLOCK_RETURNED
         return times
 
     async def _verify(self, sql: Sql) -> tuple[HistoryReport, list[StoredEvent]]:
@@ -823,17 +799,6 @@ def _wal_written(before: int | None, after: int | None) -> dict[str, float]:
     if before is None or after is None:
         return {}
     return {"postgres_wal_mb": (after - before) / 1e6}
-
-
-def _latencies(stored: list[StoredEvent], commit_times: dict[str, float]) -> list[float]:
-    seen: set[str] = set()
-    out = []
-    for m in stored:
-        t = commit_times.get(m.event_id)
-        if t is not None and m.event_id not in seen:
-            out.append(max(0.0, m.stored_at - t))
-        seen.add(m.event_id)
-    return out
 
 
 def _short(n: int) -> str:

