@@ -10,10 +10,11 @@ from typing import Any
 import crd_schema
 import pytest
 from kube_emulator import KubeEmulator
-from opkit import NAMESPACE, eventually, kopf_in_process
+from opkit import NAMESPACE, kopf_in_process
 
 from outbox_operator.reconcile import Action, redact
 from outbox_operator.spec import InvalidSpec, parse_spec
+from support.polling import wait_for
 
 SCHEMA = crd_schema.schema_of(crd_schema.load_crd())
 API, KIND = "outbox.dev/v1alpha1", "OutboxPublisher"
@@ -144,8 +145,8 @@ async def test_refused_deployment_sets_child_rejected_and_writes_nothing_else(em
             obj = emulator.get(API, KIND, NAMESPACE, "orders") or {}
             return any(c["reason"] == "ChildRejected" for c in (obj.get("status") or {}).get("conditions") or [])
 
-        await eventually(rejected)
-        await eventually(lambda: any(e["reason"] == "ChildRejected" for e in emulator.list("v1", "Event", NAMESPACE)))
+        await wait_for(rejected, 20)
+        await wait_for(lambda: any(e["reason"] == "ChildRejected" for e in emulator.list("v1", "Event", NAMESPACE)), 20)
         obj = emulator.get(API, KIND, NAMESPACE, "orders")
         assert obj is not None
         assert_child_rejected(

@@ -175,12 +175,12 @@ async def test_e2e_local(emulator: KubeEmulator, pg_dsn: str, nats_url: str, tmp
             pods = kubelet.running()
             return len(pods) == 3 and all(p.template_hash != old_hash and p.ready for p in pods)
 
-        await eventually(lambda: any(p.template_hash != old_hash for p in kubelet.running()), 60)
+        await wait_for(lambda: any(p.template_hash != old_hash for p in kubelet.running()), 60)
         assert not load.done(), "events must be written while the workers roll"
-        await eventually(rolled, 120)
+        await wait_for(rolled, 120)
         third = await load
         total += third.committed
-        await eventually(lambda: _equals(stream_count(nats_url), total), 120)
+        await wait_for(lambda: _equals(stream_count(nats_url), total), 120)
         report = await verify(pg_dsn, SQL, nats_url, STREAM, expect_drained=True)
         assert report.ok, report.to_dict()
         assert (report.published, report.duplicates, report.order_violations, report.lost) == (total, 0, 0, 0)

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 from kube_emulator import KubeEmulator
-from opkit import NAMESPACE, eventually, kopf_in_process
+from opkit import NAMESPACE, kopf_in_process
 from test_operator_kopf import example
+
+from support.polling import wait_for
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
 API, KIND = "outbox.dev/v1alpha1", "OutboxPublisher"
@@ -33,16 +35,16 @@ async def test_deleting_with_the_operator_stopped_completes(emulator: KubeEmulat
     )
     await emulator.apply(example())
     async with kopf_in_process(resync_seconds=0.3):
-        await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"))
+        await wait_for(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"), 20)
         seen = len(emulator.requests)
         # several resync passes have run (each reads the Secret) and none added a finalizer
-        await eventually(lambda: sum("/secrets/" in r.path for r in emulator.requests[seen:]) >= 3)
+        await wait_for(lambda: sum("/secrets/" in r.path for r in emulator.requests[seen:]) >= 3, 20)
         obj = emulator.get(API, KIND, NAMESPACE, "orders")
         assert obj is not None
         assert_no_finalizer(obj)
     # the operator is stopped (as after `helm uninstall`): deleting must still complete
     await emulator.delete(API, KIND, NAMESPACE, "orders")
-    await eventually(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None, timeout=5)
+    await wait_for(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None, 5)
     assert emulator.list("apps/v1", "Deployment", NAMESPACE) == []
 
 
@@ -51,6 +53,6 @@ async def test_a_finalizer_left_by_an_older_operator_is_removed(emulator: KubeEm
     obj["metadata"]["finalizers"] = ["outbox.dev/finalizer"]
     await emulator.apply(obj)
     async with kopf_in_process(resync_seconds=0.3):
-        await eventually(lambda: not emulator.get(API, KIND, NAMESPACE, "orders")["metadata"].get("finalizers"))
+        await wait_for(lambda: not emulator.get(API, KIND, NAMESPACE, "orders")["metadata"].get("finalizers"), 20)
         await asyncio.sleep(1.0)
         assert_no_finalizer(emulator.get(API, KIND, NAMESPACE, "orders"))

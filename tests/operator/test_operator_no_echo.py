@@ -14,9 +14,10 @@ from typing import Any
 import crd_schema
 import pytest
 from kube_emulator import KubeEmulator
-from opkit import NAMESPACE, eventually, kopf_in_process
+from opkit import NAMESPACE, kopf_in_process
 
 from outbox_operator.spec import InvalidSpec, parse_spec
+from support.polling import wait_for
 
 SCHEMA = crd_schema.schema_of(crd_schema.load_crd())
 DSN = "postgresql://relay:Sup3rSecretPw@db.shop.svc:5432/shop"
@@ -97,8 +98,8 @@ async def test_dsn_pasted_as_secret_name_never_reaches_status_events_or_logs(
                     return str(cond["reason"])
             return None
 
-        await eventually(lambda: ready_reason() == "InvalidSpec")
-        await eventually(lambda: any(e["reason"] == "InvalidSpec" for e in emulator.list("v1", "Event", NAMESPACE)))
+        await wait_for(lambda: ready_reason() == "InvalidSpec", 20)
+        await wait_for(lambda: any(e["reason"] == "InvalidSpec" for e in emulator.list("v1", "Event", NAMESPACE)), 20)
         obj = emulator.get("outbox.dev/v1alpha1", "OutboxPublisher", NAMESPACE, "orders")
         assert obj is not None
         message = next(c["message"] for c in obj["status"]["conditions"] if c["type"] == "Ready")

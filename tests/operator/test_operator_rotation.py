@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 from kube_emulator import KubeEmulator
-from opkit import NAMESPACE, eventually, kopf_in_process
+from opkit import NAMESPACE, kopf_in_process
 from test_operator_kopf import example
+
+from support.polling import wait_for
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
 
@@ -39,18 +41,18 @@ async def test_rotating_the_database_secret_rolls_the_workers(emulator: KubeEmul
     await emulator.apply(secret("postgresql://relay:old-pw@db:5432/shop"))
     await emulator.apply(example())
     async with kopf_in_process(resync_seconds=0.5):
-        first = await eventually(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"))
+        first = await wait_for(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"), 20)
         await emulator.apply(secret("postgresql://relay:new-pw@db:5432/shop"))
 
         def rolled() -> dict[str, Any] | None:
             dep = emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")
             return dep if dep and template_hash(dep) != template_hash(first) else None
 
-        second = await eventually(rolled)
+        second = await wait_for(rolled, 20)
         assert_rolled_without_leaking(first, second, "old-pw", "new-pw")
         # an unchanged Secret rolls nothing: the next passes leave the template alone
         settled = len(emulator.writes())
-        await eventually(lambda: len(emulator.requests) > settled + 10)
+        await wait_for(lambda: len(emulator.requests) > settled + 10, 20)
         dep = emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay")
         assert dep is not None
         assert template_hash(dep) == template_hash(second)
