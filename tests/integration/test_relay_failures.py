@@ -356,7 +356,8 @@ async def test_poison_rows_are_dead_lettered_and_hold_back_only_their_aggregate(
     assert "max_payload" in dead[big_id]["reason"]
     assert len(dead[big_id]["payload"]) == 1024 * 1024 + 1  # kept whole for inspection
     assert dead[bad_id]["reason"].startswith(names.REASON_INVALID_SUBJECT + ": ")
-    assert {r["attempts"] for r in dead.values()} == {3}
+    # the relay's own checks refuse them before sending: the same bytes would fail on every try
+    assert {r["attempts"] for r in dead.values()} == {1}
     assert {r["publisher"] for r in dead.values()} == {"failures"}
 
     when = {eid: t for t, eid in hooks.published}
@@ -367,10 +368,9 @@ async def test_poison_rows_are_dead_lettered_and_hold_back_only_their_aggregate(
         assert when[later] >= dead[big_id]["dead_at"]
     assert when[bad_next] >= dead[bad_id]["dead_at"]
     assert when[big_next1] < when[big_next2]
-    # ... while every other aggregate flowed before either poison row was given up on
+    # ... and every other aggregate flowed
     healthy = [t for t, eid in hooks.published if eid not in (big_next1, big_next2, bad_next)]
     assert len(healthy) == 200
-    assert max(healthy) < min(r["dead_at"] for r in dead.values())
 
     report = await verify(pg_dsn, SQL, nats_url, STREAM)
     assert report.ok, report.to_dict()
