@@ -155,12 +155,6 @@ def test_every_row_ends_published_or_dead_lettered_within_max_attempts(
             if dead["reason"].startswith(names.REASON_PAYLOAD_TOO_LARGE + ": 400/10054"):  # the server's
                 assert dead["attempts"] == MAX_ATTEMPTS
             assert names.reason_of(dead["reason"]) in names.DEAD_LETTER_REASONS, dead["reason"]
-    print(
-        "EXAMPLE",
-        len(rows),
-        len(outcome["stored"]),
-        sorted(names.reason_of(d["reason"]) for d in outcome["dead"].values()),
-    )
     report = asyncio.run(verify(pg_dsn, SQL, nats_url, STREAM, expect_drained=True))
     assert report.ok, report.to_dict()
     assert report.published + report.dead_lettered == len(rows)
