@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from typing import Any
 
 import asyncpg
@@ -190,3 +191,32 @@ async def test_times_without_rfc3339_form_are_dead_lettered_and_control_characte
     report = await verify(pg_dsn, SQL, nats_url, STREAM)
     assert report.ok, report.to_dict()
     assert (report.published, report.dead_lettered) == (2, 2)
+
+
+async def test_a_failing_row_with_a_long_aggregate_id_still_counts_its_attempts(pg_dsn: str, nats_url: str) -> None:
+    """A failed attempt holds the row back (not_before), which puts it into the held-rows index on
+    (partition, aggregate_id, id). An incompressible aggregate_id of a few KB is over a btree entry's
+    limit (~2.7 KB): the mark failed with ProgramLimitExceededError, the attempt was never counted
+    and the row was retried forever. It must end as a dead letter after max_attempts like any other."""
+    nc = await nats.connect(nats_url)
+    await nc.jetstream().add_stream(name=STREAM, subjects=["outbox.>"], max_msg_size=4096, duplicate_window=120)
+    await nc.close()
+    await setup_db(pg_dsn)
+    long_id = secrets.token_hex(1500)  # 3,000 random characters: TOAST cannot compress them
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        bad, _ = await insert_row(conn, long_id, payload=b"x" * 2000)  # with its headers, over 4096
+        _, after = await insert_row(conn, long_id, payload=b"small")
+        settings = worker_settings(pg_dsn, nats_url, stream_mode="expect", max_attempts=3)
+        async with running(settings) as worker:
+            await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 20, "outbox drained")
+            assert "mark failed" not in worker.stats.last_error
+        dead = await dead_letters(conn)
+    finally:
+        await conn.close()
+    assert list(dead) == [bad]
+    assert dead[bad]["attempts"] == 3
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert report.ok, report.to_dict()
+    assert (report.published, report.dead_lettered) == (1, 1)
+    assert after

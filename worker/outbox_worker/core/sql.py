@@ -24,6 +24,9 @@ from outbox_common.settings import validate_identifier
 # are not checked; the relay dead-letters those); workers.instance (duplicate worker ids are refused).
 SCHEMA_VERSION = 2
 MAX_PARTITIONS = 4096
+# Longest aggregate_id (bytes) a retry backoff puts into the held index (see Sql.mark_failed): a btree
+# entry holds at most ~2.7 KB, partition and id included, and random text does not compress.
+MAX_HELD_AGGREGATE_ID_BYTES = 2000
 # The times RFC 3339 can write (years 0001-9999): the table's CHECK and the claim's rendering agree.
 CREATED_AT_IN_RANGE = "created_at >= '0001-01-01 00:00:00+00' AND created_at < '10000-01-01 00:00:00+00'"
 
@@ -420,12 +423,19 @@ class Sql:
 
     @property
     def mark_failed(self) -> str:
-        """$1-$4 fence, $5 ids[], $6 errors[], $7 delays (seconds)[]: count an attempt, hold back."""
+        """$1-$4 fence, $5 ids[], $6 errors[], $7 delays (seconds)[]: count an attempt, hold back.
+
+        A held-back row enters the held index on (partition, aggregate_id, id), whose btree entries
+        hold at most ~2.7 KB: an aggregate_id longer than :data:`MAX_HELD_AGGREGATE_ID_BYTES` would
+        make the whole statement fail (and no attempt of the batch be counted). Such a row gets no
+        not_before: its attempt is counted and it stays first of its aggregate, retried at the next
+        claim of its partition instead of after the backoff."""
         return f"""
             WITH {self._fence()}
             UPDATE {self.outbox} AS o
             SET attempts = o.attempts + 1, last_error = f.err,
-                not_before = now() + make_interval(secs => f.delay)
+                not_before = CASE WHEN octet_length(o.aggregate_id) <= {MAX_HELD_AGGREGATE_ID_BYTES}
+                                  THEN now() + make_interval(secs => f.delay) END
             FROM unnest($5::bigint[], $6::text[], $7::float8[]) AS f(id, err, delay)
             WHERE o.id = f.id AND {self._FENCED}"""
 
