@@ -11,6 +11,11 @@ Guarantees (README "Guarantees" states them for users):
   aggregate back (SQL hold-back via ``not_before``) until it succeeds or is dead-lettered.
 - Bounded: at most ``max_in_flight // loops`` publishes in flight per loop, ``batch_size`` rows in
   memory per loop, every wait bounded by the ack timeout.
+- A row that can never be published ends as a dead letter, logged once at WARNING with its id and
+  reason (``names.DEAD_LETTER_REASONS``): at once when the relay's own checks refuse it before
+  sending (subject, header name, header block over 64 KiB, max_payload, created_at), after
+  ``max_attempts`` failed attempts when the server refuses it for good (its code and text kept).
+  Retryable and configuration failures never dead-letter a row.
 """
 
 from __future__ import annotations
