@@ -24,6 +24,7 @@ from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.embedded import EmbeddedNats
 from outbox_worker.adapters.history_io import ledger_insert, verify
 from outbox_worker.adapters.publisher import JetStreamPublisher, Message
+from outbox_worker.adapters.store import migrate
 from outbox_worker.app.producers import ProducerPlan, produce
 from outbox_worker.app.relay import RelayHooks
 from outbox_worker.app.worker import Worker
@@ -482,6 +483,26 @@ async def test_worker_refuses_an_unmigrated_database(pg_dsn: str, nats_url: str)
     assert code == 3, out
     assert "outbox table public.outbox is not set up" in out
     assert "outboxctl migrate" in out
+
+
+async def test_worker_refuses_a_table_of_an_older_schema_version_with_the_fix(pg_dsn: str, nats_url: str) -> None:
+    """A worker image newer than the table's schema (version 1: no workers.instance, no created_at
+    CHECK) exits 3 naming `outboxctl migrate`, instead of failing on a missing column; after the
+    migration it runs."""
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("ALTER TABLE outbox_workers DROP COLUMN instance")
+        await conn.execute("UPDATE outbox_meta SET schema_version = 1")
+        code, out = await run_worker_process(process_env(pg_dsn, nats_url, stream_mode="create"))
+        assert code == 3, out
+        assert "public.outbox has schema version 1, older than this worker's 2: run `outboxctl migrate" in out
+        assert "Traceback" not in out
+        await migrate(conn, SQL, 8)
+    finally:
+        await conn.close()
+    async with running(worker_settings(pg_dsn, nats_url)) as worker:
+        assert worker.leases is not None
 
 
 # --- configuration error at run time ---------------------------------------------------------------

@@ -183,6 +183,13 @@ class OutboxStore:
                 f"outbox table {s.schema}.{s.table} is not set up: run "
                 f"`outboxctl migrate --database-url … --schema {s.schema} --table {s.table}`"
             )
+        if row["schema_version"] < SCHEMA_VERSION:
+            # e.g. version 1 has no workers.instance, which the heartbeat needs
+            raise SchemaError(
+                f"{s.schema}.{s.table} has schema version {row['schema_version']}, older than this worker's "
+                f"{SCHEMA_VERSION}: run `outboxctl migrate --database-url … --schema {s.schema} --table {s.table}` "
+                "(idempotent, and safe while older workers run)"
+            )
         if row["schema_version"] > SCHEMA_VERSION:
             raise SchemaError(
                 f"{s.schema}.{s.table} has schema version {row['schema_version']}, newer than this "
