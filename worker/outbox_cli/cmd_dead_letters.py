@@ -16,9 +16,15 @@ import json
 import os
 import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+
+if TYPE_CHECKING:  # imported when the command runs: `outboxctl --help` never loads asyncpg
+    import asyncpg
+
+    from outbox_worker.adapters.dead_letters import DeadLetter, DeadLetterFilter
+    from outbox_worker.core.sql import Sql
 
 HELP = "List, requeue or discard dead letters (rows that could not be published)."
 
@@ -98,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     return _run_guarded(args, sql, selection)
 
 
-def _run_guarded(args: argparse.Namespace, sql: Any, selection: Any) -> int:
+def _run_guarded(args: argparse.Namespace, sql: Sql, selection: DeadLetterFilter) -> int:
     import asyncpg
 
     from outbox_worker.adapters.store import DatabaseAuthError, DatabaseUnavailableError, connect_pool
@@ -132,7 +138,7 @@ def _run_guarded(args: argparse.Namespace, sql: Any, selection: Any) -> int:
         return EXIT_UNAVAILABLE
 
 
-async def _act(conn: Any, args: argparse.Namespace, sql: Any, selection: Any) -> int:
+async def _act(conn: asyncpg.Connection, args: argparse.Namespace, sql: Sql, selection: DeadLetterFilter) -> int:
     from outbox_worker.adapters import dead_letters
 
     if args.action == "list":
@@ -165,7 +171,7 @@ async def _act(conn: Any, args: argparse.Namespace, sql: Any, selection: Any) ->
 _COLUMNS = ("id", "dead_at", "publisher", "aggregate", "event_type", "attempts", "bytes", "reason")
 
 
-def _print_table(rows: list[Any]) -> None:
+def _print_table(rows: list[DeadLetter]) -> None:
     if not rows:
         print("no dead letters selected")
         return
