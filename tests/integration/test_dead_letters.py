@@ -220,3 +220,36 @@ async def test_a_failing_row_with_a_long_aggregate_id_still_counts_its_attempts(
     assert report.ok, report.to_dict()
     assert (report.published, report.dead_lettered) == (1, 1)
     assert after
+
+
+async def test_stored_header_order_is_the_documented_one(pg_dsn: str, nats_url: str) -> None:
+    """README ("The message"): the row's headers first, in the row's order, then the relay's. Read
+    back from the stream as the server stored the header block."""
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        _, event_id = await insert_row(conn, "agg-h", tenant="acme", headers={"zz-first": "1", "aa-second": "2"})
+        async with running(worker_settings(pg_dsn, nats_url)):
+            await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 20, "outbox drained")
+    finally:
+        await conn.close()
+    nc = await nats.connect(nats_url)
+    try:
+        msg = await nc.jetstream().get_last_msg(STREAM, "outbox.order.changed")
+    finally:
+        await nc.close()
+    assert msg.headers is not None
+    assert list(msg.headers) == [
+        "zz-first",
+        "aa-second",
+        names.HDR_MSG_ID,
+        names.HDR_EVENT_TYPE,
+        names.HDR_AGGREGATE_TYPE,
+        names.HDR_AGGREGATE_ID,
+        names.HDR_OUTBOX_ID,
+        names.HDR_CREATED_AT,
+        names.HDR_PUBLISHER,
+        names.HDR_TENANT,
+        names.HDR_EXPECTED_STREAM,
+    ]
+    assert msg.headers[names.HDR_MSG_ID] == event_id
