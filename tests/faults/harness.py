@@ -516,6 +516,7 @@ async def check(
         "lost": report.lost,
         "duplicates": report.duplicates,
         "order_violations": report.order_violations,
+        "seq_mismatches": report.seq_mismatches,
         "unexpected": report.unexpected,
         "pending": report.pending,
         "dead_lettered": report.dead_lettered,
@@ -543,6 +544,7 @@ def assert_clean(report: HistoryReport, *, dead_lettered: int = 0) -> None:
     assert report.lost == 0, report.examples
     assert report.duplicates == 0, report.examples
     assert report.order_violations == 0, report.examples
+    assert report.seq_mismatches == 0, report.examples
     assert report.unexpected == 0, report.examples
     assert report.marked_not_stored == 0, report.examples
     assert report.marked_before_stored == 0, report.examples

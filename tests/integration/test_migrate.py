@@ -66,6 +66,7 @@ async def test_migrate_creates_everything_and_is_idempotent(pg_dsn: str) -> None
             "public.outbox_leases",
             "public.outbox_workers",
             "public.outbox_dead_letters",
+            "public.outbox_requeued",
             "public.outbox_meta",
         }
         # a row inserted with only the contract's required columns gets the rest by default
@@ -458,7 +459,8 @@ async def test_store_runs_the_uncut_claim_only_when_the_shares_fit(pg_dsn: str) 
 async def test_claimed_created_at_is_the_header_text_whatever_the_session_settings(pg_dsn: str) -> None:
     """The claim renders created_at as Outbox-Created-At's text (RFC 3339, UTC, microseconds): the
     same text as created_at_text gives for the same instant, whatever the database's TimeZone and
-    DateStyle; infinite timestamps keep PostgreSQL's own word for them."""
+    DateStyle. A time RFC 3339 cannot write (BC, infinity), in a table from before schema version 2
+    (without the CHECK), arrives as '' (the relay dead-letters it, never sends a wrong time)."""
     instants = [
         datetime(2026, 1, 2, 3, 4, 5, 120, tzinfo=UTC),
         datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-5))),  # no microseconds
@@ -477,10 +479,13 @@ async def test_claimed_created_at_is_the_header_text_whatever_the_session_settin
                 "VALUES ('o', 'a', 'e', 'x', $1)",
                 ts,
             )
-        await conn.execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) "
-            "VALUES ('o', 'a', 'e', 'x', 'infinity')"
-        )
+        await conn.execute("ALTER TABLE outbox DROP CONSTRAINT outbox_rfc3339")  # as before version 2
+        for bad in ("infinity", "-infinity", "0044-03-15 12:00:00+00 BC", "10000-01-01 00:00:00+00"):
+            await conn.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) "
+                "VALUES ('o', 'a', 'e', 'x', $1::text::timestamptz)",
+                bad,
+            )
     finally:
         await conn.close()
     pool = await connect_pool(pg_dsn, size=1)  # new sessions: the database's settings apply
@@ -489,7 +494,7 @@ async def test_claimed_created_at_is_the_header_text_whatever_the_session_settin
         rows, _ = await OutboxStore(pool, SQL, "p", "w").claim([0], 100, False)
     finally:
         await pool.close()
-    assert [r.created_at for r in rows] == [*(created_at_text(ts) for ts in instants), "infinity"]
+    assert [r.created_at for r in rows] == [*(created_at_text(ts) for ts in instants), "", "", "", ""]
     assert rows[1].created_at == "2026-01-02T08:04:05.000000+00:00"
     assert rows[2].created_at == "0999-12-31T23:59:59.999999+00:00"
 
@@ -543,3 +548,49 @@ async def test_the_pool_releases_without_a_reset_round_trip_and_still_rolls_back
         assert sent[-2:] == ["ROLLBACK", "SELECT count(*) FROM outbox"]
     finally:
         await pool.close()
+
+
+async def test_schema_version_2_refuses_times_rfc3339_cannot_write_and_upgrades_old_tables(pg_dsn: str) -> None:
+    """A BC date or infinity in created_at is refused by the table (CHECK), so Outbox-Created-At is
+    always RFC 3339. Upgrading a version-1 table that already holds such rows succeeds (NOT VALID:
+    old rows are left to the relay), is idempotent, and records version 2."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, SQL, 2)
+        for bad in ("infinity", "-infinity", "0044-03-15 12:00:00+00 BC", "10000-01-01 00:00:00+00"):
+            with pytest.raises(asyncpg.CheckViolationError, match="outbox_rfc3339"):
+                await conn.execute(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) "
+                    "VALUES ('o', 'a', 'e', 'x', $1::text::timestamptz)",
+                    bad,
+                )
+        for fine in ("0001-01-01 00:00:00+00", "9999-12-31 23:59:59.999999+00"):
+            await conn.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) "
+                "VALUES ('o', 'a', 'e', 'x', $1::text::timestamptz)",
+                fine,
+            )
+        # a version-1 table: no constraint, no instance column, version 1, and a row of infinity
+        await conn.execute("ALTER TABLE outbox DROP CONSTRAINT outbox_rfc3339")
+        await conn.execute("ALTER TABLE outbox_workers DROP COLUMN instance")
+        await conn.execute("UPDATE outbox_meta SET schema_version = 1")
+        await conn.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) "
+            "VALUES ('o', 'a', 'e', 'x', 'infinity')"
+        )
+        for _ in range(2):
+            await migrate(conn, SQL, 2)
+        assert await conn.fetchval("SELECT schema_version FROM outbox_meta") == 2
+        assert await conn.fetchval("SELECT count(*) FROM pg_constraint WHERE conname = 'outbox_rfc3339'") == 1
+        assert await conn.fetchval("SELECT count(*) FROM outbox WHERE created_at = 'infinity'") == 1
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) "
+                "VALUES ('o', 'a', 'e', 'x', 'infinity')"
+            )
+        # a newer version recorded by a newer tool is never lowered by an older one
+        await conn.execute("UPDATE outbox_meta SET schema_version = 7")
+        await migrate(conn, SQL, 2)
+        assert await conn.fetchval("SELECT schema_version FROM outbox_meta") == 7
+    finally:
+        await conn.close()

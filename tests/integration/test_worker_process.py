@@ -456,3 +456,79 @@ async def test_worker_exits_non_zero_when_its_lease_task_dies(
     finally:
         await pool.close()
     assert_clean(await verify(pg_dsn, SQL, nats_url, STREAM), 600)
+
+
+# --- identity and settings mistakes -------------------------------------------------------------
+
+
+async def test_a_second_live_worker_with_the_same_id_is_refused_and_shares_stay_fair(
+    pg_dsn: str, nats_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """Two live processes must never share a lease identity. The second one started with a worker id
+    in use watches the first one's heartbeat being renewed and exits 3 with the fix; the healthy
+    workers keep fair shares. A process restarted with the id of one that was SIGKILLed (a container
+    restart in the same pod) is not refused: that heartbeat stops being renewed, and it takes over."""
+    pool = await setup_db(pg_dsn)
+    try:
+        (tmp_path / "second").mkdir()
+        (tmp_path / "restart").mkdir()
+        first = Proc(pg_dsn, nats_url, "same", tmp_path, mode=None)
+        other = Proc(pg_dsn, nats_url, "other", tmp_path, mode=None)
+        procs += [first, other]
+        await wait_for(lambda: shared(pool, "same", "other"), 15, "both workers to own partitions")
+        second = Proc(pg_dsn, nats_url, "same", tmp_path / "second", mode=None)
+        procs.append(second)
+        started = time.monotonic()
+        assert await second.exited(TTL + 10) == 3, second.text()
+        assert time.monotonic() - started < TTL + 8  # at most one TTL of watching, plus start-up
+        out = second.text()
+        assert "worker id 'same' of publisher 'proc' is in use by another live worker process" in out
+        assert "OUTBOX_WORKER_ID" in out
+        assert "Traceback" not in out
+        assert await shared(pool, "same", "other")  # the refused one never took a lease
+        assert first.popen.poll() is None
+        assert other.popen.poll() is None
+
+        first.kill()  # a crash: its heartbeat row stays until it expires
+        restarted = Proc(pg_dsn, nats_url, "same", tmp_path / "restart", mode=None)
+        procs.append(restarted)
+        await wait_for(lambda: _value("worker same started" in restarted.text()), TTL + 15, "the restart to start")
+        assert restarted.popen.poll() is None, restarted.text()
+        # once the dead process's leases expired, the live leases of "same" are the restart's own
+        await asyncio.sleep(TTL + 1)
+        await wait_for(lambda: shared(pool, "same", "other"), 15, "the restarted worker to own its share")
+        assert await restarted.stop() == 0
+        assert await other.stop() == 0
+    finally:
+        await pool.close()
+
+
+async def test_settings_mistakes_are_caught_at_start_up(
+    pg_dsn: str, nats_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """A metrics port in use ends start-up with exit code 3 and a message naming OUTBOX_METRICS_PORT
+    and the fix, not exit 1 with an OSError traceback; a misspelt OUTBOX_* variable is warned about
+    with the name meant."""
+    pool = await setup_db(pg_dsn)
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        busy = Proc(pg_dsn, nats_url, "busy", tmp_path, mode=None, METRICS_HOST="127.0.0.1", METRICS_PORT=str(port))
+        procs.append(busy)
+        assert await busy.exited(20) == 3, busy.text()
+        out = busy.text()
+        assert f"cannot listen on 127.0.0.1:{port}" in out
+        assert "set OUTBOX_METRICS_PORT to a free port" in out
+        assert "Traceback" not in out
+
+        typo = Proc(pg_dsn, nats_url, "typo", tmp_path, mode=None, BATCHSIZE="50")
+        procs.append(typo)
+        await wait_for(lambda: _value("OUTBOX_BATCHSIZE" in typo.text()), 15, "the start-up warning")
+        assert "unknown setting OUTBOX_BATCHSIZE in the environment is ignored: did you mean OUTBOX_BATCH_SIZE?" in (
+            typo.text()
+        )
+        await wait_for(lambda: owns(pool, "typo"), 15, "the worker to run anyway")
+        assert await typo.stop() == 0, typo.text()
+    finally:
+        blocker.close()
+        await pool.close()

@@ -50,6 +50,10 @@ def row(**kw: object) -> OutboxRow:
         ("*", "_"),
         (">", "_"),
         ("x\x00y", "x_y"),
+        # control characters, like whitespace: a subscriber's tooling must never see them in a subject
+        ("a\x01b", "a_b"),
+        ("a\x1bb\x7fc", "a_b_c"),
+        ("".join(map(chr, range(32))) + "\x7f", "_" * 33),
         ("Ünïcode-ok_1", "Ünïcode-ok_1"),
     ],
 )
@@ -127,3 +131,42 @@ def test_user_headers_cannot_steer_jetstream(key: str) -> None:
     assert key not in h
     assert h["traceparent"] == "t"
     assert {k for k in h if k.lower().startswith("nats-")} == {names.HDR_MSG_ID}
+
+
+def test_invalid_header_names_have_their_own_reason() -> None:
+    """A bad header name is an ``invalid_header`` dead letter, not an ``invalid_subject`` one."""
+    from outbox_common.envelope import HeaderBlock, InvalidHeaderError
+
+    with pytest.raises(InvalidHeaderError) as caught:
+        HeaderBlock("p", "S").render(row(headers={"bad name": "x"}))
+    assert caught.value.reason == names.REASON_INVALID_HEADER
+    with pytest.raises(InvalidSubjectError) as subject:
+        SubjectTemplate.parse("e.{aggregate_type}").render(subject_fields(row(aggregate_type="")))
+    assert subject.value.reason == names.REASON_INVALID_SUBJECT
+
+
+def test_wire_header_order_is_the_one_readme_documents() -> None:
+    """README ("The message"): ``Nats-Trace-Dest`` first when the relay adds it, then the row's own
+    headers in the row's order, then the relay's. Checked on the bytes the relay sends."""
+    from pathlib import Path
+
+    from outbox_common.envelope import HeaderBlock
+
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    r = row(tenant="acme", headers={"b-second": "2", "traceparent": traceparent, "a-third": "3"})
+    wire = HeaderBlock("pub", "EVENTS", skip_trace_check=True).render(r).decode()
+    lines = [line.split(":", 1)[0] for line in wire.split("\r\n")[1:] if line]
+    relay = [
+        names.HDR_MSG_ID,
+        names.HDR_EVENT_TYPE,
+        names.HDR_AGGREGATE_TYPE,
+        names.HDR_AGGREGATE_ID,
+        names.HDR_OUTBOX_ID,
+        names.HDR_CREATED_AT,
+        names.HDR_PUBLISHER,
+        names.HDR_TENANT,
+        names.HDR_EXPECTED_STREAM,
+    ]
+    assert lines == [names.HDR_TRACE_DEST, "b-second", "traceparent", "a-third", *relay]
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert "Row headers go out first, in the row's order, then the relay's" in readme

@@ -108,3 +108,22 @@ def test_mark_audit_findings() -> None:
     assert set(r.violations()) == {"marked_before_stored", "marked_not_stored", "stale_marks", "lost"}
     # a dead-letter move is not a publish mark: no "marked_not_stored" for e4
     assert "e4" not in r.examples["marked_not_stored"]
+
+
+def test_a_stored_event_must_carry_the_id_it_was_committed_or_requeued_as() -> None:
+    """Order is judged on Outbox-Seq; a requeued event is committed as its new outbox id (after its
+    aggregate's earlier events), and a message whose Outbox-Seq is not that id is a violation."""
+    from outbox_worker.core.history import CommittedEvent, StoredEvent, check_history
+
+    committed = [CommittedEvent("a", "o/1", 1), CommittedEvent("b", "o/1", 2), CommittedEvent("c", "o/1", 9)]
+    # "c" was dead-lettered as id 3 and requeued as id 9: stored after "b"
+    ok = check_history(
+        committed, [StoredEvent(1, "a", "o/1", 1), StoredEvent(2, "b", "o/1", 2), StoredEvent(3, "c", "o/1", 9)]
+    )
+    assert ok.ok, ok.to_dict()
+    wrong = check_history(
+        committed, [StoredEvent(1, "a", "o/1", 1), StoredEvent(2, "c", "o/1", 3), StoredEvent(3, "b", "o/1", 2)]
+    )
+    assert not wrong.ok
+    assert wrong.seq_mismatches == 1
+    assert wrong.violations() == {"seq_mismatches": 1, "order_violations": 1}

@@ -56,6 +56,24 @@ def test_backoff_grows_exponentially_within_jitter_and_is_capped() -> None:
         (400, 10071, Outcome.RETRYABLE, names.REASON_SERVER_ERROR),  # wrong last sequence
         (400, 10054, Outcome.PERMANENT, names.REASON_PAYLOAD_TOO_LARGE),  # message size exceeds max
         (413, 0, Outcome.PERMANENT, names.REASON_PAYLOAD_TOO_LARGE),
+        # the header block over nats-server's 64 KiB: the same bytes are refused on every try
+        (400, 10097, Outcome.PERMANENT, names.REASON_HEADER_TOO_LARGE),
+        # any other 4xx about the message alone: permanent, named as the server's refusal
+        (400, 10165, Outcome.PERMANENT, names.REASON_SERVER_REJECTED),  # invalid per-message TTL
+        (400, 10171, Outcome.PERMANENT, names.REASON_SERVER_REJECTED),  # message counter increment invalid
+        (400, 10003, Outcome.PERMANENT, names.REASON_SERVER_REJECTED),  # bad request
+        # 4xx that are about the moment or the stream: a retry can succeed, never a dead letter
+        (400, 10164, Outcome.RETRYABLE, names.REASON_SERVER_ERROR),  # wrong last sequence (in process)
+        (400, 10070, Outcome.RETRYABLE, names.REASON_SERVER_ERROR),  # wrong last msg id
+        (409, 10158, Outcome.RETRYABLE, names.REASON_SERVER_ERROR),  # duplicate message id in process
+        (429, 10167, Outcome.RETRYABLE, names.REASON_SERVER_ERROR),  # too many requests
+        (400, 10002, Outcome.RETRYABLE, names.REASON_SERVER_ERROR),  # account resources exceeded
+        (400, 10202, Outcome.RETRYABLE, names.REASON_SERVER_ERROR),  # cluster member change in progress
+        (503, 10008, Outcome.RETRYABLE, names.REASON_SERVER_ERROR),  # JetStream temporarily unavailable
+        (500, 10118, Outcome.RETRYABLE, names.REASON_SERVER_ERROR),  # stream is offline
+        # the stream, not the row: pause the partition (configuration), never a dead letter
+        (400, 10060, Outcome.CONFIG, names.REASON_NO_STREAM),  # expected stream does not match
+        (400, 10109, Outcome.CONFIG, names.REASON_NO_STREAM),  # sealed stream
     ],
 )
 def test_error_ack_classification(code: int, err_code: int, outcome: Outcome, reason: str) -> None:
@@ -122,3 +140,17 @@ def test_unordered_waves_are_plain_chunks() -> None:
 def test_pressure_samples_slow_down_when_counting_the_backlog_is_costly(took: float, pause: float) -> None:
     """Every 5 s while a sample is cheap; at most 1/50 of the time on counting; at least once a minute."""
     assert pressure_pause(took, 5.0) == pytest.approx(pause)
+
+
+def test_every_dead_letter_reason_is_documented_and_distinct() -> None:
+    """README lists every reason a dead letter can carry; operators filter on them
+    (``outboxctl dead-letters list --reason``) and alert on the metric's label."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Dead letters") :]
+    section = section[: section.index("\n## ")]
+    assert len(set(names.DEAD_LETTER_REASONS)) == len(names.DEAD_LETTER_REASONS) == 6
+    for reason in names.DEAD_LETTER_REASONS:
+        assert f"`{reason}:" in section, reason
+    assert names.reason_of("header_too_large: header block of 70000 bytes") == names.REASON_HEADER_TOO_LARGE

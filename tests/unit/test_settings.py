@@ -192,3 +192,46 @@ def test_validators_usable_alone() -> None:
     assert validate_subject_template("a.{aggregate_id}.b") == "a.{aggregate_id}.b"
     with pytest.raises(ValueError, match="empty"):
         validate_subject_template("")
+
+
+def test_an_unknown_outbox_variable_is_warned_about_with_the_closest_valid_name() -> None:
+    """A misspelt setting (``OUTBOX_BATCHSIZE``) was silently ignored: the worker ran with the
+    default. Now the start-up warns, naming the variable meant, and never echoes a value."""
+    from outbox_common.settings import unknown_env_warnings
+
+    env = {
+        "OUTBOX_BATCHSIZE": "500",
+        "OUTBOX_DATABASE_URL": "postgresql://u:hunter2@h/db",
+        "OUTBOX_NATS_SERVER": "nats://x:4222",
+        "OUTBOX_ZZZ": "secret-value",
+        "HOME": "/root",
+    }
+    warnings = unknown_env_warnings(env)
+    assert len(warnings) == 3
+    assert "OUTBOX_BATCHSIZE" in warnings[0]
+    assert "did you mean OUTBOX_BATCH_SIZE?" in warnings[0]
+    assert "OUTBOX_NATS_SERVER" in warnings[1]
+    assert "did you mean OUTBOX_NATS_SERVERS?" in warnings[1]
+    assert "OUTBOX_ZZZ" in warnings[2]
+    assert "did you mean" not in warnings[2]
+    assert not any("secret-value" in w or "500" in w for w in warnings)
+    assert unknown_env_warnings({env_name(f): "x" for f in WorkerSettings.model_fields}) == []
+
+
+def test_the_operators_rendered_environment_never_warns() -> None:
+    """Every OUTBOX_* variable the operator renders into a worker pod (the golden Deployments) is a
+    worker setting, so a worker the operator runs starts without a warning."""
+    from pathlib import Path
+
+    import yaml
+
+    from outbox_common.settings import unknown_env_warnings
+
+    rendered: dict[str, str] = {}
+    for path in (Path(__file__).parents[1] / "golden").glob("*-children.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "Deployment":
+                for container in doc["spec"]["template"]["spec"]["containers"]:
+                    rendered |= {e["name"]: "x" for e in container.get("env", []) if e["name"].startswith("OUTBOX_")}
+    assert len(rendered) > 20
+    assert unknown_env_warnings(rendered) == []

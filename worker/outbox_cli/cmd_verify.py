@@ -32,6 +32,7 @@ _FIGURES = (
     ("unexpected", "unexpected (phantom)"),
     ("duplicates", "duplicates in stream"),
     ("order_violations", "order violations"),
+    ("seq_mismatches", "Outbox-Seq not the committed id"),
     ("pending", "pending (backlog left)"),
     ("dead_lettered", "dead-lettered"),
     ("marks", "marks audited"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from pydantic import SecretStr, ValidationError
 
 from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, env_help, tune_gc
-from outbox_common.settings import WorkerSettings, describe_error
+from outbox_common.settings import WorkerSettings, describe_error, unknown_env_warnings
 
 HELP = "Run a relay worker (settings from OUTBOX_* environment variables or flags)."
 
@@ -72,21 +73,28 @@ def run(args: argparse.Namespace) -> int:
         print("error: invalid worker settings:\n" + describe_error(exc), file=sys.stderr)
         return EXIT_USAGE
     setup_logging(settings.log_format, settings.log_level)
+    for warning in unknown_env_warnings(os.environ):
+        logging.getLogger("outbox_worker").warning("%s", warning)
     return asyncio.run(serve(settings))
 
 
 async def serve(settings: WorkerSettings) -> int:
     """Start, run until SIGTERM/SIGINT, stop. Returns the exit code."""
     from outbox_worker.adapters.publisher import NatsConfigError, NatsUnavailableError
-    from outbox_worker.adapters.store import DatabaseAuthError, DatabaseUnavailableError, SchemaError
-    from outbox_worker.app.worker import SideTaskFailed, Worker
+    from outbox_worker.adapters.store import (
+        DatabaseAuthError,
+        DatabaseUnavailableError,
+        DuplicateWorkerError,
+        SchemaError,
+    )
+    from outbox_worker.app.worker import MetricsPortError, SideTaskFailed, Worker
 
     sink = _status_sink(settings)
     worker = Worker(settings, sink=sink)
     log = logging.getLogger("outbox_worker")
     try:
         await worker.start()
-    except (SchemaError, DatabaseAuthError, NatsConfigError) as exc:
+    except (SchemaError, DatabaseAuthError, NatsConfigError, DuplicateWorkerError, MetricsPortError) as exc:
         log.error("configuration error: %s", exc)
         await worker.close()
         return EXIT_CONFIG
@@ -103,6 +111,9 @@ async def serve(settings: WorkerSettings) -> int:
     except SideTaskFailed as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
+    except DuplicateWorkerError as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
     log.info("worker stopped cleanly")
     return EXIT_OK
 

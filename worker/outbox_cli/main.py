@@ -1,7 +1,8 @@
 """``outboxctl``: the one command-line entry point.
 
-Each sub-command lives in its own module ``outbox_cli.cmd_<name>`` exposing ``HELP`` (one line),
-``add_arguments(parser)`` and ``run(args) -> int`` (the process exit code). Modules are imported only
+Each sub-command lives in its own module ``outbox_cli.cmd_<name>`` (``-`` in a name becomes ``_``)
+exposing ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int`` (the process exit
+code). Modules are imported only
 when their command runs, so ``outboxctl migrate`` never loads kopf and ``outboxctl operator`` never
 loads asyncpg.
 """
@@ -19,7 +20,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 T = TypeVar("T")
 
-COMMANDS = ("demo", "migrate", "worker", "verify", "bench", "operator")
+COMMANDS = ("demo", "migrate", "worker", "verify", "dead-letters", "bench", "operator")
 
 # Exit codes, documented in README.
 EXIT_OK = 0
@@ -81,7 +82,7 @@ def env_help(text: str, name: str, *, show_default: bool = True) -> str:
 
 
 def _load(name: str) -> _Command:
-    return cast(_Command, importlib.import_module(f"outbox_cli.cmd_{name}"))
+    return cast(_Command, importlib.import_module(f"outbox_cli.cmd_{name.replace('-', '_')}"))
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -97,7 +98,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         try:
             mod = _load(name)
         except ModuleNotFoundError as exc:
-            if exc.name != f"outbox_cli.cmd_{name}":
+            if exc.name != f"outbox_cli.cmd_{name.replace('-', '_')}":
                 raise
             continue
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP, formatter_class=DefaultsShownFormatter)

@@ -1,9 +1,11 @@
 """Envelope: how one outbox row becomes one NATS message (subject, headers, payload). Pure.
 
 The subject is rendered from a template; every placeholder becomes exactly one subject token, with
-characters that NATS does not allow in a token (whitespace, '.', '*', '>') replaced by '_'. A value
-that cannot form a valid token (empty, or longer than :data:`MAX_TOKEN`) raises
-:class:`InvalidSubjectError`: that row can never be published and is dead-lettered.
+characters that NATS does not allow in a token (whitespace, '.', '*', '>') and control characters
+(``\x00``-``\x1f``, ``\x7f``) replaced by '_'. A value that cannot form a valid token (empty, or
+longer than :data:`MAX_TOKEN`) raises :class:`InvalidSubjectError`, a header name NATS refuses
+:class:`InvalidHeaderError`: that row can never be published and is dead-lettered with the error's
+:attr:`~InvalidSubjectError.reason`.
 """
 
 from __future__ import annotations
@@ -17,13 +19,21 @@ from outbox_common import names
 
 MAX_TOKEN = 256
 MAX_SUBJECT = 1024
-_BAD = re.compile(r"[\s.*>\x00]")
+_BAD = re.compile(r"[\s.*>\x00-\x1f\x7f]")
 # nats-py 2.16's rule for header names (nats/aio/client.py); values are stripped and CR/LF become spaces.
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class InvalidSubjectError(ValueError):
-    """A row's values cannot form a valid subject (or header): it can never be published."""
+    """A row's values cannot form a valid subject: it can never be published."""
+
+    reason = names.REASON_INVALID_SUBJECT
+
+
+class InvalidHeaderError(InvalidSubjectError):
+    """A row's header cannot go out as NATS needs it (a header name it refuses)."""
+
+    reason = names.REASON_INVALID_HEADER
 
 
 def sanitize_token(value: str) -> str:
@@ -133,12 +143,13 @@ def header_value(value: str) -> str:
 class HeaderBlock:
     """Renders the NATS header block (``NATS/1.0\\r\\n`` … blank line) of a row's message: exactly
     :func:`build_headers` plus ``Nats-Expected-Stream``, encoded as nats-py would (a unit test compares
-    the bytes), in one pass.
+    the bytes), in one pass. Order on the wire: ``Nats-Trace-Dest`` (only as described below), the
+    row's own headers in the row's order, then the relay's (``Nats-Msg-Id`` … ``Nats-Expected-Stream``).
 
     Why: building the headers dict and encoding it header by header was ~6 µs of the relay's ~28 µs
     CPU per event. The lines that depend only on (event type, aggregate type) and on the tenant are
     cached (bounded), like rendered subjects. Raises :class:`InvalidSubjectError` for a user header
-    name NATS would refuse.
+    name NATS would refuse (an :class:`InvalidHeaderError`).
 
     With ``skip_trace_check``, a row whose headers carry a sampled W3C ``traceparent`` gets
     ``Nats-Trace-Dest: trace disabled`` as its first header. For such a message nats-server builds a
@@ -213,12 +224,12 @@ class HeaderBlock:
 
 
 def _kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """:func:`user_headers`, every name checked: raises InvalidSubjectError for one NATS would refuse.
+    """:func:`user_headers`, every name checked: raises InvalidHeaderError for one NATS would refuse.
     Every name it returns is one :meth:`HeaderBlock._user_lines` sends as it is."""
     kept = user_headers(headers)
     for key in kept:
         if not HEADER_NAME.fullmatch(key):
-            raise InvalidSubjectError(f"invalid header name {key!r}"[:200])
+            raise InvalidHeaderError(f"invalid header name {key!r}"[:200])
     return kept
 
 

@@ -39,7 +39,7 @@ METRIC_PREFIX = "outbox_"
 M_PUBLISHED = METRIC_PREFIX + "published_total"  # counter
 M_DUPLICATES = METRIC_PREFIX + "duplicates_total"  # counter (acked as duplicate: success)
 M_FAILED = METRIC_PREFIX + "publish_failures_total"  # counter, label reason
-M_DEAD_LETTERS = METRIC_PREFIX + "dead_letters_total"  # counter
+M_DEAD_LETTERS = METRIC_PREFIX + "dead_letters_total"  # counter, label reason
 M_IN_FLIGHT = METRIC_PREFIX + "in_flight"  # gauge
 M_ACK_LATENCY = METRIC_PREFIX + "ack_latency_seconds"  # histogram, publish -> ack
 M_BATCH_LATENCY = METRIC_PREFIX + "batch_seconds"  # histogram, claim -> mark
@@ -53,11 +53,37 @@ LABEL_PUBLISHER = "publisher"
 LABEL_REASON = "reason"
 LABEL_KIND = "kind"
 
-# --- Failure reasons (metric label values, status fields) -----------------------------------------
-REASON_TIMEOUT = "timeout"
-REASON_DISCONNECT = "disconnect"
-REASON_NO_RESPONDERS = "no_responders"
-REASON_SERVER_ERROR = "server_error"
-REASON_PAYLOAD_TOO_LARGE = "payload_too_large"
-REASON_INVALID_SUBJECT = "invalid_subject"
+# --- Failure reasons (metric label values, status fields, the prefix of last_error and of a dead
+# letter's `reason`: "<reason>: <detail>"). README "Dead letters" lists them; keep the two in step.
+# Retryable (never a dead letter): the publish may succeed if tried again.
+REASON_TIMEOUT = "timeout"  # no ack within ack_timeout_seconds
+REASON_DISCONNECT = "disconnect"  # the connection to NATS was lost with the publish in flight
+REASON_NO_RESPONDERS = "no_responders"  # 503 no responders: the stream's leader is not there right now
+REASON_SERVER_ERROR = "server_error"  # an error ack retrying can fix: 5xx, 409, 429, stream full
+# Configuration (never a dead letter): the partition pauses until the stream is set up right.
 REASON_NO_STREAM = "no_stream"
+# The row can never be published as it is: dead-lettered (see DEAD_LETTER_REASONS).
+REASON_INVALID_SUBJECT = "invalid_subject"  # a subject token empty or too long, or the subject too long
+REASON_INVALID_HEADER = "invalid_header"  # a row header name NATS refuses
+REASON_INVALID_CREATED_AT = "invalid_created_at"  # created_at has no RFC 3339 form (BC, infinity)
+REASON_HEADER_TOO_LARGE = "header_too_large"  # the header block is over nats-server's 64 KiB limit
+REASON_PAYLOAD_TOO_LARGE = "payload_too_large"  # headers + payload over max_payload or the stream's limit
+REASON_SERVER_REJECTED = "server_rejected"  # any other error ack the server gives for this message alone
+
+DEAD_LETTER_REASONS = (
+    REASON_INVALID_SUBJECT,
+    REASON_INVALID_HEADER,
+    REASON_INVALID_CREATED_AT,
+    REASON_HEADER_TOO_LARGE,
+    REASON_PAYLOAD_TOO_LARGE,
+    REASON_SERVER_REJECTED,
+)
+
+# nats-server refuses to store a message whose header block is longer than this (its
+# JSStreamHeaderExceedsMaximumErr, 400/10097 "header size exceeds maximum allowed of 64k").
+MAX_HEADER_BYTES = 65535
+
+
+def reason_of(text: str) -> str:
+    """The reason prefix of a ``last_error`` or dead-letter ``reason`` (``"header_too_large: …"``)."""
+    return text.split(":", 1)[0].strip()

@@ -20,6 +20,9 @@ class WorkerReport:
     duplicates: int = 0  # acks with duplicate=true (a success: the broker already had the event)
     failed: int = 0  # publish attempts that failed (all reasons), cumulative
     deadLetters: int = 0  # rows this worker moved to the dead-letter table, cumulative
+    # deadLetters by reason prefix (outbox_common.names.DEAD_LETTER_REASONS, e.g. header_too_large),
+    # cumulative; only reasons that occurred are present
+    deadLettersByReason: dict[str, int] = field(default_factory=dict)
     inFlight: int = 0  # unacknowledged publishes right now
     backlog: int = 0  # pending rows in the partitions this worker owns
     oldestPendingSeconds: float = 0.0  # age of the oldest pending row it owns

@@ -8,7 +8,9 @@ the operator, never as values.
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -317,6 +319,30 @@ def _env_value(value: Any) -> str:
     if isinstance(value, StrEnum):
         return value.value
     return str(value)
+
+
+def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
+    """One message per ``OUTBOX_*`` variable in ``environ`` that is no worker setting, naming the
+    closest valid one (``OUTBOX_BATCHSIZE`` → ``OUTBOX_BATCH_SIZE``) when there is one.
+
+    A warning, not an error: during a rolling upgrade a newer operator may render a setting an older
+    worker image does not know yet, and refusing to start would turn that version skew into a crash
+    loop of every worker; the relay runs with that setting's default either way, and the warning
+    says so. The operator renders only this class's fields (:func:`render_env`, and it refuses
+    ``OUTBOX_*`` names in ``spec.worker.env``), so its own environment never warns. Values are never
+    echoed (one of them could be a secret).
+    """
+    fields = sorted(WorkerSettings.model_fields)
+    known = {env_name(f) for f in fields}
+    messages = []
+    for key in sorted(environ):
+        if not key.startswith(ENV_PREFIX) or key in known:
+            continue
+        # compared without the prefix every name shares, which would make any two names look alike
+        close = difflib.get_close_matches(key.removeprefix(ENV_PREFIX).lower(), fields, n=1, cutoff=0.7)
+        hint = f"did you mean {env_name(close[0])}?" if close else "see `outboxctl worker --help` for the names"
+        messages.append(f"unknown setting {key} in the environment is ignored: {hint}")
+    return messages
 
 
 def describe_error(exc: ValidationError) -> str:

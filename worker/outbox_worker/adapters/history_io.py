@@ -169,8 +169,16 @@ async def read_stream(
 
 
 async def read_truth(conn: asyncpg.Connection, sql: Sql) -> tuple[list[CommittedEvent], set[str], set[str]]:
-    """(committed events from the ledger, event ids still pending, event ids dead-lettered)."""
-    ledger = await conn.fetch(f"SELECT event_id::text, aggregate, outbox_id FROM {ledger_table(sql)}")
+    """(committed events from the ledger, event ids still pending, event ids dead-lettered).
+
+    An event requeued from the dead letters (``<table>_requeued``, since schema version 2) is
+    committed as the outbox id of its latest requeue: that is its place in its aggregate's order."""
+    outbox_id = "l.outbox_id"
+    if await conn.fetchval("SELECT to_regclass($1)", sql.requeued) is not None:
+        outbox_id = (
+            f"COALESCE((SELECT max(r.outbox_id) FROM {sql.requeued} AS r WHERE r.event_id = l.event_id), l.outbox_id)"
+        )
+    ledger = await conn.fetch(f"SELECT l.event_id::text, l.aggregate, {outbox_id} FROM {ledger_table(sql)} AS l")
     pending = await conn.fetch(f"SELECT event_id::text FROM {sql.outbox} WHERE published_at IS NULL")
     dead = await conn.fetch(f"SELECT event_id::text FROM {sql.dead_letters}")
     return (

@@ -84,9 +84,12 @@ class Metrics:
         self._failed = Counter(
             names.M_FAILED.removesuffix("_total"), "Failed publishes by reason", [*pl, names.LABEL_REASON], registry=r
         )
-        self.dead_letters = Counter(
-            names.M_DEAD_LETTERS.removesuffix("_total"), "Rows dead-lettered", pl, registry=r
-        ).labels(publisher)
+        self._dead_letters = Counter(
+            names.M_DEAD_LETTERS.removesuffix("_total"),
+            "Rows moved to the dead letters, by reason (names.DEAD_LETTER_REASONS)",
+            [*pl, names.LABEL_REASON],
+            registry=r,
+        )
         self.in_flight = Gauge(names.M_IN_FLIGHT, "Unacknowledged publishes", pl, registry=r).labels(publisher)
         # Observed per ack by the publisher (BucketCounts), so not a prometheus_client Histogram.
         self.ack_latency = BucketCounts(LATENCY_BUCKETS)
@@ -116,6 +119,10 @@ class Metrics:
 
     def failed(self, reason: str, n: int = 1) -> None:
         self._failed.labels(self._publisher, reason).inc(n)
+
+    def dead_letter(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` rows dead-lettered for ``reason`` (a reason prefix, e.g. ``header_too_large``)."""
+        self._dead_letters.labels(self._publisher, reason).inc(n)
 
     def handover(self, kind: str, n: int = 1) -> None:
         self._handovers.labels(self._publisher, kind).inc(n)

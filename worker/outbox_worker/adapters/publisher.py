@@ -9,7 +9,9 @@ through one wildcard subscription.
 Guarantees of :meth:`JetStreamPublisher.publish_wave`:
 
 - every message of the wave ends in exactly one :class:`~outbox_worker.core.policy.PublishResult`
-  (acked, duplicate, retryable, permanent, config) no later than ``ack_timeout`` after it was sent;
+  (acked, duplicate, retryable, permanent, refused, config) no later than ``ack_timeout`` after it
+  was sent; a message NATS would refuse (invalid subject or header name, over ``max_payload``) is
+  ``refused`` without being sent;
 - a disconnect fails every unacknowledged publish at once as retryable (the caller re-publishes with
   the same ``Nats-Msg-Id``; JetStream absorbs the copy if the first one was stored);
 - a late ack for a publish that already timed out is ignored (counted in ``late_acks``);
@@ -56,7 +58,12 @@ _SUBJECT_CACHE_LIMIT = 10_000
 
 
 class InvalidMessageError(ValueError):
-    """A message that NATS would refuse (bad subject or header name): it can never be published."""
+    """A message that NATS would refuse (bad subject or header name): it can never be published.
+    ``reason`` says which (``invalid_subject`` or ``invalid_header``)."""
+
+    def __init__(self, message: str, reason: str = names.REASON_INVALID_SUBJECT) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def encode_headers(headers: Mapping[str, str]) -> bytes:
@@ -69,7 +76,7 @@ def encode_headers(headers: Mapping[str, str]) -> bytes:
             continue
         if key not in _valid_names:
             if not HEADER_NAME.fullmatch(key):
-                raise InvalidMessageError(f"invalid header name {key!r}"[:200])
+                raise InvalidMessageError(f"invalid header name {key!r}"[:200], names.REASON_INVALID_HEADER)
             if len(_valid_names) < 4096:
                 _valid_names.add(key)
         lines.append(f"{key}: {header_value(v)}\r\n")
@@ -477,13 +484,13 @@ class JetStreamPublisher:
                         payload,
                     )
             except InvalidMessageError as exc:
-                wave.resolve(i, PublishResult(Outcome.PERMANENT, names.REASON_INVALID_SUBJECT, str(exc)))
+                wave.resolve(i, PublishResult(Outcome.REFUSED, exc.reason, str(exc)))
                 continue
             if size > limit:
                 wave.resolve(
                     i,
                     PublishResult(
-                        Outcome.PERMANENT,
+                        Outcome.REFUSED,
                         names.REASON_PAYLOAD_TOO_LARGE,
                         f"message of {size} bytes exceeds the server's max_payload of {limit}",
                     ),

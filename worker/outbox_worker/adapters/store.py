@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,11 @@ class DatabaseUnavailableError(Exception):
 
 class DatabaseAuthError(Exception):
     """The database rejected the credentials or the database does not exist."""
+
+
+class DuplicateWorkerError(Exception):
+    """Another live process heartbeats under this worker id: two workers must never share a lease
+    identity (they would both publish the partitions leased to it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +166,9 @@ class OutboxStore:
         self.sql = sql
         self.publisher = publisher
         self.owner = owner
+        # This process's token in its heartbeat row: tells it apart from another process that was
+        # (mis)configured with the same worker id.
+        self.instance = uuid.uuid4().hex
         self._idle: set[int] = set()  # partitions whose last claim found no due row
 
     async def check_schema(self) -> int:
@@ -172,6 +182,13 @@ class OutboxStore:
             raise SchemaError(
                 f"outbox table {s.schema}.{s.table} is not set up: run "
                 f"`outboxctl migrate --database-url … --schema {s.schema} --table {s.table}`"
+            )
+        if row["schema_version"] < SCHEMA_VERSION:
+            # e.g. version 1 has no workers.instance, which the heartbeat needs
+            raise SchemaError(
+                f"{s.schema}.{s.table} has schema version {row['schema_version']}, older than this worker's "
+                f"{SCHEMA_VERSION}: run `outboxctl migrate --database-url … --schema {s.schema} --table {s.table}` "
+                "(idempotent, and safe while older workers run)"
             )
         if row["schema_version"] > SCHEMA_VERSION:
             raise SchemaError(
@@ -187,11 +204,43 @@ class OutboxStore:
 
     # --- membership and leases --------------------------------------------------------------------
     async def heartbeat(self, ttl: float) -> list[str]:
-        rows = await self.pool.fetch(self.sql.heartbeat, self.publisher, self.owner, ttl)
-        return [r[0] for r in rows]
+        """Renew this worker's heartbeat row; returns the live worker ids (this one included, sorted).
+        Raises :class:`DuplicateWorkerError` if a live process of another instance holds the row."""
+        row = await self.pool.fetchrow(self.sql.heartbeat, self.publisher, self.owner, ttl, self.instance)
+        assert row is not None
+        if not row["mine"]:
+            raise DuplicateWorkerError(self._duplicate_message())
+        return list(row["live"])
+
+    async def join(self, ttl: float, poll: float = 0.2) -> list[str]:
+        """Take this worker id's heartbeat row, or raise :class:`DuplicateWorkerError` if a live
+        process holds it. Waits at most until the row's expiry (``ttl`` plus one ``poll``): a row
+        left by a crashed process of the same id (a restarted container) expires unrenewed and is
+        taken; a row renewed meanwhile belongs to a live process."""
+        deadline = time.monotonic() + ttl + poll
+        seen = None
+        while True:
+            try:
+                return await self.heartbeat(ttl)
+            except DuplicateWorkerError:
+                row = await self.pool.fetchrow(self.sql.worker_row, self.publisher, self.owner)
+                if row is not None and row["live"]:
+                    if seen is not None and row["expires_at"] > seen:
+                        raise  # renewed while we watched: a live peer
+                    seen = row["expires_at"]
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(poll)
+
+    def _duplicate_message(self) -> str:
+        return (
+            f"worker id {self.owner!r} of publisher {self.publisher!r} is in use by another live worker "
+            "process: give each worker its own OUTBOX_WORKER_ID (or leave it empty for hostname plus a "
+            "random suffix)"
+        )
 
     async def leave(self) -> None:
-        await self.pool.execute(self.sql.worker_leave, self.publisher, self.owner)
+        await self.pool.execute(self.sql.worker_leave, self.publisher, self.owner, self.instance)
 
     async def renew(self, fence: Fence, ttl: float) -> dict[int, int]:
         if not fence.partitions:
@@ -280,13 +329,14 @@ class OutboxStore:
         )
         return int(status.split()[-1])
 
-    async def dead_letter(self, fence: Fence, ids: Sequence[int], reasons: Sequence[str]) -> int:
+    async def dead_letter(self, fence: Fence, ids: Sequence[int], reasons: Sequence[str]) -> list[int]:
+        """Move rows to the dead letters while ``fence`` holds; returns the ids moved."""
         if not ids:
-            return 0
-        status = await self.pool.execute(
+            return []
+        rows = await self.pool.fetch(
             self.sql.dead_letter, self.publisher, self.owner, fence.partitions, fence.epochs, list(ids), list(reasons)
         )
-        return int(status.split()[-1])
+        return [r[0] for r in rows]
 
     async def retention_sweep(self, retention: float, limit: int = 10000) -> int:
         status = await self.pool.execute(self.sql.retention_sweep, retention, limit)

@@ -28,7 +28,7 @@ import asyncpg
 
 from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.metrics import Metrics
-from outbox_worker.adapters.store import Fence, OutboxStore
+from outbox_worker.adapters.store import DuplicateWorkerError, Fence, OutboxStore
 from outbox_worker.core.policy import fair_share
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,12 @@ class LeaseManager:
                 await self.tick()
                 self.last_error = ""
             except asyncio.CancelledError:
+                raise
+            except DuplicateWorkerError as exc:
+                # Another live process took this worker id's heartbeat (this one was frozen past it):
+                # two processes must never share a lease identity. End the task, and the worker.
+                self.last_error = str(exc)
+                log.error("%s", exc)
                 raise
             except _PERMANENT as exc:
                 # The lease tables are gone or no longer accessible: no retry can fix that. End the

@@ -11,6 +11,11 @@ Guarantees (README "Guarantees" states them for users):
   aggregate back (SQL hold-back via ``not_before``) until it succeeds or is dead-lettered.
 - Bounded: at most ``max_in_flight // loops`` publishes in flight per loop, ``batch_size`` rows in
   memory per loop, every wait bounded by the ack timeout.
+- A row that can never be published ends as a dead letter, logged once at WARNING with its id and
+  reason (``names.DEAD_LETTER_REASONS``): at once when the relay's own checks refuse it before
+  sending (subject, header name, header block over 64 KiB, max_payload, created_at), after
+  ``max_attempts`` failed attempts when the server refuses it for good (its code and text kept).
+  Retryable and configuration failures never dead-letter a row.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from outbox_common.envelope import (
     SubjectTemplate,
     subject_fields,
 )
+from outbox_common.names import MAX_HEADER_BYTES
 from outbox_common.settings import MarkMode, OrderingMode, WorkerSettings
 from outbox_worker.adapters.metrics import Metrics
 from outbox_worker.adapters.publisher import JetStreamPublisher
@@ -57,6 +63,7 @@ class RelayStats:
     config_error: str = ""
     config_error_at: float = 0.0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    dead_letters_by_reason: dict[str, int] = field(default_factory=dict)  # by names.DEAD_LETTER_REASONS
 
 
 @dataclass
@@ -169,9 +176,10 @@ class RelayLoop:
                     subject = self._subject(row)
                     headers = self._headers.render(row)
                 except InvalidSubjectError as exc:
-                    self._failed(
-                        row, PublishResult(Outcome.PERMANENT, names.REASON_INVALID_SUBJECT, str(exc)), out, blocked
-                    )
+                    self._failed(row, PublishResult(Outcome.REFUSED, exc.reason, str(exc)), out, blocked)
+                    continue
+                if len(headers) > MAX_HEADER_BYTES or not row.created_at:
+                    self._failed(row, _refusal(row, headers), out, blocked)
                     continue
                 messages.append((subject, row.payload, headers))
                 sendable.append(row)
@@ -229,7 +237,7 @@ class RelayLoop:
         self._stats.last_error = detail
         blocked.add((row.partition, row.aggregate_id))
         attempt = row.attempts + 1
-        if res.outcome == Outcome.PERMANENT and attempt >= s.max_attempts:
+        if res.outcome == Outcome.REFUSED or (res.outcome == Outcome.PERMANENT and attempt >= s.max_attempts):
             out.dead_ids.append(row.id)
             out.dead_reasons.append(detail)
             return
@@ -269,11 +277,8 @@ class RelayLoop:
                     await self._store.mark_failed(fence, out.failed_ids, out.failed_errors, out.failed_delays)
                     out.failed_ids = []
                 if out.dead_ids:
-                    n = await self._store.dead_letter(fence, out.dead_ids, out.dead_reasons)
-                    self._stats.dead_letters += n
-                    self._metrics.dead_letters.inc(n)
-                    if n:
-                        log.warning("dead-lettered %d rows: %s", n, out.dead_reasons[0])
+                    moved = await self._store.dead_letter(fence, out.dead_ids, out.dead_reasons)
+                    self._dead_lettered(out, moved)
                     out.dead_ids = []
                 return
             except Exception as exc:
@@ -282,9 +287,38 @@ class RelayLoop:
                     return
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
 
+    def _dead_lettered(self, out: _BatchOutcome, moved: list[int]) -> None:
+        """Count and log the rows the fenced statement moved (a row a lost lease kept is not moved:
+        its new owner decides). One WARNING per dead letter, with its id and reason, never the payload."""
+        reasons = dict(zip(out.dead_ids, out.dead_reasons, strict=True))
+        by_reason = self._stats.dead_letters_by_reason
+        for row_id in moved:
+            reason = reasons[row_id]
+            prefix = names.reason_of(reason)
+            by_reason[prefix] = by_reason.get(prefix, 0) + 1
+            self._metrics.dead_letter(prefix)
+            log.warning("dead-lettered outbox row %d: %s", row_id, reason)
+        self._stats.dead_letters += len(moved)
+
     def _error(self, message: str) -> None:
         self._stats.last_error = message
         log.warning("%s", message)
+
+
+def _refusal(row: OutboxRow, headers: bytes) -> PublishResult:
+    """Why a row whose message was built cannot be sent (the relay's checks after rendering)."""
+    if not row.created_at:
+        return PublishResult(
+            Outcome.REFUSED,
+            names.REASON_INVALID_CREATED_AT,
+            "created_at has no RFC 3339 form (a BC date or infinity): use a time between years 1 and 9999",
+        )
+    return PublishResult(
+        Outcome.REFUSED,
+        names.REASON_HEADER_TOO_LARGE,
+        f"header block of {len(headers)} bytes exceeds nats-server's limit of {MAX_HEADER_BYTES}: "
+        "shorten the row's headers, aggregate_id or tenant",
+    )
 
 
 class RelayHooks:

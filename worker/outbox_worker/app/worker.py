@@ -3,6 +3,8 @@
 Lifecycle guarantees:
 
 - ``start()`` fails fast with a typed error naming the fix: bad DB credentials or missing schema,
+  another live process using this worker id (:class:`DuplicateWorkerError`, after watching its
+  heartbeat for at most one lease TTL), the metrics port in use (:class:`MetricsPortError`),
   unreachable servers (bounded waits), a stream that is missing, does not capture the subjects, or
   whose duplicate window is shorter than the relay's re-publish horizon.
 - ``run()`` supervises its side tasks (lease renewal, LISTEN, pressure sampling, status reports,
@@ -29,10 +31,16 @@ import asyncpg
 
 from outbox_common.envelope import SubjectTemplate
 from outbox_common.report import StatusSink, WorkerReport
-from outbox_common.settings import MarkMode, WorkerSettings
+from outbox_common.settings import MarkMode, WorkerSettings, env_name
 from outbox_worker.adapters.metrics import HealthServer, Metrics
 from outbox_worker.adapters.publisher import JetStreamPublisher, NatsUnavailableError
-from outbox_worker.adapters.store import DatabaseUnavailableError, Listener, OutboxStore, connect_pool
+from outbox_worker.adapters.store import (
+    DatabaseUnavailableError,
+    DuplicateWorkerError,
+    Listener,
+    OutboxStore,
+    connect_pool,
+)
 from outbox_worker.app.leases import LeaseManager
 from outbox_worker.app.relay import RelayHooks, RelayLoop, RelayStats
 from outbox_worker.core.policy import pressure_pause
@@ -46,6 +54,10 @@ RETENTION_INTERVAL_SECONDS = 60.0
 
 class SideTaskFailed(Exception):
     """A supervised side task died; the worker stopped."""
+
+
+class MetricsPortError(Exception):
+    """The metrics server cannot listen on its port (in use, or not allowed)."""
 
 
 T = TypeVar("T")
@@ -123,6 +135,8 @@ class Worker:
         )
         self.store = OutboxStore(self.pool, self.sql, s.publisher, self.worker_id)
         partitions = await self.store.check_schema()
+        # Before anything is leased: a live process with the same worker id is refused here.
+        await self.store.join(s.lease_ttl_seconds)
         self.publisher = JetStreamPublisher(
             s, name=f"outbox-relay/{s.publisher}/{self.worker_id}", ack_latency=self.metrics.ack_latency
         )
@@ -148,7 +162,14 @@ class Worker:
         ]
         if s.metrics_port:
             self.health = HealthServer(self.metrics, s.metrics_host, s.metrics_port, self.ready)
-            await self.health.start()
+            try:
+                await self.health.start()
+            except OSError as exc:
+                self.health = None
+                raise MetricsPortError(
+                    f"the metrics server cannot listen on {s.metrics_host}:{s.metrics_port} ({exc.strerror or exc}): "
+                    f"set {env_name('metrics_port')} to a free port (0 turns the metrics server off)"
+                ) from None
         log.info(
             "worker %s started: publisher=%s table=%s.%s partitions=%d loops=%d",
             self.worker_id,
@@ -204,6 +225,9 @@ class Worker:
                 if task is stop_wait:
                     continue
                 exc = task.exception() if not task.cancelled() else None
+                if isinstance(exc, DuplicateWorkerError):
+                    failure = exc  # exits like the refusal at start-up (exit code 3)
+                    continue
                 failure = SideTaskFailed(f"task {task.get_name()} ended unexpectedly: {exc!r}")
                 log.error("%s: stopping the worker", failure)
         finally:
@@ -302,6 +326,7 @@ class Worker:
             duplicates=st.duplicates,
             failed=st.failed,
             deadLetters=st.dead_letters,
+            deadLettersByReason=dict(sorted(st.dead_letters_by_reason.items())),
             inFlight=self.publisher.in_flight if self.publisher else 0,
             backlog=self.backlog,
             oldestPendingSeconds=round(self.oldest_age, 3),

@@ -4,7 +4,9 @@ Inputs:
 
 - the ground truth: every event a producer *committed* (a ledger row written in the same
   transaction as the outbox row, so rolled-back events never appear), with its aggregate and its
-  outbox id (the per-aggregate order key);
+  outbox id (the per-aggregate order key); for an event requeued from the dead letters
+  (``outboxctl dead-letters requeue``), the id it was re-inserted as, which places it after every
+  event of its aggregate committed before the requeue;
 - the stream, read in sequence order: event id (``Nats-Msg-Id``), aggregate and outbox id;
 - what is still pending in the outbox, and what was dead-lettered.
 
@@ -16,6 +18,8 @@ Findings (all must be zero for a clean run, except ``pending`` when the relay wa
 - ``duplicates``: stored more than once (extra copies counted);
 - ``order_violations``: within one aggregate, a stored event whose outbox id is lower than the
   highest one stored before it (first copies only);
+- ``seq_mismatches``: a stored event whose ``Outbox-Seq`` is not the outbox id it was committed (or
+  requeued) as: the order above would be judged on a wrong key;
 - ``pending``: committed, not yet in the stream, still in the outbox (backlog left);
 - ``dead_lettered``: moved to the dead-letter table (by policy, not a violation).
 
@@ -74,6 +78,7 @@ class HistoryReport:
     unexpected: int = 0
     duplicates: int = 0
     order_violations: int = 0
+    seq_mismatches: int = 0
     pending: int = 0
     dead_lettered: int = 0
     marks: int = 0  # audited marks (0 when no audit was given)
@@ -91,6 +96,7 @@ class HistoryReport:
             or self.unexpected
             or self.duplicates
             or self.order_violations
+            or self.seq_mismatches
             or self.marked_not_stored
             or self.marked_before_stored
             or self.stale_marks
@@ -104,6 +110,7 @@ class HistoryReport:
             "unexpected": self.unexpected,
             "duplicates": self.duplicates,
             "order_violations": self.order_violations,
+            "seq_mismatches": self.seq_mismatches,
             "marked_not_stored": self.marked_not_stored,
             "marked_before_stored": self.marked_before_stored,
             "stale_marks": self.stale_marks,
@@ -160,6 +167,10 @@ def check_history(
             report._example("unexpected", f"{m.event_id} at seq {m.seq}")
             continue
         report.published += 1
+        committed_as = truth[m.event_id].outbox_id
+        if m.outbox_id != committed_as:
+            report.seq_mismatches += 1
+            report._example("seq_mismatches", f"{m.event_id}: Outbox-Seq {m.outbox_id}, committed as {committed_as}")
         prev = last_in_aggregate.get(m.aggregate)
         if prev is not None and m.outbox_id < prev:
             report.order_violations += 1

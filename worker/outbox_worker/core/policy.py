@@ -51,7 +51,8 @@ class Outcome(StrEnum):
     ACKED = "acked"
     DUPLICATE = "duplicate"  # the stream already had this Nats-Msg-Id: a success
     RETRYABLE = "retryable"  # timeout, disconnect, 503, no responders: retry with the same id
-    PERMANENT = "permanent"  # this row can never be published: count the attempt, dead-letter at N
+    PERMANENT = "permanent"  # the server refused this message for good: count the attempt, dead-letter at N
+    REFUSED = "refused"  # the relay's own check before sending (size, subject, header): dead-letter now
     CONFIG = "config"  # no stream for the subject, auth: not the row's fault; stop the partition
 
 
@@ -69,28 +70,50 @@ class PublishResult(NamedTuple):
         return self.outcome in (Outcome.ACKED, Outcome.DUPLICATE)
 
 
-# JetStream API error codes (err_code) seen on publish acks that mean "this row can never succeed".
-PERMANENT_ERR_CODES = frozenset(
+# JetStream API error codes (``err_code``, nats-server's server/errors.json) a publish ack can carry.
+HEADER_TOO_LARGE_ERR_CODE = 10097  # 400 "header size exceeds maximum allowed of 64k"
+MESSAGE_TOO_LARGE_ERR_CODE = 10054  # 400 "message size exceeds maximum allowed" (max_msg_size, account)
+STREAM_MISMATCH_ERR_CODE = 10060  # 400 "expected stream does not match" (Nats-Expected-Stream)
+STREAM_SEALED_ERR_CODE = 10109  # 400 "invalid operation on sealed stream": the stream, not the row
+# 4xx error acks that are about the moment or the stream, not the message: a retry can succeed.
+RETRYABLE_4XX_ERR_CODES = frozenset(
     {
-        10054,  # message size exceeds maximum allowed
-        10083,  # ... (reserved) invalid subject/headers from server side
+        10002,  # 400 resource limits exceeded for account: room may be made
+        10070,  # 400 wrong last msg ID (Nats-Expected-Last-Msg-Id; the relay never sets it)
+        10071,  # 400 wrong last sequence: {seq}
+        10164,  # 400 wrong last sequence (another publish of the subject is in process)
+        10158,  # 409 duplicate message id is in process: the first copy is being stored
+        10167,  # 429 too many requests
+        10180,  # 412 min last sequence
+        10193,  # 400 missing sequence for expected last sequence per subject
+        10202,  # 400 cluster member change is in progress
     }
 )
 
 
-STREAM_MISMATCH_ERR_CODE = 10060  # "expected stream does not match" (Nats-Expected-Stream)
-
-
 def classify_error_ack(code: int, err_code: int, description: str) -> PublishResult:
-    """Map a JetStream error ack ``{"error": {"code", "err_code", "description"}}`` to an outcome."""
+    """Map a JetStream error ack ``{"error": {"code", "err_code", "description"}}`` to an outcome.
+
+    - 5xx (503 stream full with ``discard: new``, no quorum, store failed), 408, 409 (the same
+      ``Nats-Msg-Id`` is being stored), 429 and the 4xx of :data:`RETRYABLE_4XX_ERR_CODES`: retryable,
+      never a dead letter.
+    - The stream is not the configured one, or is sealed: a configuration error (partition paused).
+    - Any other 4xx is about this message and retrying the same bytes cannot fix it: permanent, with
+      a reason naming what failed (``header_too_large``, ``payload_too_large``, else
+      ``server_rejected``) and the server's code and text as the detail.
+    """
     detail = f"{code}/{err_code}: {description}"[:300]
-    if err_code in PERMANENT_ERR_CODES or code == 413:
-        return PublishResult(Outcome.PERMANENT, names.REASON_PAYLOAD_TOO_LARGE, detail)
-    if err_code == STREAM_MISMATCH_ERR_CODE:
-        # The subject is captured by another stream than the configured one (the stream was replaced):
-        # not the row's fault; stop the partition until the configuration is right.
+    if err_code in (STREAM_MISMATCH_ERR_CODE, STREAM_SEALED_ERR_CODE):
+        # The subject is captured by another stream than the configured one (the stream was replaced),
+        # or the stream takes nothing any more: not the row's fault; stop the partition until fixed.
         return PublishResult(Outcome.CONFIG, names.REASON_NO_STREAM, detail)
-    return PublishResult(Outcome.RETRYABLE, names.REASON_SERVER_ERROR, detail)
+    if code >= 500 or code in (408, 409, 429) or err_code in RETRYABLE_4XX_ERR_CODES or not 400 <= code < 500:
+        return PublishResult(Outcome.RETRYABLE, names.REASON_SERVER_ERROR, detail)
+    if err_code == HEADER_TOO_LARGE_ERR_CODE:
+        return PublishResult(Outcome.PERMANENT, names.REASON_HEADER_TOO_LARGE, detail)
+    if err_code == MESSAGE_TOO_LARGE_ERR_CODE or code == 413:
+        return PublishResult(Outcome.PERMANENT, names.REASON_PAYLOAD_TOO_LARGE, detail)
+    return PublishResult(Outcome.PERMANENT, names.REASON_SERVER_REJECTED, detail)
 
 
 def plan_waves(rows: Sequence[OutboxRow], ordered: bool, wave_limit: int) -> list[list[OutboxRow]]:

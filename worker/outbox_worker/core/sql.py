@@ -10,6 +10,7 @@ Tables, for an outbox named ``<schema>.<table>``:
 - ``<table>_leases``: one row per (publisher, partition) with owner, epoch (fencing token) and expiry.
 - ``<table>_workers``: heartbeats of live workers, to compute fair shares.
 - ``<table>_dead_letters``: rows that can never be published, with the reason.
+- ``<table>_requeued``: dead letters put back into the outbox, with the id each was re-inserted as.
 - ``outbox_meta``: schema version and partition count of each outbox table in the schema.
 """
 
@@ -19,9 +20,16 @@ from dataclasses import dataclass
 
 from outbox_common.settings import validate_identifier
 
-SCHEMA_VERSION = 1
+# 1: the tables. 2: CHECK that created_at has an RFC 3339 form (NOT VALID: rows already in the table
+# are not checked; the relay dead-letters those); workers.instance (duplicate worker ids are refused).
+SCHEMA_VERSION = 2
 MAX_PARTITIONS = 4096
 DEFAULT_PARTITIONS = 16  # `outboxctl migrate`, demo and bench when --partitions is not given
+# Longest aggregate_id (bytes) a retry backoff puts into the held index (see Sql.mark_failed): a btree
+# entry holds at most ~2.7 KB, partition and id included, and random text does not compress.
+MAX_HELD_AGGREGATE_ID_BYTES = 2000
+# The times RFC 3339 can write (years 0001-9999): the table's CHECK and the claim's rendering agree.
+CREATED_AT_IN_RANGE = "created_at >= '0001-01-01 00:00:00+00' AND created_at < '10000-01-01 00:00:00+00'"
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,10 @@ class Sql:
     @property
     def dead_letters(self) -> str:
         return self._q(self.table + "_dead_letters")
+
+    @property
+    def requeued(self) -> str:
+        return self._q(self.table + "_requeued")
 
     @property
     def meta(self) -> str:
@@ -136,6 +148,23 @@ class Sql:
                 reason text NOT NULL,
                 publisher text NOT NULL,
                 dead_at timestamptz NOT NULL DEFAULT now())""",
+            # --- schema version 2 ---
+            f"""DO $$ BEGIN
+                IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                               WHERE conrelid = '{self.outbox}'::regclass AND conname = '{t}_rfc3339') THEN
+                    ALTER TABLE {self.outbox} ADD CONSTRAINT "{t}_rfc3339"
+                        CHECK ({CREATED_AT_IN_RANGE}) NOT VALID;
+                END IF;
+                END $$""",
+            f"ALTER TABLE {self.workers} ADD COLUMN IF NOT EXISTS instance text",
+            # Requeued dead letters (outboxctl dead-letters requeue): which outbox id each event was
+            # re-inserted as, an audit trail for operators and the history checker.
+            f"""CREATE TABLE IF NOT EXISTS {self.requeued} (
+                outbox_id bigint PRIMARY KEY,
+                event_id uuid NOT NULL,
+                dead_id bigint NOT NULL,
+                reason text NOT NULL,
+                requeued_at timestamptz NOT NULL DEFAULT now())""",
             f"""CREATE OR REPLACE FUNCTION "{self.schema}"."{t}_notify"() RETURNS trigger
                 LANGUAGE plpgsql AS $$
                 BEGIN PERFORM pg_notify('{self.channel}', ''); RETURN NULL; END $$""",
@@ -151,7 +180,8 @@ class Sql:
     def meta_insert(self) -> str:
         return (
             f"INSERT INTO {self.meta} (table_name, partitions, schema_version) VALUES ($1, $2, $3) "
-            "ON CONFLICT (table_name) DO UPDATE SET schema_version = excluded.schema_version"
+            "ON CONFLICT (table_name) DO UPDATE SET schema_version = "
+            f"GREATEST({self.meta}.schema_version, excluded.schema_version)"
         )
 
     @property
@@ -170,22 +200,42 @@ class Sql:
 
     @property
     def heartbeat(self) -> str:
-        """$1 publisher, $2 worker, $3 ttl seconds. Returns the live workers, sorted."""
+        """$1 publisher, $2 worker, $3 ttl seconds, $4 instance token. One row: ``live`` (the live
+        workers, this one included, sorted) and ``mine`` (whether the heartbeat row is this
+        instance's).
+
+        The row of a worker id belongs to one process instance: the heartbeat renews it only if it is
+        this instance's, expired, or from a worker without instances (schema version 1). A live row
+        of another instance is left alone and ``mine`` is false: two processes share the id."""
         return f"""
             WITH hb AS (
-                INSERT INTO {self.workers} (publisher, worker_id, expires_at)
-                VALUES ($1, $2, now() + make_interval(secs => $3))
-                ON CONFLICT (publisher, worker_id) DO UPDATE SET expires_at = excluded.expires_at)
-            SELECT worker_id FROM {self.workers}
-            WHERE publisher = $1 AND (expires_at > now() OR worker_id = $2)
-            UNION SELECT $2
-            ORDER BY 1"""
+                INSERT INTO {self.workers} AS w (publisher, worker_id, expires_at, instance)
+                VALUES ($1, $2, now() + make_interval(secs => $3), $4)
+                ON CONFLICT (publisher, worker_id) DO UPDATE
+                SET expires_at = excluded.expires_at, instance = excluded.instance
+                WHERE w.instance = excluded.instance OR w.instance IS NULL OR w.expires_at <= now()
+                RETURNING 1)
+            SELECT ARRAY(SELECT worker_id FROM {self.workers}
+                         WHERE publisher = $1 AND expires_at > now() AND worker_id <> $2
+                         UNION SELECT $2
+                         ORDER BY 1) AS live,
+                   EXISTS (SELECT 1 FROM hb) AS mine"""
+
+    @property
+    def worker_row(self) -> str:
+        """$1 publisher, $2 worker: the heartbeat row of that id (instance, expiry), if any."""
+        return (
+            f"SELECT instance, expires_at, expires_at > now() AS live FROM {self.workers} "
+            "WHERE publisher = $1 AND worker_id = $2"
+        )
 
     @property
     def worker_leave(self) -> str:
+        """$1 publisher, $2 worker, $3 instance: remove this instance's row (never a peer's that
+        uses the same id) and rows dead for an hour."""
         return (
             f"DELETE FROM {self.workers} WHERE publisher = $1 "
-            "AND (worker_id = $2 OR expires_at < now() - interval '1 hour')"
+            "AND ((worker_id = $2 AND instance IS NOT DISTINCT FROM $3) OR expires_at < now() - interval '1 hour')"
         )
 
     @property
@@ -237,12 +287,15 @@ class Sql:
     # --- claim ------------------------------------------------------------------------------------
     # created_at arrives as the text of its Outbox-Created-At header (envelope.created_at_text): decoding a
     # timestamptz into a datetime and formatting it again took ~1.3 µs of the worker's CPU per event,
-    # to_char ~0.35 µs of PostgreSQL's. Infinite timestamps (to_char gives NULL) keep their own text.
+    # to_char ~0.35 µs of PostgreSQL's. A time RFC 3339 cannot write (BC, year 10000 and later,
+    # infinity; the table's CHECK refuses them since schema version 2, older rows may hold them)
+    # arrives as '': the relay dead-letters it (invalid_created_at).
     _COLUMNS = (
         "o.id, o.event_id::text, o.partition, o.aggregate_type, o.aggregate_id, o.event_type, "
         "o.tenant, o.payload, o.headers::text, "
-        "COALESCE(to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), "
-        "o.created_at::text) AS created_at, o.attempts"
+        f"CASE WHEN {CREATED_AT_IN_RANGE.replace('created_at', 'o.created_at')} "
+        "THEN to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"') "
+        "ELSE '' END AS created_at, o.attempts"
     )
     _CLAIMED = (  # the same columns, by name, from the claim's inner query
         "id, event_id, partition, aggregate_type, aggregate_id, event_type, tenant, payload, headers, "
@@ -371,18 +424,26 @@ class Sql:
 
     @property
     def mark_failed(self) -> str:
-        """$1-$4 fence, $5 ids[], $6 errors[], $7 delays (seconds)[]: count an attempt, hold back."""
+        """$1-$4 fence, $5 ids[], $6 errors[], $7 delays (seconds)[]: count an attempt, hold back.
+
+        A held-back row enters the held index on (partition, aggregate_id, id), whose btree entries
+        hold at most ~2.7 KB: an aggregate_id longer than :data:`MAX_HELD_AGGREGATE_ID_BYTES` would
+        make the whole statement fail (and no attempt of the batch be counted). Such a row gets no
+        not_before: its attempt is counted and it stays first of its aggregate, retried at the next
+        claim of its partition instead of after the backoff."""
         return f"""
             WITH {self._fence()}
             UPDATE {self.outbox} AS o
             SET attempts = o.attempts + 1, last_error = f.err,
-                not_before = now() + make_interval(secs => f.delay)
+                not_before = CASE WHEN octet_length(o.aggregate_id) <= {MAX_HELD_AGGREGATE_ID_BYTES}
+                                  THEN now() + make_interval(secs => f.delay) END
             FROM unnest($5::bigint[], $6::text[], $7::float8[]) AS f(id, err, delay)
             WHERE o.id = f.id AND {self._FENCED}"""
 
     @property
     def dead_letter(self) -> str:
-        """$1-$4 fence, $5 ids[], $6 reasons[]: move rows to the dead-letter table, atomically."""
+        """$1-$4 fence, $5 ids[], $6 reasons[]: move rows to the dead-letter table, atomically.
+        Returns the ids moved."""
         return f"""
             WITH {self._fence()},
             moved AS (
@@ -394,7 +455,8 @@ class Sql:
                 (id, event_id, aggregate_type, aggregate_id, event_type, tenant, payload, headers,
                  created_at, attempts, reason, publisher)
             SELECT id, event_id, aggregate_type, aggregate_id, event_type, tenant, payload, headers,
-                   created_at, attempts + 1, reason, $1 FROM moved"""
+                   created_at, attempts + 1, reason, $1 FROM moved
+            RETURNING id"""
 
     @property
     def retention_sweep(self) -> str:
@@ -414,6 +476,79 @@ class Sql:
             SELECT count(*)::bigint,
                    COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
             FROM {self.outbox} WHERE partition = ANY($1::int[]) AND published_at IS NULL"""
+
+    # --- dead letters (outboxctl dead-letters) -----------------------------------------------------
+    # One selection for list, requeue and discard; a NULL parameter leaves its filter out.
+    # $1 ids[], $2 publisher, $3 aggregate_id, $4 reason prefix, $5 dead at least this many seconds
+    # ago, $6 dead at most this many seconds ago.
+    _DEAD_SELECTION = """
+            ($1::bigint[] IS NULL OR d.id = ANY($1::bigint[]))
+        AND ($2::text IS NULL OR d.publisher = $2::text)
+        AND ($3::text IS NULL OR d.aggregate_id = $3::text)
+        AND ($4::text IS NULL OR starts_with(d.reason, $4::text))
+        AND ($5::float8 IS NULL OR d.dead_at <= now() - make_interval(secs => $5::float8))
+        AND ($6::float8 IS NULL OR d.dead_at >= now() - make_interval(secs => $6::float8))"""
+
+    @property
+    def dead_letter_list(self) -> str:
+        """The selection ($1-$6, see above), $7 at most this many rows: dead letters in id order,
+        without the payload (its size instead), with ``requeueable``: false when the event id is
+        already in the outbox or created_at has no RFC 3339 form (the table's CHECK would refuse it)."""
+        return f"""
+            SELECT d.id, d.event_id::text, d.aggregate_type, d.aggregate_id, d.event_type, d.tenant,
+                   octet_length(d.payload) AS payload_bytes, d.headers::text, d.created_at, d.attempts,
+                   d.reason, d.publisher, d.dead_at,
+                   ({CREATED_AT_IN_RANGE.replace("created_at", "d.created_at")}
+                    AND NOT EXISTS (SELECT 1 FROM {self.outbox} AS o WHERE o.event_id = d.event_id))
+                   AS requeueable
+            FROM {self.dead_letters} AS d
+            WHERE {self._DEAD_SELECTION}
+            ORDER BY d.id
+            LIMIT $7"""
+
+    @property
+    def dead_letter_lock(self) -> str:
+        """The selection ($1-$6): ids of the selected dead letters, locked for requeue or discard
+        (a concurrent run waits, then finds them gone)."""
+        return f"""
+            SELECT d.id FROM {self.dead_letters} AS d
+            WHERE {self._DEAD_SELECTION}
+            ORDER BY d.id
+            FOR UPDATE"""
+
+    @property
+    def dead_letter_requeue(self) -> str:
+        """$1 ids[] (locked by :attr:`dead_letter_lock`): put the requeueable ones back into the
+        outbox with their original event id, payload, headers and created_at, attempts 0, in their
+        dead-letter id order (so in their original order), and delete them from the dead letters.
+        Returns (dead id, new outbox id, event id) of each requeued row.
+
+        The new row gets a new ``id``, after every row already in the outbox: a requeued event is
+        published after every event of its aggregate committed before the requeue."""
+        return f"""
+            WITH picked AS (
+                SELECT d.* FROM {self.dead_letters} AS d
+                WHERE d.id = ANY($1::bigint[])
+                  AND {CREATED_AT_IN_RANGE.replace("created_at", "d.created_at")}
+                  AND NOT EXISTS (SELECT 1 FROM {self.outbox} AS o WHERE o.event_id = d.event_id)),
+            inserted AS (
+                INSERT INTO {self.outbox}
+                    (event_id, aggregate_type, aggregate_id, event_type, tenant, payload, headers, created_at)
+                SELECT event_id, aggregate_type, aggregate_id, event_type, tenant, payload, headers, created_at
+                FROM picked ORDER BY id
+                RETURNING id, event_id),
+            logged AS (
+                INSERT INTO {self.requeued} (outbox_id, event_id, dead_id, reason)
+                SELECT i.id, i.event_id, p.id, p.reason FROM inserted AS i JOIN picked AS p USING (event_id)
+                RETURNING dead_id, outbox_id, event_id),
+            removed AS (
+                DELETE FROM {self.dead_letters} AS d USING logged AS l WHERE d.id = l.dead_id)
+            SELECT dead_id, outbox_id, event_id::text FROM logged ORDER BY dead_id"""
+
+    @property
+    def dead_letter_discard(self) -> str:
+        """$1 ids[] (locked by :attr:`dead_letter_lock`): delete them. Returns the ids deleted."""
+        return f"DELETE FROM {self.dead_letters} AS d WHERE d.id = ANY($1::bigint[]) RETURNING d.id"
 
     @property
     def insert_event(self) -> str:

@@ -1,0 +1,158 @@
+"""``outboxctl dead-letters``: list, requeue and discard against real PostgreSQL and nats-server; a
+requeued event reaches the stream exactly once, in the order README documents (history checker)."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import nats
+from support import SQL, running, setup_db, wait_for
+from test_dead_letters import insert_row
+from test_migrate import outboxctl
+from test_relay_failures import STREAM, fetchval, worker_settings
+
+from outbox_common import names
+from outbox_worker.adapters.history_io import read_stream, verify
+
+SMALL, BIG = b"{}", b"x" * 8000  # the stream takes at most 4096 bytes per message until it is fixed
+
+
+async def counts(dsn: str) -> tuple[int, int]:
+    """(rows in the outbox, dead letters)."""
+    outbox = await fetchval(dsn, "SELECT count(*) FROM outbox")
+    dead = await fetchval(dsn, "SELECT count(*) FROM outbox_dead_letters")
+    return int(outbox), int(dead)
+
+
+async def test_requeued_dead_letters_reach_the_stream_once_in_the_documented_order(pg_dsn: str, nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.add_stream(name=STREAM, subjects=["outbox.>"], max_msg_size=4096, duplicate_window=120)
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    settings = worker_settings(pg_dsn, nats_url, stream_mode="expect", max_attempts=1)
+    db = ["--database-url", pg_dsn]
+    order: dict[str, list[str]] = {}  # aggregate -> event ids in the order README promises
+    try:
+        # aggregates a, b, c: small, BIG, small, BIG, small; d: small only. The BIG ones are refused
+        # by the stream (400/10054) and dead-lettered; their aggregates' later events flow past them.
+        dead_first: dict[str, list[str]] = {}
+        for agg in "abcd":
+            for i in range(5):
+                big = agg != "d" and i in (1, 3)
+                _, event_id = await insert_row(conn, agg, payload=BIG if big else SMALL)
+                (dead_first.setdefault(agg, []) if big else order.setdefault(agg, [])).append(event_id)
+        async with running(settings):
+            await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 20, "first drain")
+            # an event committed while its aggregate's earlier events are dead letters: published now
+            _, meanwhile = await insert_row(conn, "a")
+            order["a"].append(meanwhile)
+            await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 20, "second drain")
+        assert await counts(pg_dsn) == (0, 6)
+
+        listed = await outboxctl("dead-letters", "list", *db)
+        assert listed.code == 0, listed.err
+        assert listed.out.splitlines()[0].split() == [
+            "id",
+            "dead_at",
+            "publisher",
+            "aggregate",
+            "event_type",
+            "attempts",
+            "bytes",
+            "reason",
+        ]
+        assert len(listed.out.splitlines()) == 7
+        as_json = await outboxctl("dead-letters", "list", *db, "--json", "--aggregate", "b", "--reason", "payload")
+        rows = [json.loads(line) for line in as_json.out.splitlines()]
+        assert [r["event_id"] for r in rows] == dead_first["b"]
+        assert {r["reason"].split(": ")[1] for r in rows} == {"400/10054"}
+        assert {(r["payload_bytes"], r["attempts"], r["requeueable"]) for r in rows} == {(8000, 1, True)}
+        assert "payload" not in rows[0]
+        newer = await outboxctl("dead-letters", "list", *db, "--older-than", "1h")
+        assert newer.out.strip() == "no dead letters selected"
+
+        # dry runs change nothing; a requeue without a selection is refused
+        dry = await outboxctl("dead-letters", "requeue", *db, "--aggregate", "a")
+        assert dry.code == 0, dry.err
+        assert "dry run: would have requeued 2 dead letters; add --yes to act" in dry.out
+        assert await counts(pg_dsn) == (0, 6)
+        refused = await outboxctl("dead-letters", "requeue", *db)
+        assert refused.code == 2
+        assert "needs a selection" in refused.err
+
+        # fix the cause, then requeue a first, and everything else; a second run finds nothing
+        info = await js.stream_info(STREAM)
+        info.config.max_msg_size = -1
+        await js.update_stream(info.config)
+        done = await outboxctl("dead-letters", "requeue", *db, "--aggregate", "a", "--yes")
+        assert done.code == 0, done.err
+        assert "requeued 2 dead letters" in done.out
+        again = await outboxctl("dead-letters", "requeue", *db, "--aggregate", "a", "--yes")
+        assert "requeued 0 dead letters" in again.out
+        rest = await outboxctl("dead-letters", "requeue", *db, "--all", "--yes")
+        assert "requeued 4 dead letters" in rest.out
+        assert await counts(pg_dsn) == (6, 0)
+        requeued = await conn.fetch(
+            "SELECT o.id, o.event_id::text, o.attempts, q.dead_id FROM outbox AS o "
+            "JOIN outbox_requeued AS q ON q.outbox_id = o.id ORDER BY o.id"
+        )
+        # original event ids, new ids after every row ever inserted, attempts reset
+        assert {r["event_id"] for r in requeued} == {e for agg in "abc" for e in dead_first[agg]}
+        assert min(r["id"] for r in requeued) > max(r["dead_id"] for r in requeued)
+        assert {r["attempts"] for r in requeued} == {0}
+        for agg in "abc":
+            order[agg] += dead_first[agg]
+        _, after = await insert_row(conn, "a")  # committed after the requeue: comes after it
+        order["a"].append(after)
+
+        async with running(settings):
+            await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 20, "requeued drain")
+    finally:
+        await conn.close()
+        await nc.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM, expect_drained=True)
+    assert report.ok, report.to_dict()
+    assert (report.events, report.published, report.dead_lettered) == (22, 22, 0)
+    assert (report.duplicates, report.order_violations, report.seq_mismatches, report.lost) == (0, 0, 0, 0)
+    stored = await read_stream(nats_url, STREAM)
+    for agg, event_ids in order.items():
+        assert [m.event_id for m in stored if m.aggregate == f"order/{agg}"] == event_ids, agg
+
+
+async def test_discard_is_dry_by_default_transactional_and_idempotent(pg_dsn: str, nats_url: str) -> None:
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    db = ["--database-url", pg_dsn]
+    try:
+        for agg in ("x", "y", "y"):
+            await insert_row(conn, agg, headers={"bad name": "1"})  # an invalid header name: refused
+        async with running(worker_settings(pg_dsn, nats_url)):
+            await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 20, "drain")
+        assert await counts(pg_dsn) == (0, 3)
+        reasons = await conn.fetch("SELECT reason FROM outbox_dead_letters")
+        assert {names.reason_of(r["reason"]) for r in reasons} == {names.REASON_INVALID_HEADER}
+        dry = await outboxctl("dead-letters", "discard", *db, "--aggregate", "y")
+        assert "dry run: would have discarded 2 dead letters" in dry.out
+        assert await counts(pg_dsn) == (0, 3)
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM outbox_dead_letters ORDER BY id")]
+        gone = await outboxctl("dead-letters", "discard", *db, "--id", str(ids[1]), "--id", str(ids[2]), "--yes")
+        assert "discarded 2 dead letters" in gone.out
+        again = await outboxctl("dead-letters", "discard", *db, "--id", str(ids[1]), "--yes")
+        assert "discarded 0 dead letters" in again.out
+        assert [r["id"] for r in await conn.fetch("SELECT id FROM outbox_dead_letters")] == [ids[0]]
+        # one transaction: a requeue the table refuses as a whole leaves every dead letter in place
+        await conn.execute("UPDATE outbox_dead_letters SET headers = '{}'")
+        await conn.execute("ALTER TABLE outbox ADD CONSTRAINT never CHECK (aggregate_id <> 'x')")
+        failed = await outboxctl("dead-letters", "requeue", *db, "--all", "--yes")
+        assert failed.code == 1, failed.err
+        assert "the database refused the requeue, nothing was changed" in failed.err
+        assert "Traceback" not in failed.err
+        assert await counts(pg_dsn) == (0, 1)
+        assert await fetchval(pg_dsn, "SELECT count(*) FROM outbox_requeued") == 0
+    finally:
+        await conn.close()
+    missing = await outboxctl("dead-letters", "list", "--database-url", pg_dsn, "--table", "nothing")
+    assert missing.code == 3
+    assert "outboxctl migrate" in missing.err

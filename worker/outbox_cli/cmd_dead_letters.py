@@ -1,0 +1,199 @@
+"""``outboxctl dead-letters``: list, requeue or discard the rows the relay could never publish.
+
+``list`` prints the selected dead letters (a table, or one JSON object per line with ``--json``).
+``requeue`` puts them back into the outbox with their original event id; ``discard`` deletes them.
+Both are dry runs unless ``--yes`` is given, and need a selection (``--id``, a filter, or ``--all``).
+README ("Dead letters") states what order a requeued event takes. Exit codes (``outbox_cli.main``):
+0 done or nothing to do, 1 the database refused the change (nothing was changed), 2 bad flags,
+3 the tables are missing or the credentials rejected, 4 the database is not reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from typing import TYPE_CHECKING
+
+from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+
+if TYPE_CHECKING:  # imported when the command runs: `outboxctl --help` never loads asyncpg
+    import asyncpg
+
+    from outbox_worker.adapters.dead_letters import DeadLetter, DeadLetterFilter
+    from outbox_worker.core.sql import Sql
+
+HELP = "List, requeue or discard dead letters (rows that could not be published)."
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+LIST_LIMIT = 1000  # rows `list` prints unless --limit says otherwise
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h`` or ``30d`` in seconds; raises ValueError naming the format."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a duration: use a number of seconds or e.g. 90s, 15m, 2h, 30d")
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (
+        ("list", "show the selected dead letters (without payloads)"),
+        ("requeue", "put the selected dead letters back into the outbox (dry run unless --yes)"),
+        ("discard", "delete the selected dead letters for good (dry run unless --yes)"),
+    ):
+        p = actions.add_parser(name, help=text, description=text)
+        _common(p)
+        if name == "list":
+            p.add_argument("--json", action="store_true", help="one JSON object per line")
+            p.add_argument("--limit", type=int, default=LIST_LIMIT, help=f"at most this many rows ({LIST_LIMIT})")
+        else:
+            p.add_argument("--all", action="store_true", help="select every dead letter (no filter needed)")
+            p.add_argument("--yes", action="store_true", help="act; without it, only show what would be done")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--database-url",
+        default=os.environ.get("OUTBOX_DATABASE_URL", ""),
+        help="PostgreSQL DSN [env OUTBOX_DATABASE_URL]",
+    )
+    p.add_argument("--schema", default=os.environ.get("OUTBOX_DB_SCHEMA", "public"), help="schema (public)")
+    p.add_argument("--table", default=os.environ.get("OUTBOX_TABLE", "outbox"), help="outbox table (outbox)")
+    p.add_argument("--id", type=int, action="append", dest="ids", help="a dead letter's id (repeatable)")
+    p.add_argument("--publisher", help="only dead letters of this publisher")
+    p.add_argument("--aggregate", help="only dead letters of this aggregate_id")
+    p.add_argument("--reason", help="only reasons starting with this, e.g. header_too_large")
+    p.add_argument("--older-than", help="dead at least this long ago (90s, 15m, 2h, 30d)")
+    p.add_argument("--newer-than", help="dead at most this long ago")
+
+
+def run(args: argparse.Namespace) -> int:
+    from outbox_worker.adapters.dead_letters import DeadLetterFilter
+    from outbox_worker.core.sql import Sql
+
+    if not args.database_url:
+        print("error: --database-url (or OUTBOX_DATABASE_URL) is required", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        sql = Sql.for_table(args.schema, args.table)
+        selection = DeadLetterFilter(
+            ids=tuple(args.ids) if args.ids else None,
+            publisher=args.publisher,
+            aggregate_id=args.aggregate,
+            reason=args.reason,
+            older_than_seconds=parse_duration(args.older_than) if args.older_than else None,
+            newer_than_seconds=parse_duration(args.newer_than) if args.newer_than else None,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action != "list" and not (selection.narrows or args.all):
+        print(
+            f"error: {args.action} needs a selection: --id, a filter (--publisher, --aggregate, --reason, "
+            "--older-than, --newer-than) or --all",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return _run_guarded(args, sql, selection)
+
+
+def _run_guarded(args: argparse.Namespace, sql: Sql, selection: DeadLetterFilter) -> int:
+    import asyncpg
+
+    from outbox_worker.adapters.store import DatabaseAuthError, DatabaseUnavailableError, connect_pool
+
+    async def go() -> int:
+        pool = await connect_pool(args.database_url, size=2)
+        try:
+            async with pool.acquire() as conn:
+                return await _act(conn, args, sql, selection)
+        finally:
+            await pool.close()
+
+    try:
+        return asyncio.run(go())
+    except asyncpg.UndefinedTableError:
+        print(
+            f"error: {sql.schema}.{sql.table}'s tables are missing or older than schema version 2: run "
+            f"`outboxctl migrate --schema {sql.schema} --table {sql.table}`",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        # e.g. a CHECK of the outbox refuses a requeued row: the transaction rolled back as a whole
+        print(f"error: the database refused the {args.action}, nothing was changed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except DatabaseAuthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DatabaseUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+async def _act(conn: asyncpg.Connection, args: argparse.Namespace, sql: Sql, selection: DeadLetterFilter) -> int:
+    from outbox_worker.adapters import dead_letters
+
+    if args.action == "list":
+        rows = await dead_letters.list_dead_letters(conn, sql, selection, args.limit)
+        if args.json:
+            for d in rows:
+                print(json.dumps(d.to_json(), ensure_ascii=False))
+        else:
+            _print_table(rows)
+        return EXIT_OK
+    verb = {"requeue": "requeued", "discard": "discarded"}[args.action]
+    act = dead_letters.requeue if args.action == "requeue" else dead_letters.discard
+    outcome = await act(conn, sql, selection, apply=args.yes)
+    done = set(outcome.done)
+    _print_table([d for d in outcome.selected if d.id in done])
+    if outcome.applied:
+        print(f"{verb} {len(outcome.done)} dead letters")
+        for dead_id, new_id in sorted(outcome.new_ids.items()):
+            print(f"  dead letter {dead_id} -> outbox id {new_id}")
+    else:
+        print(f"dry run: would have {verb} {len(outcome.done)} dead letters; add --yes to act")
+    for d in outcome.skipped:
+        print(
+            f"skipped {d.id}: its event_id is already in the outbox, or its created_at has no RFC 3339 form "
+            "(fix it with UPDATE ... SET created_at, or discard it)"
+        )
+    return EXIT_OK
+
+
+_COLUMNS = ("id", "dead_at", "publisher", "aggregate", "event_type", "attempts", "bytes", "reason")
+
+
+def _print_table(rows: list[DeadLetter]) -> None:
+    if not rows:
+        print("no dead letters selected")
+        return
+    table = [
+        (
+            str(d.id),
+            d.dead_at.strftime("%Y-%m-%d %H:%M:%S"),
+            d.publisher,
+            _clip(f"{d.aggregate_type}/{d.aggregate_id}", 40),
+            _clip(d.event_type, 24),
+            str(d.attempts),
+            str(d.payload_bytes),
+            _clip(d.reason, 80),
+        )
+        for d in rows
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(_COLUMNS)]
+    for line in (_COLUMNS, *table):
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _clip(text: str, width: int) -> str:
+    """One cell: control characters (a terminal's escape sequences) shown as '?', cut to ``width``."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= width else text[: width - 1] + "…"
