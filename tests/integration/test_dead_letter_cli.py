@@ -7,13 +7,14 @@ import json
 
 import asyncpg
 import nats
-from support import SQL, running, setup_db, wait_for
 from test_dead_letters import insert_row
 from test_migrate import outboxctl
 from test_relay_failures import STREAM, fetchval, worker_settings
 
 from outbox_common import names
 from outbox_worker.adapters.history_io import read_stream, verify
+from support.polling import wait_for
+from support.relay import SQL, running, setup_db
 
 SMALL, BIG = b"{}", b"x" * 8000  # the stream takes at most 4096 bytes per message until it is fixed
 

@@ -11,13 +11,14 @@ from typing import Any
 import asyncpg
 import nats
 import pytest
-from support import SQL, running, setup_db, wait_for
 from test_relay_failures import STREAM, WaveRecorder, fetchval, worker_settings
 
 from outbox_common import names
 from outbox_worker.adapters.history_io import ledger_insert, verify
 from outbox_worker.adapters.publisher import JetStreamPublisher, Message
 from outbox_worker.core.policy import Outcome
+from support.polling import wait_for
+from support.relay import SQL, running, setup_db
 
 BIG = 70_000  # over nats-server's 64 KiB header limit, far under its 1 MiB max_payload
 

@@ -15,11 +15,11 @@ import asyncpg
 import nats
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import SQL, running, setup_db
 from test_relay_failures import STREAM, worker_settings
 
 from outbox_common import names
 from outbox_worker.adapters.history_io import ledger_insert, read_stream, verify
+from support.relay import SQL, running, setup_db
 
 MAX_ATTEMPTS = 3
 DRAIN_SECONDS = 30.0
