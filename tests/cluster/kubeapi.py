@@ -32,6 +32,7 @@ PLURALS = {
     "ClusterRoleBinding": "clusterrolebindings",
     "PodDisruptionBudget": "poddisruptionbudgets",
     "Lease": "leases",
+    "ResourceQuota": "resourcequotas",
     "OutboxPublisher": "outboxpublishers",
     "CustomResourceDefinition": "customresourcedefinitions",
 }
