@@ -185,3 +185,31 @@ def namespaced_values(watched: str) -> list[str]:
         "--set",
         "operator.logFormat=text",
     ]
+
+
+async def test_helm_uninstall_before_the_publishers_leaves_nothing_terminating(
+    crd: str,
+    helm: Kubectl,
+    kubectl: Kubectl,
+    api: KubeApi,
+    control_plane: ControlPlane,
+    namespace: str,
+    tmp_path: Path,
+    pg_dsn: str,
+    nats_url: str,
+) -> None:
+    """Uninstalling the chart first, then deleting the publishers: no operator is left to remove a
+    finalizer, so any finalizer would keep the publisher (and its namespace) in Terminating."""
+    await run_release(
+        helm=helm,
+        kubectl=kubectl,
+        api=api,
+        control_plane=control_plane,
+        tmp_path=tmp_path,
+        release_namespace=namespace,
+        publisher_namespace=namespace,
+        helm_values=["--set", "operator.scope=cluster", "--set", "operator.logFormat=text"],
+        pg_dsn=pg_dsn,
+        nats_url=nats_url,
+        chart_first=True,
+    )
