@@ -288,3 +288,59 @@ async def test_operator_killed_mid_reconcile_converges_without_duplicates_or_rew
     assert again == settled, "a pass after convergence rewrote a child"
     assert again_obp == settled_obp, "a pass after convergence rewrote the publisher (status or metadata)"
     assert (await api.get("Deployment", namespace, "orders-relay") or {})["spec"]["replicas"] == 2
+
+
+async def test_autoscaler_scales_within_its_bounds(
+    crd: str,
+    api: KubeApi,
+    namespace: str,
+    node: NodeAgent,
+    operator_env: None,
+    pg_dsn: str,
+    nats_url: str,
+) -> None:
+    """A backlog far over the target asks for many workers: the Deployment grows to maxReplicas
+    (3, below the 8 partitions) and never beyond; drained, it returns to minReplicas."""
+    await prepare_database(pg_dsn)
+    await api.create(secret("orders-db", pg_dsn), namespace)
+    obj = publisher("orders", nats_url)
+    obj["spec"]["autoscaling"] = {
+        "enabled": True,
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "targetBacklogPerReplica": 100,
+        "scaleDownStabilizationSeconds": 2,
+    }
+    obj["spec"]["publishing"].update({"batchSize": 20, "loops": 1, "maxInFlight": 20})  # slow enough to see
+    seen: list[int] = []
+
+    async def deployment_replicas() -> int:
+        deployment = await api.get("Deployment", namespace, "orders-relay") or {}
+        replicas = int((deployment.get("spec") or {}).get("replicas", 0))
+        seen.append(replicas)
+        return replicas
+
+    async with operator_in_process([namespace]):
+        await api.create(obj, namespace)
+
+        async def ready() -> bool:
+            return condition(await api.get(KIND, namespace, "orders"), "Ready").get("status") == "True"
+
+        await eventually(ready, 120)
+        committed = await insert_events(pg_dsn, 20_000, 200)
+        await eventually(lambda: _is(deployment_replicas(), 3), 120)
+
+        async def all_stored() -> bool:
+            await deployment_replicas()
+            return await stream_count(nats_url) == committed
+
+        await eventually(all_stored, 180)
+        await eventually(lambda: _is(deployment_replicas(), 1), 120)
+    assert max(seen) == 3, seen
+    report = await verify(pg_dsn, SQL, nats_url, STREAM, expect_drained=True)
+    assert report.ok, report.to_dict()
+    assert (report.published, report.duplicates, report.order_violations) == (committed, 0, 0)
+
+
+async def _is(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
