@@ -49,6 +49,7 @@ LEASE_DURATION_S = 40
 TOKEN_EXPIRATION_S = 3600
 PROBE_TIMEOUT_S = 1.0
 DEFAULT_GRACE_S = 30.0
+REGISTER_TIMEOUT_S = 30.0
 
 
 def now_rfc3339() -> str:
@@ -100,7 +101,7 @@ class NodeAgent:
     async def __aenter__(self) -> NodeAgent:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._probe_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S))
-        await self.register_node()
+        await self._register_within(REGISTER_TIMEOUT_S)
         self._tasks = [asyncio.create_task(self._sync_loop()), asyncio.create_task(self._lease_loop())]
         return self
 
@@ -121,6 +122,19 @@ class NodeAgent:
         ]
 
     # --- node and lease ---------------------------------------------------------------------------
+
+    async def _register_within(self, timeout: float) -> None:
+        """Register, retrying while a fresh control plane is still creating kube-node-lease."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                await self.register_node()
+                return
+            except ApiError as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                print(f"node agent: register (retrying): {exc}", file=sys.stderr)
+            await asyncio.sleep(0.5)
 
     async def register_node(self) -> None:
         if await self.api.get("Node", None, self.name) is None:
@@ -173,7 +187,9 @@ class NodeAgent:
             "leaseDurationSeconds": LEASE_DURATION_S,
             "renewTime": now_micro(),
         }
-        status, _ = await self.api.merge_patch("Lease", "kube-node-lease", self.name, {"spec": spec})
+        status, body = await self.api.merge_patch("Lease", "kube-node-lease", self.name, {"spec": spec})
+        if status not in (200, 404):
+            raise ApiError("PATCH", path_of("Lease", "kube-node-lease", self.name), status, body)
         if status == 404:
             await self.api.create(
                 {
