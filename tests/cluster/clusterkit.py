@@ -66,6 +66,8 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     return {}
 
 
-async def kubectl_async(kubectl: Kubectl, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+async def kubectl_async(
+    kubectl: Kubectl, *args: str, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """kubectl in a thread: tests that run kopf in this loop must not block it."""
-    return await asyncio.to_thread(kubectl, *args, check=check)
+    return await asyncio.to_thread(kubectl, *args, check=check, input=input)
