@@ -157,7 +157,10 @@ async def test_publisher_relays_through_the_real_controllers(
         described = (await kubectl_async(kubectl, "describe", "obp", "orders", "-n", namespace)).stdout
         assert "Conditions:" in described
         assert "DatabaseReady" in described
-        assert "Events:" in described
+        events = described.split("Events:", 1)[1]
+        assert "<none>" not in events
+        assert "Normal" in events
+        assert "Ready" in events  # the operator's Event when the publisher became Ready
 
         # kubectl scale -> 3 worker pods, partitions spread over them
         await kubectl_async(kubectl, "scale", "obp", "orders", "-n", namespace, "--replicas", "3")
