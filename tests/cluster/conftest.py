@@ -1,9 +1,10 @@
 """Fixtures of the ``cluster`` suite: a real control plane built from Kubernetes' Go modules.
 
-* ``control_plane`` (session): etcd + kube-apiserver + kube-controller-manager started once, from
-  the binaries tools/build_control_plane.py built. Missing binaries skip the suite with the reason
-  and the command to run, except with ``CI=true``, where they fail it.
-* ``crd`` (session): crds/outboxpublisher.yaml applied server-side and Established.
+* ``control_plane`` (package scope: tests/cluster): etcd + kube-apiserver + kube-controller-manager
+  from the binaries tools/build_control_plane.py built, started once for this directory and stopped
+  after its last test, so they never take CPU from the other suites. Missing binaries skip the
+  suite with the reason and the command to run, except with ``CI=true``, where they fail it.
+* ``crd`` (package): crds/outboxpublisher.yaml applied server-side and Established.
 * ``namespace``: a fresh namespace per test, deleted afterwards.
 * ``api``: an async admin client (:class:`kubeapi.KubeApi`); ``kubectl``/``helm``: run the genuine
   binaries against the control plane (``$KUBECONFIG`` set for them only).
@@ -84,7 +85,7 @@ def control_plane_bin_dir() -> Path:
     return bin_dir
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def control_plane(control_plane_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     plane = ControlPlane(control_plane_bin_dir, tmp_path_factory.mktemp("controlplane"))
     try:
@@ -128,7 +129,7 @@ def run_tool(
     return proc
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def kubectl(control_plane: ControlPlane, k8s_tools: dict[str, Path]) -> Kubectl:
     """``kubectl(*args, input=None, check=True)`` as the admin; raises on a non-zero exit if check."""
 
@@ -138,7 +139,7 @@ def kubectl(control_plane: ControlPlane, k8s_tools: dict[str, Path]) -> Kubectl:
     return run
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def helm(control_plane: ControlPlane, k8s_tools: dict[str, Path]) -> Kubectl:
     def run(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_tool(k8s_tools["helm"], control_plane.kubeconfig, *args, input=input, check=check)
@@ -146,7 +147,7 @@ def helm(control_plane: ControlPlane, k8s_tools: dict[str, Path]) -> Kubectl:
     return run
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def crd(kubectl: Kubectl) -> str:
     """The OutboxPublisher CRD applied server-side and Established; returns its name."""
     kubectl("apply", "--server-side", "--field-manager=outbox-tests", "-f", str(CRD_PATH))

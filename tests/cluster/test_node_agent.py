@@ -7,8 +7,10 @@ its remapped port, report Running/Ready, and on deletion get SIGTERM and be remo
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -137,3 +139,30 @@ async def test_a_missing_secret_key_keeps_the_pod_waiting(
 
 async def _gone(api: KubeApi, namespace: str) -> bool:
     return await api.get("Pod", namespace, "probe") is None
+
+
+async def test_a_pod_that_ignores_sigterm_is_killed_after_its_grace_period(
+    api: KubeApi, node: NodeAgent, namespace: str
+) -> None:
+    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(600)\n"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "stubborn"},
+        "spec": {
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{"name": "main", "image": "ignored", "command": [sys.executable, "-c", stubborn]}],
+        },
+    }
+    await api.create(pod, namespace)
+    await eventually(lambda: node.running("stubborn"), 30)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await api.delete("Pod", namespace, "stubborn")
+
+    async def gone() -> bool:
+        return await api.get("Pod", namespace, "stubborn") is None
+
+    await eventually(gone, 30)
+    assert node.exit_codes["stubborn"] == -signal.SIGKILL
+    assert loop.time() - started >= 2, "SIGKILL only after the grace period"
