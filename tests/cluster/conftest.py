@@ -159,6 +159,9 @@ def crd(kubectl: Kubectl) -> str:
         if time.monotonic() > deadline:
             raise AssertionError(f"CRD {name} not Established within {CRD_ESTABLISHED_TIMEOUT_S}s")
         time.sleep(0.2)
+    # kubectl caches discovery (taken before the CRD existed): refresh it, as a user would have to
+    listed = kubectl("api-resources", "--api-group=outbox.dev", "--no-headers").stdout.split()
+    assert listed[:2] == ["outboxpublishers", "obp"], listed
     return name
 
 

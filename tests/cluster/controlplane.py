@@ -315,9 +315,12 @@ class ControlPlane:
 
 
 def environment_with_kubeconfig(kubeconfig: Path) -> dict[str, str]:
-    """The current environment with $KUBECONFIG set, for kubectl and helm subprocesses."""
+    """The current environment with $KUBECONFIG set, for kubectl and helm subprocesses; their
+    discovery and HTTP caches live beside the kubeconfig, not in the user's ~/.kube/cache."""
     env = dict(os.environ)
     env["KUBECONFIG"] = str(kubeconfig)
+    env["KUBECACHEDIR"] = str(kubeconfig.parent / "kube-cache")
+    env["HELM_CACHE_HOME"] = str(kubeconfig.parent / "helm-cache")
     with contextlib.suppress(KeyError):
         del env["KUBERNETES_SERVICE_HOST"]
     return env

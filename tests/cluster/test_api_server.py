@@ -165,3 +165,15 @@ def test_kubectl_get_shows_the_printer_columns(crd: str, kubectl: Kubectl, names
     assert kubectl("get", "obp", "-n", namespace).stdout.splitlines()[0].split() == default
     assert kubectl("get", "outboxpublishers", "-n", namespace, "-o", "wide").stdout.splitlines()[0].split() == wide
     assert len(wide) > len(default)
+
+
+def test_kubectl_explain_and_the_outbox_category_find_the_resource(crd: str, kubectl: Kubectl, namespace: str) -> None:
+    """examples/outboxpublisher-minimal.yaml tells users to run `kubectl explain obp.spec`: the
+    server publishes the CRD's descriptions; `kubectl get outbox` lists publishers by category."""
+    explained = kubectl("explain", "obp.spec.partitions").stdout
+    description = yaml.safe_load(CRD_PATH.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    expected = description["properties"]["spec"]["properties"]["partitions"]["description"].split()[:6]
+    assert " ".join(expected) in " ".join(explained.split())
+    kubectl("apply", "-n", namespace, "-f", "-", input=MINIMAL)
+    listed = kubectl("get", "outbox", "-n", namespace, "-o", "name").stdout.split()
+    assert listed == ["outboxpublisher.outbox.dev/billing"]
