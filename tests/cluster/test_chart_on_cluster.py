@@ -9,6 +9,7 @@ uninstall orders (publishers first, chart first) must leave nothing stuck in Ter
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -94,8 +95,10 @@ async def run_release(
         except AssertionError as exc:
             raise AssertionError(f"operator log:\n{(await operator_log(node, release_namespace))[-4000:]}") from exc
         log = await operator_log(node, release_namespace)
-        assert "Forbidden" not in log, log[-4000:]
-        assert " 403" not in log, log[-4000:]
+        # an RBAC denial of the chart's ServiceAccount (not, e.g., a 403 for a namespace being
+        # deleted by another test, which a cluster-wide operator may also see)
+        denied = re.findall(r'User \\?"system:serviceaccount:[^"\\]+\\?" cannot [^,]+', log)
+        assert not denied, denied[:5]
 
         uninstall = ("uninstall", release, "-n", release_namespace, "--wait", "--timeout=120s")
         delete = ("delete", "obp", "orders", "-n", publisher_namespace, "--wait=false")
