@@ -1,0 +1,84 @@
+"""Issue #18 (operator hardening) on the real API server: ways around the spec's guards.
+
+Each test states what a user relies on; they fail until #18's fixes land and are merged with them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from clusterkit import KIND, Kubectl, condition, eventually, kubectl_async, operator_in_process
+from controlplane import ControlPlane
+from kubeapi import KubeApi
+from relaykit import secret
+
+pytestmark = pytest.mark.timeout(300)
+
+DSN = "postgresql://relay:hunter2@db.example:5432/app"
+
+
+def minimal(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "outbox.dev/v1alpha1",
+        "kind": KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "partitions": 4,
+            "database": {"secretRef": {"name": f"{name}-db"}},
+            "nats": {"servers": ["nats://127.0.0.1:4222"]},
+            **spec,
+        },
+    }
+
+
+@pytest.mark.parametrize("spelling", ["outbox_database_url", "Outbox_Publisher", "OUTBOX_BATCH_SIZE"])
+def test_reserved_worker_variables_are_refused_in_any_spelling(
+    spelling: str, crd: str, kubectl: Kubectl, namespace: str
+) -> None:
+    """The worker reads its settings case-insensitively, so `outbox_database_url` in worker.env would
+    replace the DSN from the Secret: the API server must refuse every spelling (#18 item 1)."""
+    obj = minimal("env", worker={"env": [{"name": spelling, "value": "x"}]})
+    result = kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj), check=False)
+    assert result.returncode != 0, f"{spelling} was accepted"
+    assert "spec.worker.env must not set OUTBOX_" in " ".join(result.stderr.split())
+
+
+def test_a_dsn_pasted_as_secret_name_is_refused(crd: str, kubectl: Kubectl, namespace: str) -> None:
+    """A Secret name has the Kubernetes name pattern, so a DSN pasted there never reaches the operator
+    (whose conditions and Events would copy the name, #18 item 2). The API server's refusal echoes
+    the value back to the user who sent it; only the operator must never repeat it."""
+    obj = minimal("pasted")
+    obj["spec"]["database"]["secretRef"]["name"] = DSN
+    result = kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj), check=False)
+    assert result.returncode != 0, "a DSN was accepted as a Secret name"
+    assert "spec.database.secretRef.name" in result.stderr
+
+
+async def test_a_child_the_api_server_rejects_shows_in_status(
+    crd: str,
+    api: KubeApi,
+    kubectl: Kubectl,
+    control_plane: ControlPlane,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`resources.requests.cpu: lots` is refused by the API server, by the CRD up front or as the
+    Deployment write; either way the user sees why (#18 item 3): no silent empty Ready."""
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
+    obj = minimal("lots", worker={"resources": {"requests": {"cpu": "lots"}}})
+    result = await kubectl_async(kubectl, "apply", "-n", namespace, "-f", "-", check=False, input=json.dumps(obj))
+    if result.returncode != 0:
+        assert "spec.worker.resources.requests" in result.stderr
+        return
+    await api.create(secret("lots-db", "postgresql://unused@127.0.0.1:1/db"), namespace)
+    async with operator_in_process([namespace]):
+
+        async def rejected() -> dict[str, Any]:
+            ready = condition(await api.get(KIND, namespace, "lots"), "Ready")
+            return ready if ready.get("reason") == "ChildRejected" else {}
+
+        ready = await eventually(rejected, 60)
+    assert ready["status"] == "False"
+    assert "cpu" in ready["message"]
