@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from outbox_common import names
+from outbox_common.config import RelayConfig
 from outbox_common.envelope import (
     InvalidSubjectError,
     OutboxRow,
@@ -33,7 +34,7 @@ from outbox_common.envelope import (
     subject_fields,
 )
 from outbox_common.names import MAX_HEADER_BYTES
-from outbox_common.settings import MarkMode, OrderingMode, WorkerSettings
+from outbox_common.settings import MarkMode, OrderingMode
 from outbox_worker.adapters.metrics import Metrics
 from outbox_worker.adapters.publisher import JetStreamPublisher
 from outbox_worker.adapters.store import Fence, OutboxStore
@@ -81,7 +82,7 @@ class RelayLoop:
     def __init__(
         self,
         index: int,
-        settings: WorkerSettings,
+        config: RelayConfig,
         store: OutboxStore,
         publisher: JetStreamPublisher,
         leases: LeaseManager,
@@ -90,13 +91,13 @@ class RelayLoop:
         hooks: RelayHooks | None = None,
     ) -> None:
         self.index = index
-        self._s = settings
+        self._c = config
         self._store = store
         self._pub = publisher
         self._leases = leases
         self._metrics = metrics
         self._stats = stats
-        self._template = SubjectTemplate.parse(settings.subject_template)
+        self._template = SubjectTemplate.parse(config.subject_template)
         # Rendered subjects by the row fields the template reads (subject_fields): most rows share a
         # handful of subjects, and rendering sanitizes every token. Bounded; failures never cached.
         self._subjects: dict[tuple[str, str, str, str], str] = {}
@@ -104,7 +105,7 @@ class RelayLoop:
         # Headers: build_headers + Nats-Expected-Stream (stored there or refused, never elsewhere),
         # and the trace-check line for rows with a sampled traceparent (see HeaderBlock).
         self._headers = publisher.header_block()
-        self._ordered = settings.ordering == OrderingMode.PER_AGGREGATE
+        self._ordered = config.ordering == OrderingMode.PER_AGGREGATE
         self._stopping = False
         self.hooks = hooks or RelayHooks()
 
@@ -113,11 +114,11 @@ class RelayLoop:
         self._stopping = True
 
     async def run(self) -> None:
-        s = self._s
+        c = self._c
         while not self._stopping:
-            parts = self._leases.checkout(s.loops)
+            parts = self._leases.checkout(c.loops)
             if not parts:  # every partition is busy, paused or clean since its last claim
-                await self._leases.wait_for_work(s.poll_interval_seconds)
+                await self._leases.wait_for_work(c.poll_interval_seconds)
                 continue
             more: frozenset[int] = frozenset()
             try:
@@ -127,21 +128,21 @@ class RelayLoop:
             # Dirty partitions (a wake-up during this batch, or a backlog) are claimed at once by
             # this loop; else it parks until a wake-up or the poll.
             if not self._stopping and not self._leases.has_dirty():
-                await self._leases.wait_for_work(s.poll_interval_seconds)
+                await self._leases.wait_for_work(c.poll_interval_seconds)
 
     async def _one_batch(self, parts: dict[int, int]) -> frozenset[int]:
         """Claim and relay one batch of ``parts``; returns the partitions that may hold more rows."""
-        s = self._s
+        c = self._c
         started = time.monotonic()
         try:
-            rows, more = await self._store.claim(sorted(parts), s.batch_size, self._ordered)
+            rows, more = await self._store.claim(sorted(parts), c.batch_size, self._ordered)
         except Exception as exc:
             self._error(f"claim failed: {type(exc).__name__}")
-            await asyncio.sleep(min(s.poll_interval_seconds, 1.0))
+            await asyncio.sleep(min(c.poll_interval_seconds, 1.0))
             return frozenset()
         if not rows:
             return frozenset()
-        outcome = await self._publish(rows, parts, started + s.batch_timeout_seconds)
+        outcome = await self._publish(rows, parts, started + c.batch_timeout_seconds)
         await self._mark(parts, outcome)
         self._stats.batches += 1
         self._metrics.batch_latency.observe(time.monotonic() - started)
@@ -150,11 +151,11 @@ class RelayLoop:
         return more
 
     async def _publish(self, rows: list[OutboxRow], parts: dict[int, int], deadline: float) -> _BatchOutcome:
-        s = self._s
+        c = self._c
         out = _BatchOutcome()
         blocked: set[tuple[int, str]] = set()
         stopped_parts: set[int] = set()
-        for wave in plan_waves(rows, self._ordered, s.per_loop_in_flight):
+        for wave in plan_waves(rows, self._ordered, c.in_flight):
             if self._stopping or time.monotonic() > deadline:
                 out.cut_short = True  # shutting down or batch_timeout_seconds spent: mark what was acked
                 break
@@ -229,7 +230,7 @@ class RelayLoop:
         return subject
 
     def _failed(self, row: OutboxRow, res: PublishResult, out: _BatchOutcome, blocked: set[tuple[int, str]]) -> None:
-        s = self._s
+        c = self._c
         self._stats.failed += 1
         self._stats.failures_by_reason[res.reason] = self._stats.failures_by_reason.get(res.reason, 0) + 1
         self._metrics.failed(res.reason)
@@ -237,13 +238,13 @@ class RelayLoop:
         self._stats.last_error = detail
         blocked.add((row.partition, row.aggregate_id))
         attempt = row.attempts + 1
-        if res.outcome == Outcome.REFUSED or (res.outcome == Outcome.PERMANENT and attempt >= s.max_attempts):
+        if res.outcome == Outcome.REFUSED or (res.outcome == Outcome.PERMANENT and attempt >= c.max_attempts):
             out.dead_ids.append(row.id)
             out.dead_reasons.append(detail)
             return
         out.failed_ids.append(row.id)
         out.failed_errors.append(detail)
-        out.failed_delays.append(backoff_delay(attempt, s.retry_backoff_initial_seconds, s.retry_backoff_max_seconds))
+        out.failed_delays.append(backoff_delay(attempt, c.backoff_initial_seconds, c.backoff_max_seconds))
 
     def _config_error(self, partition: int, res: PublishResult) -> None:
         # The prefix names the dependency at fault; the operator maps it to StreamReady/DatabaseReady.
@@ -260,7 +261,7 @@ class RelayLoop:
         """Write the batch's results, fenced by the leases it was claimed under. Retries briefly:
         if marking keeps failing, the rows stay pending and are re-published (absorbed as duplicates)."""
         fence = Fence.of(parts)
-        delete = self._s.mark_mode == MarkMode.DELETE
+        delete = self._c.mark_mode == MarkMode.DELETE
         await self.hooks.before_mark(out.done)
         for attempt in range(1, MARK_RETRIES + 1):
             try:
