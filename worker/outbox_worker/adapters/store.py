@@ -20,7 +20,7 @@ import asyncpg
 import orjson
 
 from outbox_common.envelope import OutboxRow
-from outbox_worker.core.policy import backoff_delay
+from outbox_common.timing import backoff_delay
 from outbox_worker.core.sql import SCHEMA_VERSION, Sql
 
 log = logging.getLogger(__name__)

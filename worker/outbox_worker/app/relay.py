@@ -35,11 +35,12 @@ from outbox_common.envelope import (
 )
 from outbox_common.names import MAX_HEADER_BYTES
 from outbox_common.settings import MarkMode, OrderingMode
+from outbox_common.timing import backoff_delay
 from outbox_worker.adapters.metrics import Metrics
 from outbox_worker.adapters.publisher import JetStreamPublisher, MessageFields
 from outbox_worker.adapters.store import Fence, OutboxStore
 from outbox_worker.app.leases import LeaseManager
-from outbox_worker.core.policy import Outcome, PublishResult, backoff_delay, plan_waves
+from outbox_worker.core.policy import Outcome, PublishResult, plan_waves
 
 log = logging.getLogger(__name__)
 

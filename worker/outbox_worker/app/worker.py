@@ -33,6 +33,7 @@ from outbox_common.config import WorkerConfig
 from outbox_common.envelope import SubjectTemplate
 from outbox_common.report import StatusSink, WorkerReport
 from outbox_common.settings import MarkMode, env_name
+from outbox_common.timing import backoff_delay
 from outbox_worker.adapters.metrics import HealthServer, Metrics
 from outbox_worker.adapters.publisher import JetStreamPublisher, NatsUnavailableError
 from outbox_worker.adapters.store import (
@@ -44,7 +45,7 @@ from outbox_worker.adapters.store import (
 )
 from outbox_worker.app.leases import LeaseManager
 from outbox_worker.app.relay import RelayHooks, RelayLoop, RelayStats
-from outbox_worker.core.policy import backoff_delay, pressure_pause
+from outbox_worker.core.policy import pressure_pause
 from outbox_worker.core.sql import Sql
 
 log = logging.getLogger(__name__)
