@@ -526,6 +526,7 @@ async def test_stream_deleted_at_run_time_pauses_partitions_without_dead_letters
             await wait_for(lambda: _true(bool(worker.stats.config_error)), 10, "a configuration error")
             report = worker.report()
             assert report.configError.startswith("stream: no stream captures subject 'outbox.")
+            assert report.errorKind == "stream"  # the operator's StreamReady reads this, not the words
             assert worker.stats.dead_letters == 0
             metrics = worker.metrics.render().decode()
             assert f'config_errors_total{{publisher="failures",reason="{names.REASON_NO_STREAM}"}}' in metrics

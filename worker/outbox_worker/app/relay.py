@@ -34,6 +34,7 @@ from outbox_common.envelope import (
     subject_fields,
 )
 from outbox_common.names import MAX_HEADER_BYTES
+from outbox_common.report import ERROR_KIND_STREAM
 from outbox_common.settings import MarkMode, OrderingMode
 from outbox_common.timing import backoff_delay
 from outbox_worker.adapters.metrics import Metrics
@@ -59,10 +60,10 @@ class RelayStats:
     failed: int = 0
     dead_letters: int = 0
     batches: int = 0
-    marked: int = 0
     fenced_out: int = 0  # acked rows a lost lease kept us from marking (a successor re-publishes)
     last_error: str = ""
     config_error: str = ""
+    config_error_kind: str = ""  # report.ERROR_KINDS: which dependency config_error belongs to
     config_error_at: float = 0.0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     dead_letters_by_reason: dict[str, int] = field(default_factory=dict)  # by names.DEAD_LETTER_REASONS
@@ -290,6 +291,7 @@ class RelayLoop:
             log.error("configuration error, pausing partition %d: %s", partition, msg)
             self._metrics.config_error(res.reason)
         self._stats.config_error = msg
+        self._stats.config_error_kind = ERROR_KIND_STREAM  # every publish-side configuration error is NATS's
         self._stats.config_error_at = time.monotonic()
         self._leases.pause(partition, CONFIG_PAUSE_SECONDS)
 
@@ -303,7 +305,6 @@ class RelayLoop:
             try:
                 if out.done:
                     n = await self._store.mark_done(fence, out.done, delete)
-                    self._stats.marked += n
                     if n < len(out.done):
                         self._stats.fenced_out += len(out.done) - n
                         log.warning(

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 PRESSURE_INTERVAL_SECONDS = 5.0
 RETENTION_INTERVAL_SECONDS = 60.0
+CONFIG_ERROR_REPORTED_SECONDS = 60.0  # a configuration error not seen again for this long is no longer reported
 STARTUP_RETRY_INITIAL_SECONDS = 0.5  # first wait before retrying an unreachable database or NATS
 STARTUP_RETRY_MAX_SECONDS = 5.0
 
@@ -345,7 +346,8 @@ class Worker:
 
     def report(self) -> WorkerReport:
         st = self.stats
-        config_error = st.config_error if time.monotonic() - st.config_error_at < 60 else ""
+        recent = time.monotonic() - st.config_error_at < CONFIG_ERROR_REPORTED_SECONDS
+        config_error, error_kind = (st.config_error, st.config_error_kind) if recent else ("", "")
         return WorkerReport(
             pod=self.worker_id,
             partitions=self.leases.owned if self.leases else [],
@@ -360,6 +362,7 @@ class Worker:
             ratePerSecond=round(self.rate, 1),
             lastError=st.last_error,
             configError=config_error,
+            errorKind=error_kind,
             reportTime=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         )
 
