@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from outbox_common.report import ERROR_KIND_DATABASE, ERROR_KIND_STREAM, ERROR_KINDS
+
 from . import constants as c
 from .conditions import Condition, parse_time
 
@@ -109,21 +111,13 @@ def totals(reports: Mapping[str, Report], interval: float, now: datetime, *, kno
     return out
 
 
-_DATABASE_WORDS = ("database", "postgres", "sql", "table", "schema", "relation", "db:")
-
-
-def config_error_area(message: str) -> str:
-    """``database`` or ``stream``: which condition a worker's configError belongs to.
-
-    Workers should prefix the message with ``database:`` or ``stream:``/``nats:``; without a prefix
-    the words decide (tables and schemas are the database's, everything else is NATS's).
-    """
-    lowered = message.lower()
-    if lowered.startswith(("stream:", "nats:")):
-        return "stream"
-    if lowered.startswith("database:") or any(word in lowered for word in _DATABASE_WORDS):
-        return "database"
-    return "stream"
+def config_error_area(report: Report) -> str:
+    """``database`` or ``stream``: which condition a worker's configError belongs to, read from the
+    report's ``errorKind`` field (outbox_common.report.ERROR_KINDS), never from the message's words.
+    A report without one (a worker from before the field) is ``stream``: those workers only ever
+    reported NATS-side configuration errors."""
+    kind = str(report.get("errorKind") or "")
+    return kind if kind in ERROR_KINDS else ERROR_KIND_STREAM
 
 
 @dataclass(frozen=True)
@@ -151,8 +145,8 @@ def health_conditions(
     """Ready, Degraded, DatabaseReady, StreamReady and Lagging from a valid spec's observed state."""
     fresh = {name: r for name, r in reports.items() if is_fresh(r, interval, now)}
     errors = {name: str(r.get("configError")) for name, r in fresh.items() if r.get("configError")}
-    db_errors = {n: m for n, m in errors.items() if config_error_area(m) == "database"}
-    stream_errors = {n: m for n, m in errors.items() if config_error_area(m) == "stream"}
+    db_errors = {n: m for n, m in errors.items() if config_error_area(fresh[n]) == ERROR_KIND_DATABASE}
+    stream_errors = {n: m for n, m in errors.items() if config_error_area(fresh[n]) == ERROR_KIND_STREAM}
     dead = sum(int(r.get("deadLetters") or 0) for r in reports.values())
     stale = sorted(set(reports) - set(fresh))
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from outbox_common.timing import backoff_delay
+
 from . import constants as c
 from .autoscaler import decide
 from .children import (
@@ -41,7 +43,7 @@ from .children import (
     selector_string,
     worker_name,
 )
-from .conditions import Condition, find, flips, merge_conditions, rfc3339
+from .conditions import Condition, flips, merge_conditions, rfc3339
 from .health import Rollout, current_reports, gone_workers, health_conditions, pressure_unknown, totals
 from .spec import InvalidSpec, PublisherSpec, parse_spec, secret_refs, validate_name
 
@@ -61,7 +63,8 @@ OWNED_STATUS_KEYS = (
     "autoscaler",
     "conditions",
 )
-CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "Service", "Deployment", "PodDisruptionBudget")
+RECONCILE_RETRY_INITIAL_SECONDS = 5.0  # first wait before a failed reconcile is retried
+RECONCILE_RETRY_MAX_SECONDS = 300.0
 
 
 def child_keys(owner: Owner) -> list[ChildKey]:
@@ -126,8 +129,9 @@ class Plan:
 
 
 def backoff_seconds(retry: int) -> float:
-    """Delay before the next attempt after ``retry`` failed ones: 5 s doubling, capped at 5 min."""
-    return float(min(5 * 2 ** min(retry, 10), 300))
+    """Delay before the next attempt after ``retry`` failed ones: the shared backoff, 5 s doubling,
+    capped at 5 min, jittered into [half, whole] so many objects do not retry in step."""
+    return backoff_delay(retry + 1, RECONCILE_RETRY_INITIAL_SECONDS, RECONCILE_RETRY_MAX_SECONDS)
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> Obj:
@@ -431,8 +435,3 @@ def plan_child_rejected(observed: Observed, action: Action, api_message: str) ->
         ],
     )
     return Plan(status_patch=patch, events=events, retry_reason=message)
-
-
-def condition_of(body: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
-    """A condition of an OutboxPublisher (for tests and the CLI)."""
-    return find((body.get("status") or {}).get("conditions"), type_)

@@ -31,6 +31,7 @@ from outbox_common.settings import (
     WorkerSettings,
     render_env,
 )
+from outbox_common.timing import Timing, timing_violation
 
 
 class InvalidSpec(ValueError):
@@ -165,12 +166,6 @@ class Publishing(_Model):
     mark_mode: MarkMode = MarkMode.DELETE
     retention_seconds: float = Field(86400.0, ge=0, le=31_536_000)
 
-    @model_validator(mode="after")
-    def _backoff(self) -> Publishing:
-        if self.retry.initial_backoff_seconds > self.retry.max_backoff_seconds:
-            raise ValueError("spec.publishing.retry.initialBackoffSeconds must not exceed maxBackoffSeconds")
-        return self
-
 
 class Leases(_Model):
     ttl_seconds: float = Field(15.0, ge=1, le=600)
@@ -298,27 +293,32 @@ class PublisherSpec(_Model):
             raise ValueError("spec.replicas must not exceed spec.partitions (a worker without a partition idles)")
         if self.autoscaling.enabled and self.autoscaling.max_replicas > self.partitions:
             raise ValueError("spec.autoscaling.maxReplicas must not exceed spec.partitions")
-        if self.publishing.ack_timeout_seconds * 2 > self.leases.ttl_seconds:
-            raise ValueError(
-                "spec.publishing.ackTimeoutSeconds must be at most half of spec.leases.ttlSeconds: a "
-                "publish must resolve well before its lease can move to another worker"
-            )
-        if self.leases.renew_seconds and self.leases.renew_seconds * 2 > self.leases.ttl_seconds:
-            raise ValueError(
-                "spec.leases.renewSeconds must be 0 (a third of the TTL) or at most half of spec.leases.ttlSeconds"
-            )
-        if self.stream.duplicate_window_seconds < self.duplicate_horizon_seconds:
-            raise ValueError(
-                "spec.stream.duplicateWindowSeconds must cover the duplicate horizon "
-                "(leases.ttlSeconds + publishing.ackTimeoutSeconds + publishing.retry.maxBackoffSeconds"
-                f" = {self.duplicate_horizon_seconds:g}s)"
-            )
+        problem = timing_violation(self.timing, _spec_path)  # the worker settings' rules (outbox_common.timing)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
+    def timing(self) -> Timing:
+        """The values the shared timing rules read, by worker setting name."""
+        return Timing(
+            lease_ttl_seconds=self.leases.ttl_seconds,
+            lease_renew_seconds=self.leases.renew_seconds,
+            ack_timeout_seconds=self.publishing.ack_timeout_seconds,
+            retry_backoff_initial_seconds=self.publishing.retry.initial_backoff_seconds,
+            retry_backoff_max_seconds=self.publishing.retry.max_backoff_seconds,
+            stream_duplicate_window_seconds=self.stream.duplicate_window_seconds,
+        )
+
+    @property
     def duplicate_horizon_seconds(self) -> float:
-        """Same formula as ``WorkerSettings.duplicate_horizon_seconds``."""
-        return self.leases.ttl_seconds + self.publishing.ack_timeout_seconds + self.publishing.retry.max_backoff_seconds
+        """The worker's formula (:func:`outbox_common.timing.duplicate_horizon_seconds`)."""
+        return self.timing.horizon_seconds
+
+
+def _spec_path(setting: str) -> str:
+    """The spec field a worker setting comes from (``ack_timeout_seconds`` → ``spec.publishing.ackTimeoutSeconds``)."""
+    return "spec." + SETTINGS_MAP[setting]
 
 
 # --- spec -> worker settings ------------------------------------------------------------------------

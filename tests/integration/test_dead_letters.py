@@ -14,6 +14,7 @@ import pytest
 from test_relay_failures import STREAM, WaveRecorder, fetchval, worker_settings
 
 from outbox_common import names
+from outbox_common.config import NatsConfig
 from outbox_worker.adapters.history_io import ledger_insert, verify
 from outbox_worker.adapters.publisher import JetStreamPublisher, Message
 from outbox_worker.core.policy import Outcome
@@ -106,7 +107,7 @@ async def test_the_servers_header_limit_is_a_permanent_error(nats_url: str) -> N
     nc = await nats.connect(nats_url)
     await nc.jetstream().add_stream(name="HDR", subjects=["hdr.>"])
     await nc.close()
-    pub = JetStreamPublisher(worker_settings("postgresql://unused/db", nats_url))
+    pub = JetStreamPublisher(NatsConfig.for_url(nats_url))
     await pub.connect()
     try:
         at_limit = {names.HDR_MSG_ID: "at-limit", "baggage": "x"}

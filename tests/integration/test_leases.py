@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from outbox_common.config import WorkerConfig
 from outbox_common.settings import WorkerSettings
 from outbox_devkit.producers import ProducerPlan, prepare, produce
 from outbox_worker.adapters.history_io import verify
@@ -70,7 +71,7 @@ class Running:
 
 
 async def start(settings: WorkerSettings) -> Running:
-    worker = Worker(settings)
+    worker = Worker(WorkerConfig.from_settings(settings))
     await worker.start()
     return Running(worker, asyncio.create_task(worker.run()))
 

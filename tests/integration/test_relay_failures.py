@@ -18,8 +18,9 @@ import pytest
 from nats.js import api as js_api
 
 from outbox_common import names
+from outbox_common.config import NatsConfig, PublishConfig, StreamConfig
 from outbox_common.envelope import OutboxRow
-from outbox_common.settings import WorkerSettings
+from outbox_common.settings import StreamMode, WorkerSettings
 from outbox_devkit.producers import ProducerPlan, produce
 from outbox_worker.adapters.history_io import ledger_insert, verify
 from outbox_worker.adapters.publisher import JetStreamPublisher, Message
@@ -255,8 +256,7 @@ async def test_stalled_server_times_out_every_publish_and_retry_is_deduplicated(
     nc = await nats.connect(own_nats.url)
     await nc.jetstream().add_stream(name=STREAM, subjects=["stall.>"], duplicate_window=120)
     await nc.close()
-    settings = worker_settings("postgresql://unused/db", own_nats.url, ack_timeout_seconds=0.5)
-    pub = JetStreamPublisher(settings)
+    pub = JetStreamPublisher(NatsConfig.for_url(own_nats.url), PublishConfig(ack_timeout_seconds=0.5))
     await pub.connect()
     messages = [Message(f"stall.{i}", b"x", {names.HDR_MSG_ID: f"id-{i}"}) for i in range(20)]
     try:
@@ -285,7 +285,7 @@ async def test_acks_duplicates_and_status_replies_resolve_every_publish(nats_url
     nc = await nats.connect(nats_url)
     await nc.jetstream().add_stream(name="ACKS", subjects=["acks.>"], duplicate_window=120)
     await nc.close()
-    pub = JetStreamPublisher(worker_settings("postgresql://unused/db", nats_url))
+    pub = JetStreamPublisher(NatsConfig.for_url(nats_url))
     await pub.connect()
     try:
         messages = [Message(f"acks.{i % 3}", b"x", {names.HDR_MSG_ID: f"ack-{i}"}) for i in range(50)]
@@ -463,11 +463,11 @@ async def test_a_stream_that_acks_before_it_writes_is_warned_about(
         js_api.StreamConfig(name=name, subjects=[f"{name.lower()}.>"], duplicate_window=120, persist_mode=mode)
     )
     await nc.close()
-    pub = JetStreamPublisher(worker_settings("postgresql://unused/db", nats_url, stream=name, stream_mode="expect"))
+    pub = JetStreamPublisher(NatsConfig.for_url(nats_url))
     await pub.connect()
     try:
         with caplog.at_level("WARNING", logger="outbox_worker.adapters.publisher"):
-            await pub.ensure_stream(f"{name.lower()}.*.*", 60)
+            await pub.ensure_stream(StreamConfig(name, StreamMode.EXPECT), f"{name.lower()}.*.*", 60)
     finally:
         await pub.close()
     warned = [r.getMessage() for r in caplog.records if "persist_mode: async" in r.getMessage()]
@@ -526,6 +526,7 @@ async def test_stream_deleted_at_run_time_pauses_partitions_without_dead_letters
             await wait_for(lambda: _true(bool(worker.stats.config_error)), 10, "a configuration error")
             report = worker.report()
             assert report.configError.startswith("stream: no stream captures subject 'outbox.")
+            assert report.errorKind == "stream"  # the operator's StreamReady reads this, not the words
             assert worker.stats.dead_letters == 0
             metrics = worker.metrics.render().decode()
             assert f'config_errors_total{{publisher="failures",reason="{names.REASON_NO_STREAM}"}}' in metrics

@@ -56,6 +56,7 @@ def create_pool(*args, **kwargs):  # attribute this worker's marks in the mark a
 asyncpg.create_pool = create_pool
 
 from outbox_cli.cmd_worker import setup_logging
+from outbox_common.config import WorkerConfig
 from outbox_common.settings import WorkerSettings
 from outbox_worker.app.relay import RelayHooks
 from outbox_worker.app.worker import SideTaskFailed, Worker
@@ -94,7 +95,7 @@ async def main():
     settings = WorkerSettings()
     setup_logging(settings.log_format, settings.log_level)
     hooks = Hooks()
-    worker = Worker(settings, hooks=hooks)
+    worker = Worker(WorkerConfig.from_settings(settings), hooks=hooks)
     hooks.worker = worker
     await worker.start()
     mark_done = worker.store.mark_done

@@ -8,9 +8,10 @@ import yaml
 from kube_emulator import KubeEmulator
 from opkit import NAMESPACE
 
+from outbox_common.config import StatusConfig, WorkerConfig
 from outbox_common.report import WorkerReport
 from outbox_common.settings import WorkerSettings
-from outbox_worker.adapters.kube_status import KubeStatusSink, sink_from_settings
+from outbox_worker.adapters.kube_status import KubeStatusSink, sink_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,10 +77,14 @@ async def test_failures_are_logged_and_dropped(emulator: KubeEmulator, caplog: p
     assert "status report to" in caplog.text
 
 
-def test_sink_from_settings_targets_the_publisher_named_by_the_operator() -> None:
+def test_sink_targets_the_publisher_named_by_the_operator() -> None:
+    sink = sink_for(StatusConfig(namespace="shop", publisher="orders", interval_seconds=10))
+    assert sink.path == "/apis/outbox.dev/v1alpha1/namespaces/shop/outboxpublishers/orders/status"
+    assert sink.min_interval == 5
+
+
+def test_the_status_config_comes_from_the_environment_the_operator_renders() -> None:
     settings = WorkerSettings(
         database_url="postgresql://x/y", publisher="orders", kube_namespace="shop", report_interval_seconds=10
     )
-    sink = sink_from_settings(settings)
-    assert sink.path == "/apis/outbox.dev/v1alpha1/namespaces/shop/outboxpublishers/orders/status"
-    assert sink.min_interval == 5
+    assert WorkerConfig.from_settings(settings).status == StatusConfig("shop", "orders", 10.0)

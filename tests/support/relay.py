@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
+from outbox_common.config import WorkerConfig
 from outbox_common.settings import WorkerSettings
 from outbox_devkit.producers import prepare
 from outbox_worker.adapters.store import migrate
@@ -20,8 +21,9 @@ SQL = Sql.for_table("public", "outbox")
 
 @contextlib.asynccontextmanager
 async def running(settings: WorkerSettings, hooks: RelayHooks | None = None) -> AsyncIterator[Worker]:
-    """An in-process worker, started and relaying for the duration of the block, then stopped (SIGTERM path)."""
-    worker = Worker(settings, hooks=hooks)
+    """An in-process worker, started and relaying for the duration of the block, then stopped (SIGTERM path).
+    ``settings`` goes through :meth:`WorkerConfig.from_settings` as in ``outboxctl worker``."""
+    worker = Worker(WorkerConfig.from_settings(settings), hooks=hooks)
     await worker.start()
     task = asyncio.create_task(worker.run())
     try:

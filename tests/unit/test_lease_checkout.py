@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import cast
 
-from outbox_common.settings import WorkerSettings
+from outbox_common.config import LeaseConfig
 from outbox_worker.adapters.metrics import Metrics
 from outbox_worker.adapters.store import OutboxStore
 from outbox_worker.app.leases import Lease, LeaseManager
@@ -19,9 +19,8 @@ LOOPS = 4
 
 
 def manager(partitions: int = 8) -> LeaseManager:
-    settings = WorkerSettings(database_url="postgresql://x@localhost/db", loops=LOOPS)
     # checkout/checkin never touch the database: no store is needed to exercise them
-    leases = LeaseManager(cast(OutboxStore, None), settings, partitions, Metrics("orders"))
+    leases = LeaseManager(cast(OutboxStore, None), LeaseConfig(), partitions, Metrics("orders"))
     for p in range(partitions):
         leases.leases[p] = Lease(epoch=1, usable_until=time.monotonic() + 60, dirty=False)
     return leases

@@ -81,11 +81,20 @@ def test_gone_workers_need_a_known_pod_list() -> None:
     assert gone_workers({"a": {}}, None) == []
 
 
-def test_config_errors_route_to_their_condition() -> None:
-    assert config_error_area("database: relation public.outbox does not exist") == "database"
-    assert config_error_area("table public.outbox is missing; run outboxctl migrate") == "database"
-    assert config_error_area("stream: no stream captures subject outbox.order.created") == "stream"
-    assert config_error_area("nats: authorization violation") == "stream"
+def test_config_errors_route_by_the_reports_error_kind_not_by_its_words() -> None:
+    assert config_error_area({"configError": "relation public.outbox does not exist", "errorKind": "database"}) == (
+        "database"
+    )
+    # words that used to mean "database" do not move a stream error
+    assert config_error_area({"configError": "no stream captures table.created", "errorKind": "stream"}) == "stream"
+    # a worker from before errorKind only ever reported NATS-side configuration errors
+    assert config_error_area({"configError": "stream: no stream captures subject x"}) == "stream"
+
+
+def test_a_database_error_kind_blames_the_database() -> None:
+    got = conditions({"a": report(configError="permission denied", errorKind="database"), "b": report()})
+    assert got["DatabaseReady"] == ("False", "DatabaseError")
+    assert got["StreamReady"] == ("True", "StreamAvailable")
 
 
 def conditions(reports: dict, *, ready: int = 2, desired: int = 2, paused: bool = False) -> dict[str, tuple]:

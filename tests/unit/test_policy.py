@@ -8,10 +8,10 @@ import pytest
 
 from outbox_common import names
 from outbox_common.envelope import OutboxRow
+from outbox_common.timing import backoff_delay
 from outbox_worker.core.policy import (
     Outcome,
     PublishResult,
-    backoff_delay,
     classify_error_ack,
     fair_share,
     plan_waves,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from outbox_cli.devkit import missing_embedded_servers
 from outbox_cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, tune_gc
+from outbox_common.config import WorkerConfig
 from outbox_common.settings import WorkerSettings
 from outbox_worker.core.sql import DEFAULT_PARTITIONS
 
@@ -119,7 +120,7 @@ def _run_child(args: argparse.Namespace) -> int:
     if args.child == "worker":
         code, result = asyncio.run(_probe_worker(settings))
     else:
-        code, result = EXIT_OK, asyncio.run(_baseline(args, settings))
+        code, result = EXIT_OK, asyncio.run(_baseline(args, WorkerConfig.from_settings(settings)))
     out.write_text(json.dumps(result))
     return code if code == EXIT_OK else EXIT_FAILURE
 
@@ -138,17 +139,17 @@ async def _probe_worker(settings: WorkerSettings) -> tuple[int, dict[str, object
     }
 
 
-async def _baseline(args: argparse.Namespace, settings: WorkerSettings) -> dict[str, object]:
+async def _baseline(args: argparse.Namespace, config: WorkerConfig) -> dict[str, object]:
     from outbox_devkit.baselines import naive_relay, publish_ceiling, synthetic_rows
 
     if args.child == "naive":
         cpu0 = time.process_time()
-        result = await naive_relay(settings, args.child_events)
+        result = await naive_relay(config, args.child_events)
     else:
         rows = synthetic_rows(args.child_events, args.child_aggregates)
         tune_gc()  # as `outboxctl worker` does once started (the rows built above are input, not work)
         cpu0 = time.process_time()
-        result = await publish_ceiling(settings, rows)
+        result = await publish_ceiling(config, rows)
     data: dict[str, object] = dict(result.to_json())
     return data | {
         "cpu_seconds": time.process_time() - cpu0,

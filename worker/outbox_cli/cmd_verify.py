@@ -136,15 +136,16 @@ async def _install_audit(dsn: str, sql: Any) -> int:
     import asyncpg
 
     from outbox_worker.adapters.history_io import audit_ddl, ledger_ddl
+    from outbox_worker.adapters.store import DatabaseAuthError, connection_error
 
     try:
         conn = await asyncpg.connect(dsn, timeout=10)
-    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
-        print("error: PostgreSQL rejected the credentials in --database-url", file=sys.stderr)
-        return EXIT_CONFIG
-    except (OSError, TimeoutError) as exc:
-        print(f"error: PostgreSQL not reachable: {type(exc).__name__}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+    except Exception as exc:
+        mapped = connection_error(exc, "check --database-url")
+        if mapped is None:
+            raise
+        print(f"error: {mapped}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(mapped, DatabaseAuthError) else EXIT_UNAVAILABLE
     try:
         async with conn.transaction():
             await conn.execute(ledger_ddl(sql))
@@ -165,6 +166,7 @@ async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
     from nats.js import errors as js_errors
 
     from outbox_worker.adapters.history_io import verify
+    from outbox_worker.adapters.store import DatabaseAuthError, connection_error
 
     def fail(code: int, message: str) -> tuple[int, None]:
         print(f"error: {message}", file=sys.stderr)
@@ -182,10 +184,6 @@ async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
             ),
             args.timeout + 30,
         )
-    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
-        return fail(EXIT_CONFIG, "PostgreSQL rejected the credentials in --database-url")
-    except asyncpg.InvalidCatalogNameError:
-        return fail(EXIT_CONFIG, "the database named in --database-url does not exist")
     except asyncpg.UndefinedTableError as exc:
         return fail(
             EXIT_CONFIG,
@@ -199,8 +197,13 @@ async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
         return fail(EXIT_CONFIG, f"NATS rejected the connection: {type(exc).__name__}")
     except (nats_errors.NoServersError, nats_errors.TimeoutError) as exc:
         return fail(EXIT_UNAVAILABLE, f"NATS not reachable at {args.nats_url}: {type(exc).__name__}")
-    except (OSError, TimeoutError, asyncpg.CannotConnectNowError) as exc:
-        return fail(EXIT_UNAVAILABLE, f"a server was not reachable in time: {type(exc).__name__}: {exc}"[:300])
+    except Exception as exc:
+        mapped = connection_error(exc, "check --database-url")
+        if isinstance(mapped, DatabaseAuthError):
+            return fail(EXIT_CONFIG, str(mapped))
+        if isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError):  # PostgreSQL or NATS
+            return fail(EXIT_UNAVAILABLE, f"a server was not reachable in time: {type(exc).__name__}: {exc}"[:300])
+        raise
     return EXIT_OK, report
 
 

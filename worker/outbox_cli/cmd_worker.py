@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import SecretStr, ValidationError
 
 from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, env_help, tune_gc
+from outbox_common.config import StatusConfig, WorkerConfig
 from outbox_common.settings import WorkerSettings, describe_error, unknown_env_warnings
 
 HELP = "Run a relay worker (settings from OUTBOX_* environment variables or flags)."
@@ -89,8 +90,8 @@ async def serve(settings: WorkerSettings) -> int:
     )
     from outbox_worker.app.worker import MetricsPortError, SideTaskFailed, Worker
 
-    sink = _status_sink(settings)
-    worker = Worker(settings, sink=sink)
+    config = WorkerConfig.from_settings(settings)  # once: each part gets its own from here on
+    worker = Worker(config, sink=_status_sink(config.status))
     log = logging.getLogger("outbox_worker")
     try:
         await worker.start()
@@ -118,14 +119,14 @@ async def serve(settings: WorkerSettings) -> int:
     return EXIT_OK
 
 
-def _status_sink(settings: WorkerSettings) -> Any:
-    if not settings.kube_namespace:
+def _status_sink(status: StatusConfig) -> Any:
+    if not status.namespace:
         return None
     import importlib
 
     # Imported only in operator mode: it loads the kubernetes client.
     kube_status = importlib.import_module("outbox_worker.adapters.kube_status")
-    return kube_status.sink_from_settings(settings)
+    return kube_status.sink_for(status)
 
 
 __all__ = ["load_settings", "run", "serve"]

@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# errorKind: which dependency a configError belongs to (the operator's DatabaseReady or StreamReady).
+ERROR_KIND_DATABASE = "database"
+ERROR_KIND_STREAM = "stream"  # NATS: the stream, its subjects, credentials
+ERROR_KINDS = (ERROR_KIND_DATABASE, ERROR_KIND_STREAM)
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerReport:
@@ -29,6 +34,7 @@ class WorkerReport:
     ratePerSecond: float = 0.0  # acked rows per second over the last interval
     lastError: str = ""  # last failure, one line, never a secret
     configError: str = ""  # a configuration error that stops publishing (no stream, auth)
+    errorKind: str = ""  # ERROR_KINDS: the dependency configError belongs to; "" when there is none
     reportTime: str = ""  # RFC 3339, the worker's clock
 
     def to_status(self) -> dict[str, Any]:

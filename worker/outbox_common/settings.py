@@ -17,6 +17,8 @@ from typing import Any
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from outbox_common.timing import Timing, timing_violation
+
 ENV_PREFIX = "OUTBOX_"
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -241,24 +243,10 @@ class WorkerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross(self) -> WorkerSettings:
-        if self.retry_backoff_initial_seconds > self.retry_backoff_max_seconds:
-            raise ValueError("retry_backoff_initial_seconds must not exceed retry_backoff_max_seconds")
-        if self.lease_renew_seconds and self.lease_renew_seconds * 2 > self.lease_ttl_seconds:
-            raise ValueError(
-                "lease_renew_seconds must be at most half of lease_ttl_seconds so a lease is renewed "
-                "at least twice before it expires"
-            )
-        if self.ack_timeout_seconds * 2 > self.lease_ttl_seconds:
-            raise ValueError(
-                "ack_timeout_seconds must be at most half of lease_ttl_seconds: a publish must resolve "
-                "well before the lease can move to another worker"
-            )
-        if self.stream_duplicate_window_seconds < self.duplicate_horizon_seconds:
-            raise ValueError(
-                f"stream_duplicate_window_seconds={self.stream_duplicate_window_seconds:g} is shorter than the "
-                f"re-publish horizon {self.duplicate_horizon_seconds:g}s (lease_ttl_seconds + ack_timeout_seconds "
-                "+ retry_backoff_max_seconds): raise it or lower those settings"
-            )
+        """The timing rules the operator's spec keeps too (outbox_common.timing), by setting name."""
+        problem = timing_violation(self.timing, str)
+        if problem:
+            raise ValueError(problem)
         return self
 
     # --- derived values -------------------------------------------------------------------------
@@ -277,13 +265,21 @@ class WorkerSettings(BaseSettings):
 
     @property
     def duplicate_horizon_seconds(self) -> float:
-        """Longest time between two publishes of one event id by any worker.
+        """Longest time between two publishes of one event id by any worker
+        (:func:`outbox_common.timing.duplicate_horizon_seconds`)."""
+        return self.timing.horizon_seconds
 
-        A row published but not yet marked may be re-published by its next owner after the lease
-        expires (TTL), plus one ack timeout, plus one retry delay. The stream's duplicate window must
-        be at least this long, or a re-publish could be stored twice.
-        """
-        return self.lease_ttl_seconds + self.ack_timeout_seconds + self.retry_backoff_max_seconds
+    @property
+    def timing(self) -> Timing:
+        """The values the shared timing rules read."""
+        return Timing(
+            lease_ttl_seconds=self.lease_ttl_seconds,
+            lease_renew_seconds=self.lease_renew_seconds,
+            ack_timeout_seconds=self.ack_timeout_seconds,
+            retry_backoff_initial_seconds=self.retry_backoff_initial_seconds,
+            retry_backoff_max_seconds=self.retry_backoff_max_seconds,
+            stream_duplicate_window_seconds=self.stream_duplicate_window_seconds,
+        )
 
 
 def env_name(field: str) -> str:

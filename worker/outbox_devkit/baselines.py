@@ -19,8 +19,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from outbox_common.config import WorkerConfig
 from outbox_common.envelope import OutboxRow, SubjectTemplate, created_at_text, subject_fields
-from outbox_common.settings import WorkerSettings
 from outbox_worker.adapters.publisher import JetStreamPublisher, Message
 from outbox_worker.adapters.store import OutboxStore, connect_pool
 from outbox_worker.core.history import CommittedEvent
@@ -42,21 +42,22 @@ class BaselineResult:
         return {k: float(getattr(self, k)) for k in self.__dataclass_fields__}
 
 
-async def _publisher(settings: WorkerSettings) -> JetStreamPublisher:
-    pub = JetStreamPublisher(settings, name="outbox-bench-baseline")
+async def _publisher(config: WorkerConfig) -> JetStreamPublisher:
+    pub = JetStreamPublisher(config.nats, config.publish, name="outbox-bench-baseline")
     await pub.connect()
-    await pub.ensure_stream(SubjectTemplate.parse(settings.subject_template).filter_subject(), 0)
+    await pub.ensure_stream(config.stream, SubjectTemplate.parse(config.relay.subject_template).filter_subject(), 0)
     return pub
 
 
-async def naive_relay(settings: WorkerSettings, events: int, timeout: float = 600.0) -> BaselineResult:
-    """Relay ``events`` rows of ``settings``' outbox table one at a time (see the module docstring)."""
-    sql = Sql.for_table(settings.db_schema, settings.table)
-    template = SubjectTemplate.parse(settings.subject_template)
-    pub = await _publisher(settings)
+async def naive_relay(config: WorkerConfig, events: int, timeout: float = 600.0) -> BaselineResult:
+    """Relay ``events`` rows of ``config.database``'s outbox table one at a time (see the module docstring)."""
+    db = config.database
+    sql = Sql.for_table(db.schema, db.table)
+    template = SubjectTemplate.parse(config.relay.subject_template)
+    pub = await _publisher(config)
     headers = pub.header_block()  # the relay's headers (app/relay.py)
-    pool = await connect_pool(settings.database_url.get_secret_value(), size=2)
-    store = OutboxStore(pool, sql, settings.publisher, "naive")
+    pool = await connect_pool(db.url.get_secret_value(), size=2)
+    store = OutboxStore(pool, sql, config.publish.publisher, "naive")
     parts = list(range(await store.check_schema()))
     delete = f"DELETE FROM {sql.outbox} WHERE id = $1"
     published = failed = 0
@@ -112,12 +113,13 @@ def synthetic_truth(events: int, aggregates: int) -> list[CommittedEvent]:
     return [CommittedEvent(str(uuid.UUID(int=i + 1)), f"order/{i % aggregates}", i + 1) for i in range(events)]
 
 
-async def publish_ceiling(settings: WorkerSettings, rows: list[OutboxRow]) -> BaselineResult:
-    """Publish ``rows`` with no database: ``settings.loops`` loops, waves of ``settings.batch_size``."""
-    template = SubjectTemplate.parse(settings.subject_template)
-    pub = await _publisher(settings)
+async def publish_ceiling(config: WorkerConfig, rows: list[OutboxRow]) -> BaselineResult:
+    """Publish ``rows`` with no database: ``config.relay.loops`` loops, waves of ``config.relay.batch_size``."""
+    relay = config.relay
+    template = SubjectTemplate.parse(relay.subject_template)
+    pub = await _publisher(config)
     headers = pub.header_block()  # the relay's headers (app/relay.py)
-    batches = [rows[i : i + settings.batch_size] for i in range(0, len(rows), settings.batch_size)]
+    batches = [rows[i : i + relay.batch_size] for i in range(0, len(rows), relay.batch_size)]
     published = failed = 0
 
     async def loop(mine: list[list[OutboxRow]]) -> None:
@@ -132,7 +134,7 @@ async def publish_ceiling(settings: WorkerSettings, rows: list[OutboxRow]) -> Ba
 
     try:
         first = time.time()
-        await asyncio.gather(*(loop(batches[i :: settings.loops]) for i in range(settings.loops)))
+        await asyncio.gather(*(loop(batches[i :: relay.loops]) for i in range(relay.loops)))
         last = time.time()
         return BaselineResult(len(rows), published, failed, last - first, first, last)
     finally:

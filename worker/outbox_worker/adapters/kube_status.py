@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from outbox_common.config import StatusConfig
 from outbox_common.report import StatusSink, WorkerReport
-from outbox_common.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,8 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
-def sink_from_settings(settings: WorkerSettings) -> KubeStatusSink:
-    """The sink of a worker pod: its publisher is ``settings.publisher`` (the OutboxPublisher's
-    metadata.name, rendered by the operator) in ``settings.kube_namespace``."""
-    return KubeStatusSink(
-        settings.kube_namespace,
-        settings.publisher,
-        min_interval=max(0.5, settings.report_interval_seconds / 2),
-    )
+def sink_for(config: StatusConfig) -> KubeStatusSink:
+    """The sink of a worker pod: its publisher is ``config.publisher`` (the OutboxPublisher's
+    metadata.name, rendered by the operator) in ``config.namespace``; it writes at most twice per
+    report interval."""
+    return KubeStatusSink(config.namespace, config.publisher, min_interval=max(0.5, config.interval_seconds / 2))

@@ -20,9 +20,13 @@ import asyncpg
 import orjson
 
 from outbox_common.envelope import OutboxRow
+from outbox_common.timing import backoff_delay
 from outbox_worker.core.sql import SCHEMA_VERSION, Sql
 
 log = logging.getLogger(__name__)
+
+LISTEN_RETRY_INITIAL_SECONDS = 0.2  # first wait before the LISTEN connection is opened again
+LISTEN_RETRY_MAX_SECONDS = 10.0
 
 
 class SchemaError(Exception):
@@ -96,16 +100,28 @@ async def connect_pool(
             # partial index was designed for (docs/benchmarks.md, "growth").
             server_settings={"application_name": "outbox-relay", "plan_cache_mode": "force_generic_plan"},
         )
-    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
-        raise DatabaseAuthError(
-            f"PostgreSQL rejected the credentials ({type(exc).__name__}): check the database Secret"
-        ) from None
-    except asyncpg.InvalidCatalogNameError:
-        raise DatabaseAuthError("the database named in the DSN does not exist: check the database Secret") from None
-    except (OSError, TimeoutError, asyncpg.CannotConnectNowError) as exc:
-        raise DatabaseUnavailableError(f"PostgreSQL is not reachable: {type(exc).__name__}") from None
+    except Exception as exc:
+        mapped = connection_error(exc, "check the database Secret")
+        if mapped is None:
+            raise
+        raise mapped from None
     assert pool is not None
     return pool
+
+
+def connection_error(exc: BaseException, fix: str) -> DatabaseAuthError | DatabaseUnavailableError | None:
+    """The typed error of a failed connection to PostgreSQL, its message ending in ``fix`` (for
+    example "check the database Secret"); None when ``exc`` is no connection failure. The one place
+    asyncpg's connection errors are read: rejected credentials or a missing database are
+    :class:`DatabaseAuthError` (a configuration error), an unreachable server
+    :class:`DatabaseUnavailableError`. Messages never carry the DSN (it holds the password)."""
+    if isinstance(exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
+        return DatabaseAuthError(f"PostgreSQL rejected the credentials ({type(exc).__name__}): {fix}")
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return DatabaseAuthError(f"the database named in the DSN does not exist: {fix}")
+    if isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError):
+        return DatabaseUnavailableError(f"PostgreSQL is not reachable: {type(exc).__name__}")
+    return None
 
 
 async def migrate(conn: asyncpg.Connection, sql: Sql, partitions: int) -> MigrationResult:
@@ -352,18 +368,18 @@ class OutboxStore:
 class Listener:
     """LISTEN on the outbox channel on a dedicated connection; calls ``wake`` on every NOTIFY.
 
-    If the connection drops, it reconnects with backoff; meanwhile the relay's poll interval keeps
-    it working (NOTIFY only lowers latency, it is never needed for correctness).
+    If the connection drops, it reconnects with backoff (:func:`backoff_delay`, 0.2 s up to 10 s);
+    meanwhile the relay's poll interval keeps it working (NOTIFY only lowers latency, it is never
+    needed for correctness).
     """
 
     def __init__(self, dsn: str, sql: Sql, wake: Callable[[], None]) -> None:
         self._dsn = dsn
         self._sql = sql
         self._wake = wake
-        self.connected = False
 
     async def run(self) -> None:
-        delay = 0.2
+        failures = 0  # since the last connection that listened
         while True:
             conn: asyncpg.Connection | None = None
             try:
@@ -371,8 +387,7 @@ class Listener:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, ev=lost: ev.set())
                 await conn.add_listener(self._sql.channel, self._on_notify)
-                self.connected = True
-                delay = 0.2
+                failures = 0
                 self._wake()  # rows may have arrived while we were not listening
                 await lost.wait()
             except asyncio.CancelledError:
@@ -380,11 +395,10 @@ class Listener:
             except Exception as exc:
                 log.warning("LISTEN connection failed (%s); polling meanwhile", type(exc).__name__)
             finally:
-                self.connected = False
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            failures += 1
+            await asyncio.sleep(backoff_delay(failures, LISTEN_RETRY_INITIAL_SECONDS, LISTEN_RETRY_MAX_SECONDS))
 
     def _on_notify(self, *_args: Any) -> None:
         self._wake()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from outbox_common.settings import WorkerSettings
+from outbox_common.config import LeaseConfig
 from outbox_worker.adapters.metrics import Metrics
 from outbox_worker.adapters.store import DuplicateWorkerError, Fence, OutboxStore
 from outbox_worker.core.policy import fair_share
@@ -51,9 +51,9 @@ class Lease:
 
 
 class LeaseManager:
-    def __init__(self, store: OutboxStore, settings: WorkerSettings, partitions: int, metrics: Metrics) -> None:
+    def __init__(self, store: OutboxStore, config: LeaseConfig, partitions: int, metrics: Metrics) -> None:
         self._store = store
-        self._s = settings
+        self._c = config
         self.partitions = partitions
         self._metrics = metrics
         self.leases: dict[int, Lease] = {}
@@ -181,15 +181,15 @@ class LeaseManager:
             except Exception as exc:
                 self.last_error = f"lease renewal failed: {type(exc).__name__}"
                 log.warning("%s", self.last_error)
-            await asyncio.sleep(min(self._s.renew_interval, self._s.poll_interval_seconds))
+            await asyncio.sleep(min(self._c.renew_interval_seconds, self._c.poll_interval_seconds))
 
     async def tick(self) -> None:
-        s = self._s
-        ttl = s.lease_ttl_seconds
+        c = self._c
+        ttl = c.ttl_seconds
         sent = time.monotonic()
         self.live_workers = await self._store.heartbeat(ttl)
         self.target = fair_share(self.partitions, self.live_workers, self._store.owner)
-        usable_until = sent + ttl - s.ack_timeout_seconds - SAFETY_MARGIN_SECONDS
+        usable_until = sent + ttl - c.ack_timeout_seconds - SAFETY_MARGIN_SECONDS
         # Renew what we hold; what did not renew is lost (taken over or expired).
         held = {p: lease.epoch for p, lease in self.leases.items()}
         renewed = await self._store.renew(Fence.of(held), ttl)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from outbox_common import names
+from outbox_common.config import RelayConfig
 from outbox_common.envelope import (
     InvalidSubjectError,
     OutboxRow,
@@ -33,12 +34,14 @@ from outbox_common.envelope import (
     subject_fields,
 )
 from outbox_common.names import MAX_HEADER_BYTES
-from outbox_common.settings import MarkMode, OrderingMode, WorkerSettings
+from outbox_common.report import ERROR_KIND_STREAM
+from outbox_common.settings import MarkMode, OrderingMode
+from outbox_common.timing import backoff_delay
 from outbox_worker.adapters.metrics import Metrics
-from outbox_worker.adapters.publisher import JetStreamPublisher
+from outbox_worker.adapters.publisher import JetStreamPublisher, MessageFields
 from outbox_worker.adapters.store import Fence, OutboxStore
 from outbox_worker.app.leases import LeaseManager
-from outbox_worker.core.policy import Outcome, PublishResult, backoff_delay, plan_waves
+from outbox_worker.core.policy import Outcome, PublishResult, plan_waves
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,10 @@ class RelayStats:
     failed: int = 0
     dead_letters: int = 0
     batches: int = 0
-    marked: int = 0
     fenced_out: int = 0  # acked rows a lost lease kept us from marking (a successor re-publishes)
     last_error: str = ""
     config_error: str = ""
+    config_error_kind: str = ""  # report.ERROR_KINDS: which dependency config_error belongs to
     config_error_at: float = 0.0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     dead_letters_by_reason: dict[str, int] = field(default_factory=dict)  # by names.DEAD_LETTER_REASONS
@@ -75,13 +78,19 @@ class _BatchOutcome:
     dead_ids: list[int] = field(default_factory=list)
     dead_reasons: list[str] = field(default_factory=list)
     cut_short: bool = False  # stopped before the last wave (shutdown or batch time spent)
+    blocked: set[tuple[int, str]] = field(default_factory=set)  # (partition, aggregate) with a failed row
+    stopped_parts: set[int] = field(default_factory=set)  # partitions a configuration error paused
 
 
 class RelayLoop:
+    """One claim → publish → ack → mark loop over the partitions its worker leases. The knobs that
+    move it are in :class:`~outbox_common.config.RelayConfig` (batch size, in-flight share, batch
+    timeout, poll interval, attempts and backoff, ordering, mark mode, subject template)."""
+
     def __init__(
         self,
         index: int,
-        settings: WorkerSettings,
+        config: RelayConfig,
         store: OutboxStore,
         publisher: JetStreamPublisher,
         leases: LeaseManager,
@@ -89,14 +98,16 @@ class RelayLoop:
         stats: RelayStats,
         hooks: RelayHooks | None = None,
     ) -> None:
+        """Why this size: the loop drives each of these parts; passing them (not the worker) keeps
+        the loop's dependencies visible and lets a test give its own."""
         self.index = index
-        self._s = settings
+        self._c = config
         self._store = store
         self._pub = publisher
         self._leases = leases
         self._metrics = metrics
         self._stats = stats
-        self._template = SubjectTemplate.parse(settings.subject_template)
+        self._template = SubjectTemplate.parse(config.subject_template)
         # Rendered subjects by the row fields the template reads (subject_fields): most rows share a
         # handful of subjects, and rendering sanitizes every token. Bounded; failures never cached.
         self._subjects: dict[tuple[str, str, str, str], str] = {}
@@ -104,7 +115,7 @@ class RelayLoop:
         # Headers: build_headers + Nats-Expected-Stream (stored there or refused, never elsewhere),
         # and the trace-check line for rows with a sampled traceparent (see HeaderBlock).
         self._headers = publisher.header_block()
-        self._ordered = settings.ordering == OrderingMode.PER_AGGREGATE
+        self._ordered = config.ordering == OrderingMode.PER_AGGREGATE
         self._stopping = False
         self.hooks = hooks or RelayHooks()
 
@@ -113,11 +124,11 @@ class RelayLoop:
         self._stopping = True
 
     async def run(self) -> None:
-        s = self._s
+        c = self._c
         while not self._stopping:
-            parts = self._leases.checkout(s.loops)
+            parts = self._leases.checkout(c.loops)
             if not parts:  # every partition is busy, paused or clean since its last claim
-                await self._leases.wait_for_work(s.poll_interval_seconds)
+                await self._leases.wait_for_work(c.poll_interval_seconds)
                 continue
             more: frozenset[int] = frozenset()
             try:
@@ -127,21 +138,21 @@ class RelayLoop:
             # Dirty partitions (a wake-up during this batch, or a backlog) are claimed at once by
             # this loop; else it parks until a wake-up or the poll.
             if not self._stopping and not self._leases.has_dirty():
-                await self._leases.wait_for_work(s.poll_interval_seconds)
+                await self._leases.wait_for_work(c.poll_interval_seconds)
 
     async def _one_batch(self, parts: dict[int, int]) -> frozenset[int]:
         """Claim and relay one batch of ``parts``; returns the partitions that may hold more rows."""
-        s = self._s
+        c = self._c
         started = time.monotonic()
         try:
-            rows, more = await self._store.claim(sorted(parts), s.batch_size, self._ordered)
+            rows, more = await self._store.claim(sorted(parts), c.batch_size, self._ordered)
         except Exception as exc:
             self._error(f"claim failed: {type(exc).__name__}")
-            await asyncio.sleep(min(s.poll_interval_seconds, 1.0))
+            await asyncio.sleep(min(c.poll_interval_seconds, 1.0))
             return frozenset()
         if not rows:
             return frozenset()
-        outcome = await self._publish(rows, parts, started + s.batch_timeout_seconds)
+        outcome = await self._publish(rows, parts, started + c.batch_timeout_seconds)
         await self._mark(parts, outcome)
         self._stats.batches += 1
         self._metrics.batch_latency.observe(time.monotonic() - started)
@@ -150,73 +161,100 @@ class RelayLoop:
         return more
 
     async def _publish(self, rows: list[OutboxRow], parts: dict[int, int], deadline: float) -> _BatchOutcome:
-        s = self._s
+        """Publish the batch wave by wave (:func:`plan_waves`) until it is done, the worker stops or
+        ``deadline`` passes; each wave: keep the rows that may still go, encode them, publish, record."""
         out = _BatchOutcome()
-        blocked: set[tuple[int, str]] = set()
-        stopped_parts: set[int] = set()
-        for wave in plan_waves(rows, self._ordered, s.per_loop_in_flight):
+        for planned in plan_waves(rows, self._ordered, self._c.in_flight):
             if self._stopping or time.monotonic() > deadline:
                 out.cut_short = True  # shutting down or batch_timeout_seconds spent: mark what was acked
                 break
-            usable = self._leases.still_usable(parts, 0.0)
-            if len(usable) < len(parts) or stopped_parts or blocked:  # else every row still goes
-                wave = [
-                    r
-                    for r in wave
-                    if r.partition in usable
-                    and r.partition not in stopped_parts
-                    and (r.partition, r.aggregate_id) not in blocked
-                ]
+            wave = self._still_sendable(planned, parts, out)
             if not wave:
                 continue
-            messages: list[tuple[str, bytes, bytes]] = []  # (subject, payload, headers): see Message
-            sendable: list[OutboxRow] = []
-            for row in wave:
-                try:
-                    subject = self._subject(row)
-                    headers = self._headers.render(row)
-                except InvalidSubjectError as exc:
-                    self._failed(row, PublishResult(Outcome.REFUSED, exc.reason, str(exc)), out, blocked)
-                    continue
-                if len(headers) > MAX_HEADER_BYTES or not row.created_at:
-                    self._failed(row, _refusal(row, headers), out, blocked)
-                    continue
-                messages.append((subject, row.payload, headers))
-                sendable.append(row)
-            self._metrics.in_flight.inc(len(messages))
-            try:
-                results = await self._pub.publish_wave(messages)
-            finally:
-                self._metrics.in_flight.dec(len(messages))
+            sendable, messages = self._encode(wave, out)
+            results = await self._send(messages)
             await self.hooks.after_wave(sendable, results)
-            acked = duplicates = 0  # counted per wave: a metrics update takes a lock
-            done = out.done
-            for row, msg, res in zip(sendable, messages, results, strict=True):
-                outcome = res.outcome
-                if outcome in _SUCCESS:
-                    done.append(row.id)
-                    acked += 1
-                    if outcome is _DUPLICATE:
-                        duplicates += 1
-                    continue
-                if res.reason == names.REASON_NO_RESPONDERS:
-                    subject = msg[0]
-                    exists = await self._pub.stream_exists_for(subject)
-                    if exists is False:
-                        res = PublishResult(
-                            Outcome.CONFIG, names.REASON_NO_STREAM, f"no stream captures subject {subject!r}"
-                        )
-                if res.outcome == Outcome.CONFIG:
-                    self._config_error(row.partition, res)
-                    stopped_parts.add(row.partition)
-                    continue
-                self._failed(row, res, out, blocked)
-            self._stats.published += acked
-            self._stats.duplicates += duplicates
-            self._metrics.published.inc(acked)
-            if duplicates:
-                self._metrics.duplicates.inc(duplicates)
+            await self._record(sendable, messages, results, out)
         return out
+
+    def _still_sendable(self, wave: list[OutboxRow], parts: dict[int, int], out: _BatchOutcome) -> list[OutboxRow]:
+        """The wave's rows whose lease is still usable, whose partition no configuration error
+        stopped, and whose aggregate has no failed row earlier in this batch."""
+        usable = self._leases.still_usable(parts, 0.0)
+        if len(usable) == len(parts) and not out.stopped_parts and not out.blocked:
+            return wave  # the common case: every row still goes
+        return [
+            r
+            for r in wave
+            if r.partition in usable
+            and r.partition not in out.stopped_parts
+            and (r.partition, r.aggregate_id) not in out.blocked
+        ]
+
+    def _encode(self, wave: list[OutboxRow], out: _BatchOutcome) -> tuple[list[OutboxRow], list[MessageFields]]:
+        """Subject and header block of each row; a row that can never be published (an invalid
+        subject, headers over the server's limit, no created_at) is failed as refused instead."""
+        messages: list[MessageFields] = []  # (subject, payload, headers): see Message
+        sendable: list[OutboxRow] = []
+        for row in wave:
+            try:
+                subject = self._subject(row)
+                headers = self._headers.render(row)
+            except InvalidSubjectError as exc:
+                self._failed(row, PublishResult(Outcome.REFUSED, exc.reason, str(exc)), out)
+                continue
+            if len(headers) > MAX_HEADER_BYTES or not row.created_at:
+                self._failed(row, _refusal(row, headers), out)
+                continue
+            messages.append((subject, row.payload, headers))
+            sendable.append(row)
+        return sendable, messages
+
+    async def _send(self, messages: list[MessageFields]) -> list[PublishResult]:
+        """Publish one wave, counted in flight meanwhile."""
+        self._metrics.in_flight.inc(len(messages))
+        try:
+            return await self._pub.publish_wave(messages)
+        finally:
+            self._metrics.in_flight.dec(len(messages))
+
+    async def _record(
+        self, sendable: list[OutboxRow], messages: list[MessageFields], results: list[PublishResult], out: _BatchOutcome
+    ) -> None:
+        """Successes go to ``out.done``; a configuration error pauses the row's partition; any other
+        failure is retried later or dead-lettered (:meth:`_failed`)."""
+        acked = duplicates = 0  # counted per wave: a metrics update takes a lock
+        done = out.done
+        for row, msg, res in zip(sendable, messages, results, strict=True):
+            outcome = res.outcome
+            if outcome in _SUCCESS:
+                done.append(row.id)
+                acked += 1
+                if outcome is _DUPLICATE:
+                    duplicates += 1
+                continue
+            if res.reason == names.REASON_NO_RESPONDERS:
+                res = await self._no_responders(msg[0], res)
+            if res.outcome == Outcome.CONFIG:
+                self._config_error(row.partition, res)
+                out.stopped_parts.add(row.partition)
+                continue
+            self._failed(row, res, out)
+        self._count_published(acked, duplicates)
+
+    async def _no_responders(self, subject: str, res: PublishResult) -> PublishResult:
+        """A 503 no-responders is a configuration error when no stream captures ``subject``; else
+        (a stream exists, it was only unavailable) it stays retryable."""
+        if await self._pub.stream_exists_for(subject) is False:
+            return PublishResult(Outcome.CONFIG, names.REASON_NO_STREAM, f"no stream captures subject {subject!r}")
+        return res
+
+    def _count_published(self, acked: int, duplicates: int) -> None:
+        self._stats.published += acked
+        self._stats.duplicates += duplicates
+        self._metrics.published.inc(acked)
+        if duplicates:
+            self._metrics.duplicates.inc(duplicates)
 
     def _subject(self, row: OutboxRow) -> str:
         key = (row.aggregate_type, row.event_type, row.tenant, row.aggregate_id if self._subject_by_id else "")
@@ -228,22 +266,22 @@ class RelayLoop:
             self._subjects[key] = subject
         return subject
 
-    def _failed(self, row: OutboxRow, res: PublishResult, out: _BatchOutcome, blocked: set[tuple[int, str]]) -> None:
-        s = self._s
+    def _failed(self, row: OutboxRow, res: PublishResult, out: _BatchOutcome) -> None:
+        c = self._c
         self._stats.failed += 1
         self._stats.failures_by_reason[res.reason] = self._stats.failures_by_reason.get(res.reason, 0) + 1
         self._metrics.failed(res.reason)
         detail = f"{res.reason}: {res.detail}"[:500]
         self._stats.last_error = detail
-        blocked.add((row.partition, row.aggregate_id))
+        out.blocked.add((row.partition, row.aggregate_id))  # its later rows wait for the retry
         attempt = row.attempts + 1
-        if res.outcome == Outcome.REFUSED or (res.outcome == Outcome.PERMANENT and attempt >= s.max_attempts):
+        if res.outcome == Outcome.REFUSED or (res.outcome == Outcome.PERMANENT and attempt >= c.max_attempts):
             out.dead_ids.append(row.id)
             out.dead_reasons.append(detail)
             return
         out.failed_ids.append(row.id)
         out.failed_errors.append(detail)
-        out.failed_delays.append(backoff_delay(attempt, s.retry_backoff_initial_seconds, s.retry_backoff_max_seconds))
+        out.failed_delays.append(backoff_delay(attempt, c.backoff_initial_seconds, c.backoff_max_seconds))
 
     def _config_error(self, partition: int, res: PublishResult) -> None:
         # The prefix names the dependency at fault; the operator maps it to StreamReady/DatabaseReady.
@@ -253,6 +291,7 @@ class RelayLoop:
             log.error("configuration error, pausing partition %d: %s", partition, msg)
             self._metrics.config_error(res.reason)
         self._stats.config_error = msg
+        self._stats.config_error_kind = ERROR_KIND_STREAM  # every publish-side configuration error is NATS's
         self._stats.config_error_at = time.monotonic()
         self._leases.pause(partition, CONFIG_PAUSE_SECONDS)
 
@@ -260,13 +299,12 @@ class RelayLoop:
         """Write the batch's results, fenced by the leases it was claimed under. Retries briefly:
         if marking keeps failing, the rows stay pending and are re-published (absorbed as duplicates)."""
         fence = Fence.of(parts)
-        delete = self._s.mark_mode == MarkMode.DELETE
+        delete = self._c.mark_mode == MarkMode.DELETE
         await self.hooks.before_mark(out.done)
         for attempt in range(1, MARK_RETRIES + 1):
             try:
                 if out.done:
                     n = await self._store.mark_done(fence, out.done, delete)
-                    self._stats.marked += n
                     if n < len(out.done):
                         self._stats.fenced_out += len(out.done) - n
                         log.warning(

@@ -29,9 +29,11 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from outbox_common.config import WorkerConfig
 from outbox_common.envelope import SubjectTemplate
 from outbox_common.report import StatusSink, WorkerReport
-from outbox_common.settings import MarkMode, WorkerSettings, env_name
+from outbox_common.settings import MarkMode, env_name
+from outbox_common.timing import backoff_delay
 from outbox_worker.adapters.metrics import HealthServer, Metrics
 from outbox_worker.adapters.publisher import JetStreamPublisher, NatsUnavailableError
 from outbox_worker.adapters.store import (
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 
 PRESSURE_INTERVAL_SECONDS = 5.0
 RETENTION_INTERVAL_SECONDS = 60.0
+CONFIG_ERROR_REPORTED_SECONDS = 60.0  # a configuration error not seen again for this long is no longer reported
+STARTUP_RETRY_INITIAL_SECONDS = 0.5  # first wait before retrying an unreachable database or NATS
+STARTUP_RETRY_MAX_SECONDS = 5.0
 
 
 class SideTaskFailed(Exception):
@@ -66,17 +71,19 @@ T = TypeVar("T")
 async def _retry_unavailable(
     attempt: Callable[[], Coroutine[Any, Any, T]], error: type[Exception], deadline: float, what: str
 ) -> T:
-    """Retry ``attempt`` with capped backoff while it raises ``error``, until ``deadline``."""
-    delay = 0.5
+    """Retry ``attempt`` with capped backoff (:func:`backoff_delay`, 0.5 s up to 5 s) while it raises
+    ``error``, until ``deadline``."""
+    tries = 0
     while True:
         try:
             return await attempt()
         except error as exc:
+            tries += 1
+            delay = backoff_delay(tries, STARTUP_RETRY_INITIAL_SECONDS, STARTUP_RETRY_MAX_SECONDS)
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("%s not reachable yet (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 def _attempt_budget(deadline: float) -> float:
@@ -89,20 +96,25 @@ def default_worker_id() -> str:
 
 
 class Worker:
+    """One relay worker. Each part gets its own config from ``config`` (:class:`WorkerConfig`, built
+    once with :meth:`WorkerConfig.from_settings`): the pool ``database``, the publisher ``nats`` and
+    ``publish``, the stream check ``stream``, the leases ``leases``, every loop ``relay``, the
+    metrics server ``metrics``; the worker itself only ``lifecycle`` and the status interval."""
+
     def __init__(
         self,
-        settings: WorkerSettings,
+        config: WorkerConfig,
         *,
         sink: StatusSink | None = None,
         hooks: RelayHooks | None = None,
     ) -> None:
-        self.settings = settings
-        self.worker_id = settings.worker_id or default_worker_id()
-        self.metrics = Metrics(settings.publisher)
+        self.config = config
+        self.worker_id = config.lifecycle.worker_id or default_worker_id()
+        self.metrics = Metrics(config.lifecycle.publisher)
         self.stats = RelayStats()
         self.sink = sink or StatusSink()
         self.hooks = hooks
-        self.sql = Sql.for_table(settings.db_schema, settings.table)
+        self.sql = Sql.for_table(config.database.schema, config.database.table)
         self.pool: asyncpg.Pool | None = None
         self.store: OutboxStore | None = None
         self.publisher: JetStreamPublisher | None = None
@@ -120,65 +132,83 @@ class Worker:
 
     # --- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
-        s = self.settings
-        deadline = time.monotonic() + s.startup_timeout_seconds
+        """Connect the database, join the workers, connect NATS and check the stream, build the
+        leases and loops, start the metrics server; each step fails with a typed error."""
+        deadline = time.monotonic() + self.config.lifecycle.startup_timeout_seconds
+        self.store = await self._connect_database(deadline)
+        partitions = await self.store.check_schema()
+        # Before anything is leased: a live process with the same worker id is refused here.
+        await self.store.join(self.config.leases.ttl_seconds)
+        self.publisher = await self._connect_nats(deadline)
+        self.leases = LeaseManager(self.store, self.config.leases, partitions, self.metrics)
+        self.loops = [
+            self._relay_loop(i, self.store, self.publisher, self.leases) for i in range(self.config.relay.loops)
+        ]
+        await self._start_metrics()
+        c = self.config
+        log.info(
+            "worker %s started: publisher=%s table=%s.%s partitions=%d loops=%d",
+            self.worker_id,
+            c.lifecycle.publisher,
+            c.database.schema,
+            c.database.table,
+            partitions,
+            c.relay.loops,
+        )
+
+    async def _connect_database(self, deadline: float) -> OutboxStore:
+        """The pool (retried while PostgreSQL is unreachable, until ``deadline``) and the store over it."""
+        db = self.config.database
         self.pool = await _retry_unavailable(
             lambda: connect_pool(
-                s.database_url.get_secret_value(),
-                size=s.db_pool_size,
-                timeout=s.db_timeout_seconds,
-                connect_timeout=min(s.db_timeout_seconds, _attempt_budget(deadline)),
+                db.url.get_secret_value(),
+                size=db.pool_size,
+                timeout=db.statement_timeout_seconds,
+                connect_timeout=min(db.statement_timeout_seconds, _attempt_budget(deadline)),
             ),
             DatabaseUnavailableError,
             deadline,
             "PostgreSQL",
         )
-        self.store = OutboxStore(self.pool, self.sql, s.publisher, self.worker_id)
-        partitions = await self.store.check_schema()
-        # Before anything is leased: a live process with the same worker id is refused here.
-        await self.store.join(s.lease_ttl_seconds)
-        self.publisher = JetStreamPublisher(
-            s, name=f"outbox-relay/{s.publisher}/{self.worker_id}", ack_latency=self.metrics.ack_latency
+        return OutboxStore(self.pool, self.sql, self.config.lifecycle.publisher, self.worker_id)
+
+    async def _connect_nats(self, deadline: float) -> JetStreamPublisher:
+        """The publisher, connected (retried while NATS is unreachable, until ``deadline``), with the
+        stream checked to capture the subjects and cover the re-publish horizon."""
+        c = self.config
+        publisher = JetStreamPublisher(
+            c.nats,
+            c.publish,
+            name=f"outbox-relay/{c.lifecycle.publisher}/{self.worker_id}",
+            ack_latency=self.metrics.ack_latency,
         )
-        publisher = self.publisher
+        self.publisher = publisher  # closed by close() even if the stream check below fails
         await _retry_unavailable(
             lambda: publisher.connect(timeout=_attempt_budget(deadline)), NatsUnavailableError, deadline, "NATS"
         )
-        template = SubjectTemplate.parse(s.subject_template)
-        await self.publisher.ensure_stream(template.filter_subject(), s.duplicate_horizon_seconds)
-        self.leases = LeaseManager(self.store, s, partitions, self.metrics)
-        self.loops = [
-            RelayLoop(
-                i,
-                s,
-                self.store,
-                self.publisher,
-                self.leases,
-                self.metrics,
-                self.stats,
-                self.hooks,
-            )
-            for i in range(s.loops)
-        ]
-        if s.metrics_port:
-            self.health = HealthServer(self.metrics, s.metrics_host, s.metrics_port, self.ready)
-            try:
-                await self.health.start()
-            except OSError as exc:
-                self.health = None
-                raise MetricsPortError(
-                    f"the metrics server cannot listen on {s.metrics_host}:{s.metrics_port} ({exc.strerror or exc}): "
-                    f"set {env_name('metrics_port')} to a free port (0 turns the metrics server off)"
-                ) from None
-        log.info(
-            "worker %s started: publisher=%s table=%s.%s partitions=%d loops=%d",
-            self.worker_id,
-            s.publisher,
-            s.db_schema,
-            s.table,
-            partitions,
-            s.loops,
-        )
+        template = SubjectTemplate.parse(c.relay.subject_template)
+        await publisher.ensure_stream(c.stream, template.filter_subject(), c.lifecycle.duplicate_horizon_seconds)
+        return publisher
+
+    def _relay_loop(
+        self, index: int, store: OutboxStore, publisher: JetStreamPublisher, leases: LeaseManager
+    ) -> RelayLoop:
+        return RelayLoop(index, self.config.relay, store, publisher, leases, self.metrics, self.stats, self.hooks)
+
+    async def _start_metrics(self) -> None:
+        """The /metrics, /healthz, /readyz server, unless its port is 0. Raises MetricsPortError."""
+        m = self.config.metrics
+        if not m.port:
+            return
+        self.health = HealthServer(self.metrics, m.host, m.port, self.ready)
+        try:
+            await self.health.start()
+        except OSError as exc:
+            self.health = None
+            raise MetricsPortError(
+                f"the metrics server cannot listen on {m.host}:{m.port} ({exc.strerror or exc}): "
+                f"set {env_name('metrics_port')} to a free port (0 turns the metrics server off)"
+            ) from None
 
     def ready(self) -> bool:
         return bool(
@@ -200,14 +230,13 @@ class Worker:
         supervised task died."""
         assert self.leases is not None
         assert self.store is not None
-        s = self.settings
         side: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
             "leases": self.leases.run,
-            "listener": Listener(s.database_url.get_secret_value(), self.sql, self.wake).run,
+            "listener": Listener(self.config.database.url.get_secret_value(), self.sql, self.wake).run,
             "pressure": self._pressure_loop,
             "reporter": self._report_loop,
         }
-        if s.mark_mode == MarkMode.MARK:
+        if self.config.relay.mark_mode == MarkMode.MARK:
             side["retention"] = self._retention_loop
         if self.health is not None:
             side["metrics"] = self.health.serve
@@ -244,8 +273,7 @@ class Worker:
         if self._stopped:
             return
         self._stopped = True
-        s = self.settings
-        deadline = time.monotonic() + s.shutdown_grace_seconds
+        deadline = time.monotonic() + self.config.lifecycle.shutdown_grace_seconds
         for lp in self.loops:
             lp.stop()
         if self.leases is not None:
@@ -262,7 +290,7 @@ class Worker:
 
     async def close(self, deadline: float | None = None) -> None:
         """Release leases, leave, drain NATS, close the pool. Safe to call more than once."""
-        deadline = deadline or time.monotonic() + self.settings.shutdown_grace_seconds
+        deadline = deadline or time.monotonic() + self.config.lifecycle.shutdown_grace_seconds
         if self.leases is not None and self.store is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.leases.release_all(1.0), max(0.1, deadline - time.monotonic()))
@@ -307,7 +335,7 @@ class Worker:
 
     async def _report_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.report_interval_seconds)
+            await asyncio.sleep(self.config.status.interval_seconds)
             await self._report_once()
 
     async def _report_once(self) -> None:
@@ -318,7 +346,8 @@ class Worker:
 
     def report(self) -> WorkerReport:
         st = self.stats
-        config_error = st.config_error if time.monotonic() - st.config_error_at < 60 else ""
+        recent = time.monotonic() - st.config_error_at < CONFIG_ERROR_REPORTED_SECONDS
+        config_error, error_kind = (st.config_error, st.config_error_kind) if recent else ("", "")
         return WorkerReport(
             pod=self.worker_id,
             partitions=self.leases.owned if self.leases else [],
@@ -333,6 +362,7 @@ class Worker:
             ratePerSecond=round(self.rate, 1),
             lastError=st.last_error,
             configError=config_error,
+            errorKind=error_kind,
             reportTime=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         )
 
@@ -341,6 +371,6 @@ class Worker:
         while True:
             await asyncio.sleep(RETENTION_INTERVAL_SECONDS)
             try:
-                await self.store.retention_sweep(self.settings.retention_seconds)
+                await self.store.retention_sweep(self.config.lifecycle.retention_seconds)
             except Exception as exc:
                 log.warning("retention sweep failed: %s", type(exc).__name__)

@@ -143,6 +143,9 @@ def check_history(
 
     ``mark_tolerance`` (seconds) absorbs clock differences between the database and the broker
     when they run on different hosts; on one host both read the same clock.
+
+    Why this size: five independent sources of evidence (each a separate read by the caller) and
+    two keyword options; bundling them would only move the same names into a class.
     """
     report = HistoryReport(expect_drained=expect_drained)
     truth = {e.event_id: e for e in committed}

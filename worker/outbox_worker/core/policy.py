@@ -1,11 +1,11 @@
-"""Pure decisions of the relay: fair shares, retry delays, and how a batch is cut into waves.
+"""Pure decisions of the relay: fair shares, how a batch is cut into waves, what an error ack means.
+(The retry delay, shared with the operator, is outbox_common.timing.backoff_delay.)
 
 Nothing here does I/O, so every rule is unit-tested directly.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import NamedTuple
@@ -24,13 +24,6 @@ def fair_share(partitions: int, live_workers: Sequence[str], me: str) -> int:
     n = len(workers)
     base, extra = divmod(partitions, n)
     return base + (1 if workers.index(me) < extra else 0)
-
-
-def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random | None = None) -> float:
-    """Capped exponential backoff with full jitter in [delay/2, delay] (attempt counts from 1)."""
-    delay = min(cap, initial * 2.0 ** max(0, min(attempt - 1, 30)))
-    r = (rng or random).random()
-    return delay / 2 + r * delay / 2
 
 
 def pressure_pause(took: float, interval: float, cost_factor: float = 50.0, longest: float = 60.0) -> float:

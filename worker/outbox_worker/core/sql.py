@@ -86,6 +86,8 @@ class Sql:
 
         The partition of a row is a stored generated column: a stable hash of ``aggregate_id``
         modulo ``partitions``. It is fixed when the table is created (see :meth:`meta_select`).
+
+        Why this size: one migration script, read top-down as the SQL it runs.
         """
         if not 1 <= partitions <= MAX_PARTITIONS:
             raise ValueError(f"partitions={partitions}: use 1..{MAX_PARTITIONS}")

@@ -1,6 +1,8 @@
-"""The publisher writes HPUB frames itself (adapters/publisher.py, ``encode_hpub``) instead of calling
-nats-py's ``Client.publish`` per message. These tests pin that it writes exactly the bytes nats-py
-would, rejects what nats-py would reject, and that the private nats-py methods it uses still exist."""
+"""The relay's JetStream wire (adapters/jetstream_acks.py): the publisher writes HPUB frames itself
+(``encode_hpub``) instead of calling nats-py's ``Client.publish`` per message, and reads acks straight
+from nats-py's parser (``take_acks``, ``install_ack_fast_path``). These tests pin that it writes
+exactly the bytes nats-py would, rejects what nats-py would reject, reads every ack as nats-py's own
+path would, and that the private nats-py methods it uses still exist."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from nats.protocol import parser as nats_parser
 from test_envelope import row
 
 from outbox_common import names
+from outbox_common.config import NatsConfig, PublishConfig
 from outbox_common.envelope import (
     HeaderBlock,
     InvalidSubjectError,
@@ -23,19 +26,20 @@ from outbox_common.envelope import (
     created_at_text,
     sampled_traceparent,
 )
-from outbox_common.settings import WorkerSettings
-from outbox_worker.adapters.publisher import (
+from outbox_worker.adapters.jetstream_acks import (
     InvalidMessageError,
-    JetStreamPublisher,
-    Message,
     StoredAcks,
     StoredFrames,
-    _Wave,
     encode_headers,
     encode_hpub,
+    install_ack_fast_path,
+    parse_ack,
     take_acks,
 )
+from outbox_worker.adapters.publisher import JetStreamPublisher, Message, _Wave
 from outbox_worker.core.policy import Outcome
+
+NOWHERE = NatsConfig.for_url("nats://127.0.0.1:1")  # never connected: these tests drive the wire by hand
 
 HEADER_SETS = [
     {},
@@ -216,7 +220,7 @@ ACK_PAYLOADS = [
 async def test_ack_payloads_resolve_to_their_outcome(data: bytes, outcome: Outcome, seq: int) -> None:
     """Acks are read without a JSON decode when they have the server's usual shape; every shape the
     fast path does not recognise falls back to the decoder."""
-    pub = JetStreamPublisher(WorkerSettings(database_url="postgresql://x@localhost/db"))
+    pub = JetStreamPublisher(NOWHERE)
     wave = _Wave([None], 0.0, 1)
     pub._pending[7] = (wave, 0)
     await pub._on_ack(Msg(None, subject="_INBOX.abc.7", data=data))  # type: ignore[arg-type]
@@ -227,11 +231,17 @@ async def test_ack_payloads_resolve_to_their_outcome(data: bytes, outcome: Outco
 
 
 @pytest.mark.parametrize(("data", "outcome", "seq"), ACK_PAYLOADS)
+def test_parse_ack_reads_each_payload_to_its_outcome(data: bytes, outcome: Outcome, seq: int) -> None:
+    result = parse_ack(data)
+    assert (result.outcome, result.seq) == (outcome, seq)
+
+
+@pytest.mark.parametrize(("data", "outcome", "seq"), ACK_PAYLOADS)
 async def test_acks_read_from_the_parser_resolve_like_delivered_ones(data: bytes, outcome: Outcome, seq: int) -> None:
     """The parser fast path (compact acks by one regex, the rest by ``_ack``) ends every payload in
     the same result as the delivered path above."""
     conn = _Conn()
-    pub = JetStreamPublisher(WorkerSettings(database_url="postgresql://x@localhost/db"))
+    pub = JetStreamPublisher(NOWHERE)
     pub._prefix = INBOX
     pub._install_ack_fast_path(conn, ACK_SID)  # type: ignore[arg-type]
     wave = _Wave([None], 0.0, 1)
@@ -320,12 +330,10 @@ class _Conn:
 
 def _fast_path_conn(paths: list[str] | None = None) -> _Conn:
     """A parser with the fast path installed. Acks are logged as ("ack", token, payload) whichever
-    way they came: ``_stored_run`` (runs of compact acks) rebuilds each payload from (seq, duplicate), so a wrong
+    way they came: ``stored_run`` (runs of compact acks) rebuilds each payload from (seq, duplicate), so a wrong
     token, seq or duplicate flag shows in the log. ``paths`` records which way each ack came."""
     conn = _Conn()
     paths = [] if paths is None else paths
-    pub = JetStreamPublisher(WorkerSettings(database_url="postgresql://x@localhost/db"))
-    pub._prefix = INBOX
 
     def ack(token: int, data: bytes) -> None:
         paths.append("ack")
@@ -337,9 +345,8 @@ def _fast_path_conn(paths: list[str] | None = None) -> _Conn:
             conn.log.append(("ack", int(token), _seq(int(seq), bool(duplicate))))
         return len(frames), sum(len(f[2]) for f in frames)
 
-    pub._ack = ack  # type: ignore[method-assign]
-    pub._stored_run = stored_run  # type: ignore[method-assign]
-    pub._install_ack_fast_path(conn, ACK_SID)  # type: ignore[arg-type]
+    stored = StoredAcks.of(f"MSG {INBOX}.".encode(), str(ACK_SID).encode(), stored_run)
+    install_ack_fast_path(conn, ACK_SID, INBOX, ack, stored, lambda: None)  # type: ignore[arg-type]
     return conn
 
 
@@ -376,7 +383,7 @@ async def test_a_run_of_acks_resolves_every_wave_in_it() -> None:
     """One read with acks of two waves interleaved, a late ack and a duplicate: each publish gets its
     own result, a wave completes when its last ack came, and each ack counts once in the latency."""
     conn = _Conn()
-    pub = JetStreamPublisher(WorkerSettings(database_url="postgresql://x@localhost/db"))
+    pub = JetStreamPublisher(NOWHERE)
     pub._prefix = INBOX
     pub._install_ack_fast_path(conn, ACK_SID)  # type: ignore[arg-type]
     a, b = _Wave([None] * 3, 0.0, 3), _Wave([None] * 2, 0.0, 2)
@@ -489,7 +496,7 @@ async def test_publish_wave_writes_encode_hpubs_frames_in_one_write() -> None:
     """The wave's frames are encode_hpub's bytes, with a reply subject per message, whether the
     subject is new or cached and the headers a mapping or an encoded block; messages NATS would
     refuse never reach the wire and end as permanent failures."""
-    pub = JetStreamPublisher(WorkerSettings(database_url="postgresql://x@localhost/db", ack_timeout_seconds=0.05))
+    pub = JetStreamPublisher(NOWHERE, PublishConfig(ack_timeout_seconds=0.05))
     nc = _WireNc()
     pub._nc = nc  # type: ignore[assignment]
     pub._prefix = INBOX
