@@ -77,9 +77,15 @@ async def reconcile_body(
         raise kopf.TemporaryError(result.retry_reason, delay=backoff_seconds(retry))
 
 
-def configure_settings(settings: kopf.OperatorSettings) -> None:
+def configure_settings(settings: kopf.OperatorSettings, *, clusterwide: bool = True) -> None:
     """Keep kopf's own bookkeeping in annotations of our group (the status schema is strict), post
-    only warnings as Events (our reconcile posts its own), and use watches that time out."""
+    only warnings as Events (our reconcile posts its own), and use watches that time out.
+
+    A namespaced operator (``clusterwide=False``) never scans the cluster: it has no permission to
+    list Namespaces or CRDs (the chart grants Roles in the watched namespaces only), and kopf would
+    retry each 403 for about a minute before serving anything. It watches exactly the namespaces it
+    was given and the resources the API server lists at start-up (the CRD is installed first)."""
+    settings.scanning.disabled = not clusterwide
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=c.GROUP, key="last-handled-configuration"
@@ -176,7 +182,7 @@ async def run_operator(
     """Run kopf until stopped (SIGTERM/SIGINT, or ``stop_flag`` in tests)."""
     registry = build_registry(runtime)
     settings = kopf.OperatorSettings()
-    configure_settings(settings)
+    configure_settings(settings, clusterwide=clusterwide)
     await kopf.operator(
         registry=registry,
         settings=settings,

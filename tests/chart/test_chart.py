@@ -228,6 +228,18 @@ def test_operator_is_standalone_without_peering() -> None:
     assert settings.peering.standalone is True
 
 
+def test_namespaced_operator_never_scans_the_cluster() -> None:
+    """In namespaced scope the chart grants Roles in the watched namespaces only; an operator that
+    listed Namespaces and CRDs cluster-wide got 403s and started a minute late (tests/cluster)."""
+    handlers = pytest.importorskip("outbox_operator.handlers")
+    kopf = pytest.importorskip("kopf")
+    settings = kopf.OperatorSettings()
+    handlers.configure_settings(settings, clusterwide=False)
+    assert settings.scanning.disabled is True
+    handlers.configure_settings(settings, clusterwide=True)
+    assert settings.scanning.disabled is False
+
+
 def test_image_reference(render: Render) -> None:
     default = _by_kind(cc.load_docs(render([cc.CHART / "ci" / "default-values.yaml"])))
     chart = yaml.safe_load((cc.CHART / "Chart.yaml").read_text())

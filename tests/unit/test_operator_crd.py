@@ -223,3 +223,9 @@ def test_spec_field_agrees_with_worker_setting(field: str) -> None:
     enum = getattr(setting.annotation, "__members__", None)
     if enum:
         assert sorted(node["enum"]) == sorted(m.value for m in enum.values())
+
+
+def test_root_metadata_specifies_nothing_but_its_type() -> None:
+    """A real API server refuses the whole CRD otherwise ("metadata: Forbidden: must not specify
+    anything other than name and generateName"), found by tests/cluster: even a description counts."""
+    assert crd_schema()["properties"]["metadata"] == {"type": "object"}

@@ -1,0 +1,346 @@
+"""The operator against the real API server: RBAC, garbage collection, and worker pods that relay.
+
+The operator runs in-process (kopf, as in tests/operator) with the admin kubeconfig; its workers
+run as pods that the real kube-controller-manager creates (Deployment -> ReplicaSet -> Pod) and
+the process kubelet (:mod:`node_agent`) runs, with their own ServiceAccount tokens, against the
+real PostgreSQL and nats-server of tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from clusterkit import KIND, ROOT, Kubectl, condition, eventually, kubectl_async, operator_in_process
+from controlplane import ControlPlane
+from kubeapi import KubeApi
+from node_agent import NodeAgent
+from relaykit import PARTITIONS, SQL, STREAM, insert_events, prepare_database, publisher, secret, stream_count
+
+from outbox_worker.adapters.history_io import verify
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture
+def operator_env(control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process operator reads $KUBECONFIG: the admin's."""
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
+
+
+@pytest.fixture
+async def node(api: KubeApi, control_plane: ControlPlane, namespace: str, tmp_path: Path) -> AsyncIterator[NodeAgent]:
+    async with NodeAgent(api, control_plane.ca_file, tmp_path / "pods", {namespace}) as agent:
+        yield agent
+
+
+# --- without pods --------------------------------------------------------------------------------
+
+
+async def test_operator_flags_a_spec_the_schema_cannot_check(
+    crd: str, api: KubeApi, namespace: str, operator_env: None
+) -> None:
+    path = ROOT / "examples" / "invalid" / "unknown-placeholder.yaml"
+    kind, _, documented = path.read_text().splitlines()[0].lstrip("# ").partition(": ")
+    assert kind == "operator-rejects"
+    obj = yaml.safe_load(path.read_text())
+    name = obj["metadata"]["name"]
+    async with operator_in_process([namespace]):
+        await api.create(obj, namespace)
+
+        async def invalid() -> dict[str, Any]:
+            ready = condition(await api.get(KIND, namespace, name), "Ready")
+            return ready if ready.get("reason") == "InvalidSpec" else {}
+
+        ready = await eventually(invalid, 60)
+    assert ready["status"] == "False"
+    assert documented in ready["message"]
+    assert await api.list("Deployment", namespace) == [], "no workers for an invalid spec"
+
+
+async def test_worker_token_may_patch_only_its_own_publisher_status(
+    crd: str, api: KubeApi, control_plane: ControlPlane, namespace: str, operator_env: None, kubectl: Kubectl
+) -> None:
+    for name in ("orders", "billing"):
+        await api.create(secret(f"{name}-db", "postgresql://unused@127.0.0.1:1/db"), namespace)
+    async with operator_in_process([namespace]):
+        await api.create(publisher("orders", "nats://127.0.0.1:4222"), namespace)
+        await api.create(publisher("billing", "nats://127.0.0.1:4222"), namespace)
+        await eventually(lambda: api.get("RoleBinding", namespace, "orders-relay"), 60)
+    status, body = await api.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/orders-relay/token",
+        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 600}},
+    )
+    assert status == 201, body
+    token = body["status"]["token"]
+    async with KubeApi(control_plane.server, token, control_plane.ca_file) as worker:
+        own = {"status": {"workers": {"orders-relay-x": None}}}
+        assert (await worker.merge_patch(KIND, namespace, "orders", own, "status"))[0] == 200
+        assert (await worker.merge_patch(KIND, namespace, "billing", own, "status"))[0] == 403
+        assert (await worker.merge_patch(KIND, namespace, "orders", {"spec": {"replicas": 2}}))[0] == 403
+        assert (await worker.request("GET", f"/api/v1/namespaces/{namespace}/secrets"))[0] == 403
+        assert (await worker.request("GET", f"/api/v1/namespaces/{namespace}/secrets/orders-db"))[0] == 403
+        patch = {"spec": {"replicas": 5}}
+        assert (await worker.merge_patch("Deployment", namespace, "orders-relay", patch))[0] == 403
+    can_i = kubectl("auth", "can-i", "patch", "outboxpublishers/status", "-n", namespace, "--token", token, check=False)
+    assert can_i.stdout.strip() == "no", "without a resource name it is not allowed"  # resourceNames scoped
+    can_i = kubectl(
+        "auth",
+        "can-i",
+        "patch",
+        "outboxpublishers/orders",
+        "--subresource=status",
+        "-n",
+        namespace,
+        "--token",
+        token,
+        check=False,
+    )
+    assert can_i.stdout.strip() == "yes"
+
+
+# --- with pods -----------------------------------------------------------------------------------
+
+
+async def test_publisher_relays_through_the_real_controllers(
+    crd: str,
+    api: KubeApi,
+    namespace: str,
+    node: NodeAgent,
+    operator_env: None,
+    kubectl: Kubectl,
+    pg_dsn: str,
+    nats_url: str,
+) -> None:
+    await prepare_database(pg_dsn)
+    await api.create(secret("orders-db", pg_dsn), namespace)
+    async with operator_in_process([namespace]):
+        await api.create(publisher("orders", nats_url), namespace)
+
+        async def ready() -> bool:
+            return condition(await api.get(KIND, namespace, "orders"), "Ready").get("status") == "True"
+
+        await eventually(ready, 120)
+        replica_sets = await api.list("ReplicaSet", namespace)
+        assert [rs["metadata"]["ownerReferences"][0]["name"] for rs in replica_sets] == ["orders-relay"]
+        pods = await api.list("Pod", namespace)
+        assert len(pods) == 1
+        assert pods[0]["spec"]["nodeName"] == node.name
+
+        # events inserted while it runs: each in the stream once, in per-aggregate order
+        committed = await insert_events(pg_dsn, 3000, 100)
+
+        async def all_stored() -> bool:
+            return await stream_count(nats_url) == committed
+
+        await eventually(all_stored, 120)
+
+        async def drained() -> bool:
+            totals = ((await api.get(KIND, namespace, "orders")) or {}).get("status", {}).get("totals") or {}
+            return totals.get("backlog") == 0 and totals.get("published", 0) >= committed
+
+        await eventually(drained, 60)
+        report = await verify(pg_dsn, SQL, nats_url, STREAM, expect_drained=True)
+        assert report.ok, report.to_dict()
+        assert (report.published, report.duplicates, report.order_violations, report.lost) == (committed, 0, 0, 0)
+
+        # kubectl shows live values through the printer columns, and describe the conditions and events
+        row = (await kubectl_async(kubectl, "get", "obp", "orders", "-n", namespace, "--no-headers")).stdout.split()
+        assert row[:4] == ["orders", "True", "1", "0"], row
+        described = (await kubectl_async(kubectl, "describe", "obp", "orders", "-n", namespace)).stdout
+        assert "Conditions:" in described
+        assert "DatabaseReady" in described
+        assert "Events:" in described
+
+        # kubectl scale -> 3 worker pods, partitions spread over them
+        await kubectl_async(kubectl, "scale", "obp", "orders", "-n", namespace, "--replicas", "3")
+
+        async def three_workers() -> bool:
+            obj = await api.get(KIND, namespace, "orders") or {}
+            workers = (obj.get("status") or {}).get("workers") or {}
+            owned = [set(w.get("partitions") or []) for w in workers.values()]
+            return len(node.running()) == 3 and len(workers) == 3 and set().union(*owned) == set(range(PARTITIONS))
+
+        await eventually(three_workers, 120)
+        deployment = await api.get("Deployment", namespace, "orders-relay") or {}
+        assert deployment["spec"]["replicas"] == 3
+        assert node.restarts == 0
+
+        # paused: the workers drain and exit 0
+        await api.merge_patch(KIND, namespace, "orders", {"spec": {"paused": True}})
+        await eventually(lambda: not node.pods, 90)  # every process stopped and its exit code recorded
+        assert set(node.exit_codes.values()) == {0}, node.exit_codes
+
+        # delete: garbage collection removes every child
+        await kubectl_async(kubectl, "delete", "obp", "orders", "-n", namespace, "--wait=true", "--timeout=60s")
+
+        async def no_children() -> bool:
+            for kind in ("Deployment", "ReplicaSet", "Pod", "Role", "RoleBinding", "Service"):
+                if await api.list(kind, namespace):
+                    return False
+            accounts = [a["metadata"]["name"] for a in await api.list("ServiceAccount", namespace)]
+            return accounts == ["default"]
+
+        await eventually(no_children, 90)
+    assert not node.errors, node.errors
+
+
+CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "Service", "Deployment", "PodDisruptionBudget")
+# Controllers write the status of these (a new resourceVersion each time); a write of ours bumps generation.
+STATUS_KINDS = {"Deployment", "PodDisruptionBudget"}
+
+
+async def owned_children(api: KubeApi, namespace: str, owner_uid: str) -> dict[str, list[tuple[str, str]]]:
+    """Per kind, (name, version) of the objects the publisher ``owner_uid`` controls; the version is
+    ``metadata.generation`` for kinds whose status controllers write, else ``resourceVersion``."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for kind in CHILD_KINDS:
+        for obj in await api.list(kind, namespace):
+            meta = obj["metadata"]
+            if any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or []):
+                version = str(meta.get("generation")) if kind in STATUS_KINDS else meta["resourceVersion"]
+                found.setdefault(kind, []).append((meta["name"], version))
+    return found
+
+
+async def start_operator_process(kubeconfig: Path, namespace: str, log: Path) -> asyncio.subprocess.Process:
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "outbox_cli.main",
+            "operator",
+            "--namespace",
+            namespace,
+            "--resync-seconds",
+            "1",
+            "--log-format",
+            "text",
+            env=env,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+
+
+async def test_operator_killed_mid_reconcile_converges_without_duplicates_or_rewrites(
+    crd: str, api: KubeApi, control_plane: ControlPlane, namespace: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "operator.log"
+    await api.create(secret("orders-db", "postgresql://unused@127.0.0.1:1/db"), namespace)
+    # A quota of zero Deployments holds the first pass after its first children: killed there, the
+    # operator leaves a half-built set behind, deterministically.
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-deployments"},
+        "spec": {"hard": {"count/deployments.apps": "0"}},
+    }
+    await api.create(quota, namespace)
+    first = await start_operator_process(control_plane.kubeconfig, namespace, log)
+    try:
+        created = await api.create(publisher("orders", "nats://127.0.0.1:4222", replicas=2), namespace)
+        uid = created["metadata"]["uid"]
+
+        async def held_by_the_quota() -> bool:
+            return "Deployment" not in await owned_children(api, namespace, uid) and "exceeded quota" in log.read_text()
+
+        await eventually(held_by_the_quota, 60)
+    finally:
+        if first.returncode is None:
+            first.kill()  # SIGKILL: no chance to finish the pass
+        await first.wait()
+    await api.delete("ResourceQuota", namespace, "no-deployments")
+    partial = await owned_children(api, namespace, uid)
+
+    second = await start_operator_process(control_plane.kubeconfig, namespace, log)
+    try:
+
+        async def complete() -> dict[str, list[tuple[str, str]]] | None:
+            children = await owned_children(api, namespace, uid)
+            return children if set(children) >= {"ServiceAccount", "Role", "RoleBinding", "Deployment"} else None
+
+        await eventually(complete, 60)
+        await asyncio.sleep(3)  # a few resync passes (1 s each) after convergence
+        settled = await owned_children(api, namespace, uid)
+        settled_obp = (await api.get(KIND, namespace, "orders") or {})["metadata"]["resourceVersion"]
+        await asyncio.sleep(4)
+        again = await owned_children(api, namespace, uid)
+        again_obp = (await api.get(KIND, namespace, "orders") or {})["metadata"]["resourceVersion"]
+    finally:
+        second.terminate()
+        try:
+            await asyncio.wait_for(second.wait(), 20)
+        except TimeoutError:
+            second.kill()
+            await second.wait()
+    assert "Deployment" not in partial, partial
+    assert set(partial) < set(settled), f"the kill must land before the first pass completed: {partial}"
+    assert all(len(objs) == 1 for objs in settled.values()), settled  # no duplicate child
+    assert again == settled, "a pass after convergence rewrote a child"
+    assert again_obp == settled_obp, "a pass after convergence rewrote the publisher (status or metadata)"
+    assert (await api.get("Deployment", namespace, "orders-relay") or {})["spec"]["replicas"] == 2
+
+
+async def test_autoscaler_scales_within_its_bounds(
+    crd: str,
+    api: KubeApi,
+    namespace: str,
+    node: NodeAgent,
+    operator_env: None,
+    pg_dsn: str,
+    nats_url: str,
+) -> None:
+    """A backlog far over the target asks for many workers: the Deployment grows to maxReplicas
+    (3, below the 8 partitions) and never beyond; drained, it returns to minReplicas."""
+    await prepare_database(pg_dsn)
+    await api.create(secret("orders-db", pg_dsn), namespace)
+    obj = publisher("orders", nats_url)
+    obj["spec"]["autoscaling"] = {
+        "enabled": True,
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "targetBacklogPerReplica": 100,
+        "scaleDownStabilizationSeconds": 2,
+    }
+    obj["spec"]["publishing"].update({"batchSize": 20, "loops": 1, "maxInFlight": 20})  # slow enough to see
+    seen: list[int] = []
+
+    async def deployment_replicas() -> int:
+        deployment = await api.get("Deployment", namespace, "orders-relay") or {}
+        replicas = int((deployment.get("spec") or {}).get("replicas", 0))
+        seen.append(replicas)
+        return replicas
+
+    async with operator_in_process([namespace]):
+        await api.create(obj, namespace)
+
+        async def ready() -> bool:
+            return condition(await api.get(KIND, namespace, "orders"), "Ready").get("status") == "True"
+
+        await eventually(ready, 120)
+        committed = await insert_events(pg_dsn, 20_000, 200)
+        await eventually(lambda: _is(deployment_replicas(), 3), 120)
+
+        async def all_stored() -> bool:
+            await deployment_replicas()
+            return await stream_count(nats_url) == committed
+
+        await eventually(all_stored, 180)
+        await eventually(lambda: _is(deployment_replicas(), 1), 120)
+    assert max(seen) == 3, seen
+    report = await verify(pg_dsn, SQL, nats_url, STREAM, expect_drained=True)
+    assert report.ok, report.to_dict()
+    assert (report.published, report.duplicates, report.order_violations) == (committed, 0, 0)
+
+
+async def _is(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
