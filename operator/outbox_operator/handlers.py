@@ -3,9 +3,9 @@
 What a reconcile reads comes from kopf's watches, never from API reads (see state.py): the
 OutboxPublishers (an ``on.event`` handler keeps the latest body of each), the children the operator
 owns (label ``app.kubernetes.io/managed-by=outbox-operator``) and the worker Pods (labels
-``app.kubernetes.io/component=worker`` and ``outbox.dev/publisher``), selected by the API server, and the Secrets in the watched namespaces (key names and
-resourceVersions only). So a pass over an unchanged publisher sends no request at all; only writes
-reach the API server.
+``app.kubernetes.io/component=worker`` and ``outbox.dev/publisher``), both selected by the API
+server, and the Secrets in the watched namespaces (key names and resourceVersions only). So a
+pass over an unchanged publisher sends no request at all; only writes reach the API server.
 
 When a pass runs:
 
