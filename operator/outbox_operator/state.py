@@ -16,6 +16,7 @@ that runs in between sees the write and does not repeat it.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,15 +66,24 @@ def resource_version(obj: Mapping[str, Any] | None) -> str:
     return str(((obj or {}).get("metadata") or {}).get("resourceVersion") or "")
 
 
+# How many recent resourceVersions of each object the watch is remembered to have shown: a write's
+# answer can be handled after its own watch event (the two race), and must then not be kept.
+RECENT_VERSIONS = 32
+
+
 @dataclass
 class Written:
     """Objects the operator wrote whose watch event has not arrived yet: newer than the index."""
 
     ttl: float = WRITTEN_TTL_SECONDS
     _items: dict[Any, tuple[Obj | None, float]] = field(default_factory=dict)
+    _recent: dict[Any, deque[str]] = field(default_factory=dict)
 
     def put(self, key: Any, obj: Obj | None) -> None:
-        """Remember a write's answer (None: the object was deleted)."""
+        """Remember a write's answer (None: the object was deleted), unless the watch showed it
+        already."""
+        if obj is not None and resource_version(obj) in self._recent.get(key, ()):
+            return
         self._items[key] = (obj, time.monotonic() + self.ttl)
 
     def lookup(self, key: Any) -> tuple[bool, Obj | None]:
@@ -88,6 +98,10 @@ class Written:
 
     def seen(self, key: Any, body: Mapping[str, Any] | None) -> None:
         """The watch delivered ``body`` (None: a deletion): drop the write it confirms."""
+        if body is None:
+            self._recent.pop(key, None)
+        else:
+            self._recent.setdefault(key, deque(maxlen=RECENT_VERSIONS)).append(resource_version(body))
         item = self._items.get(key)
         if item is None:
             return
