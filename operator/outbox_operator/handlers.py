@@ -18,9 +18,10 @@ When a pass runs:
   in-memory state. It re-evaluates what only time changes (a report going stale) and heals anything
   a missed watch event left behind; it costs no API read.
 
-Events that change nothing the operator acts on are ignored: the echo of its own status patch,
-kopf's annotations, a Pod's readiness flapping (the Deployment's status carries it), the initial
-LIST of a watch. A per-object lock keeps two passes of the same publisher from interleaving.
+Events that change nothing the operator acts on are ignored: the echo of its own writes (status
+patch, child writes), kopf's annotations, a child's fields the plan does not read (a Deployment's
+conditions), a Pod's readiness flapping (the Deployment's status carries it), the initial LIST of
+a watch. A per-object lock keeps two passes of the same publisher from interleaving.
 
 No finalizer: deletion has nothing for the operator to do (children go with the publisher through
 their ownerReferences), so deleting an OutboxPublisher never waits for the operator, even when it is
@@ -51,7 +52,7 @@ from .children import OperatorConfig
 from .kube import ApiError, Kube, bearer_token, configuration_from_environment
 from .kube import reconcile as reconcile_once
 from .reconcile import backoff_seconds, secret_names
-from .state import CHILD_RESOURCES, ClusterState, secret_facts, slim
+from .state import CHILD_RESOURCES, ClusterState, plan_inputs, secret_facts, slim
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class Runtime:
     # uid -> names of the Secrets its spec refers to (which Secret events concern it)
     secret_users: dict[str, frozenset[str]] = field(default_factory=dict)
     pending: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # (namespace, kind, name) -> what the plan reads of that child, as last seen
+    child_inputs: dict[tuple[str, str, str], tuple[Any, ...]] = field(default_factory=dict)
     resync_task: asyncio.Task[None] | None = None
 
     def client(self) -> Kube:
@@ -264,11 +267,19 @@ async def index_child(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[s
 
 def _child_event_handler(runtime: Runtime) -> Any:
     async def on_child(body: kopf.Body, type: str | None, **_: Any) -> None:
-        """A child changed: the write it confirms is dropped; its publisher gets a pass."""
+        """A child changed: its publisher gets a pass, unless the event is the echo of the
+        operator's own write or changes nothing the plan reads (a Deployment's other status)."""
         meta = body["metadata"]
-        runtime.state.written.seen((meta["namespace"], body["kind"], meta["name"]), None if type == "DELETED" else body)
+        key = (meta["namespace"], body["kind"], meta["name"])
+        echo = runtime.state.written.seen(key, None if type == "DELETED" else body)
+        inputs = None if type == "DELETED" else plan_inputs(body)
+        changed = runtime.child_inputs.get(key) != inputs
+        if inputs is None:
+            runtime.child_inputs.pop(key, None)
+        else:
+            runtime.child_inputs[key] = inputs
         uid = controller_uid(body)
-        if type is not None and uid is not None:
+        if type is not None and uid is not None and changed and not echo:
             request_pass(runtime, uid, CHANGE_DELAY_SECONDS)
 
     return on_child

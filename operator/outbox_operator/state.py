@@ -21,6 +21,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import constants as c
+
 Obj = dict[str, Any]
 
 # kind -> (apiVersion as kopf takes it, plural): the children the operator owns
@@ -96,18 +98,34 @@ class Written:
             return False, None
         return True, item[0]
 
-    def seen(self, key: Any, body: Mapping[str, Any] | None) -> None:
-        """The watch delivered ``body`` (None: a deletion): drop the write it confirms."""
+    def seen(self, key: Any, body: Mapping[str, Any] | None) -> bool:
+        """The watch delivered ``body`` (None: a deletion): drop the write it confirms. True when
+        the event is the echo of the operator's own write (nothing new to act on)."""
         if body is None:
             self._recent.pop(key, None)
         else:
             self._recent.setdefault(key, deque(maxlen=RECENT_VERSIONS)).append(resource_version(body))
         item = self._items.get(key)
         if item is None:
-            return
+            return False
         written = item[0]
-        if body is None or written is None or resource_version(body) == resource_version(written):
+        echo = body is not None and written is not None and resource_version(body) == resource_version(written)
+        if echo or body is None or written is None:
             del self._items[key]
+        return echo
+
+
+def plan_inputs(child: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The fields of a child the plan reads: its rendered hash, owner, replicas and rollout."""
+    meta = child.get("metadata") or {}
+    status = child.get("status") or {}
+    return (
+        (meta.get("annotations") or {}).get(c.ANNOTATION_HASH),
+        tuple(str(ref.get("uid")) for ref in meta.get("ownerReferences") or []),
+        (child.get("spec") or {}).get("replicas"),
+        status.get("replicas"),
+        status.get("readyReplicas"),
+    )
 
 
 @dataclass
