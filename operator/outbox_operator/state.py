@@ -137,10 +137,6 @@ class ClusterState:
     pods: Index | None = None  # (namespace, publisher name) -> [pod name]
     written: Written = field(default_factory=Written)
 
-    @property
-    def ready(self) -> bool:
-        return self.secrets is not None and self.pods is not None and set(self.children) == set(CHILD_RESOURCES)
-
     def child(self, namespace: str, kind: str, name: str) -> Obj | None:
         pending, obj = self.written.lookup((namespace, kind, name))
         if pending:
