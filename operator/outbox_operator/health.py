@@ -129,110 +129,153 @@ class Rollout:
     ready: int
 
 
-def health_conditions(
-    *,
-    paused: bool,
-    rollout: Rollout,
-    reports: Mapping[str, Report],
-    interval: float,
-    partitions: int,
-    target_lag_seconds: float,
-    stream_name: str,
-    duplicate_window_seconds: float,
-    duplicate_horizon_seconds: float,
-    now: datetime,
-) -> list[Condition]:
-    """Ready, Degraded, DatabaseReady, StreamReady and Lagging from a valid spec's observed state."""
-    fresh = {name: r for name, r in reports.items() if is_fresh(r, interval, now)}
-    errors = {name: str(r.get("configError")) for name, r in fresh.items() if r.get("configError")}
-    db_errors = {n: m for n, m in errors.items() if config_error_area(fresh[n]) == ERROR_KIND_DATABASE}
-    stream_errors = {n: m for n, m in errors.items() if config_error_area(fresh[n]) == ERROR_KIND_STREAM}
-    dead = sum(int(r.get("deadLetters") or 0) for r in reports.values())
-    stale = sorted(set(reports) - set(fresh))
+@dataclass(frozen=True)
+class HealthTargets:
+    """What the spec says the health conditions are measured against."""
 
-    def first(errs: Mapping[str, str]) -> str:
-        name = sorted(errs)[0]
-        more = f" (and {len(errs) - 1} more workers)" if len(errs) > 1 else ""
-        return f"{name}: {errs[name]}{more}"
+    paused: bool
+    interval: float  # the workers' report interval, seconds
+    partitions: int
+    target_lag_seconds: float
+    stream_name: str
+    duplicate_window_seconds: float
+    duplicate_horizon_seconds: float
 
-    waiting = "no fresh worker report yet"
-    if db_errors:
-        database = Condition(c.DATABASE_READY, "False", "DatabaseError", first(db_errors))
-    elif fresh:
-        database = Condition(c.DATABASE_READY, "True", "Reachable", f"{len(fresh)} worker(s) read the outbox table")
-    else:
-        database = Condition(c.DATABASE_READY, "Unknown", "NoReports", waiting)
 
-    if stream_errors:
-        stream = Condition(c.STREAM_READY, "False", "StreamError", first(stream_errors))
-    elif fresh:
-        stream = Condition(
+@dataclass(frozen=True)
+class WorkerView:
+    """The current workers' reports, sorted into what the conditions ask about."""
+
+    reports: Mapping[str, Report]
+    fresh: Mapping[str, Report]
+    stale: list[str]  # current workers whose last report is too old
+    errors: Mapping[str, str]  # worker -> its configError, fresh reports only
+    dead_letters: int
+
+    @classmethod
+    def of(cls, reports: Mapping[str, Report], interval: float, now: datetime) -> WorkerView:
+        fresh = {name: r for name, r in reports.items() if is_fresh(r, interval, now)}
+        return cls(
+            reports=reports,
+            fresh=fresh,
+            stale=sorted(set(reports) - set(fresh)),
+            errors={name: str(r.get("configError")) for name, r in fresh.items() if r.get("configError")},
+            dead_letters=sum(int(r.get("deadLetters") or 0) for r in reports.values()),
+        )
+
+    def errors_in(self, area: str) -> dict[str, str]:
+        """The fresh configuration errors whose report's ``errorKind`` is ``area``."""
+        return {n: m for n, m in self.errors.items() if config_error_area(self.fresh[n]) == area}
+
+
+_WAITING = "no fresh worker report yet"
+
+
+def _first_error(errors: Mapping[str, str]) -> str:
+    """The first worker's error (by name), and how many more workers report one."""
+    name = sorted(errors)[0]
+    more = f" (and {len(errors) - 1} more workers)" if len(errors) > 1 else ""
+    return f"{name}: {errors[name]}{more}"
+
+
+def database_condition(view: WorkerView) -> Condition:
+    """DatabaseReady: False on a worker's database error, True when a fresh report exists."""
+    errors = view.errors_in(ERROR_KIND_DATABASE)
+    if errors:
+        return Condition(c.DATABASE_READY, "False", "DatabaseError", _first_error(errors))
+    if view.fresh:
+        return Condition(c.DATABASE_READY, "True", "Reachable", f"{len(view.fresh)} worker(s) read the outbox table")
+    return Condition(c.DATABASE_READY, "Unknown", "NoReports", _WAITING)
+
+
+def stream_condition(view: WorkerView, targets: HealthTargets) -> Condition:
+    """StreamReady: False on a worker's NATS/stream error, True when a fresh report exists."""
+    errors = view.errors_in(ERROR_KIND_STREAM)
+    if errors:
+        return Condition(c.STREAM_READY, "False", "StreamError", _first_error(errors))
+    if view.fresh:
+        return Condition(
             c.STREAM_READY,
             "True",
             "StreamAvailable",
-            f"stream {stream_name} accepts the subjects; required duplicate window "
-            f"{duplicate_window_seconds:g}s covers the duplicate horizon {duplicate_horizon_seconds:g}s",
+            f"stream {targets.stream_name} accepts the subjects; required duplicate window "
+            f"{targets.duplicate_window_seconds:g}s covers the duplicate horizon "
+            f"{targets.duplicate_horizon_seconds:g}s",
         )
-    else:
-        stream = Condition(c.STREAM_READY, "Unknown", "NoReports", waiting)
+    return Condition(c.STREAM_READY, "Unknown", "NoReports", _WAITING)
 
-    if errors:
-        degraded = Condition(
-            c.DEGRADED, "True", "ConfigurationError", f"publishing stopped by a configuration error: {first(errors)}"
+
+def degraded_condition(view: WorkerView, targets: HealthTargets) -> Condition:
+    """Degraded: a configuration error, then dead letters, then stale reports (not when paused)."""
+    if view.errors:
+        return Condition(
+            c.DEGRADED,
+            "True",
+            "ConfigurationError",
+            f"publishing stopped by a configuration error: {_first_error(view.errors)}",
         )
-    elif dead:
-        degraded = Condition(
+    if view.dead_letters:
+        return Condition(
             c.DEGRADED,
             "True",
             "PoisonRows",
-            f"{dead} row(s) moved to the dead-letter table since the workers started; inspect them "
-            "there, fix and re-insert",
+            f"{view.dead_letters} row(s) moved to the dead-letter table since the workers started; inspect "
+            "them there, fix and re-insert",
         )
-    elif stale and not paused:
-        degraded = Condition(
+    if view.stale and not targets.paused:
+        return Condition(
             c.DEGRADED,
             "True",
             "StaleReports",
-            f"no report for {interval * c.STALE_AFTER_INTERVALS:g}s from: {', '.join(stale)}",
+            f"no report for {targets.interval * c.STALE_AFTER_INTERVALS:g}s from: {', '.join(view.stale)}",
         )
-    else:
-        degraded = Condition(c.DEGRADED, "False", "AsExpected", "no configuration errors or dead letters")
+    return Condition(c.DEGRADED, "False", "AsExpected", "no configuration errors or dead letters")
 
-    oldest = max((float(r.get("oldestPendingSeconds") or 0) for r in fresh.values()), default=0.0)
-    unknown = pressure_unknown(reports, interval, now, partitions=partitions, paused=paused)
+
+def lagging_condition(view: WorkerView, targets: HealthTargets, unknown: Unknown | None) -> Condition:
+    """Lagging: Unknown while the pressure is unknown, else the oldest pending row against the target."""
     if unknown is not None:
-        lagging = Condition(c.LAGGING, "Unknown", unknown.reason, unknown.message)
-    elif oldest > target_lag_seconds:
-        lagging = Condition(
-            c.LAGGING,
-            "True",
-            "LagAboveTarget",
-            f"oldest pending row is {oldest:.0f}s old; target {target_lag_seconds:g}s",
-        )
-    else:
-        lagging = Condition(
-            c.LAGGING,
-            "False",
-            "LagWithinTarget",
-            f"oldest pending row is {oldest:.0f}s old; target {target_lag_seconds:g}s",
-        )
+        return Condition(c.LAGGING, "Unknown", unknown.reason, unknown.message)
+    oldest = max((float(r.get("oldestPendingSeconds") or 0) for r in view.fresh.values()), default=0.0)
+    message = f"oldest pending row is {oldest:.0f}s old; target {targets.target_lag_seconds:g}s"
+    if oldest > targets.target_lag_seconds:
+        return Condition(c.LAGGING, "True", "LagAboveTarget", message)
+    return Condition(c.LAGGING, "False", "LagWithinTarget", message)
 
-    if paused:
-        ready = Condition(
+
+def ready_condition(view: WorkerView, targets: HealthTargets, rollout: Rollout, unknown: Unknown | None) -> Condition:
+    """Ready: the first reason it is not, in order (paused, scaled to zero, pods, errors, reports,
+    partitions), else True."""
+    if targets.paused:
+        return Condition(
             c.READY, "False", "Paused", "spec.paused is true: workers drained and stopped; set it to false to resume"
         )
-    elif rollout.desired == 0:
-        ready = Condition(c.READY, "False", "ScaledToZero", "spec.replicas is 0: no worker runs")
-    elif rollout.ready < rollout.desired:
-        ready = Condition(c.READY, "False", "WorkersNotReady", f"{rollout.ready}/{rollout.desired} worker pods ready")
-    elif errors:
-        ready = Condition(c.READY, "False", "ConfigurationError", first(errors))
-    elif not fresh:
-        ready = Condition(c.READY, "False", "WaitingForReports", f"{rollout.ready} worker pods ready; {waiting}")
-    elif unknown is not None and unknown.reason == "PartitionsUnowned":
-        ready = Condition(c.READY, "False", "PartitionsUnowned", unknown.message)
-    else:
-        ready = Condition(
-            c.READY, "True", "Publishing", f"{rollout.ready} worker(s) publishing, {len(fresh)} reporting"
-        )
-    return [ready, degraded, database, stream, lagging]
+    if rollout.desired == 0:
+        return Condition(c.READY, "False", "ScaledToZero", "spec.replicas is 0: no worker runs")
+    if rollout.ready < rollout.desired:
+        return Condition(c.READY, "False", "WorkersNotReady", f"{rollout.ready}/{rollout.desired} worker pods ready")
+    if view.errors:
+        return Condition(c.READY, "False", "ConfigurationError", _first_error(view.errors))
+    if not view.fresh:
+        return Condition(c.READY, "False", "WaitingForReports", f"{rollout.ready} worker pods ready; {_WAITING}")
+    if unknown is not None and unknown.reason == "PartitionsUnowned":
+        return Condition(c.READY, "False", "PartitionsUnowned", unknown.message)
+    return Condition(
+        c.READY, "True", "Publishing", f"{rollout.ready} worker(s) publishing, {len(view.fresh)} reporting"
+    )
+
+
+def health_conditions(
+    targets: HealthTargets, rollout: Rollout, reports: Mapping[str, Report], now: datetime
+) -> list[Condition]:
+    """Ready, Degraded, DatabaseReady, StreamReady and Lagging (in that order) from a valid spec's
+    observed state; each condition is decided by its own function above."""
+    view = WorkerView.of(reports, targets.interval, now)
+    unknown = pressure_unknown(reports, targets.interval, now, partitions=targets.partitions, paused=targets.paused)
+    return [
+        ready_condition(view, targets, rollout, unknown),
+        degraded_condition(view, targets),
+        database_condition(view),
+        stream_condition(view, targets),
+        lagging_condition(view, targets, unknown),
+    ]

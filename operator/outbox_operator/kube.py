@@ -1,27 +1,29 @@
 """Kubernetes adapter: observe what a plan needs, and carry a plan out. The only module with I/O.
 
-It speaks plain JSON over the official client's connection handling (kubeconfig, in-cluster
-service-account token, TLS), one generic request function for every kind, so objects stay the
-dicts the pure core builds. Calls are synchronous in the client, so each runs in a thread
-(``asyncio.to_thread``) and never blocks kopf's event loop.
+Credentials come from the official client's configuration loaders (kubeconfig, in-cluster
+service-account token, TLS); requests go out on one aiohttp session (the HTTP library kopf itself
+runs on) in kopf's event loop: no thread per request, no blocking call. One generic request
+function serves every kind, so objects stay the dicts the pure core builds. Every request is bounded
+by ``Kube.timeout`` (30 s by default).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import secrets
+import ssl
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from . import constants as c
-from .children import OperatorConfig, Owner, selector_string
+from .children import OperatorConfig, Owner
 from .conditions import rfc3339
 from .reconcile import (
     Action,
@@ -34,6 +36,7 @@ from .reconcile import (
     redact,
     secret_names,
 )
+from .state import ClusterState
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +86,6 @@ def configuration_from_environment() -> k8s.Configuration:
     return configuration
 
 
-def api_client_from_environment() -> k8s.ApiClient:
-    return k8s.ApiClient(configuration_from_environment())
-
-
 def bearer_token(configuration: k8s.Configuration) -> str | None:
     header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
         "authorization"
@@ -106,36 +105,45 @@ def path_of(kind: str, namespace: str, name: str | None = None, subresource: str
     return path
 
 
+def ssl_context_of(configuration: k8s.Configuration) -> ssl.SSLContext:
+    """TLS as the configuration says: its CA (else the system's), its client certificate if any."""
+    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert or None)
+    if not configuration.verify_ssl:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if configuration.cert_file:
+        context.load_cert_chain(configuration.cert_file, configuration.key_file or None)
+    return context
+
+
 class Kube:
-    """Generic JSON access to the API server."""
+    """Generic JSON access to the API server on one aiohttp session (opened on first use, in the
+    running loop; :meth:`close` ends it). Every request is bounded by ``timeout`` seconds."""
 
-    def __init__(self, api: k8s.ApiClient, timeout: float = 30.0) -> None:
-        self.api = api
+    def __init__(self, configuration: k8s.Configuration, timeout: float = 30.0) -> None:
+        self.configuration = configuration
         self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
 
-    def _request_sync(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        query: list[tuple[str, str]] | None = None,
-        content_type: str = "application/json",
-    ) -> Any:
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        _, url, headers, payload, _ = self.api.param_serialize(
-            method,
-            path,
-            query_params=query or [],
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = self.api.call_api(method, url, header_params=headers, body=payload, _request_timeout=self.timeout)
-        raw = response.read()  # type: ignore[no-untyped-call]
-        data: Any = json.loads(raw) if raw else None
-        if response.status >= 400:
-            raise ApiError(response.status, method, path, data)
-        return data
+    def _session_for_loop(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ssl_context_of(self.configuration)),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"User-Agent": c.MANAGER},
+            )
+        return self._session
+
+    def _auth_headers(self) -> dict[str, str]:
+        """Bearer token (re-read each time: in a pod the projected token rotates) or basic auth."""
+        if self.configuration.refresh_api_key_hook is not None:
+            self.configuration.refresh_api_key_hook(self.configuration)
+        token = bearer_token(self.configuration)
+        if token:
+            return {"Authorization": f"Bearer {token}"}
+        if self.configuration.username:
+            return {"Authorization": str(self.configuration.get_basic_auth_token())}
+        return {}
 
     async def request(
         self,
@@ -145,7 +153,23 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        return await asyncio.to_thread(self._request_sync, method, path, body, query, content_type)
+        headers = {"Accept": "application/json", "Content-Type": content_type, **self._auth_headers()}
+        payload = None if body is None else json.dumps(body)
+        session = self._session_for_loop()
+        async with session.request(
+            method, self.configuration.host.rstrip("/") + path, params=query or [], data=payload, headers=headers
+        ) as response:
+            raw = await response.read()
+            status = response.status
+        data: Any = json.loads(raw) if raw else None
+        if status >= 400:
+            raise ApiError(status, method, path, data)
+        return data
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def get(self, kind: str, namespace: str, name: str) -> Obj | None:
         try:
@@ -185,33 +209,22 @@ class Kube:
 # --- observe and apply ----------------------------------------------------------------------------
 
 
-async def observe(kube: Kube, body: Mapping[str, Any], now: datetime | None = None) -> Observed:
+def observe(state: ClusterState, body: Mapping[str, Any], now: datetime | None = None) -> Observed:
+    """What a plan needs, read from the watch-fed state: no API request."""
     owner = Owner.from_body(body)
     keys = child_keys(owner)
-    found = await asyncio.gather(*(kube.get(kind, owner.namespace, name) for kind, name in keys))
     secret_keys: dict[str, set[str] | None] = {}
     versions: dict[str, str] = {}
     for name in secret_names(body):
-        secret = await kube.get("Secret", owner.namespace, name)
-        # only the key names and the resourceVersion are kept: values never leave this function (not
-        # even as a digest, which would let a weak password be guessed offline from the pod template)
-        if secret is None:
-            secret_keys[name] = None
-            continue
-        secret_keys[name] = set((secret.get("data") or {}) | (secret.get("stringData") or {}))
-        versions[name] = str(secret["metadata"].get("resourceVersion") or "")
-    try:
-        pods: list[str] | None = [
-            p["metadata"]["name"] for p in await kube.list("Pod", owner.namespace, selector_string(owner))
-        ]
-    except ApiError as exc:
-        log.warning("cannot list worker pods (status entries are not pruned): %s", exc)
-        pods = None
+        facts = state.secret(owner.namespace, name)
+        secret_keys[name] = None if facts is None else set(facts.keys)
+        if facts is not None:
+            versions[name] = facts.resource_version
     return Observed(
         body=body,
-        children=dict(zip(keys, found, strict=True)),
+        children={key: state.child(owner.namespace, *key) for key in keys},
         secrets=secret_keys,
-        pods=pods,
+        pods=state.pod_names(owner.namespace, owner.name),
         now=now or datetime.now(UTC),
         secret_versions=versions,
     )
@@ -256,21 +269,28 @@ class ChildRejected(Exception):
         self.api_message = str(error.body.get("message") if isinstance(error.body, Mapping) else error.body)[:1000]
 
 
-async def apply_children(kube: Kube, namespace: str, actions: list[Action]) -> None:
-    """Carry out child writes in order; the first one the API server refuses stops the rest."""
+async def apply_children(kube: Kube, state: ClusterState, namespace: str, actions: list[Action]) -> None:
+    """Carry out child writes in order; the first one the API server refuses stops the rest. Each
+    answer is kept in ``state.written`` until the watch shows it."""
     for action in actions:
         try:
-            await _apply_action(kube, namespace, action)
+            written = await _apply_action(kube, namespace, action)
+            if written is not None or action.verb == "delete":
+                state.written.put((namespace, action.kind, action.name), written)
         except ApiError as exc:
             if exc.status in REJECTED_STATUSES:
                 raise ChildRejected(action, exc) from None
             raise
 
 
-async def apply_status_and_events(kube: Kube, body: Mapping[str, Any], result: Plan, now: datetime) -> None:
+async def apply_status_and_events(
+    kube: Kube, state: ClusterState, body: Mapping[str, Any], result: Plan, now: datetime
+) -> None:
+    """Patch the status (the answer is kept in ``state.written``), then post the Events."""
     owner = Owner.from_body(body)
     if result.status_patch:
-        await kube.patch(c.KIND, owner.namespace, owner.name, {"status": result.status_patch}, "status")
+        patched = await kube.patch(c.KIND, owner.namespace, owner.name, {"status": result.status_patch}, "status")
+        state.written.put((owner.namespace, c.KIND, owner.name), patched)
     for event in result.events:
         try:
             await kube.create("Event", owner.namespace, event_body(body, event, now))
@@ -278,38 +298,34 @@ async def apply_status_and_events(kube: Kube, body: Mapping[str, Any], result: P
             log.warning("cannot post event %s: %s", event.reason, exc)
 
 
-async def apply(kube: Kube, body: Mapping[str, Any], result: Plan, now: datetime) -> None:
-    """Carry a plan out: children first, then the status, then the Events."""
-    await apply_children(kube, Owner.from_body(body).namespace, result.actions)
-    await apply_status_and_events(kube, body, result, now)
-
-
-async def _apply_action(kube: Kube, namespace: str, action: Action) -> None:
+async def _apply_action(kube: Kube, namespace: str, action: Action) -> Obj | None:
+    """One child write; returns the object as the API server answered (None after a delete, and
+    after a create that found the object there already: the watch brings that one)."""
     log.info("%s %s %s/%s", action.verb, action.kind, namespace, action.name)
-    if action.verb == "create":
-        assert action.body is not None
-        try:
-            await kube.create(action.kind, namespace, action.body)
-        except ApiError as exc:
-            if exc.status != 409:  # created meanwhile: the next pass compares it
-                raise
-    elif action.verb == "replace":
-        assert action.body is not None
-        await kube.replace(action.kind, namespace, action.name, action.body)
-    elif action.verb == "patch":
-        assert action.body is not None
-        await kube.patch(action.kind, namespace, action.name, action.body)
-    else:
+    if action.verb == "delete":
         await kube.delete(action.kind, namespace, action.name)
+        return None
+    assert action.body is not None
+    if action.verb == "replace":
+        return await kube.replace(action.kind, namespace, action.name, action.body)
+    if action.verb == "patch":
+        return await kube.patch(action.kind, namespace, action.name, action.body)
+    try:
+        return await kube.create(action.kind, namespace, action.body)
+    except ApiError as exc:
+        if exc.status != 409:  # created meanwhile: the next pass compares it
+            raise
+        return None
 
 
-async def reconcile(kube: Kube, body: Mapping[str, Any], config: OperatorConfig) -> Plan:
-    """One level-based pass: observe, plan, apply. Returns the plan (for the caller's errors)."""
-    observed = await observe(kube, body)
+async def reconcile(kube: Kube, state: ClusterState, body: Mapping[str, Any], config: OperatorConfig) -> Plan:
+    """One level-based pass: observe (from the watch-fed state), plan, apply. Only writes reach the
+    API server. Returns the plan (for the caller's errors)."""
+    observed = observe(state, body)
     result = plan(observed, config)
     try:
-        await apply_children(kube, Owner.from_body(body).namespace, result.actions)
+        await apply_children(kube, state, Owner.from_body(body).namespace, result.actions)
     except ChildRejected as rejected:
         result = plan_child_rejected(observed, rejected.action, rejected.api_message)
-    await apply_status_and_events(kube, body, result, observed.now)
+    await apply_status_and_events(kube, state, body, result, observed.now)
     return result

@@ -44,7 +44,7 @@ from .children import (
     worker_name,
 )
 from .conditions import Condition, flips, merge_conditions, rfc3339
-from .health import Rollout, current_reports, gone_workers, health_conditions, pressure_unknown, totals
+from .health import HealthTargets, Rollout, current_reports, gone_workers, health_conditions, pressure_unknown, totals
 from .spec import InvalidSpec, PublisherSpec, parse_spec, secret_refs, validate_name
 
 Obj = dict[str, Any]
@@ -203,29 +203,37 @@ def _status_only(observed: Observed, generation: int, wanted: list[Condition]) -
 
 
 def plan(observed: Observed, config: OperatorConfig) -> Plan:
-    body = observed.body
-    owner = Owner.from_body(body)
-    generation = int(body["metadata"].get("generation") or 0)
-    status: Mapping[str, Any] = body.get("status") or {}
-
-    # 1. the spec, and everything rendered from it, must be valid
+    """The writes that make one publisher right, in the order of decisions the module names."""
+    owner = Owner.from_body(observed.body)
     try:
         validate_name(owner.name)
-        spec = parse_spec(body.get("spec"))
+        spec = parse_spec(observed.body.get("spec"))
         build_deployment(owner, spec, 0, config)  # renders the env with the worker's own validation
     except InvalidSpec as exc:
-        message = f"{exc.field}: {exc.message}"
-        patch, events = _status_only(
-            observed,
-            generation,
-            [
-                Condition(c.READY, "False", "InvalidSpec", message),
-                Condition(c.DEGRADED, "True", "InvalidSpec", f"no worker changes until the spec is fixed: {message}"),
-            ],
-        )
-        return Plan(status_patch=patch, events=events, invalid=exc)
+        return _plan_invalid_spec(observed, exc)
+    missing = _missing_secrets(observed, owner, spec)
+    if missing:
+        return _plan_secrets_missing(observed, missing)
+    return _plan_valid(observed, config, owner, spec)
 
-    # 2. every referenced Secret and key must exist (values are never read)
+
+def _generation(observed: Observed) -> int:
+    return int(observed.body["metadata"].get("generation") or 0)
+
+
+def _plan_invalid_spec(observed: Observed, exc: InvalidSpec) -> Plan:
+    """1. Ready=False/InvalidSpec naming the field and the fix; no child is touched."""
+    message = f"{exc.field}: {exc.message}"
+    wanted = [
+        Condition(c.READY, "False", "InvalidSpec", message),
+        Condition(c.DEGRADED, "True", "InvalidSpec", f"no worker changes until the spec is fixed: {message}"),
+    ]
+    patch, events = _status_only(observed, _generation(observed), wanted)
+    return Plan(status_patch=patch, events=events, invalid=exc)
+
+
+def _missing_secrets(observed: Observed, owner: Owner, spec: PublisherSpec) -> list[tuple[str, str]]:
+    """(spec path, message) for each referenced Secret or key that does not exist."""
     missing = []
     for path, name, key in secret_refs(spec):
         keys = observed.secrets.get(name)
@@ -239,19 +247,21 @@ def plan(observed: Observed, config: OperatorConfig) -> Plan:
             )
         elif key not in keys:
             missing.append((path, f"Secret {name!r} ({path}) has no key {key!r}: add it or set the key"))
-    if missing:
-        message = "; ".join(m for _, m in missing)
-        wanted = [Condition(c.READY, "False", "SecretNotFound", message)]
-        db = [m for p, m in missing if p.startswith("spec.database")]
-        nats = [m for p, m in missing if p.startswith("spec.nats")]
-        if db:
-            wanted.append(Condition(c.DATABASE_READY, "False", "SecretNotFound", "; ".join(db)))
-        if nats:
-            wanted.append(Condition(c.STREAM_READY, "False", "SecretNotFound", "; ".join(nats)))
-        patch, events = _status_only(observed, generation, wanted)
-        return Plan(status_patch=patch, events=events, retry_reason=message)
+    return missing
 
-    return _plan_valid(observed, config, owner, spec, generation, status)
+
+def _plan_secrets_missing(observed: Observed, missing: list[tuple[str, str]]) -> Plan:
+    """2. Ready=False/SecretNotFound (and the database or stream condition it belongs to); retried."""
+    message = "; ".join(m for _, m in missing)
+    wanted = [Condition(c.READY, "False", "SecretNotFound", message)]
+    db = [m for p, m in missing if p.startswith("spec.database")]
+    nats = [m for p, m in missing if p.startswith("spec.nats")]
+    if db:
+        wanted.append(Condition(c.DATABASE_READY, "False", "SecretNotFound", "; ".join(db)))
+    if nats:
+        wanted.append(Condition(c.STREAM_READY, "False", "SecretNotFound", "; ".join(nats)))
+    patch, events = _status_only(observed, _generation(observed), wanted)
+    return Plan(status_patch=patch, events=events, retry_reason=message)
 
 
 def last_publish_time(status: Mapping[str, Any], published: int, now: datetime) -> str | None:
@@ -297,24 +307,31 @@ def _desired_replicas(
     return (0 if spec.paused else decision.replicas), decision.state, event
 
 
-def _plan_valid(
-    observed: Observed,
-    config: OperatorConfig,
-    owner: Owner,
-    spec: PublisherSpec,
-    generation: int,
-    status: Mapping[str, Any],
-) -> Plan:
-    result = Plan()
-    now = observed.now
-    interval = spec.report_interval_seconds
-    workers: Mapping[str, Any] = status.get("workers") or {}
-    reports = current_reports(workers, observed.pods)
+@dataclass(frozen=True)
+class WorkerState:
+    """What the workers' reports say, read once per pass: the current reports, the totals (with the
+    gauges only when known) and the worker count the plan decided on."""
+
+    reports: Mapping[str, Any]
+    totals: Obj
+    replicas: int
+    autoscaler: Obj | None  # the new status.autoscaler; None when autoscaling is off
+    scaled: Event | None  # the autoscaler's Event when it changed the count
+
+
+def _worker_state(observed: Observed, spec: PublisherSpec, status: Mapping[str, Any]) -> WorkerState:
+    interval, now = spec.report_interval_seconds, observed.now
+    reports = current_reports(status.get("workers") or {}, observed.pods)
     unknown = pressure_unknown(reports, interval, now, partitions=spec.partitions, paused=spec.paused)
     pressure = totals(reports, interval, now, known=unknown is None)
     replicas, autoscaler, scaled = _desired_replicas(spec, status, pressure, now)
+    return WorkerState(reports, pressure, replicas, autoscaler, scaled)
 
-    # children
+
+def _desired_children(
+    observed: Observed, config: OperatorConfig, owner: Owner, spec: PublisherSpec, replicas: int
+) -> list[Obj]:
+    """Every child this publisher should have now (the PDB only for more than one worker)."""
     desired = [
         build_service_account(owner),
         build_role(owner),
@@ -324,45 +341,67 @@ def _plan_valid(
     ]
     if replicas > 1:
         desired.append(build_pdb(owner))
-    conflicts = []
-    wanted_keys = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
+    return desired
+
+
+def _child_action(desired: Obj, existing: Mapping[str, Any] | None, replicas: int) -> Action | None:
+    """The one write that makes an owned child right: create, replace (its rendered hash differs) or
+    a replica patch of the Deployment; None when it already is."""
+    key = (desired["kind"], desired["metadata"]["name"])
+    if existing is None:
+        return Action("create", *key, desired)
+    old_hash = (existing["metadata"].get("annotations") or {}).get(c.ANNOTATION_HASH)
+    if old_hash != desired["metadata"]["annotations"][c.ANNOTATION_HASH]:
+        return Action("replace", *key, _replace_body(desired, existing))
+    if key[0] == "Deployment" and existing.get("spec", {}).get("replicas") != replicas:
+        return Action("patch", *key, {"spec": {"replicas": replicas}})
+    return None
+
+
+def _child_actions(
+    observed: Observed, owner: Owner, desired: list[Obj], replicas: int
+) -> tuple[list[Action], list[str]]:
+    """Writes for every child, and the names of children that exist but belong to something else."""
+    actions: list[Action] = []
+    conflicts: list[str] = []
     for obj in desired:
         key = (obj["kind"], obj["metadata"]["name"])
         existing = observed.children.get(key)
-        if existing is None:
-            result.actions.append(Action("create", *key, obj))
-            continue
-        if not is_controlled_by(existing, owner):
+        if existing is not None and not is_controlled_by(existing, owner):
             conflicts.append(f"{key[0]} {key[1]}")
             continue
-        old_hash = (existing["metadata"].get("annotations") or {}).get(c.ANNOTATION_HASH)
-        new_hash = obj["metadata"]["annotations"][c.ANNOTATION_HASH]
-        if old_hash != new_hash:
-            result.actions.append(Action("replace", *key, _replace_body(obj, existing)))
-        elif key[0] == "Deployment" and existing.get("spec", {}).get("replicas") != replicas:
-            result.actions.append(Action("patch", *key, {"spec": {"replicas": replicas}}))
+        action = _child_action(obj, existing, replicas)
+        if action is not None:
+            actions.append(action)
+    wanted_keys = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
     for key, existing in observed.children.items():
         if existing is not None and key not in wanted_keys and is_controlled_by(existing, owner):
-            result.actions.append(Action("delete", *key))
+            actions.append(Action("delete", *key))
+    return actions, conflicts
 
-    # status
+
+def _rollout(observed: Observed, owner: Owner, replicas: int) -> Rollout:
     deployment = observed.children.get(("Deployment", worker_name(owner)))
     dep_status = (deployment or {}).get("status") or {}
-    rollout = Rollout(
+    return Rollout(
         desired=replicas, replicas=int(dep_status.get("replicas") or 0), ready=int(dep_status.get("readyReplicas") or 0)
     )
-    wanted = health_conditions(
+
+
+def _wanted_conditions(
+    spec: PublisherSpec, rollout: Rollout, workers: WorkerState, conflicts: list[str], now: datetime
+) -> list[Condition]:
+    """The health conditions, with Ready overridden by a name conflict."""
+    targets = HealthTargets(
         paused=spec.paused,
-        rollout=rollout,
-        reports=reports,
-        interval=interval,
+        interval=spec.report_interval_seconds,
         partitions=spec.partitions,
         target_lag_seconds=spec.autoscaling.target_lag_seconds,
         stream_name=spec.stream.name,
         duplicate_window_seconds=spec.stream.duplicate_window_seconds,
         duplicate_horizon_seconds=spec.duplicate_horizon_seconds,
-        now=now,
     )
+    wanted = health_conditions(targets, rollout, workers.reports, now)
     if conflicts:
         wanted[0] = Condition(
             c.READY,
@@ -370,29 +409,50 @@ def _plan_valid(
             "NameConflict",
             f"{', '.join(conflicts)} exist(s) but belong(s) to something else: delete or rename it",
         )
+    return wanted
+
+
+def _new_status(
+    observed: Observed, owner: Owner, rollout: Rollout, workers: WorkerState, wanted: list[Condition]
+) -> Obj:
+    """The owned status keys as they should be now."""
+    status: Mapping[str, Any] = observed.body.get("status") or {}
+    generation = _generation(observed)
     new: Obj = {
         "observedGeneration": generation,
         "replicas": rollout.replicas,
         "readyReplicas": rollout.ready,
-        "desiredReplicas": replicas,
-        "readyText": f"{rollout.ready}/{replicas}",
+        "desiredReplicas": workers.replicas,
+        "readyText": f"{rollout.ready}/{workers.replicas}",
         "selector": selector_string(owner),
-        "totals": pressure,
-        "conditions": merge_conditions(status.get("conditions"), wanted, generation, now),
+        "totals": workers.totals,
+        "conditions": merge_conditions(status.get("conditions"), wanted, generation, observed.now),
     }
-    if autoscaler is not None:
-        new["autoscaler"] = autoscaler
-    last_publish = last_publish_time(status, int(pressure["published"]), now)
+    if workers.autoscaler is not None:
+        new["autoscaler"] = workers.autoscaler
+    last_publish = last_publish_time(status, int(workers.totals["published"]), observed.now)
     if last_publish is not None:
         new["lastPublishTime"] = last_publish
-    result.status_patch = merge_patch(_owned_status(status), new)
-    gone = gone_workers(workers, observed.pods)
+    return new
+
+
+def _plan_valid(observed: Observed, config: OperatorConfig, owner: Owner, spec: PublisherSpec) -> Plan:
+    """Children, status and Events for a valid spec whose Secrets exist."""
+    status: Mapping[str, Any] = observed.body.get("status") or {}
+    workers = _worker_state(observed, spec, status)
+    desired = _desired_children(observed, config, owner, spec, workers.replicas)
+    actions, conflicts = _child_actions(observed, owner, desired, workers.replicas)
+    rollout = _rollout(observed, owner, workers.replicas)
+    wanted = _wanted_conditions(spec, rollout, workers, conflicts, observed.now)
+    new = _new_status(observed, owner, rollout, workers, wanted)
+    status_patch = merge_patch(_owned_status(status), new)
+    gone = gone_workers(status.get("workers") or {}, observed.pods)
     if gone:
-        result.status_patch["workers"] = {name: None for name in gone}
-    result.events = _events_for(status.get("conditions"), new["conditions"])
-    if scaled is not None:
-        result.events.append(scaled)
-    return result
+        status_patch["workers"] = {name: None for name in gone}
+    events = _events_for(status.get("conditions"), new["conditions"])
+    if workers.scaled is not None:
+        events.append(workers.scaled)
+    return Plan(actions=actions, status_patch=status_patch, events=events)
 
 
 # userinfo of a URL (scheme://user:password@host): the password part is a secret wherever it appears

@@ -459,12 +459,35 @@ def worker_settings(spec: PublisherSpec, name: str) -> dict[str, Any]:
     return values
 
 
+# Rendered environments by (spec as JSON, publisher name): building the worker's settings class
+# costs ~13 ms (it reads the environment and .env sources), and every pass renders each publisher's
+# env twice; a spec only changes with its generation. Oldest entries go first beyond this many.
+RENDER_CACHE_SIZE = 4096
+_rendered: dict[tuple[str, str], dict[str, str] | InvalidSpec] = {}
+
+
 def render_worker_env(spec: PublisherSpec, name: str) -> dict[str, str]:
     """``OUTBOX_*`` variables of the worker, validated by the worker's own settings class.
 
     A value the worker would refuse (say a subject template with an unknown placeholder) raises
     :class:`InvalidSpec` with the spec path, so the operator never starts pods that would crash.
+    The same spec and name always give the same answer, so answers are kept (bounded, see above).
     """
+    key = (spec.model_dump_json(), name)
+    if key not in _rendered:
+        if len(_rendered) >= RENDER_CACHE_SIZE:
+            del _rendered[next(iter(_rendered))]
+        try:
+            _rendered[key] = _render_worker_env(spec, name)
+        except InvalidSpec as exc:
+            _rendered[key] = exc
+    answer = _rendered[key]
+    if isinstance(answer, InvalidSpec):
+        raise InvalidSpec(answer.field, answer.message)
+    return dict(answer)
+
+
+def _render_worker_env(spec: PublisherSpec, name: str) -> dict[str, str]:
     try:
         return render_env(worker_settings(spec, name))
     except ValidationError as exc:

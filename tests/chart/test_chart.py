@@ -172,15 +172,20 @@ def test_operator_may_manage_every_child_kind(render: Render) -> None:
         ("rbac.authorization.k8s.io", "roles"),
         ("rbac.authorization.k8s.io", "rolebindings"),
     ]:
-        for verb in ("get", "list", "create", "update", "patch", "delete"):
+        for verb in ("get", "list", "watch", "create", "update", "patch", "delete"):
             assert _allows(rules, api_group, resource, verb), (api_group, resource, verb)
     for verb in ("get", "list", "watch", "patch"):
         assert _allows(rules, group, plural, verb)
     assert _allows(rules, group, f"{plural}/status", "patch")
     assert _allows(rules, "", "events", "create")
-    assert _allows(rules, "", "secrets", "get")
-    assert _allows(rules, "", "pods", "list")
-    assert not _allows(rules, "", "secrets", "list"), "the operator must not list Secrets"
+    # the operator's reconcile reads from watches (operator/outbox_operator/state.py): Secrets and
+    # worker Pods are listed and watched, never written
+    for verb in ("get", "list", "watch"):
+        assert _allows(rules, "", "secrets", verb)
+        assert _allows(rules, "", "pods", verb)
+    for verb in ("create", "update", "patch", "delete"):
+        assert not _allows(rules, "", "secrets", verb), "the operator must never write a Secret"
+        assert not _allows(rules, "", "pods", verb), "workers' pods belong to their Deployment"
 
 
 def test_rbac_group_matches_the_operator(render: Render) -> None:

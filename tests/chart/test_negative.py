@@ -110,7 +110,7 @@ def test_undocumented_value_is_found() -> None:
 @pytest.mark.parametrize(
     ("field", "original", "wildcard"),
     [
-        ("verbs", "verbs: [get, list, create, update, patch, delete]", 'verbs: ["*"]'),
+        ("verbs", "verbs: [get, list, watch, create, update, patch, delete]", 'verbs: ["*"]'),
         ("resources", "resources: [deployments]", 'resources: ["*"]'),
         ("apiGroups", "apiGroups: [apps]", 'apiGroups: ["*"]'),
     ],

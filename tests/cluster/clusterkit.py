@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +38,6 @@ async def operator_in_process(namespaces: list[str], resync_seconds: float = 1.0
     finally:
         stop.set()
         await asyncio.wait_for(task, OPERATOR_STOP_TIMEOUT_S)
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2) -> Any:
-    """Poll ``check`` (sync or async) until it returns a truthy value; fail with its last error."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: BaseException | None = None
-    while True:
-        try:
-            result = check()
-            if isinstance(result, Awaitable):
-                result = await result
-            if result:
-                return result
-            last = None
-        except AssertionError as exc:
-            last = exc
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s") from last
-        await asyncio.sleep(interval)
 
 
 def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:

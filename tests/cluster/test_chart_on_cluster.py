@@ -15,11 +15,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from clusterkit import KIND, ROOT, Kubectl, condition, eventually, kubectl_async
+from clusterkit import KIND, ROOT, Kubectl, condition, kubectl_async
 from controlplane import ControlPlane
 from kubeapi import KubeApi
 from node_agent import NodeAgent
 from relaykit import insert_events, prepare_database, publisher, secret, stream_count
+
+from support.polling import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -85,13 +87,13 @@ async def run_release(
             return condition(obj, "Ready").get("status") == "True"
 
         try:
-            await eventually(ready, 180)
+            await wait_for(ready, 180)
             committed = await insert_events(pg_dsn, 500, 20)
 
             async def stored() -> bool:
                 return await stream_count(nats_url) == committed
 
-            await eventually(stored, 120)
+            await wait_for(stored, 120)
         except AssertionError as exc:
             raise AssertionError(f"operator log:\n{(await operator_log(node, release_namespace))[-4000:]}") from exc
         log = await operator_log(node, release_namespace)
@@ -107,7 +109,7 @@ async def run_release(
             await kubectl_async(kubectl, *delete)
         else:
             await kubectl_async(kubectl, *delete)
-            await eventually(lambda: publisher_gone(api, publisher_namespace), 60)
+            await wait_for(lambda: publisher_gone(api, publisher_namespace), 60)
             await kubectl_async(helm, *uninstall)
 
         async def nothing_left() -> bool:
@@ -120,7 +122,7 @@ async def run_release(
             assert not left, f"left behind (stuck in Terminating?): {left}"
             return True
 
-        await eventually(nothing_left, 120)
+        await wait_for(nothing_left, 120)
     bindings = [b["metadata"]["name"] for b in await api.list("ClusterRoleBinding")]
     assert not [b for b in bindings if b.startswith(release)], bindings
 

@@ -9,10 +9,12 @@ import json
 from typing import Any
 
 import pytest
-from clusterkit import KIND, Kubectl, condition, eventually, kubectl_async, operator_in_process
+from clusterkit import KIND, Kubectl, condition, kubectl_async, operator_in_process
 from controlplane import ControlPlane
 from kubeapi import KubeApi
 from relaykit import secret
+
+from support.polling import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -79,6 +81,6 @@ async def test_a_child_the_api_server_rejects_shows_in_status(
             ready = condition(await api.get(KIND, namespace, "lots"), "Ready")
             return ready if ready.get("reason") == "ChildRejected" else {}
 
-        ready = await eventually(rejected, 60)
+        ready = await wait_for(rejected, 60)
     assert ready["status"] == "False"
     assert "cpu" in ready["message"]

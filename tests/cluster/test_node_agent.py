@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clusterkit import eventually
 from controlplane import ControlPlane
 from kubeapi import KubeApi
 from node_agent import NodeAgent
+
+from support.polling import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -103,7 +104,7 @@ async def test_a_bare_pod_runs_like_a_kubelet_would_run_it(
         ready = {c["type"]: c["status"] for c in status.get("conditions") or []}.get("Ready")
         return pod if status.get("phase") == "Running" and ready == "True" else None
 
-    pod = await eventually(running_and_ready, 60)
+    pod = await wait_for(running_and_ready, 60)
     assert pod["spec"]["nodeName"] == node.name
     assert pod["status"]["containerStatuses"][0]["ready"] is True
     seen = json.loads(out.read_text())
@@ -115,7 +116,7 @@ async def test_a_bare_pod_runs_like_a_kubelet_would_run_it(
     assert seen["user"] == f"system:serviceaccount:{namespace}:runner"
 
     await api.delete("Pod", namespace, "probe")
-    await eventually(lambda: _gone(api, namespace), 30)
+    await wait_for(lambda: _gone(api, namespace), 30)
     assert Path(f"{out}.term").read_text() == "SIGTERM"
     assert node.exit_codes["probe"] == 0
 
@@ -131,7 +132,7 @@ async def test_a_missing_secret_key_keeps_the_pod_waiting(
         statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
         return statuses[0].get("state", {}).get("waiting")
 
-    state = await eventually(waiting, 30)
+    state = await wait_for(waiting, 30)
     assert state["reason"] == "CreateContainerConfigError"
     assert "creds" in state["message"]
     assert not node.running()
@@ -155,7 +156,7 @@ async def test_a_pod_that_ignores_sigterm_is_killed_after_its_grace_period(
         },
     }
     await api.create(pod, namespace)
-    await eventually(lambda: node.running("stubborn"), 30)
+    await wait_for(lambda: node.running("stubborn"), 30)
     loop = asyncio.get_running_loop()
     started = loop.time()
     await api.delete("Pod", namespace, "stubborn")
@@ -163,6 +164,6 @@ async def test_a_pod_that_ignores_sigterm_is_killed_after_its_grace_period(
     async def gone() -> bool:
         return await api.get("Pod", namespace, "stubborn") is None
 
-    await eventually(gone, 30)
+    await wait_for(gone, 30)
     assert node.exit_codes["stubborn"] == -signal.SIGKILL
     assert loop.time() - started >= 2, "SIGKILL only after the grace period"

@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 import yaml
-from clusterkit import KIND, ROOT, Kubectl, condition, eventually, kubectl_async, operator_in_process
+from clusterkit import KIND, ROOT, Kubectl, condition, kubectl_async, operator_in_process
 from controlplane import ControlPlane
 from kubeapi import KubeApi
 from node_agent import NodeAgent
 from relaykit import PARTITIONS, SQL, STREAM, insert_events, prepare_database, publisher, secret, stream_count
 
 from outbox_worker.adapters.history_io import verify
+from support.polling import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -58,7 +59,7 @@ async def test_operator_flags_a_spec_the_schema_cannot_check(
             ready = condition(await api.get(KIND, namespace, name), "Ready")
             return ready if ready.get("reason") == "InvalidSpec" else {}
 
-        ready = await eventually(invalid, 60)
+        ready = await wait_for(invalid, 60)
     assert ready["status"] == "False"
     assert documented in ready["message"]
     assert await api.list("Deployment", namespace) == [], "no workers for an invalid spec"
@@ -72,7 +73,7 @@ async def test_worker_token_may_patch_only_its_own_publisher_status(
     async with operator_in_process([namespace]):
         await api.create(publisher("orders", "nats://127.0.0.1:4222"), namespace)
         await api.create(publisher("billing", "nats://127.0.0.1:4222"), namespace)
-        await eventually(lambda: api.get("RoleBinding", namespace, "orders-relay"), 60)
+        await wait_for(lambda: api.get("RoleBinding", namespace, "orders-relay"), 60)
     status, body = await api.request(
         "POST",
         f"/api/v1/namespaces/{namespace}/serviceaccounts/orders-relay/token",
@@ -127,7 +128,7 @@ async def test_publisher_relays_through_the_real_controllers(
         async def ready() -> bool:
             return condition(await api.get(KIND, namespace, "orders"), "Ready").get("status") == "True"
 
-        await eventually(ready, 120)
+        await wait_for(ready, 120)
         replica_sets = await api.list("ReplicaSet", namespace)
         assert [rs["metadata"]["ownerReferences"][0]["name"] for rs in replica_sets] == ["orders-relay"]
         pods = await api.list("Pod", namespace)
@@ -140,13 +141,13 @@ async def test_publisher_relays_through_the_real_controllers(
         async def all_stored() -> bool:
             return await stream_count(nats_url) == committed
 
-        await eventually(all_stored, 120)
+        await wait_for(all_stored, 120)
 
         async def drained() -> bool:
             totals = ((await api.get(KIND, namespace, "orders")) or {}).get("status", {}).get("totals") or {}
             return totals.get("backlog") == 0 and totals.get("published", 0) >= committed
 
-        await eventually(drained, 60)
+        await wait_for(drained, 60)
         report = await verify(pg_dsn, SQL, nats_url, STREAM, expect_drained=True)
         assert report.ok, report.to_dict()
         assert (report.published, report.duplicates, report.order_violations, report.lost) == (committed, 0, 0, 0)
@@ -174,14 +175,14 @@ async def test_publisher_relays_through_the_real_controllers(
             owned = [set(w.get("partitions") or []) for w in workers.values()]
             return len(node.running()) == 3 and len(workers) == 3 and set().union(*owned) == set(range(PARTITIONS))
 
-        await eventually(three_workers, 120)
+        await wait_for(three_workers, 120)
         deployment = await api.get("Deployment", namespace, "orders-relay") or {}
         assert deployment["spec"]["replicas"] == 3
         assert node.restarts == 0
 
         # paused: the workers drain and exit 0
         await api.merge_patch(KIND, namespace, "orders", {"spec": {"paused": True}})
-        await eventually(lambda: not node.pods, 90)  # every process stopped and its exit code recorded
+        await wait_for(lambda: not node.pods, 90)  # every process stopped and its exit code recorded
         assert set(node.exit_codes.values()) == {0}, node.exit_codes
 
         # delete: garbage collection removes every child
@@ -194,7 +195,7 @@ async def test_publisher_relays_through_the_real_controllers(
             accounts = [a["metadata"]["name"] for a in await api.list("ServiceAccount", namespace)]
             return accounts == ["default"]
 
-        await eventually(no_children, 90)
+        await wait_for(no_children, 90)
     assert not node.errors, node.errors
 
 
@@ -259,7 +260,7 @@ async def test_operator_killed_mid_reconcile_converges_without_duplicates_or_rew
         async def held_by_the_quota() -> bool:
             return "Deployment" not in await owned_children(api, namespace, uid) and "exceeded quota" in log.read_text()
 
-        await eventually(held_by_the_quota, 60)
+        await wait_for(held_by_the_quota, 60)
     finally:
         if first.returncode is None:
             first.kill()  # SIGKILL: no chance to finish the pass
@@ -274,7 +275,7 @@ async def test_operator_killed_mid_reconcile_converges_without_duplicates_or_rew
             children = await owned_children(api, namespace, uid)
             return children if set(children) >= {"ServiceAccount", "Role", "RoleBinding", "Deployment"} else None
 
-        await eventually(complete, 60)
+        await wait_for(complete, 60)
         await asyncio.sleep(3)  # a few resync passes (1 s each) after convergence
         settled = await owned_children(api, namespace, uid)
         settled_obp = (await api.get(KIND, namespace, "orders") or {})["metadata"]["resourceVersion"]
@@ -332,16 +333,16 @@ async def test_autoscaler_scales_within_its_bounds(
         async def ready() -> bool:
             return condition(await api.get(KIND, namespace, "orders"), "Ready").get("status") == "True"
 
-        await eventually(ready, 120)
+        await wait_for(ready, 120)
         committed = await insert_events(pg_dsn, 20_000, 200)
-        await eventually(lambda: _is(deployment_replicas(), 3), 120)
+        await wait_for(lambda: _is(deployment_replicas(), 3), 120)
 
         async def all_stored() -> bool:
             await deployment_replicas()
             return await stream_count(nats_url) == committed
 
-        await eventually(all_stored, 180)
-        await eventually(lambda: _is(deployment_replicas(), 1), 120)
+        await wait_for(all_stored, 180)
+        await wait_for(lambda: _is(deployment_replicas(), 1), 120)
     assert max(seen) == 3, seen
     report = await verify(pg_dsn, SQL, nats_url, STREAM, expect_drained=True)
     assert report.ok, report.to_dict()

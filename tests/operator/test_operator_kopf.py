@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,6 +61,11 @@ async def add_worker_pod(emu: KubeEmulator, name: str, publisher_name: str = "or
             "spec": {"containers": [{"name": "worker", "image": "x"}]},
         }
     )
+
+
+def object_reads(requests: list[Any]) -> list[str]:
+    """GETs of single objects (a list or a watch asks for a collection: not counted)."""
+    return [r.path for r in requests if r.method == "GET" and re.search(r"/namespaces/[^/]+/[^/]+/[^/]+$", r.path)]
 
 
 async def report(emu: KubeEmulator, pod: str, **fields: Any) -> None:
@@ -125,12 +131,14 @@ async def test_create_reconciles_children_status_and_is_idempotent(emulator: Kub
         assert condition(publisher(emulator), "Lagging")["status"] == "False"
         ready_since = condition(publisher(emulator), "Ready")["lastTransitionTime"]
 
-        # level-based and idempotent: several resync passes over an unchanged world write nothing
+        # level-based and idempotent: several resync passes over an unchanged world write nothing,
+        # and read nothing either (what they read comes from the watches)
         await asyncio.sleep(1.5)
-        before = len(emulator.writes())
+        before, requests_before = len(emulator.writes()), len(emulator.requests)
         await asyncio.sleep(3.5)
         new_writes = [(w.method, w.path) for w in emulator.writes()[before:]]
         assert new_writes == []
+        assert object_reads(emulator.requests[requests_before:]) == []
         assert condition(publisher(emulator), "Ready")["lastTransitionTime"] == ready_since
 
         await wait_for(lambda: "Ready" in [e["reason"] for e in emulator.list("v1", "Event", NAMESPACE)], 20)
@@ -228,14 +236,17 @@ async def test_delete_removes_children(emulator: KubeEmulator) -> None:
 
 
 async def test_delete_while_a_resync_pass_is_in_flight(emulator: KubeEmulator) -> None:
-    """A publisher deleted while its periodic reconcile is running goes once that pass ends. kopf
-    holds the finalizer until the timer has stopped and, by default, looks again only 60 s later."""
+    """A publisher deleted while a reconcile pass is writing its status goes once that pass ends.
+    kopf holds the finalizer until the timer has stopped and, by default, looks again only 60 s
+    later. (Passes read nothing from the API, so the pass is held at its status write.)"""
     await make_secret(emulator, "orders-db")
     await emulator.apply(example())
     async with kopf_in_process(resync_seconds=0.5):
         await wait_for(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"), 20)
-        emulator.delays.append(("GET", "/secrets/", 2.0))  # each pass now reads its Secret for 2 s
+        await wait_for(lambda: condition(publisher(emulator), "Ready")["reason"] == "WaitingForReports", 20)
+        emulator.delays.append(("PATCH", "/status", 2.0))  # each status write now takes 2 s
         seen = len(emulator.requests)
-        await wait_for(lambda: any("/secrets/" in r.path for r in emulator.requests[seen:]), 20)
+        await report(emulator, "orders-relay-gone")  # a report: the pass prunes it with a status write
+        await wait_for(lambda: any(r.method == "PATCH" and "/status" in r.path for r in emulator.requests[seen:]), 20)
         await emulator.delete(API, KIND, NAMESPACE, "orders")  # while that pass waits for the Secret
         await wait_for(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None, timeout=15)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import crd_schema
 import pytest
 import yaml
@@ -81,6 +83,7 @@ def test_sink_targets_the_publisher_named_by_the_operator() -> None:
     sink = sink_for(StatusConfig(namespace="shop", publisher="orders", interval_seconds=10))
     assert sink.path == "/apis/outbox.dev/v1alpha1/namespaces/shop/outboxpublishers/orders/status"
     assert sink.min_interval == 5
+    assert sink.jitter == 2  # a fifth of the interval
 
 
 def test_the_status_config_comes_from_the_environment_the_operator_renders() -> None:
@@ -88,3 +91,17 @@ def test_the_status_config_comes_from_the_environment_the_operator_renders() -> 
         database_url="postgresql://x/y", publisher="orders", kube_namespace="shop", report_interval_seconds=10
     )
     assert WorkerConfig.from_settings(settings).status == StatusConfig("shop", "orders", 10.0)
+
+
+async def test_each_write_waits_its_jitter_first(emulator: KubeEmulator) -> None:
+    """Workers started together spread their patches: each write waits jitter * U[0, 1) first."""
+    await make_publisher(emulator)
+    draws = iter([0.0, 0.9])
+    sink = KubeStatusSink(NAMESPACE, "orders", min_interval=0, jitter=0.5, uniform=lambda: next(draws))
+    loop = asyncio.get_running_loop()
+    await sink.write(report("p", 1))
+    started = loop.time()
+    await sink.write(report("p", 2))
+    second = loop.time() - started
+    assert second >= 0.45  # drew 0.9 of 0.5 s (the first drew 0)
+    assert sink.written == 2

@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from outbox_operator.conditions import Condition, flips, merge_conditions, parse_time
-from outbox_operator.health import Rollout, config_error_area, gone_workers, health_conditions, is_fresh, totals
+from outbox_operator.health import (
+    HealthTargets,
+    Rollout,
+    config_error_area,
+    gone_workers,
+    health_conditions,
+    is_fresh,
+    totals,
+)
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -99,16 +107,18 @@ def test_a_database_error_kind_blames_the_database() -> None:
 
 def conditions(reports: dict, *, ready: int = 2, desired: int = 2, paused: bool = False) -> dict[str, tuple]:
     out = health_conditions(
-        paused=paused,
-        rollout=Rollout(desired, ready, ready),
-        reports=reports,
-        interval=10,
-        partitions=2,
-        target_lag_seconds=30,
-        stream_name="OUTBOX",
-        duplicate_window_seconds=120,
-        duplicate_horizon_seconds=50,
-        now=T0,
+        HealthTargets(
+            paused=paused,
+            interval=10,
+            partitions=2,
+            target_lag_seconds=30,
+            stream_name="OUTBOX",
+            duplicate_window_seconds=120,
+            duplicate_horizon_seconds=50,
+        ),
+        Rollout(desired, ready, ready),
+        reports,
+        T0,
     )
     return {c.type: (c.status, c.reason) for c in out}
 

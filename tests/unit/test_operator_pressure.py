@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from outbox_operator.health import Rollout, health_conditions, pressure_unknown, totals
+from outbox_operator.health import HealthTargets, Rollout, health_conditions, pressure_unknown, totals
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 GAUGES = ("backlog", "oldestPendingSeconds", "ratePerSecond", "inFlight")
@@ -31,16 +31,18 @@ def status_of(reports: dict[str, Any], *, partitions: int = 4, paused: bool = Fa
     real API server reads back from the object)."""
     unknown = pressure_unknown(reports, 10, T0, partitions=partitions, paused=paused)
     conditions = health_conditions(
-        paused=paused,
-        rollout=Rollout(0 if paused else 2, 0 if paused else 2, 0 if paused else 2),
-        reports=reports,
-        interval=10,
-        partitions=partitions,
-        target_lag_seconds=30,
-        stream_name="OUTBOX",
-        duplicate_window_seconds=120,
-        duplicate_horizon_seconds=50,
-        now=T0,
+        HealthTargets(
+            paused=paused,
+            interval=10,
+            partitions=partitions,
+            target_lag_seconds=30,
+            stream_name="OUTBOX",
+            duplicate_window_seconds=120,
+            duplicate_horizon_seconds=50,
+        ),
+        Rollout(0 if paused else 2, 0 if paused else 2, 0 if paused else 2),
+        reports,
+        T0,
     )
     return {
         "totals": totals(reports, 10, T0, known=unknown is None),

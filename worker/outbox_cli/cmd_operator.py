@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resync-seconds",
         type=float,
-        default=10.0,
-        help="how often each publisher's status and children are re-checked, seconds",
+        default=30.0,
+        help="period of the safety-net pass over every publisher, from the watch-fed state (no API "
+        "reads); changes are acted on at once by watch events (default 30)",
     )
     parser.add_argument(
         "--liveness",
