@@ -137,6 +137,7 @@ class Worker:
         partitions = await self.store.check_schema()
         # Before anything is leased: a live process with the same worker id is refused here.
         await self.store.join(s.lease_ttl_seconds)
+        await self.store.announce_lease_change()  # the owners recompute their shares now
         self.publisher = JetStreamPublisher(
             s, name=f"outbox-relay/{s.publisher}/{self.worker_id}", ack_latency=self.metrics.ack_latency
         )
@@ -201,9 +202,11 @@ class Worker:
         assert self.leases is not None
         assert self.store is not None
         s = self.settings
+        listener = Listener(s.database_url.get_secret_value(), self.sql, self.wake)
+        listener.also_listen(self.sql.lease_channel, self.leases.on_lease_notice)
         side: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
             "leases": self.leases.run,
-            "listener": Listener(s.database_url.get_secret_value(), self.sql, self.wake).run,
+            "listener": listener.run,
             "pressure": self._pressure_loop,
             "reporter": self._report_loop,
         }
@@ -268,6 +271,7 @@ class Worker:
                 await asyncio.wait_for(self.leases.release_all(1.0), max(0.1, deadline - time.monotonic()))
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.store.leave(), 2)
+                await asyncio.wait_for(self.store.announce_lease_change(), 2)  # the others take over now
         if self.publisher is not None:
             await self.publisher.close(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
         if self.health is not None:
