@@ -137,7 +137,6 @@ class Worker:
         partitions = await self.store.check_schema()
         # Before anything is leased: a live process with the same worker id is refused here.
         await self.store.join(s.lease_ttl_seconds)
-        await self.store.announce_lease_change()  # the owners recompute their shares now
         self.publisher = JetStreamPublisher(
             s, name=f"outbox-relay/{s.publisher}/{self.worker_id}", ack_latency=self.metrics.ack_latency
         )
@@ -217,6 +216,9 @@ class Worker:
         # The first lease tick before loops start, so they have partitions right away.
         with contextlib.suppress(Exception):
             await self.leases.tick()
+        # Ready to take partitions: announce the join now (not at start(), which may still spend
+        # hundreds of milliseconds on NATS), so the owners release our share when we can take it.
+        await self.store.announce_lease_change()
         self._tasks = [asyncio.create_task(fn(), name=name) for name, fn in side.items()]
         loop_tasks = [asyncio.create_task(lp.run(), name=f"loop-{lp.index}") for lp in self.loops]
         stop_wait = asyncio.create_task(self._stop_requested.wait())
