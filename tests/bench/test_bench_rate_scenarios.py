@@ -57,3 +57,25 @@ async def test_commit_rate_and_scale_up_scenarios_verify_and_report_their_figure
     assert report["ratios"]["together_over_alone"] is not None
     assert "commit rate" in proc.stdout
     assert "scale-up" in proc.stdout
+
+
+async def test_growth_with_10m_rows_of_history_runs_behind_its_flag(pg_dsn: str, nats_url: str, tmp_path: Path) -> None:
+    """``--growth-10m`` adds a growth row with 10,000,000 published rows (here 1%: 100,000) beside the
+    1M one, and the ratio of its claim time to the empty table's."""
+    report_path = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "outbox_cli", "bench", "--scenario", "growth", "--growth-10m"]
+    argv += ["--scale", "0.01", "--repeat", "1", "--quiet", "--json", str(report_path)]
+    argv += ["--database-url", pg_dsn, "--nats-url", nats_url]
+    proc = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+
+    report = json.loads(report_path.read_text())
+    assert validate_report(report) == []
+    rows = {row["name"]: row["metrics"] for row in report["rows"]}
+    assert set(rows) == {"growth/empty", "growth/1M-history", "growth/10M-history"}
+    assert rows["growth/10M-history"]["history_rows"] == 100_000
+    assert rows["growth/1M-history"]["history_rows"] == 10_000
+    for name, m in rows.items():
+        assert m["claim_ms_p50"] > 0, name
+    assert report["ratios"]["claim_10m_history_over_empty"] is not None
+    assert "10M-history/empty" in proc.stdout

@@ -16,7 +16,8 @@ Scenarios (``--scenario``; docs/benchmarks.md says what each number means):
 - ``baselines``: a naive relay (one event in flight, one mark per event) and the publish ceiling
   (the project's publisher, no database), on the same servers.
 - ``latency``: steady offered load of 1,000 and 5,000 events/s; p50/p99 commit → ack; idle CPU.
-- ``growth``: claim time per batch with 1,000,000 published rows in the table (mark mode) vs none.
+- ``growth``: claim time per batch with 1,000,000 published rows in the table (mark mode) vs none;
+  with ``--growth-10m`` also with 10,000,000 (writing them takes minutes, so it is not the default).
 - ``hot``: one hot aggregate (every event in one aggregate: one publish in flight at a time).
 - ``commit-rate``: one event per transaction from 8 connections at 500, 1,000 and 5,000 commits/s,
   one worker; worker CPU (cores and µs per event, from /proc utime+stime), PostgreSQL's and
@@ -93,6 +94,7 @@ LATENCY_RATES = (1_000, 5_000)
 LATENCY_SECONDS = 20.0
 IDLE_SECONDS = 15.0
 GROWTH_HISTORY = 1_000_000
+GROWTH_HISTORY_LARGE = 10_000_000  # --growth-10m
 GROWTH_BATCHES = 30
 COMMIT_RATES = (500, 1_000, 5_000)
 COMMIT_RATE_SECONDS = 20.0
@@ -111,6 +113,7 @@ class BenchOptions:
     database_url: str = ""
     nats_url: str = ""
     worker_env: dict[str, str] = field(default_factory=dict)  # OUTBOX_* overrides for every worker
+    growth_large: bool = False  # growth also with GROWTH_HISTORY_LARGE published rows
     progress: Callable[[str], None] | None = None
 
     def n(self, count: int, minimum: int = 100) -> int:
@@ -424,20 +427,23 @@ class _Bench:
         return out
 
     async def _growth(self) -> list[Row]:
-        history = self.o.n(GROWTH_HISTORY, minimum=1000)
         batches = max(3, int(GROWTH_BATCHES * min(1.0, self.o.scale * 10)))
         empty = Row("growth/empty", "growth")
-        full = Row(f"growth/{_short(GROWTH_HISTORY)}-history", "growth", note=f"{history:,} published rows")
-        sql_empty = await self._fresh("growth_empty")
-        sql_full = await self._fresh("growth_history")
-        self.say(f"  writing {history:,} published rows of history")
-        await self._write_history(sql_full, history)
+        tables: list[tuple[Row, Sql, int]] = [(empty, await self._fresh("growth_empty"), 0)]
+        sizes = (GROWTH_HISTORY, GROWTH_HISTORY_LARGE) if self.o.growth_large else (GROWTH_HISTORY,)
+        for size in sizes:
+            history = self.o.n(size, minimum=1000)
+            row = Row(f"growth/{_short(size)}-history", "growth", note=f"{history:,} published rows")
+            sql = await self._fresh(f"growth_history_{_short(size).lower()}")
+            self.say(f"  writing {history:,} published rows of history")
+            await self._write_history(sql, history)
+            tables.append((row, sql, history))
         for i in range(self.o.repeat):
-            for row, sql, hist in ((empty, sql_empty, 0), (full, sql_full, history)):
+            for row, sql, hist in tables:
                 run = await self._claim_run(sql, batches)
                 run["history_rows"] = hist
                 self._add(row, run, f"{row.name} run {i + 1}")
-        return [empty, full]
+        return [row for row, _, _ in tables]
 
     async def _commit_rate(self) -> list[Row]:
         out = []

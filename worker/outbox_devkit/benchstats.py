@@ -159,6 +159,7 @@ TARGETS = (
     Target("p99 commit->ack at 5000/s offered (ms)", "latency/5000-per-s", "p99_ms", "<=", 25),
     Target("idle worker CPU (% of a core)", "idle/1-worker", "cpu_percent", "<", 2),
     Target("claim time 1M history / empty", "ratio:claim_history_over_empty", "", "<=", 1.5),
+    Target("claim time 10M history / empty", "ratio:claim_10m_history_over_empty", "", "<=", 1.2),
     Target("worker cores at 1000 commits/s", "commit-rate/1000-per-s", "worker_cores", "<=", 0.08),
     Target("p99 commit->ack at 1000 commits/s (ms)", "commit-rate/1000-per-s", "p99_ms", "<=", 10),
     Target("worker cores at 5000 commits/s", "commit-rate/5000-per-s", "worker_cores", "<=", 0.25),
@@ -181,6 +182,9 @@ def ratios(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
         "relay_over_ceiling": div(relay, metric("baseline/ceiling", "events_per_s")),
         "claim_history_over_empty": div(
             metric("growth/1M-history", "claim_ms_p50"), metric("growth/empty", "claim_ms_p50")
+        ),
+        "claim_10m_history_over_empty": div(
+            metric("growth/10M-history", "claim_ms_p50"), metric("growth/empty", "claim_ms_p50")
         ),
         "together_over_alone": div(
             metric("backlog-drain/2-workers-together", "events_per_s"),
@@ -345,6 +349,10 @@ def render_table(report: Mapping[str, Any]) -> str:
         + _fmt(rat.get("relay_over_ceiling"), 2)
         + ", claim 1M-history/empty "
         + _fmt(rat.get("claim_history_over_empty"), 2)
+        + ", 10M-history/empty "
+        + _fmt(rat.get("claim_10m_history_over_empty"), 2)
+        + ", drain 2 together/1 "
+        + _fmt(rat.get("together_over_alone"), 2)
     )
     out.append("")
     out.append("targets")
