@@ -156,7 +156,8 @@ async def test_publisher_relays_through_the_real_controllers(
         header, line = (await kubectl_async(kubectl, "get", "obp", "orders", "-n", namespace)).stdout.splitlines()[:2]
         row = dict(zip(header.split(), line.split(), strict=True))
         assert row["NAME"] == "orders"
-        assert row["READY"] in {"True", "1/1"}, row  # the Ready condition, or ready/desired workers (#18)
+        assert row["READY"] == "1/1", row  # ready/desired workers
+        assert row["STATUS"] == "Publishing", row  # the Ready reason
         assert row["BACKLOG"] == "0", row
         described = (await kubectl_async(kubectl, "describe", "obp", "orders", "-n", namespace)).stdout
         assert "Conditions:" in described

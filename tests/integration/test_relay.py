@@ -226,6 +226,33 @@ async def test_notify_wakes_an_idle_worker_long_before_the_poll(pg_dsn: str, nat
     assert_clean(report, 5)
 
 
+async def test_commits_within_the_coalescing_window_share_one_claim(pg_dsn: str, nats_url: str) -> None:
+    """notify_coalesce_seconds: a NOTIFY wakes the idle loop, which waits that long before it claims,
+    so five commits made one after another within the window are claimed, published and marked as
+    one batch (one claim and one mark round trip instead of five of each)."""
+    await setup_db(pg_dsn)
+    window = 0.05
+    settings = worker_settings(pg_dsn, nats_url, poll_interval_seconds=10.0, loops=1, notify_coalesce_seconds=window)
+    conns = [await asyncpg.connect(pg_dsn) for _ in range(5)]
+    try:
+        async with running(settings) as worker:
+            await wait_for(lambda: _true(worker.leases is not None and len(worker.leases.owned) == 8), 5, "leases")
+            await asyncio.sleep(0.3)  # the loop is idle: its first claim found nothing
+            batches_before = worker.stats.batches
+            t0 = time.monotonic()
+            await insert(conns[0], "agg-0")  # its NOTIFY wakes the loop
+            await asyncio.gather(*(insert(c, f"agg-{i}") for i, c in enumerate(conns[1:], start=1)))
+            inserted_in = time.monotonic() - t0
+            await wait_for(lambda: _is(stored_count(nats_url), 5), 3, "5 events stored")
+            batches = worker.stats.batches - batches_before
+        assert batches == 1, f"{batches} batches for 5 commits made within {inserted_in * 1000:.1f} ms"
+    finally:
+        for c in conns:
+            await c.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert_clean(report, 5)
+
+
 async def test_a_loop_never_sleeps_while_its_partitions_hold_rows(pg_dsn: str, nats_url: str) -> None:
     """Rows concentrated in two of eight partitions, small batches, two loops, a 30 s poll: a loop
     whose claim found nothing (its slice held drained partitions) must not sleep while a partition

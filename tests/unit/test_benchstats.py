@@ -81,6 +81,8 @@ def test_report_medians_ratios_targets_and_checks() -> None:
         "relay_over_naive": 20.0,
         "relay_over_ceiling": None,
         "claim_history_over_empty": 1.25,
+        "claim_10m_history_over_empty": None,  # growth ran without --growth-10m
+        "together_over_alone": None,  # scale-up did not run
     }
     targets = {t["name"]: t for t in report["targets"]}
     assert targets["events/s, one worker process"]["met"] is True
@@ -116,3 +118,30 @@ def test_validate_report_names_the_problems() -> None:
     problems = validate_report(report)
     assert any("p50_ms" in p for p in problems)
     assert any("ratios" in p for p in problems)
+
+
+def _row(name: str, scenario: str, metrics: dict[str, float]) -> Row:
+    row = Row(name, scenario, runs=[metrics])
+    row.checks.append({"lost": 0, "duplicates": 0, "order_violations": 0, "unexpected": 0, "pending": 0})
+    return row
+
+
+def test_commit_rate_and_scale_up_rows_feed_their_ratio_targets_and_tables() -> None:
+    rows = [
+        _row("commit-rate/1000-per-s", "commit-rate", {"events_per_s": 1000, "worker_cores": 0.2, "p99_ms": 8.0}),
+        _row("scale-up/1-2-3-workers", "scale-up", {"events_per_s": 70_000, "max_unowned_ms": 40.0}),
+        _row("backlog-drain/1-worker", "scale-up", {"events_per_s": 60_000}),
+        _row("backlog-drain/2-workers-together", "scale-up", {"events_per_s": 66_000}),
+    ]
+    report = build_report(rows, machine={}, config={}, created_at="t")
+    assert validate_report(report) == []
+    assert report["ratios"]["together_over_alone"] == 1.1
+    targets = {t["name"]: t["met"] for t in report["targets"]}
+    assert targets["worker cores at 1000 commits/s"] is False  # 0.2 > 0.08
+    assert targets["p99 commit->ack at 1000 commits/s (ms)"] is True
+    assert targets["worker cores at 5000 commits/s"] is None  # not run
+    assert targets["longest unowned partition, scale-up (ms)"] is True
+    assert targets["2 workers started together / 1 (drain)"] is True
+    table = render_table(report)
+    assert "commit-rate/1000-per-s" in table
+    assert "max unowned ms" in table

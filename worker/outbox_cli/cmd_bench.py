@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="OUTBOX_X=V",
         help="extra worker setting for every bench worker, e.g. OUTBOX_LOOPS=4 (repeatable)",
     )
+    parser.add_argument(
+        "--growth-10m",
+        action="store_true",
+        help="growth also with 10,000,000 published rows (writing them takes minutes; times --scale)",
+    )
     parser.add_argument("--database-url", default="", help="use this PostgreSQL instead of an embedded one")
     parser.add_argument("--nats-url", default="", help="use this NATS server instead of an embedded one")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
@@ -100,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         database_url=args.database_url,
         nats_url=args.nats_url,
         worker_env=env,
+        growth_large=args.growth_10m,
         progress=say,
     )
     report = run_async(run_bench(options))

@@ -135,7 +135,8 @@ class RelayConfig:
     Knobs: ``loops`` (partitions a loop checks out at once are shared among them), ``batch_size``,
     ``max_in_flight`` (divided among the loops: ``in_flight``), ``batch_timeout_seconds``,
     ``poll_interval_seconds``, ``max_attempts``, ``retry_backoff_initial_seconds``,
-    ``retry_backoff_max_seconds``, ``ordering``, ``mark_mode``, ``subject_template``.
+    ``retry_backoff_max_seconds``, ``ordering``, ``mark_mode``, ``subject_template``,
+    ``notify_coalesce_seconds``.
     """
 
     loops: int = _int("loops")
@@ -149,6 +150,7 @@ class RelayConfig:
     ordering: OrderingMode = _ORDERING
     mark_mode: MarkMode = _MARK_MODE
     subject_template: str = _str("subject_template")
+    notify_coalesce_seconds: float = _float("notify_coalesce_seconds")
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,7 @@ def relay_config(s: WorkerSettings) -> RelayConfig:
         ordering=s.ordering,
         mark_mode=s.mark_mode,
         subject_template=s.subject_template,
+        notify_coalesce_seconds=s.notify_coalesce_seconds,
     )
 
 

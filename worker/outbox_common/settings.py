@@ -179,6 +179,14 @@ class WorkerSettings(BaseSettings):
     lease_ttl_seconds: float = Field(15.0, ge=1, le=600, description="Lease time-to-live.")
     lease_renew_seconds: float = Field(0.0, ge=0, le=200, description="Renew interval; 0 means a third of the TTL.")
     poll_interval_seconds: float = Field(1.0, gt=0, le=60, description="Fallback poll when no NOTIFY arrives.")
+    notify_coalesce_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=0.05,
+        description="After a NOTIFY wakes an idle loop, wait this long before claiming, so commits "
+        "arriving meanwhile share one claim and one mark (less CPU per event at low rates; adds at "
+        "most this much commit->ack latency). 0 claims at once.",
+    )
     # --- lifecycle and observability ------------------------------------------------------------
     startup_timeout_seconds: float = Field(
         60.0,

@@ -16,8 +16,16 @@ Scenarios (``--scenario``; docs/benchmarks.md says what each number means):
 - ``baselines``: a naive relay (one event in flight, one mark per event) and the publish ceiling
   (the project's publisher, no database), on the same servers.
 - ``latency``: steady offered load of 1,000 and 5,000 events/s; p50/p99 commit → ack; idle CPU.
-- ``growth``: claim time per batch with 1,000,000 published rows in the table (mark mode) vs none.
+- ``growth``: claim time per batch with 1,000,000 published rows in the table (mark mode) vs none;
+  with ``--growth-10m`` also with 10,000,000 (writing them takes minutes, so it is not the default).
 - ``hot``: one hot aggregate (every event in one aggregate: one publish in flight at a time).
+- ``commit-rate``: one event per transaction from 8 connections at 500, 1,000 and 5,000 commits/s,
+  one worker; worker CPU (cores and µs per event, from /proc utime+stime), PostgreSQL's and
+  nats-server's CPU (cores), p50/p99 commit → ack.
+- ``scale-up``: a backlog (200,000 events) with one worker; a second worker starts when a quarter
+  is stored, a third at half; the longest time any partition had no live owner (lease table
+  sampled every ~5 ms) and events/s per phase. Beside it, the same backlog drained by one worker
+  and by two started together (workers started after the backlog committed).
 
 Latency runs from the producer's commit (PostgreSQL's commit timestamp of the transaction that wrote
 the outbox row and its ledger row; the producer's clock after COMMIT returned when commit timestamps
@@ -86,7 +94,13 @@ LATENCY_RATES = (1_000, 5_000)
 LATENCY_SECONDS = 20.0
 IDLE_SECONDS = 15.0
 GROWTH_HISTORY = 1_000_000
+GROWTH_HISTORY_LARGE = 10_000_000  # --growth-10m
 GROWTH_BATCHES = 30
+COMMIT_RATES = (500, 1_000, 5_000)
+COMMIT_RATE_SECONDS = 20.0
+SCALE_UP_EVENTS = 200_000
+SCALE_UP_JOINS = (0.25, 0.5)  # share of the backlog stored when the second and the third worker start
+LEASE_SAMPLE_SECONDS = 0.005
 BATCH = 1000
 
 
@@ -99,6 +113,7 @@ class BenchOptions:
     database_url: str = ""
     nats_url: str = ""
     worker_env: dict[str, str] = field(default_factory=dict)  # OUTBOX_* overrides for every worker
+    growth_large: bool = False  # growth also with GROWTH_HISTORY_LARGE published rows
     progress: Callable[[str], None] | None = None
 
     def n(self, count: int, minimum: int = 100) -> int:
@@ -223,6 +238,12 @@ class _Procs:
     def cpu(self) -> list[float]:
         return [cpu_seconds(pid) for pid in self.pids]
 
+    def add(self, more: _Procs) -> None:
+        """Take over ``more``'s processes (workers started later in the same run)."""
+        self.procs += more.procs
+        self.outs += more.outs
+        self.logs += more.logs
+
     def check_alive(self) -> None:
         for p, log in zip(self.procs, self.logs, strict=True):
             if p.poll() is not None:
@@ -238,6 +259,40 @@ class _Procs:
             except (OSError, ValueError):
                 results.append({})
         return codes, results
+
+
+@dataclass
+class _LeaseGaps:
+    """Samples a table's lease rows every :data:`LEASE_SAMPLE_SECONDS` and records how long each
+    partition was without a live owner (no worker may publish it then). A gap shorter than one
+    sample may go unseen."""
+
+    dsn: str
+    sql: Sql
+    unowned_since: dict[int, float] = field(default_factory=dict)
+    gaps: list[float] = field(default_factory=list)
+    samples: int = 0
+
+    async def run(self) -> None:
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            while True:
+                rows = await conn.fetch(self.sql.lease_table, PUBLISHER)
+                now = time.monotonic()
+                for r in rows:
+                    if not (r["owner"] and r["live"]):
+                        self.unowned_since.setdefault(r["partition"], now)
+                    elif r["partition"] in self.unowned_since:
+                        self.gaps.append(now - self.unowned_since.pop(r["partition"]))
+                self.samples += 1
+                await asyncio.sleep(LEASE_SAMPLE_SECONDS)
+        finally:
+            await conn.close()
+
+    def longest(self) -> float:
+        """Longest gap seen, counting a gap still open as lasting until now."""
+        now = time.monotonic()
+        return max([*self.gaps, *(now - t for t in self.unowned_since.values()), 0.0])
 
 
 # --- the bench ------------------------------------------------------------------------------------
@@ -265,6 +320,8 @@ class _Bench:
             "latency": self._latency,
             "growth": self._growth,
             "hot": self._hot,
+            "commit-rate": self._commit_rate,
+            "scale-up": self._scale_up,
         }
         for name in SCENARIOS:
             if name in o.scenarios:
@@ -370,22 +427,125 @@ class _Bench:
         return out
 
     async def _growth(self) -> list[Row]:
-        history = self.o.n(GROWTH_HISTORY, minimum=1000)
         batches = max(3, int(GROWTH_BATCHES * min(1.0, self.o.scale * 10)))
         empty = Row("growth/empty", "growth")
-        full = Row(f"growth/{_short(GROWTH_HISTORY)}-history", "growth", note=f"{history:,} published rows")
-        sql_empty = await self._fresh("growth_empty")
-        sql_full = await self._fresh("growth_history")
-        self.say(f"  writing {history:,} published rows of history")
-        await self._write_history(sql_full, history)
+        tables: list[tuple[Row, Sql, int]] = [(empty, await self._fresh("growth_empty"), 0)]
+        sizes = (GROWTH_HISTORY, GROWTH_HISTORY_LARGE) if self.o.growth_large else (GROWTH_HISTORY,)
+        for size in sizes:
+            history = self.o.n(size, minimum=1000)
+            row = Row(f"growth/{_short(size)}-history", "growth", note=f"{history:,} published rows")
+            sql = await self._fresh(f"growth_history_{_short(size).lower()}")
+            self.say(f"  writing {history:,} published rows of history")
+            await self._write_history(sql, history)
+            tables.append((row, sql, history))
         for i in range(self.o.repeat):
-            for row, sql, hist in ((empty, sql_empty, 0), (full, sql_full, history)):
+            for row, sql, hist in tables:
                 run = await self._claim_run(sql, batches)
                 run["history_rows"] = hist
                 self._add(row, run, f"{row.name} run {i + 1}")
-        return [empty, full]
+        return [row for row, _, _ in tables]
+
+    async def _commit_rate(self) -> list[Row]:
+        out = []
+        for rate in COMMIT_RATES:
+            row = Row(f"commit-rate/{rate}-per-s", "commit-rate", note="one event per transaction, 8 connections")
+            for i in range(self.o.repeat):
+                seconds = self.o.seconds(COMMIT_RATE_SECONDS)
+                plan = ProducerPlan(
+                    events=max(100, int(rate * seconds)),
+                    aggregates=AGGREGATES,
+                    producers=8,
+                    events_per_tx=1,
+                    rollback_ratio=0.0,
+                    slow_tx_ratio=0.0,
+                    rate_per_s=rate,
+                )
+                run = await self._live_run("commit_rate", plan, workers=1)
+                run["offered_per_s"] = rate
+                self._add(row, run, f"commit-rate {rate}/s run {i + 1}")
+            out.append(row)
+        return out
+
+    async def _scale_up(self) -> list[Row]:
+        events = self.o.n(SCALE_UP_EVENTS)
+        joins = " and ".join(f"{share:.0%}" for share in SCALE_UP_JOINS)
+        row = Row(
+            "scale-up/1-2-3-workers", "scale-up", note=f"{events:,} backlog; workers 2 and 3 join at {joins} stored"
+        )
+        alone = Row("backlog-drain/1-worker", "scale-up", note="worker started after the backlog committed")
+        together = Row("backlog-drain/2-workers-together", "scale-up", note="both started after the backlog committed")
+        for i in range(self.o.repeat):
+            self._add(row, await self._scale_up_run(events), f"scale-up run {i + 1}")
+            self._add(alone, await self._backlog_drain_run(events, 1), f"backlog drain, 1 worker, run {i + 1}")
+            self._add(together, await self._backlog_drain_run(events, 2), f"backlog drain, 2 workers, run {i + 1}")
+        return [row, alone, together]
 
     # --- one run of each kind -------------------------------------------------------------------------
+    async def _scale_up_run(self, events: int) -> dict[str, Any]:
+        """One worker on a backlog; more join at fixed shares of it stored (:data:`SCALE_UP_JOINS`)."""
+        sql = await self._fresh("scale_up")
+        await self._bulk_seed(sql, events, AGGREGATES)
+        started = time.time()
+        procs = self._start_workers(sql, 1)
+        gaps = _LeaseGaps(self.dsn, sql)
+        gap_task: asyncio.Task[None] | None = None
+        joined_at = [started]
+        try:
+            await self._wait_leases(sql, 1, procs)
+            gap_task = asyncio.create_task(gaps.run())
+            for share in SCALE_UP_JOINS:
+                await self._wait_stored(int(events * share), procs, timeout=max(120.0, events / 500))
+                joined_at.append(time.time())
+                procs.add(self._start_workers(sql, 1))
+            await self._wait_stored(events, procs, timeout=max(120.0, events / 500))
+            # Every worker up and holding its share (a worker stopped while starting exits by SIGTERM).
+            await self._wait_leases(sql, len(procs.procs), procs)
+            await self._wait_marked(sql, procs)
+        finally:
+            if gap_task is not None:
+                gap_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gap_task
+            codes, probes = procs.stop()
+        report, stored = await self._verify(sql)
+        ends = [*joined_at[1:], max((m.stored_at for m in stored), default=time.time())]
+        phases = {
+            f"phase{n}_events_per_s": sum(1 for m in stored if a <= m.stored_at < b) / max(1e-6, b - a)
+            for n, (a, b) in enumerate(zip(joined_at, ends, strict=True), start=1)
+        }
+        return {
+            "events": events,
+            "events_per_s": report.published / max(1e-6, ends[-1] - started),
+            **phases,
+            "max_unowned_ms": gaps.longest() * 1000,
+            "handovers_seen": len(gaps.gaps),
+            "lease_samples": gaps.samples,
+            "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
+            "exit_codes": codes,
+            "_report": report,
+        }
+
+    async def _backlog_drain_run(self, events: int, workers: int) -> dict[str, Any]:
+        """A committed backlog, then ``workers`` started together; events/s from their start."""
+        sql = await self._fresh("backlog")
+        await self._bulk_seed(sql, events, AGGREGATES)
+        started = time.time()
+        procs = self._start_workers(sql, workers)
+        try:
+            await self._wait_stored(events, procs, timeout=max(120.0, events / 500))
+            await self._wait_marked(sql, procs)
+        finally:
+            codes, probes = procs.stop()
+        report, stored = await self._verify(sql)
+        last = max((m.stored_at for m in stored), default=time.time())
+        return {
+            "events": events,
+            "events_per_s": report.published / max(1e-6, last - started),
+            "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
+            "exit_codes": codes,
+            "_report": report,
+        }
+
     async def _drain_run(self, table: str, events: int, aggregates: int, workers: int) -> dict[str, Any]:
         """Workers ready on an empty table; ``events`` rows committed in one transaction; drained."""
         sql = await self._fresh(table)
@@ -431,7 +591,7 @@ class _Bench:
         progress = ProducerResult()
         try:
             await self._wait_leases(sql, workers, procs)
-            cpu0, t0, host0 = procs.cpu(), time.monotonic(), host_cpu()
+            cpu0, t0, host0, servers0 = procs.cpu(), time.monotonic(), host_cpu(), self._server_cpu()
             producer = asyncio.create_task(produce(self.dsn, sql, plan, progress))
             try:
                 await self._wait_stored(plan.events, procs, timeout=max(120.0, plan.events / 200), producer=producer)
@@ -440,11 +600,12 @@ class _Bench:
                     producer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await producer
-            cpu1, t1, host1 = procs.cpu(), time.monotonic(), host_cpu()
+            cpu1, t1, host1, servers1 = procs.cpu(), time.monotonic(), host_cpu(), self._server_cpu()
             await self._wait_marked(sql, procs)
         finally:
             codes, probes = procs.stop()
         report, stored = await self._verify(sql)
+        worker_cpu = sum(b - a for a, b in zip(cpu0, cpu1, strict=True))
         commit_times = await self._commit_times(sql) or progress.commit_times
         latencies = commit_latencies(stored, commit_times)
         returned = commit_latencies(stored, progress.commit_times)  # from COMMIT returned: a lower bound
@@ -459,7 +620,10 @@ class _Bench:
             "p50_ms_after_commit_returned": percentile(returned, 0.50) * 1000,
             "p99_ms_after_commit_returned": percentile(returned, 0.99) * 1000,
             "success_rate": report.published / max(1, report.events),
-            "cpu_percent": 100 * sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / max(1e-6, t1 - t0),
+            "cpu_percent": 100 * worker_cpu / max(1e-6, t1 - t0),
+            "worker_cores": worker_cpu / max(1e-6, t1 - t0),
+            "cpu_us_per_event": worker_cpu * 1e6 / max(1, report.published),
+            **{f"{name}_cores": (servers1[name] - servers0[name]) / max(1e-6, t1 - t0) for name in servers0},
             "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
             "host_busy_percent": busy_percent(host0, host1),
             "exit_codes": codes,

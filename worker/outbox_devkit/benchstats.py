@@ -34,7 +34,7 @@ from typing import Any
 SCHEMA = "outbox-bench"
 SCHEMA_VERSION = 1
 
-SCENARIOS = ("seed", "sustained", "baselines", "latency", "growth", "hot")
+SCENARIOS = ("seed", "sustained", "baselines", "latency", "growth", "hot", "commit-rate", "scale-up")
 
 # The report this project grew from: its NATS publisher at four pressure levels. "msg/s" divides the
 # count by a duration that includes a fixed 15 s / 30 s wait; "send latency" is how long the publish
@@ -159,6 +159,12 @@ TARGETS = (
     Target("p99 commit->ack at 5000/s offered (ms)", "latency/5000-per-s", "p99_ms", "<=", 25),
     Target("idle worker CPU (% of a core)", "idle/1-worker", "cpu_percent", "<", 2),
     Target("claim time 1M history / empty", "ratio:claim_history_over_empty", "", "<=", 1.5),
+    Target("claim time 10M history / empty", "ratio:claim_10m_history_over_empty", "", "<=", 1.2),
+    Target("worker cores at 1000 commits/s", "commit-rate/1000-per-s", "worker_cores", "<=", 0.08),
+    Target("p99 commit->ack at 1000 commits/s (ms)", "commit-rate/1000-per-s", "p99_ms", "<=", 10),
+    Target("worker cores at 5000 commits/s", "commit-rate/5000-per-s", "worker_cores", "<=", 0.25),
+    Target("longest unowned partition, scale-up (ms)", "scale-up/1-2-3-workers", "max_unowned_ms", "<=", 150),
+    Target("2 workers started together / 1 (drain)", "ratio:together_over_alone", "", ">=", 1.0),
 )
 
 
@@ -176,6 +182,13 @@ def ratios(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
         "relay_over_ceiling": div(relay, metric("baseline/ceiling", "events_per_s")),
         "claim_history_over_empty": div(
             metric("growth/1M-history", "claim_ms_p50"), metric("growth/empty", "claim_ms_p50")
+        ),
+        "claim_10m_history_over_empty": div(
+            metric("growth/10M-history", "claim_ms_p50"), metric("growth/empty", "claim_ms_p50")
+        ),
+        "together_over_alone": div(
+            metric("backlog-drain/2-workers-together", "events_per_s"),
+            metric("backlog-drain/1-worker", "events_per_s"),
         ),
     }
 
@@ -315,6 +328,8 @@ def render_table(report: Mapping[str, Any]) -> str:
                 f"{r['name']:<22} {_fmt(m.get('offered_per_s')):>10} {_fmt(m.get('events_per_s')):>10} "
                 f"{_fmt(m.get('p50_ms'), 1):>8} {_fmt(m.get('p99_ms'), 1):>8} {_fmt(m.get('cpu_percent'), 2):>7}"
             )
+    out.extend(_commit_rate_table(report["rows"]))
+    out.extend(_scale_up_table(report["rows"]))
     growth = [r for r in report["rows"] if r["scenario"] == "growth"]
     if growth:
         out.append("")
@@ -334,6 +349,10 @@ def render_table(report: Mapping[str, Any]) -> str:
         + _fmt(rat.get("relay_over_ceiling"), 2)
         + ", claim 1M-history/empty "
         + _fmt(rat.get("claim_history_over_empty"), 2)
+        + ", 10M-history/empty "
+        + _fmt(rat.get("claim_10m_history_over_empty"), 2)
+        + ", drain 2 together/1 "
+        + _fmt(rat.get("together_over_alone"), 2)
     )
     out.append("")
     out.append("targets")
@@ -347,6 +366,45 @@ def render_table(report: Mapping[str, Any]) -> str:
         "verification: " + ("0 lost, 0 duplicates, 0 order violations in every run" if not bad else f"FAILED in {bad}")
     )
     return "\n".join(out)
+
+
+def _commit_rate_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One event per transaction: the worker's cost per commit, and the servers' beside it."""
+    mine = [r for r in rows if r["scenario"] == "commit-rate"]
+    if not mine:
+        return []
+    out = [
+        "",
+        f"{'commit rate':<24} {'achieved/s':>10} {'worker cores':>12} {'us/event':>9} "
+        f"{'PG cores':>9} {'NATS cores':>10} {'p50 ms':>7} {'p99 ms':>7}",
+    ]
+    for r in mine:
+        m = r["metrics"]
+        out.append(
+            f"{r['name']:<24} {_fmt(m.get('events_per_s')):>10} {_fmt(m.get('worker_cores'), 3):>12} "
+            f"{_fmt(m.get('cpu_us_per_event'), 1):>9} {_fmt(m.get('postgres_cores'), 3):>9} "
+            f"{_fmt(m.get('nats_cores'), 3):>10} {_fmt(m.get('p50_ms'), 1):>7} {_fmt(m.get('p99_ms'), 1):>7}"
+        )
+    return out
+
+
+def _scale_up_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Workers joining a backlog: the longest time a partition had no owner, events/s per phase."""
+    mine = [r for r in rows if r["scenario"] == "scale-up"]
+    if not mine:
+        return []
+    out = [
+        "",
+        f"{'scale-up':<34} {'events/s':>9} {'1 worker':>9} {'2 workers':>9} {'3 workers':>9} {'max unowned ms':>14}",
+    ]
+    for r in mine:
+        m = r["metrics"]
+        out.append(
+            f"{r['name']:<34} {_fmt(m.get('events_per_s')):>9} {_fmt(m.get('phase1_events_per_s')):>9} "
+            f"{_fmt(m.get('phase2_events_per_s')):>9} {_fmt(m.get('phase3_events_per_s')):>9} "
+            f"{_fmt(m.get('max_unowned_ms'), 1):>14}"
+        )
+    return out
 
 
 def _pct(v: Any) -> str:

@@ -278,6 +278,15 @@ class OutboxStore:
         rows = await self.pool.fetch(self.sql.lease_release, self.publisher, self.owner, fence.partitions, fence.epochs)
         return [r[0] for r in rows]
 
+    async def announce_lease_change(self) -> None:
+        """Tell the other workers of this table that shares changed (this worker joined, released
+        partitions, or left), so they rebalance now instead of at their next lease tick. Best effort:
+        a failed announcement only delays the handover to that tick, so it is logged, not raised."""
+        try:
+            await self.pool.execute(self.sql.lease_notify, self.sql.lease_channel, self.instance)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            log.warning("lease change announcement failed (%s); peers rebalance at their next tick", type(exc).__name__)
+
     async def lease_table(self) -> list[asyncpg.Record]:
         return list(await self.pool.fetch(self.sql.lease_table, self.publisher))
 
@@ -365,6 +374,15 @@ class OutboxStore:
         return int(row[0]), float(row[1])
 
 
+def _pass_payload_to(on_payload: Callable[[str], None]) -> Callable[..., None]:
+    """An asyncpg listener callback (connection, pid, channel, payload) that hands on the payload."""
+
+    def handle(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        on_payload(payload)
+
+    return handle
+
+
 class Listener:
     """LISTEN on the outbox channel on a dedicated connection; calls ``wake`` on every NOTIFY.
 
@@ -377,6 +395,12 @@ class Listener:
         self._dsn = dsn
         self._sql = sql
         self._wake = wake
+        self._also: dict[str, Callable[[str], None]] = {}
+
+    def also_listen(self, channel: str, on_payload: Callable[[str], None]) -> None:
+        """Also LISTEN on ``channel`` (call before :meth:`run`): ``on_payload`` gets each NOTIFY's
+        payload, and ``""`` after every (re)connect, since notifications may have been missed."""
+        self._also[channel] = on_payload
 
     async def run(self) -> None:
         failures = 0  # since the last connection that listened
@@ -387,8 +411,12 @@ class Listener:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, ev=lost: ev.set())
                 await conn.add_listener(self._sql.channel, self._on_notify)
+                for channel, on_payload in self._also.items():
+                    await conn.add_listener(channel, _pass_payload_to(on_payload))
                 failures = 0
                 self._wake()  # rows may have arrived while we were not listening
+                for on_payload in self._also.values():
+                    on_payload("")  # so may have announcements
                 await lost.wait()
             except asyncio.CancelledError:
                 raise

@@ -12,6 +12,13 @@ Guarantees:
   resolved and acked rows marked), so a successor never races the previous owner's marks.
 - Every mark is additionally fenced by (owner, epoch) in SQL; a worker that lost a lease changes
   nothing even if these local rules were broken (e.g. a process frozen past its lease).
+- Handover without waiting for a tick: a worker that joins, releases partitions or leaves announces
+  it (NOTIFY on :attr:`Sql.lease_channel`); every other worker runs its lease tick at once
+  (:meth:`LeaseManager.on_lease_notice`), so the owner of a partition that is no longer its share
+  releases it, and the new owner takes it, within a few database round trips instead of one tick
+  interval. A partition whose loop is busy is released as soon as the loop checks it in. The
+  announcements only make this faster: missed ones (a dropped LISTEN connection) leave the
+  handover to the next tick, as before.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ class LeaseManager:
         self.live_workers: list[str] = []
         self.target = 0
         self._changed = asyncio.Event()
+        self._tick_now = asyncio.Event()  # shares changed: run the lease tick without waiting
         self._rotation = 0
         self.last_error = ""
         # Loops with nothing to claim, parked in wait_for_work (oldest first); woken one at a time.
@@ -130,6 +138,8 @@ class LeaseManager:
             lease = self.leases.get(p)
             if lease is not None and lease.epoch == epoch:
                 lease.busy = False
+                if lease.releasing:
+                    self._tick_now.set()  # release it now, not at the next tick
                 if p in more:
                     lease.dirty = True
                     lease.backlog = True
@@ -162,6 +172,7 @@ class LeaseManager:
         """
         while True:
             try:
+                self._tick_now.clear()
                 await self.tick()
                 self.last_error = ""
             except asyncio.CancelledError:
@@ -181,7 +192,20 @@ class LeaseManager:
             except Exception as exc:
                 self.last_error = f"lease renewal failed: {type(exc).__name__}"
                 log.warning("%s", self.last_error)
-            await asyncio.sleep(min(self._c.renew_interval_seconds, self._c.poll_interval_seconds))
+            await self._sleep_until_next_tick(min(self._c.renew_interval_seconds, self._c.poll_interval_seconds))
+
+    async def _sleep_until_next_tick(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if shares changed meanwhile (:meth:`on_lease_notice`, or a
+        partition to release was checked in)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._tick_now.wait(), seconds)
+
+    def on_lease_notice(self, sender: str) -> None:
+        """A lease announcement arrived (``sender`` is the announcing worker's instance token, ``""``
+        after the LISTEN connection (re)connected): run the lease tick now. This worker's own
+        announcements are ignored."""
+        if sender != self._store.instance:
+            self._tick_now.set()
 
     async def tick(self) -> None:
         c = self._c
@@ -238,6 +262,7 @@ class LeaseManager:
         if released:
             self._metrics.handover("released", len(released))
             log.info("released partitions %s", sorted(released))
+            await self._store.announce_lease_change()
 
     async def release_all(self, timeout: float) -> None:
         """Stop handing out partitions, wait (bounded) for loops to check in, then release."""

@@ -128,7 +128,7 @@ class RelayLoop:
         while not self._stopping:
             parts = self._leases.checkout(c.loops)
             if not parts:  # every partition is busy, paused or clean since its last claim
-                await self._leases.wait_for_work(c.poll_interval_seconds)
+                await self._wait_for_rows()
                 continue
             more: frozenset[int] = frozenset()
             try:
@@ -138,7 +138,15 @@ class RelayLoop:
             # Dirty partitions (a wake-up during this batch, or a backlog) are claimed at once by
             # this loop; else it parks until a wake-up or the poll.
             if not self._stopping and not self._leases.has_dirty():
-                await self._leases.wait_for_work(c.poll_interval_seconds)
+                await self._wait_for_rows()
+
+    async def _wait_for_rows(self) -> None:
+        """Park until a wake-up (a NOTIFY, new leases) or the poll. Then wait at most
+        ``notify_coalesce_seconds`` more, so rows committed meanwhile are claimed, published and
+        marked together: one claim and one mark round trip for all of them instead of one each."""
+        await self._leases.wait_for_work(self._c.poll_interval_seconds)
+        if self._c.notify_coalesce_seconds > 0 and not self._stopping:
+            await asyncio.sleep(self._c.notify_coalesce_seconds)
 
     async def _one_batch(self, parts: dict[int, int]) -> frozenset[int]:
         """Claim and relay one batch of ``parts``; returns the partitions that may hold more rows."""

@@ -230,9 +230,11 @@ class Worker:
         supervised task died."""
         assert self.leases is not None
         assert self.store is not None
+        listener = Listener(self.config.database.url.get_secret_value(), self.sql, self.wake)
+        listener.also_listen(self.sql.lease_channel, self.leases.on_lease_notice)
         side: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
             "leases": self.leases.run,
-            "listener": Listener(self.config.database.url.get_secret_value(), self.sql, self.wake).run,
+            "listener": listener.run,
             "pressure": self._pressure_loop,
             "reporter": self._report_loop,
         }
@@ -243,6 +245,9 @@ class Worker:
         # The first lease tick before loops start, so they have partitions right away.
         with contextlib.suppress(Exception):
             await self.leases.tick()
+        # Ready to take partitions: announce the join now (not at start(), which may still spend
+        # hundreds of milliseconds on NATS), so the owners release our share when we can take it.
+        await self.store.announce_lease_change()
         self._tasks = [asyncio.create_task(fn(), name=name) for name, fn in side.items()]
         loop_tasks = [asyncio.create_task(lp.run(), name=f"loop-{lp.index}") for lp in self.loops]
         stop_wait = asyncio.create_task(self._stop_requested.wait())
@@ -296,6 +301,7 @@ class Worker:
                 await asyncio.wait_for(self.leases.release_all(1.0), max(0.1, deadline - time.monotonic()))
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.store.leave(), 2)
+                await asyncio.wait_for(self.store.announce_lease_change(), 2)  # the others take over now
         if self.publisher is not None:
             await self.publisher.close(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
         if self.health is not None:

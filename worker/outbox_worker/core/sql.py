@@ -80,6 +80,17 @@ class Sql:
         """NOTIFY channel (a quoted identifier for LISTEN; the same text for pg_notify)."""
         return f"{self.schema}.{self.table}"
 
+    @property
+    def lease_channel(self) -> str:
+        """NOTIFY channel of lease changes: a worker joined, released partitions, or left. The payload
+        is the sender's instance token, so a worker can ignore its own announcements."""
+        return f"{self.schema}.{self.table}_leases"
+
+    @property
+    def lease_notify(self) -> str:
+        """$1 channel, $2 instance token: announce a lease change to every worker of the table."""
+        return "SELECT pg_notify($1, $2)"
+
     # --- migration ------------------------------------------------------------------------------
     def migration(self, partitions: int) -> list[str]:
         """DDL that creates or upgrades the tables; every statement is idempotent.
