@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import sys
 from typing import TYPE_CHECKING
 
-from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, add_table_options
 
 if TYPE_CHECKING:  # imported when the command runs: `outboxctl --help` never loads asyncpg
     import asyncpg
@@ -59,13 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--database-url",
-        default=os.environ.get("OUTBOX_DATABASE_URL", ""),
-        help="PostgreSQL DSN [env OUTBOX_DATABASE_URL]",
-    )
-    p.add_argument("--schema", default=os.environ.get("OUTBOX_DB_SCHEMA", "public"), help="schema (public)")
-    p.add_argument("--table", default=os.environ.get("OUTBOX_TABLE", "outbox"), help="outbox table (outbox)")
+    add_table_options(p)
     p.add_argument("--id", type=int, action="append", dest="ids", help="a dead letter's id (repeatable)")
     p.add_argument("--publisher", help="only dead letters of this publisher")
     p.add_argument("--aggregate", help="only dead letters of this aggregate_id")

@@ -4,31 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
-from outbox_cli.main import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, env_help, setting_default
+from outbox_cli.main import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    add_table_options,
+)
 from outbox_worker.core.sql import DEFAULT_PARTITIONS
 
 HELP = "Create or upgrade the outbox table, indexes, NOTIFY trigger, lease and dead-letter tables."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("OUTBOX_DATABASE_URL", ""),
-        help=env_help("PostgreSQL DSN", "database_url", show_default=False),
-    )
-    parser.add_argument(
-        "--schema",
-        default=os.environ.get("OUTBOX_DB_SCHEMA", setting_default("db_schema")),
-        help=env_help("schema of the outbox tables", "db_schema"),
-    )
-    parser.add_argument(
-        "--table",
-        default=os.environ.get("OUTBOX_TABLE", setting_default("table")),
-        help=env_help("outbox table", "table"),
-    )
+    add_table_options(parser)
     parser.add_argument(
         "--partitions",
         type=int,

@@ -18,7 +18,15 @@ import re
 import sys
 from typing import Any
 
-from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, env_help, setting_default
+from outbox_cli.main import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    add_table_options,
+    env_help,
+)
 
 _STREAM = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
@@ -43,11 +51,7 @@ _FIGURES = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("OUTBOX_DATABASE_URL", ""),
-        help=env_help("PostgreSQL DSN", "database_url", show_default=False),
-    )
+    add_table_options(parser)
     parser.add_argument(
         "--nats-url",
         default=os.environ.get("OUTBOX_NATS_SERVERS", ""),
@@ -55,16 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stream", default=os.environ.get("OUTBOX_STREAM", ""), help=env_help("stream", "stream", show_default=False)
-    )
-    parser.add_argument(
-        "--schema",
-        default=os.environ.get("OUTBOX_DB_SCHEMA", setting_default("db_schema")),
-        help=env_help("schema of the outbox tables", "db_schema"),
-    )
-    parser.add_argument(
-        "--table",
-        default=os.environ.get("OUTBOX_TABLE", setting_default("table")),
-        help=env_help("outbox table", "table"),
     )
     parser.add_argument(
         "--expect-drained", action="store_true", help="a committed event still pending is a violation (exit 1)"

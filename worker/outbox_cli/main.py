@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import gc
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -79,6 +80,27 @@ def env_help(text: str, name: str, *, show_default: bool = True) -> str:
     if not show_default:
         return f"{text} [env {env}]"
     return f"{text} [env {env}; default: {setting_default(name) or 'empty'}]".replace("%", "%%")
+
+
+def add_table_options(parser: argparse.ArgumentParser) -> None:
+    """``--database-url``, ``--schema`` and ``--table``, shared by the commands that open an outbox
+    table (migrate, verify, dead-letters): each falls back to the worker's environment variable,
+    then to the settings class's default."""
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("OUTBOX_DATABASE_URL", ""),
+        help=env_help("PostgreSQL DSN", "database_url", show_default=False),
+    )
+    parser.add_argument(
+        "--schema",
+        default=os.environ.get("OUTBOX_DB_SCHEMA", setting_default("db_schema")),
+        help=env_help("schema of the outbox tables", "db_schema"),
+    )
+    parser.add_argument(
+        "--table",
+        default=os.environ.get("OUTBOX_TABLE", setting_default("table")),
+        help=env_help("outbox table", "table"),
+    )
 
 
 def _load(name: str) -> _Command:
