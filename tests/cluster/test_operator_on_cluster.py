@@ -335,7 +335,9 @@ async def test_autoscaler_scales_within_its_bounds(
             return condition(await api.get(KIND, namespace, "orders"), "Ready").get("status") == "True"
 
         await wait_for(ready, 120)
-        committed = await insert_events(pg_dsn, 20_000, 200)
+        # a backlog that outlasts the autoscaler's reaction on a loaded machine: the pressure it acts on
+        # is sampled every 5 s, so a backlog drained sooner could end before it ever asks for 3
+        committed = await insert_events(pg_dsn, 60_000, 200)
         await wait_for(lambda: _is(deployment_replicas(), 3), 120)
 
         async def all_stored() -> bool:
