@@ -10,8 +10,8 @@ import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from outbox_devkit.embedded import EmbeddedNats, EmbeddedPostgres
-from support.servers import ControlledNats, ControlledPostgres, NatsCluster, peers_ready
+from outbox_devkit.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, peers_ready
+from support.servers import ControlledNats, ControlledPostgres, NatsCluster
 
 pytestmark = pytest.mark.integration
 
@@ -178,6 +178,35 @@ async def test_nats_async_context_manager_stops_the_process() -> None:
     assert server.pid is None
     assert not base.exists()
     assert not os.path.exists(f"/proc/{pid}") or _state(pid) == "Z"
+
+
+async def test_dev_kit_cluster_serves_a_replicated_file_stream_and_removes_everything_on_exit() -> None:
+    """The dev kit's cluster (what ``outboxctl bench --scenario replicated`` runs on), with plain
+    :class:`EmbeddedNats` members: a stream of 3 replicas on file storage is placed on all three and
+    acks a publish; leaving the context stops every member and removes their directories."""
+    async with EmbeddedNatsCluster(EmbeddedNats) as cluster:
+        pids = cluster.pids
+        base = cluster.base_dir
+        assert sorted(pids) == ["n1", "n2", "n3"]
+        nc = await nats.connect(servers=cluster.urls)
+        try:
+            js = nc.jetstream()
+            await _add_stream_with_retry(
+                js, name="R3FILE", subjects=["r3.>"], num_replicas=3, storage=nats.js.api.StorageType.FILE
+            )
+            ack = await js.publish("r3.a", b"replicated", timeout=10)
+            assert ack.seq == 1
+            info = await js.stream_info("R3FILE")
+            assert info.config.storage == nats.js.api.StorageType.FILE
+            assert info.cluster is not None
+            placed = {info.cluster.leader, *(r.name for r in info.cluster.replicas or [])}
+            assert placed == {"n1", "n2", "n3"}
+        finally:
+            await nc.close()
+    assert cluster.pids == {}
+    assert not base.exists()
+    for pid in pids.values():
+        assert not os.path.exists(f"/proc/{pid}") or _state(pid) == "Z"
 
 
 async def _add_stream_with_retry(js: nats.js.JetStreamContext, **config: object) -> nats.js.api.StreamInfo:

