@@ -145,3 +145,26 @@ def test_commit_rate_and_scale_up_rows_feed_their_ratio_targets_and_tables() -> 
     table = render_table(report)
     assert "commit-rate/1000-per-s" in table
     assert "max unowned ms" in table
+
+
+def test_replicated_rows_are_valid_and_shown_beside_the_single_server_drain() -> None:
+    replicated = {
+        "events_per_s": 40_000,
+        "stream_replicas": 3,
+        "cpu_s_per_1k": 0.009,
+        "postgres_cpu_s_per_1k": 0.0045,
+        "nats_n1_cpu_s_per_1k": 0.0211,
+        "nats_n2_cpu_s_per_1k": 0.0072,
+        "nats_n3_cpu_s_per_1k": 0.0073,
+        "nats_cpu_s_per_1k": 0.0356,
+    }
+    rows = [
+        _row("sustained/1-worker", "sustained", {"events_per_s": 81_593, "nats_cpu_s_per_1k": 0.0084}),
+        _row("replicated/1-worker", "replicated", replicated),
+    ]
+    report = build_report(rows, machine={}, config={}, created_at="t")
+    assert validate_report(report) == []
+    line = next(line for line in render_table(report).splitlines() if line.startswith("replicated/1-worker"))
+    # replicas, events/s, the single server's events/s, workers', PostgreSQL's and all members' CPU s/1k
+    assert line.split()[1:7] == ["3", "40,000", "81,593", "0.0090", "0.0045", "0.0356"]
+    assert line.endswith("0.0211 / 0.0072 / 0.0073  yes")  # each member, in member order

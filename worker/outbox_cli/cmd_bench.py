@@ -23,7 +23,10 @@ from outbox_common.config import WorkerConfig
 from outbox_common.settings import WorkerSettings
 from outbox_worker.core.sql import DEFAULT_PARTITIONS
 
-HELP = "Benchmark the relay (seed pressure levels, sustained drain, baselines, latency, growth), verified."
+HELP = (
+    "Benchmark the relay (seed pressure levels, sustained drain, baselines, latency, growth, commit rate, "
+    "scale-up, replicated stream), verified."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="growth also with 10,000,000 published rows (writing them takes minutes; times --scale)",
     )
     parser.add_argument("--database-url", default="", help="use this PostgreSQL instead of an embedded one")
-    parser.add_argument("--nats-url", default="", help="use this NATS server instead of an embedded one")
+    parser.add_argument(
+        "--nats-url",
+        default="",
+        help="use this NATS server instead of an embedded one (not in `replicated`: it starts its own 3-node cluster)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
     # The processes the bench starts itself.
     parser.add_argument("--child", choices=("worker", "naive", "ceiling"), help=argparse.SUPPRESS)

@@ -26,6 +26,11 @@ Scenarios (``--scenario``; docs/benchmarks.md says what each number means):
   is stored, a third at half; the longest time any partition had no live owner (lease table
   sampled every ~5 ms) and events/s per phase. Beside it, the same backlog drained by one worker
   and by two started together (workers started after the backlog committed).
+- ``replicated``: the ``sustained`` drain (same backlog, one worker process and two) on an embedded
+  3-node nats-server cluster, the bench stream with 3 replicas on file storage, the workers given all
+  three URLs; events/s and CPU seconds per 1,000 events of the workers, PostgreSQL and each
+  nats-server (``nats_n1``.. and their sum ``nats``). It always starts its own cluster (``--nats-url``
+  does not apply) and stops it when it ends, also on failure.
 
 Latency runs from the producer's commit (PostgreSQL's commit timestamp of the transaction that wrote
 the outbox row and its ledger row; the producer's clock after COMMIT returned when commit timestamps
@@ -65,7 +70,7 @@ from outbox_devkit.benchstats import (
     seed_aggregates,
 )
 from outbox_devkit.demo import DemoOptions, servers, start_worker, stop_workers, wait_for_fair_leases, worker_env
-from outbox_devkit.embedded import EmbeddedPostgres, children_of
+from outbox_devkit.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, children_of
 from outbox_devkit.producers import (
     LATENCY_CLOCK_COMMIT,
     LATENCY_CLOCK_RETURNED,
@@ -101,6 +106,7 @@ COMMIT_RATE_SECONDS = 20.0
 SCALE_UP_EVENTS = 200_000
 SCALE_UP_JOINS = (0.25, 0.5)  # share of the backlog stored when the second and the third worker start
 LEASE_SAMPLE_SECONDS = 0.005
+CLUSTER_MEMBER_PREFIX = "nats_"  # server CPU names of the replicated scenario's cluster members: nats_n1, ...
 BATCH = 1000
 
 
@@ -149,7 +155,7 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         base = Path(tmp)
         load_before = os.getloadavg()
         async with bench_servers(options, base) as (dsn, nats_url, server_pids):
-            bench = _Bench(options, base, dsn, nats_url, server_pids)
+            bench = _Bench(options, base, dsn, nats_url.split(","), server_pids)
             rows = await bench.run()
             machine = await bench.machine()
             machine["latency_clock"] = bench.latency_clock
@@ -298,13 +304,21 @@ class _LeaseGaps:
 # --- the bench ------------------------------------------------------------------------------------
 class _Bench:
     def __init__(
-        self, options: BenchOptions, base: Path, dsn: str, nats_url: str, server_pids: dict[str, int] | None = None
+        self,
+        options: BenchOptions,
+        base: Path,
+        dsn: str,
+        nats_urls: list[str],
+        server_pids: dict[str, int] | None = None,
+        *,
+        stream_replicas: int | None = None,
     ) -> None:
         self.o = options
         self.server_pids = server_pids or {}  # embedded servers only: their CPU is reported per run
         self.base = base
         self.dsn = dsn
-        self.url = nats_url
+        self.urls = nats_urls  # workers and the bench's own clients are given all of them
+        self.stream_replicas = stream_replicas  # set: the workers create the stream with this many replicas
         self.say = options.progress or (lambda _m: None)
         self._seq = 0
         self.latency_clock = ""
@@ -322,6 +336,7 @@ class _Bench:
             "hot": self._hot,
             "commit-rate": self._commit_rate,
             "scale-up": self._scale_up,
+            "replicated": self._replicated,
         }
         for name in SCENARIOS:
             if name in o.scenarios:
@@ -347,7 +362,7 @@ class _Bench:
             finally:
                 await conn.close()
         with contextlib.suppress(Exception):
-            nc = await nats.connect(self.url, connect_timeout=5)
+            nc = await nats.connect(self.urls, connect_timeout=5)
             info["nats_server"] = nc._server_info.get("version", "")
             await nc.close()
         return info
@@ -376,15 +391,34 @@ class _Bench:
         return out
 
     async def _sustained(self) -> list[Row]:
-        out = []
-        for workers in (1, 2):
-            name = "sustained/1-worker" if workers == 1 else "sustained/2-workers"
-            row = Row(name, "sustained")
-            for i in range(self.o.repeat):
-                run = await self._drain_run("sustained", self.o.n(SUSTAINED_EVENTS), AGGREGATES, workers)
-                self._add(row, run, f"{name} run {i + 1}")
-            out.append(row)
-        return out
+        return await self._drain_rows("sustained")
+
+    async def _replicated(self) -> list[Row]:
+        """The sustained drain on an embedded JetStream cluster, its stream replicated on every member.
+        The cluster is stopped and its directories removed when the scenario ends, also on failure."""
+        cluster = EmbeddedNatsCluster(EmbeddedNats, base_dir=self.base / "nats-cluster")
+        try:
+            await asyncio.to_thread(cluster.start)
+            on_cluster = self._on_cluster(cluster)
+            rows = await on_cluster._drain_rows(
+                "replicated", note=f"{len(cluster.servers)}-node cluster, stream replicated on each, file storage"
+            )
+            self.checkpoints = on_cluster.checkpoints
+            return rows
+        finally:
+            await asyncio.to_thread(cluster.cleanup)
+
+    def _on_cluster(self, cluster: EmbeddedNatsCluster[EmbeddedNats]) -> _Bench:
+        """This bench (options, database) against ``cluster`` instead of its own NATS: workers get
+        every member's URL and create the stream with one replica per member; each member's CPU is
+        measured as ``nats_<member>``. Its files go to a directory of their own under this one's."""
+        pids = {name: pid for name, pid in self.server_pids.items() if name != "nats"}
+        pids |= {f"{CLUSTER_MEMBER_PREFIX}{name}": pid for name, pid in cluster.pids.items()}
+        base = self.base / "replicated"
+        base.mkdir(exist_ok=True)
+        bench = _Bench(self.o, base, self.dsn, cluster.urls, pids, stream_replicas=len(cluster.servers))
+        bench.checkpoints = self.checkpoints
+        return bench
 
     async def _hot(self) -> list[Row]:
         row = Row("hot-aggregate", "hot", note="every event in one aggregate: one publish in flight at a time")
@@ -392,6 +426,19 @@ class _Bench:
             run = await self._drain_run("hot", self.o.n(HOT_EVENTS), 1, 1)
             self._add(row, run, f"hot aggregate run {i + 1}")
         return [row]
+
+    async def _drain_rows(self, scenario: str, note: str = "") -> list[Row]:
+        """Rows ``<scenario>/1-worker`` and ``<scenario>/2-workers``: :data:`SUSTAINED_EVENTS` over
+        :data:`AGGREGATES` committed at once and drained (:meth:`_drain_run`), ``repeat`` times each."""
+        out = []
+        for workers in (1, 2):
+            name = f"{scenario}/1-worker" if workers == 1 else f"{scenario}/2-workers"
+            row = Row(name, scenario, note=note)
+            for i in range(self.o.repeat):
+                run = await self._drain_run(scenario, self.o.n(SUSTAINED_EVENTS), AGGREGATES, workers)
+                self._add(row, run, f"{name} run {i + 1}")
+            out.append(row)
+        return out
 
     async def _baselines(self) -> list[Row]:
         naive = Row("baseline/naive", "baselines", note="publish one, await its ack, delete it, next")
@@ -574,7 +621,8 @@ class _Bench:
             "events": events,
             "events_per_s": report.published / max(1e-6, last - committed_at),
             "cpu_s_per_1k": cpu / (events / 1000),
-            **{f"{name}_cpu_s_per_1k": (servers1[name] - servers0[name]) / (events / 1000) for name in servers0},
+            **_server_cpu_per_1k(servers0, servers1, events),
+            "stream_replicas": await self._stream_replicas(),
             "peak_rss_mb": max(rss),
             "peak_rss_mb_per_worker": rss,
             "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
@@ -673,7 +721,7 @@ class _Bench:
         procs = self._start_child("ceiling", sql, events, AGGREGATES)
         result = await self._wait_child(procs, timeout=max(300.0, events / 1000))
         servers1 = self._server_cpu()
-        stored = await read_stream(self.url, STREAM)
+        stored = await read_stream(self.urls, STREAM)
         report = check_history(synthetic_truth(events, AGGREGATES), stored)
         return {
             "events": events,
@@ -761,7 +809,7 @@ class _Bench:
             await self._checkpoint(conn)
         finally:
             await conn.close()
-        nc = await nats.connect(self.url, connect_timeout=5)
+        nc = await nats.connect(self.urls, connect_timeout=5)
         try:
             with contextlib.suppress(js_errors.NotFoundError):
                 await nc.jetstream().delete_stream(STREAM)
@@ -795,7 +843,8 @@ class _Bench:
             "OUTBOX_SUBJECT_TEMPLATE": SUBJECT_TEMPLATE,
             "OUTBOX_POLL_INTERVAL_SECONDS": "1.0",  # the worker's default (demo polls faster)
         }
-        return worker_env(self.dsn, self.url, sql.table, extra | self.o.worker_env, worker_id)
+        forced = {"OUTBOX_STREAM_REPLICAS": str(self.stream_replicas)} if self.stream_replicas else {}
+        return worker_env(self.dsn, ",".join(self.urls), sql.table, extra | self.o.worker_env | forced, worker_id)
 
     def _start_workers(self, sql: Sql, count: int) -> _Procs:
         self._seq += 1
@@ -894,7 +943,7 @@ class _Bench:
     ) -> None:
         """Until the stream holds ``events`` messages (asked less often while many are still to come:
         :func:`poll_pause`)."""
-        nc = await nats.connect(self.url, connect_timeout=5)
+        nc = await nats.connect(self.urls, connect_timeout=5)
         js = nc.jetstream()
         start = time.monotonic()
         deadline = start + timeout
@@ -936,13 +985,22 @@ class _Bench:
         self.latency_clock = LATENCY_CLOCK_COMMIT if times else LATENCY_CLOCK_RETURNED
         return times
 
+    async def _stream_replicas(self) -> int:
+        """How many servers hold the bench stream: its leader and its replicas (1 on a single server)."""
+        nc = await nats.connect(self.urls, connect_timeout=5)
+        try:
+            info = await nc.jetstream(timeout=10).stream_info(STREAM)
+        finally:
+            await nc.close()
+        return 1 + len(info.cluster.replicas or []) if info.cluster else 1
+
     async def _verify(self, sql: Sql) -> tuple[HistoryReport, list[StoredEvent]]:
         conn = await asyncpg.connect(self.dsn, timeout=10)
         try:
             committed, pending, dead = await read_truth(conn, sql)
         finally:
             await conn.close()
-        stored = await read_stream(self.url, STREAM, timeout=300)
+        stored = await read_stream(self.urls, STREAM, timeout=300)
         return check_history(committed, stored, pending, dead), stored
 
 
@@ -963,6 +1021,17 @@ def _wal_written(before: int | None, after: int | None) -> dict[str, float]:
     if before is None or after is None:
         return {}
     return {"postgres_wal_mb": (after - before) / 1e6}
+
+
+def _server_cpu_per_1k(before: dict[str, float], after: dict[str, float], events: int) -> dict[str, float]:
+    """CPU seconds per 1,000 events of each embedded server between two readings, keyed
+    ``<server>_cpu_s_per_1k``. The members of a nats-server cluster (``nats_n1``, ...) are also summed
+    as ``nats``, the name of the single server, so a replicated drain reads beside a single-server one."""
+    per = {name: (after[name] - before[name]) / (events / 1000) for name in before}
+    members = [cpu for name, cpu in per.items() if name.startswith(CLUSTER_MEMBER_PREFIX)]
+    if members:
+        per["nats"] = sum(members)
+    return {f"{name}_cpu_s_per_1k": cpu for name, cpu in per.items()}
 
 
 def _short(n: int) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 SCHEMA = "outbox-bench"
 SCHEMA_VERSION = 1
 
-SCENARIOS = ("seed", "sustained", "baselines", "latency", "growth", "hot", "commit-rate", "scale-up")
+SCENARIOS = ("seed", "sustained", "baselines", "latency", "growth", "hot", "commit-rate", "scale-up", "replicated")
 
 # The report this project grew from: its NATS publisher at four pressure levels. "msg/s" divides the
 # count by a duration that includes a fixed 15 s / 30 s wait; "send latency" is how long the publish
@@ -330,6 +330,7 @@ def render_table(report: Mapping[str, Any]) -> str:
             )
     out.extend(_commit_rate_table(report["rows"]))
     out.extend(_scale_up_table(report["rows"]))
+    out.extend(_replicated_table(report["rows"]))
     growth = [r for r in report["rows"] if r["scenario"] == "growth"]
     if growth:
         out.append("")
@@ -403,6 +404,35 @@ def _scale_up_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             f"{r['name']:<34} {_fmt(m.get('events_per_s')):>9} {_fmt(m.get('phase1_events_per_s')):>9} "
             f"{_fmt(m.get('phase2_events_per_s')):>9} {_fmt(m.get('phase3_events_per_s')):>9} "
             f"{_fmt(m.get('max_unowned_ms'), 1):>14}"
+        )
+    return out
+
+
+def _replicated_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The drain on a replicated stream, beside the same drain on the single server (``sustained``,
+    when it ran): events/s and CPU seconds per 1,000 events of the workers, PostgreSQL, all
+    nats-servers together and each member (``nats_n1_cpu_s_per_1k``, ... in member order)."""
+    mine = [r for r in rows if r["scenario"] == "replicated"]
+    if not mine:
+        return []
+    single = {r["name"].split("/", 1)[1]: r for r in rows if r["scenario"] == "sustained"}
+    out = [
+        "",
+        f"{'replicated stream':<22} {'replicas':>8} {'events/s':>10} {'1 server':>10} {'CPU s/1k ev':>12} "
+        f"{'PG s/1k':>8} {'NATS s/1k':>10} {'each NATS s/1k':>26} {'ok':>4}",
+    ]
+    for r in mine:
+        m = r["metrics"]
+        members = sorted(
+            k for k in m if k.startswith("nats_") and k.endswith("_cpu_s_per_1k") and k != "nats_cpu_s_per_1k"
+        )
+        each = " / ".join(_fmt(m[k], 4) for k in members) or "-"
+        reference = single.get(r["name"].split("/", 1)[1], {}).get("metrics", {})
+        out.append(
+            f"{r['name']:<22} {_fmt(m.get('stream_replicas')):>8} {_fmt(m.get('events_per_s')):>10} "
+            f"{_fmt(reference.get('events_per_s')):>10} {_fmt(m.get('cpu_s_per_1k'), 4):>12} "
+            f"{_fmt(m.get('postgres_cpu_s_per_1k'), 4):>8} {_fmt(m.get('nats_cpu_s_per_1k'), 4):>10} "
+            f"{each:>26} {'yes' if r['checks']['ok'] else 'NO':>4}"
         )
     return out
 
