@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import asyncpg
 import nats
@@ -207,6 +211,32 @@ async def test_dev_kit_cluster_serves_a_replicated_file_stream_and_removes_every
     assert not base.exists()
     for pid in pids.values():
         assert not os.path.exists(f"/proc/{pid}") or _state(pid) == "Z"
+
+
+def test_servers_left_running_are_stopped_at_interpreter_exit_and_only_their_own_dirs_removed(
+    tmp_path: Path,
+) -> None:
+    """A process that exits without cleaning up: a nats-server and a cluster that made their own
+    directories are stopped and the directories removed; one given a directory is only stopped."""
+    given = tmp_path / "given"
+    script = f"""
+import json
+from pathlib import Path
+from outbox_devkit.embedded import EmbeddedNats, EmbeddedNatsCluster
+own, given, cluster = EmbeddedNats(), EmbeddedNats(base_dir=Path({str(given)!r})), EmbeddedNatsCluster(EmbeddedNats)
+for server in (own, given, cluster):
+    server.start()
+pids = [own.pid, given.pid, *cluster.pids.values()]
+print(json.dumps({{"pids": pids, "dirs": [str(own.base_dir), str(cluster.base_dir)]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    left = json.loads(proc.stdout)
+    assert len(left["pids"]) == 5
+    for pid in left["pids"]:
+        assert not os.path.exists(f"/proc/{pid}") or _state(pid) == "Z", pid
+    for own_dir in left["dirs"]:
+        assert not Path(own_dir).exists(), own_dir
+    assert (given / "nats.log").exists()
 
 
 async def _add_stream_with_retry(js: nats.js.JetStreamContext, **config: object) -> nats.js.api.StreamInfo:
