@@ -378,10 +378,11 @@ SECRET_SETTINGS: dict[str, str] = {
 }
 # Settings filled from the pod itself (downward API).
 POD_SETTINGS: dict[str, str] = {"worker_id": "metadata.name", "kube_namespace": "metadata.namespace"}
-# Settings the operator leaves at the worker's default on purpose: the bind address, and the start-up
-# retry budget (in a cluster, a worker that gives up is restarted by the kubelet anyway), and the NOTIFY
-# coalescing window (a latency-for-CPU trade README documents; its default suits most relays).
-DEFAULT_SETTINGS = frozenset({"metrics_host", "startup_timeout_seconds", "notify_coalesce_seconds"})
+# Settings the operator leaves at the worker's default on purpose: the bind address, the start-up
+# retry budget (in a cluster, a worker that gives up is restarted by the kubelet anyway), the NOTIFY
+# coalescing window (a latency-for-CPU trade README documents; its default suits most relays), and the
+# event loop (uvloop in the image; asyncio is for debugging a worker by hand).
+DEFAULT_SETTINGS = frozenset({"metrics_host", "startup_timeout_seconds", "notify_coalesce_seconds", "event_loop"})
 
 
 def _lookup(data: Mapping[str, Any], path: str) -> Any:
