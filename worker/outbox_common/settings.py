@@ -188,12 +188,13 @@ class WorkerSettings(BaseSettings):
     lease_renew_seconds: float = Field(0.0, ge=0, le=200, description="Renew interval; 0 means a third of the TTL.")
     poll_interval_seconds: float = Field(1.0, gt=0, le=60, description="Fallback poll when no NOTIFY arrives.")
     notify_coalesce_seconds: float = Field(
-        0.0,
+        0.005,
         ge=0,
         le=0.05,
-        description="After a NOTIFY wakes an idle loop, wait this long before claiming, so commits "
-        "arriving meanwhile share one claim and one mark (less CPU per event at low rates; adds at "
-        "most this much commit->ack latency). 0 claims at once.",
+        description="After a NOTIFY wakes the worker, the NOTIFYs of the next this-many seconds are "
+        "read together as one wake-up: commits made meanwhile share one claim, one publish and one "
+        "mark (less CPU per event at one event per transaction; adds at most this much commit->ack "
+        "latency; the first commit after a quiet spell is claimed at once). 0 wakes on every NOTIFY.",
     )
     # --- lifecycle and observability ------------------------------------------------------------
     startup_timeout_seconds: float = Field(
