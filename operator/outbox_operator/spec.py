@@ -162,6 +162,7 @@ class Publishing(_Model):
     ack_timeout_seconds: float = Field(5.0, gt=0, le=120)
     batch_timeout_seconds: float = Field(30.0, gt=0, le=600)
     poll_interval_seconds: float = Field(1.0, gt=0, le=60)
+    notify_coalesce_seconds: float = Field(0.005, ge=0, le=0.05)
     retry: Retry = Field(default_factory=Retry)
     mark_mode: MarkMode = MarkMode.DELETE
     retention_seconds: float = Field(86400.0, ge=0, le=31_536_000)
@@ -347,6 +348,7 @@ SETTINGS_MAP: dict[str, str] = {
     "ack_timeout_seconds": "publishing.ackTimeoutSeconds",
     "batch_timeout_seconds": "publishing.batchTimeoutSeconds",
     "poll_interval_seconds": "publishing.pollIntervalSeconds",
+    "notify_coalesce_seconds": "publishing.notifyCoalesceSeconds",
     "retry_backoff_initial_seconds": "publishing.retry.initialBackoffSeconds",
     "retry_backoff_max_seconds": "publishing.retry.maxBackoffSeconds",
     "max_attempts": "publishing.retry.maxAttempts",
@@ -378,10 +380,10 @@ SECRET_SETTINGS: dict[str, str] = {
 }
 # Settings filled from the pod itself (downward API).
 POD_SETTINGS: dict[str, str] = {"worker_id": "metadata.name", "kube_namespace": "metadata.namespace"}
-# Settings the operator leaves at the worker's default on purpose: the bind address, and the start-up
-# retry budget (in a cluster, a worker that gives up is restarted by the kubelet anyway), and the NOTIFY
-# coalescing window (a latency-for-CPU trade README documents; its default suits most relays).
-DEFAULT_SETTINGS = frozenset({"metrics_host", "startup_timeout_seconds", "notify_coalesce_seconds"})
+# Settings the operator leaves at the worker's default on purpose: the bind address, the start-up
+# retry budget (in a cluster, a worker that gives up is restarted by the kubelet anyway), and the event
+# loop (uvloop in the image; asyncio is for debugging a worker by hand).
+DEFAULT_SETTINGS = frozenset({"metrics_host", "startup_timeout_seconds", "event_loop"})
 
 
 def _lookup(data: Mapping[str, Any], path: str) -> Any:

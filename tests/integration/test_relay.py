@@ -22,6 +22,7 @@ from outbox_common.settings import WorkerSettings
 from outbox_devkit.embedded import free_port
 from outbox_devkit.producers import ProducerPlan, produce
 from outbox_worker.adapters.history_io import ledger_insert, verify
+from outbox_worker.adapters.store import Listener
 from outbox_worker.app.relay import RelayHooks
 from outbox_worker.core.history import HistoryReport
 from outbox_worker.core.policy import PublishResult
@@ -226,10 +227,45 @@ async def test_notify_wakes_an_idle_worker_long_before_the_poll(pg_dsn: str, nat
     assert_clean(report, 5)
 
 
+async def test_the_listener_reads_the_notifies_of_a_window_as_one_wake_up(pg_dsn: str) -> None:
+    """Listener moderation (notify_coalesce_seconds): the first NOTIFY after a quiet spell wakes at
+    once; the NOTIFYs made within the window after it are not read until the window ends, and are
+    then delivered together (none lost; the worker's wake-up is idempotent, so they cost one claim);
+    a NOTIFY after a quiet spell again wakes at once. (The window here is longer than the setting
+    allows, so the test does not depend on how fast the machine is.)"""
+    await setup_db(pg_dsn)
+    window = 0.4
+    wakes: list[float] = []
+    listener = Listener(pg_dsn, SQL, lambda: wakes.append(time.monotonic()), window=window)
+    task = asyncio.create_task(listener.run())
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await wait_for(lambda: _true(len(wakes) == 1), 5, "the wake-up after LISTEN")
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        for _ in range(5):  # a burst within the window
+            await conn.execute("SELECT pg_notify($1, '')", SQL.channel)
+            await asyncio.sleep(0.02)
+        await wait_for(lambda: _true(len(wakes) == 6), 5, "every NOTIFY delivered")
+        burst = wakes[1:]
+        assert burst[0] - t0 < window / 2, burst  # the first NOTIFY woke at once
+        assert all(w - burst[0] >= window * 0.9 for w in burst[1:]), burst  # the rest at the window's end
+        await asyncio.sleep(window)  # a quiet spell
+        t1 = time.monotonic()
+        await conn.execute("SELECT pg_notify($1, '')", SQL.channel)
+        await wait_for(lambda: _true(len(wakes) == 7), 5, "the next wake-up")
+        assert wakes[6] - t1 < window / 2  # after a quiet spell, at once again
+        assert listener.reads_paused == 3  # the burst, the rest read at its end, the last NOTIFY
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await conn.close()
+
+
 async def test_commits_within_the_coalescing_window_share_one_claim(pg_dsn: str, nats_url: str) -> None:
-    """notify_coalesce_seconds: a NOTIFY wakes the idle loop, which waits that long before it claims,
-    so five commits made one after another within the window are claimed, published and marked as
-    one batch (one claim and one mark round trip instead of five of each)."""
+    """notify_coalesce_seconds in a worker: a burst of five one-event commits is relayed in at
+    most two batches (the first commit at once, the rest at the window's end), long before the poll."""
     await setup_db(pg_dsn)
     window = 0.05
     settings = worker_settings(pg_dsn, nats_url, poll_interval_seconds=10.0, loops=1, notify_coalesce_seconds=window)
@@ -238,14 +274,17 @@ async def test_commits_within_the_coalescing_window_share_one_claim(pg_dsn: str,
         async with running(settings) as worker:
             await wait_for(lambda: _true(worker.leases is not None and len(worker.leases.owned) == 8), 5, "leases")
             await asyncio.sleep(0.3)  # the loop is idle: its first claim found nothing
-            batches_before = worker.stats.batches
+            assert worker.listener is not None
+            batches_before, windows_before = worker.stats.batches, worker.listener.reads_paused
             t0 = time.monotonic()
-            await insert(conns[0], "agg-0")  # its NOTIFY wakes the loop
-            await asyncio.gather(*(insert(c, f"agg-{i}") for i, c in enumerate(conns[1:], start=1)))
-            inserted_in = time.monotonic() - t0
+            await asyncio.gather(*(insert(c, f"agg-{i}") for i, c in enumerate(conns)))
             await wait_for(lambda: _is(stored_count(nats_url), 5), 3, "5 events stored")
+            stored_in = time.monotonic() - t0
             batches = worker.stats.batches - batches_before
-        assert batches == 1, f"{batches} batches for 5 commits made within {inserted_in * 1000:.1f} ms"
+            windows = worker.listener.reads_paused - windows_before
+        assert windows >= 1  # the moderation ran
+        assert batches <= 2, f"{batches} batches for 5 commits made together"
+        assert stored_in < 2.0  # the poll is 10 s away
     finally:
         for c in conns:
             await c.close()

@@ -7,6 +7,7 @@ rates), while a backlog is split between the loops so they drain it side by side
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from typing import cast
 
@@ -110,3 +111,49 @@ async def test_a_parked_loop_wakes_at_the_poll() -> None:
     leases = manager()
     await asyncio.wait_for(leases.wait_for_work(0.05), 5)  # raises if the poll never comes
     assert not leases._idle_loops  # a timed-out loop leaves no stale entry behind
+
+
+async def test_a_burst_of_notifies_before_the_claim_wakes_one_loop() -> None:
+    """NOTIFYs read together (the listener's moderation window, or several in one socket read)
+    all ask for the claim the first one asked for: one loop wakes, the others stay parked."""
+    leases = manager()
+    tasks = await parked(leases, LOOPS)
+    for _ in range(5):
+        leases.mark_dirty()
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 1
+    first = leases.checkout(LOOPS)  # the woken loop claims every partition
+    assert sorted(first) == list(range(8))
+    leases.mark_dirty()  # a NOTIFY during its batch: rows its claim may not have seen
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 2  # one more loop (it finds the partitions busy)
+    leases.checkin(first)
+    assert leases.has_dirty()  # so the busy loop claims again at once, not at the poll
+    leases.wake_all()
+    await asyncio.gather(*tasks)
+
+
+class _CountingDeque(collections.deque[asyncio.Future[None]]):
+    """A parked-loop queue that counts removals of futures it no longer holds."""
+
+    failed_removes = 0
+
+    def remove(self, value: asyncio.Future[None]) -> None:
+        if value not in self:
+            self.failed_removes += 1
+        super().remove(value)
+
+
+async def test_a_woken_loop_leaves_the_parked_queue_without_a_failing_remove() -> None:
+    """A loop woken by _wake_one (which already took its future off the queue) must not try to
+    remove it again: deque.remove's ValueError formats the future's repr, ~50 µs, and it ran on
+    every wake-up. A loop woken by the poll does remove its entry."""
+    leases = manager()
+    queue = _CountingDeque()
+    leases._idle_loops = queue
+    [task] = await parked(leases, 1)
+    leases.mark_dirty()
+    await asyncio.wait_for(task, 5)
+    await asyncio.wait_for(leases.wait_for_work(0.01), 5)  # the poll
+    assert not queue
+    assert queue.failed_removes == 0

@@ -125,13 +125,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_child(args: argparse.Namespace) -> int:
-    from outbox_cli.cmd_worker import setup_logging
+    from outbox_cli.cmd_worker import run_on_loop, setup_logging
 
     settings = WorkerSettings()  # from OUTBOX_* like a worker
     setup_logging(settings.log_format, settings.log_level)
     out = Path(args.child_out)
     if args.child == "worker":
-        code, result = asyncio.run(_probe_worker(settings))
+        code, result = run_on_loop(_probe_worker(settings), settings.event_loop)  # the loop a worker runs
     else:
         code, result = EXIT_OK, asyncio.run(_baseline(args, WorkerConfig.from_settings(settings)))
     out.write_text(json.dumps(result))

@@ -122,10 +122,17 @@ class LeaseManager:
 
     def mark_dirty(self) -> None:
         """Rows may have arrived in every partition (a NOTIFY): each must be claimed once more.
-        Wakes one idle loop; a busy loop finds the dirty partitions when it checks in."""
+        Wakes one idle loop; a busy loop finds the dirty partitions when it checks in. When every
+        partition is dirty already, the claim asked for by an earlier wake-up is still to come (a
+        woken loop has not checked out yet, or a busy loop will at check-in): that claim sees this
+        wake-up's rows too, so no other loop is woken (a burst of NOTIFYs costs one wake-up)."""
+        fresh = False
         for lease in self.leases.values():
-            lease.dirty = True
-        self._wake_one()
+            if not lease.dirty:
+                lease.dirty = True
+                fresh = True
+        if fresh:
+            self._wake_one()
 
     def has_dirty(self) -> bool:
         """Whether a free partition still waits for the claim a wake-up asked for."""
@@ -304,8 +311,12 @@ class LeaseManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(future, timeout)
         finally:
-            with contextlib.suppress(ValueError):
-                self._idle_loops.remove(future)
+            # Still parked unless _wake_one took it (it pops the future, then sets its result). Not
+            # a bare remove() under suppress(ValueError): that error's message is the future's repr,
+            # ~50 µs, paid on every wake-up.
+            if not future.done() or future.cancelled():
+                with contextlib.suppress(ValueError):
+                    self._idle_loops.remove(future)
 
     def wake_all(self) -> None:
         """Wake every parked loop (shutdown)."""

@@ -141,12 +141,9 @@ class RelayLoop:
                 await self._wait_for_rows()
 
     async def _wait_for_rows(self) -> None:
-        """Park until a wake-up (a NOTIFY, new leases) or the poll. Then wait at most
-        ``notify_coalesce_seconds`` more, so rows committed meanwhile are claimed, published and
-        marked together: one claim and one mark round trip for all of them instead of one each."""
+        """Park until a wake-up (a NOTIFY, new leases) or the poll. How often NOTIFYs wake the loops
+        is the listener's moderation (``notify_coalesce_seconds``, :class:`Listener`)."""
         await self._leases.wait_for_work(self._c.poll_interval_seconds)
-        if self._c.notify_coalesce_seconds > 0 and not self._stopping:
-            await asyncio.sleep(self._c.notify_coalesce_seconds)
 
     async def _one_batch(self, parts: dict[int, int]) -> frozenset[int]:
         """Claim and relay one batch of ``parts``; returns the partitions that may hold more rows."""

@@ -119,6 +119,7 @@ class Worker:
         self.store: OutboxStore | None = None
         self.publisher: JetStreamPublisher | None = None
         self.leases: LeaseManager | None = None
+        self.listener: Listener | None = None  # while run() runs
         self.loops: list[RelayLoop] = []
         self.health: HealthServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -230,7 +231,12 @@ class Worker:
         supervised task died."""
         assert self.leases is not None
         assert self.store is not None
-        listener = Listener(self.config.database.url.get_secret_value(), self.sql, self.wake)
+        self.listener = listener = Listener(
+            self.config.database.url.get_secret_value(),
+            self.sql,
+            self.wake,
+            window=self.config.relay.notify_coalesce_seconds,
+        )
         listener.also_listen(self.sql.lease_channel, self.leases.on_lease_notice)
         side: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
             "leases": self.leases.run,
