@@ -20,7 +20,7 @@ from pathlib import Path
 from outbox_cli.devkit import missing_embedded_servers
 from outbox_cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, tune_gc
 from outbox_common.config import WorkerConfig
-from outbox_common.settings import WorkerSettings
+from outbox_common.settings import EventLoop, WorkerSettings
 from outbox_worker.core.sql import DEFAULT_PARTITIONS
 
 HELP = (
@@ -133,7 +133,10 @@ def _run_child(args: argparse.Namespace) -> int:
     if args.child == "worker":
         code, result = run_on_loop(_probe_worker(settings), settings.event_loop)  # the loop a worker runs
     else:
-        code, result = EXIT_OK, asyncio.run(_baseline(args, WorkerConfig.from_settings(settings)))
+        # The ceiling is the worker's publish path without a database: on the worker's loop. The naive
+        # relay stands for the simple relay a user would write: on asyncio's default loop.
+        loop = settings.event_loop if args.child == "ceiling" else EventLoop.ASYNCIO
+        code, result = EXIT_OK, run_on_loop(_baseline(args, WorkerConfig.from_settings(settings)), loop)
     out.write_text(json.dumps(result))
     return code if code == EXIT_OK else EXIT_FAILURE
 
