@@ -135,8 +135,8 @@ class RelayConfig:
     Knobs: ``loops`` (partitions a loop checks out at once are shared among them), ``batch_size``,
     ``max_in_flight`` (divided among the loops: ``in_flight``), ``batch_timeout_seconds``,
     ``poll_interval_seconds``, ``max_attempts``, ``retry_backoff_initial_seconds``,
-    ``retry_backoff_max_seconds``, ``ordering``, ``mark_mode``, ``subject_template``,
-    ``notify_coalesce_seconds``.
+    ``retry_backoff_max_seconds``, ``ordering``, ``mark_mode``, ``subject_template``, and
+    ``notify_coalesce_seconds`` (the moderation window of the worker's :class:`Listener`).
     """
 
     loops: int = _int("loops")
