@@ -449,24 +449,7 @@ class _Bench:
         return [naive, ceiling]
 
     async def _latency(self) -> list[Row]:
-        out = []
-        for rate in LATENCY_RATES:
-            row = Row(f"latency/{rate}-per-s", "latency")
-            for i in range(self.o.repeat):
-                seconds = self.o.seconds(LATENCY_SECONDS)
-                plan = ProducerPlan(
-                    events=max(100, int(rate * seconds)),
-                    aggregates=AGGREGATES,
-                    producers=8,
-                    events_per_tx=5,
-                    rollback_ratio=0.0,
-                    slow_tx_ratio=0.0,
-                    rate_per_s=rate,
-                )
-                run = await self._live_run("latency", plan, workers=1)
-                run["offered_per_s"] = rate
-                self._add(row, run, f"latency {rate}/s run {i + 1}")
-            out.append(row)
+        out = await self._steady_load("latency", LATENCY_RATES, LATENCY_SECONDS, events_per_tx=5)
         idle = Row("idle/1-worker", "latency", note="a worker with no events arriving")
         for i in range(self.o.repeat):
             self._add(idle, await self._idle_run(), f"idle run {i + 1}")
@@ -493,23 +476,35 @@ class _Bench:
         return [row for row, _, _ in tables]
 
     async def _commit_rate(self) -> list[Row]:
+        return await self._steady_load(
+            "commit-rate",
+            COMMIT_RATES,
+            COMMIT_RATE_SECONDS,
+            events_per_tx=1,
+            note="one event per transaction, 8 connections",
+        )
+
+    async def _steady_load(
+        self, scenario: str, rates: tuple[int, ...], seconds: float, *, events_per_tx: int, note: str = ""
+    ) -> list[Row]:
+        """One row per offered rate: 8 producers commit ``events_per_tx`` events per transaction at
+        that rate for ``seconds`` (times --scale) while one worker relays them."""
         out = []
-        for rate in COMMIT_RATES:
-            row = Row(f"commit-rate/{rate}-per-s", "commit-rate", note="one event per transaction, 8 connections")
+        for rate in rates:
+            row = Row(f"{scenario}/{rate}-per-s", scenario, note=note)
             for i in range(self.o.repeat):
-                seconds = self.o.seconds(COMMIT_RATE_SECONDS)
                 plan = ProducerPlan(
-                    events=max(100, int(rate * seconds)),
+                    events=max(100, int(rate * self.o.seconds(seconds))),
                     aggregates=AGGREGATES,
                     producers=8,
-                    events_per_tx=1,
+                    events_per_tx=events_per_tx,
                     rollback_ratio=0.0,
                     slow_tx_ratio=0.0,
                     rate_per_s=rate,
                 )
-                run = await self._live_run("commit_rate", plan, workers=1)
+                run = await self._live_run(scenario.replace("-", "_"), plan, workers=1)
                 run["offered_per_s"] = rate
-                self._add(row, run, f"commit-rate {rate}/s run {i + 1}")
+                self._add(row, run, f"{scenario} {rate}/s run {i + 1}")
             out.append(row)
         return out
 
