@@ -11,13 +11,12 @@ README ("Dead letters") states what order a requeued event takes. Exit codes (``
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import sys
 from typing import TYPE_CHECKING
 
-from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, add_table_options
+from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_table_options, run_on_connection
 
 if TYPE_CHECKING:  # imported when the command runs: `outboxctl --help` never loads asyncpg
     import asyncpg
@@ -100,18 +99,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_guarded(args: argparse.Namespace, sql: Sql, selection: DeadLetterFilter) -> int:
     import asyncpg
 
-    from outbox_worker.adapters.store import DatabaseAuthError, DatabaseUnavailableError, connect_pool
-
-    async def go() -> int:
-        pool = await connect_pool(args.database_url, size=2)
-        try:
-            async with pool.acquire() as conn:
-                return await _act(conn, args, sql, selection)
-        finally:
-            await pool.close()
-
     try:
-        return asyncio.run(go())
+        return run_on_connection(args.database_url, lambda conn: _act(conn, args, sql, selection))
     except asyncpg.UndefinedTableError:
         print(
             f"error: {sql.schema}.{sql.table}'s tables are missing or older than schema version 2: run "
@@ -123,12 +112,6 @@ def _run_guarded(args: argparse.Namespace, sql: Sql, selection: DeadLetterFilter
         # e.g. a CHECK of the outbox refuses a requeued row: the transaction rolled back as a whole
         print(f"error: the database refused the {args.action}, nothing was changed: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except DatabaseAuthError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except DatabaseUnavailableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
 
 
 async def _act(conn: asyncpg.Connection, args: argparse.Namespace, sql: Sql, selection: DeadLetterFilter) -> int:

@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from outbox_cli.main import (
-    EXIT_CONFIG,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
-    add_table_options,
-)
+from outbox_cli.main import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, add_table_options, run_on_connection
 from outbox_worker.core.sql import DEFAULT_PARTITIONS
 
 HELP = "Create or upgrade the outbox table, indexes, NOTIFY trigger, lease and dead-letter tables."
@@ -29,13 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from outbox_worker.adapters.store import (
-        DatabaseAuthError,
-        DatabaseUnavailableError,
-        SchemaError,
-        connect_pool,
-        migrate,
-    )
+    import asyncpg
+
+    from outbox_worker.adapters.store import SchemaError, migrate
     from outbox_worker.core.sql import Sql
 
     if not args.database_url:
@@ -48,25 +37,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    async def go() -> int:
-        pool = await connect_pool(args.database_url, size=2)
-        try:
-            async with pool.acquire() as conn:
-                result = await migrate(conn, sql, args.partitions)
-        finally:
-            await pool.close()
+    async def act(conn: asyncpg.Connection) -> int:
+        result = await migrate(conn, sql, args.partitions)
         verb = "created" if result.created else "up to date"
         print(f"{sql.schema}.{sql.table}: {verb} ({result.partitions} partitions)")
         return EXIT_OK
 
     try:
-        return asyncio.run(go())
+        return run_on_connection(args.database_url, act)
     except SchemaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except DatabaseAuthError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except DatabaseUnavailableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE

@@ -16,8 +16,11 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import Coroutine
-from typing import Any, Protocol, TypeVar, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+
+if TYPE_CHECKING:
+    import asyncpg
 
 T = TypeVar("T")
 
@@ -80,6 +83,31 @@ def env_help(text: str, name: str, *, show_default: bool = True) -> str:
     if not show_default:
         return f"{text} [env {env}]"
     return f"{text} [env {env}; default: {setting_default(name) or 'empty'}]".replace("%", "%%")
+
+
+def run_on_connection(database_url: str, act: Callable[[asyncpg.Connection], Awaitable[int]]) -> int:
+    """Run ``act`` on one connection to ``database_url`` (opened and closed here) and return its
+    exit code. Credentials the database refuses exit :data:`EXIT_CONFIG`, a database that cannot be
+    reached :data:`EXIT_UNAVAILABLE`, each with one line naming the fix and never the DSN; any other
+    error is the caller's to map."""
+    from outbox_worker.adapters.store import DatabaseAuthError, DatabaseUnavailableError, connect_pool
+
+    async def go() -> int:
+        pool = await connect_pool(database_url, size=2)
+        try:
+            async with pool.acquire() as conn:
+                return await act(conn)
+        finally:
+            await pool.close()
+
+    try:
+        return asyncio.run(go())
+    except DatabaseAuthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DatabaseUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
 
 def add_table_options(parser: argparse.ArgumentParser) -> None:
