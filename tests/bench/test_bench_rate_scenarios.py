@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,18 +18,26 @@ from outbox_devkit.benchstats import validate_report
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(600)]
 
 
-async def test_commit_rate_and_scale_up_scenarios_verify_and_report_their_figures(
-    pg_dsn: str, nats_url: str, tmp_path: Path
-) -> None:
+async def _bench(
+    args: list[str], pg_dsn: str, nats_url: str, tmp_path: Path
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``outboxctl bench ARGS`` at 1% on the tests' servers; asserts it exited 0 and that its JSON
+    report is valid, and returns both."""
     report_path = tmp_path / "bench.json"
-    argv = [sys.executable, "-m", "outbox_cli", "bench", "--scenario", "commit-rate,scale-up"]
+    argv = [sys.executable, "-m", "outbox_cli", "bench", *args]
     argv += ["--scale", "0.01", "--repeat", "1", "--quiet", "--json", str(report_path)]
     argv += ["--database-url", pg_dsn, "--nats-url", nats_url]
     proc = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
-
-    report = json.loads(report_path.read_text())
+    report: dict[str, Any] = json.loads(report_path.read_text())
     assert validate_report(report) == []
+    return proc, report
+
+
+async def test_commit_rate_and_scale_up_scenarios_verify_and_report_their_figures(
+    pg_dsn: str, nats_url: str, tmp_path: Path
+) -> None:
+    proc, report = await _bench(["--scenario", "commit-rate,scale-up"], pg_dsn, nats_url, tmp_path)
     assert report["ok"] is True
     rows = {row["name"]: row for row in report["rows"]}
     expected = {f"commit-rate/{rate}-per-s" for rate in (500, 1000, 5000)}
@@ -62,15 +71,7 @@ async def test_commit_rate_and_scale_up_scenarios_verify_and_report_their_figure
 async def test_growth_with_10m_rows_of_history_runs_behind_its_flag(pg_dsn: str, nats_url: str, tmp_path: Path) -> None:
     """``--growth-10m`` adds a growth row with 10,000,000 published rows (here 1%: 100,000) beside the
     1M one, and the ratio of its claim time to the empty table's."""
-    report_path = tmp_path / "bench.json"
-    argv = [sys.executable, "-m", "outbox_cli", "bench", "--scenario", "growth", "--growth-10m"]
-    argv += ["--scale", "0.01", "--repeat", "1", "--quiet", "--json", str(report_path)]
-    argv += ["--database-url", pg_dsn, "--nats-url", nats_url]
-    proc = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
-
-    report = json.loads(report_path.read_text())
-    assert validate_report(report) == []
+    proc, report = await _bench(["--scenario", "growth", "--growth-10m"], pg_dsn, nats_url, tmp_path)
     rows = {row["name"]: row["metrics"] for row in report["rows"]}
     assert set(rows) == {"growth/empty", "growth/1M-history", "growth/10M-history"}
     assert rows["growth/10M-history"]["history_rows"] == 100_000

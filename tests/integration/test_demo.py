@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+from typing import IO
 
 from outbox_devkit.embedded import children_of, pid_alive
 
@@ -21,6 +22,35 @@ def listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+SERVERS_UP = re.compile(r"servers up: postgres 127\.0\.0\.1:(\d+)/\S*, nats nats://127\.0\.0\.1:(\d+)")
+
+
+def server_ports(output: str) -> list[int]:
+    """The ports of the demo's PostgreSQL and nats-server, from its "servers up" line."""
+    found = SERVERS_UP.search(output)
+    assert found, output[-2000:]
+    return [int(p) for p in found.groups()]
+
+
+def ports_once_producing(stream: IO[str]) -> list[int]:
+    """Read the demo's progress until its producers run (a "committed" line); its server ports."""
+    seen = ""
+    while "committed" not in seen:
+        line = stream.readline()
+        assert line, seen[-2000:]
+        seen += line
+    return server_ports(seen)
+
+
+def kill_if_running(proc: subprocess.Popen[str]) -> None:
+    """After a failure: leave no orphans behind for the tests after this one."""
+    if proc.poll() is None:
+        for pid in children_of(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
 
 
 def test_demo_json_reports_a_clean_relay() -> None:
@@ -47,10 +77,7 @@ def test_demo_json_reports_a_clean_relay() -> None:
     assert summary["rolled_back"] > 0  # rolled-back producer transactions were exercised, and excluded
     assert summary["worker_exit_codes"] == [0] * summary["workers"]
     # The embedded servers it started are stopped: nothing listens on their ports any more.
-    found = re.search(r"servers up: postgres 127\.0\.0\.1:(\d+)/\S*, nats nats://127\.0\.0\.1:(\d+)", proc.stderr)
-    assert found, proc.stderr[-2000:]
-    ports = [int(p) for p in found.groups()]
-    assert [listening(p) for p in ports] == [False, False]
+    assert [listening(p) for p in server_ports(proc.stderr)] == [False, False]
 
 
 def test_sigterm_stops_the_demo_with_its_workers_and_servers() -> None:
@@ -65,24 +92,13 @@ def test_sigterm_stops_the_demo_with_its_workers_and_servers() -> None:
     )
     try:
         assert proc.stderr is not None
-        seen = ""
-        while "committed" not in seen:  # a progress line: workers started, producers running
-            line = proc.stderr.readline()
-            assert line, seen[-2000:]
-            seen += line
-        found = re.search(r"servers up: postgres 127\.0\.0\.1:(\d+)/\S*, nats nats://127\.0\.0\.1:(\d+)", seen)
-        assert found, seen[-2000:]
+        ports = ports_once_producing(proc.stderr)
         started = children_of(proc.pid)
         assert started
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
-        if proc.poll() is None:  # failed: leave no orphans behind for the tests after this one
-            for pid in children_of(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.kill()
-    ports = [int(p) for p in found.groups()]
+        kill_if_running(proc)
     assert [listening(p) for p in ports] == [False, False]
     assert [p for p in started if pid_alive(p)] == []
 
@@ -100,29 +116,18 @@ def test_ctrl_c_stops_the_demo_in_order_with_one_line() -> None:
         text=True,
         start_new_session=True,  # the demo leads its own process group, as a shell's foreground job does
     )
-    found = None
+    ports: list[int] = []
     try:
         assert proc.stdout is not None
-        seen = ""
-        while "committed" not in seen:  # a progress line: workers ready, producers running
-            line = proc.stdout.readline()
-            assert line, seen[-2000:]
-            seen += line
-        found = re.search(r"servers up: postgres 127\.0\.0\.1:(\d+)/\S*, nats nats://127\.0\.0\.1:(\d+)", seen)
-        assert found, seen[-2000:]
+        ports = ports_once_producing(proc.stdout)
         started = children_of(proc.pid)
         assert started
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:  # failed: leave no orphans behind for the tests after this one
-            for pid in children_of(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.kill()
+        kill_if_running(proc)
     assert proc.returncode == 130, err[-3000:]
     after = [line for line in (out + err).splitlines() if line.strip() and "committed" not in line]
     assert after == ["interrupted: stopped the workers, then nats-server, then PostgreSQL"], (out + err)[-3000:]
-    ports = [int(p) for p in found.groups()]
     assert [listening(p) for p in ports] == [False, False]
     assert [p for p in started if pid_alive(p)] == []
