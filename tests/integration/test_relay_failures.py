@@ -18,8 +18,9 @@ import pytest
 from nats.js import api as js_api
 
 from outbox_common import names
-from outbox_common.config import NatsConfig, PublishConfig, StreamConfig
+from outbox_common.config import NatsConfig, PublishConfig, StreamConfig, WorkerConfig
 from outbox_common.envelope import OutboxRow
+from outbox_common.report import StatusSink
 from outbox_common.settings import StreamMode, WorkerSettings
 from outbox_devkit.producers import ProducerPlan, produce
 from outbox_worker.adapters.history_io import ledger_insert, verify
@@ -138,6 +139,52 @@ async def _at_least(value: Awaitable[int], n: int) -> bool:
     with contextlib.suppress(Exception):
         return await value >= n
     return False
+
+
+class _HangingSink(StatusSink):
+    """A status API that accepts reports but never answers the last one (the pod's removal)."""
+
+    def __init__(self) -> None:
+        self.close_called = False
+
+    async def close(self) -> None:
+        self.close_called = True
+        await asyncio.Event().wait()
+
+
+async def test_a_stop_ends_within_the_grace_period_when_broker_and_status_api_hang(
+    pg_dsn: str, own_nats: ControlledNats
+) -> None:
+    """SIGTERM while the broker is frozen and the status API never answers: the worker still exits
+    within ``shutdown_grace_seconds``, well inside the pod's termination grace period (10 s more),
+    instead of being SIGKILLed there. Rows whose acks never came stay pending: nothing is marked
+    without its ack."""
+    await setup_db(pg_dsn)
+    grace = 3.0
+    settings = worker_settings(pg_dsn, own_nats.url, shutdown_grace_seconds=grace)
+    sink = _HangingSink()
+    worker = Worker(WorkerConfig.from_settings(settings), sink=sink)
+    await worker.start()
+    task = asyncio.create_task(worker.run())
+    try:
+        await produce(pg_dsn, SQL, ProducerPlan(events=50, aggregates=5, producers=1, rollback_ratio=0))
+        await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 20, "the first rows to flow")
+        own_nats.pause()
+        await produce(pg_dsn, SQL, ProducerPlan(events=50, aggregates=5, producers=1, rollback_ratio=0))
+        await wait_for(
+            lambda: _true(worker.publisher is not None and worker.publisher.in_flight > 0), 10, "a wave in flight"
+        )
+        started = time.monotonic()
+        worker.request_stop()
+        await asyncio.wait_for(task, grace + 10)  # the pod's termination grace period
+        took = time.monotonic() - started
+    finally:
+        own_nats.resume()
+        if not task.done():
+            task.cancel()
+    assert sink.close_called  # the hang was reached, and cut short
+    assert took < grace + 1.0, took
+    assert await fetchval(pg_dsn, "SELECT count(*) FROM outbox") == 50  # the frozen wave stays pending
 
 
 # --- error acks and stalled acks ------------------------------------------------------------------

@@ -58,6 +58,9 @@ def kubernetes_patcher(timeout: float) -> Patcher:
     except k8s_config.ConfigException:
         path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser("~/.kube/config")
         k8s_config.load_kube_config(config_file=path, client_configuration=configuration)  # type: ignore[no-untyped-call]
+    # One attempt per report: urllib3 would retry a failed connect 3 times, each up to ``timeout``,
+    # in a thread that outlives the report's own timeout and that the process waits for at exit.
+    configuration.retries = 0
     api = k8s.ApiClient(configuration)
 
     def patch(path: str, body: dict[str, Any]) -> None:
