@@ -156,7 +156,7 @@ async def test_three_node_cluster_accepts_replicated_publish(
         js = nc.jetstream()
         info = await _add_stream_with_retry(js, name="REPL", subjects=["repl.>"], num_replicas=3)
         assert info.config.num_replicas == 3
-        ack = await js.publish("repl.a", b"replicated", timeout=10)
+        ack = await _publish_once_led(js, "repl.a", b"replicated")
         assert ack.seq == 1
         info = await js.stream_info("REPL")
         assert info.cluster is not None
@@ -198,7 +198,7 @@ async def test_dev_kit_cluster_serves_a_replicated_file_stream_and_removes_every
             await _add_stream_with_retry(
                 js, name="R3FILE", subjects=["r3.>"], num_replicas=3, storage=nats.js.api.StorageType.FILE
             )
-            ack = await js.publish("r3.a", b"replicated", timeout=10)
+            ack = await _publish_once_led(js, "r3.a", b"replicated")
             assert ack.seq == 1
             info = await js.stream_info("R3FILE")
             assert info.config.storage == nats.js.api.StorageType.FILE
@@ -250,6 +250,21 @@ async def _add_stream_with_retry(js: nats.js.JetStreamContext, **config: object)
             if isinstance(e, nats.js.errors.BadRequestError) and e.err_code != 10005:
                 raise  # a bad stream config, not a cluster still forming
             if attempt == 19:
+                raise
+            await asyncio.sleep(0.25)
+    raise AssertionError("unreachable")
+
+
+async def _publish_once_led(js: nats.js.JetStreamContext, subject: str, payload: bytes) -> nats.js.api.PubAck:
+    """Publish to a stream just created on a cluster. ``add_stream`` returns once the meta leader has
+    placed the stream; its own leader is elected a moment later, and until then (and until that
+    leader's interest reaches the server we talk to) a publish finds no responder. That, and only
+    that, is retried, for at most 10 s."""
+    for attempt in range(40):
+        try:
+            return await js.publish(subject, payload, timeout=10)
+        except nats.js.errors.NoStreamResponseError:
+            if attempt == 39:
                 raise
             await asyncio.sleep(0.25)
     raise AssertionError("unreachable")
