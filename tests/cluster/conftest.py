@@ -9,7 +9,7 @@
 * ``api``: an async admin client (:class:`kubeapi.KubeApi`); ``kubectl``/``helm``: run the genuine
   binaries against the control plane (``$KUBECONFIG`` set for them only).
 
-A failing test's report carries the tails of the control plane's logs.
+A failing test's report carries the tails of the control plane's logs and of its pods' logs.
 """
 
 from __future__ import annotations
@@ -52,6 +52,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()
     if report.failed and _running and _HERE in item.path.parents:
         report.sections.append(("control plane logs (tails)", _running[0].log_tails()))
+    node = getattr(item, "funcargs", {}).get("node")
+    if report.failed and node is not None:
+        report.sections.append(("worker pod logs (tails)", _pod_log_tails(node.log_dir)))
+
+
+def _pod_log_tails(log_dir: Path, lines: int = 25) -> str:
+    """The last ``lines`` of each pod's log the node agent wrote (why a pod exited as it did)."""
+    tails = []
+    for log in sorted(log_dir.glob("*.log")):
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        tails.append(f"--- {log.name} ---\n" + "\n".join(text))
+    return "\n".join(tails) or f"(no pod logs in {log_dir})"
 
 
 def load_tool_module(name: str) -> ModuleType:
