@@ -11,7 +11,7 @@ Lifecycle guarantees:
   retention sweep, metrics server): if one of them dies, the worker stops and ``run()`` raises
   :class:`SideTaskFailed`, so the process exits non-zero instead of running half-alive.
 - ``stop()`` (SIGTERM): stop claiming, let loops finish the wave in flight and mark what was acked,
-  release leases, leave the membership, drain NATS, close the pool; all within the grace period.
+  release leases, leave the membership, close NATS, close the pool; all within the grace period.
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ class Worker:
         log.info("stopped in %.1fs", time.monotonic() - started)
 
     async def close(self, deadline: float | None = None) -> None:
-        """Release leases, leave, drain NATS, close the pool. Safe to call more than once.
+        """Release leases, leave, close NATS, close the pool. Safe to call more than once.
 
         Bounded: every step waits at most until ``deadline`` (default: the grace period from now),
         and a step cut short is logged; the pod's termination grace period (10 s more than
