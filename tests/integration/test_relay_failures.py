@@ -23,8 +23,14 @@ from outbox_common.envelope import OutboxRow
 from outbox_common.report import StatusSink
 from outbox_common.settings import StreamMode, WorkerSettings
 from outbox_devkit.producers import ProducerPlan, produce
+from outbox_worker.adapters import publisher as publisher_module
 from outbox_worker.adapters.history_io import ledger_insert, verify
-from outbox_worker.adapters.publisher import JetStreamPublisher, Message
+from outbox_worker.adapters.publisher import (
+    STREAM_CREATE_RETRY_SECONDS,
+    JetStreamPublisher,
+    Message,
+    NatsConfigError,
+)
 from outbox_worker.adapters.store import migrate
 from outbox_worker.app.relay import RelayHooks
 from outbox_worker.app.worker import Worker
@@ -496,6 +502,30 @@ async def test_worker_refuses_a_stream_that_cannot_take_the_events(
     assert await fetchval(pg_dsn, "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL") == 0
     report = await verify(pg_dsn, SQL, nats_url, STREAM) if stream is not None else None
     assert report is None or (report.ok and report.stored == 0)
+
+
+async def test_a_stream_the_server_refuses_to_create_is_retried_then_named_in_the_error(
+    pg_dsn: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stream mode ``create`` and a refusal: on a cluster it is often passing (another worker's stream
+    not visible yet, a member still joining; a replicated bench run failed on the first), so the
+    worker looks again and retries for STREAM_CREATE_RETRY_SECONDS; a refusal that lasts (here: 3
+    replicas on a single server) then fails the start with the server's reason, not a bare 404."""
+    await setup_db(pg_dsn)
+    monkeypatch.setattr(publisher_module, "STREAM_CREATE_RETRY_SECONDS", 1.0)
+    assert publisher_module.STREAM_CREATE_RETRY_SECONDS == 1.0
+    settings = worker_settings(pg_dsn, nats_url, stream="REFUSED", stream_replicas=3)
+    worker = Worker(WorkerConfig.from_settings(settings))
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(NatsConfigError) as refused:
+            await worker.start()
+    finally:
+        await worker.close()
+    took = time.monotonic() - t0
+    assert "stream 'REFUSED' could not be created within 1s" in str(refused.value)
+    assert "err_code" in str(refused.value)  # the server's reason, by its code
+    assert 1.0 <= took < STREAM_CREATE_RETRY_SECONDS, took  # retried, for the patched time only
 
 
 @pytest.mark.parametrize("mode", [None, js_api.PersistMode.ASYNC], ids=["default", "async"])

@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 _STATUS = "Status"
 _DESCRIPTION = "Description"
 _SUBJECT_CACHE_LIMIT = 10_000
+# A stream the worker creates (mode ``create``): how long a refusal is retried (another worker's
+# creation not yet visible on a cluster, a member still joining), and the pause between tries.
+STREAM_CREATE_RETRY_SECONDS = 10.0
+STREAM_CREATE_PAUSE_SECONDS = 0.25
 _CREDENTIALS_REJECTED = "NATS rejected the credentials: check the NATS user/password, token or creds Secret"
 
 
@@ -267,18 +271,28 @@ class JetStreamPublisher:
         (``persist_mode: async``)."""
         assert self._nc is not None
         jsm = self._nc.jsm()
-        try:
-            info = await jsm.stream_info(stream.name)
-        except js_errors.NotFoundError:
-            if stream.mode != StreamMode.CREATE:
-                raise NatsConfigError(
-                    f"stream {stream.name!r} does not exist: create it with subjects [{filter_subject!r}] "
-                    "or set stream mode to 'create'"
-                ) from None
-            if await _create_stream(jsm, stream, filter_subject):
+        deadline = time.monotonic() + STREAM_CREATE_RETRY_SECONDS
+        while True:
+            try:
+                info = await jsm.stream_info(stream.name)
+                break
+            except js_errors.NotFoundError:
+                if stream.mode != StreamMode.CREATE:
+                    raise NatsConfigError(
+                        f"stream {stream.name!r} does not exist: create it with subjects [{filter_subject!r}] "
+                        "or set stream mode to 'create'"
+                    ) from None
+            refused = await _create_stream(jsm, stream, filter_subject)
+            if refused is None:
                 return
-            # Another worker created it first (or the config conflicts): check what exists.
-            info = await jsm.stream_info(stream.name)
+            # Refused: another worker created it first (on a cluster it may not be visible yet), or the
+            # cluster cannot place it yet (a member still joining), or the config conflicts. Look again.
+            if time.monotonic() >= deadline:
+                raise NatsConfigError(
+                    f"stream {stream.name!r} could not be created within {STREAM_CREATE_RETRY_SECONDS:.0f}s: "
+                    f"{refused}; create it yourself or check the cluster's JetStream peers"
+                )
+            await asyncio.sleep(STREAM_CREATE_PAUSE_SECONDS)
         _check_stream(stream.name, info.config, filter_subject, horizon_seconds)
 
     async def stream_exists_for(self, subject: str) -> bool | None:
@@ -541,9 +555,9 @@ def _is_auth_error(exc: BaseException) -> bool:
     return isinstance(exc, nats_errors.AuthorizationError) or "authorization" in text or "authentication" in text
 
 
-async def _create_stream(jsm: Any, stream: StreamConfig, filter_subject: str) -> bool:
-    """Create ``stream`` (file storage) capturing ``filter_subject``; False if the server refused
-    (another worker created it first, or the config conflicts)."""
+async def _create_stream(jsm: Any, stream: StreamConfig, filter_subject: str) -> str | None:
+    """Create ``stream`` (file storage) capturing ``filter_subject``; None when created, else the
+    server's refusal (another worker created it first, the config conflicts, no peers to place it)."""
     try:
         await jsm.add_stream(
             name=stream.name,
@@ -552,15 +566,15 @@ async def _create_stream(jsm: Any, stream: StreamConfig, filter_subject: str) ->
             num_replicas=stream.replicas,
             duplicate_window=stream.duplicate_window_seconds,
         )
-    except js_errors.BadRequestError:
-        return False
+    except js_errors.APIError as exc:
+        return f"{exc.description or type(exc).__name__} (err_code {exc.err_code})"
     log.info(
         "created stream %s for %s (duplicate window %.0fs)",
         stream.name,
         filter_subject,
         stream.duplicate_window_seconds,
     )
-    return True
+    return None
 
 
 def _check_stream(name: str, cfg: js_api.StreamConfig, filter_subject: str, horizon_seconds: float) -> None:
