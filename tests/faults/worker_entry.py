@@ -41,7 +41,7 @@ from outbox_cli.main import main as cli_main
 from outbox_common.envelope import OutboxRow
 from outbox_worker.adapters import store
 from outbox_worker.adapters.publisher import JetStreamPublisher, MessageFields
-from outbox_worker.adapters.store import Claim, OutboxStore
+from outbox_worker.adapters.store import Claim, MarkFirst, OutboxStore
 from outbox_worker.app import relay
 from outbox_worker.core.policy import Outcome, PublishResult
 
@@ -120,10 +120,16 @@ async def publish_wave_marking_before_the_ack(
 _cursor_last_seen = 0
 
 
-async def claim_with_an_id_cursor(self: OutboxStore, partitions: Sequence[int], limit: int, ordered: bool) -> Claim:
+async def claim_with_an_id_cursor(
+    self: OutboxStore, partitions: Sequence[int], limit: int, ordered: bool, mark_first: MarkFirst | None = None
+) -> Claim:
     """BROKEN: claims pending rows with ``id > last_seen`` instead of "not yet published", so a row
-    whose transaction commits after a higher id was claimed is never claimed at all."""
+    whose transaction commits after a higher id was claimed is never claimed at all. (A mark it
+    carries is written as the real claim writes it; the cursor never returns those rows again.)"""
     global _cursor_last_seen
+    marked = 0
+    if mark_first is not None and mark_first.ids:
+        marked = await self.mark_done(mark_first.fence, mark_first.ids, mark_first.delete)
     records = await self.pool.fetch(
         f"SELECT {self.sql._COLUMNS} FROM {self.sql.outbox} AS o "
         "WHERE o.partition = ANY($1::int[]) AND o.published_at IS NULL AND o.id > $2 "
@@ -137,7 +143,7 @@ async def claim_with_an_id_cursor(self: OutboxStore, partitions: Sequence[int], 
         _cursor_last_seen = max(_cursor_last_seen, max(r.id for r in rows))
     record("cursor_claim", rows=len(rows), last_seen=_cursor_last_seen)
     more = frozenset(partitions) if len(rows) >= limit else frozenset[int]()
-    return Claim(rows, more)
+    return Claim(rows, more, marked)
 
 
 def install() -> None:

@@ -6,17 +6,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import pytest
 
-from outbox_common.config import WorkerConfig
+from outbox_common.config import LeaseConfig, WorkerConfig
 from outbox_common.settings import WorkerSettings
 from outbox_devkit.producers import ProducerPlan, prepare, produce
 from outbox_worker.adapters.history_io import verify
-from outbox_worker.adapters.store import Fence, OutboxStore, migrate
+from outbox_worker.adapters.metrics import Metrics
+from outbox_worker.adapters.store import Fence, MarkFirst, OutboxStore, migrate
+from outbox_worker.app.leases import LeaseManager
+from outbox_worker.app.marks import AckedRows
 from outbox_worker.app.worker import Worker
 from outbox_worker.core.sql import Sql
 from support.polling import wait_for
@@ -220,6 +224,105 @@ async def test_a_mark_changes_only_rows_of_partitions_whose_lease_still_holds(pg
         ids, live = await insert()
         assert await store.mark_done(fence, ids, delete=True) == len(live)
         assert await changed(ids, "true") == set(ids) - live
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("delete", [True, False])
+async def test_a_claim_carries_a_fenced_mark_and_never_returns_the_rows_it_skips(
+    pg_dsn: str, ordered: bool, delete: bool
+) -> None:
+    """The mark of acked rows rides on the next claim (AckedRows): one statement writes it under
+    its fence and claims other rows. The claim reads the snapshot from before the mark, so it must
+    skip the marked ids and those of marks still in flight; a stale fence changes nothing."""
+    async with asyncpg.create_pool(pg_dsn, min_size=1, max_size=3) as pool:
+        async with pool.acquire() as conn:
+            await migrate(conn, SQL, 4)
+        store = OutboxStore(pool, SQL, "p", "worker-a")
+        await store.check_schema()
+        held = await store.acquire(4, 30.0)
+        parts = sorted(held)
+        rows = await pool.fetch(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+            "SELECT 'o', (g % 10)::text, 'e', '' FROM generate_series(1, 40) g RETURNING id"
+        )
+        ids = [r["id"] for r in rows]
+        acked, in_flight = ids[:6], ids[6:9]  # the mark carried, and another mark not answered yet
+        remaining = set(ids) - set(acked) - set(in_flight)
+
+        stale = {p: e + 1 for p, e in held.items()}
+        claim = await store.claim(parts, 100, ordered, MarkFirst(Fence.of(stale), acked, acked + in_flight, delete))
+        assert claim.marked == 0  # a fence that does not hold: nothing changed
+        assert {r.id for r in claim.rows} == remaining  # skipped all the same
+        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 40
+
+        for limit in (100, 5):  # shares that fit, and a cut batch
+            claim = await store.claim(
+                parts, limit, ordered, MarkFirst(Fence.of(held), acked, acked + in_flight, delete)
+            )
+            assert claim.marked == (len(acked) if limit == 100 else 0)  # marked once: the second time, nothing left
+            claimed = [r.id for r in claim.rows]
+            assert set(claimed) <= remaining
+            assert len(claimed) == len(remaining) if limit == 100 else 1 <= len(claimed) <= limit
+            assert [(r.partition, r.id) for r in claim.rows] == sorted((r.partition, r.id) for r in claim.rows)
+        left = {r["id"] for r in await pool.fetch("SELECT id FROM outbox WHERE published_at IS NULL")}
+        assert left == set(ids) - set(acked)
+        if not delete:
+            assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == len(acked)
+        else:
+            assert await pool.fetchval("SELECT count(*) FROM outbox") == 40 - len(acked)
+
+        # Nothing left to claim: the one row returned carries only the count.
+        claim = await store.claim(parts, 100, ordered, MarkFirst(Fence.of(held), in_flight, ids, delete))
+        assert (claim.rows, claim.marked) == ([], len(in_flight))
+
+
+async def test_acked_rows_no_claim_carries_are_marked_within_the_linger_and_before_their_release(
+    pg_dsn: str,
+) -> None:
+    """Acked rows wait for a claim to carry their mark, but not for long: with no claim, the mark is
+    written on its own after the linger; and a partition is released only after the marks of its
+    waiting rows were written (else its next owner would publish them again)."""
+    async with asyncpg.create_pool(pg_dsn, min_size=1, max_size=3) as pool:
+        async with pool.acquire() as conn:
+            await migrate(conn, SQL, 4)
+        store = OutboxStore(pool, SQL, "p", "worker-a")
+        await store.check_schema()
+        await store.join(30.0)
+        lost: list[int] = []
+        ids = [
+            r[0]
+            for r in await pool.fetch(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+                "SELECT 'o', g::text, 'e', '' FROM generate_series(1, 20) g RETURNING id"
+            )
+        ]
+
+        async def pending() -> int:
+            return int(await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"))
+
+        # The linger: nothing claims, the mark is written on its own.
+        leases = LeaseManager(store, LeaseConfig(ttl_seconds=30.0), 4, Metrics("p"))
+        await leases.tick()
+        held = {p: lease.epoch for p, lease in leases.leases.items()}
+        assert sorted(held) == [0, 1, 2, 3]
+        acked = AckedRows(store, delete=True, fenced_out=lost.append, linger=0.05)
+        assert acked.add(held, ids[:10])
+        assert await pending() == 20
+        await wait_for(lambda: _equals(pending(), 10), 2, "the lingering mark")
+        assert (acked.flushed, acked.carried, lost) == (10, 0, [])
+
+        # The release: rows waiting (a linger far away) are marked first, under the lease they hold.
+        acked = AckedRows(store, delete=True, fenced_out=lost.append, linger=60.0)
+        leases.before_release = acked.flush_before_release
+        assert acked.add(held, ids[10:])
+        await leases.release_all(1.0)
+        assert await pending() == 0
+        assert (acked.flushed, lost, leases.leases) == (10, [], {})
+        assert all(r["owner"] is None for r in await store.lease_table())
+
+
+async def _equals(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
 
 
 async def test_owners_never_overlap_and_shares_rebalance(pg_dsn: str, nats_url: str) -> None:

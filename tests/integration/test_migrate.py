@@ -298,6 +298,18 @@ async def test_claim_uses_the_pending_index_under_a_generic_plan(pg_dsn: str, ta
             fence_reads = [n for n in _nodes(plan) if n["Node Type"] == "CTE Scan" and n.get("CTE Name") == "fence"]
             assert len(fence_reads) == 1, (name, fence_reads)
             assert fence_reads[0].get("Parent Relationship") == "InitPlan", (name, plan)
+        # a claim carrying a mark (AckedRows): the same walk of the pending index, the mark by
+        # primary key, nothing scanned
+        skip = "'{29001,29002}'::bigint[]"
+        for delete in (True, False):
+            for ordered in (True, False):
+                name = f"after_mark_{int(delete)}{int(ordered)}"
+                statement = SQL.claim_after_mark(ordered=ordered, cut=True, delete=delete)
+                plan = await _plan(conn, name, statement, f"{fence}, '{{0,1,2,3}}'::int[], 250, 1000, {skip}")
+                scans = _scans(plan)
+                walks = [s for s in scans if s[1] == "outbox" and s[2] not in ("outbox_held_idx", "outbox_pkey")]
+                assert walks == [("Index Scan", "outbox", "outbox_pending_idx")], scans
+                assert all(s[0] != "Seq Scan" for s in scans if s[1] == "outbox"), scans
     finally:
         await conn.close()
 
@@ -359,7 +371,7 @@ async def test_claim_spreads_a_batch_over_partitions_and_keeps_it_full(pg_dsn: s
             )
         late = await pool.fetchval("SELECT aggregate_id FROM outbox WHERE partition = 3 LIMIT 1")
         store = OutboxStore(pool, SQL, "p", "w")
-        rows, more = await store.claim([0, 1, 2, 3], 20, True)
+        rows, more, _ = await store.claim([0, 1, 2, 3], 20, True)
         assert [r.partition for r in rows] == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
         assert all(a.id < b.id for a, b in itertools.pairwise(rows) if a.partition == b.partition)
         assert more == {0, 1, 2, 3}  # each returned its whole share
@@ -369,24 +381,24 @@ async def test_claim_spreads_a_batch_over_partitions_and_keeps_it_full(pg_dsn: s
         # partitions 2 and 3 run dry: after one claim that sees it, 0 and 1 fill the batch
         await pool.execute("DELETE FROM outbox WHERE partition IN (2, 3)")
         await pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r.id for r in rows])
-        rows, more = await store.claim([0, 1, 2, 3], 20, True)
+        rows, more, _ = await store.claim([0, 1, 2, 3], 20, True)
         assert len(rows) == 10
         assert more == {0, 1}
-        rows, more = await store.claim([0, 1, 2, 3], 20, True)
+        rows, more, _ = await store.claim([0, 1, 2, 3], 20, True)
         assert [r.partition for r in rows] == [0] * 10 + [1] * 10
         assert more == {0, 1}
         # rows arriving in an idle partition are claimed at once, within the batch limit
         await pool.execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('o', $1, 'e', 'x')", late
         )
-        rows, more = await store.claim([0, 1, 2, 3], 20, True)
+        rows, more, _ = await store.claim([0, 1, 2, 3], 20, True)
         assert len(rows) == 20
         assert 3 in {r.partition for r in rows}
         assert more == {0, 1, 3}  # cut to the limit: every partition that had rows may have more
         # the last rows: not full, nothing more
         await pool.execute("DELETE FROM outbox WHERE partition <> 1")
         remaining = await pool.fetchval("SELECT count(*) FROM outbox")
-        rows, more = await store.claim([0, 1, 2, 3], 1000, True)
+        rows, more, _ = await store.claim([0, 1, 2, 3], 1000, True)
         assert len(rows) == remaining
         assert not more
     finally:
@@ -440,13 +452,13 @@ async def test_store_runs_the_uncut_claim_only_when_the_shares_fit(pg_dsn: str) 
 
         store = OutboxStore(Recording(), SQL, "p", "w")  # type: ignore[arg-type]
         # every partition busy: 30 // 4 = 7 each, 28 rows, no cut
-        rows, _ = await store.claim([0, 1, 2, 3], 30, True)
+        rows, _, _ = await store.claim([0, 1, 2, 3], 30, True)
         assert ran[-1] == ("uncut", 7)
         assert len(rows) == 28
         # partition 3 runs dry: the busy three get ceil(30 / 3) = 10, and the idle one too: cut to 30
         await pool.execute("DELETE FROM outbox WHERE partition = 3")
         await store.claim([0, 1, 2, 3], 30, True)
-        rows, _ = await store.claim([0, 1, 2, 3], 30, True)
+        rows, _, _ = await store.claim([0, 1, 2, 3], 30, True)
         assert ran[-1] == ("cut", 10)
         assert len(rows) == 30
         # fewer rows than partitions in the limit: a share of one row each would not fit
@@ -491,7 +503,7 @@ async def test_claimed_created_at_is_the_header_text_whatever_the_session_settin
     pool = await connect_pool(pg_dsn, size=1)  # new sessions: the database's settings apply
     try:
         assert await pool.fetchval("SHOW TimeZone") == "Asia/Kolkata"
-        rows, _ = await OutboxStore(pool, SQL, "p", "w").claim([0], 100, False)
+        rows, _, _ = await OutboxStore(pool, SQL, "p", "w").claim([0], 100, False)
     finally:
         await pool.close()
     assert [r.created_at for r in rows] == [*(created_at_text(ts) for ts in instants), "", "", "", ""]

@@ -292,6 +292,38 @@ async def test_commits_within_the_coalescing_window_share_one_claim(pg_dsn: str,
     assert_clean(report, 5)
 
 
+@pytest.mark.parametrize("mark_mode", ["delete", "mark"])
+async def test_the_marks_of_one_event_commits_ride_on_the_next_claim(
+    pg_dsn: str, nats_url: str, mark_mode: str
+) -> None:
+    """One-event commits a few milliseconds apart, as at 1,000 commits/s: each small batch's acked
+    rows are marked by the statement of the next claim (one round trip less per cycle), the last
+    ones on their own within MARK_LINGER_SECONDS. Every claim skips the rows whose mark is still to
+    come, so no loop publishes a row twice; none stays pending."""
+    await setup_db(pg_dsn)
+    settings = worker_settings(pg_dsn, nats_url, poll_interval_seconds=10.0, loops=2, mark_mode=mark_mode)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        async with running(settings) as worker:
+            await wait_for(lambda: _true(worker.leases is not None and len(worker.leases.owned) == 8), 5, "leases")
+            for i in range(60):
+                await insert(conn, f"agg-{i % 7}")
+                await asyncio.sleep(0.003)
+            await wait_for(lambda: _is(stored_count(nats_url), 60), 10, "60 events stored")
+            await wait_for(lambda: _is(pending_rows(pg_dsn), 0), 2, "every acked row marked")
+            acked = worker.acked
+            assert acked is not None
+            assert acked.carried > 0  # marks rode on claims
+            assert acked.carried + acked.flushed == 60  # each row marked once, through AckedRows
+            assert (worker.stats.published, worker.stats.duplicates, worker.stats.fenced_out) == (60, 0, 0)
+        if mark_mode == "mark":
+            assert await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 60
+    finally:
+        await conn.close()
+    report = await verify(pg_dsn, SQL, nats_url, STREAM)
+    assert_clean(report, 60)
+
+
 async def test_a_loop_never_sleeps_while_its_partitions_hold_rows(pg_dsn: str, nats_url: str) -> None:
     """Rows concentrated in two of eight partitions, small batches, two loops, a 30 s poll: a loop
     whose claim found nothing (its slice held drained partitions) must not sleep while a partition

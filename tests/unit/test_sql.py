@@ -192,6 +192,32 @@ def test_every_mark_is_fenced_by_owner_partition_and_epoch(name: str) -> None:
     assert "o.partition = ANY(ARRAY(SELECT partition FROM fence))" in text
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("cut", [True, False])
+@pytest.mark.parametrize("delete", [True, False])
+def test_a_claim_after_a_mark_is_the_fenced_mark_and_the_same_claim_skipping_ids(
+    ordered: bool, cut: bool, delete: bool
+) -> None:
+    """The mark carried by a claim (AckedRows) is the fenced mark on its own, and the claim the same
+    walk, hold-back and cut as alone, with its parameters moved behind the mark's and a skip list."""
+    raw = SQL.claim_after_mark(ordered=ordered, cut=cut, delete=delete)
+    assert _identifiers(raw.replace(f"'{CREATED_AT_FORMAT}'", "''")) <= ALLOWED
+    assert set(re.findall(r"'([^']*)'", raw.replace(f"'{CREATED_AT_FORMAT}'", "''"))) <= {"UTC", ""} | RANGE_LITERALS
+    text = " ".join(raw.split())
+    alone = " ".join((SQL.mark_delete if delete else SQL.mark_published).split())
+    mark = alone[alone.index("DELETE" if delete else "UPDATE") :]
+    assert f"marked AS ({mark} RETURNING 1)" in text
+    assert "l.publisher = $1 AND l.owner = $2" in text
+    assert "FOR SHARE OF l" in text
+    name = f"claim_{'ordered' if ordered else 'unordered'}{'' if cut else '_uncut'}"
+    claim = " ".join(getattr(SQL, name).split())
+    for n in (3, 2, 1):  # the claim's own parameters, moved behind the mark's five
+        claim = claim.replace(f"${n}", f"${n + 5}")
+    due = "AND (o.not_before IS NULL OR o.not_before <= now())"
+    claim = claim.replace(due, f"{due} AND o.id <> ALL($9::bigint[])")
+    assert text.endswith(f"LEFT JOIN ( {claim}) AS claimed ON true ORDER BY claimed.partition, claimed.id")
+
+
 def test_lease_statements_use_the_database_clock_and_bump_epochs() -> None:
     acquire = " ".join(SQL.lease_acquire.split())
     assert "epoch = l.epoch + 1" in acquire

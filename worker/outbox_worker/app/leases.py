@@ -28,6 +28,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -72,6 +73,9 @@ class LeaseManager:
         self.last_error = ""
         # Loops with nothing to claim, parked in wait_for_work (oldest first); woken one at a time.
         self._idle_loops: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Runs before partitions are released: writes the marks of acked rows still waiting for a
+        # claim to carry them (AckedRows.flush), so the next owner does not publish them again.
+        self.before_release: Callable[[], Awaitable[None]] | None = None
 
     # --- for the relay loops ------------------------------------------------------------------------
     @property
@@ -263,8 +267,10 @@ class LeaseManager:
         }
         if not idle:
             return
+        if self.before_release is not None:
+            await self.before_release()
         for p in idle:
-            del self.leases[p]
+            self.leases.pop(p, None)
         released = await self._store.release(Fence.of(idle))
         if released:
             self._metrics.handover("released", len(released))

@@ -39,14 +39,14 @@ from outbox_common.settings import MarkMode, OrderingMode
 from outbox_common.timing import backoff_delay
 from outbox_worker.adapters.metrics import Metrics
 from outbox_worker.adapters.publisher import JetStreamPublisher, MessageFields
-from outbox_worker.adapters.store import Fence, OutboxStore
+from outbox_worker.adapters.store import Fence, MarkFirst, OutboxStore
 from outbox_worker.app.leases import LeaseManager
+from outbox_worker.app.marks import MARK_RETRIES, AckedRows
 from outbox_worker.core.policy import Outcome, PublishResult, plan_waves
 
 log = logging.getLogger(__name__)
 
 CONFIG_PAUSE_SECONDS = 5.0
-MARK_RETRIES = 5
 _SUCCESS = (Outcome.ACKED, Outcome.DUPLICATE)  # PublishResult.ok, read per event without the property
 _DUPLICATE = Outcome.DUPLICATE
 
@@ -97,9 +97,12 @@ class RelayLoop:
         metrics: Metrics,
         stats: RelayStats,
         hooks: RelayHooks | None = None,
+        acked: AckedRows | None = None,
     ) -> None:
         """Why this size: the loop drives each of these parts; passing them (not the worker) keeps
-        the loop's dependencies visible and lets a test give its own."""
+        the loop's dependencies visible and lets a test give its own. ``acked`` (shared by the
+        worker's loops) lets the marks of small batches ride on the next claim; without it every
+        batch is marked on its own."""
         self.index = index
         self._c = config
         self._store = store
@@ -118,6 +121,7 @@ class RelayLoop:
         self._ordered = config.ordering == OrderingMode.PER_AGGREGATE
         self._stopping = False
         self.hooks = hooks or RelayHooks()
+        self._acked = acked
 
     def stop(self) -> None:
         """Finish the current batch (publish, await acks, mark), then return from :meth:`run`."""
@@ -150,7 +154,7 @@ class RelayLoop:
         c = self._c
         started = time.monotonic()
         try:
-            rows, more = await self._store.claim(sorted(parts), c.batch_size, self._ordered)
+            rows, more = await self._claim(sorted(parts))
         except Exception as exc:
             self._error(f"claim failed: {type(exc).__name__}")
             await asyncio.sleep(min(c.poll_interval_seconds, 1.0))
@@ -164,6 +168,26 @@ class RelayLoop:
         if outcome.cut_short:  # rows of this batch were left unsent
             return frozenset(parts)
         return more
+
+    async def _claim(self, parts: list[int]) -> tuple[list[OutboxRow], frozenset[int]]:
+        """The claim, carrying the marks of acked rows that wait for one (:class:`AckedRows`)."""
+        acked = self._acked
+        ticket = acked.take() if acked is not None else None
+        if acked is None or (ticket is None and not acked.excluded()):
+            claim = await self._store.claim(parts, self._c.batch_size, self._ordered)
+            return claim.rows, claim.more
+        fence, ids = (ticket.fence, ticket.ids) if ticket is not None else (Fence([], []), [])
+        marked: int | None = None
+        try:
+            claim = await self._store.claim(
+                parts, self._c.batch_size, self._ordered, MarkFirst(fence, ids, acked.excluded(), acked.delete)
+            )
+            marked = claim.marked
+            acked.carried += len(ids)
+        finally:
+            if ticket is not None:
+                acked.settle(ticket, marked)
+        return claim.rows, claim.more
 
     async def _publish(self, rows: list[OutboxRow], parts: dict[int, int], deadline: float) -> _BatchOutcome:
         """Publish the batch wave by wave (:func:`plan_waves`) until it is done, the worker stops or
@@ -308,6 +332,8 @@ class RelayLoop:
         await self.hooks.before_mark(out.done)
         for attempt in range(1, MARK_RETRIES + 1):
             try:
+                if out.done and self._acked is not None and self._acked.add(parts, out.done):
+                    out.done = []  # marked by the next claim, or within MARK_LINGER_SECONDS
                 if out.done:
                     n = await self._store.mark_done(fence, out.done, delete)
                     if n < len(out.done):

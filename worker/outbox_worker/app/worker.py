@@ -44,6 +44,7 @@ from outbox_worker.adapters.store import (
     connect_pool,
 )
 from outbox_worker.app.leases import LeaseManager
+from outbox_worker.app.marks import AckedRows
 from outbox_worker.app.relay import RelayHooks, RelayLoop, RelayStats
 from outbox_worker.core.policy import pressure_pause
 from outbox_worker.core.sql import Sql
@@ -119,6 +120,7 @@ class Worker:
         self.store: OutboxStore | None = None
         self.publisher: JetStreamPublisher | None = None
         self.leases: LeaseManager | None = None
+        self.acked: AckedRows | None = None  # acked rows whose mark waits for the next claim
         self.listener: Listener | None = None  # while run() runs
         self.loops: list[RelayLoop] = []
         self.health: HealthServer | None = None
@@ -142,6 +144,10 @@ class Worker:
         await self.store.join(self.config.leases.ttl_seconds)
         self.publisher = await self._connect_nats(deadline)
         self.leases = LeaseManager(self.store, self.config.leases, partitions, self.metrics)
+        self.acked = AckedRows(
+            self.store, delete=self.config.relay.mark_mode == MarkMode.DELETE, fenced_out=self._fenced_out
+        )
+        self.leases.before_release = self.acked.flush_before_release
         self.loops = [
             self._relay_loop(i, self.store, self.publisher, self.leases) for i in range(self.config.relay.loops)
         ]
@@ -194,7 +200,12 @@ class Worker:
     def _relay_loop(
         self, index: int, store: OutboxStore, publisher: JetStreamPublisher, leases: LeaseManager
     ) -> RelayLoop:
-        return RelayLoop(index, self.config.relay, store, publisher, leases, self.metrics, self.stats, self.hooks)
+        return RelayLoop(
+            index, self.config.relay, store, publisher, leases, self.metrics, self.stats, self.hooks, self.acked
+        )
+
+    def _fenced_out(self, rows: int) -> None:
+        self.stats.fenced_out += rows
 
     async def _start_metrics(self) -> None:
         """The /metrics, /healthz, /readyz server, unless its port is 0. Raises MetricsPortError."""
@@ -324,6 +335,8 @@ class Worker:
             except Exception as exc:
                 log.warning("shutdown: %s failed (%s); going on", what, type(exc).__name__)
 
+        if self.acked is not None:
+            await bounded("marking acked rows", self.acked.close(), cap=float("inf"))
         if self.leases is not None and self.store is not None:
             await bounded("releasing the leases", self.leases.release_all(1.0), cap=float("inf"))
             await bounded("leaving the membership", self.store.leave(), cap=2.0)

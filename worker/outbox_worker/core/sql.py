@@ -371,7 +371,12 @@ class Sql:
                             AND h.id < o.id AND h.not_before > now() AND h.published_at IS NULL
                           OFFSET 0))"""
 
-    def _claim(self, hold_back: str, *, cut: bool) -> str:
+    def _claim(self, hold_back: str, *, cut: bool, first: int = 1, excluding: bool = False) -> str:
+        # Parameters $first (partitions[]), $first+1 (rows per partition), $first+2 (rows in all), and
+        # with ``excluding`` $first+3 (ids[] never to return: acked rows whose delete or mark rides on
+        # the same statement, or on another one not yet answered).
+        parts, share, limit = f"${first}::int[]", f"${first + 1}", f"${first + 2}"
+        skip = f"\n                      AND o.id <> ALL(${first + 3}::bigint[])" if excluding else ""
         # Each partition is an index walk of (partition, id) over pending rows only. The partition is
         # matched as a range of one, in (partition, id) order, which only that index provides. With
         # `o.partition = p.partition` and `ORDER BY o.id`, the planner may walk the primary key in id
@@ -379,26 +384,57 @@ class Sql:
         # a partition with no due rows then read every pending row of the others, 24 ms per claim
         # at 200k, growing with the backlog.
         per_partition = f"""
-                FROM unnest($1::int[]) AS p(partition)
+                FROM unnest({parts}) AS p(partition)
                 CROSS JOIN LATERAL (
                     SELECT {self._COLUMNS} FROM {self.outbox} AS o
                     WHERE o.partition BETWEEN p.partition AND p.partition AND o.published_at IS NULL
-                      AND (o.not_before IS NULL OR o.not_before <= now()){hold_back}
+                      AND (o.not_before IS NULL OR o.not_before <= now()){skip}{hold_back}
                     ORDER BY o.partition, o.id
-                    LIMIT $2) AS c"""
+                    LIMIT {share}) AS c"""
         if not cut:
             return f"""
             SELECT c.*{per_partition}
             ORDER BY c.partition, c.id
-            LIMIT $3"""
+            LIMIT {limit}"""
         # The cut takes every partition's last rows first (rank, then partition), so each partition
         # with a due row keeps at least its first one.
         return f"""
             SELECT {self._CLAIMED} FROM (
                 SELECT c.*, row_number() OVER (PARTITION BY c.partition ORDER BY c.id) AS rank{per_partition}
                 ORDER BY rank, c.partition
-                LIMIT $3) AS b
+                LIMIT {limit}) AS b
             ORDER BY b.partition, b.id"""
+
+    def claim_after_mark(self, *, ordered: bool, cut: bool, delete: bool) -> str:
+        """A mark and the next claim in one statement, one round trip instead of two.
+
+        $1-$4 fence, $5 ids[] as in :attr:`mark_delete` (``delete``) or :attr:`mark_published`;
+        $6-$8 as $1-$3 of :attr:`claim_ordered` (``ordered``; ``cut`` as there), $9 ids[] the claim
+        must not return. Returns the claimed rows in (partition, id) order, each with the number of
+        rows the mark changed in a last column; with no row to claim, one row of NULLs with that
+        number.
+
+        The mark runs once and to completion whatever the claim reads (a data-modifying WITH), and
+        under the same fence, in the same transaction, as a mark on its own. The claim reads the
+        snapshot the statement started with, which still shows the rows being deleted or marked:
+        $9 must hold every id of $5 (and the ids of any mark not yet answered), or the claim would
+        return them again."""
+        hold_back = self._hold_back() if ordered else ""
+        claim = self._claim(hold_back, cut=cut, first=6, excluding=True)
+        if delete:
+            mark = f"DELETE FROM {self.outbox} AS o WHERE o.id = ANY($5::bigint[]) AND {self._FENCED} RETURNING 1"
+        else:
+            mark = (
+                f"UPDATE {self.outbox} AS o SET published_at = now() "
+                f"WHERE o.id = ANY($5::bigint[]) AND {self._FENCED} AND o.published_at IS NULL RETURNING 1"
+            )
+        return f"""
+            WITH {self._fence()},
+            marked AS ({mark})
+            SELECT claimed.*, m.n AS marked
+            FROM (SELECT count(*) AS n FROM marked) AS m
+            LEFT JOIN ({claim}) AS claimed ON true
+            ORDER BY claimed.partition, claimed.id"""
 
     # --- marks, all fenced by (publisher, owner, partition, epoch) in the same statement ---------
     # Each row's partition is checked against the fence's partitions read once into an array (an
