@@ -274,6 +274,9 @@ async def test_a_claim_carries_a_fenced_mark_and_never_returns_the_rows_it_skips
         # Nothing left to claim: the one row returned carries only the count.
         claim = await store.claim(parts, 100, ordered, MarkFirst(Fence.of(held), in_flight, ids, delete))
         assert (claim.rows, claim.marked) == ([], len(in_flight))
+        # The statement commits without waiting for its WAL flush, and only it: the pool's connections
+        # (statements of leases and marks on their own) keep the server's setting.
+        assert {await pool.fetchval("SHOW synchronous_commit") for _ in range(6)} == {"on"}
 
 
 async def test_acked_rows_no_claim_carries_are_marked_within_the_linger_and_before_their_release(

@@ -202,7 +202,10 @@ def test_a_claim_after_a_mark_is_the_fenced_mark_and_the_same_claim_skipping_ids
     walk, hold-back and cut as alone, with its parameters moved behind the mark's and a skip list."""
     raw = SQL.claim_after_mark(ordered=ordered, cut=cut, delete=delete)
     assert _identifiers(raw.replace(f"'{CREATED_AT_FORMAT}'", "''")) <= ALLOWED
-    assert set(re.findall(r"'([^']*)'", raw.replace(f"'{CREATED_AT_FORMAT}'", "''"))) <= {"UTC", ""} | RANGE_LITERALS
+    literals = set(re.findall(r"'([^']*)'", raw.replace(f"'{CREATED_AT_FORMAT}'", "''")))
+    assert literals <= {"UTC", "", "synchronous_commit", "off"} | RANGE_LITERALS
+    # its commit does not wait for the WAL flush, for this statement's transaction only
+    assert "CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush_wait" in raw
     text = " ".join(raw.split())
     alone = " ".join((SQL.mark_delete if delete else SQL.mark_published).split())
     mark = alone[alone.index("DELETE" if delete else "UPDATE") :]
