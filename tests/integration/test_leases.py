@@ -4,9 +4,10 @@ partition at the same time, and shares rebalance to within one when workers join
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,14 +185,21 @@ async def test_stale_epoch_changes_nothing(pg_dsn: str) -> None:
         await pool.close()
 
 
-async def test_a_mark_changes_only_rows_of_partitions_whose_lease_still_holds(pg_dsn: str) -> None:
-    """One statement carries a batch from several partitions. When some of their leases moved on,
-    the rows of the others are still marked, and the moved ones' rows are left to their new owner."""
-    async with asyncpg.create_pool(pg_dsn, min_size=1, max_size=3) as pool:
+@contextlib.asynccontextmanager
+async def migrated_store(dsn: str) -> AsyncIterator[tuple[asyncpg.Pool, OutboxStore]]:
+    """A pool over an outbox of 4 partitions, and the store of worker ``worker-a`` of publisher ``p``."""
+    async with asyncpg.create_pool(dsn, min_size=1, max_size=3) as pool:
         async with pool.acquire() as conn:
             await migrate(conn, SQL, 4)
         store = OutboxStore(pool, SQL, "p", "worker-a")
         await store.check_schema()
+        yield pool, store
+
+
+async def test_a_mark_changes_only_rows_of_partitions_whose_lease_still_holds(pg_dsn: str) -> None:
+    """One statement carries a batch from several partitions. When some of their leases moved on,
+    the rows of the others are still marked, and the moved ones' rows are left to their new owner."""
+    async with migrated_store(pg_dsn) as (pool, store):
         held = await store.acquire(4, 30.0)
         assert sorted(held) == [0, 1, 2, 3]
         await pool.execute(  # partitions 2 and 3 were taken over (and given back) since the claim
@@ -234,11 +242,7 @@ async def test_a_claim_carries_a_fenced_mark_and_never_returns_the_rows_it_skips
     """The mark of acked rows rides on the next claim (AckedRows): one statement writes it under
     its fence and claims other rows. The claim reads the snapshot from before the mark, so it must
     skip the marked ids and those of marks still in flight; a stale fence changes nothing."""
-    async with asyncpg.create_pool(pg_dsn, min_size=1, max_size=3) as pool:
-        async with pool.acquire() as conn:
-            await migrate(conn, SQL, 4)
-        store = OutboxStore(pool, SQL, "p", "worker-a")
-        await store.check_schema()
+    async with migrated_store(pg_dsn) as (pool, store):
         held = await store.acquire(4, 30.0)
         parts = sorted(held)
         rows = await pool.fetch(
@@ -285,11 +289,7 @@ async def test_acked_rows_no_claim_carries_are_marked_within_the_linger_and_befo
     """Acked rows wait for a claim to carry their mark, but not for long: with no claim, the mark is
     written on its own after the linger; and a partition is released only after the marks of its
     waiting rows were written (else its next owner would publish them again)."""
-    async with asyncpg.create_pool(pg_dsn, min_size=1, max_size=3) as pool:
-        async with pool.acquire() as conn:
-            await migrate(conn, SQL, 4)
-        store = OutboxStore(pool, SQL, "p", "worker-a")
-        await store.check_schema()
+    async with migrated_store(pg_dsn) as (pool, store):
         await store.join(30.0)
         lost: list[int] = []
         ids = [
