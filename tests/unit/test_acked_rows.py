@@ -23,7 +23,7 @@ async def test_rows_wait_until_a_claim_takes_them_and_are_skipped_until_it_is_an
     ticket = rows.take()
     assert ticket is not None
     assert (ticket.leases, ticket.ids) == ({0: 3, 1: 3, 2: 4}, [10, 11, 12])
-    assert len(rows) == 0
+    assert rows.waiting == 0
     assert rows.add({0: 3}, [13])
     assert sorted(rows.excluded()) == [10, 11, 12, 13]  # in flight, and waiting
     rows.settle(ticket, 3)

@@ -172,7 +172,7 @@ def _row(r: asyncpg.Record) -> OutboxRow:
 class Claim(NamedTuple):
     rows: list[OutboxRow]
     more: frozenset[int]  # partitions that may hold more due rows right now: claim them again at once
-    marked: int = 0  # rows the mark carried by the claim (``then_mark``) changed
+    marked: int = 0  # rows changed by the mark the claim carried (``mark_first``)
 
 
 @dataclass(frozen=True, slots=True)

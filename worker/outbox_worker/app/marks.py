@@ -81,7 +81,9 @@ class AckedRows:
         self.carried = 0  # rows whose mark rode on a claim (tests and benchmarks read it)
         self.flushed = 0  # rows whose mark was written on its own
 
-    def __len__(self) -> int:
+    @property
+    def waiting(self) -> int:
+        """Acked rows whose mark no statement carries yet."""
         return len(self._ids)
 
     def add(self, leases: dict[int, int], ids: Sequence[int]) -> bool:
