@@ -140,6 +140,13 @@ def test_commit_rate_and_scale_up_rows_feed_their_ratio_targets_and_tables() -> 
     assert targets["worker cores at 1000 commits/s"] is False  # 0.2 > 0.08
     assert targets["p99 commit->ack at 1000 commits/s (ms)"] is True
     assert targets["worker cores at 5000 commits/s"] is None  # not run
+    # a rate the producers did not reach is not a target met: 1,300 commits/s of 5,000 offered
+    rows.append(_row("commit-rate/5000-per-s", "commit-rate", {"events_per_s": 1300, "worker_cores": 0.2}))
+    report = build_report(rows, machine={}, config={}, created_at="t")
+    assert validate_report(report) == []
+    (at_5000,) = [t for t in report["targets"] if t["name"] == "worker cores at 5000 commits/s"]
+    assert (at_5000["met"], at_5000["value"], at_5000["note"]) == (None, 0.2, "offered 5,000/s, reached 1,300/s")
+    assert "not measured: offered 5,000/s, reached 1,300/s" in render_table(report)
     assert targets["longest unowned partition, scale-up (ms)"] is True
     assert targets["2 workers started together / 1 (drain)"] is True
     table = render_table(report)

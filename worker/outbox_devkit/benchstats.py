@@ -18,6 +18,7 @@ docs/benchmarks.md::
       ],
       "ratios": {"relay_over_naive": 31.2, "relay_over_ceiling": 0.81},
       "targets": [{"name": "...", "target": ">= 60000", "value": 61234.0, "met": true}],
+                 # "met": null when not run, or with "note" when a target's offered rate was not reached
       "seed_reference": [{"events": 500, "msg_per_s": 33.21, "send_latency_ms": 1.57}, ...]
     }
 
@@ -139,6 +140,9 @@ class Target:
     metric: str
     op: str  # ">=", "<=" or "<"
     bound: float
+    # A target stated at an offered rate counts only where the row reached 90% of it (its
+    # ``events_per_s``); below, ``met`` is None and ``note`` says what was reached instead.
+    at_rate: float = 0.0
 
     def evaluate(self, rows: Mapping[str, Mapping[str, Any]], ratios: Mapping[str, float | None]) -> dict[str, Any]:
         if self.row.startswith("ratio:"):
@@ -146,9 +150,14 @@ class Target:
         else:
             value = rows.get(self.row, {}).get("metrics", {}).get(self.metric)
         met: bool | None = None
-        if value is not None:
+        out: dict[str, Any] = {"name": self.name, "target": f"{self.op} {self.bound:g}", "value": value}
+        reached = rows.get(self.row, {}).get("metrics", {}).get("events_per_s")
+        if value is not None and self.at_rate and (reached is None or reached < 0.9 * self.at_rate):
+            out["note"] = f"offered {self.at_rate:,.0f}/s, reached {reached or 0:,.0f}/s"
+        elif value is not None:
             met = {">=": value >= self.bound, "<=": value <= self.bound, "<": value < self.bound}[self.op]
-        return {"name": self.name, "target": f"{self.op} {self.bound:g}", "value": value, "met": met}
+        out["met"] = met
+        return out
 
 
 TARGETS = (
@@ -160,9 +169,9 @@ TARGETS = (
     Target("idle worker CPU (% of a core)", "idle/1-worker", "cpu_percent", "<", 2),
     Target("claim time 1M history / empty", "ratio:claim_history_over_empty", "", "<=", 1.5),
     Target("claim time 10M history / empty", "ratio:claim_10m_history_over_empty", "", "<=", 1.2),
-    Target("worker cores at 1000 commits/s", "commit-rate/1000-per-s", "worker_cores", "<=", 0.08),
-    Target("p99 commit->ack at 1000 commits/s (ms)", "commit-rate/1000-per-s", "p99_ms", "<=", 10),
-    Target("worker cores at 5000 commits/s", "commit-rate/5000-per-s", "worker_cores", "<=", 0.25),
+    Target("worker cores at 1000 commits/s", "commit-rate/1000-per-s", "worker_cores", "<=", 0.08, 1000),
+    Target("p99 commit->ack at 1000 commits/s (ms)", "commit-rate/1000-per-s", "p99_ms", "<=", 10, 1000),
+    Target("worker cores at 5000 commits/s", "commit-rate/5000-per-s", "worker_cores", "<=", 0.25, 5000),
     Target("longest unowned partition, scale-up (ms)", "scale-up/1-2-3-workers", "max_unowned_ms", "<=", 150),
     Target("2 workers started together / 1 (drain)", "ratio:together_over_alone", "", ">=", 1.0),
 )
@@ -359,6 +368,8 @@ def render_table(report: Mapping[str, Any]) -> str:
     out.append("targets")
     for t in report["targets"]:
         mark = {True: "met", False: "MISSED", None: "not run"}[t["met"]]
+        if t.get("note"):
+            mark = f"not measured: {t['note']}"
         value = "-" if t["value"] is None else f"{t['value']:,.2f}"
         out.append(f"  {t['name']:<42} {t['target']:>10}  {value:>12}  {mark}")
     bad = [r["name"] for r in rows.values() if not r["checks"]["ok"]]
