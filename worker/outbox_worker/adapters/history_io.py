@@ -122,20 +122,25 @@ async def read_stream(
         # JetStream API calls wait up to 15 s (nats-py's default is 5): right after a cluster loses
         # a leader, the stream info and consumer requests go unanswered until a new one is elected.
         js = nc.jetstream(timeout=15.0)
+        deadline = time.monotonic() + timeout
         info = await js.stream_info(stream)
         last = info.state.last_seq
         if info.state.messages == 0:
             return out
-        sub = await js.pull_subscribe(
-            "",
-            stream=stream,
-            config=js_api.ConsumerConfig(
-                ack_policy=js_api.AckPolicy.NONE,
-                deliver_policy=js_api.DeliverPolicy.ALL,
-                inactive_threshold=60.0,
-            ),
+        config = js_api.ConsumerConfig(
+            ack_policy=js_api.AckPolicy.NONE, deliver_policy=js_api.DeliverPolicy.ALL, inactive_threshold=60.0
         )
-        deadline = time.monotonic() + timeout
+        while True:
+            # A cluster whose members were just killed and restarted may leave the consumer's creation
+            # unanswered for a while (seen once in CI: 15 s): ask again until ``timeout``. A consumer a
+            # lost answer created anyway is ephemeral and removes itself after a minute.
+            try:
+                sub = await js.pull_subscribe("", stream=stream, config=config)
+                break
+            except (nats.errors.TimeoutError, js_errors.ServiceUnavailableError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no consumer on {stream} could be created within {timeout}s") from None
+                await asyncio.sleep(1.0)
         seq = 0
         while seq < last:
             if time.monotonic() > deadline:
