@@ -18,6 +18,8 @@ from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
 from outbox_common.config import StatusConfig, WorkerConfig
 from outbox_common.settings import EventLoop, WorkerSettings, describe_error, env_name, unknown_env_warnings
 
+T = TypeVar("T")
+
 HELP = "Run a relay worker (settings from OUTBOX_* environment variables or flags)."
 
 
@@ -52,9 +54,6 @@ def setup_logging(fmt: str, level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("nats").setLevel(logging.WARNING if level != "DEBUG" else logging.DEBUG)
-
-
-T = TypeVar("T")
 
 
 class _JsonFormatter(logging.Formatter):

@@ -441,9 +441,10 @@ class Listener:
     socket is left unread for ``window``; the NOTIFYs of the commits made meanwhile wait in the socket
     and are read together when the window ends, as one wake-up. A commit made after a claim's
     snapshot is therefore claimed at most ``window`` later than without moderation, and a worker
-    woken by every commit of a steady stream of one-event transactions claims, publishes and marks
-    them in batches instead of one by one (each wake-up costs a claim, a publish and a mark round
-    trip). The first NOTIFY after a quiet spell still wakes the worker at once.
+    woken by every commit of a steady stream of one-event transactions claims and publishes them in
+    batches instead of one by one (each wake-up costs a claim and a publish round trip; the mark
+    rides on the next claim, see ``AckedRows``). The first NOTIFY after a quiet spell still wakes the
+    worker at once.
     """
 
     def __init__(self, dsn: str, sql: Sql, wake: Callable[[], None], window: float = 0.0) -> None:

@@ -173,14 +173,15 @@ class RelayLoop:
         """The claim, carrying the marks of acked rows that wait for one (:class:`AckedRows`)."""
         acked = self._acked
         ticket = acked.take() if acked is not None else None
-        if acked is None or (ticket is None and not acked.excluded()):
+        skip = acked.excluded() if acked is not None else []  # the ticket's ids, and other marks in flight
+        if acked is None or not skip:  # no mark to carry, none in flight: the plain claim
             claim = await self._store.claim(parts, self._c.batch_size, self._ordered)
             return claim.rows, claim.more
         fence, ids = (ticket.fence, ticket.ids) if ticket is not None else (Fence([], []), [])
         marked: int | None = None
         try:
             claim = await self._store.claim(
-                parts, self._c.batch_size, self._ordered, MarkFirst(fence, ids, acked.excluded(), acked.delete)
+                parts, self._c.batch_size, self._ordered, MarkFirst(fence, ids, skip, acked.delete)
             )
             marked = claim.marked
             acked.carried += len(ids)

@@ -315,7 +315,8 @@ class Worker:
         log.info("stopped in %.1fs", time.monotonic() - started)
 
     async def close(self, deadline: float | None = None) -> None:
-        """Release leases, leave, close NATS, close the pool. Safe to call more than once.
+        """Mark the acked rows still waiting, release leases, leave, close NATS, close the pool.
+        Safe to call more than once.
 
         Bounded: every step waits at most until ``deadline`` (default: the grace period from now),
         and a step cut short is logged; the pod's termination grace period (10 s more than
