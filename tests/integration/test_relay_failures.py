@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Sequence
@@ -22,6 +23,7 @@ from outbox_common.config import NatsConfig, PublishConfig, StreamConfig, Worker
 from outbox_common.envelope import OutboxRow
 from outbox_common.report import StatusSink
 from outbox_common.settings import StreamMode, WorkerSettings
+from outbox_devkit.embedded import free_port, nats_server_binary
 from outbox_devkit.producers import ProducerPlan, produce
 from outbox_worker.adapters import publisher as publisher_module
 from outbox_worker.adapters.history_io import ledger_insert, verify
@@ -30,6 +32,7 @@ from outbox_worker.adapters.publisher import (
     JetStreamPublisher,
     Message,
     NatsConfigError,
+    NatsUnavailableError,
 )
 from outbox_worker.adapters.store import migrate
 from outbox_worker.app.relay import RelayHooks
@@ -526,6 +529,101 @@ async def test_a_stream_the_server_refuses_to_create_is_retried_then_named_in_th
     assert "stream 'REFUSED' could not be created within 1s" in str(refused.value)
     assert "err_code" in str(refused.value)  # the server's reason, by its code
     assert 1.0 <= took < STREAM_CREATE_RETRY_SECONDS, took  # retried, for the patched time only
+
+
+async def test_a_jetstream_api_that_does_not_answer_yet_is_asked_again(
+    own_nats: ControlledNats, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A JetStream API that does not answer for a while (a cluster electing its meta leader, a server
+    still deleting a large stream: a replicated bench run's worker died of a bare nats timeout there)
+    is asked again until the start-up deadline; the stream is then checked (here: created) as usual."""
+    monkeypatch.setattr(publisher_module, "STREAM_API_TIMEOUT_SECONDS", 1.0)
+    assert publisher_module.STREAM_API_TIMEOUT_SECONDS == 1.0
+    pub = JetStreamPublisher(NatsConfig.for_url(own_nats.url))
+    await pub.connect()
+    try:
+        own_nats.pause()
+        try:
+            check = asyncio.create_task(
+                pub.ensure_stream(
+                    StreamConfig("LATE", StreamMode.CREATE), "late.*.*", 60, deadline=time.monotonic() + 30
+                )
+            )
+            with caplog.at_level("WARNING", logger="outbox_worker.adapters.publisher"):
+                await asyncio.sleep(2.6)  # at least two 1 s requests go unanswered
+                own_nats.resume()
+                await asyncio.wait_for(check, 20)
+        finally:
+            own_nats.resume()
+    finally:
+        await pub.close()
+    asked_again = [r.getMessage() for r in caplog.records if "asking again" in r.getMessage()]
+    assert len(asked_again) >= 2, asked_again
+    assert "did not answer the check of stream LATE (TimeoutError)" in asked_again[0]
+    nc = await nats.connect(own_nats.url)
+    try:
+        info = await nc.jsm().stream_info("LATE")
+    finally:
+        await nc.close()
+    assert info.config.subjects == ["late.*.*"]
+
+
+async def test_a_jetstream_api_that_never_answers_fails_the_check_as_unavailable_at_its_deadline(
+    own_nats: ControlledNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Silence that outlasts the deadline ends the check with NatsUnavailableError (the worker exits
+    with code 4 and its pod is restarted), not with a wait that never ends."""
+    monkeypatch.setattr(publisher_module, "STREAM_API_TIMEOUT_SECONDS", 1.0)
+    assert publisher_module.STREAM_API_TIMEOUT_SECONDS == 1.0
+    pub = JetStreamPublisher(NatsConfig.for_url(own_nats.url))
+    await pub.connect()
+    t0 = time.monotonic()
+    own_nats.pause()
+    try:
+        with pytest.raises(NatsUnavailableError) as silent:
+            await pub.ensure_stream(StreamConfig("SILENT", StreamMode.CREATE), "silent.*.*", 60, deadline=t0 + 3.0)
+    finally:
+        own_nats.resume()
+        await pub.close()
+    took = time.monotonic() - t0
+    assert "the JetStream API did not answer the check of stream 'SILENT' in time" in str(silent.value)
+    assert 3.0 <= took < 5.0, took
+
+
+async def test_a_server_without_jetstream_fails_the_stream_check_naming_the_fix() -> None:
+    """Nothing answers the JetStream API on a server started without it: a configuration error at
+    once (exit code 3) that says to enable JetStream, not a timeout after the start-up budget."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        pub = JetStreamPublisher(NatsConfig.for_url(f"nats://127.0.0.1:{port}"))
+        await wait_for(lambda: _connects(pub), 10, "the plain nats-server to accept connections")
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(NatsConfigError) as plain:
+                await pub.ensure_stream(StreamConfig("PLAIN", StreamMode.CREATE), "plain.*.*", 60)
+            took = time.monotonic() - t0
+        finally:
+            await pub.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert "JetStream is not enabled" in str(plain.value)
+    assert "nats-server -js" in str(plain.value)
+    assert took < 5.0, took  # no retries until the 10 s deadline: asking again cannot help
+
+
+async def _connects(pub: JetStreamPublisher) -> bool:
+    try:
+        await pub.connect(timeout=1.0)
+    except NatsUnavailableError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("mode", [None, js_api.PersistMode.ASYNC], ids=["default", "async"])

@@ -201,7 +201,10 @@ class WorkerSettings(BaseSettings):
         60.0,
         ge=0,
         le=3600,
-        description="How long start-up retries an unreachable database or NATS before the worker exits (code 4).",
+        description=(
+            "How long start-up retries an unreachable database or NATS, or a JetStream API that does "
+            "not answer, before the worker exits (code 4)."
+        ),
     )
     shutdown_grace_seconds: float = Field(
         20.0, gt=0, le=600, description="Time to finish in-flight work after SIGTERM."

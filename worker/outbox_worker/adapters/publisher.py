@@ -62,6 +62,10 @@ _SUBJECT_CACHE_LIMIT = 10_000
 # creation not yet visible on a cluster, a member still joining), and the pause between tries.
 STREAM_CREATE_RETRY_SECONDS = 10.0
 STREAM_CREATE_PAUSE_SECONDS = 0.25
+# One JetStream API request of the stream check. A request that gets no answer in time (a cluster
+# electing its meta leader, a server still deleting a large stream) is asked again until the
+# check's deadline.
+STREAM_API_TIMEOUT_SECONDS = 5.0
 _CREDENTIALS_REJECTED = "NATS rejected the credentials: check the NATS user/password, token or creds Secret"
 
 
@@ -264,36 +268,59 @@ class JetStreamPublisher:
         return self._max_payload
 
     # --- stream checks ------------------------------------------------------------------------------
-    async def ensure_stream(self, stream: StreamConfig, filter_subject: str, horizon_seconds: float) -> None:
+    async def ensure_stream(
+        self, stream: StreamConfig, filter_subject: str, horizon_seconds: float, deadline: float | None = None
+    ) -> None:
         """Check (or, with mode ``create``, create) ``stream``: it must exist, capture
         ``filter_subject`` and keep a duplicate window of at least ``horizon_seconds``. Raises
         NatsConfigError naming the fix. Warns about a stream that acks before it writes
-        (``persist_mode: async``)."""
+        (``persist_mode: async``).
+
+        Bounded: a JetStream API that does not answer (or answers "temporarily unavailable") is asked
+        again until ``deadline`` (monotonic; default :data:`STREAM_CREATE_RETRY_SECONDS` from now),
+        then NatsUnavailableError; a refused creation is looked at again for at most
+        STREAM_CREATE_RETRY_SECONDS, then NatsConfigError with the server's reason."""
         assert self._nc is not None
-        jsm = self._nc.jsm()
-        deadline = time.monotonic() + STREAM_CREATE_RETRY_SECONDS
+        nc = self._nc
+        refusals_until = time.monotonic() + STREAM_CREATE_RETRY_SECONDS
+        deadline = refusals_until if deadline is None else deadline
         while True:
+            jsm = nc.jsm(timeout=max(1.0, min(STREAM_API_TIMEOUT_SECONDS, deadline - time.monotonic())))
             try:
-                info = await jsm.stream_info(stream.name)
-                break
-            except js_errors.NotFoundError:
-                if stream.mode != StreamMode.CREATE:
+                found = await _find_or_create(jsm, stream, filter_subject)
+            except (nats_errors.TimeoutError, js_errors.ServiceUnavailableError) as exc:
+                if isinstance(exc, js_errors.ServiceUnavailableError) and _jetstream_off(exc):
+                    why = exc.description or "no responders"
                     raise NatsConfigError(
-                        f"stream {stream.name!r} does not exist: create it with subjects [{filter_subject!r}] "
-                        "or set stream mode to 'create'"
+                        f"JetStream is not enabled for this NATS server or account ({why}): enable it "
+                        "(nats-server -js, or a jetstream block in the server's and the account's configuration)"
                     ) from None
-            refused = await _create_stream(jsm, stream, filter_subject)
-            if refused is None:
-                return
-            # Refused: another worker created it first (on a cluster it may not be visible yet), or the
-            # cluster cannot place it yet (a member still joining), or the config conflicts. Look again.
-            if time.monotonic() >= deadline:
-                raise NatsConfigError(
-                    f"stream {stream.name!r} could not be created within {STREAM_CREATE_RETRY_SECONDS:.0f}s: "
-                    f"{refused}; create it yourself or check the cluster's JetStream peers"
+                # A creation that timed out may still have happened: the next look tells.
+                if time.monotonic() + STREAM_CREATE_PAUSE_SECONDS >= deadline:
+                    raise NatsUnavailableError(
+                        f"the JetStream API did not answer the check of stream {stream.name!r} in time "
+                        f"({type(exc).__name__}): check that the NATS cluster has a JetStream meta leader"
+                    ) from None
+                log.warning(
+                    "the JetStream API did not answer the check of stream %s (%s); asking again",
+                    stream.name,
+                    type(exc).__name__,
                 )
+            else:
+                if isinstance(found, js_api.StreamInfo):
+                    _check_stream(stream.name, found.config, filter_subject, horizon_seconds)
+                    return
+                if found is None:  # created
+                    return
+                # Refused: another worker created it first (on a cluster it may not be visible yet),
+                # or the cluster cannot place it yet (a member still joining), or the config
+                # conflicts. Look again.
+                if time.monotonic() >= refusals_until:
+                    raise NatsConfigError(
+                        f"stream {stream.name!r} could not be created within {STREAM_CREATE_RETRY_SECONDS:.0f}s: "
+                        f"{found}; create it yourself or check the cluster's JetStream peers"
+                    )
             await asyncio.sleep(STREAM_CREATE_PAUSE_SECONDS)
-        _check_stream(stream.name, info.config, filter_subject, horizon_seconds)
 
     async def stream_exists_for(self, subject: str) -> bool | None:
         """Whether some stream captures ``subject`` (cached 5 s); None when the API did not answer."""
@@ -555,9 +582,20 @@ def _is_auth_error(exc: BaseException) -> bool:
     return isinstance(exc, nats_errors.AuthorizationError) or "authorization" in text or "authentication" in text
 
 
-async def _create_stream(jsm: Any, stream: StreamConfig, filter_subject: str) -> str | None:
-    """Create ``stream`` (file storage) capturing ``filter_subject``; None when created, else the
-    server's refusal (another worker created it first, the config conflicts, no peers to place it)."""
+async def _find_or_create(jsm: Any, stream: StreamConfig, filter_subject: str) -> js_api.StreamInfo | str | None:
+    """One look at ``stream``: its info when it exists; when it does not, NatsConfigError in mode
+    ``expect``, else None when this call created it (file storage, capturing ``filter_subject``) or
+    the server's refusal (another worker created it first, the config conflicts, no peers to place
+    it). Unanswered requests raise nats-py's TimeoutError or ServiceUnavailableError."""
+    try:
+        info: js_api.StreamInfo = await jsm.stream_info(stream.name)
+        return info
+    except js_errors.NotFoundError:
+        if stream.mode != StreamMode.CREATE:
+            raise NatsConfigError(
+                f"stream {stream.name!r} does not exist: create it with subjects [{filter_subject!r}] "
+                "or set stream mode to 'create'"
+            ) from None
     try:
         await jsm.add_stream(
             name=stream.name,
@@ -566,6 +604,8 @@ async def _create_stream(jsm: Any, stream: StreamConfig, filter_subject: str) ->
             num_replicas=stream.replicas,
             duplicate_window=stream.duplicate_window_seconds,
         )
+    except js_errors.ServiceUnavailableError:
+        raise
     except js_errors.APIError as exc:
         return f"{exc.description or type(exc).__name__} (err_code {exc.err_code})"
     log.info(
@@ -575,6 +615,16 @@ async def _create_stream(jsm: Any, stream: StreamConfig, filter_subject: str) ->
         stream.duplicate_window_seconds,
     )
     return None
+
+
+# JetStream's "not enabled for account" error code; nats-py raises a bare ServiceUnavailableError
+# (no code) when nothing answers the API at all, i.e. the server runs without JetStream.
+_JS_NOT_ENABLED_FOR_ACCOUNT = 10039
+
+
+def _jetstream_off(exc: js_errors.ServiceUnavailableError) -> bool:
+    """Whether a 503 from the JetStream API means JetStream is off, not busy."""
+    return exc.code is None or exc.err_code == _JS_NOT_ENABLED_FOR_ACCOUNT
 
 
 def _check_stream(name: str, cfg: js_api.StreamConfig, filter_subject: str, horizon_seconds: float) -> None:

@@ -194,7 +194,9 @@ class Worker:
             lambda: publisher.connect(timeout=_attempt_budget(deadline)), NatsUnavailableError, deadline, "NATS"
         )
         template = SubjectTemplate.parse(c.relay.subject_template)
-        await publisher.ensure_stream(c.stream, template.filter_subject(), c.lifecycle.duplicate_horizon_seconds)
+        # A JetStream API that does not answer yet is asked again until the start-up deadline.
+        horizon = c.lifecycle.duplicate_horizon_seconds
+        await publisher.ensure_stream(c.stream, template.filter_subject(), horizon, deadline=deadline)
         return publisher
 
     def _relay_loop(
