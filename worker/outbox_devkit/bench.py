@@ -807,7 +807,8 @@ class _Bench:
         nc = await nats.connect(self.urls, connect_timeout=5)
         try:
             with contextlib.suppress(js_errors.NotFoundError):
-                await nc.jetstream().delete_stream(STREAM)
+                # A replicated stream of a whole drain takes a cluster a while to remove.
+                await nc.jetstream(timeout=30).delete_stream(STREAM)
         finally:
             await nc.close()
         return sql
