@@ -72,7 +72,7 @@ class LeaseManager:
         self._rotation = 0
         self.last_error = ""
         # Loops with nothing to claim, parked in wait_for_work (oldest first); woken one at a time.
-        self._idle_loops: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._idle_loops: collections.deque[asyncio.Future[bool]] = collections.deque()
         # Runs before partitions are released: writes the marks of acked rows still waiting for a
         # claim to carry them (AckedRows.flush), so the next owner does not publish them again.
         self.before_release: Callable[[], Awaitable[None]] | None = None
@@ -311,16 +311,19 @@ class LeaseManager:
         a NOTIFY costs one wake-up and one claim however many loops wait. No wake-up is lost: a
         loop checks for work and parks in the same step of the event loop.
         """
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
         self._idle_loops.append(future)
+        # A timer, not asyncio.wait_for: that wraps the future and adds callbacks on every park.
+        poll = loop.call_later(timeout, _poll_due, future)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(future, timeout)
+            await future
         finally:
-            # Still parked unless _wake_one took it (it pops the future, then sets its result). Not
-            # a bare remove() under suppress(ValueError): that error's message is the future's repr,
+            poll.cancel()
+            # Still parked unless _wake_one took it (it pops the future, then sets True). Not a bare
+            # remove() under suppress(ValueError): that error's message is the future's repr,
             # ~50 µs, paid on every wake-up.
-            if not future.done() or future.cancelled():
+            if future.cancelled() or not future.done() or future.result() is not True:
                 with contextlib.suppress(ValueError):
                     self._idle_loops.remove(future)
 
@@ -333,5 +336,11 @@ class LeaseManager:
         while self._idle_loops:
             future = self._idle_loops.popleft()
             if not future.done():
-                future.set_result(None)
+                future.set_result(True)
                 return
+
+
+def _poll_due(future: asyncio.Future[bool]) -> None:
+    """The poll interval of a parked loop has passed (:meth:`LeaseManager.wait_for_work`)."""
+    if not future.done():
+        future.set_result(False)
