@@ -133,12 +133,12 @@ async def test_a_burst_of_notifies_before_the_claim_wakes_one_loop() -> None:
     await asyncio.gather(*tasks)
 
 
-class _CountingDeque(collections.deque[asyncio.Future[None]]):
+class _CountingDeque(collections.deque[asyncio.Future[bool]]):
     """A parked-loop queue that counts removals of futures it no longer holds."""
 
     failed_removes = 0
 
-    def remove(self, value: asyncio.Future[None]) -> None:
+    def remove(self, value: asyncio.Future[bool]) -> None:
         if value not in self:
             self.failed_removes += 1
         super().remove(value)
