@@ -162,7 +162,7 @@ class Publishing(_Model):
     ack_timeout_seconds: float = Field(5.0, gt=0, le=120)
     batch_timeout_seconds: float = Field(30.0, gt=0, le=600)
     poll_interval_seconds: float = Field(1.0, gt=0, le=60)
-    notify_coalesce_seconds: float = Field(0.005, ge=0, le=0.05)
+    notify_coalesce_seconds: float = Field(0.006, ge=0, le=0.05)
     retry: Retry = Field(default_factory=Retry)
     mark_mode: MarkMode = MarkMode.DELETE
     retention_seconds: float = Field(86400.0, ge=0, le=31_536_000)

@@ -188,7 +188,7 @@ class WorkerSettings(BaseSettings):
     lease_renew_seconds: float = Field(0.0, ge=0, le=200, description="Renew interval; 0 means a third of the TTL.")
     poll_interval_seconds: float = Field(1.0, gt=0, le=60, description="Fallback poll when no NOTIFY arrives.")
     notify_coalesce_seconds: float = Field(
-        0.005,
+        0.006,
         ge=0,
         le=0.05,
         description="After a NOTIFY wakes the worker, the NOTIFYs of the next this-many seconds are "
