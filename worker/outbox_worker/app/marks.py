@@ -91,6 +91,11 @@ class AckedRows:
         marked at once instead: too many waiting, or a partition already waits under another epoch."""
         if len(self._ids) + len(ids) > self._limit:
             return False
+        return self._wait(leases, ids)
+
+    def _wait(self, leases: dict[int, int], ids: Sequence[int]) -> bool:
+        """Keep ``ids`` waiting under ``leases``, the linger armed; False (nothing kept) when one of
+        their partitions already waits under another epoch (one statement has one fence)."""
         mine = self._leases
         if any(mine.get(p, e) != e for p, e in leases.items()):
             return False
@@ -125,15 +130,11 @@ class AckedRows:
         if not self._in_flight:
             self._settled.set()
         if marked is None:
-            if ticket.attempts >= MARK_RETRIES or any(self._leases.get(p, e) != e for p, e in ticket.leases.items()):
+            if ticket.attempts >= MARK_RETRIES or not self._wait(ticket.leases, ticket.ids):
                 log.warning("%d acked rows not marked: a successor re-publishes them", len(ticket.ids))
                 self._fenced_out(len(ticket.ids))
                 return
-            self._leases.update(ticket.leases)
-            self._ids.extend(ticket.ids)
             self._attempts = max(self._attempts, ticket.attempts + 1)
-            if self._timer is None:
-                self._timer = asyncio.get_running_loop().call_later(self._linger, self._flush_soon)
             return
         if marked < len(ticket.ids):
             self._fenced_out(len(ticket.ids) - marked)
