@@ -119,7 +119,9 @@ class WorkerSettings(BaseSettings):
     )
     db_schema: str = Field("public", description="Schema of the outbox, lease and dead-letter tables.")
     table: str = Field("outbox", description="Name of the outbox table.")
-    db_pool_size: int = Field(4, ge=2, le=64, description="Connections in the worker's pool.")
+    db_pool_size: int = Field(
+        4, ge=2, le=64, description="Connections in the worker's pool; one of them is kept for the claims."
+    )
     db_timeout_seconds: float = Field(10.0, gt=0, le=300, description="Timeout of one SQL statement.")
     # --- NATS -----------------------------------------------------------------------------------
     nats_servers: str = Field("nats://127.0.0.1:4222", description="Comma-separated NATS server URLs.")

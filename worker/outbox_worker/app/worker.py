@@ -177,7 +177,9 @@ class Worker:
             deadline,
             "PostgreSQL",
         )
-        return OutboxStore(self.pool, self.sql, self.config.lifecycle.publisher, self.worker_id)
+        return OutboxStore(
+            self.pool, self.sql, self.config.lifecycle.publisher, self.worker_id, keep_claim_connection=True
+        )
 
     async def _connect_nats(self, deadline: float) -> JetStreamPublisher:
         """The publisher, connected (retried while NATS is unreachable, until ``deadline``), with the
@@ -349,6 +351,8 @@ class Worker:
         if self.health is not None:
             await self.health.close()
         await bounded("the last status report", self.sink.close(), cap=float("inf"))
+        if self.store is not None:
+            await bounded("returning the claim connection", self.store.close(), cap=2.0)
         if self.pool is not None:
             pool, self.pool = self.pool, None
             try:
