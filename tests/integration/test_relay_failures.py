@@ -335,6 +335,42 @@ async def test_stalled_server_times_out_every_publish_and_retry_is_deduplicated(
         await pub.close()
 
 
+async def test_waves_sent_apart_on_a_stalled_server_each_time_out_after_their_own_ack_timeout(
+    own_nats: ControlledNats,
+) -> None:
+    """The publisher times out every wave with one timer (armed for the oldest wave awaited): a
+    wave sent later than another ends no sooner than the ack timeout after its own send, and no
+    later than a little after it, not with the first wave and not at some later event."""
+    nc = await nats.connect(own_nats.url)
+    await nc.jetstream().add_stream(name=STREAM, subjects=["stall.>"], duplicate_window=120)
+    await nc.close()
+    timeout = 0.6
+    pub = JetStreamPublisher(NatsConfig.for_url(own_nats.url), PublishConfig(ack_timeout_seconds=timeout))
+    await pub.connect()
+
+    async def wave(tag: str) -> tuple[float, float, list[str]]:
+        messages = [Message(f"stall.{tag}.{i}", b"x", {names.HDR_MSG_ID: f"{tag}-{i}"}) for i in range(5)]
+        sent = time.monotonic()
+        results = await pub.publish_wave(messages)
+        return sent, time.monotonic(), [r.reason for r in results]
+
+    try:
+        own_nats.pause()
+        try:
+            first = asyncio.create_task(wave("a"))
+            await asyncio.sleep(0.3)
+            second = asyncio.create_task(wave("b"))
+            ended = await asyncio.wait_for(asyncio.gather(first, second), 5)
+        finally:
+            own_nats.resume()
+        for sent, done, reasons in ended:
+            assert reasons == [names.REASON_TIMEOUT] * 5
+            assert timeout <= done - sent < timeout + 0.5, (sent, done)
+        assert pub.in_flight == 0
+    finally:
+        await pub.close()
+
+
 async def test_acks_duplicates_and_status_replies_resolve_every_publish(nats_url: str) -> None:
     """Plain acks are resolved from the parser (the fast path); a status reply (503, no stream for
     the subject) still takes nats-py's subscription path; every publish gets its result."""

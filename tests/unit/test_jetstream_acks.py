@@ -6,6 +6,7 @@ path would, and that the private nats-py methods it uses still exist."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -216,12 +217,17 @@ ACK_PAYLOADS = [
 ]
 
 
+def _wave(n: int) -> _Wave:
+    """A wave of ``n`` publishes sent at time 0, not yet resolved (call inside the event loop)."""
+    return _Wave([None] * n, 0.0, n, asyncio.get_running_loop().create_future())
+
+
 @pytest.mark.parametrize(("data", "outcome", "seq"), ACK_PAYLOADS)
 async def test_ack_payloads_resolve_to_their_outcome(data: bytes, outcome: Outcome, seq: int) -> None:
     """Acks are read without a JSON decode when they have the server's usual shape; every shape the
     fast path does not recognise falls back to the decoder."""
     pub = JetStreamPublisher(NOWHERE)
-    wave = _Wave([None], 0.0, 1)
+    wave = _wave(1)
     pub._pending[7] = (wave, 0)
     await pub._on_ack(Msg(None, subject="_INBOX.abc.7", data=data))  # type: ignore[arg-type]
     result = wave.results[0]
@@ -244,7 +250,7 @@ async def test_acks_read_from_the_parser_resolve_like_delivered_ones(data: bytes
     pub = JetStreamPublisher(NOWHERE)
     pub._prefix = INBOX
     pub._install_ack_fast_path(conn, ACK_SID)  # type: ignore[arg-type]
-    wave = _Wave([None], 0.0, 1)
+    wave = _wave(1)
     pub._pending[7] = (wave, 0)
     await conn._ps.parse(_ack_frame(7, data))
     result = wave.results[0]
@@ -386,7 +392,7 @@ async def test_a_run_of_acks_resolves_every_wave_in_it() -> None:
     pub = JetStreamPublisher(NOWHERE)
     pub._prefix = INBOX
     pub._install_ack_fast_path(conn, ACK_SID)  # type: ignore[arg-type]
-    a, b = _Wave([None] * 3, 0.0, 3), _Wave([None] * 2, 0.0, 2)
+    a, b = _wave(3), _wave(2)
     pub._pending.update({1: (a, 0), 2: (b, 0), 3: (a, 1), 4: (a, 2), 5: (b, 1)})
     await conn._ps.parse(
         b"".join(_ack_frame(t, _seq(10 + t, dup=t == 4)) for t in (1, 2, 3, 9, 4))  # 9: not pending
@@ -396,11 +402,11 @@ async def test_a_run_of_acks_resolves_every_wave_in_it() -> None:
         (Outcome.ACKED, 13),
         (Outcome.DUPLICATE, 14),
     ]
-    assert (a.remaining, a.done.is_set()) == (0, True)
+    assert (a.remaining, a.done.done()) == (0, True)
     first = b.results[0]
     assert first is not None
     assert (first.outcome, first.seq) == (Outcome.ACKED, 12)
-    assert (b.results[1], b.remaining, b.done.is_set()) == (None, 1, False)
+    assert (b.results[1], b.remaining, b.done.done()) == (None, 1, False)
     assert pub._pending == {5: (b, 1)}
     assert pub.late_acks == 1
     assert sum(pub.ack_latency.counts) == 4

@@ -21,12 +21,11 @@ Guarantees of :meth:`JetStreamPublisher.publish_wave`:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import nats
@@ -98,7 +97,7 @@ class _Wave:
     results: list[PublishResult | None]
     sent_at: float  # one write per wave: every message of it was sent at once
     remaining: int
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Future[None]  # set when no result remains
 
     def resolve(self, index: int, result: PublishResult) -> bool:
         if self.results[index] is not None:
@@ -111,8 +110,8 @@ class _Wave:
         """``resolved`` more results are in ``results`` (set by :meth:`resolve`, or in place by the
         ack fast path): the wave is done when none remains."""
         self.remaining -= resolved
-        if self.remaining == 0:
-            self.done.set()
+        if self.remaining == 0 and not self.done.done():
+            self.done.set_result(None)
 
 
 class JetStreamPublisher:
@@ -136,6 +135,10 @@ class JetStreamPublisher:
         self._token = 0
         self._read_at = 0.0  # time.monotonic() of the read whose acks the fast path is resolving
         self._pending: dict[int, tuple[_Wave, int]] = {}
+        # Waves awaited with acks in flight (one per loop at most), and the one timer that times
+        # them out (see _arm).
+        self._waiting: list[_Wave] = []
+        self._expiry: asyncio.TimerHandle | None = None
         self._max_payload = 1024 * 1024
         self.late_acks = 0
         self.disconnects = 0
@@ -248,6 +251,9 @@ class JetStreamPublisher:
         against a frozen server overrun any deadline."""
         nc, self._nc = self._nc, None
         self._fail_all(PublishResult(Outcome.RETRYABLE, names.REASON_DISCONNECT, "publisher closed"))
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if nc is None or nc.is_closed:
             return
         try:
@@ -351,7 +357,7 @@ class JetStreamPublisher:
         n = len(messages)
         if n == 0:
             return []
-        wave = _Wave([None] * n, time.monotonic(), n)
+        wave = _Wave([None] * n, time.monotonic(), n, asyncio.get_running_loop().create_future())
         nc = self._nc
         if nc is None or not nc.is_connected or nc.is_draining_pubs:
             not_connected = PublishResult(Outcome.RETRYABLE, names.REASON_DISCONNECT, "not connected")
@@ -360,7 +366,13 @@ class JetStreamPublisher:
         if frames:
             await self._write_wave(nc, frames, tokens)
         if wave.remaining:
-            await self._await_acks(wave)
+            self._waiting.append(wave)
+            if self._expiry is None:
+                self._arm(wave.sent_at)
+            try:
+                await wave.done
+            finally:
+                self._waiting.remove(wave)
         return _results_of(wave)
 
     def _encode_wave(self, messages: Sequence[MessageFields], wave: _Wave) -> tuple[list[bytes], list[int]]:
@@ -425,16 +437,30 @@ class JetStreamPublisher:
                 if entry is not None:
                     entry[0].resolve(entry[1], failed)
 
-    async def _await_acks(self, wave: _Wave) -> None:
-        """Wait up to the ack timeout for the wave's acks; what is still pending then times out
-        (retryable), and a late ack for it is ignored."""
+    def _arm(self, sent_at: float) -> None:
+        """Time out, ``ack_timeout`` after ``sent_at``, what is still pending of the waves awaited
+        then (retryable; a late ack for it is ignored).
+
+        One timer for all waves, not one per wave (a timer armed and cancelled per wave was ~3% of
+        the worker's CPU at one event per commit, docs/benchmarks.md): a wave's acks take
+        milliseconds, its timeout seconds, so the timer armed for the oldest wave awaited usually
+        finds it done, times out what has expired, and is armed again for the oldest wave then
+        awaited, if any."""
+        delay = sent_at + self._publish.ack_timeout_seconds - time.monotonic()
+        self._expiry = asyncio.get_running_loop().call_later(max(0.0, delay), self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
         timeout_seconds = self._publish.ack_timeout_seconds
-        # asyncio.timeout, not wait_for: no extra task per wave (one wave per event for a hot aggregate)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_seconds):
-                await wave.done.wait()
-        if not wave.remaining:
-            return
+        expired_at = time.monotonic() - timeout_seconds
+        for wave in list(self._waiting):  # at most one per loop
+            if wave.remaining and wave.sent_at <= expired_at:
+                self._time_out(wave, timeout_seconds)
+        pending = [wave.sent_at for wave in self._waiting if wave.remaining]
+        if pending:
+            self._arm(min(pending))
+
+    def _time_out(self, wave: _Wave, timeout_seconds: float) -> None:
         timeout = PublishResult(Outcome.RETRYABLE, names.REASON_TIMEOUT, f"no ack within {timeout_seconds}s")
         for token, (w, i) in list(self._pending.items()):
             if w is wave:
