@@ -101,3 +101,16 @@ def test_no_product_function_is_over_the_size_limits_without_a_reason() -> None:
             for name, lines, params in oversized_functions(path.read_text()):
                 offenders.append(f"{rel}::{name} ({lines} lines, {params} parameters)")
     assert offenders == [], "split these into named steps, or give a one-line reason: " + "; ".join(offenders)
+
+
+def test_the_worker_never_waits_with_asyncio_wait_for() -> None:
+    """On Python 3.11 ``asyncio.wait_for`` loses a cancel that comes while the awaited thing
+    finishes (it returns the result instead): a cancelled side task then runs on and the worker's
+    stop hangs (LeaseManager.wait_changed). The worker waits with ``asyncio.timeout`` instead."""
+    found = [
+        f"{path.relative_to(REPO)}:{n}"
+        for path in sorted((REPO / "worker" / "outbox_worker").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "asyncio.wait_for(" in line
+    ]
+    assert not found, f"use asyncio.timeout instead of asyncio.wait_for at {found}"

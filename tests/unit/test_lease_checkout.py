@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import cast
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 from outbox_common.config import LeaseConfig
 from outbox_worker.adapters.metrics import Metrics
@@ -157,3 +158,41 @@ async def test_a_woken_loop_leaves_the_parked_queue_without_a_failing_remove() -
     await asyncio.wait_for(leases.wait_for_work(0.01), 5)  # the poll
     assert not queue
     assert queue.failed_removes == 0
+
+
+async def _cancel_lined_up_with_the_event(
+    sleep: Coroutine[Any, Any, None], fire: Callable[[], None], steps: int
+) -> bool:
+    """Start ``sleep``, fire its event, let the event loop run ``steps`` steps, cancel it; whether
+    the cancellation ended the sleep (True) or was lost (the sleep returned as if woken). A sleep
+    that ended before the cancel came has nothing to lose (True)."""
+    task = asyncio.create_task(sleep)
+    await asyncio.sleep(0)  # waiting now
+    fire()
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    if task.done():
+        return True
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return True
+    return False
+
+
+async def test_a_cancelled_lease_wait_ends_however_the_cancel_lines_up_with_its_wake_up() -> None:
+    """The worker's stop cancels the lease task, which sleeps until its next tick or until a tick
+    is asked for, and waits for it to end. A cancel arriving in the same moment as that wake-up
+    must still end it: Python 3.11's ``asyncio.wait_for`` returned the wake-up's result instead and
+    lost the cancel, the task ran on, and the stop hung until the pod was killed. Every lining-up of
+    the two within a few steps of the event loop is tried."""
+    for steps in range(6):
+        leases = manager()
+        assert await _cancel_lined_up_with_the_event(
+            leases._sleep_until_next_tick(10.0), leases._tick_now.set, steps
+        ), f"the tick sleep lost a cancel {steps} steps after its wake-up"
+        leases = manager()
+        assert await _cancel_lined_up_with_the_event(leases.wait_changed(10.0), leases._notify, steps), (
+            f"wait_changed lost a cancel {steps} steps after its wake-up"
+        )

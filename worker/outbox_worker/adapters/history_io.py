@@ -169,7 +169,8 @@ async def read_stream(
                 )
         await sub.unsubscribe()
     finally:
-        await asyncio.wait_for(nc.close(), 5)
+        async with asyncio.timeout(5):
+            await nc.close()
     return out
 
 

@@ -117,7 +117,8 @@ class KubeStatusSink(StatusSink):
     async def _send(self, body: dict[str, Any]) -> bool:
         try:
             patch = self._patch_fn()
-            await asyncio.wait_for(asyncio.to_thread(patch, self.path, body), self.timeout + 1)
+            async with asyncio.timeout(self.timeout + 1):
+                await asyncio.to_thread(patch, self.path, body)
         except Exception as exc:  # never raise into the worker: a report is best effort
             self.failed += 1
             log.warning("status report to %s failed (dropped): %s", self.path, _short(exc))

@@ -161,12 +161,14 @@ class HealthServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                async with asyncio.timeout(2):
+                    await self._server.wait_closed()
             self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
+            async with asyncio.timeout(5):
+                line = await reader.readline()
             parts = line.decode("latin-1").split()
             path = parts[1] if len(parts) > 1 else "/"
             path = path.split("?", 1)[0]
@@ -182,7 +184,8 @@ class HealthServer:
                 status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
             head = f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
             writer.write(head.encode() + body)
-            await asyncio.wait_for(writer.drain(), 5)
+            async with asyncio.timeout(5):
+                await writer.drain()
         except (TimeoutError, ConnectionError):
             pass
         finally:

@@ -209,9 +209,8 @@ class JetStreamPublisher:
             connect_error.append(exc)
 
         try:
-            nc = await asyncio.wait_for(
-                nats.connect(**{**opts, "allow_reconnect": False, "error_cb": first_error}), timeout
-            )
+            async with asyncio.timeout(timeout):
+                nc = await nats.connect(**{**opts, "allow_reconnect": False, "error_cb": first_error})
         except (TimeoutError, nats_errors.NoServersError, OSError) as exc:
             why = connect_error[-1] if connect_error else exc
             if _is_auth_error(why):
@@ -257,7 +256,8 @@ class JetStreamPublisher:
         if nc is None or nc.is_closed:
             return
         try:
-            await asyncio.wait_for(nc.close(), timeout)
+            async with asyncio.timeout(timeout):
+                await nc.close()
         except Exception as exc:
             log.warning("closing the NATS connection: %s", type(exc).__name__)
 

@@ -209,7 +209,8 @@ class LeaseManager:
         """Sleep ``seconds``, or less if shares changed meanwhile (:meth:`on_lease_notice`, or a
         partition to release was checked in)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._tick_now.wait(), seconds)
+            async with asyncio.timeout(seconds):  # not wait_for: see wait_changed
+                await self._tick_now.wait()
 
     def on_lease_notice(self, sender: str) -> None:
         """A lease announcement arrived (``sender`` is the announcing worker's instance token, ``""``
@@ -294,10 +295,16 @@ class LeaseManager:
         await self._release_idle()
 
     async def wait_changed(self, timeout: float) -> None:
-        """Wait until partitions are acquired or checked in, or ``timeout`` passes."""
+        """Wait until partitions are acquired or checked in, or ``timeout`` passes.
+
+        ``asyncio.timeout``, not ``asyncio.wait_for``: on Python 3.11 a task cancelled while the
+        event it waits for fires in the same moment has its cancel lost by ``wait_for`` (it returns
+        the event's result instead); the lease task then ran on, and a worker's stop, which cancels
+        it and waits for it, hung until the pod was killed."""
         event = self._changed
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await event.wait()
 
     def _notify(self) -> None:
         self._changed.set()

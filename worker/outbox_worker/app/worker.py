@@ -334,7 +334,8 @@ class Worker:
         async def bounded(what: str, step: Coroutine[Any, Any, object], cap: float) -> None:
             budget = left(cap)
             try:
-                await asyncio.wait_for(step, budget)
+                async with asyncio.timeout(budget):  # not wait_for: it can lose a cancel (LeaseManager.wait_changed)
+                    await step
             except TimeoutError:
                 log.warning("shutdown: %s did not finish within %.1fs; going on", what, budget)
             except Exception as exc:
@@ -356,7 +357,8 @@ class Worker:
         if self.pool is not None:
             pool, self.pool = self.pool, None
             try:
-                await asyncio.wait_for(pool.close(), left(float("inf")))
+                async with asyncio.timeout(left(float("inf"))):
+                    await pool.close()
             except Exception:
                 pool.terminate()
 
