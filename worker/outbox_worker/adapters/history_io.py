@@ -21,6 +21,7 @@ import time
 
 import asyncpg
 import nats
+from nats.aio.client import Client
 from nats.js import api as js_api
 from nats.js import errors as js_errors
 
@@ -169,9 +170,14 @@ async def read_stream(
                 )
         await sub.unsubscribe()
     finally:
-        async with asyncio.timeout(5):
-            await nc.close()
+        await _close(nc)
     return out
+
+
+async def _close(nc: Client) -> None:
+    """Close ``nc``, flushing what is buffered, within 5 s."""
+    async with asyncio.timeout(5):
+        await nc.close()
 
 
 async def read_truth(conn: asyncpg.Connection, sql: Sql) -> tuple[list[CommittedEvent], set[str], set[str]]:
