@@ -164,10 +164,12 @@ def crd(kubectl: Kubectl) -> str:
     """The OutboxPublisher CRD applied server-side and Established; returns its name."""
     kubectl("apply", "--server-side", "--field-manager=outbox-tests", "-f", str(CRD_PATH))
     name = "outboxpublishers.outbox.dev"
-    # not `kubectl wait`: it fails at once while the new CRD has no status.conditions yet
+    # Not `kubectl wait`, and no check of kubectl's exit: while the new CRD has no
+    # status.conditions yet, both fail at once ("<nil> is not array or slice"), which a slow API
+    # server showed in CI: ask again until the deadline.
     jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
     deadline = time.monotonic() + CRD_ESTABLISHED_TIMEOUT_S
-    while kubectl("get", "crd", name, "-o", f"jsonpath={jsonpath}").stdout != "True":
+    while kubectl("get", "crd", name, "-o", f"jsonpath={jsonpath}", check=False).stdout != "True":
         if time.monotonic() > deadline:
             raise AssertionError(f"CRD {name} not Established within {CRD_ESTABLISHED_TIMEOUT_S}s")
         time.sleep(0.2)
