@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from outbox_worker.core.sql import MAX_PARTITIONS, Sql
+from outbox_worker.core.sql import MAX_PARTITIONS, Sql, int_array, literal_arrays
 
 SQL = Sql.for_table("relay", "orders_outbox")
 CREATED_AT_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'
@@ -207,17 +207,18 @@ def test_a_claim_after_a_mark_is_the_fenced_mark_and_the_same_claim_skipping_ids
     # its commit does not wait for the WAL flush, for this statement's transaction only
     assert "CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush_wait" in raw
     text = " ".join(raw.split())
-    alone = " ".join((SQL.mark_delete if delete else SQL.mark_published).split())
+    assert not re.search(r"\$\d+::(int|bigint)\[\]", text)  # every array parameter is passed as text
+    alone = " ".join(literal_arrays(SQL.mark_delete if delete else SQL.mark_published).split())
     mark = alone[alone.index("DELETE" if delete else "UPDATE") :]
     assert f"marked AS ({mark} RETURNING 1)" in text
     assert "l.publisher = $1 AND l.owner = $2" in text
     assert "FOR SHARE OF l" in text
     name = f"claim_{'ordered' if ordered else 'unordered'}{'' if cut else '_uncut'}"
-    claim = " ".join(getattr(SQL, name).split())
+    claim = " ".join(literal_arrays(getattr(SQL, name)).split())
     for n in (3, 2, 1):  # the claim's own parameters, moved behind the mark's five
         claim = claim.replace(f"${n}", f"${n + 5}")
     due = "AND (o.not_before IS NULL OR o.not_before <= now())"
-    claim = claim.replace(due, f"{due} AND o.id <> ALL($9::bigint[])")
+    claim = claim.replace(due, f"{due} AND o.id <> ALL($9::text::bigint[])")
     assert text.endswith(f"LEFT JOIN ( {claim}) AS claimed ON true ORDER BY claimed.partition, claimed.id")
 
 
@@ -252,3 +253,15 @@ def test_claimed_columns_are_outbox_row_fields_in_order() -> None:
     from outbox_common.envelope import OutboxRow
 
     assert [c.strip() for c in SQL._CLAIMED.split(",")] == [f.name for f in fields(OutboxRow)]
+
+
+def test_integer_arrays_pass_as_their_text() -> None:
+    """int_array writes PostgreSQL's array text; literal_arrays takes every integer array parameter
+    as text and casts it, and leaves the rest of the statement alone."""
+    assert int_array([]) == "{}"
+    assert int_array([0, 7, -3, 2**40]) == "{0,7,-3,1099511627776}"
+    assert int_array(range(3)) == "{0,1,2}"
+    statement = "SELECT $1::int[], $12::bigint[], $3::text[], $4::float8[], $5 WHERE x = ANY($6::bigint[])"
+    assert literal_arrays(statement) == (
+        "SELECT $1::text::int[], $12::text::bigint[], $3::text[], $4::float8[], $5 WHERE x = ANY($6::text::bigint[])"
+    )

@@ -20,7 +20,7 @@ import orjson
 
 from outbox_common.envelope import OutboxRow
 from outbox_common.timing import backoff_delay
-from outbox_worker.core.sql import SCHEMA_VERSION, Sql
+from outbox_worker.core.sql import SCHEMA_VERSION, Sql, int_array
 
 log = logging.getLogger(__name__)
 
@@ -387,16 +387,16 @@ class OutboxStore:
         else:
             m = mark_first
             records = await self._hot_fetch(
-                self._claim_sql(ordered, cut, m.delete),
+                self._claim_sql(ordered, cut, m.delete),  # its arrays as text (Sql.claim_after_mark)
                 self.publisher,
                 self.owner,
-                m.fence.partitions,
-                m.fence.epochs,
-                m.ids,
-                parts,
+                int_array(m.fence.partitions),
+                int_array(m.fence.epochs),
+                int_array(m.ids),
+                int_array(parts),
                 share,
                 limit,
-                m.skip,
+                int_array(m.skip),
             )
             marked = records[0][-1]
             if records[0][0] is None:  # nothing to claim: the one row only carries the count
