@@ -400,6 +400,51 @@ async def test_acks_duplicates_and_status_replies_resolve_every_publish(nats_url
         await pub.close()
 
 
+async def test_small_waves_go_to_the_socket_at_once_and_others_through_nats_py_in_order(nats_url: str) -> None:
+    """A wave of a few events is written to the socket by the publisher itself, without a hand-over
+    to nats-py's flusher; a wave over DIRECT_WRITE_BYTES (a drain's), or one behind bytes nats-py
+    has queued, goes through the flusher, after what was queued. Every publish is acked either way."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.add_stream(name="WAVES", subjects=["waves.>"], duplicate_window=120)
+    pub = JetStreamPublisher(NatsConfig.for_url(nats_url))
+    await pub.connect()
+    client = pub._nc
+    assert client is not None
+    handed_over: list[int] = []  # bytes queued in nats-py at each hand-over to its flusher
+    flush_pending = client._flush_pending
+
+    async def counting(force_flush: bool = False) -> Any:
+        handed_over.append(client._pending_data_size)
+        return await flush_pending(force_flush)
+
+    client._flush_pending = counting  # type: ignore[method-assign]
+
+    def wave(n: int, size: int, first: int) -> list[Message]:
+        return [Message(f"waves.{i}", b"x" * size, {names.HDR_MSG_ID: f"w-{first + i}"}) for i in range(n)]
+
+    def acked(results: list[PublishResult], seqs: range) -> bool:
+        return [(r.outcome, r.seq) for r in results] == [(Outcome.ACKED, s) for s in seqs]
+
+    try:
+        assert acked(await pub.publish_wave(wave(5, 100, 0)), range(1, 6))
+        assert handed_over == []  # written at once
+        big = wave(80, 1024, 5)
+        assert acked(await pub.publish_wave(big), range(6, 86))
+        assert len(handed_over) == 1
+        assert handed_over[0] > publisher_module.DIRECT_WRITE_BYTES
+        queued = b"PUB waves.queued 6\r\nqueued\r\n"  # a core publish the stream also stores
+        await client._send_command(queued)
+        assert acked(await pub.publish_wave(wave(5, 100, 85)), range(87, 92))
+        assert len(handed_over) == 2
+        assert handed_over[1] > len(queued)  # the wave went behind it ...
+        first = await js.get_msg("WAVES", 86)
+        assert (first.subject, first.data) == ("waves.queued", b"queued")  # ... and was stored after it
+    finally:
+        await pub.close()
+        await nc.close()
+
+
 async def _true(value: bool) -> bool:
     return value
 

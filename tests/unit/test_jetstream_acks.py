@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 from datetime import UTC, datetime, timedelta, timezone
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from nats import errors as nats_errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.transport import TcpTransport
 from nats.protocol import parser as nats_parser
 from test_envelope import row
 
@@ -37,7 +40,7 @@ from outbox_worker.adapters.jetstream_acks import (
     parse_ack,
     take_acks,
 )
-from outbox_worker.adapters.publisher import JetStreamPublisher, Message, _Wave
+from outbox_worker.adapters.publisher import DIRECT_WRITE_BYTES, JetStreamPublisher, Message, _Wave, _write_now
 from outbox_worker.core.policy import Outcome
 
 NOWHERE = NatsConfig.for_url("nats://127.0.0.1:1")  # never connected: these tests drive the wire by hand
@@ -95,6 +98,13 @@ def test_private_nats_py_api_used_by_the_publisher_exists() -> None:
     assert inspect.iscoroutinefunction(Client._send_command)
     assert inspect.iscoroutinefunction(Client._flush_pending)
     assert isinstance(Client.is_draining_pubs, property)
+    # a small wave goes to the socket itself when nothing is queued before it (_write_now)
+    client = Client()
+    assert client._pending == []
+    assert client._transport is None
+    assert "self._transport.writelines(self._pending[:])" in inspect.getsource(Client._flusher)
+    assert TcpTransport()._io_writer is None
+    assert "self._io_writer.writelines(payload)" in inspect.getsource(TcpTransport.writelines)
     # the ack fast path replaces the instance's _process_msg; the parser must call it that way
     params = list(inspect.signature(Client._process_msg).parameters)
     assert params == ["self", "sid", "subject", "reply", "data", "headers"]
@@ -487,9 +497,11 @@ class _WireNc:
 
     is_connected = True
     is_draining_pubs = False
+    _transport = None  # not a socket nats-py connected: every wave goes through the flusher
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
+        self._pending: list[bytes] = []
 
     async def _send_command(self, cmd: bytes) -> None:
         self.written.append(cmd)
@@ -534,3 +546,55 @@ async def test_publish_wave_writes_encode_hpubs_frames_in_one_write() -> None:
     # tokens go on from where the wave left them
     await pub.publish_wave([Message("a.b", b"7", block)])
     assert nc.written[1] == encode_hpub("a.b", f"{INBOX}.8", block, b"7")[0]
+
+
+class _Socket:
+    """An asyncio write transport that records what it is given."""
+
+    def __init__(self, closing: bool = False, buffered: int = 0) -> None:
+        self.closing, self.buffered = closing, buffered
+        self.written: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def _connected(socket: _Socket | None, pending: list[bytes] | None = None, connected: bool = True) -> Client:
+    """A nats-py Client whose transport writes to ``socket`` (None: a transport other than TCP)."""
+    client = Client()
+    client._status = Client.CONNECTED if connected else Client.RECONNECTING
+    client._pending = pending or []
+    if socket is None:
+        client._transport = None
+        return client
+    transport = TcpTransport()  # type: ignore[no-untyped-call]
+    transport._io_writer = cast(asyncio.StreamWriter, SimpleNamespace(transport=socket))
+    client._transport = transport
+    return client
+
+
+def test_a_small_wave_is_written_to_the_socket_at_once_only_when_it_goes_there_in_order() -> None:
+    """_write_now writes when nothing is queued before the wave and the socket takes it now; else
+    the wave is left to nats-py's flusher (it returns False and writes nothing)."""
+    wave = b"HPUB a 1 0 0\r\n\r\n"
+    socket = _Socket()
+    assert _write_now(_connected(socket), wave)
+    assert socket.written == [wave]
+    assert _write_now(_connected(socket), b"x" * DIRECT_WRITE_BYTES)  # the limit itself still goes
+    left_to_the_flusher = [  # (socket, wave, queued before it, connected)
+        (_Socket(), b"x" * (DIRECT_WRITE_BYTES + 1), [], True),  # a drain's: back-pressure through drain()
+        (_Socket(), wave, [b"PING\r\n"], True),  # something queued before it must go first
+        (_Socket(), wave, [], False),  # reconnecting: nats-py buffers for the next connection
+        (_Socket(buffered=1), wave, [], True),  # the socket is full: the flusher waits for it
+        (_Socket(closing=True), wave, [], True),
+    ]
+    for sock, data, pending, connected in left_to_the_flusher:
+        assert not _write_now(_connected(sock, pending, connected), data)
+        assert sock.written == []
+    assert not _write_now(_connected(None), wave)  # not a TCP transport (a WebSocket one)
