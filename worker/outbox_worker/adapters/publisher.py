@@ -579,7 +579,7 @@ def _write_now(nc: Client, data: bytes) -> bool:
 
     Why: nats-py queues every write for its flusher task, one more event-loop step, a future and a
     queue hand-over per wave; at one event per commit a wave carries a handful of events, and that
-    hop was ~5% of the worker's CPU (docs/benchmarks.md, "commit-rate, sixth step").
+    hop was ~4% of the worker's CPU (docs/benchmarks.md, "commit-rate, sixth step").
 
     Order: only when nothing is queued before it (nats-py's pending buffer is empty: what the flusher
     took is already in the transport, which writes in order) and the transport holds no unwritten
