@@ -68,6 +68,27 @@ async def test_commit_rate_and_scale_up_scenarios_verify_and_report_their_figure
     assert "scale-up" in proc.stdout
 
 
+async def test_commit_rate_runs_the_rates_it_is_given(pg_dsn: str, nats_url: str, tmp_path: Path) -> None:
+    """``--commit-rates`` (sizing a worker at your own rates): one row per rate given, each offered
+    that rate and verified; the report records the rates; the targets stated at rates not run are
+    not judged."""
+    proc, report = await _bench(["--scenario", "commit-rate", "--commit-rates", "250,150"], pg_dsn, nats_url, tmp_path)
+    assert report["ok"] is True
+    assert report["config"]["commit_rates"] == [150, 250]
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["commit-rate/150-per-s", "commit-rate/250-per-s"]
+    for rate in (150, 250):
+        row = rows[f"commit-rate/{rate}-per-s"]
+        assert row["checks"]["verified_runs"] == 1
+        assert (row["checks"]["lost"], row["checks"]["duplicates"], row["checks"]["order_violations"]) == (0, 0, 0)
+        assert row["metrics"]["offered_per_s"] == rate
+        assert row["metrics"]["worker_cores"] > 0
+    judged = {t["name"]: t["met"] for t in report["targets"]}
+    assert judged["worker cores at 1000 commits/s"] is None
+    assert judged["worker cores at 5000 commits/s"] is None
+    assert "commit-rate/150-per-s" in proc.stdout
+
+
 async def test_growth_with_10m_rows_of_history_runs_behind_its_flag(pg_dsn: str, nats_url: str, tmp_path: Path) -> None:
     """``--growth-10m`` adds a growth row with 10,000,000 published rows (here 1%: 100,000) beside the
     1M one, and the ratio of its claim time to the empty table's."""

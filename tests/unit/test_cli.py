@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from outbox_cli import cmd_worker
+from outbox_cli.cmd_bench import commit_rates
 from outbox_cli.main import COMMANDS, EXIT_USAGE, build_parser, main
 from outbox_common.settings import WorkerSettings
 
@@ -107,6 +108,23 @@ def test_migrate_refuses_bad_input_before_connecting(
 def test_demo_refuses_bad_flags(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--json", *flags]) == EXIT_USAGE
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "100,-5", "100,,250", "200000", "1.5"])
+def test_bench_refuses_a_commit_rate_naming_the_flag_and_the_fix(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:  # argparse's usage error
+        main(["bench", "--commit-rates", value])
+    assert info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "argument --commit-rates:" in err
+    assert "use whole commits per second from 1 to 100,000, comma-separated" in err
+
+
+def test_bench_commit_rates_are_sorted_once_each() -> None:
+    assert commit_rates(" 1000,100, 1000 ") == (100, 1000)
+    assert commit_rates("1") == (1,)
 
 
 # --- demo and bench without the dev kit's servers (the container image) ---------------------------

@@ -29,8 +29,29 @@ HELP = (
 )
 
 
+MAX_COMMIT_RATE = 100_000
+
+
+def commit_rates(text: str) -> tuple[int, ...]:
+    """``--commit-rates``: comma-separated commits per second, each 1 to :data:`MAX_COMMIT_RATE`;
+    sorted, each once."""
+    rates: set[int] = set()
+    for item in text.split(","):
+        try:
+            rate = int(item.strip())
+        except ValueError:
+            rate = 0
+        if not 1 <= rate <= MAX_COMMIT_RATE:
+            raise argparse.ArgumentTypeError(
+                f"{item.strip()!r} is not a commit rate: use whole commits per second from 1 to {MAX_COMMIT_RATE:,}, "
+                "comma-separated, e.g. --commit-rates 100,250,1000"
+            )
+        rates.add(rate)
+    return tuple(sorted(rates))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from outbox_devkit.benchstats import SCENARIOS
+    from outbox_devkit.benchstats import COMMIT_RATES, SCENARIOS
 
     parser.add_argument(
         "--scenario",
@@ -51,6 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="OUTBOX_X=V",
         help="extra worker setting for every bench worker, e.g. OUTBOX_LOOPS=4 (repeatable)",
+    )
+    parser.add_argument(
+        "--commit-rates",
+        type=commit_rates,
+        default=",".join(str(r) for r in COMMIT_RATES),
+        metavar="RATE[,RATE...]",
+        help="commits per second offered by `commit-rate`, one run each (one event per commit, 8 connections); "
+        "your own rates on your own servers size a worker (README, 'Sizing a worker')",
     )
     parser.add_argument(
         "--growth-10m",
@@ -113,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         nats_url=args.nats_url,
         worker_env=env,
         growth_large=args.growth_10m,
+        commit_rates=args.commit_rates,
         progress=say,
     )
     report = run_async(run_bench(options))

@@ -19,9 +19,9 @@ Scenarios (``--scenario``; docs/benchmarks.md says what each number means):
 - ``growth``: claim time per batch with 1,000,000 published rows in the table (mark mode) vs none;
   with ``--growth-10m`` also with 10,000,000 (writing them takes minutes, so it is not the default).
 - ``hot``: one hot aggregate (every event in one aggregate: one publish in flight at a time).
-- ``commit-rate``: one event per transaction from 8 connections at 500, 1,000 and 5,000 commits/s,
-  one worker; worker CPU (cores and µs per event, from /proc utime+stime), PostgreSQL's and
-  nats-server's CPU (cores), p50/p99 commit → ack.
+- ``commit-rate``: one event per transaction from 8 connections at 500, 1,000 and 5,000 commits/s
+  (or the rates of ``--commit-rates``), one worker; worker CPU (cores and µs per event, from /proc
+  utime+stime), PostgreSQL's and nats-server's CPU (cores), p50/p99 commit → ack.
 - ``scale-up``: a backlog (200,000 events) with one worker; a second worker starts when a quarter
   is stored, a third at half; the longest time any partition had no live owner (lease table
   sampled every ~5 ms) and events/s per phase. Beside it, the same backlog drained by one worker
@@ -61,6 +61,7 @@ from nats.js import errors as js_errors
 from outbox_common.settings import WorkerSettings
 from outbox_devkit.baselines import EVENT_TYPES, synthetic_truth
 from outbox_devkit.benchstats import (
+    COMMIT_RATES,
     SCENARIOS,
     SEED_LEVELS,
     Row,
@@ -101,7 +102,6 @@ IDLE_SECONDS = 15.0
 GROWTH_HISTORY = 1_000_000
 GROWTH_HISTORY_LARGE = 10_000_000  # --growth-10m
 GROWTH_BATCHES = 30
-COMMIT_RATES = (500, 1_000, 5_000)
 COMMIT_RATE_SECONDS = 20.0
 SCALE_UP_EVENTS = 200_000
 SCALE_UP_JOINS = (0.25, 0.5)  # share of the backlog stored when the second and the third worker start
@@ -120,6 +120,7 @@ class BenchOptions:
     nats_url: str = ""
     worker_env: dict[str, str] = field(default_factory=dict)  # OUTBOX_* overrides for every worker
     growth_large: bool = False  # growth also with GROWTH_HISTORY_LARGE published rows
+    commit_rates: tuple[int, ...] = COMMIT_RATES  # commits/s offered by `commit-rate`, one row each
     progress: Callable[[str], None] | None = None
 
     def n(self, count: int, minimum: int = 100) -> int:
@@ -169,6 +170,7 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         "scenarios": list(options.scenarios),
         "partitions": options.partitions,
         "aggregates": AGGREGATES,
+        "commit_rates": list(options.commit_rates),
         "embedded_servers": {"postgres": not options.database_url, "nats": not options.nats_url},
         "worker": _worker_config(options.worker_env),
     }
@@ -478,7 +480,7 @@ class _Bench:
     async def _commit_rate(self) -> list[Row]:
         return await self._steady_load(
             "commit-rate",
-            COMMIT_RATES,
+            self.o.commit_rates,
             COMMIT_RATE_SECONDS,
             events_per_tx=1,
             note="one event per transaction, 8 connections",

@@ -35,6 +35,7 @@ from typing import Any
 SCHEMA = "outbox-bench"
 SCHEMA_VERSION = 1
 
+COMMIT_RATES = (500, 1_000, 5_000)  # commits/s `commit-rate` offers unless told (`bench --commit-rates`)
 SCENARIOS = ("seed", "sustained", "baselines", "latency", "growth", "hot", "commit-rate", "scale-up", "replicated")
 
 # The report this project grew from: its NATS publisher at four pressure levels. "msg/s" divides the
