@@ -21,6 +21,10 @@ operator's and the workers' behaviour to be real:
 * runs the readiness probe (HTTP GET) and writes the pod's status: phase, podIP, conditions
   (PodScheduled, Initialized, ContainersReady, Ready) and containerStatuses (state, ready,
   restartCount); a process that exits is restarted (restartPolicy Always) and counted;
+* runs the liveness probe (HTTP GET) as a kubelet schedules it: first after
+  ``initialDelaySeconds``, then every ``periodSeconds``, each failing after ``timeoutSeconds``;
+  ``failureThreshold`` failures in a row kill the process (SIGTERM, SIGKILL after the pod's grace
+  period) and start it again, counted in restartCount and :attr:`NodeAgent.liveness_kills`;
 * on deletion (``deletionTimestamp``) sends SIGTERM, then SIGKILL after the pod's grace period,
   and removes the Pod object with grace period 0, as a kubelet does.
 """
@@ -75,6 +79,9 @@ class RunningPod:
     probe: dict[str, Any] | None
     grace: float
     started_at: str
+    liveness: dict[str, Any] | None = None
+    next_liveness: float = 0.0  # loop time of the next liveness probe
+    liveness_failures: int = 0  # in a row
     restarts: int = 0
     ready: bool = False
     stopping: bool = False
@@ -93,10 +100,13 @@ class NodeAgent:
     pods: dict[str, RunningPod] = field(default_factory=dict)  # by pod uid
     exit_codes: dict[str, int | None] = field(default_factory=dict)  # by pod name
     restarts: int = 0
+    liveness_kills: list[str] = field(default_factory=list)  # pod names, once per kill
+    liveness_passed: dict[str, int] = field(default_factory=dict)  # liveness probes answered, by pod name
     errors: list[str] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _probe_session: aiohttp.ClientSession | None = None
     _stops: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _restarting: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # by pod uid
 
     async def __aenter__(self) -> NodeAgent:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -106,9 +116,10 @@ class NodeAgent:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._restarting.values()]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.gather(*(self._kill(pod) for pod in list(self.pods.values())))
@@ -237,7 +248,7 @@ class NodeAgent:
             if not meta.get("deletionTimestamp"):
                 await self._bind(pod)
             return
-        if spec["nodeName"] != self.name:
+        if spec["nodeName"] != self.name or uid in self._restarting:
             return
         running = self.pods.get(uid)
         if meta.get("deletionTimestamp"):
@@ -255,6 +266,10 @@ class NodeAgent:
             self.restarts += 1
             self.pods.pop(uid)
             await self._start(pod, restarts=running.restarts + 1)
+            return
+        if await self._liveness_failed(running):
+            self.liveness_kills.append(running.name)
+            self._restarting[uid] = asyncio.create_task(self._restart(pod, running))
             return
         await self._probe(running)
         await self._write_status(pod, running)
@@ -293,6 +308,8 @@ class NodeAgent:
                 start_new_session=True,
             )
         grace = float(spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S))
+        liveness = container.get("livenessProbe")
+        first_liveness = float((liveness or {}).get("initialDelaySeconds", 0))
         self.pods[meta["uid"]] = RunningPod(
             uid=meta["uid"],
             namespace=meta["namespace"],
@@ -305,6 +322,8 @@ class NodeAgent:
             probe=container.get("readinessProbe"),
             grace=grace,
             started_at=now_rfc3339(),
+            liveness=liveness,
+            next_liveness=asyncio.get_running_loop().time() + first_liveness,
             restarts=restarts,
         )
 
@@ -395,14 +414,47 @@ class NodeAgent:
         if pod.probe is None:
             pod.ready = pod.proc.returncode is None
             return
-        http = pod.probe.get("httpGet") or {}
+        pod.ready = await self._http_get_ok(pod, pod.probe, PROBE_TIMEOUT_S)
+
+    async def _http_get_ok(self, pod: RunningPod, probe: dict[str, Any], timeout: float) -> bool:
+        """Whether the probe's ``httpGet`` answers 2xx or 3xx within ``timeout`` seconds."""
+        http = probe.get("httpGet") or {}
         port = self._probe_port(pod, http.get("port"))
         assert self._probe_session is not None
         try:
-            async with self._probe_session.get(f"http://127.0.0.1:{port}{http.get('path', '/')}") as response:
-                pod.ready = 200 <= response.status < 400
+            url = f"http://127.0.0.1:{port}{http.get('path', '/')}"
+            async with self._probe_session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                return 200 <= response.status < 400
         except (aiohttp.ClientError, TimeoutError):
-            pod.ready = False
+            return False
+
+    async def _liveness_failed(self, pod: RunningPod) -> bool:
+        """Run the liveness probe if it is due; True when it has now failed ``failureThreshold``
+        times in a row (kubelet defaults: period 10 s, timeout 1 s, threshold 3)."""
+        probe = pod.liveness
+        now = asyncio.get_running_loop().time()
+        if probe is None or now < pod.next_liveness:
+            return False
+        pod.next_liveness = now + float(probe.get("periodSeconds", 10))
+        alive = await self._http_get_ok(pod, probe, float(probe.get("timeoutSeconds", 1)))
+        pod.liveness_failures = 0 if alive else pod.liveness_failures + 1
+        if alive:
+            self.liveness_passed[pod.name] = self.liveness_passed.get(pod.name, 0) + 1
+        return pod.liveness_failures >= int(probe.get("failureThreshold", 3))
+
+    async def _restart(self, pod: Obj, running: RunningPod) -> None:
+        """A failed liveness probe: stop the process as on deletion, then start it again (unless the
+        pod was deleted meanwhile)."""
+        meta = pod["metadata"]
+        try:
+            await self._kill(running)
+            self.restarts += 1
+            current = await self.api.get("Pod", meta["namespace"], meta["name"]) or {"metadata": {}}
+            same_pod = current["metadata"].get("uid") == meta["uid"]
+            if same_pod and not current["metadata"].get("deletionTimestamp"):
+                await self._start(current, restarts=running.restarts + 1)
+        finally:
+            self._restarting.pop(meta["uid"], None)
 
     @staticmethod
     def _probe_port(pod: RunningPod, port: Any) -> int:

@@ -101,6 +101,10 @@ async def run_release(
         # deleted by another test, which a cluster-wide operator may also see)
         denied = re.findall(r'User \\?"system:serviceaccount:[^"\\]+\\?" cannot [^,]+', log)
         assert not denied, denied[:5]
+        # the chart's liveness probe (/healthz on the named port `health`) answers once it starts
+        operator_pod = next(p.name for p in node.running() if p.name.startswith(f"{release}-outbox-operator-"))
+        await wait_for(lambda: node.liveness_passed.get(operator_pod), 60, what="the operator's liveness probe")
+        assert not node.liveness_kills, node.liveness_kills
 
         uninstall = ("uninstall", release, "-n", release_namespace, "--wait", "--timeout=120s")
         delete = ("delete", "obp", "orders", "-n", publisher_namespace, "--wait=false")

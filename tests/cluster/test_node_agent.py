@@ -2,7 +2,8 @@
 
 A Pod created directly (no operator) must be bound to the node, run with its env resolved like a
 kubelet, authenticate as its own ServiceAccount through $KUBECONFIG, pass its readiness probe on
-its remapped port, report Running/Ready, and on deletion get SIGTERM and be removed.
+its remapped port, report Running/Ready, be restarted when its liveness probe keeps failing, and
+on deletion get SIGTERM and be removed.
 """
 
 from __future__ import annotations
@@ -87,14 +88,19 @@ def bare_pod(out: Path) -> dict[str, Any]:
     }
 
 
-async def test_a_bare_pod_runs_like_a_kubelet_would_run_it(
-    api: KubeApi, node: NodeAgent, namespace: str, tmp_path: Path
-) -> None:
+async def create_what_the_pod_references(api: KubeApi, namespace: str) -> None:
+    """The ServiceAccount, Secret and ConfigMap :func:`bare_pod` refers to."""
     await api.create({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "runner"}}, namespace)
     secret = {"password": base64.b64encode(b"s3cret").decode()}
     await api.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "data": secret}, namespace)
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"}, "data": {"mode": "fast"}}
     await api.create(config_map, namespace)
+
+
+async def test_a_bare_pod_runs_like_a_kubelet_would_run_it(
+    api: KubeApi, node: NodeAgent, namespace: str, tmp_path: Path
+) -> None:
+    await create_what_the_pod_references(api, namespace)
     out = tmp_path / "seen.json"
     await api.create(bare_pod(out), namespace)
 
@@ -118,6 +124,35 @@ async def test_a_bare_pod_runs_like_a_kubelet_would_run_it(
     await api.delete("Pod", namespace, "probe")
     await wait_for(lambda: _gone(api, namespace), 30)
     assert Path(f"{out}.term").read_text() == "SIGTERM"
+    assert node.exit_codes["probe"] == 0
+
+
+async def test_a_failing_liveness_probe_restarts_the_container_after_its_threshold(
+    api: KubeApi, node: NodeAgent, namespace: str, tmp_path: Path
+) -> None:
+    """/alive answers 404: after ``failureThreshold`` (2) probes ``periodSeconds`` (1 s) apart, the
+    process gets SIGTERM and is started again, its restartCount 1."""
+    await create_what_the_pod_references(api, namespace)
+    out = tmp_path / "seen.json"
+    pod = bare_pod(out)
+    pod["spec"]["containers"][0]["livenessProbe"] = {
+        "httpGet": {"path": "/alive", "port": "http"},
+        "initialDelaySeconds": 1,
+        "periodSeconds": 1,
+        "failureThreshold": 2,
+    }
+    await api.create(pod, namespace)
+    await wait_for(lambda: node.running("probe"), 30)
+    first = node.running("probe")[0].proc.pid
+
+    async def restarted() -> bool:
+        status = ((await api.get("Pod", namespace, "probe")) or {}).get("status") or {}
+        counts = [c.get("restartCount") for c in status.get("containerStatuses") or []]
+        return counts == [1] and any(p.proc.pid != first for p in node.running("probe"))
+
+    await wait_for(restarted, 30, what="restarted once by its liveness probe")
+    assert node.liveness_kills[:1] == ["probe"]  # the new process fails too: more kills follow, seconds later
+    assert Path(f"{out}.term").read_text() == "SIGTERM"  # stopped as on deletion: SIGTERM first
     assert node.exit_codes["probe"] == 0
 
 

@@ -9,7 +9,9 @@ real PostgreSQL and nats-server of tests/conftest.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -237,6 +239,58 @@ async def start_operator_process(kubeconfig: Path, namespace: str, log: Path) ->
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
         )
+
+
+async def test_a_hung_worker_is_restarted_by_its_liveness_probe_and_nothing_is_lost(
+    crd: str, api: KubeApi, node: NodeAgent, namespace: str, operator_env: None, pg_dsn: str, nats_url: str
+) -> None:
+    """The worker's liveness probe as the operator renders it (/healthz on the named metrics port,
+    10 s delay and period, 3 failures): a healthy worker passes it for as long as it runs, and a
+    worker whose process hangs (SIGSTOP) is killed and started again, while its peer takes its
+    partitions over; every event ends in the stream once and in order."""
+    await prepare_database(pg_dsn)
+    await api.create(secret("orders-db", pg_dsn), namespace)
+    async with operator_in_process([namespace]):
+        await api.create(publisher("orders", nats_url, replicas=2), namespace)
+
+        async def ready() -> bool:
+            return condition(await api.get(KIND, namespace, "orders"), "Ready").get("status") == "True"
+
+        await wait_for(ready, 120)
+        committed = await insert_events(pg_dsn, 2000, 100)
+        hung = node.running("orders-relay")[0]
+        healthy = next(p for p in node.running("orders-relay") if p.uid != hung.uid)
+        os.kill(hung.proc.pid, signal.SIGSTOP)
+        try:
+            committed += await insert_events(pg_dsn, 2000, 100)  # relayed by the peer meanwhile
+
+            async def restarted() -> bool:
+                pod = await api.get("Pod", namespace, hung.name) or {}
+                statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
+                fresh = [p for p in node.running(hung.name) if p.proc.pid != hung.proc.pid and p.ready]
+                return statuses[0].get("restartCount") == 1 and bool(fresh)
+
+            await wait_for(restarted, 150, what="the hung worker killed by its liveness probe and started again")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung.proc.pid, signal.SIGCONT)
+        assert node.liveness_kills == [hung.name]
+        assert node.exit_codes[hung.name] == -signal.SIGKILL  # SIGTERM stays pending in a stopped process
+        committed += await insert_events(pg_dsn, 2000, 100)  # both workers again
+
+        async def all_stored() -> bool:
+            return await stream_count(nats_url) == committed
+
+        await wait_for(all_stored, 120)
+        report = await verify(pg_dsn, SQL, nats_url, STREAM, expect_drained=True)
+        assert report.ok, report.to_dict()
+        assert (report.published, report.duplicates, report.order_violations, report.lost) == (committed, 0, 0, 0)
+        # the healthy worker answered its liveness probes all along (10 s apart, over a minute and more)
+        pod = await api.get("Pod", namespace, healthy.name) or {}
+        assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
+        assert healthy.proc.returncode is None
+        assert node.liveness_passed.get(healthy.name, 0) >= 2, node.liveness_passed
+    assert not node.errors, node.errors
 
 
 async def test_operator_killed_mid_reconcile_converges_without_duplicates_or_rewrites(
