@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import urllib.request
 from collections.abc import Awaitable
@@ -440,6 +441,9 @@ async def test_metrics_health_and_readiness(pg_dsn: str, nats_url: str) -> None:
         assert f'{names.M_PARTITIONS}{{publisher="relay"}} 8.0' in text
         assert f'{names.M_BACKLOG}{{publisher="relay"}} 0.0' in text
         assert names.M_ACK_LATENCY + "_bucket" in text
+        cpu = re.search(rf'^{names.M_CPU_SECONDS}{{publisher="relay"}} (\S+)$', text, re.MULTILINE)
+        assert cpu is not None, text
+        assert float(cpu.group(1)) > 0  # the worker's process has used CPU
         assert 'kind="acquired"' in text
         assert pg_dsn.split("@")[0] not in text  # no DSN (with its password) anywhere
     report = await verify(pg_dsn, SQL, nats_url, STREAM)

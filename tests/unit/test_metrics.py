@@ -1,7 +1,13 @@
 """The ack-latency histogram is counted by the worker itself (BucketCounts, one bisect per ack) and
-must read on /metrics exactly like a prometheus_client Histogram fed the same values."""
+must read on /metrics exactly like a prometheus_client Histogram fed the same values; the process's CPU
+and memory are read at each scrape."""
 
 from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -50,3 +56,41 @@ def test_worker_metrics_expose_ack_latency_per_publisher() -> None:
     assert f'{names.M_ACK_LATENCY}_bucket{{le="0.0025",publisher="orders"}} 0.0' in text
     assert f'{names.M_ACK_LATENCY}_bucket{{le="0.005",publisher="orders"}} 1.0' in text
     assert f'{names.M_ACK_LATENCY}_count{{publisher="orders"}} 1.0' in text
+
+
+def _sample(text: str, name: str) -> float:
+    (line,) = [line for line in text.splitlines() if line.startswith(name + '{publisher="orders"} ')]
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_worker_metrics_expose_the_process_cpu_and_memory_it_is_sized_by() -> None:
+    """``outbox_cpu_seconds_total`` is this process's user + system CPU, read at each scrape (so it
+    grows with work done), and ``outbox_resident_memory_bytes`` its resident memory."""
+    metrics = Metrics("orders")
+    before = _sample(metrics.render().decode(), names.M_CPU_SECONDS)
+    os_before = sum(os.times()[:2])
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # burn 0.2 s of CPU
+        pass
+    text = metrics.render().decode()
+    after = _sample(text, names.M_CPU_SECONDS)
+    assert f"# TYPE {names.M_CPU_SECONDS} counter" in text
+    assert after - before == pytest.approx(sum(os.times()[:2]) - os_before, abs=0.05)
+    assert after - before >= 0.15
+    rss = _sample(text, names.M_RESIDENT_MEMORY)
+    assert 10 * 2**20 < rss < 4 * 2**30  # an interpreter with its libraries: tens of MiB
+    held = bytearray(64 * 2**20)  # 64 MiB, touched: resident
+    for i in range(0, len(held), 4096):
+        held[i] = 1
+    assert _sample(metrics.render().decode(), names.M_RESIDENT_MEMORY) > rss + 50 * 2**20
+
+
+def test_readme_lists_every_metric_the_worker_exports() -> None:
+    """README's metrics table names each metric of ``names.M_*`` (and nothing it does not export)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    exported = {v for k, v in vars(names).items() if k.startswith("M_") and isinstance(v, str)}
+    listed = set(re.findall(r"^\| `(outbox_[a-z_]+)` \|", readme, re.MULTILINE))
+    assert listed == exported
+    rendered = Metrics("orders").render().decode()
+    for name in exported:  # and each one is served (a labelled counter shows once used: its HELP line)
+        assert f"# HELP {name.removesuffix('_total')}" in rendered, name

@@ -48,6 +48,8 @@ M_OLDEST_AGE = METRIC_PREFIX + "oldest_pending_age_seconds"  # gauge
 M_PARTITIONS = METRIC_PREFIX + "partitions_owned"  # gauge
 M_HANDOVERS = METRIC_PREFIX + "lease_handovers_total"  # counter, label kind (acquired|released|lost)
 M_CONFIG_ERRORS = METRIC_PREFIX + "config_errors_total"  # counter, label reason
+M_CPU_SECONDS = METRIC_PREFIX + "cpu_seconds_total"  # counter, the worker process's user + system CPU
+M_RESIDENT_MEMORY = METRIC_PREFIX + "resident_memory_bytes"  # gauge, the worker process's RSS
 
 LABEL_PUBLISHER = "publisher"
 LABEL_REASON = "reason"

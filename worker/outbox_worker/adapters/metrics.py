@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
+import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
@@ -70,6 +72,41 @@ class BucketCountsCollector(Collector):
         yield family
 
 
+class ProcessCollector(Collector):
+    """The worker process's CPU (user + system seconds, :func:`os.times`) and resident memory
+    (``/proc/self/statm``; left out where there is none), labelled by publisher, read at scrape time
+    only. What a pod's requests are sized by (README, "Sizing a worker"): its CPU over
+    ``outbox_published_total`` is the CPU per event at the load it really has. One worker per process
+    (a pod); several workers in one process (tests) each report the whole process."""
+
+    def __init__(self, publisher: str) -> None:
+        self._labels = [publisher]
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        times = os.times()
+        cpu = CounterMetricFamily(
+            names.M_CPU_SECONDS.removesuffix("_total"),
+            "CPU time of the worker's process, user + system",
+            labels=[names.LABEL_PUBLISHER],
+        )
+        cpu.add_metric(self._labels, times.user + times.system)
+        yield cpu
+        rss = self._resident_bytes()
+        if rss is not None:
+            memory = GaugeMetricFamily(
+                names.M_RESIDENT_MEMORY, "Resident memory of the worker's process", labels=[names.LABEL_PUBLISHER]
+            )
+            memory.add_metric(self._labels, rss)
+            yield memory
+
+    def _resident_bytes(self) -> int | None:
+        try:
+            with open("/proc/self/statm", "rb") as statm:
+                return int(statm.read().split()[1]) * mmap.PAGESIZE
+        except (OSError, IndexError, ValueError):
+            return None
+
+
 class Metrics:
     def __init__(self, publisher: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -115,6 +152,7 @@ class Metrics:
             [*pl, names.LABEL_REASON],
             registry=r,
         )
+        r.register(ProcessCollector(publisher))
         self._publisher = publisher
 
     def failed(self, reason: str, n: int = 1) -> None:
