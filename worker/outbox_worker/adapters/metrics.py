@@ -72,12 +72,13 @@ class BucketCountsCollector(Collector):
         yield family
 
 
-class ProcessCollector(Collector):
+class ProcessUsageCollector(Collector):
     """The worker process's CPU (user + system seconds, :func:`os.times`) and resident memory
     (``/proc/self/statm``; left out where there is none), labelled by publisher, read at scrape time
     only. What a pod's requests are sized by (README, "Sizing a worker"): its CPU over
     ``outbox_published_total`` is the CPU per event at the load it really has. One worker per process
-    (a pod); several workers in one process (tests) each report the whole process."""
+    (a pod); several workers in one process (tests) each report the whole process. Not
+    prometheus_client's ``ProcessCollector``: its ``process_*`` series carry no publisher label."""
 
     def __init__(self, publisher: str) -> None:
         self._labels = [publisher]
@@ -152,7 +153,7 @@ class Metrics:
             [*pl, names.LABEL_REASON],
             registry=r,
         )
-        r.register(ProcessCollector(publisher))
+        r.register(ProcessUsageCollector(publisher))
         self._publisher = publisher
 
     def failed(self, reason: str, n: int = 1) -> None:
