@@ -92,5 +92,5 @@ def test_readme_lists_every_metric_the_worker_exports() -> None:
     listed = set(re.findall(r"^\| `(outbox_[a-z_]+)` \|", readme, re.MULTILINE))
     assert listed == exported
     rendered = Metrics("orders").render().decode()
-    for name in exported:  # and each one is served (a labelled counter shows once used: its HELP line)
+    for name in exported:  # and each one is served: its HELP line shows before any labelled series is used
         assert f"# HELP {name.removesuffix('_total')}" in rendered, name
