@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -62,6 +63,5 @@ def test_children_match_golden(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_children_are_valid_kubernetes_objects(name: str) -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     for doc in render(CASES[name]):
         kubernetes_validate.validate(doc, "1.33.0", strict=True)
