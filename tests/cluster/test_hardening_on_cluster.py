@@ -58,6 +58,26 @@ def test_a_dsn_pasted_as_secret_name_is_refused(crd: str, kubectl: Kubectl, name
     assert "spec.database.secretRef.name" in result.stderr
 
 
+def test_a_quantity_the_api_server_cannot_parse_is_refused_up_front(crd: str, kubectl: Kubectl, namespace: str) -> None:
+    """`resources.requests.cpu: lots` never reaches the operator: the CRD's quantity pattern refuses
+    it at admission, naming the field (#18 item 3)."""
+    obj = minimal("lots", worker={"resources": {"requests": {"cpu": "lots"}}})
+    result = kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj), check=False)
+    assert result.returncode != 0, "cpu: lots was accepted"
+    assert "spec.worker.resources.requests" in result.stderr
+
+
+# Affinity is passed through as the user wrote it (the schema cannot check all of core/v1 Affinity):
+# the OutboxPublisher is admitted, and the API server refuses the Deployment the operator writes.
+BAD_AFFINITY = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "Maybe", "values": ["a"]}]}]
+        }
+    }
+}
+
+
 async def test_a_child_the_api_server_rejects_shows_in_status(
     crd: str,
     api: KubeApi,
@@ -66,21 +86,21 @@ async def test_a_child_the_api_server_rejects_shows_in_status(
     namespace: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`resources.requests.cpu: lots` is refused by the API server, by the CRD up front or as the
-    Deployment write; either way the user sees why (#18 item 3): no silent empty Ready."""
+    """A child the API server refuses (here the Deployment, for an affinity the CRD lets through) is
+    reported: Ready=False/ChildRejected with the server's reason (#18 item 3), no silent empty Ready.
+    (It used `cpu: lots`, which the CRD refuses up front, so the operator's path never ran.)"""
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
-    obj = minimal("lots", worker={"resources": {"requests": {"cpu": "lots"}}})
+    obj = minimal("affine", worker={"affinity": BAD_AFFINITY})
     result = await kubectl_async(kubectl, "apply", "-n", namespace, "-f", "-", check=False, input=json.dumps(obj))
-    if result.returncode != 0:
-        assert "spec.worker.resources.requests" in result.stderr
-        return
-    await api.create(secret("lots-db", "postgresql://unused@127.0.0.1:1/db"), namespace)
+    assert result.returncode == 0, f"the OutboxPublisher itself was refused: {result.stderr}"
+    await api.create(secret("affine-db", "postgresql://unused@127.0.0.1:1/db"), namespace)
     async with operator_in_process([namespace]):
 
         async def rejected() -> dict[str, Any]:
-            ready = condition(await api.get(KIND, namespace, "lots"), "Ready")
+            ready = condition(await api.get(KIND, namespace, "affine"), "Ready")
             return ready if ready.get("reason") == "ChildRejected" else {}
 
         ready = await wait_for(rejected, 60)
     assert ready["status"] == "False"
-    assert "cpu" in ready["message"]
+    assert "nodeAffinity" in ready["message"], ready["message"]  # the server's reason, by its field
+    assert 'operator: Invalid value: "Maybe"' in ready["message"], ready["message"]
