@@ -25,6 +25,7 @@ from outbox_worker.app.marks import AckedRows
 from outbox_worker.app.worker import Worker
 from outbox_worker.core.sql import Sql
 from support.polling import wait_for
+from support.relay import record_waves
 
 SQL = Sql.for_table("public", "outbox")
 STREAM = "LEASES"
@@ -426,17 +427,9 @@ async def test_a_worker_that_cannot_renew_stops_publishing_before_its_lease_expi
         await produce(pg_dsn, SQL, plan)
         settings = worker_settings(pg_dsn, nats_url, "w1", batch_size=10000, loops=1)
         r = await start(settings)
-        sends: list[tuple[float, float]] = []  # (monotonic, wall) when each wave was sent
-        assert r.worker.publisher is not None
-        original = r.worker.publisher.publish_wave
-
-        async def recorded(messages: Any) -> Any:
-            sends.append((time.monotonic(), time.time()))
-            return await original(messages)
-
-        r.worker.publisher.publish_wave = recorded  # type: ignore[method-assign]
+        waves = record_waves(r.worker)  # (monotonic, wall) when each wave was sent
         try:
-            await wait_for(lambda: _true(len(sends) > 50), 10, "publishing to start")
+            await wait_for(lambda: _true(len(waves) > 50), 10, "publishing to start")
             async with pool.acquire() as locker:
                 tx = locker.transaction()
                 await tx.start()
@@ -446,7 +439,7 @@ async def test_a_worker_that_cannot_renew_stops_publishing_before_its_lease_expi
                 assert r.worker.leases is not None
                 usable_until = max(lease.usable_until for lease in r.worker.leases.leases.values())
                 await asyncio.sleep(TTL + 1.0)  # past the lease's expiry
-                during = [s for s in sends if s[0] >= locked_at]
+                during = [(w.sent_at, w.sent_wall) for w in waves if w.sent_at >= locked_at]
                 await tx.rollback()
             assert during, "the batch was still being published when renewals stopped"
             last_mono, last_wall = max(during)

@@ -9,8 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from typing import Any
 
 import asyncpg
@@ -39,7 +38,7 @@ from outbox_worker.app.relay import RelayHooks
 from outbox_worker.app.worker import Worker
 from outbox_worker.core.policy import Outcome, PublishResult
 from support.polling import wait_for
-from support.relay import SQL, running, setup_db
+from support.relay import SQL, record_waves, running, setup_db
 from support.servers import ControlledNats
 
 STREAM = "FAILURES"
@@ -92,29 +91,6 @@ async def stream_messages(url: str, stream: str = STREAM) -> int:
         return int((await nc.jetstream().stream_info(stream)).state.messages)
     finally:
         await nc.close()
-
-
-@dataclass
-class WaveLog:
-    seconds: float
-    results: list[PublishResult]
-
-
-def time_waves(worker: Worker) -> list[WaveLog]:
-    """Wrap the worker's publisher so each wave's duration and results are recorded."""
-    pub = worker.publisher
-    assert pub is not None
-    original = pub.publish_wave
-    log: list[WaveLog] = []
-
-    async def timed(messages: Sequence[Message]) -> list[PublishResult]:
-        t0 = time.monotonic()
-        results = await original(messages)
-        log.append(WaveLog(time.monotonic() - t0, results))
-        return results
-
-    pub.publish_wave = timed  # type: ignore[method-assign]
-    return log
 
 
 # --- broker crash ---------------------------------------------------------------------------------
@@ -220,7 +196,7 @@ async def test_error_acks_fail_fast_and_rows_retry_without_dead_letters(pg_dsn: 
             pg_dsn, nats_url, stream_mode="expect", max_attempts=2, retry_backoff_initial_seconds=0.05
         )
         async with running(settings) as worker:
-            waves = time_waves(worker)
+            waves = record_waves(worker)
             # The first pending row of each aggregate has failed more often than max_attempts; the
             # aggregate's later rows wait behind it (per-aggregate order).
             heads = (
@@ -236,7 +212,7 @@ async def test_error_acks_fail_fast_and_rows_retry_without_dead_letters(pg_dsn: 
             assert all(r.outcome is Outcome.RETRYABLE for r in failures)
             assert all(r.reason == names.REASON_SERVER_ERROR for r in failures)
             assert all("maximum messages exceeded" in r.detail for r in failures)
-            assert max(w.seconds for w in waves) < settings.ack_timeout_seconds
+            assert max(w.seconds for w in waves if w.ended_at is not None) < settings.ack_timeout_seconds
             errors = await fetchval(
                 pg_dsn, "SELECT array_agg(DISTINCT last_error) FROM outbox WHERE last_error IS NOT NULL"
             )
@@ -287,7 +263,7 @@ async def test_a_failed_row_holds_its_aggregate_back_across_batches(pg_dsn: str,
             max_attempts=100,  # no dead letter before the stream takes larger messages
         )
         async with running(settings) as worker:
-            waves = time_waves(worker)
+            waves = record_waves(worker)
             await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 3 FROM outbox"), 15, "the free rows to flow")
             # the first event fails again and again; the two after it wait behind it, across batches
             await wait_for(lambda: fetchval(pg_dsn, "SELECT max(attempts) >= 3 FROM outbox"), 15, "3 failed attempts")

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
 import asyncpg
 
 from outbox_common.config import WorkerConfig
 from outbox_common.settings import WorkerSettings
 from outbox_devkit.producers import prepare
+from outbox_worker.adapters.publisher import MessageFields
 from outbox_worker.adapters.store import migrate
 from outbox_worker.app.relay import RelayHooks
 from outbox_worker.app.worker import Worker
+from outbox_worker.core.policy import PublishResult
 from outbox_worker.core.sql import Sql
 
 SQL = Sql.for_table("public", "outbox")
@@ -41,3 +45,43 @@ async def setup_db(dsn: str, partitions: int = 8) -> None:
         await prepare(conn, SQL)
     finally:
         await conn.close()
+
+
+@dataclass
+class Wave:
+    """One call of the worker's ``publish_wave``: when it was sent and, once it returned, its results."""
+
+    sent_at: float  # time.monotonic() when the relay handed the wave to the publisher
+    sent_wall: float  # time.time() at the same moment
+    size: int
+    ended_at: float | None = None  # time.monotonic() when publish_wave returned
+    results: list[PublishResult] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        assert self.ended_at is not None, "the wave has not returned yet"
+        return self.ended_at - self.sent_at
+
+
+def record_waves(worker: Worker) -> list[Wave]:
+    """Wrap the running worker's ``JetStreamPublisher.publish_wave`` so that every wave is logged when it
+    is sent (and completed when it returns); the real method still publishes it.
+
+    The wrapper has the real method's signature and only ``method-assign`` is silenced, so mypy (run
+    on tests/support by tests/test_static.py) compares the two: a refactor of ``publish_wave`` fails
+    the static check instead of disarming the tests that read this log. A caller asserts the log is
+    not empty, which shows the relay really calls through the wrapper."""
+    publisher = worker.publisher
+    assert publisher is not None, "start the worker first"
+    original = publisher.publish_wave
+    log: list[Wave] = []
+
+    async def recorded(messages: Sequence[MessageFields]) -> list[PublishResult]:
+        wave = Wave(time.monotonic(), time.time(), len(messages))
+        log.append(wave)
+        wave.results = await original(messages)
+        wave.ended_at = time.monotonic()
+        return wave.results
+
+    publisher.publish_wave = recorded  # type: ignore[method-assign]
+    return log
