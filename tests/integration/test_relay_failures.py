@@ -626,18 +626,21 @@ async def test_a_jetstream_api_that_does_not_answer_yet_is_asked_again(
 
 
 async def test_a_jetstream_api_that_never_answers_fails_the_check_as_unavailable_at_its_deadline(
-    own_nats: ControlledNats, monkeypatch: pytest.MonkeyPatch
+    own_nats: ControlledNats, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Silence that outlasts the deadline ends the check with NatsUnavailableError (the worker exits
-    with code 4 and its pod is restarted), not with a wait that never ends."""
+    with code 4 and its pod is restarted), not with a wait that never ends. With 1 s requests and a
+    3 s deadline the check asks again before it gives up: the loop, not one long request, ends it."""
     monkeypatch.setattr(publisher_module, "STREAM_API_TIMEOUT_SECONDS", 1.0)
-    assert publisher_module.STREAM_API_TIMEOUT_SECONDS == 1.0
     pub = JetStreamPublisher(NatsConfig.for_url(own_nats.url))
     await pub.connect()
     t0 = time.monotonic()
     own_nats.pause()
     try:
-        with pytest.raises(NatsUnavailableError) as silent:
+        with (
+            caplog.at_level("WARNING", logger="outbox_worker.adapters.publisher"),
+            pytest.raises(NatsUnavailableError) as silent,
+        ):
             await pub.ensure_stream(StreamConfig("SILENT", StreamMode.CREATE), "silent.*.*", 60, deadline=t0 + 3.0)
     finally:
         own_nats.resume()
@@ -645,6 +648,9 @@ async def test_a_jetstream_api_that_never_answers_fails_the_check_as_unavailable
     took = time.monotonic() - t0
     assert "the JetStream API did not answer the check of stream 'SILENT' in time" in str(silent.value)
     assert 3.0 <= took < 5.0, took
+    # the patch took effect: without it the one request waits the whole 3 s and is never asked again
+    asked_again = [r.getMessage() for r in caplog.records if "asking again" in r.getMessage()]
+    assert asked_again, "no request was asked again: the 1 s request timeout did not apply"
 
 
 async def test_a_server_without_jetstream_fails_the_stream_check_naming_the_fix() -> None:
