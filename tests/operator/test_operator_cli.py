@@ -83,6 +83,11 @@ async def test_outboxctl_operator_all_namespaces_json_logs(emulator: KubeEmulato
 
 async def test_outboxctl_operator_requires_a_scope() -> None:
     proc = await asyncio.create_subprocess_exec(*outboxctl(), "operator", stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate()
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError("`outboxctl operator` without a scope did not exit within 30 s") from None
     assert proc.returncode == 2
     assert b"--namespace" in err
