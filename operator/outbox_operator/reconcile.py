@@ -45,7 +45,7 @@ from .children import (
 )
 from .conditions import Condition, flips, merge_conditions, rfc3339
 from .health import HealthTargets, Rollout, current_reports, gone_workers, health_conditions, pressure_unknown, totals
-from .spec import InvalidSpec, PublisherSpec, parse_spec, secret_refs, validate_name
+from .spec import InvalidSpec, PublisherSpec, is_reserved_env_name, parse_spec, secret_refs, validate_name
 
 Obj = dict[str, Any]
 ChildKey = tuple[str, str]  # (kind, name)
@@ -461,11 +461,19 @@ REDACTED = "<redacted>"
 
 
 def literal_env_values(obj: Mapping[str, Any] | None) -> list[str]:
-    """Literal ``value``s of every container's env in a child (a Deployment): any may be a secret."""
+    """Literal ``value``s of the user's env entries in a child (a Deployment): any may be a secret.
+
+    The operator's own ``OUTBOX_*`` entries are left out: they are rendered from the spec, which holds
+    secrets only by reference, and they carry the publisher's name, its table and stream. Redacting
+    those made a refusal unreadable (``Deployment <redacted>-relay``); a user entry cannot take such a
+    name (:func:`~outbox_operator.spec.is_reserved_env_name`)."""
     template = ((obj or {}).get("spec") or {}).get("template") or {}
     containers = (template.get("spec") or {}).get("containers") or []
     return [
-        str(entry["value"]) for container in containers for entry in container.get("env") or [] if entry.get("value")
+        str(entry["value"])
+        for container in containers
+        for entry in container.get("env") or []
+        if entry.get("value") and not is_reserved_env_name(str(entry.get("name", "")))
     ]
 
 

@@ -104,3 +104,4 @@ async def test_a_child_the_api_server_rejects_shows_in_status(
     assert ready["status"] == "False"
     assert "nodeAffinity" in ready["message"], ready["message"]  # the server's reason, by its field
     assert 'operator: Invalid value: "Maybe"' in ready["message"], ready["message"]
+    assert "Deployment affine-relay" in ready["message"], ready["message"]  # its own names are not hidden

@@ -179,3 +179,33 @@ def test_child_rejected_plan_is_status_and_event_only() -> None:
     assert "hunter22" not in str(result.status_patch) + str(result.events)
     assert result.status_patch["conditions"][0]["reason"] == "ChildRejected"
     assert [e.type for e in result.events] == ["Warning", "Warning"]
+
+
+def test_child_rejected_keeps_the_publishers_own_names_and_hides_the_users_literals() -> None:
+    """Only the user's literal env values are hidden: the operator's ``OUTBOX_*`` entries come from the
+    spec (secrets travel by reference) and name the publisher, so hiding them made the message read
+    ``Deployment <redacted>-relay``."""
+    from datetime import UTC, datetime
+
+    from outbox_operator.reconcile import Observed, plan_child_rejected
+
+    observed = Observed(
+        body={"metadata": {"name": "orders", "namespace": "shop", "uid": "u", "generation": 1}, "status": {}},
+        children={},
+        secrets={},
+        pods=None,
+        now=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    env = [
+        {"name": "API_KEY", "value": "hunter22"},
+        {"name": "OUTBOX_PUBLISHER", "value": "orders"},
+        {"name": "OUTBOX_TABLE", "value": "outbox"},
+    ]
+    action = Action(
+        "create", "Deployment", "orders-relay", {"spec": {"template": {"spec": {"containers": [{"env": env}]}}}}
+    )
+    api = 'Deployment.apps "orders-relay" is invalid: env[0]: Invalid value: "hunter22"; labels outbox.dev/publisher'
+    message = plan_child_rejected(observed, action, api).status_patch["conditions"][0]["message"]
+    assert "hunter22" not in message
+    assert message.count("orders-relay") == 2, message
+    assert "outbox.dev/publisher" in message, message
