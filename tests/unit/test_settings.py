@@ -14,6 +14,7 @@ from outbox_common.settings import (
     WorkerSettings,
     describe_error,
     env_name,
+    redact_url,
     render_env,
     validate_identifier,
     validate_subject_template,
@@ -107,6 +108,21 @@ def test_database_url_error_never_shows_the_secret() -> None:
     assert "database_url" in text
     assert "s3cr3t-pw" not in text
     assert "s3cr3t-pw" not in str(info.value)
+
+
+@pytest.mark.parametrize("servers", ["alice:s3cr3t-pw@nats:4222", "nats://ok:4222,http://alice:s3cr3t-pw@nats:4222"])
+def test_a_nats_url_error_never_shows_its_credentials(servers: str) -> None:
+    text = errors_of(nats_servers=servers)
+    assert "needs a scheme" in text
+    assert "s3cr3t-pw" not in text
+    assert "nats://http://" not in text  # no suggestion that stacks a second scheme
+
+
+def test_redact_url() -> None:
+    assert redact_url("nats://alice:pw@nats:4222") == "nats://<redacted>@nats:4222"
+    assert redact_url("tls://token@nats:4222") == "tls://<redacted>@nats:4222"
+    assert redact_url("alice:pw@nats:4222") == "<redacted>@nats:4222"
+    assert redact_url("nats://nats:4222") == "nats://nats:4222"
 
 
 def test_secrets_are_masked_in_repr() -> None:

@@ -24,6 +24,8 @@ ENV_PREFIX = "OUTBOX_"
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _STREAM = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+# userinfo of a server URL, with or without a scheme (``nats://user:password@host``, ``user:pw@host``)
+_URL_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?[^\s/@]+@")
 TEMPLATE_FIELDS = ("aggregate_type", "event_type", "tenant", "aggregate_id")
 
 
@@ -39,6 +41,12 @@ def validate_identifier(value: str, field: str) -> str:
             "underscores, not starting with a digit (for example 'outbox')"
         )
     return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user and password (``nats://alice:pw@host`` → ``nats://<redacted>@host``):
+    a NATS URL may carry credentials, and messages and logs must never show them."""
+    return _URL_USERINFO.sub(lambda m: f"{m['scheme'] or ''}<redacted>@", url.strip())
 
 
 def validate_subject_template(template: str) -> str:
@@ -258,7 +266,10 @@ class WorkerSettings(BaseSettings):
             raise ValueError("nats_servers is empty: give e.g. nats://nats:4222")
         for s in servers:
             if not re.match(r"^(nats|tls|ws|wss)://", s):
-                raise ValueError(f"nats_servers entry {s!r} needs a scheme, e.g. nats://{s}")
+                raise ValueError(
+                    f"nats_servers entry {redact_url(s)!r} needs a scheme nats://, tls://, ws:// or wss:// "
+                    "(e.g. nats://nats:4222)"
+                )
         return ",".join(servers)
 
     @field_validator("database_url")

@@ -40,7 +40,7 @@ from nats.js import errors as js_errors
 from outbox_common import names
 from outbox_common.config import NatsConfig, PublishConfig, StreamConfig
 from outbox_common.envelope import HeaderBlock
-from outbox_common.settings import StreamMode
+from outbox_common.settings import StreamMode, redact_url
 from outbox_worker.adapters.jetstream_acks import (
     InvalidMessageError,
     StoredAcks,
@@ -216,7 +216,7 @@ class JetStreamPublisher:
             why = connect_error[-1] if connect_error else exc
             if _is_auth_error(why):
                 raise NatsConfigError(_CREDENTIALS_REJECTED) from None
-            servers = ",".join(self._nats.servers)
+            servers = ",".join(redact_url(s) for s in self._nats.servers)  # a URL may hold a password
             raise NatsUnavailableError(f"no NATS server answered at {servers}: {why!r}"[:300]) from None
         except Exception as exc:
             if _is_auth_error(exc) or any(_is_auth_error(e) for e in connect_error):
