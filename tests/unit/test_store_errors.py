@@ -31,3 +31,21 @@ def test_connection_errors_map_to_a_typed_error_naming_the_fix(exc: Exception, k
 def test_other_errors_are_not_connection_errors() -> None:
     assert connection_error(asyncpg.UndefinedTableError("relation does not exist"), "fix") is None
     assert connection_error(ValueError("x"), "fix") is None
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://app:Pa#ssw0rd@db:5432/app",  # '#' starts a fragment: the port becomes 'Pa'
+        "postgresql://app:Pa/ss?w0rd@db:5432/app",  # '/' ends the host: the query is 'w0rd@db...'
+        "postgresql://app:w0rd@db:5432/app?sslmode=bogus",
+    ],
+)
+async def test_a_dsn_asyncpg_cannot_parse_is_a_configuration_error_that_never_quotes_it(dsn: str) -> None:
+    from outbox_worker.adapters.store import connect_pool
+
+    with pytest.raises(DatabaseAuthError) as info:
+        await connect_pool(dsn, size=2, timeout=1)
+    assert "cannot be parsed" in str(info.value)
+    assert "w0rd" not in str(info.value)
+    assert "percent-encode" in str(info.value)

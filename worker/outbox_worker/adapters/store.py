@@ -104,12 +104,27 @@ async def connect_pool(
             server_settings={"application_name": "outbox-relay", "plan_cache_mode": "force_generic_plan"},
         )
     except Exception as exc:
-        mapped = connection_error(exc, "check the database Secret")
+        mapped = connection_error(exc, "check the database Secret") or dsn_syntax_error(exc, "check the database Secret")
         if mapped is None:
             raise
         raise mapped from None
     assert pool is not None
     return pool
+
+
+def dsn_syntax_error(exc: BaseException, fix: str) -> DatabaseAuthError | None:
+    """The error of a DSN asyncpg cannot even parse, raised before any connection is tried: a bad
+    port or query parameter (``sslmode=bogus``), or a password with an unencoded ``#``, ``/``, ``?``,
+    ``@`` or ``[``. asyncpg's own text quotes the piece of the DSN it choked on, which for such a
+    password is part of the password (``invalid literal for int() with base 10: 'Pa'``), so only
+    the exception's type is kept. None for any other error. Call it only on what connecting raised."""
+    if isinstance(exc, ValueError | OverflowError):  # asyncpg.ClientConfigurationError is a ValueError
+        return DatabaseAuthError(
+            f"the DSN cannot be parsed ({type(exc).__name__}; the DSN is not shown: it holds the password): "
+            "percent-encode special characters in the user and password (e.g. '#' as %23, '/' as %2F, "
+            f"'@' as %40), and check the port and the query parameters; {fix}"
+        )
+    return None
 
 
 def connection_error(exc: BaseException, fix: str) -> DatabaseAuthError | DatabaseUnavailableError | None:
