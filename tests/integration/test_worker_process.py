@@ -508,7 +508,7 @@ async def test_settings_mistakes_are_caught_at_start_up(
     pg_dsn: str, nats_url: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
     """A metrics port in use ends start-up with exit code 3 and a message naming OUTBOX_METRICS_PORT
-    and the fix, not exit 1 with an OSError traceback; a misspelt OUTBOX_* variable is warned about
+    and the fix, not exit 1 with an OSError traceback, and leaves no heartbeat row; a misspelt OUTBOX_* variable is warned about
     with the name meant."""
     pool = await setup_db(pg_dsn)
     blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
@@ -521,6 +521,16 @@ async def test_settings_mistakes_are_caught_at_start_up(
         assert f"cannot listen on 127.0.0.1:{port}" in out
         assert "set OUTBOX_METRICS_PORT to a free port" in out
         assert "Traceback" not in out
+        assert await pool.fetchval("SELECT count(*) FROM outbox_workers WHERE worker_id = 'busy'") == 0
+
+        # a start that failed after joining, before the leases exist (the stream is missing), leaves
+        # no heartbeat behind either: a restart under the same id (a pod's restarted container)
+        # would wait one lease TTL for it in silence, and peers would count a worker that is gone
+        nostream = Proc(pg_dsn, nats_url, "nostream", tmp_path, mode=None, STREAM="MISSING", STREAM_MODE="expect")
+        procs.append(nostream)
+        assert await nostream.exited(20) == 3, nostream.text()
+        assert "stream 'MISSING' does not exist" in nostream.text()
+        assert await pool.fetchval("SELECT count(*) FROM outbox_workers WHERE worker_id = 'nostream'") == 0
 
         typo = Proc(pg_dsn, nats_url, "typo", tmp_path, mode=None, BATCHSIZE="50")
         procs.append(typo)

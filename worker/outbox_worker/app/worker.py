@@ -127,6 +127,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
         self._stopped = False
+        self._joined = False  # our heartbeat row exists: close() deletes it, even after a failed start
         self._last_published = 0
         self._last_rate_at = time.monotonic()
         self.rate = 0.0
@@ -142,6 +143,7 @@ class Worker:
         partitions = await self.store.check_schema()
         # Before anything is leased: a live process with the same worker id is refused here.
         await self.store.join(self.config.leases.ttl_seconds)
+        self._joined = True
         self.publisher = await self._connect_nats(deadline)
         self.leases = LeaseManager(self.store, self.config.leases, partitions, self.metrics)
         self.acked = AckedRows(
@@ -345,6 +347,11 @@ class Worker:
             await bounded("marking acked rows", self.acked.close(), cap=float("inf"))
         if self.leases is not None and self.store is not None:
             await bounded("releasing the leases", self.leases.release_all(1.0), cap=float("inf"))
+        if self._joined and self.store is not None:
+            # Also after a start that failed past join (stream missing, NATS refused): a heartbeat
+            # left behind would make a restart under the same worker id (a pod's restarted
+            # container) wait one lease TTL in join, and the peers count a worker that is gone.
+            self._joined = False
             await bounded("leaving the membership", self.store.leave(), cap=2.0)
             await bounded("announcing the release", self.store.announce_lease_change(), cap=2.0)
         if self.publisher is not None:
