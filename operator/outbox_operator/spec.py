@@ -101,7 +101,8 @@ class Autoscaling(_Model):
 class Database(_Model):
     secret_ref: DatabaseSecretRef
     db_schema: str = Field("public", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    table: str = Field("outbox", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    # at most 50 characters (settings.MAX_TABLE_LENGTH): it gets suffixes such as _dead_letters
+    table: str = Field("outbox", pattern=r"^[a-z_][a-z0-9_]{0,49}$")
     pool_size: int = Field(4, ge=2, le=64)
     statement_timeout_seconds: float = Field(10.0, gt=0, le=300)
 

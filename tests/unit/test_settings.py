@@ -251,3 +251,11 @@ def test_the_operators_rendered_environment_never_warns() -> None:
                     rendered |= {e["name"]: "x" for e in container.get("env", []) if e["name"].startswith("OUTBOX_")}
     assert len(rendered) > 20
     assert unknown_env_warnings(rendered) == []
+
+
+def test_a_table_name_too_long_for_its_derived_tables_is_refused_by_name() -> None:
+    """The worker, migrate (Sql.for_table), the operator's spec and the CRD share one limit: a name
+    the CRD accepts never crash-loops the workers."""
+    make(table="t" * 50)
+    text = errors_of(table="t" * 51)
+    assert text.startswith("table: ") and "at most 50" in text and "OUTBOX_TABLE" in text

@@ -27,6 +27,9 @@ _STREAM = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 # userinfo of a server URL, with or without a scheme (``nats://user:password@host``, ``user:pw@host``)
 _URL_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?[^\s/@]+@")
 TEMPLATE_FIELDS = ("aggregate_type", "event_type", "tenant", "aggregate_id")
+# The table's name gets suffixes (``_dead_letters``, the longest) that must stay within PostgreSQL's
+# 63 characters: outbox_worker.core.sql.Sql.for_table, the CRD and the operator's spec say the same.
+MAX_TABLE_LENGTH = 63 - len("_dead_letters")
 
 
 def validate_identifier(value: str, field: str) -> str:
@@ -237,7 +240,13 @@ class WorkerSettings(BaseSettings):
     @field_validator("db_schema", "table")
     @classmethod
     def _identifier(cls, value: str, info: Any) -> str:
-        return validate_identifier(value, info.field_name)
+        validate_identifier(value, info.field_name)
+        if info.field_name == "table" and len(value) > MAX_TABLE_LENGTH:
+            raise ValueError(
+                f"table is {len(value)} characters long: at most {MAX_TABLE_LENGTH} (the tables derived "
+                "from it, such as <table>_dead_letters, must stay within PostgreSQL's 63)"
+            )
+        return value
 
     @field_validator("subject_template")
     @classmethod

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from outbox_common.settings import validate_identifier
+from outbox_common.settings import MAX_TABLE_LENGTH, validate_identifier
 
 # 1: the tables. 2: CHECK that created_at has an RFC 3339 form (NOT VALID: rows already in the table
 # are not checked; the relay dead-letters those); workers.instance (duplicate worker ids are refused).
@@ -63,8 +63,8 @@ class Sql:
     def for_table(cls, schema: str, table: str) -> Sql:
         validate_identifier(schema, "schema")
         validate_identifier(table, "table")
-        if len(table) > 63 - len("_dead_letters"):
-            raise ValueError(f"table={table!r} is too long: at most {63 - len('_dead_letters')} characters")
+        if len(table) > MAX_TABLE_LENGTH:
+            raise ValueError(f"table={table!r} is too long: at most {MAX_TABLE_LENGTH} characters")
         return cls(schema, table)
 
     # --- names ----------------------------------------------------------------------------------
