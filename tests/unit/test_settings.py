@@ -259,3 +259,21 @@ def test_a_table_name_too_long_for_its_derived_tables_is_refused_by_name() -> No
     make(table="t" * 50)
     text = errors_of(table="t" * 51)
     assert text.startswith("table: ") and "at most 50" in text and "OUTBOX_TABLE" in text
+
+
+def test_a_setting_spelt_in_another_letter_case_is_read_and_not_warned_about(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic-settings reads OUTBOX_batch_size as batch_size; a warning that it "is ignored" would
+    be false. A misspelt name in lower case (outbox_batchsize) is ignored, so it is warned about."""
+    from outbox_common.settings import unknown_env_warnings
+
+    monkeypatch.setenv("OUTBOX_batch_size", "7")
+    assert make().batch_size == 7
+    assert unknown_env_warnings({"OUTBOX_batch_size": "7"}) == []
+    (warning,) = unknown_env_warnings({"outbox_batchsize": "7"})
+    assert "did you mean OUTBOX_BATCH_SIZE?" in warning
+
+
+def test_a_cross_field_error_names_the_variables_to_fix() -> None:
+    text = errors_of(ack_timeout_seconds=10)
+    assert "Value error" not in text
+    assert "OUTBOX_ACK_TIMEOUT_SECONDS" in text and "OUTBOX_LEASE_TTL_SECONDS" in text

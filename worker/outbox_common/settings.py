@@ -379,10 +379,11 @@ def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
     known = {env_name(f) for f in fields}
     messages = []
     for key in sorted(environ):
-        if not key.startswith(ENV_PREFIX) or key in known:
+        # pydantic-settings reads the names case-insensitively: OUTBOX_batch_size is batch_size
+        if not key.upper().startswith(ENV_PREFIX) or key.upper() in known:
             continue
         # compared without the prefix every name shares, which would make any two names look alike
-        close = difflib.get_close_matches(key.removeprefix(ENV_PREFIX).lower(), fields, n=1, cutoff=0.7)
+        close = difflib.get_close_matches(key[len(ENV_PREFIX) :].lower(), fields, n=1, cutoff=0.7)
         hint = f"did you mean {env_name(close[0])}?" if close else "see `outboxctl worker --help` for the names"
         messages.append(f"unknown setting {key} in the environment is ignored: {hint}")
     return messages
@@ -393,7 +394,11 @@ def describe_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "settings"
-        env = env_name(loc) if loc in WorkerSettings.model_fields else ""
-        hint = f" (set {env} or --{loc.replace('_', '-')})" if env else ""
-        lines.append(f"{loc}: {err['msg']}{hint}")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if loc in WorkerSettings.model_fields:
+            hint = f" (set {env_name(loc)} or --{loc.replace('_', '-')})"
+        else:  # a rule across fields: its message names them by setting
+            named = [f for f in WorkerSettings.model_fields if re.search(rf"\b{f}\b", msg)]
+            hint = f" (set {', '.join(env_name(f) for f in named)})" if named else ""
+        lines.append(f"{loc}: {msg}{hint}")
     return "\n".join(lines)
