@@ -139,7 +139,8 @@ class Nats(_Model):
         if sum(r is not None for r in refs) > 1:
             raise ValueError("use at most one of spec.nats.passwordSecretRef, tokenSecretRef and credentialsSecretRef")
         if (self.password_secret_ref is not None) != (self.user != ""):
-            raise ValueError("spec.nats.user and spec.nats.passwordSecretRef go together")
+            # parse_spec cuts a message at its first space into field and text: say it as one sentence
+            raise ValueError("spec.nats.user needs spec.nats.passwordSecretRef, and the reverse: set both or neither")
         return self
 
 
@@ -428,6 +429,28 @@ def validate_name(name: str) -> None:
         )
 
 
+# Tags pydantic appends to the location of an error in one branch of a union (a quantity is
+# ``int | str``): not a field of the spec.
+_UNION_BRANCHES = frozenset({"int", "str", "constrained-str"})
+
+
+def _first_error(exc: ValidationError) -> Any:
+    """The first error, at the path of the field itself. A quantity such as ``cpu: half`` fails
+    both branches of ``int | str``; the first says "Input should be a valid integer" at
+    ``...cpu.int``. The branch of the value's own type says what is wrong (the pattern), so that
+    one is taken, and the branch tag is dropped from the path."""
+    errors = exc.errors()
+    err = errors[0]
+    if err["loc"] and err["loc"][-1] in _UNION_BRANCHES:
+        field = err["loc"][:-1]
+        branches = [e for e in errors if e["loc"][:-1] == field and e["loc"][-1] in _UNION_BRANCHES]
+        own = [e for e in branches if not str(e["type"]).endswith("_type")] or branches
+        err = {**own[0], "loc": field}
+        if {e["loc"][-1] for e in branches} == {"int", "constrained-str"}:  # Quantity, the one such union
+            err["msg"] = "must be a Kubernetes quantity: an integer or a string such as 500m, 2 or 256Mi"
+    return err
+
+
 def parse_spec(spec: Mapping[str, Any] | None) -> PublisherSpec:
     """Validate a CR's spec; raise :class:`InvalidSpec` naming the first bad field and the fix."""
     if not spec:
@@ -437,7 +460,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> PublisherSpec:
         # true); enums and numbers are read as JSON gives them, as the CRD does
         return PublisherSpec.model_validate_json(json.dumps(dict(spec)), strict=True)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        err = _first_error(exc)
         loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
         path = "spec" + (f".{loc}" if loc else "")
         msg = _without_input(str(err["msg"]).removeprefix("Value error, "), err.get("input"))

@@ -103,3 +103,33 @@ def test_operator_variables_come_after_user_env() -> None:
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["env"][0] == {"name": "TZ", "value": "UTC"}
     assert_operator_vars_win(container)
+
+
+# --- messages of other refused specs read as one sentence at the field's own path -----------------
+
+_BASE = {"partitions": 4, "database": {"secretRef": {"name": "db"}}, "nats": {"servers": ["nats://n:4222"]}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (
+            {**_BASE, "worker": {"resources": {"requests": {"cpu": "half"}}}},
+            "spec.worker.resources.requests.cpu: must be a Kubernetes quantity: an integer or a string such as 500m",
+        ),
+        (
+            {**_BASE, "worker": {"resources": {"limits": {"memory": True}}}},
+            "spec.worker.resources.limits.memory: must be a Kubernetes quantity",
+        ),
+        (
+            {**_BASE, "nats": {"servers": ["nats://n:4222"], "user": "alice"}},
+            "spec.nats.user: needs spec.nats.passwordSecretRef, and the reverse: set both or neither",
+        ),
+    ],
+)
+def test_a_refused_spec_reads_as_one_sentence_at_the_fields_path(spec: dict[str, Any], expected: str) -> None:
+    from outbox_operator.spec import InvalidSpec, parse_spec
+
+    with pytest.raises(InvalidSpec) as info:
+        parse_spec(spec)
+    assert str(info.value).startswith(expected), str(info.value)
