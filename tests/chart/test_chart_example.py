@@ -125,6 +125,19 @@ def test_notes_keep_secrets_by_reference(helm: Path, tmp_path: Path) -> None:
     assert pod["spec"]["containers"][0]["securityContext"]["runAsNonRoot"] is True
 
 
+def test_notes_prepare_what_the_example_references(helm: Path, tmp_path: Path) -> None:
+    """With the example on, the steps create its Secret and key and migrate its partition count:
+    following them must leave the example neither SecretNotFound nor migrated with another count."""
+    example = {"enabled": True, "partitions": 8, "databaseSecret": {"name": "orders-db", "key": "dsn"}}
+    text = notes(helm, tmp_path, {"example": example})
+    assert "create secret generic orders-db --from-file=dsn=/dev/stdin" in text
+    overrides = re.search(r"--overrides='(\{.*\})'", text)
+    assert overrides, text
+    container = yaml.safe_load(overrides.group(1))["spec"]["containers"][0]
+    assert container["args"] == ["migrate", "--partitions", "8"]
+    assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "orders-db", "key": "dsn"}
+
+
 def test_every_crd_upgrade_command_forces_conflicts(helm: Path, tmp_path: Path) -> None:
     texts = {
         "README.md": (cc.ROOT / "README.md").read_text(),
