@@ -191,3 +191,9 @@ def test_help_never_shows_a_secret_from_the_environment(monkeypatch: pytest.Monk
     monkeypatch.setenv("OUTBOX_NATS_SERVERS", "nats://relay:topsecret-nats@nats:4222")
     for command in COMMANDS:
         assert "topsecret" not in _help(command), command
+
+
+def test_verify_never_shows_the_credentials_of_a_nats_url() -> None:
+    from outbox_cli.cmd_verify import _shown
+
+    assert _shown("nats://alice:s3cr3t@a:4222,nats://b:4222") == "nats://<redacted>@a:4222,nats://b:4222"

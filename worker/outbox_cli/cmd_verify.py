@@ -154,6 +154,13 @@ async def _install_audit(dsn: str, sql: Any) -> int:
     return EXIT_OK
 
 
+def _shown(urls: str) -> str:
+    """NATS URLs as a message may show them: without user and password."""
+    from outbox_common.settings import redact_url
+
+    return ",".join(redact_url(u) for u in urls.split(","))
+
+
 async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
     import asyncpg
     from nats import errors as nats_errors
@@ -186,11 +193,11 @@ async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
             "outbox row (README, Reliability)",
         )
     except js_errors.NotFoundError:
-        return fail(EXIT_CONFIG, f"stream {args.stream!r} does not exist on {args.nats_url}")
+        return fail(EXIT_CONFIG, f"stream {args.stream!r} does not exist on {_shown(args.nats_url)}")
     except nats_errors.AuthorizationError as exc:
         return fail(EXIT_CONFIG, f"NATS rejected the connection: {type(exc).__name__}")
     except (nats_errors.NoServersError, nats_errors.TimeoutError) as exc:
-        return fail(EXIT_UNAVAILABLE, f"NATS not reachable at {args.nats_url}: {type(exc).__name__}")
+        return fail(EXIT_UNAVAILABLE, f"NATS not reachable at {_shown(args.nats_url)}: {type(exc).__name__}")
     except Exception as exc:
         mapped = connection_error(exc, "check --database-url")
         if isinstance(mapped, DatabaseAuthError):
