@@ -508,8 +508,8 @@ async def test_settings_mistakes_are_caught_at_start_up(
     pg_dsn: str, nats_url: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
     """A metrics port in use ends start-up with exit code 3 and a message naming OUTBOX_METRICS_PORT
-    and the fix, not exit 1 with an OSError traceback, and leaves no heartbeat row; a misspelt OUTBOX_* variable is warned about
-    with the name meant."""
+    and the fix, not exit 1 with an OSError traceback, and leaves no heartbeat row (nor does a start
+    refused for a missing stream); a misspelt OUTBOX_* variable is warned about with the name meant."""
     pool = await setup_db(pg_dsn)
     blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = blocker.sockets[0].getsockname()[1]

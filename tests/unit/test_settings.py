@@ -258,7 +258,9 @@ def test_a_table_name_too_long_for_its_derived_tables_is_refused_by_name() -> No
     the CRD accepts never crash-loops the workers."""
     make(table="t" * 50)
     text = errors_of(table="t" * 51)
-    assert text.startswith("table: ") and "at most 50" in text and "OUTBOX_TABLE" in text
+    assert text.startswith("table: ")
+    assert "at most 50" in text
+    assert "OUTBOX_TABLE" in text
 
 
 def test_a_setting_spelt_in_another_letter_case_is_read_and_not_warned_about(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -276,4 +278,5 @@ def test_a_setting_spelt_in_another_letter_case_is_read_and_not_warned_about(mon
 def test_a_cross_field_error_names_the_variables_to_fix() -> None:
     text = errors_of(ack_timeout_seconds=10)
     assert "Value error" not in text
-    assert "OUTBOX_ACK_TIMEOUT_SECONDS" in text and "OUTBOX_LEASE_TTL_SECONDS" in text
+    assert "OUTBOX_ACK_TIMEOUT_SECONDS" in text
+    assert "OUTBOX_LEASE_TTL_SECONDS" in text

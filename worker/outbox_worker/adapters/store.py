@@ -104,7 +104,8 @@ async def connect_pool(
             server_settings={"application_name": "outbox-relay", "plan_cache_mode": "force_generic_plan"},
         )
     except Exception as exc:
-        mapped = connection_error(exc, "check the database Secret") or dsn_syntax_error(exc, "check the database Secret")
+        fix = "check the database Secret"
+        mapped = connection_error(exc, fix) or dsn_syntax_error(exc, fix)
         if mapped is None:
             raise
         raise mapped from None
