@@ -456,7 +456,8 @@ def _plan_valid(observed: Observed, config: OperatorConfig, owner: Owner, spec: 
 
 
 # userinfo of a URL (scheme://user:password@host): the password part is a secret wherever it appears
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@]+@")
+# up to the authority's last "@": an unencoded "@" in a password is hidden too
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/]+@")
 REDACTED = "<redacted>"
 
 

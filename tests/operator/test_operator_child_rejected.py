@@ -100,6 +100,8 @@ def test_redact_removes_url_credentials_and_literal_values() -> None:
     assert "Sup3rSecret" not in cleaned
     assert "relay:pw" not in cleaned
     assert "postgresql://<redacted>@db:5432/shop" in cleaned
+    unencoded = redact("nats://relay:p@ss@nats:4222 refused", [])
+    assert unencoded == "nats://<redacted>@nats:4222 refused", unencoded
 
 
 # Affinity is passed through as the user wrote it (the schema cannot check all of core/v1 Affinity):

@@ -123,6 +123,8 @@ def test_redact_url() -> None:
     assert redact_url("tls://token@nats:4222") == "tls://<redacted>@nats:4222"
     assert redact_url("alice:pw@nats:4222") == "<redacted>@nats:4222"
     assert redact_url("nats://nats:4222") == "nats://nats:4222"
+    assert redact_url("nats://alice:p@ss@nats:4222") == "nats://<redacted>@nats:4222"  # an unencoded @
+    assert redact_url("nats://nats:4222/x@y") == "nats://nats:4222/x@y"  # past the authority
 
 
 def test_secrets_are_masked_in_repr() -> None:

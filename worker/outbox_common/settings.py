@@ -24,8 +24,9 @@ ENV_PREFIX = "OUTBOX_"
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _STREAM = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
-# userinfo of a server URL, with or without a scheme (``nats://user:password@host``, ``user:pw@host``)
-_URL_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?[^\s/@]+@")
+# userinfo of a server URL, with or without a scheme (``nats://user:password@host``, ``user:pw@host``),
+# up to the authority's last ``@``: an unencoded ``@`` in the password is hidden too
+_URL_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?[^\s/]+@")
 TEMPLATE_FIELDS = ("aggregate_type", "event_type", "tenant", "aggregate_id")
 # The table's name gets suffixes (``_dead_letters``, the longest) that must stay within PostgreSQL's
 # 63 characters: outbox_worker.core.sql.Sql.for_table, the CRD and the operator's spec say the same.
