@@ -86,6 +86,22 @@ def configuration_from_environment() -> k8s.Configuration:
     return configuration
 
 
+def credentials_problem() -> str | None:
+    """Why this process has no credentials for the API server (not in a pod with a service account,
+    and no usable kubeconfig), or None when it has some. For a one-line error at start-up: kopf would
+    otherwise log the login's traceback and try again every 60 s, forever. The message names the
+    kubeconfig path and the error's type, never the file's content."""
+    try:
+        configuration_from_environment()
+    except Exception as exc:  # a missing file, a directory, YAML or a context the loader refuses
+        path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser("~/.kube/config")
+        return (
+            f"no Kubernetes API credentials: not in a pod with a service account, and no usable kubeconfig at "
+            f"{path} ({type(exc).__name__}); set KUBECONFIG to a kubeconfig, or run the operator in a pod"
+        )
+    return None
+
+
 def bearer_token(configuration: k8s.Configuration) -> str | None:
     header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
         "authorization"

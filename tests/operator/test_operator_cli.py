@@ -91,3 +91,23 @@ async def test_outboxctl_operator_requires_a_scope() -> None:
         raise AssertionError("`outboxctl operator` without a scope did not exit within 30 s") from None
     assert proc.returncode == 2
     assert b"--namespace" in err
+
+
+async def test_outboxctl_operator_without_credentials_exits_with_one_line(tmp_path: Path) -> None:
+    """Neither a service account nor a kubeconfig: exit 3 at once with the fix, not kopf's login
+    traceback repeated every 60 s."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_SERVICE")}
+    env |= {"KUBECONFIG": str(tmp_path / "missing-kubeconfig"), "HOME": str(tmp_path)}
+    proc = await asyncio.create_subprocess_exec(*outboxctl(), "operator", "-A", stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError("`outboxctl operator` without credentials did not exit within 30 s") from None
+    text = err.decode()
+    assert proc.returncode == 3, text
+    assert "no Kubernetes API credentials" in text
+    assert "missing-kubeconfig" in text
+    assert "set KUBECONFIG" in text
+    assert "Traceback" not in text

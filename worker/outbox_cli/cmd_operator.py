@@ -1,7 +1,8 @@
 """``outboxctl operator``: run the OutboxPublisher operator (kopf) in one namespace, several, or all.
 
 It talks to the API server of the kubeconfig ($KUBECONFIG, ~/.kube/config) or, in a pod, of its
-service account. Run one replica: the operator is standalone (no peering between replicas).
+service account; with neither it exits at once with code 3. Run one replica: the operator is
+standalone (no peering between replicas).
 """
 
 from __future__ import annotations
@@ -80,14 +81,20 @@ def _configure_logging(fmt: str, level: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from outbox_cli.main import EXIT_CONFIG, EXIT_USAGE
     from outbox_operator.children import OperatorConfig
     from outbox_operator.constants import DEFAULT_WORKER_IMAGE
     from outbox_operator.handlers import Runtime, run_operator
+    from outbox_operator.kube import credentials_problem
 
     _configure_logging(args.log_format, args.log_level)
     if args.resync_seconds <= 0:
         print("--resync-seconds must be positive", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    problem = credentials_problem()
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     runtime = Runtime(
         config=OperatorConfig(worker_image=args.worker_image or DEFAULT_WORKER_IMAGE),
         resync_seconds=args.resync_seconds,
