@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=30.0,
         help="period of the safety-net pass over every publisher, from the watch-fed state (no API "
-        "reads); changes are acted on at once by watch events (default 30)",
+        "reads); changes are acted on at once by watch events",
     )
     parser.add_argument(
         "--liveness",

@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             f"--{name.replace('_', '-')}",
             dest=f"opt_{name}",
+            metavar=name.upper(),  # not argparse's OPT_<NAME>, from dest
             default=None,  # None: not given, the environment or the settings default applies
             help=env_help(field.description or "", name, show_default=not secret),
         )
