@@ -533,7 +533,14 @@ def process_env(dsn: str, nats_url: str, **kw: str) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("stream", "expected"),
     [
-        (None, [f"stream '{STREAM}' does not exist", "'outbox.*.*'", "stream mode to 'create'"]),
+        (
+            None,
+            [
+                f"stream '{STREAM}' does not exist",
+                "'outbox.*.*'",
+                "OUTBOX_STREAM_MODE=create; spec.stream.mode: create",
+            ],
+        ),
         ({"subjects": ["other.>"]}, [f"stream '{STREAM}' captures ['other.>']", "needs 'outbox.*.*'"]),
         ({"subjects": ["outbox.*.created"]}, [f"stream '{STREAM}' captures", "needs 'outbox.*.*'"]),
         (

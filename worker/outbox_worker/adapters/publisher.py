@@ -654,7 +654,7 @@ async def _find_or_create(jsm: Any, stream: StreamConfig, filter_subject: str) -
         if stream.mode != StreamMode.CREATE:
             raise NatsConfigError(
                 f"stream {stream.name!r} does not exist: create it with subjects [{filter_subject!r}] "
-                "or set stream mode to 'create'"
+                "or let the worker create it (OUTBOX_STREAM_MODE=create; spec.stream.mode: create)"
             ) from None
     try:
         await jsm.add_stream(
