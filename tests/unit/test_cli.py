@@ -197,3 +197,21 @@ def test_verify_never_shows_the_credentials_of_a_nats_url() -> None:
     from outbox_cli.cmd_verify import _shown
 
     assert _shown("nats://alice:s3cr3t@a:4222,nats://b:4222") == "nats://<redacted>@a:4222,nats://b:4222"
+
+
+@pytest.mark.parametrize("action", ["requeue", "discard"])
+@pytest.mark.parametrize("flag", ["--reason", "--publisher", "--older-than", "--newer-than"])
+def test_dead_letters_refuse_a_blank_filter(action: str, flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`discard --reason "$UNSET" --yes` must not select every dead letter: every reason starts with ''."""
+    with pytest.raises(SystemExit) as info:
+        main(["dead-letters", action, "--database-url", DSN, flag, "", "--yes"])
+    assert info.value.code == EXIT_USAGE
+    assert "must not be empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "x"])
+def test_dead_letters_list_refuses_a_limit_below_one(limit: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["dead-letters", "list", "--database-url", DSN, "--limit", limit])
+    assert info.value.code == EXIT_USAGE
+    assert "1 or more" in capsys.readouterr().err

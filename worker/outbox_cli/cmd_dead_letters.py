@@ -50,20 +50,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _common(p)
         if name == "list":
             p.add_argument("--json", action="store_true", help="one JSON object per line")
-            p.add_argument("--limit", type=int, default=LIST_LIMIT, help=f"at most this many rows ({LIST_LIMIT})")
+            p.add_argument(
+                "--limit", type=_positive, default=LIST_LIMIT, help=f"at most this many rows ({LIST_LIMIT})"
+            )
         else:
             p.add_argument("--all", action="store_true", help="select every dead letter (no filter needed)")
             p.add_argument("--yes", action="store_true", help="act; without it, only show what would be done")
 
 
+def _positive(text: str) -> int:
+    """``--limit``: a whole number of rows, at least 1 (PostgreSQL refuses a negative LIMIT, and 0
+    would print "no dead letters selected" for a table full of them)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows: use 1 or more")
+    return value
+
+
+def _not_blank(text: str) -> str:
+    """A filter's value. A blank one (``--reason "$UNSET"``) is refused: ``--reason ''`` would select
+    every dead letter (every reason starts with ''), so a discard with an empty shell variable would
+    delete them all without ``--all``."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (use --all to select every dead letter)")
+    return text
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     add_table_options(p)
     p.add_argument("--id", type=int, action="append", dest="ids", help="a dead letter's id (repeatable)")
-    p.add_argument("--publisher", help="only dead letters of this publisher")
+    p.add_argument("--publisher", type=_not_blank, help="only dead letters of this publisher")
     p.add_argument("--aggregate", help="only dead letters of this aggregate_id")
-    p.add_argument("--reason", help="only reasons starting with this, e.g. header_too_large")
-    p.add_argument("--older-than", help="dead at least this long ago (90s, 15m, 2h, 30d)")
-    p.add_argument("--newer-than", help="dead at most this long ago")
+    p.add_argument("--reason", type=_not_blank, help="only reasons starting with this, e.g. header_too_large")
+    p.add_argument("--older-than", type=_not_blank, help="dead at least this long ago (90s, 15m, 2h, 30d)")
+    p.add_argument("--newer-than", type=_not_blank, help="dead at most this long ago")
 
 
 def run(args: argparse.Namespace) -> int:
