@@ -157,3 +157,38 @@ async def test_discard_is_dry_by_default_transactional_and_idempotent(pg_dsn: st
     missing = await outboxctl("dead-letters", "list", "--database-url", pg_dsn, "--table", "nothing")
     assert missing.code == 3
     assert "outboxctl migrate" in missing.err
+
+
+async def test_a_large_selection_is_acted_on_within_the_timeout_and_printed_in_bounded_lines(pg_dsn: str) -> None:
+    """80,000 dead letters (a bad deploy's worth): a dry run prints at most ~SHOWN rows, and a discard
+    of all of them finishes within the CLI's 10 s statement timeout. It used to look the locked rows
+    up again by an id array, a scan of the table per selected row under the pool's generic plans:
+    past the timeout from ~10k rows, with a traceback and nothing done."""
+    await setup_db(pg_dsn)
+    n = 80_000
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO outbox_dead_letters (id, event_id, aggregate_type, aggregate_id, event_type, tenant, "
+            "payload, headers, created_at, attempts, reason, publisher) "
+            "SELECT g, gen_random_uuid(), 'order', (g % 97)::text, 'paid', '', '\\x00', '{}', now(), 1, "
+            "'header_too_large: big', 'pub' FROM generate_series(1, $1) AS g",
+            n,
+        )
+    finally:
+        await conn.close()
+    db = ["--database-url", pg_dsn]
+    listed = await outboxctl("dead-letters", "list", *db, "--limit", "3")
+    assert listed.code == 0, listed.err
+    assert len(listed.out.splitlines()) == 4  # header + 3 rows
+    assert "more match: raise --limit" in listed.err
+    dry = await outboxctl("dead-letters", "requeue", *db, "--all")
+    assert dry.code == 0, dry.err
+    assert f"dry run: would have requeued {n} dead letters" in dry.out
+    assert f"... and {n - 50} more dead letters" in dry.out
+    assert len(dry.out.splitlines()) < 60
+    gone = await outboxctl("dead-letters", "discard", *db, "--all", "--yes")
+    assert gone.code == 0, gone.err
+    assert f"discarded {n} dead letters" in gone.out
+    assert len(gone.out.splitlines()) < 60
+    assert await counts(pg_dsn) == (0, 0)

@@ -215,3 +215,19 @@ def test_dead_letters_list_refuses_a_limit_below_one(limit: str, capsys: pytest.
         main(["dead-letters", "list", "--database-url", DSN, "--limit", limit])
     assert info.value.code == EXIT_USAGE
     assert "1 or more" in capsys.readouterr().err
+
+
+def test_dead_letters_statement_timeout_is_one_line_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A requeue or discard the database does not finish in time rolls back: say so, no traceback."""
+    from outbox_cli import cmd_dead_letters
+
+    def timed_out(*_: object) -> int:
+        raise TimeoutError
+
+    monkeypatch.setattr(cmd_dead_letters, "run_on_connection", timed_out)
+    assert main(["dead-letters", "discard", "--database-url", DSN, "--all", "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing was changed: select fewer dead letters" in err
+    assert "Traceback" not in err

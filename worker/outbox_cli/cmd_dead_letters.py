@@ -50,9 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _common(p)
         if name == "list":
             p.add_argument("--json", action="store_true", help="one JSON object per line")
-            p.add_argument(
-                "--limit", type=_positive, default=LIST_LIMIT, help=f"at most this many rows ({LIST_LIMIT})"
-            )
+            p.add_argument("--limit", type=_positive, default=LIST_LIMIT, help=f"at most this many rows ({LIST_LIMIT})")
         else:
             p.add_argument("--all", action="store_true", help="select every dead letter (no filter needed)")
             p.add_argument("--yes", action="store_true", help="act; without it, only show what would be done")
@@ -131,6 +129,13 @@ def _run_guarded(args: argparse.Namespace, sql: Sql, selection: DeadLetterFilter
             file=sys.stderr,
         )
         return EXIT_CONFIG
+    except TimeoutError:
+        print(
+            f"error: the database did not finish the {args.action} within the statement timeout; nothing was "
+            "changed: select fewer dead letters (--older-than, --newer-than, --reason, --publisher, --id)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     except asyncpg.IntegrityConstraintViolationError as exc:
         # e.g. a CHECK of the outbox refuses a requeued row: the transaction rolled back as a whole
         print(f"error: the database refused the {args.action}, nothing was changed: {exc}", file=sys.stderr)
@@ -141,30 +146,53 @@ async def _act(conn: asyncpg.Connection, args: argparse.Namespace, sql: Sql, sel
     from outbox_worker.adapters import dead_letters
 
     if args.action == "list":
-        rows = await dead_letters.list_dead_letters(conn, sql, selection, args.limit)
+        rows = await dead_letters.list_dead_letters(conn, sql, selection, args.limit + 1)
+        more = len(rows) > args.limit
+        rows = rows[: args.limit]
         if args.json:
             for d in rows:
                 print(json.dumps(d.to_json(), ensure_ascii=False))
         else:
             _print_table(rows)
+        if more:  # on stderr: --json output stays one object per line
+            print(
+                f"note: showing the first {args.limit} dead letters; more match: raise --limit or narrow the filters",
+                file=sys.stderr,
+            )
         return EXIT_OK
     verb = {"requeue": "requeued", "discard": "discarded"}[args.action]
     act = dead_letters.requeue if args.action == "requeue" else dead_letters.discard
     outcome = await act(conn, sql, selection, apply=args.yes)
-    done = set(outcome.done)
-    _print_table([d for d in outcome.selected if d.id in done])
+    shown = [outcome.shown[i] for i in outcome.done if i in outcome.shown]
+    _print_table(shown)
+    _more(len(outcome.done) - len(shown), "dead letters")
     if outcome.applied:
         print(f"{verb} {len(outcome.done)} dead letters")
-        for dead_id, new_id in sorted(outcome.new_ids.items()):
+        moved = sorted(outcome.new_ids.items())
+        for dead_id, new_id in moved[: dead_letters.SHOWN]:
             print(f"  dead letter {dead_id} -> outbox id {new_id}")
+        _more(len(moved) - dead_letters.SHOWN, f"in {sql.schema}.{sql.table}_requeued")
     else:
         print(f"dry run: would have {verb} {len(outcome.done)} dead letters; add --yes to act")
-    for d in outcome.skipped:
+    for dead_id in outcome.skipped[: dead_letters.SHOWN]:
         print(
-            f"skipped {d.id}: its event_id is already in the outbox, or its created_at has no RFC 3339 form "
+            f"skipped {dead_id}: its event_id is already in the outbox, or its created_at has no RFC 3339 form "
             "(fix it with UPDATE ... SET created_at, or discard it)"
         )
+    _more(len(outcome.skipped) - dead_letters.SHOWN, "skipped")
+    missing = sorted(set(args.ids or ()) - set(outcome.selected))
+    if missing:
+        print(
+            f"note: no dead letter selected with --id {', '.join(map(str, missing))} "
+            "(already requeued or discarded, never one, or left out by another filter)",
+            file=sys.stderr,
+        )
     return EXIT_OK
+
+
+def _more(count: int, what: str) -> None:
+    if count > 0:
+        print(f"  ... and {count} more {what}")
 
 
 _COLUMNS = ("id", "dead_at", "publisher", "aggregate", "event_type", "attempts", "bytes", "reason")

@@ -97,20 +97,27 @@ def _iso(ts: datetime) -> str:
         return str(ts)
 
 
+SHOWN = 50  # dead letters a requeue or discard reads in full, to show them; the rest are counted
+
+
 @dataclass
 class Action:
-    """What a requeue or discard selected and did (or, with ``applied`` false, would do)."""
+    """What a requeue or discard selected and did (or, with ``applied`` false, would do).
 
-    selected: list[DeadLetter] = field(default_factory=list)
+    Bounded whatever the selection: every selected dead letter is an id here, and only the first
+    :data:`SHOWN` done and the first :data:`SHOWN` skipped are read in full (``shown``)."""
+
+    selected: list[int] = field(default_factory=list)  # ids of every selected dead letter
     done: list[int] = field(default_factory=list)  # dead-letter ids requeued or discarded
     new_ids: dict[int, int] = field(default_factory=dict)  # requeue: dead-letter id -> new outbox id
     applied: bool = False
+    shown: dict[int, DeadLetter] = field(default_factory=dict)  # id -> row, for the first done and skipped
 
     @property
-    def skipped(self) -> list[DeadLetter]:
-        """Selected rows left as dead letters (a requeue skips those not :attr:`DeadLetter.requeueable`)."""
+    def skipped(self) -> list[int]:
+        """Selected ids left as dead letters (a requeue skips those not :attr:`DeadLetter.requeueable`)."""
         done = set(self.done)
-        return [d for d in self.selected if d.id not in done]
+        return [i for i in self.selected if i not in done]
 
 
 async def list_dead_letters(
@@ -121,28 +128,44 @@ async def list_dead_letters(
     return [_dead_letter(r) for r in rows]
 
 
+async def _select(
+    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, lock: bool
+) -> list[tuple[int, bool]]:
+    """(id, requeueable) of every selected dead letter, locked when ``lock``."""
+    rows = await conn.fetch(sql.dead_letter_lock if lock else sql.dead_letter_ids, *selection.params())
+    return [(int(r[0]), bool(r[1])) for r in rows]
+
+
+async def _rows(conn: asyncpg.Connection, sql: Sql, ids: list[int]) -> dict[int, DeadLetter]:
+    """The dead letters ``ids`` in full (at most 2 * SHOWN of them)."""
+    if not ids:
+        return {}
+    return {d.id: d for d in await list_dead_letters(conn, sql, DeadLetterFilter(ids=tuple(ids)))}
+
+
 async def requeue(conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, apply: bool) -> Action:
     """Put the selected dead letters back into the outbox (see the module docstring); dry unless ``apply``."""
-    if not apply:
-        selected = await list_dead_letters(conn, sql, selection)
-        return Action(selected, [d.id for d in selected if d.requeueable], {})
     async with conn.transaction():
-        ids = [r[0] for r in await conn.fetch(sql.dead_letter_lock, *selection.params())]
-        selected = await list_dead_letters(conn, sql, DeadLetterFilter(ids=tuple(ids)))
+        picked = await _select(conn, sql, selection, lock=apply)
+        ids = [i for i, _ in picked]
+        would = [i for i, ok in picked if ok]
+        # read what is shown before the requeue deletes it
+        shown = await _rows(conn, sql, would[:SHOWN] + [i for i, ok in picked if not ok][:SHOWN])
+        if not apply:
+            return Action(ids, would, {}, False, shown)
         moved = await conn.fetch(sql.dead_letter_requeue, ids)
-    return Action(selected, [r[0] for r in moved], {r[0]: r[1] for r in moved}, applied=True)
+    return Action(ids, [r[0] for r in moved], {r[0]: r[1] for r in moved}, True, shown)
 
 
 async def discard(conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, apply: bool) -> Action:
     """Delete the selected dead letters for good; dry unless ``apply``."""
-    if not apply:
-        selected = await list_dead_letters(conn, sql, selection)
-        return Action(selected, [d.id for d in selected], {})
     async with conn.transaction():
-        ids = [r[0] for r in await conn.fetch(sql.dead_letter_lock, *selection.params())]
-        selected = await list_dead_letters(conn, sql, DeadLetterFilter(ids=tuple(ids)))
+        ids = [i for i, _ in await _select(conn, sql, selection, lock=apply)]
+        shown = await _rows(conn, sql, ids[:SHOWN])
+        if not apply:
+            return Action(ids, ids, {}, False, shown)
         gone = await conn.fetch(sql.dead_letter_discard, ids)
-    return Action(selected, [r[0] for r in gone], {}, applied=True)
+    return Action(ids, [r[0] for r in gone], {}, True, shown)
 
 
 def _dead_letter(r: asyncpg.Record) -> DeadLetter:
