@@ -219,8 +219,10 @@ def degraded_condition(view: WorkerView, targets: HealthTargets) -> Condition:
             c.DEGRADED,
             "True",
             "PoisonRows",
-            f"{view.dead_letters} row(s) moved to the dead-letter table since the workers started; inspect "
-            "them there, fix and re-insert",
+            f"{view.dead_letters} row(s) moved to the dead-letter table since the workers started: see them "
+            "with `outboxctl dead-letters list`, fix the cause, then `outboxctl dead-letters requeue` or "
+            "`discard` them. The count is the workers' own since they started, "
+            "so Degraded clears when they restart, not when the table is emptied",
         )
     if view.stale and not targets.paused:
         return Condition(

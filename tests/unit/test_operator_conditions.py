@@ -149,6 +149,30 @@ def test_config_error_degrades_and_blames_the_right_dependency() -> None:
     assert got["DatabaseReady"] == ("True", "Reachable")
 
 
+def test_poison_rows_point_at_the_dead_letters_command_and_say_when_degraded_clears() -> None:
+    (degraded,) = (
+        c
+        for c in health_conditions(
+            HealthTargets(
+                paused=False,
+                interval=10,
+                partitions=2,
+                target_lag_seconds=30,
+                stream_name="OUTBOX",
+                duplicate_window_seconds=120,
+                duplicate_horizon_seconds=50,
+            ),
+            Rollout(2, 2, 2),
+            {"a": report(deadLetters=3)},
+            T0,
+        )
+        if c.type == "Degraded"
+    )
+    assert "outboxctl dead-letters list" in degraded.message
+    assert "re-insert" not in degraded.message
+    assert "clears when they restart" in degraded.message
+
+
 def test_poison_rows_lag_and_rollout() -> None:
     assert conditions({"a": report(deadLetters=3)})["Degraded"] == ("True", "PoisonRows")
     assert conditions({"a": report(oldestPendingSeconds=45.0)})["Lagging"] == ("True", "LagAboveTarget")
