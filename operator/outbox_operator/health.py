@@ -101,6 +101,9 @@ def totals(reports: Mapping[str, Report], interval: float, now: datetime, *, kno
         "failed": total("failed", list(reports.values())),
         "deadLetters": total("deadLetters", list(reports.values())),
     }
+    waiting = [int(r["deadLettersWaiting"] or 0) for r in fresh if "deadLettersWaiting" in r]
+    if waiting:  # one count of one table, whichever worker sampled it last: the most, not a sum
+        out["deadLettersWaiting"] = max(waiting)
     if known:
         out["inFlight"] = total("inFlight", fresh)
         out["backlog"] = total("backlog", fresh)
@@ -150,7 +153,10 @@ class WorkerView:
     fresh: Mapping[str, Report]
     stale: list[str]  # current workers whose last report is too old
     errors: Mapping[str, str]  # worker -> its configError, fresh reports only
-    dead_letters: int
+    dead_letters: int  # rows the current workers moved to the dead-letter table since they started
+    # the publisher's rows in the dead-letter table now (the most any fresh report counted); None when
+    # no fresh report carries the count (workers of a version before it)
+    dead_letters_waiting: int | None
 
     @classmethod
     def of(cls, reports: Mapping[str, Report], interval: float, now: datetime) -> WorkerView:
@@ -161,6 +167,9 @@ class WorkerView:
             stale=sorted(set(reports) - set(fresh)),
             errors={name: str(r.get("configError")) for name, r in fresh.items() if r.get("configError")},
             dead_letters=sum(int(r.get("deadLetters") or 0) for r in reports.values()),
+            dead_letters_waiting=max(
+                (int(r["deadLettersWaiting"] or 0) for r in fresh.values() if "deadLettersWaiting" in r), default=None
+            ),
         )
 
     def errors_in(self, area: str) -> dict[str, str]:
@@ -214,15 +223,23 @@ def degraded_condition(view: WorkerView, targets: HealthTargets) -> Condition:
             "ConfigurationError",
             f"publishing stopped by a configuration error: {_first_error(view.errors)}",
         )
-    if view.dead_letters:
+    if view.dead_letters_waiting:
+        return Condition(
+            c.DEGRADED,
+            "True",
+            "PoisonRows",
+            f"{view.dead_letters_waiting} dead letter(s) of this publisher wait in the dead-letter table: see "
+            "them with `outboxctl dead-letters list --publisher NAME`, fix the cause, then `outboxctl "
+            "dead-letters requeue` or `discard` them; Degraded clears when none is left",
+        )
+    if view.dead_letters_waiting is None and view.dead_letters:  # workers that do not count the table
         return Condition(
             c.DEGRADED,
             "True",
             "PoisonRows",
             f"{view.dead_letters} row(s) moved to the dead-letter table since the workers started: see them "
             "with `outboxctl dead-letters list`, fix the cause, then `outboxctl dead-letters requeue` or "
-            "`discard` them. The count is the workers' own since they started, "
-            "so Degraded clears when they restart, not when the table is emptied",
+            "`discard` them",
         )
     if view.stale and not targets.paused:
         return Condition(

@@ -255,3 +255,38 @@ async def test_stored_header_order_is_the_documented_one(pg_dsn: str, nats_url: 
         names.HDR_EXPECTED_STREAM,
     ]
     assert msg.headers[names.HDR_MSG_ID] == event_id
+
+
+async def test_the_dead_letters_waiting_are_reported_until_acted_on_with_no_restart(pg_dsn: str, nats_url: str) -> None:
+    """What the status's DEAD column and Degraded=PoisonRows follow: the publisher's rows in the
+    dead-letter table now, whoever moved them. It drops when `outboxctl dead-letters discard` (or
+    requeue) acts, while the worker runs on; the worker's own cumulative count stays."""
+    from outbox_worker.adapters.dead_letters import DeadLetterFilter, discard
+
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        for i in range(3):
+            await insert_row(conn, f"agg-{i}", headers={"baggage": "b" * BIG})
+        async with running(worker_settings(pg_dsn, nats_url, max_attempts=3)) as worker:
+            await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 20, "outbox drained")
+            await worker.sample_pressure()
+            assert worker.report().deadLettersWaiting == 3
+            assert 'outbox_dead_letters_waiting{publisher="failures"} 3.0' in worker.metrics.render().decode()
+            assert worker.store is not None
+            assert await worker.store.dead_letters_waiting(2) == 2  # counted up to the cap
+            # another publisher's dead letters are not this one's to act on
+            await conn.execute(
+                "UPDATE outbox_dead_letters SET publisher = 'other' "
+                "WHERE id = (SELECT min(id) FROM outbox_dead_letters)"
+            )
+            await worker.sample_pressure()
+            assert worker.report().deadLettersWaiting == 2
+            done = await discard(conn, SQL, DeadLetterFilter(publisher="failures"), apply=True)
+            assert len(done.done) == 2
+            await worker.sample_pressure()
+            assert worker.report().deadLettersWaiting == 0
+            assert worker.report().deadLetters == 3
+            assert 'outbox_dead_letters_waiting{publisher="failures"} 0.0' in worker.metrics.render().decode()
+    finally:
+        await conn.close()

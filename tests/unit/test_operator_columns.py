@@ -84,8 +84,9 @@ def test_a_publishing_relay_shows_ready_over_desired_reason_and_pressure() -> No
     world.children[("Deployment", "orders-relay")]["status"] = {"replicas": 2, "readyReplicas": 2}
     world.pods = ["orders-relay-a", "orders-relay-b"]
     world.cr["status"]["workers"] = {
-        "orders-relay-a": report([0, 1, 2, 3], 500, deadLetters=2),
-        "orders-relay-b": report([4, 5, 6, 7], 300),
+        # Dead: the dead letters waiting in the table (one count, sampled by each worker), not a sum
+        "orders-relay-a": report([0, 1, 2, 3], 500, deadLetters=2, deadLettersWaiting=2),
+        "orders-relay-b": report([4, 5, 6, 7], 300, deadLettersWaiting=2),
     }
     world.step()
     assert_row(world.cr, Ready="2/2", Status="Publishing", Backlog="24", Oldest="0.8", Rate="200.0", Dead="2")

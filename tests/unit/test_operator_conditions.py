@@ -149,8 +149,8 @@ def test_config_error_degrades_and_blames_the_right_dependency() -> None:
     assert got["DatabaseReady"] == ("True", "Reachable")
 
 
-def test_poison_rows_point_at_the_dead_letters_command_and_say_when_degraded_clears() -> None:
-    (degraded,) = (
+def degraded(reports: dict) -> tuple[str, str, str]:
+    (cond,) = (
         c
         for c in health_conditions(
             HealthTargets(
@@ -163,14 +163,44 @@ def test_poison_rows_point_at_the_dead_letters_command_and_say_when_degraded_cle
                 duplicate_horizon_seconds=50,
             ),
             Rollout(2, 2, 2),
-            {"a": report(deadLetters=3)},
+            reports,
             T0,
         )
         if c.type == "Degraded"
     )
-    assert "outboxctl dead-letters list" in degraded.message
-    assert "re-insert" not in degraded.message
-    assert "clears when they restart" in degraded.message
+    return cond.status, cond.reason, cond.message
+
+
+def test_poison_rows_follow_the_dead_letters_waiting_and_clear_when_none_is_left() -> None:
+    """Degraded=PoisonRows while the publisher's dead-letter table holds rows, whoever moved them; once
+    they are requeued or discarded (outboxctl dead-letters) it clears without restarting a worker,
+    although the workers' own cumulative counts stay."""
+    status, reason, message = degraded({"a": report(deadLetters=3, deadLettersWaiting=3)})
+    assert (status, reason) == ("True", "PoisonRows")
+    assert "3 dead letter(s)" in message
+    assert "outboxctl dead-letters list --publisher" in message
+    assert "requeue" in message
+    assert "clears when none is left" in message
+    # rows dead-lettered by a worker that has since gone: still waiting, still degraded
+    assert degraded({"a": report(deadLettersWaiting=2)})[:2] == ("True", "PoisonRows")
+    # requeued or discarded: the table is empty, the cumulative count is not
+    assert degraded({"a": report(deadLetters=3, deadLettersWaiting=0)})[:2] == ("False", "AsExpected")
+    # the workers sample the table at different moments: the most any fresh report counted
+    assert "5 dead letter(s)" in degraded({"a": report(deadLettersWaiting=5), "b": report(deadLettersWaiting=0)})[2]
+
+
+def test_poison_rows_of_workers_that_do_not_count_the_table_follow_their_own_counts() -> None:
+    """Workers of a version before deadLettersWaiting: their cumulative counts decide, as before."""
+    assert degraded({"a": report(deadLetters=3)})[:2] == ("True", "PoisonRows")
+    assert "outboxctl dead-letters list" in degraded({"a": report(deadLetters=3)})[2]
+    assert degraded({"a": report()})[:2] == ("False", "AsExpected")
+
+
+def test_totals_show_the_dead_letters_waiting_only_when_reported() -> None:
+    both = {"a": report(deadLetters=1, deadLettersWaiting=4), "b": report(deadLetters=2, deadLettersWaiting=3)}
+    out = totals(both, interval=10, now=T0, known=True)
+    assert (out["deadLetters"], out["deadLettersWaiting"]) == (3, 4)
+    assert "deadLettersWaiting" not in totals({"a": report(deadLetters=1)}, interval=10, now=T0, known=True)
 
 
 def test_poison_rows_lag_and_rollout() -> None:

@@ -45,6 +45,7 @@ M_ACK_LATENCY = METRIC_PREFIX + "ack_latency_seconds"  # histogram, publish -> a
 M_BATCH_LATENCY = METRIC_PREFIX + "batch_seconds"  # histogram, claim -> mark
 M_BACKLOG = METRIC_PREFIX + "backlog_rows"  # gauge, pending rows of owned partitions
 M_OLDEST_AGE = METRIC_PREFIX + "oldest_pending_age_seconds"  # gauge
+M_DEAD_LETTERS_WAITING = METRIC_PREFIX + "dead_letters_waiting"  # gauge, the publisher's rows in the dead-letter table
 M_PARTITIONS = METRIC_PREFIX + "partitions_owned"  # gauge
 M_HANDOVERS = METRIC_PREFIX + "lease_handovers_total"  # counter, label kind (acquired|released|lost)
 M_CONFIG_ERRORS = METRIC_PREFIX + "config_errors_total"  # counter, label reason

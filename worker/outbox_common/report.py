@@ -28,6 +28,9 @@ class WorkerReport:
     # deadLetters by reason prefix (outbox_common.names.DEAD_LETTER_REASONS, e.g. header_too_large),
     # cumulative; only reasons that occurred are present
     deadLettersByReason: dict[str, int] = field(default_factory=dict)
+    # the publisher's rows in the dead-letter table now, whoever moved them (up to 10,000): what is
+    # left to requeue or discard (outboxctl dead-letters); sampled with the backlog
+    deadLettersWaiting: int = 0
     inFlight: int = 0  # unacknowledged publishes right now
     backlog: int = 0  # pending rows in the partitions this worker owns
     oldestPendingSeconds: float = 0.0  # age of the oldest pending row it owns

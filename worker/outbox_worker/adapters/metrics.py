@@ -144,6 +144,9 @@ class Metrics:
             names.M_OLDEST_AGE, "Age of the oldest pending row in owned partitions", pl, registry=r
         ).labels(publisher)
         self.partitions = Gauge(names.M_PARTITIONS, "Partitions owned", pl, registry=r).labels(publisher)
+        self.dead_letters_waiting = Gauge(
+            names.M_DEAD_LETTERS_WAITING, "The publisher's rows in the dead-letter table now", pl, registry=r
+        ).labels(publisher)
         self._handovers = Counter(
             names.M_HANDOVERS.removesuffix("_total"), "Lease changes by kind", [*pl, names.LABEL_KIND], registry=r
         )

@@ -494,6 +494,11 @@ class OutboxStore:
         assert row is not None
         return int(row[0]), float(row[1])
 
+    async def dead_letters_waiting(self, cap: int) -> int:
+        """This publisher's rows in the dead-letter table now (left there until ``outboxctl
+        dead-letters`` requeues or discards them), counted up to ``cap``."""
+        return int(await self.pool.fetchval(self.sql.dead_letters_waiting, self.publisher, cap))
+
 
 def _open(conn: asyncpg.Connection) -> bool:
     """Whether a connection taken from the pool is still open. When PostgreSQL closes it, the pool

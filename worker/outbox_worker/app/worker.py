@@ -52,6 +52,8 @@ from outbox_worker.core.sql import Sql
 log = logging.getLogger(__name__)
 
 PRESSURE_INTERVAL_SECONDS = 5.0
+# The dead letters waiting are counted up to this many (a count past it reads the table to its end).
+DEAD_LETTERS_WAITING_CAP = 10_000
 RETENTION_INTERVAL_SECONDS = 60.0
 CONFIG_ERROR_REPORTED_SECONDS = 60.0  # a configuration error not seen again for this long is no longer reported
 STARTUP_RETRY_INITIAL_SECONDS = 0.5  # first wait before retrying an unreachable database or NATS
@@ -133,6 +135,7 @@ class Worker:
         self.rate = 0.0
         self.backlog = 0
         self.oldest_age = 0.0
+        self.dead_letters_waiting = 0  # the publisher's rows in the dead-letter table, last sampled
 
     # --- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -385,8 +388,13 @@ class Worker:
             self.backlog, self.oldest_age = await self.store.pressure(owned) if owned else (0, 0.0)
         except Exception as exc:
             log.debug("pressure sample failed: %s", type(exc).__name__)
+        try:
+            self.dead_letters_waiting = await self.store.dead_letters_waiting(DEAD_LETTERS_WAITING_CAP)
+        except Exception as exc:
+            log.debug("dead-letter sample failed: %s", type(exc).__name__)
         self.metrics.backlog.set(self.backlog)
         self.metrics.oldest_age.set(self.oldest_age)
+        self.metrics.dead_letters_waiting.set(self.dead_letters_waiting)
         now = time.monotonic()
         dt = now - self._last_rate_at
         if dt > 0:
@@ -416,6 +424,7 @@ class Worker:
             failed=st.failed,
             deadLetters=st.dead_letters,
             deadLettersByReason=dict(sorted(st.dead_letters_by_reason.items())),
+            deadLettersWaiting=self.dead_letters_waiting,
             inFlight=self.publisher.in_flight if self.publisher else 0,
             backlog=self.backlog,
             oldestPendingSeconds=round(self.oldest_age, 3),

@@ -552,6 +552,14 @@ class Sql:
                    COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
             FROM {self.outbox} WHERE partition = ANY($1::int[]) AND published_at IS NULL"""
 
+    @property
+    def dead_letters_waiting(self) -> str:
+        """$1 publisher, $2 cap: the publisher's rows in the dead-letter table now, counted up to the
+        cap (a large table is not read to its end every sample)."""
+        return f"""
+            SELECT count(*)::bigint FROM (
+                SELECT 1 FROM {self.dead_letters} WHERE publisher = $1 LIMIT $2) AS waiting"""
+
     # --- dead letters (outboxctl dead-letters) -----------------------------------------------------
     # One selection for list, requeue and discard; a NULL parameter leaves its filter out.
     # $1 ids[], $2 publisher, $3 aggregate_id, $4 reason prefix, $5 dead at least this many seconds
