@@ -117,6 +117,24 @@ async def test_migrate_creates_everything_and_is_idempotent(pg_dsn: str) -> None
         await conn.close()
 
 
+async def test_migrate_without_partitions_keeps_the_tables_own_count(pg_dsn: str) -> None:
+    """An upgrade runs `migrate` without knowing the count the table was created with: it keeps it
+    (instead of refusing because the default, 16, differs); a new table gets 16."""
+    assert (await outboxctl("migrate", "--database-url", pg_dsn, "--partitions", "8")).code == 0
+    again = await outboxctl("migrate", "--database-url", pg_dsn)
+    assert again.code == 0, again.err
+    assert "public.outbox: up to date (8 partitions)" in again.out
+    fresh = await outboxctl("migrate", "--database-url", pg_dsn, "--table", "fresh")
+    assert fresh.code == 0, fresh.err
+    assert "public.fresh: created (16 partitions)" in fresh.out
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        counts = dict(await conn.fetch("SELECT table_name, partitions FROM outbox_meta"))
+        assert counts == {"outbox": 8, "fresh": 16}
+    finally:
+        await conn.close()
+
+
 async def test_migrate_refuses_a_different_partition_count(pg_dsn: str) -> None:
     assert (await outboxctl("migrate", "--database-url", pg_dsn, "--partitions", "8")).code == 0
     again = await outboxctl("migrate", "--database-url", pg_dsn, "--partitions", "16")

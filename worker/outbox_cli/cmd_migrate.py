@@ -16,8 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--partitions",
         type=int,
-        default=DEFAULT_PARTITIONS,
-        help="virtual partitions (fixed when the table is created)",
+        default=None,
+        help=f"virtual partitions, fixed when the table is created (default: the table's own count, "
+        f"{DEFAULT_PARTITIONS} for a new table)",
     )
 
 
@@ -32,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         sql = Sql.for_table(args.schema, args.table)
-        sql.migration(args.partitions)
+        if args.partitions is not None:
+            sql.migration(args.partitions)  # its range, before a connection
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -20,7 +20,7 @@ import orjson
 
 from outbox_common.envelope import OutboxRow
 from outbox_common.timing import backoff_delay
-from outbox_worker.core.sql import SCHEMA_VERSION, Sql, int_array
+from outbox_worker.core.sql import DEFAULT_PARTITIONS, SCHEMA_VERSION, Sql, int_array
 
 log = logging.getLogger(__name__)
 
@@ -143,17 +143,20 @@ def connection_error(exc: BaseException, fix: str) -> DatabaseAuthError | Databa
     return None
 
 
-async def migrate(conn: asyncpg.Connection, sql: Sql, partitions: int) -> MigrationResult:
+async def migrate(conn: asyncpg.Connection, sql: Sql, partitions: int | None) -> MigrationResult:
     """Create or upgrade the outbox tables. Idempotent; safe to run concurrently (advisory lock).
 
     The partition count is fixed when the table is created: a different value later is refused,
-    because rows already carry partitions computed with the old count.
+    because rows already carry partitions computed with the old count. ``None`` takes the table's
+    own count (an upgrade need not know it), or DEFAULT_PARTITIONS for a new table.
     """
     async with conn.transaction():
         await conn.execute(sql.advisory_lock, f"{sql.schema}.{sql.table}")
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{sql.schema}"')
-        await conn.execute(sql.migration(partitions)[1])  # the meta table
+        await conn.execute(sql.migration(DEFAULT_PARTITIONS)[1])  # the meta table (no partition count in it)
         row = await conn.fetchrow(sql.meta_select, sql.table)
+        if partitions is None:
+            partitions = int(row["partitions"]) if row is not None else DEFAULT_PARTITIONS
         if row is not None and row["partitions"] != partitions:
             raise SchemaError(
                 f"{sql.schema}.{sql.table} was created with {row['partitions']} partitions; "
