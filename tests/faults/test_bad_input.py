@@ -167,7 +167,7 @@ async def test_missing_stream_exit_3(pg_dsn: str, nats_url: str, make_rig: Calla
     code, out, _ = await run_worker(_env(rig))
     assert code == EXIT_CONFIG, out
     assert "stream 'FAULTS' does not exist" in out
-    assert "stream mode" in out
+    assert "OUTBOX_STREAM_MODE=create" in out
     await _untouched(rig)
 
 
