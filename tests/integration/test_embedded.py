@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from outbox_devkit.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, peers_ready
+from outbox_devkit.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, EmbeddedServerError, peers_ready
 from support.servers import ControlledNats, ControlledPostgres, NatsCluster
 
 pytestmark = pytest.mark.integration
@@ -182,6 +183,54 @@ async def test_nats_async_context_manager_stops_the_process() -> None:
     assert server.pid is None
     assert not base.exists()
     assert not os.path.exists(f"/proc/{pid}") or _state(pid) == "Z"
+
+
+def _occupy(port: int) -> socket.socket:
+    """Listen on ``port`` as another process would that took it after free_port picked it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+def test_a_server_whose_picked_port_was_taken_meanwhile_starts_on_another() -> None:
+    """free_port() picks a port that is free at that moment; another process may take it before the
+    server binds it (a bench's replicated cluster failed once so in CI). A first start picks again."""
+    server = EmbeddedNats()
+    taken = server.port
+    with _occupy(taken):
+        try:
+            server.start()
+            assert server.port != taken
+            assert "address already in use" in server.log_path.read_text()  # the first try did meet it
+        finally:
+            server.cleanup()
+
+
+def test_a_cluster_whose_picked_port_was_taken_meanwhile_starts_on_others() -> None:
+    cluster = EmbeddedNatsCluster(EmbeddedNats)
+    taken = cluster.servers[1].monitor_port
+    with _occupy(taken):
+        try:
+            cluster.start()
+            assert taken not in {p for s in cluster.servers for p in (s.port, s.monitor_port)}
+            assert sorted(cluster.pids) == ["n1", "n2", "n3"]
+        finally:
+            cluster.cleanup()
+
+
+def test_a_server_that_has_run_keeps_its_ports() -> None:
+    """Clients know the ports of a server that has run: a restart never moves them."""
+    server = EmbeddedNats()
+    try:
+        server.start()
+        port = server.port
+        server.stop()
+        with _occupy(port), pytest.raises(EmbeddedServerError, match="address already in use"):
+            server.start(timeout=5)
+        assert server.port == port
+    finally:
+        server.cleanup()
 
 
 async def test_dev_kit_cluster_serves_a_replicated_file_stream_and_removes_everything_on_exit() -> None:

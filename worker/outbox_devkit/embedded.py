@@ -87,6 +87,14 @@ class EmbeddedServerError(RuntimeError):
 # Small helpers
 
 
+PORT_ATTEMPTS = 3  # first starts of a server whose OS-picked ports were taken meanwhile
+
+
+def port_taken(exc: BaseException) -> bool:
+    """Whether a server failed to start because a port it was to listen on is taken (its log says so)."""
+    return "address already in use" in str(exc)
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -591,6 +599,10 @@ class EmbeddedNats(ServerLifecycle):
         self._base_dir = base_dir or Path(tempfile.mkdtemp(prefix="outbox-nats-"))
         self._port = port if port is not None else free_port()
         self._monitor_port = monitor_port if monitor_port is not None else free_port()
+        # Ports the OS picked (free_port) may be taken by the time the server binds them, for example
+        # as the local port of another process's outgoing connection: until the first start, such
+        # ports may be picked again (see start and move_to_free_ports).
+        self._ports_movable = port is None and monitor_port is None
         self._extra_args = list(extra_args or [])
         self._name = name
         self._proc: subprocess.Popen[bytes] | None = None
@@ -646,11 +658,32 @@ class EmbeddedNats(ServerLifecycle):
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start the server and wait (≤ ``timeout`` s) until JetStream reports healthy. Idempotent."""
+        """Start the server and wait (≤ ``timeout`` s) until JetStream reports healthy. Idempotent.
+
+        On the first start, ports the OS picked that turn out to be taken are picked again, at most
+        :data:`PORT_ATTEMPTS` times in all; later starts keep their ports (clients know them)."""
         if self.running:
             return
-        self.spawn()
-        self.wait_ready(timeout)
+        deadline = time.monotonic() + timeout
+        attempts = PORT_ATTEMPTS if self._ports_movable else 1
+        for attempt in range(attempts):
+            self.spawn()
+            try:
+                self.wait_ready(max(0.1, deadline - time.monotonic()))
+                return
+            except EmbeddedServerError as exc:
+                if attempt == attempts - 1 or not port_taken(exc):
+                    raise
+                self.move_to_free_ports()
+
+    def move_to_free_ports(self, *, unannounced: bool = False) -> None:
+        """Before the first successful start: take other free client and monitor ports (the ones
+        picked were taken meanwhile). Raises once the server has run on its ports, unless
+        ``unannounced`` (a cluster's first start: no client knows the members' ports yet)."""
+        if not (self._ports_movable or unannounced):
+            raise EmbeddedServerError(f"nats-server {self._name} keeps its ports once it has run on them")
+        self.stop()
+        self._port, self._monitor_port = free_port(), free_port()
 
     def spawn(self) -> None:
         """Start the process without waiting for it to be ready (see :meth:`wait_ready`)."""
@@ -702,6 +735,7 @@ class EmbeddedNats(ServerLifecycle):
             try:
                 body = _http_get_json(url, timeout=0.5)
                 if body.get("status") == "ok":
+                    self._ports_movable = False  # it has run on them: clients may know them now
                     return
                 last_error = f"healthz said {body}"
             except (OSError, ValueError) as exc:
@@ -792,6 +826,7 @@ class EmbeddedNatsCluster(ServerLifecycle, Generic[NatsMember]):
         self._base_dir = base_dir or Path(tempfile.mkdtemp(prefix="outbox-nats-cluster-"))
         self._cluster_name = cluster_name
         self._route_ports = [free_port() for _ in range(size)]
+        self._started_once = False  # ports are picked again only before the first start
         self.servers: list[NatsMember] = []
         for i in range(size):
             server_dir = self._base_dir / f"n{i + 1}"
@@ -815,14 +850,30 @@ class EmbeddedNatsCluster(ServerLifecycle, Generic[NatsMember]):
         return self._base_dir
 
     def start(self, timeout: float = CLUSTER_START_TIMEOUT_SECONDS) -> None:
-        """Start all members (in parallel) and wait for health and a meta leader, ≤ ``timeout`` s."""
+        """Start all members (in parallel) and wait for health and a meta leader, ≤ ``timeout`` s.
+
+        On the first start, when a port picked for a member (client, monitor or route) was taken
+        meanwhile, every member is stopped and all ports are picked again, at most
+        :data:`PORT_ATTEMPTS` times in all."""
         deadline = time.monotonic() + timeout
         stop_at_exit(self)
-        for server, route_port in zip(self.servers, self._route_ports, strict=True):
-            self._write_config(server, route_port)
-            server.spawn()
-        for server in self.servers:
-            server.wait_ready(max(0.1, deadline - time.monotonic()))
+        attempts = 1 if self._started_once else PORT_ATTEMPTS
+        for attempt in range(attempts):
+            for server, route_port in zip(self.servers, self._route_ports, strict=True):
+                self._write_config(server, route_port)
+                server.spawn()
+            try:
+                for server in self.servers:
+                    server.wait_ready(max(0.1, deadline - time.monotonic()))
+                break
+            except EmbeddedServerError as exc:
+                if attempt == attempts - 1 or not port_taken(exc):
+                    raise
+                self.stop()
+                self._route_ports = [free_port() for _ in self.servers]
+                for server in self.servers:
+                    server.move_to_free_ports(unannounced=True)
+        self._started_once = True
         self.wait_meta_leader(max(0.1, deadline - time.monotonic()))
 
     def wait_meta_leader(self, timeout: float = CLUSTER_START_TIMEOUT_SECONDS) -> str:
