@@ -131,12 +131,70 @@ SERVICE_MONITOR_SCHEMA: Doc = {
 }
 
 
+_DURATION = {"type": "string", "pattern": "^(0|([0-9]+(ms|s|m|h|d|w|y))+)$"}
+PROMETHEUS_RULE_SCHEMA: Doc = {
+    # The subset of monitoring.coreos.com/v1 PrometheusRule the chart renders, strict.
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "required": ["alert", "expr", "labels", "annotations"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "alert": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": _DURATION,
+                                        "labels": {
+                                            "type": "object",
+                                            "required": ["severity"],
+                                            "additionalProperties": {"type": "string"},
+                                        },
+                                        "annotations": {
+                                            "type": "object",
+                                            "required": ["summary", "description"],
+                                            "additionalProperties": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
 def k8s_validate(docs: Iterable[Doc], version: str, crds: Iterable[Doc] = ()) -> list[str]:
     """Validate every object with kubernetes-validate's Python API (strict schemas).
 
     Custom resources of the given CRDs are validated against the CRD's schema, ServiceMonitors
-    against :data:`SERVICE_MONITOR_SCHEMA`. Any other kind without a bundled schema is a failure:
-    the kubernetes-validate CLI would skip it with exit code 0, the API raises and so do we.
+    against :data:`SERVICE_MONITOR_SCHEMA`, PrometheusRules against :data:`PROMETHEUS_RULE_SCHEMA`.
+    Any other kind without a bundled schema is a failure: the kubernetes-validate CLI would skip it
+    with exit code 0, the API raises and so do we.
     """
     crd_schemas = {
         (f"{crd['spec']['group']}/{v['name']}", crd["spec"]["names"]["kind"]): v["schema"]["openAPIV3Schema"]
@@ -152,6 +210,9 @@ def k8s_validate(docs: Iterable[Doc], version: str, crds: Iterable[Doc] = ()) ->
             continue
         if key == ("monitoring.coreos.com/v1", "ServiceMonitor"):
             problems += [f"{name}: {e.message}" for e in _errors(SERVICE_MONITOR_SCHEMA, doc)]
+            continue
+        if key == ("monitoring.coreos.com/v1", "PrometheusRule"):
+            problems += [f"{name}: {e.message}" for e in _errors(PROMETHEUS_RULE_SCHEMA, doc)]
             continue
         try:
             kubernetes_validate.validate(doc, version, strict=True)

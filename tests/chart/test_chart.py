@@ -13,6 +13,7 @@ from typing import Any
 import chartchecks as cc
 import kopf
 import kubernetes_validate
+import promql_parser
 import pytest
 import yaml
 from chartchecks import Render, load_tool_module
@@ -367,6 +368,40 @@ def test_dashboard_uses_only_metrics_the_worker_exports() -> None:
     assert used, "dashboard queries no metric"
     assert used <= exported, f"unknown metrics: {sorted(used - exported)}"
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def _alert_rules(render: Render) -> list[dict[str, Any]]:
+    kinds = _by_kind(cc.load_docs(render([cc.CHART / "ci" / "metrics-values.yaml"])))
+    (rule,) = kinds["PrometheusRule"]
+    return [r for group in rule["spec"]["groups"] for r in group["rules"]]
+
+
+def test_alerts_parse_as_promql_and_use_only_metrics_the_worker_exports(render: Render) -> None:
+    """Each alert's expression is valid PromQL, reads only metrics the worker exports, aggregates by
+    publisher, and says where to look next; the threshold comes from the values."""
+    exported = {v for k, v in vars(names).items() if k.startswith("M_") and isinstance(v, str)}
+    rules = _alert_rules(render)
+    assert [r["alert"] for r in rules] == [
+        "OutboxRelayLagging",
+        "OutboxRelayStalled",
+        "OutboxRelayConfigurationError",
+        "OutboxRelayDeadLetters",
+    ]
+    for rule in rules:
+        promql_parser.parse(rule["expr"])  # raises ValueError on a syntax error
+        used = set(re.findall(r"\boutbox_[a-z_]+", rule["expr"]))
+        assert used, rule["alert"]
+        assert used <= exported, f"{rule['alert']}: unknown metrics {sorted(used - exported)}"
+        assert "publisher" in rule["expr"], rule["alert"]
+        text = rule["annotations"]["description"]
+        assert "kubectl describe outboxpublisher" in text or "outboxctl dead-letters" in text, rule["alert"]
+        assert "{{ $labels.publisher }}" in rule["annotations"]["summary"], rule["alert"]
+    assert rules[0]["expr"].endswith("> 120")  # ci/metrics-values.yaml: oldestPendingSeconds
+
+
+def test_alert_rules_are_off_by_default(render: Render) -> None:
+    kinds = _by_kind(cc.load_docs(render([cc.CHART / "ci" / "default-values.yaml"])))
+    assert "PrometheusRule" not in kinds
 
 
 def test_dashboard_configmap_carries_the_json(render: Render) -> None:
