@@ -361,6 +361,32 @@ async def _true(value: bool) -> bool:
     return value
 
 
+async def test_delayed_rows_are_neither_backlog_nor_lag_until_due(pg_dsn: str) -> None:
+    """Events scheduled ahead (not_before, never tried) are not due: they must not read as lag,
+    which turned Lagging True and made the lag autoscaler add workers. Once due they count from
+    their not_before; a row in retry backoff counts from created_at (its wait is real)."""
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    insert_at = (
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at, not_before, attempts) "
+        "VALUES ('order', $1, 'e', '', now() - make_interval(secs => $2), now() + make_interval(secs => $3), $4)"
+    )
+    try:
+        everything = list(range(8))
+        await conn.execute(insert_at, "scheduled", 0.0, 3600.0, 0)  # due in an hour
+        assert tuple(await conn.fetchrow(SQL.pressure, everything)) == (0, 0.0)
+        await conn.execute(insert_at, "due", 3600.0, -5.0, 0)  # created an hour ago, due 5 s ago
+        backlog, oldest = await conn.fetchrow(SQL.pressure, everything)
+        assert backlog == 1
+        assert 4.0 <= oldest < 60.0, oldest
+        await conn.execute(insert_at, "retrying", 60.0, 30.0, 2)  # failed twice, next try in 30 s
+        backlog, oldest = await conn.fetchrow(SQL.pressure, everything)
+        assert backlog == 2
+        assert 59.0 <= oldest < 120.0, oldest
+    finally:
+        await conn.close()
+
+
 @pytest.mark.parametrize("ordering", ["per_aggregate", "none"])
 async def test_delayed_publish(pg_dsn: str, nats_url: str, ordering: str) -> None:
     """A row with not_before in the future is not published before then. Under per-aggregate ordering

@@ -546,11 +546,21 @@ class Sql:
     # --- queue pressure ---------------------------------------------------------------------------
     @property
     def pressure(self) -> str:
-        """$1 partitions[]: pending rows and the age in seconds of the oldest one."""
+        """$1 partitions[]: rows due for publishing, and how long the one due longest has waited.
+
+        A row the producer delayed (``not_before`` later than now, never tried) is not due yet; once
+        due it counts from its ``not_before``. Without this, events scheduled an hour ahead read as an
+        hour of lag: the Lagging condition turned True and the lag autoscaler added workers for rows
+        that must not be published yet. A row being retried (``attempts`` > 0, its ``not_before`` the
+        relay's backoff) stays in, counted from ``created_at``: its wait is real."""
         return f"""
             SELECT count(*)::bigint,
-                   COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
-            FROM {self.outbox} WHERE partition = ANY($1::int[]) AND published_at IS NULL"""
+                   COALESCE(EXTRACT(EPOCH FROM now() - min(
+                       CASE WHEN attempts = 0 AND not_before IS NOT NULL THEN GREATEST(created_at, not_before)
+                            ELSE created_at END)), 0)::float8
+            FROM {self.outbox}
+            WHERE partition = ANY($1::int[]) AND published_at IS NULL
+              AND (not_before IS NULL OR attempts > 0 OR not_before <= now())"""
 
     @property
     def dead_letters_waiting(self) -> str:
