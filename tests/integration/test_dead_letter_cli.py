@@ -192,3 +192,35 @@ async def test_a_large_selection_is_acted_on_within_the_timeout_and_printed_in_b
     assert f"discarded {n} dead letters" in gone.out
     assert len(gone.out.splitlines()) < 60
     assert await counts(pg_dsn) == (0, 0)
+
+
+async def test_a_limit_acts_on_the_oldest_and_says_to_run_again(pg_dsn: str) -> None:
+    """requeue and discard take --limit: the oldest that many, in one transaction, and a note that
+    more may match, so a selection too large for the statement timeout is worked off in runs."""
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO outbox_dead_letters (id, event_id, aggregate_type, aggregate_id, event_type, tenant, "
+            "payload, headers, created_at, attempts, reason, publisher) "
+            "SELECT g, gen_random_uuid(), 'order', g::text, 'paid', '', '\\x00', '{}', now(), 1, "
+            "'header_too_large: big', 'pub' FROM generate_series(1, 5) AS g"
+        )
+        db = ["--database-url", pg_dsn]
+        dry = await outboxctl("dead-letters", "requeue", *db, "--all", "--limit", "2")
+        assert dry.code == 0, dry.err
+        assert "dry run: would have requeued 2 dead letters" in dry.out
+        assert "--limit 2 reached" in dry.out
+        first = await outboxctl("dead-letters", "discard", *db, "--all", "--limit", "2", "--yes")
+        assert first.code == 0, first.err
+        assert "discarded 2 dead letters" in first.out
+        assert "run it again for the rest" in first.out
+        assert [r[0] for r in await conn.fetch("SELECT id FROM outbox_dead_letters ORDER BY id")] == [3, 4, 5]
+        last = await outboxctl("dead-letters", "discard", *db, "--all", "--limit", "10", "--yes")
+        assert "discarded 3 dead letters" in last.out
+        assert "reached" not in last.out
+        assert await counts(pg_dsn) == (0, 0)
+        refused = await outboxctl("dead-letters", "discard", *db, "--all", "--limit", "0")
+        assert refused.code == 2
+    finally:
+        await conn.close()

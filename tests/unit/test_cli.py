@@ -229,5 +229,5 @@ def test_dead_letters_statement_timeout_is_one_line_and_exit_1(
     monkeypatch.setattr(cmd_dead_letters, "run_on_connection", timed_out)
     assert main(["dead-letters", "discard", "--database-url", DSN, "--all", "--yes"]) == 1
     err = capsys.readouterr().err
-    assert "nothing was changed: select fewer dead letters" in err
+    assert "nothing was changed: act on fewer at a time (--limit" in err
     assert "Traceback" not in err

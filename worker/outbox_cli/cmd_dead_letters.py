@@ -53,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--limit", type=_positive, default=LIST_LIMIT, help=f"at most this many rows ({LIST_LIMIT})")
         else:
             p.add_argument("--all", action="store_true", help="select every dead letter (no filter needed)")
+            p.add_argument(
+                "--limit",
+                type=_positive,
+                default=None,
+                help="act on at most this many, the oldest first; run again for the rest (a selection too "
+                "large for one transaction within the statement timeout)",
+            )
             p.add_argument("--yes", action="store_true", help="act; without it, only show what would be done")
 
 
@@ -132,7 +139,7 @@ def _run_guarded(args: argparse.Namespace, sql: Sql, selection: DeadLetterFilter
     except TimeoutError:
         print(
             f"error: the database did not finish the {args.action} within the statement timeout; nothing was "
-            "changed: select fewer dead letters (--older-than, --newer-than, --reason, --publisher, --id)",
+            "changed: act on fewer at a time (--limit, or --older-than, --newer-than, --reason, --publisher, --id)",
             file=sys.stderr,
         )
         return EXIT_FAILURE
@@ -162,7 +169,7 @@ async def _act(conn: asyncpg.Connection, args: argparse.Namespace, sql: Sql, sel
         return EXIT_OK
     verb = {"requeue": "requeued", "discard": "discarded"}[args.action]
     act = dead_letters.requeue if args.action == "requeue" else dead_letters.discard
-    outcome = await act(conn, sql, selection, apply=args.yes)
+    outcome = await act(conn, sql, selection, apply=args.yes, limit=args.limit)
     shown = [outcome.shown[i] for i in outcome.done if i in outcome.shown]
     _print_table(shown)
     _more(len(outcome.done) - len(shown), "dead letters")
@@ -174,6 +181,8 @@ async def _act(conn: asyncpg.Connection, args: argparse.Namespace, sql: Sql, sel
         _more(len(moved) - dead_letters.SHOWN, f"in {sql.schema}.{sql.table}_requeued")
     else:
         print(f"dry run: would have {verb} {len(outcome.done)} dead letters; add --yes to act")
+    if args.limit is not None and len(outcome.selected) >= args.limit:
+        print(f"note: --limit {args.limit} reached; more may match: run it again for the rest")
     for dead_id in outcome.skipped[: dead_letters.SHOWN]:
         print(
             f"skipped {dead_id}: its event_id is already in the outbox, or its created_at has no RFC 3339 form "

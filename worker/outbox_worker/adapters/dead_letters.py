@@ -129,10 +129,10 @@ async def list_dead_letters(
 
 
 async def _select(
-    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, lock: bool
+    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, lock: bool, limit: int | None
 ) -> list[tuple[int, bool]]:
-    """(id, requeueable) of every selected dead letter, locked when ``lock``."""
-    rows = await conn.fetch(sql.dead_letter_lock if lock else sql.dead_letter_ids, *selection.params())
+    """(id, requeueable) of the selected dead letters, the oldest ``limit`` (None: all), locked when ``lock``."""
+    rows = await conn.fetch(sql.dead_letter_lock if lock else sql.dead_letter_ids, *selection.params(), limit)
     return [(int(r[0]), bool(r[1])) for r in rows]
 
 
@@ -143,10 +143,13 @@ async def _rows(conn: asyncpg.Connection, sql: Sql, ids: list[int]) -> dict[int,
     return {d.id: d for d in await list_dead_letters(conn, sql, DeadLetterFilter(ids=tuple(ids)))}
 
 
-async def requeue(conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, apply: bool) -> Action:
-    """Put the selected dead letters back into the outbox (see the module docstring); dry unless ``apply``."""
+async def requeue(
+    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, apply: bool, limit: int | None = None
+) -> Action:
+    """Put the selected dead letters back into the outbox (see the module docstring), the oldest
+    ``limit`` of them (None: all); dry unless ``apply``."""
     async with conn.transaction():
-        picked = await _select(conn, sql, selection, lock=apply)
+        picked = await _select(conn, sql, selection, lock=apply, limit=limit)
         ids = [i for i, _ in picked]
         would = [i for i, ok in picked if ok]
         # read what is shown before the requeue deletes it
@@ -157,10 +160,13 @@ async def requeue(conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilte
     return Action(ids, [r[0] for r in moved], {r[0]: r[1] for r in moved}, True, shown)
 
 
-async def discard(conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, apply: bool) -> Action:
-    """Delete the selected dead letters for good; dry unless ``apply``."""
+async def discard(
+    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, apply: bool, limit: int | None = None
+) -> Action:
+    """Delete the selected dead letters for good, the oldest ``limit`` of them (None: all); dry
+    unless ``apply``."""
     async with conn.transaction():
-        ids = [i for i, _ in await _select(conn, sql, selection, lock=apply)]
+        ids = [i for i, _ in await _select(conn, sql, selection, lock=apply, limit=limit)]
         shown = await _rows(conn, sql, ids[:SHOWN])
         if not apply:
             return Action(ids, ids, {}, False, shown)

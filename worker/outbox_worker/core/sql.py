@@ -601,7 +601,8 @@ class Sql:
 
     @property
     def dead_letter_ids(self) -> str:
-        """The selection ($1-$6): (id, requeueable) of every selected dead letter, in id order.
+        """The selection ($1-$6), $7 at most this many (NULL: all): (id, requeueable) of the selected
+        dead letters, in id order.
 
         Ids and flags only, read in one pass: a requeue or discard of 100k dead letters keeps a few
         MB, and never looks rows up again by an id array (under the pool's generic plans that was a
@@ -613,7 +614,8 @@ class Sql:
                    AS requeueable
             FROM {self.dead_letters} AS d
             WHERE {self._DEAD_SELECTION}
-            ORDER BY d.id"""
+            ORDER BY d.id
+            LIMIT $7"""
 
     @property
     def dead_letter_lock(self) -> str:
