@@ -9,8 +9,9 @@ Guarantees (README "Guarantees" states them for users):
 - Per-aggregate order (``ordering=per_aggregate``): at most one unacknowledged message per aggregate;
   the next row of an aggregate is sent only after the previous one was acked; a failed row holds its
   aggregate back (SQL hold-back via ``not_before``) until it succeeds or is dead-lettered.
-- Bounded: at most ``max_in_flight // loops`` publishes in flight per loop, ``batch_size`` rows in
-  memory per loop, every wait bounded by the ack timeout.
+- Bounded: at most ``RelayConfig.in_flight`` publishes in flight per loop (``max_in_flight // loops``,
+  at least 1: one wave at a time, never larger, :func:`plan_waves`), ``batch_size`` rows in memory per
+  loop, every wait for acks bounded by the ack timeout, no new wave after ``batch_timeout_seconds``.
 - A row that can never be published ends as a dead letter, logged once at WARNING with its id and
   reason (``names.DEAD_LETTER_REASONS``): at once when the relay's own checks refuse it before
   sending (subject, header name, header block over 64 KiB, max_payload, created_at), after
@@ -46,7 +47,13 @@ from outbox_worker.core.policy import Outcome, PublishResult, plan_waves
 
 log = logging.getLogger(__name__)
 
-CONFIG_PAUSE_SECONDS = 5.0
+CONFIG_PAUSE_SECONDS = 5.0  # a partition stopped by a configuration error is tried again after this
+# Rendered subjects kept per loop; the cache is cleared when full (subjects built from aggregate_id
+# can be unbounded in number).
+SUBJECT_CACHE_LIMIT = 10_000
+# A claim that failed (database unreachable, statement timeout) is tried again after the poll
+# interval, at most this long: a loop never spins on a dead database, nor waits long after it is back.
+CLAIM_RETRY_MAX_SECONDS = 1.0
 _SUCCESS = (Outcome.ACKED, Outcome.DUPLICATE)  # PublishResult.ok, read per event without the property
 _DUPLICATE = Outcome.DUPLICATE
 
@@ -124,10 +131,15 @@ class RelayLoop:
         self._acked = acked
 
     def stop(self) -> None:
-        """Finish the current batch (publish, await acks, mark), then return from :meth:`run`."""
+        """Finish the wave in flight (its acks awaited), send no further wave of the batch, mark what
+        was acked (the rest stays pending), then return from :meth:`run`."""
         self._stopping = True
 
     async def run(self) -> None:
+        """Until :meth:`stop`: check out partitions (:meth:`LeaseManager.checkout`), relay one batch of
+        them (:meth:`_one_batch`: claim → publish in waves → record results → fenced mark), check them
+        back in (those that may hold more come back dirty), and park (:meth:`_wait_for_rows`) only when
+        no free partition is dirty. The partitions are checked in even if the batch raised."""
         c = self._c
         while not self._stopping:
             parts = self._leases.checkout(c.loops)
@@ -157,7 +169,7 @@ class RelayLoop:
             rows, more = await self._claim(sorted(parts))
         except Exception as exc:
             self._error(f"claim failed: {type(exc).__name__}")
-            await asyncio.sleep(min(c.poll_interval_seconds, 1.0))
+            await asyncio.sleep(min(c.poll_interval_seconds, CLAIM_RETRY_MAX_SECONDS))
             return frozenset()
         if not rows:
             return frozenset()
@@ -291,7 +303,7 @@ class RelayLoop:
         subject = self._subjects.get(key)
         if subject is None:
             subject = self._template.render(subject_fields(row))
-            if len(self._subjects) >= 10_000:
+            if len(self._subjects) >= SUBJECT_CACHE_LIMIT:
                 self._subjects.clear()
             self._subjects[key] = subject
         return subject
@@ -314,7 +326,8 @@ class RelayLoop:
         out.failed_delays.append(backoff_delay(attempt, c.backoff_initial_seconds, c.backoff_max_seconds))
 
     def _config_error(self, partition: int, res: PublishResult) -> None:
-        # The prefix names the dependency at fault; the operator maps it to StreamReady/DatabaseReady.
+        # The prefix names the dependency for the reader of the message; the operator picks its
+        # condition from config_error_kind (the report's errorKind), never from these words.
         area = "stream" if res.reason == names.REASON_NO_STREAM else "nats"
         msg = f"{area}: {res.detail}"
         if msg != self._stats.config_error:
