@@ -119,7 +119,8 @@ class LeaseConfig:
 
     Knobs: ``lease_ttl_seconds``, ``lease_renew_seconds`` (0: a third of the TTL),
     ``poll_interval_seconds`` (the renewal loop wakes at least this often), ``ack_timeout_seconds``
-    (a lease stops being usable one ack timeout before it expires).
+    (a lease stops being usable one ack timeout plus ``leases.SAFETY_MARGIN_SECONDS`` before it
+    could expire).
     """
 
     ttl_seconds: float = _float("lease_ttl_seconds")

@@ -308,7 +308,8 @@ class WorkerSettings(BaseSettings):
 
     @property
     def per_loop_in_flight(self) -> int:
-        """Publishes one loop may have unacknowledged; the worker total never exceeds max_in_flight."""
+        """Publishes one loop may have unacknowledged (its largest wave). The worker total stays within
+        max_in_flight unless max_in_flight < loops: every loop may still send one, so up to ``loops``."""
         return max(1, self.max_in_flight // self.loops)
 
     @property

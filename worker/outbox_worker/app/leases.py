@@ -9,7 +9,10 @@ Guarantees:
   stops sending before the lease can expire on the database clock and every publish it sent resolves
   (ack or timeout) before then.
 - Partitions are released only after the loop using them checked them back in (in-flight publishes
-  resolved and acked rows marked), so a successor never races the previous owner's marks.
+  resolved, acked rows marked or handed to :class:`AckedRows`), and after :attr:`before_release` has
+  written the marks still waiting there (one try), so a successor never races the previous owner's
+  marks; a mark that still fails leaves its rows to the successor (re-published, absorbed as
+  duplicates).
 - Every mark is additionally fenced by (owner, epoch) in SQL; a worker that lost a lease changes
   nothing even if these local rules were broken (e.g. a process frozen past its lease).
 - Handover without waiting for a tick: a worker that joins, releases partitions or leaves announces
@@ -41,6 +44,9 @@ from outbox_worker.core.policy import fair_share
 
 log = logging.getLogger(__name__)
 
+# Subtracted, with the ack timeout, from a lease's TTL to get how long it is usable (README,
+# "Partitions and leases": "ack_timeout + 0.5 s"). The renew's send time already errs early; this is
+# slack for the step from a usability check to the wave's write, and for clock rate differences.
 SAFETY_MARGIN_SECONDS = 0.5
 # Errors that retrying cannot fix: SQLSTATE class 42 (undefined table or column, insufficient
 # privilege) and 3F000 (the schema does not exist). Connection errors and timeouts stay retryable.
@@ -59,6 +65,11 @@ class Lease:
 
 
 class LeaseManager:
+    """The leases of one worker (see the module docstring). The relay loops call :meth:`checkout`,
+    :meth:`checkin`, :meth:`still_usable`, :meth:`pause` and :meth:`wait_for_work`; the worker runs
+    :meth:`run` (the lease tick: heartbeat, renew, converge to the fair share, release) as a side task
+    and :meth:`release_all` at stop."""
+
     def __init__(self, store: OutboxStore, config: LeaseConfig, partitions: int, metrics: Metrics) -> None:
         self._store = store
         self._c = config
