@@ -38,6 +38,15 @@ DEFER_LIMIT = 128
 """Most acked rows waiting (every claim compares its candidates with them); larger batches are
 marked at once, so draining a backlog runs exactly as without deferral."""
 MARK_RETRIES = 5
+"""Tries of one mark, deferred (here) or written at once (:meth:`RelayLoop._mark`), before its rows are
+left pending (published again later, absorbed as duplicates). A deferred mark is tried again by the
+next claim or flush; between the tries of ``RelayLoop._mark`` and of :meth:`AckedRows.flush` the wait
+is 0.2 s, doubling, at most 2 s (:func:`retry_pause`)."""
+
+
+def retry_pause(attempt: int) -> float:
+    """Seconds to wait after failed try ``attempt`` of a mark (0.2, 0.4, 0.8, 1.6, 2.0)."""
+    return min(0.1 * 2.0**attempt, 2.0)
 
 
 @dataclass
@@ -160,7 +169,7 @@ class AckedRows:
             if not self._ids:
                 return
             if attempt < attempts:
-                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+                await asyncio.sleep(retry_pause(attempt))
 
     async def flush_before_release(self) -> None:
         """One try (the lease tick waits for it): what still fails is left to the next owner."""

@@ -42,7 +42,7 @@ from outbox_worker.adapters.metrics import Metrics
 from outbox_worker.adapters.publisher import JetStreamPublisher, MessageFields
 from outbox_worker.adapters.store import Fence, MarkFirst, OutboxStore
 from outbox_worker.app.leases import LeaseManager
-from outbox_worker.app.marks import MARK_RETRIES, AckedRows
+from outbox_worker.app.marks import MARK_RETRIES, AckedRows, retry_pause
 from outbox_worker.core.policy import Outcome, PublishResult, plan_waves
 
 log = logging.getLogger(__name__)
@@ -368,7 +368,7 @@ class RelayLoop:
                 self._error(f"mark failed (attempt {attempt}): {type(exc).__name__}")
                 if attempt == MARK_RETRIES or not self._leases.still_usable(parts, 0.0):
                     return
-                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+                await asyncio.sleep(retry_pause(attempt))
 
     def _dead_lettered(self, out: _BatchOutcome, moved: list[int]) -> None:
         """Count and log the rows the fenced statement moved (a row a lost lease kept is not moved:

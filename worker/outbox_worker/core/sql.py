@@ -275,7 +275,10 @@ class Sql:
     def lease_renew(self) -> str:
         """$1 publisher, $2 owner, $3 partitions[], $4 epochs[], $5 ttl. Returns the renewed ones.
 
-        A lease whose epoch moved on (another worker took it) is not renewed: it is lost.
+        A lease whose epoch moved on (another worker took it) is not renewed: it is lost. Nor is one
+        that has expired on the database clock, even if nobody took it yet: its holder must not
+        extend a lease another worker may already be acquiring (the caller then treats it as lost
+        and may acquire it again, under a new epoch).
         """
         return f"""
             UPDATE {self.leases} AS l SET expires_at = now() + make_interval(secs => $5)
@@ -337,8 +340,8 @@ class Sql:
 
     @property
     def claim_ordered(self) -> str:
-        """$1 partitions[], $2 rows per partition, $3 rows in all. Due pending rows, the first of each
-        partition in id order, returned in (partition, id) order.
+        """$1 partitions[], $2 rows per partition, $3 rows in all. Due pending rows: the first $2 of each
+        partition in id order, at most $3 in all, returned in (partition, id) order.
 
         Spread over partitions: a batch of one partition holds several events of many aggregates,
         and per-aggregate order then splits it into several waves, each a round trip; the same
@@ -535,7 +538,8 @@ class Sql:
 
     @property
     def retention_sweep(self) -> str:
-        """$1 retention seconds, $2 limit: delete published rows older than the retention."""
+        """$1 retention seconds, $2 limit: delete at most $2 published rows older than the retention
+        (each worker runs it once a minute, so published rows are kept *at least* the retention)."""
         return f"""
             DELETE FROM {self.outbox} WHERE id IN (
                 SELECT id FROM {self.outbox}
