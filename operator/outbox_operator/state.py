@@ -4,7 +4,8 @@ kopf indexes (``kopf.index`` handlers registered in handlers.py) hold, per watch
 
 * every child the operator owns (label ``app.kubernetes.io/managed-by=outbox-operator``, selected
   by the API server), by kind and name;
-* the worker Pods (same label), by publisher: their names only;
+* the worker Pods (labels ``app.kubernetes.io/component=worker`` and ``outbox.dev/publisher``, the
+  Deployment's selector: ``handlers.WORKER_POD_SELECTOR``), by publisher: their names only;
 * every Secret: its key names and resourceVersion only. Values are never kept (not even hashed).
 
 kopf fills the indexes from its initial LISTs before it calls any handler, so the first reconcile

@@ -1,7 +1,7 @@
 """JetStream publisher that owns its ack tracking.
 
-Why not ``js.publish_async``: in nats-py 2.16 an error ack never completes its future, there is no
-per-message ack timeout, and publishes lost in a disconnect are never failed (facts.md). Here each
+Why not ``js.publish_async``: in nats-py 2.16 (the pinned version) an error ack never completes its
+future, there is no per-message ack timeout, and publishes lost in a disconnect are never failed. Here each
 publish carries a reply subject under one private inbox (``<inbox>.<token>``); acks arriving there are
 resolved by token, straight from nats-py's parser (the wire: frames, the ack parser and the parser
 hook live in adapters/jetstream_acks.py), and status replies through one wildcard subscription.

@@ -1,4 +1,5 @@
-"""One relay worker process: ``start()``, ``run()``, idempotent ``stop()``.
+"""One relay worker process: ``start()``, ``run()``, and ``request_stop()`` (the SIGTERM handler),
+after which ``run()`` shuts down; ``close()`` is idempotent.
 
 Lifecycle guarantees:
 
@@ -10,8 +11,9 @@ Lifecycle guarantees:
 - ``run()`` supervises its side tasks (lease renewal, LISTEN, pressure sampling, status reports,
   retention sweep, metrics server): if one of them dies, the worker stops and ``run()`` raises
   :class:`SideTaskFailed`, so the process exits non-zero instead of running half-alive.
-- ``stop()`` (SIGTERM): stop claiming, let loops finish the wave in flight and mark what was acked,
-  release leases, leave the membership, close NATS, close the pool; all within the grace period.
+- ``request_stop()`` (SIGTERM): ``run()`` stops claiming, lets loops finish the wave in flight and
+  mark what was acked, then ``close()`` writes the deferred marks, releases leases, leaves the
+  membership, closes NATS, closes the pool; all within the grace period.
 """
 
 from __future__ import annotations
