@@ -42,12 +42,10 @@ log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 
-# kind -> (API path prefix, plural)
+# kind -> (API path prefix, plural): what the operator writes (reads come from the watches, state.py)
 RESOURCES: dict[str, tuple[str, str]] = {
     "ServiceAccount": ("/api/v1", "serviceaccounts"),
     "Service": ("/api/v1", "services"),
-    "Secret": ("/api/v1", "secrets"),
-    "Pod": ("/api/v1", "pods"),
     "Event": ("/api/v1", "events"),
     "Deployment": ("/apis/apps/v1", "deployments"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
@@ -166,14 +164,13 @@ class Kube:
         method: str,
         path: str,
         body: Any = None,
-        query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
     ) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type, **self._auth_headers()}
         payload = None if body is None else json.dumps(body)
         session = self._session_for_loop()
         async with session.request(
-            method, self.configuration.host.rstrip("/") + path, params=query or [], data=payload, headers=headers
+            method, self.configuration.host.rstrip("/") + path, data=payload, headers=headers
         ) as response:
             raw = await response.read()
             status = response.status
@@ -186,19 +183,6 @@ class Kube:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def get(self, kind: str, namespace: str, name: str) -> Obj | None:
-        try:
-            result: Obj = await self.request("GET", path_of(kind, namespace, name))
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return result
-
-    async def list(self, kind: str, namespace: str, label_selector: str) -> list[Obj]:
-        data = await self.request("GET", path_of(kind, namespace), query=[("labelSelector", label_selector)])
-        return list(data.get("items") or [])
 
     async def create(self, kind: str, namespace: str, body: Obj) -> Obj:
         result: Obj = await self.request("POST", path_of(kind, namespace), body)
