@@ -113,10 +113,13 @@ class Runtime:
 
 
 async def reconcile_body(
-    runtime: Runtime, body: Mapping[str, Any], retry: int, *, from_timer: bool, logger: Any = log
+    runtime: Runtime, body: Mapping[str, Any], retry: int, *, self_started: bool, logger: Any = log
 ) -> None:
-    """One pass for one publisher; raises kopf errors only from change handlers (not from passes
-    the operator starts itself, which log their errors and are retried)."""
+    """One pass for one publisher. From kopf's change handlers (``self_started=False``) an API error
+    or a plan to retry raises kopf's TemporaryError, an invalid spec PermanentError. Passes the
+    operator starts itself (``self_started=True``: :func:`request_pass` after a watch event, and
+    the resync) raise nothing: an API error is logged and the pass asked for again in
+    ``RETRY_SECONDS``; a missing Secret waits for that Secret's watch event or the resync."""
     plain = copy.deepcopy(dict(body))
     uid = plain["metadata"]["uid"]
     lock = runtime.locks.setdefault(uid, asyncio.Lock())
@@ -124,15 +127,15 @@ async def reconcile_body(
         try:
             result = await reconcile_once(runtime.client(), runtime.state, plain, runtime.config)
         except ApiError as exc:
-            if from_timer:
+            if self_started:
                 logger.warning("reconcile failed, retrying in %gs: %s", RETRY_SECONDS, exc)
                 request_pass(runtime, uid, RETRY_SECONDS)
                 return
             raise kopf.TemporaryError(str(exc), delay=backoff_seconds(retry)) from exc
     if result.invalid is not None:
-        if not from_timer:
+        if not self_started:
             raise kopf.PermanentError(f"invalid spec: {result.invalid}")
-    elif result.retry_reason is not None and not from_timer:
+    elif result.retry_reason is not None and not self_started:
         raise kopf.TemporaryError(result.retry_reason, delay=backoff_seconds(retry))
 
 
@@ -153,7 +156,7 @@ async def _pass_later(runtime: Runtime, uid: str, delay: float) -> None:
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
     try:
-        await reconcile_body(runtime, body, 0, from_timer=True)
+        await reconcile_body(runtime, body, 0, self_started=True)
     except Exception:  # a bug in one pass must not go unseen in a task nobody awaits
         log.exception("reconcile pass of %s failed", body["metadata"].get("name"))
 
@@ -234,7 +237,7 @@ def _register_publishers(registry: kopf.OperatorRegistry, runtime: Runtime) -> N
     @kopf.on.update(*resource, registry=registry)
     @kopf.on.resume(*resource, registry=registry)
     async def on_change(body: kopf.Body, retry: int, logger: Any, **_: Any) -> None:
-        await reconcile_body(runtime, body, retry, from_timer=False, logger=logger)
+        await reconcile_body(runtime, body, retry, self_started=False, logger=logger)
 
     @kopf.on.event(*resource, registry=registry)
     async def remember(body: kopf.Body, type: str | None, **_: Any) -> None:
@@ -345,7 +348,7 @@ async def resync_once(runtime: Runtime) -> None:
     watch-fed state (concurrently; each pass logs, never raises, its errors)."""
     bodies = [runtime.current_body(uid) for uid in list(runtime.known)]
     live = [b for b in bodies if b is not None and not b["metadata"].get("deletionTimestamp")]
-    await asyncio.gather(*(reconcile_body(runtime, body, 0, from_timer=True) for body in live))
+    await asyncio.gather(*(reconcile_body(runtime, body, 0, self_started=True) for body in live))
 
 
 async def resync_forever(runtime: Runtime) -> None:
