@@ -14,7 +14,8 @@ Order of decisions:
    autoscaler state and conditions are written where they changed. The pod template carries a
    digest of the referenced Secrets' resourceVersions, so a rotated credential rolls the workers.
 4. A child write the API server refuses (the adapter reports it): :func:`plan_child_rejected` plans
-   only ``Ready=False/ChildRejected`` with the server's message, secrets removed, and an Event.
+   only ``Ready=False/ChildRejected`` and ``Degraded=True/ChildRejected`` with the server's message,
+   secrets removed, and an Event.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class WorkerReport:
     oldestPendingSeconds: float = 0.0  # age of the oldest pending row it owns
     ratePerSecond: float = 0.0  # acked rows per second over the last interval
     lastError: str = ""  # last failure, one line, never a secret
-    configError: str = ""  # a configuration error that stops publishing (no stream, auth)
+    configError: str = ""  # a configuration error that pauses partitions (today only NATS-side: the stream)
     errorKind: str = ""  # ERROR_KINDS: the dependency configError belongs to; "" when there is none
     reportTime: str = ""  # RFC 3339, the worker's clock
 

@@ -46,7 +46,7 @@ class Outcome(StrEnum):
     RETRYABLE = "retryable"  # timeout, disconnect, 503, no responders: retry with the same id
     PERMANENT = "permanent"  # the server refused this message for good: count the attempt, dead-letter at N
     REFUSED = "refused"  # the relay's own check before sending (size, subject, header): dead-letter now
-    CONFIG = "config"  # no stream for the subject, auth: not the row's fault; stop the partition
+    CONFIG = "config"  # no stream captures the subject, another stream does, or it is sealed: stop the partition
 
 
 class PublishResult(NamedTuple):
