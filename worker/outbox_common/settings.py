@@ -195,7 +195,10 @@ class WorkerSettings(BaseSettings):
     ordering: OrderingMode = Field(OrderingMode.PER_AGGREGATE, description="per_aggregate or none.")
     mark_mode: MarkMode = Field(MarkMode.DELETE, description="delete or mark acked rows.")
     retention_seconds: float = Field(
-        86400.0, ge=0, description="With mark_mode=mark: how long published rows are kept."
+        86400.0,
+        ge=0,
+        description="With mark_mode=mark: how long published rows are kept at least (each worker sweeps "
+        "older ones once a minute, 10,000 per statement, for up to 30 s).",
     )
     # --- leases and wake-up ---------------------------------------------------------------------
     lease_ttl_seconds: float = Field(15.0, ge=1, le=600, description="Lease time-to-live.")

@@ -24,6 +24,9 @@ from outbox_worker.core.sql import DEFAULT_PARTITIONS, SCHEMA_VERSION, Sql, int_
 
 log = logging.getLogger(__name__)
 
+RETENTION_BATCH = 10_000  # published rows one retention statement deletes, at most
+RETENTION_BUDGET_SECONDS = 30.0  # how long one retention sweep (once a minute) may go on deleting
+
 LISTEN_RETRY_INITIAL_SECONDS = 0.2  # first wait before the LISTEN connection is opened again
 LISTEN_RETRY_MAX_SECONDS = 10.0
 
@@ -487,12 +490,25 @@ class OutboxStore:
         )
         return [r[0] for r in rows]
 
-    async def retention_sweep(self, retention: float, limit: int = 10000) -> int:
-        """With ``mark_mode=mark``: delete up to ``limit`` published rows older than ``retention``
-        seconds; returns how many. Bound: the worker sweeps once a minute, so each worker removes at
-        most ~166 rows/s; published rows beyond that rate outlive the retention."""
-        status = await self.pool.execute(self.sql.retention_sweep, retention, limit)
-        return int(status.split()[-1])
+    async def retention_sweep(
+        self, retention: float, limit: int = RETENTION_BATCH, budget_seconds: float = RETENTION_BUDGET_SECONDS
+    ) -> int:
+        """With ``mark_mode=mark``: delete published rows older than ``retention`` seconds, ``limit``
+        per statement (each its own short transaction), statement after statement while one takes
+        its whole ``limit`` and ``budget_seconds`` are not spent; returns how many.
+
+        Bound: the worker sweeps once a minute. One statement a minute (as before) removed at most
+        ~166 rows/s per worker, so above that rate published rows piled up past the retention for
+        good; with the budget a sweep keeps up with thousands of rows per second, and a sweep never
+        runs longer than its budget plus one statement."""
+        deadline = time.monotonic() + budget_seconds
+        total = 0
+        while True:
+            status = await self.pool.execute(self.sql.retention_sweep, retention, limit)
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < limit or time.monotonic() >= deadline:
+                return total
 
     async def pressure(self, partitions: Sequence[int]) -> tuple[int, float]:
         """Pending rows of ``partitions`` and the age in seconds of the oldest one."""
