@@ -213,6 +213,21 @@ def test_header_block_refuses_header_names_nats_py_refuses(name: str) -> None:
         HeaderBlock("p", "S").render(_row(headers={name: "v"}))
 
 
+MALFORMED_ACKS = [
+    b"[]",
+    b'"ok"',
+    b"null",
+    b"42",
+    b'{"error":"boom"}',
+    b'{"error":[503]}',
+    b'{"error":{"code":"abc","err_code":1}}',
+    b'{"error":{"code":1e400}}',
+    b'{"stream":"EVENTS","seq":"x"}',
+    b'{"stream":"EVENTS","seq":null}',
+    b'{"stream":"EVENTS","seq":1.5}',
+    b'{"stream":"EVENTS","seq":true}',
+]
+
 ACK_PAYLOADS = [
     (b'{"stream":"EVENTS","seq":17}', Outcome.ACKED, 17),
     (b'{"stream":"EVENTS","seq":18,"duplicate":true}', Outcome.DUPLICATE, 18),
@@ -224,6 +239,9 @@ ACK_PAYLOADS = [
     (b"not json", Outcome.RETRYABLE, 0),
     (b'{"stream":"EV\\"X","seq":22}', Outcome.ACKED, 22),  # an escaped quote in the name
     (b'{"stream":"EVENTS","seq":23,"duplicate":false}', Outcome.ACKED, 23),
+    # JSON that is no pub ack (a broken server, or anyone who can publish to the ack inbox):
+    # retryable like unreadable text, never an exception in nats-py's read loop
+    *((bad, Outcome.RETRYABLE, 0) for bad in MALFORMED_ACKS),
 ]
 
 
@@ -598,3 +616,24 @@ def test_a_small_wave_is_written_to_the_socket_at_once_only_when_it_goes_there_i
         assert not _write_now(_connected(sock, pending, connected), data)
         assert sock.written == []
     assert not _write_now(_connected(None), wave)  # not a TCP transport (a WebSocket one)
+
+
+async def test_a_malformed_ack_ends_its_publish_and_the_acks_after_it_are_still_read() -> None:
+    """A JSON ack of the wrong shape resolves its publish (retryable) instead of raising inside
+    nats-py's read loop: an exception there ended the loop (no ack was read any more until the
+    connection was replaced) and, its publish being out of the pending table already, left the
+    wave waiting forever, with the loop's partitions held."""
+    conn = _Conn()
+    pub = JetStreamPublisher(NOWHERE)
+    pub._prefix = INBOX
+    pub._install_ack_fast_path(conn, ACK_SID)  # type: ignore[arg-type]
+    wave = _wave(3)
+    pub._pending.update({7: (wave, 0), 8: (wave, 1), 9: (wave, 2)})
+    await conn._ps.parse(_ack_frame(7, b"[]") + _ack_frame(8, b'{"error":"boom"}') + _ack_frame(9, _seq(9)))
+    assert [(r.outcome, r.seq) for r in wave.results if r is not None] == [
+        (Outcome.RETRYABLE, 0),
+        (Outcome.RETRYABLE, 0),
+        (Outcome.ACKED, 9),
+    ]
+    assert wave.done.done()
+    assert not pub._pending

@@ -183,13 +183,29 @@ def parse_ack(data: bytes) -> PublishResult:
             return PublishResult(Outcome.DUPLICATE if b'"duplicate":true' in data else Outcome.ACKED, seq=seq)
     try:
         ack = json.loads(data)
-    except ValueError:
+        if not isinstance(ack, dict):
+            raise TypeError("an ack is a JSON object")
+        err = ack.get("error")
+        if err:
+            if not isinstance(err, dict):
+                raise TypeError("an ack's error is a JSON object")
+            code, err_code = _ack_int(err.get("code", 0)), _ack_int(err.get("err_code", 0))
+            return classify_error_ack(code, err_code, str(err.get("description", "")))
+        outcome = Outcome.DUPLICATE if ack.get("duplicate") else Outcome.ACKED
+        return PublishResult(outcome, seq=_ack_int(ack.get("seq", 0)))
+    except (ValueError, TypeError, OverflowError):
+        # Never raise: this runs inside nats-py's read loop, which an exception ends for good (no
+        # more acks are read until the connection is replaced), and the publish it answers has
+        # already left the pending table, so no timeout would ever end its wave.
         return PublishResult(Outcome.RETRYABLE, names.REASON_SERVER_ERROR, "unreadable ack")
-    err = ack.get("error")
-    if err:
-        return classify_error_ack(int(err.get("code", 0)), int(err.get("err_code", 0)), str(err.get("description", "")))
-    outcome = Outcome.DUPLICATE if ack.get("duplicate") else Outcome.ACKED
-    return PublishResult(outcome, seq=int(ack.get("seq", 0)))
+
+
+def _ack_int(value: object) -> int:
+    """An integer field of an ack (seq, code, err_code): JSON integers only, not booleans,
+    strings, floats or null."""
+    if type(value) is not int:
+        raise TypeError("not an integer")
+    return value
 
 
 def _compact_seq(data: bytes) -> int:
