@@ -543,3 +543,37 @@ async def test_settings_mistakes_are_caught_at_start_up(
     finally:
         blocker.close()
         await pool.close()
+
+
+# --- hostile rows ---------------------------------------------------------------------------------
+
+
+async def test_rows_over_max_payload_are_dead_lettered_without_reading_them(
+    pg_dsn: str, nats_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """Rows whose payload NATS can never take (over its max_payload, 1 MiB here) are dead-lettered
+    by their size: the claim leaves their bytes in PostgreSQL. Read in full, one claim of them put
+    every payload in the worker's memory at once (these 8 rows of 40 MB: a ~400 MB peak; enough of
+    them OOM-kill a worker under the operator's default 512Mi limit before it can dead-letter them,
+    its successor claims the same rows, and the partition never moves again)."""
+    pool = await setup_db(pg_dsn, partitions=1)
+    try:
+        await pool.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+            "SELECT 'order', 'a' || g, 'created', convert_to(repeat('x', 40000000), 'UTF8') "
+            "FROM generate_series(1, 8) AS g"  # 40 MB each, a few KB stored (compressed)
+        )
+        worker = Proc(pg_dsn, nats_url, "big", tmp_path, mode=None, DB_TIMEOUT_SECONDS="60")
+        procs.append(worker)
+        await wait_for(lambda: drained(pool), 60, "the oversized rows to be dead-lettered")
+        status = Path(f"/proc/{worker.pid}/status").read_text().splitlines()
+        peak_kib = int(next(li for li in status if li.startswith("VmHWM")).split()[1])
+        assert await worker.stop() == 0
+        reasons = [r["reason"] for r in await pool.fetch("SELECT reason FROM outbox_dead_letters ORDER BY id")]
+        assert len(reasons) == 8
+        assert all(r.startswith("payload_too_large") for r in reasons), reasons
+        sizes = await pool.fetch("SELECT octet_length(payload) AS n FROM outbox_dead_letters")
+        assert {r["n"] for r in sizes} == {40_000_000}  # the dead letters keep the whole payload
+        assert peak_kib < 200 * 1024, f"worker peaked at {peak_kib // 1024} MiB"
+    finally:
+        await pool.close()

@@ -70,7 +70,7 @@ async def naive_relay(config: WorkerConfig, events: int, timeout: float = 600.0)
                 await asyncio.sleep(0.01)
                 continue
             for row in rows:
-                msg = Message(template.render(subject_fields(row)), row.payload, headers.render(row))
+                msg = Message(template.render(subject_fields(row)), row.payload or b"", headers.render(row))
                 (res,) = await pub.publish_wave([msg])
                 if not res.ok:
                     failed += 1
@@ -125,7 +125,7 @@ async def publish_ceiling(config: WorkerConfig, rows: list[OutboxRow]) -> Baseli
     async def loop(mine: list[list[OutboxRow]]) -> None:
         nonlocal published, failed
         for batch in mine:
-            messages = [Message(template.render(subject_fields(r)), r.payload, headers.render(r)) for r in batch]
+            messages = [Message(template.render(subject_fields(r)), r.payload or b"", headers.render(r)) for r in batch]
             for res in await pub.publish_wave(messages):
                 if res.ok:
                     published += 1

@@ -233,6 +233,11 @@ class OutboxStore:
         self._hot_busy = False
         self._closed = not keep_claim_connection
 
+    def limit_payloads(self, limit: int) -> None:
+        """Claims from now on leave out payloads over ``limit`` bytes (see Sql.with_payload_limit)."""
+        self.sql = self.sql.with_payload_limit(limit)
+        self._claims.clear()
+
     async def _hot_fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
         """``pool.fetch``, on a connection kept out of the pool, unless another claim runs on it.
 

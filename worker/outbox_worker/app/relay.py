@@ -245,7 +245,7 @@ class RelayLoop:
             except InvalidSubjectError as exc:
                 self._failed(row, PublishResult(Outcome.REFUSED, exc.reason, str(exc)), out)
                 continue
-            if len(headers) > MAX_HEADER_BYTES or not row.created_at:
+            if len(headers) > MAX_HEADER_BYTES or not row.created_at or row.payload is None:
                 self._failed(row, _refusal(row, headers), out)
                 continue
             messages.append((subject, row.payload, headers))
@@ -390,6 +390,12 @@ class RelayLoop:
 
 def _refusal(row: OutboxRow, headers: bytes) -> PublishResult:
     """Why a row whose message was built cannot be sent (the relay's checks after rendering)."""
+    if row.payload is None:  # the claim left it out: over the server's max_payload (Sql.with_payload_limit)
+        return PublishResult(
+            Outcome.REFUSED,
+            names.REASON_PAYLOAD_TOO_LARGE,
+            "payload exceeds the server's max_payload (not read by the claim)",
+        )
     if not row.created_at:
         return PublishResult(
             Outcome.REFUSED,

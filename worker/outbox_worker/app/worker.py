@@ -150,6 +150,8 @@ class Worker:
         await self.store.join(self.config.leases.ttl_seconds)
         self._joined = True
         self.publisher = await self._connect_nats(deadline)
+        # A payload the server would refuse is dead-lettered by its size: claims never read it
+        self.store.limit_payloads(self.publisher.max_payload)
         self.leases = LeaseManager(self.store, self.config.leases, partitions, self.metrics)
         self.acked = AckedRows(
             self.store, delete=self.config.relay.mark_mode == MarkMode.DELETE, fenced_out=self._fenced_out

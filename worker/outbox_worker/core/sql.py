@@ -58,6 +58,9 @@ class Sql:
 
     schema: str
     table: str
+    # Claims return the payload of a row only up to this many bytes (0: any size); a larger one
+    # comes back as NULL. The worker sets the server's max_payload (:meth:`with_payload_limit`).
+    payload_limit: int = 0
 
     @classmethod
     def for_table(cls, schema: str, table: str) -> Sql:
@@ -66,6 +69,18 @@ class Sql:
         if len(table) > MAX_TABLE_LENGTH:
             raise ValueError(f"table={table!r} is too long: at most {MAX_TABLE_LENGTH} characters")
         return cls(schema, table)
+
+    def with_payload_limit(self, limit: int) -> Sql:
+        """These statements, with claims that leave out payloads over ``limit`` bytes (NULL instead).
+
+        Why: a payload NATS refuses (over its max_payload) can only be dead-lettered, and that needs
+        its size, not its bytes. Read in full, a claim of such rows put all of them in the worker's
+        memory at once (16 rows of 40 MB took a worker to an 800 MB peak; the operator's default
+        limit is 512Mi): the worker was OOM-killed before it could dead-letter them, claimed the
+        same rows after its restart, and the partition never moved again."""
+        if int(limit) < 0:
+            raise ValueError(f"payload limit {limit} is negative")
+        return Sql(self.schema, self.table, int(limit))
 
     # --- names ----------------------------------------------------------------------------------
     def _q(self, name: str) -> str:
@@ -333,6 +348,18 @@ class Sql:
         "THEN to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"') "
         "ELSE '' END AS created_at, o.attempts"
     )
+
+    @property
+    def _columns(self) -> str:
+        """:attr:`_COLUMNS`, the payload left out (NULL) above :attr:`payload_limit` bytes.
+        octet_length of a bytea reads its stored size, without fetching or decompressing it."""
+        if not self.payload_limit:
+            return self._COLUMNS
+        return self._COLUMNS.replace(
+            "o.payload,",
+            f"CASE WHEN octet_length(o.payload) <= {int(self.payload_limit)} THEN o.payload END AS payload,",
+        )
+
     _CLAIMED = (  # the same columns, by name, from the claim's inner query
         "id, event_id, partition, aggregate_type, aggregate_id, event_type, tenant, payload, headers, "
         "created_at, attempts"
@@ -409,7 +436,7 @@ class Sql:
         per_partition = f"""
                 FROM unnest({parts}) AS p(partition)
                 CROSS JOIN LATERAL (
-                    SELECT {self._COLUMNS} FROM {self.outbox} AS o
+                    SELECT {self._columns} FROM {self.outbox} AS o
                     WHERE o.partition BETWEEN p.partition AND p.partition AND o.published_at IS NULL
                       AND (o.not_before IS NULL OR o.not_before <= now()){skip}{hold_back}
                     ORDER BY o.partition, o.id
