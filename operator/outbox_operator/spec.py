@@ -120,7 +120,9 @@ class NatsTls(_Model):
         return self
 
 
-ServerUrl = Annotated[str, StringConstraints(max_length=253, pattern=r"^(nats|tls|ws|wss)://[^,\s]+$")]
+# No "@": credentials in a URL (user:password@, token@) would be a plain value of the worker
+# Deployment's environment, readable by anyone who may read Deployments; they go in Secrets.
+ServerUrl = Annotated[str, StringConstraints(max_length=253, pattern=r"^(nats|tls|ws|wss)://[^,\s@]+$")]
 
 
 class Nats(_Model):
