@@ -625,3 +625,16 @@ async def test_schema_version_2_refuses_times_rfc3339_cannot_write_and_upgrades_
         assert await conn.fetchval("SELECT schema_version FROM outbox_meta") == 7
     finally:
         await conn.close()
+
+
+async def test_a_dsn_query_setting_postgresql_refuses_is_a_one_line_configuration_error(pg_dsn: str) -> None:
+    """asyncpg hands query parameters it does not know to the server, which refuses an unknown one
+    (a libpq-only connect_timeout, a typo) or a bad value at connect: exit 3 with one line naming
+    the setting, not exit 1 with a traceback."""
+    sep = "&" if "?" in pg_dsn else "?"
+    for query, named in (("connect_timeout=5", "connect_timeout"), ("options=-c%20work_mem%3Dxx", "work_mem")):
+        out = await outboxctl("migrate", "--database-url", f"{pg_dsn}{sep}{query}")
+        assert out.code == 3, out.err
+        assert "PostgreSQL refused a setting of the DSN's query string" in out.err
+        assert named in out.err
+        assert "Traceback" not in out.err

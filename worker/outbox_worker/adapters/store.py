@@ -117,11 +117,22 @@ async def connect_pool(
 
 
 def dsn_syntax_error(exc: BaseException, fix: str) -> DatabaseAuthError | None:
-    """The error of a DSN asyncpg cannot even parse, raised before any connection is tried: a bad
-    port or query parameter (``sslmode=bogus``), or a password with an unencoded ``#``, ``/``, ``?``,
-    ``@`` or ``[``. asyncpg's own text quotes the piece of the DSN it choked on, which for such a
-    password is part of the password (``invalid literal for int() with base 10: 'Pa'``), so only
-    the exception's type is kept. None for any other error. Call it only on what connecting raised."""
+    """The error of a DSN that asyncpg cannot even parse, or whose query string PostgreSQL refuses.
+
+    - Parsing fails before any connection is tried: a bad port or query parameter
+      (``sslmode=bogus``), or a password with an unencoded ``#``, ``/``, ``?``, ``@`` or ``[``.
+      asyncpg's own text quotes the piece of the DSN it choked on, which for such a password is part
+      of the password (``invalid literal for int() with base 10: 'Pa'``), so only the exception's type
+      is kept.
+    - asyncpg passes query parameters it does not know (``connect_timeout``, a typo) to the server
+      as settings, and PostgreSQL refuses an unknown one or a bad value at connect. Its message names
+      the setting (never the password, which asyncpg reads itself).
+
+    None for any other error. Call it only on what connecting raised."""
+    if isinstance(exc, asyncpg.UndefinedObjectError | asyncpg.InvalidParameterValueError):
+        return DatabaseAuthError(
+            f"PostgreSQL refused a setting of the DSN's query string ({exc}): remove or fix it; {fix}"
+        )
     if isinstance(exc, ValueError | OverflowError):  # asyncpg.ClientConfigurationError is a ValueError
         return DatabaseAuthError(
             f"the DSN cannot be parsed ({type(exc).__name__}; the DSN is not shown: it holds the password): "
