@@ -153,6 +153,7 @@ class WorkerView:
     fresh: Mapping[str, Report]
     stale: list[str]  # current workers whose last report is too old
     errors: Mapping[str, str]  # worker -> its configError, fresh reports only
+    database_errors: Mapping[str, str]  # worker -> its databaseError (an outage), fresh reports only
     dead_letters: int  # rows the current workers moved to the dead-letter table since they started
     # the publisher's rows in the dead-letter table now (the most any fresh report counted); None when
     # no fresh report carries the count (workers of a version before it)
@@ -166,6 +167,7 @@ class WorkerView:
             fresh=fresh,
             stale=sorted(set(reports) - set(fresh)),
             errors={name: str(r.get("configError")) for name, r in fresh.items() if r.get("configError")},
+            database_errors={name: str(r["databaseError"]) for name, r in fresh.items() if r.get("databaseError")},
             dead_letters=sum(int(r.get("deadLetters") or 0) for r in reports.values()),
             dead_letters_waiting=max(
                 (int(r["deadLettersWaiting"] or 0) for r in fresh.values() if "deadLettersWaiting" in r), default=None
@@ -188,10 +190,13 @@ def _first_error(errors: Mapping[str, str]) -> str:
 
 
 def database_condition(view: WorkerView) -> Condition:
-    """DatabaseReady: False on a worker's database error, True when a fresh report exists."""
+    """DatabaseReady: False on a worker's database configuration error, or while a worker's database
+    does not answer (its ``databaseError``); True when a fresh report exists."""
     errors = view.errors_in(ERROR_KIND_DATABASE)
     if errors:
         return Condition(c.DATABASE_READY, "False", "DatabaseError", _first_error(errors))
+    if view.database_errors:
+        return Condition(c.DATABASE_READY, "False", "DatabaseUnavailable", _first_error(view.database_errors))
     if view.fresh:
         return Condition(c.DATABASE_READY, "True", "Reachable", f"{len(view.fresh)} worker(s) read the outbox table")
     return Condition(c.DATABASE_READY, "Unknown", "NoReports", _WAITING)

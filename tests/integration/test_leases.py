@@ -26,6 +26,7 @@ from outbox_worker.app.worker import Worker
 from outbox_worker.core.sql import Sql
 from support.polling import wait_for
 from support.relay import record_waves
+from support.servers import ControlledPostgres
 
 SQL = Sql.for_table("public", "outbox")
 STREAM = "LEASES"
@@ -541,3 +542,28 @@ async def test_a_partition_changes_hands_without_a_gap_when_workers_join_and_lea
     assert report.ok, report.to_dict()
     assert (report.lost, report.duplicates, report.order_violations, report.pending) == (0, 0, 0, 0)
     assert report.events == plan.events
+
+
+async def test_a_database_that_stops_answering_is_reported_until_it_answers_again(
+    own_pg: ControlledPostgres, nats_url: str
+) -> None:
+    """The worker's lease renewals are its steady database round trip: while they fail for 10 s or
+    more its report carries databaseError (DatabaseReady=False, DatabaseUnavailable, in the
+    operator), never the DSN; the first renewal that succeeds clears it."""
+    from test_relay_failures import worker_settings
+
+    from support.relay import running, setup_db
+
+    await setup_db(own_pg.dsn)
+    settings = worker_settings(own_pg.dsn, nats_url, lease_ttl_seconds=3.0, db_timeout_seconds=2.0)
+    async with running(settings) as worker:
+        assert worker.report().databaseError == ""
+        own_pg.kill()
+        try:
+            down = await wait_for(lambda: worker.report().databaseError, 30, "databaseError while PostgreSQL is down")
+            assert down.startswith("the database has not answered lease renewals for ")
+            assert "lease renewal failed: " in down
+            assert "postgresql://" not in down
+        finally:
+            own_pg.restart()
+        await wait_for(lambda: worker.report().databaseError == "", 30, "databaseError cleared after the restart")

@@ -209,3 +209,18 @@ def test_poison_rows_lag_and_rollout() -> None:
     assert conditions({"a": report()}, ready=1)["Ready"] == ("False", "WorkersNotReady")
     assert conditions({}, ready=0, desired=0, paused=True)["Ready"] == ("False", "Paused")
     assert conditions({"a": report(age=100)})["Degraded"] == ("True", "StaleReports")
+
+
+def test_a_database_that_does_not_answer_a_worker_makes_database_ready_false_until_it_does() -> None:
+    """A worker reports databaseError while its lease renewals fail (an outage, not a configuration
+    error): DatabaseReady says so instead of "N worker(s) read the outbox table"."""
+    down = "the database has not answered lease renewals for 12s (lease renewal failed: ConnectionRefusedError)"
+    got = conditions({"a": report(databaseError=down), "b": report()})
+    assert got["DatabaseReady"] == ("False", "DatabaseUnavailable")
+    assert got["StreamReady"] == ("True", "StreamAvailable")
+    assert conditions({"a": report(databaseError=""), "b": report()})["DatabaseReady"] == ("True", "Reachable")
+    # a stale report's old error is not the database's state now
+    assert conditions({"a": report(age=100, databaseError=down), "b": report()})["DatabaseReady"] == (
+        "True",
+        "Reachable",
+    )

@@ -38,6 +38,9 @@ class WorkerReport:
     lastError: str = ""  # last failure, one line, never a secret
     configError: str = ""  # a configuration error that pauses partitions (today only NATS-side: the stream)
     errorKind: str = ""  # ERROR_KINDS: the dependency configError belongs to; "" when there is none
+    # the database has not answered this worker's lease renewals for a while (an outage, not a
+    # configuration error): how long, and the last error's type; "" while it answers
+    databaseError: str = ""
     reportTime: str = ""  # RFC 3339, the worker's clock
 
     def to_status(self) -> dict[str, Any]:

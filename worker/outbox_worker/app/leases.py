@@ -82,6 +82,10 @@ class LeaseManager:
         self._tick_now = asyncio.Event()  # shares changed: run the lease tick without waiting
         self._rotation = 0
         self.last_error = ""
+        # time.monotonic() of the first lease tick that failed since the last one that succeeded; 0.0
+        # while ticks succeed. The tick is the worker's steady database round trip (heartbeat, renew),
+        # so this is how long the database has not answered (the worker reports it, Worker.report).
+        self.failing_since = 0.0
         # Loops with nothing to claim, parked in wait_for_work (oldest first); woken one at a time.
         self._idle_loops: collections.deque[asyncio.Future[bool]] = collections.deque()
         # Runs before partitions are released: writes the marks of acked rows still waiting for a
@@ -197,6 +201,7 @@ class LeaseManager:
                 self._tick_now.clear()
                 await self.tick()
                 self.last_error = ""
+                self.failing_since = 0.0
             except asyncio.CancelledError:
                 raise
             except DuplicateWorkerError as exc:
@@ -214,6 +219,7 @@ class LeaseManager:
             except Exception as exc:
                 self.last_error = f"lease renewal failed: {type(exc).__name__}"
                 log.warning("%s", self.last_error)
+                self.failing_since = self.failing_since or time.monotonic()
             await self._sleep_until_next_tick(min(self._c.renew_interval_seconds, self._c.poll_interval_seconds))
 
     async def _sleep_until_next_tick(self, seconds: float) -> None:

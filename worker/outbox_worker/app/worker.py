@@ -57,6 +57,9 @@ PRESSURE_INTERVAL_SECONDS = 5.0
 # The dead letters waiting are counted up to this many (a count past it reads the table to its end).
 DEAD_LETTERS_WAITING_CAP = 10_000
 RETENTION_INTERVAL_SECONDS = 60.0
+# Lease renewals failing this long are reported as a database error (databaseError): a single failed
+# tick is a blip the next one retries; two or more in a row (5 s apart by default) are an outage.
+DATABASE_ERROR_AFTER_SECONDS = 10.0
 CONFIG_ERROR_REPORTED_SECONDS = 60.0  # a configuration error not seen again for this long is no longer reported
 STARTUP_RETRY_INITIAL_SECONDS = 0.5  # first wait before retrying an unreachable database or NATS
 STARTUP_RETRY_MAX_SECONDS = 5.0
@@ -436,8 +439,21 @@ class Worker:
             lastError=st.last_error,
             configError=config_error,
             errorKind=error_kind,
+            databaseError=self._database_error(),
             reportTime=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         )
+
+    def _database_error(self) -> str:
+        """What the report's ``databaseError`` says: how long the database has not answered the lease
+        renewals (from :attr:`LeaseManager.failing_since`), once that is DATABASE_ERROR_AFTER_SECONDS
+        or more; "" otherwise. Never a DSN: the lease manager keeps only the error's type."""
+        leases = self.leases
+        if leases is None or not leases.failing_since:
+            return ""
+        failing = time.monotonic() - leases.failing_since
+        if failing < DATABASE_ERROR_AFTER_SECONDS:
+            return ""
+        return f"the database has not answered lease renewals for {failing:.0f}s ({leases.last_error})"
 
     async def _retention_loop(self) -> None:
         assert self.store is not None
