@@ -105,22 +105,22 @@ def test_a_database_error_kind_blames_the_database() -> None:
     assert got["StreamReady"] == ("True", "StreamAvailable")
 
 
-def conditions(reports: dict, *, ready: int = 2, desired: int = 2, paused: bool = False) -> dict[str, tuple]:
-    out = health_conditions(
-        HealthTargets(
-            paused=paused,
-            interval=10,
-            partitions=2,
-            target_lag_seconds=30,
-            stream_name="OUTBOX",
-            duplicate_window_seconds=120,
-            duplicate_horizon_seconds=50,
-        ),
-        Rollout(desired, ready, ready),
-        reports,
-        T0,
+def health(reports: dict, *, ready: int = 2, desired: int = 2, paused: bool = False) -> list[Condition]:
+    """The health conditions of a 2-partition publisher with these worker reports, at T0."""
+    targets = HealthTargets(
+        paused=paused,
+        interval=10,
+        partitions=2,
+        target_lag_seconds=30,
+        stream_name="OUTBOX",
+        duplicate_window_seconds=120,
+        duplicate_horizon_seconds=50,
     )
-    return {c.type: (c.status, c.reason) for c in out}
+    return health_conditions(targets, Rollout(desired, ready, ready), reports, T0)
+
+
+def conditions(reports: dict, *, ready: int = 2, desired: int = 2, paused: bool = False) -> dict[str, tuple]:
+    return {c.type: (c.status, c.reason) for c in health(reports, ready=ready, desired=desired, paused=paused)}
 
 
 def test_healthy_relay_is_ready() -> None:
@@ -150,24 +150,7 @@ def test_config_error_degrades_and_blames_the_right_dependency() -> None:
 
 
 def degraded(reports: dict) -> tuple[str, str, str]:
-    (cond,) = (
-        c
-        for c in health_conditions(
-            HealthTargets(
-                paused=False,
-                interval=10,
-                partitions=2,
-                target_lag_seconds=30,
-                stream_name="OUTBOX",
-                duplicate_window_seconds=120,
-                duplicate_horizon_seconds=50,
-            ),
-            Rollout(2, 2, 2),
-            reports,
-            T0,
-        )
-        if c.type == "Degraded"
-    )
+    (cond,) = (c for c in health(reports) if c.type == "Degraded")
     return cond.status, cond.reason, cond.message
 
 
