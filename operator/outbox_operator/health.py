@@ -9,7 +9,7 @@ absent (unknown, never 0) and the Lagging condition says why.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -84,6 +84,13 @@ def _partition_list(numbers: list[int]) -> str:
     return f"{len(numbers)} partition(s) ({shown})"
 
 
+def dead_letters_waiting(fresh: Iterable[Report]) -> int | None:
+    """The publisher's dead letters waiting, as the fresh reports counted them: one count of one
+    table, whichever worker sampled it last, so the most, not a sum. None when no fresh report
+    carries it (workers of a version before ``deadLettersWaiting``)."""
+    return max((int(r["deadLettersWaiting"] or 0) for r in fresh if "deadLettersWaiting" in r), default=None)
+
+
 def totals(reports: Mapping[str, Report], interval: float, now: datetime, *, known: bool) -> dict[str, Any]:
     """``status.totals``: counters over all current entries; the gauges (backlog, oldest pending age,
     rate, in flight) only when ``known`` (see :func:`pressure_unknown`), absent otherwise: an unknown
@@ -101,9 +108,9 @@ def totals(reports: Mapping[str, Report], interval: float, now: datetime, *, kno
         "failed": total("failed", list(reports.values())),
         "deadLetters": total("deadLetters", list(reports.values())),
     }
-    waiting = [int(r["deadLettersWaiting"] or 0) for r in fresh if "deadLettersWaiting" in r]
-    if waiting:  # one count of one table, whichever worker sampled it last: the most, not a sum
-        out["deadLettersWaiting"] = max(waiting)
+    waiting = dead_letters_waiting(fresh)
+    if waiting is not None:
+        out["deadLettersWaiting"] = waiting
     if known:
         out["inFlight"] = total("inFlight", fresh)
         out["backlog"] = total("backlog", fresh)
@@ -155,9 +162,7 @@ class WorkerView:
     errors: Mapping[str, str]  # worker -> its configError, fresh reports only
     database_errors: Mapping[str, str]  # worker -> its databaseError (an outage), fresh reports only
     dead_letters: int  # rows the current workers moved to the dead-letter table since they started
-    # the publisher's rows in the dead-letter table now (the most any fresh report counted); None when
-    # no fresh report carries the count (workers of a version before it)
-    dead_letters_waiting: int | None
+    dead_letters_waiting: int | None  # the publisher's rows in the dead-letter table now (dead_letters_waiting())
 
     @classmethod
     def of(cls, reports: Mapping[str, Report], interval: float, now: datetime) -> WorkerView:
@@ -169,9 +174,7 @@ class WorkerView:
             errors={name: str(r.get("configError")) for name, r in fresh.items() if r.get("configError")},
             database_errors={name: str(r["databaseError"]) for name, r in fresh.items() if r.get("databaseError")},
             dead_letters=sum(int(r.get("deadLetters") or 0) for r in reports.values()),
-            dead_letters_waiting=max(
-                (int(r["deadLettersWaiting"] or 0) for r in fresh.values() if "deadLettersWaiting" in r), default=None
-            ),
+            dead_letters_waiting=dead_letters_waiting(fresh.values()),
         )
 
     def errors_in(self, area: str) -> dict[str, str]:
