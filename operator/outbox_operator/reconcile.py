@@ -20,12 +20,12 @@ Order of decisions:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from outbox_common.settings import REDACTED, redact_urls
 from outbox_common.timing import backoff_delay
 
 from . import constants as c
@@ -456,10 +456,6 @@ def _plan_valid(observed: Observed, config: OperatorConfig, owner: Owner, spec: 
     return Plan(actions=actions, status_patch=status_patch, events=events)
 
 
-# userinfo of a URL (scheme://user:password@host): the password part is a secret wherever it appears
-# up to the authority's last "@": an unencoded "@" in a password is hidden too
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/]+@")
-REDACTED = "<redacted>"
 
 
 def literal_env_values(obj: Mapping[str, Any] | None) -> list[str]:
@@ -484,7 +480,7 @@ def redact(message: str, sensitive: Iterable[str]) -> str:
     for value in sorted(set(sensitive), key=len, reverse=True):
         if len(value) >= 3:
             message = message.replace(value, REDACTED)
-    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{REDACTED}@", message)
+    return redact_urls(message)
 
 
 def plan_child_rejected(observed: Observed, action: Action, api_message: str) -> Plan:

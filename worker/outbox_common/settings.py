@@ -24,9 +24,11 @@ ENV_PREFIX = "OUTBOX_"
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _STREAM = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
-# userinfo of a server URL, with or without a scheme (``nats://user:password@host``, ``user:pw@host``),
-# up to the authority's last ``@``: an unencoded ``@`` in the password is hidden too
-_URL_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?[^\s/]+@")
+REDACTED = "<redacted>"
+# userinfo of a URL (``scheme://user:password@host``), up to the authority's last ``@``: an unencoded
+# ``@`` in the password is hidden too
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/]+@")
+_LEADING_USERINFO = re.compile(r"^[^\s/]+@")  # a server entry written without its scheme
 TEMPLATE_FIELDS = ("aggregate_type", "event_type", "tenant", "aggregate_id")
 # The table's name gets suffixes (``_dead_letters``, the longest) that must stay within PostgreSQL's
 # 63 characters: outbox_worker.core.sql.Sql.for_table, the CRD and the operator's spec say the same.
@@ -47,10 +49,18 @@ def validate_identifier(value: str, field: str) -> str:
     return value
 
 
+def redact_urls(text: str) -> str:
+    """``text`` with the user and password of every URL in it hidden (``nats://alice:pw@host`` →
+    ``nats://<redacted>@host``): the worker's and the operator's messages (an API server's error may
+    quote a value the operator sent) must never show credentials."""
+    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its user and password (``nats://alice:pw@host`` → ``nats://<redacted>@host``):
-    a NATS URL may carry credentials, and messages and logs must never show them."""
-    return _URL_USERINFO.sub(lambda m: f"{m['scheme'] or ''}<redacted>@", url.strip())
+    """One server URL with its user and password hidden, also when it was written without a scheme
+    (``alice:pw@host`` → ``<redacted>@host``)."""
+    url = url.strip()
+    return redact_urls(url) if "://" in url else _LEADING_USERINFO.sub(f"{REDACTED}@", url)
 
 
 def validate_subject_template(template: str) -> str:
