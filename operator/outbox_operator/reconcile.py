@@ -456,8 +456,6 @@ def _plan_valid(observed: Observed, config: OperatorConfig, owner: Owner, spec: 
     return Plan(actions=actions, status_patch=status_patch, events=events)
 
 
-
-
 def literal_env_values(obj: Mapping[str, Any] | None) -> list[str]:
     """Literal ``value``s of the user's env entries in a child (a Deployment): any may be a secret.
 

@@ -130,12 +130,12 @@ async def _install_audit(dsn: str, sql: Any) -> int:
     import asyncpg
 
     from outbox_worker.adapters.history_io import audit_ddl, ledger_ddl
-    from outbox_worker.adapters.store import DatabaseAuthError, connection_error, dsn_syntax_error
+    from outbox_worker.adapters.store import DatabaseAuthError, connection_error, dsn_error
 
     try:
         conn = await asyncpg.connect(dsn, timeout=10)
     except Exception as exc:
-        mapped = connection_error(exc, "check --database-url") or dsn_syntax_error(exc, "check --database-url")
+        mapped = connection_error(exc, "check --database-url") or dsn_error(exc, "check --database-url")
         if mapped is None:
             raise
         print(f"error: {mapped}", file=sys.stderr)

@@ -108,7 +108,7 @@ async def connect_pool(
         )
     except Exception as exc:
         fix = "check the database Secret"
-        mapped = connection_error(exc, fix) or dsn_syntax_error(exc, fix)
+        mapped = connection_error(exc, fix) or dsn_error(exc, fix)
         if mapped is None:
             raise
         raise mapped from None
@@ -116,7 +116,7 @@ async def connect_pool(
     return pool
 
 
-def dsn_syntax_error(exc: BaseException, fix: str) -> DatabaseAuthError | None:
+def dsn_error(exc: BaseException, fix: str) -> DatabaseAuthError | None:
     """The error of a DSN that asyncpg cannot even parse, or whose query string PostgreSQL refuses.
 
     - Parsing fails before any connection is tried: a bad port or query parameter
