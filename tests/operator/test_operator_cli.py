@@ -81,16 +81,26 @@ async def test_outboxctl_operator_all_namespaces_json_logs(emulator: KubeEmulato
     assert "postgresql://" not in output
 
 
-async def test_outboxctl_operator_requires_a_scope() -> None:
-    proc = await asyncio.create_subprocess_exec(*outboxctl(), "operator", stderr=asyncio.subprocess.PIPE)
+async def exit_of(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Exit code and stderr of ``outboxctl operator`` with ``args``, which must end within 30 s (it
+    is killed otherwise, and the test fails saying so)."""
+    proc = await asyncio.create_subprocess_exec(
+        *outboxctl(), "operator", *args, stderr=asyncio.subprocess.PIPE, env=env
+    )
     try:
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        raise AssertionError("`outboxctl operator` without a scope did not exit within 30 s") from None
-    assert proc.returncode == 2
-    assert b"--namespace" in err
+        raise AssertionError(f"`outboxctl operator {' '.join(args)}` did not exit within 30 s") from None
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+async def test_outboxctl_operator_requires_a_scope() -> None:
+    code, err = await exit_of()
+    assert code == 2
+    assert "--namespace" in err
 
 
 async def test_outboxctl_operator_without_credentials_exits_with_one_line(tmp_path: Path) -> None:
@@ -98,15 +108,8 @@ async def test_outboxctl_operator_without_credentials_exits_with_one_line(tmp_pa
     traceback repeated every 60 s."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_SERVICE")}
     env |= {"KUBECONFIG": str(tmp_path / "missing-kubeconfig"), "HOME": str(tmp_path)}
-    proc = await asyncio.create_subprocess_exec(*outboxctl(), "operator", "-A", stderr=asyncio.subprocess.PIPE, env=env)
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError("`outboxctl operator` without credentials did not exit within 30 s") from None
-    text = err.decode()
-    assert proc.returncode == 3, text
+    code, text = await exit_of("-A", env=env)
+    assert code == 3, text
     assert "no Kubernetes API credentials" in text
     assert "missing-kubeconfig" in text
     assert "set KUBECONFIG" in text
