@@ -161,6 +161,7 @@ class Retry(_Model):
 
 class Publishing(_Model):
     batch_size: int = Field(1000, ge=1, le=10000)
+    max_batch_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
     loops: int = Field(4, ge=1, le=16)
     max_in_flight: int = Field(4000, ge=1, le=100000)
     ack_timeout_seconds: float = Field(5.0, gt=0, le=120)
@@ -347,6 +348,7 @@ SETTINGS_MAP: dict[str, str] = {
     "stream_duplicate_window_seconds": "stream.duplicateWindowSeconds",
     "subject_template": "subjectTemplate",
     "batch_size": "publishing.batchSize",
+    "max_batch_bytes": "publishing.maxBatchBytes",
     "loops": "publishing.loops",
     "max_in_flight": "publishing.maxInFlight",
     "ack_timeout_seconds": "publishing.ackTimeoutSeconds",

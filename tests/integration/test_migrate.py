@@ -288,13 +288,13 @@ async def test_claim_uses_the_pending_index_under_a_generic_plan(pg_dsn: str, ta
         await conn.execute("ANALYZE outbox")
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         for name in ("claim_ordered", "claim_unordered", "claim_ordered_uncut", "claim_unordered_uncut"):
-            plan = await _plan(conn, name, getattr(SQL, name), "'{0,1,2,3}'::int[], 250, 1000")
+            plan = await _plan(conn, name, getattr(SQL, name), "'{0,1,2,3}'::int[], 250, 1000, 1048576")
             scans = _scans(plan)
             walks = [s for s in scans if s[1] == "outbox" and s[2] != "outbox_held_idx"]  # held: the hold-back
             assert walks == [("Index Scan", "outbox", "outbox_pending_idx")], scans
             assert all(s[0] != "Seq Scan" for s in scans), scans
             if name.startswith("claim_ordered"):  # nothing of theirs is held back: no probe runs
-                executed = await _analyze(conn, name, "'{0,1,2,3}'::int[], 250, 1000")
+                executed = await _analyze(conn, name, "'{0,1,2,3}'::int[], 250, 1000, 1048576")
                 assert [n["Actual Loops"] for n in _probes(executed)] == [0], executed
             if name.endswith("_uncut"):  # what it saves: the ranking's window and its two extra sorts
                 kinds = [n["Node Type"] for n in _nodes(plan)]
@@ -323,7 +323,8 @@ async def test_claim_uses_the_pending_index_under_a_generic_plan(pg_dsn: str, ta
             for ordered in (True, False):
                 name = f"after_mark_{int(delete)}{int(ordered)}"
                 statement = SQL.claim_after_mark(ordered=ordered, cut=True, delete=delete)
-                args = f"{fence}, '{{0,1,2,3}}', 250, 1000, {skip}".replace("::int[]", "").replace("::bigint[]", "")
+                args = f"{fence}, '{{0,1,2,3}}', 250, 1000, {skip}, 1048576"
+                args = args.replace("::int[]", "").replace("::bigint[]", "")  # its arrays are passed as text
                 plan = await _plan(conn, name, statement, args)  # its arrays are passed as text
                 scans = _scans(plan)
                 walks = [s for s in scans if s[1] == "outbox" and s[2] not in ("outbox_held_idx", "outbox_pkey")]
@@ -352,7 +353,7 @@ async def test_hold_back_probes_by_aggregate_with_thousands_of_rows_in_backoff(p
         if analyzed:
             await conn.execute("ANALYZE outbox")
         await conn.execute("SET plan_cache_mode = force_generic_plan")
-        plan = await _plan(conn, "claim_held", SQL.claim_ordered, "'{0,1,2,3}'::int[], 250, 1000")
+        plan = await _plan(conn, "claim_held", SQL.claim_ordered, "'{0,1,2,3}'::int[], 250, 1000, 1048576")
         held = [n for n in _nodes(plan) if n.get("Index Name") == "outbox_held_idx"]
         probes = _probes(plan)
         assert probes, plan
@@ -361,12 +362,12 @@ async def test_hold_back_probes_by_aggregate_with_thousands_of_rows_in_backoff(p
         # the only other use of the held index: one look per partition for any held row
         others = [n for n in held if n not in probes]
         assert [n["Index Cond"] for n in others] == ["((partition >= p.partition) AND (partition <= p.partition))"]
-        executed = await _analyze(conn, "claim_held", "'{0,1,2,3}'::int[], 250, 1000")
+        executed = await _analyze(conn, "claim_held", "'{0,1,2,3}'::int[], 250, 1000, 1048576")
         assert all(n["Actual Loops"] > 0 for n in _probes(executed)), executed  # rows are held: probes run
         looks = [n for n in _nodes(executed) if n.get("Subplan Name", "").startswith("InitPlan")]
         assert [n["Actual Loops"] for n in looks] == [4], looks  # once per claimed partition
         assert not any("aggregate_id" in n.get("Join Filter", "") for n in _nodes(plan)), plan
-        rows = await conn.fetch("EXECUTE claim_held('{0,1,2,3}'::int[], 250, 1000)")
+        rows = await conn.fetch("EXECUTE claim_held('{0,1,2,3}'::int[], 250, 1000, 1048576)")
         assert rows  # aggregates with nothing in backoff still flow
         held_aggregates = {
             r["aggregate_id"] for r in await conn.fetch("SELECT DISTINCT aggregate_id FROM outbox WHERE attempts > 0")
@@ -444,8 +445,8 @@ async def test_uncut_claim_returns_what_the_cut_claim_returns_when_the_shares_fi
         )
         for cut, uncut in (("claim_ordered", "claim_ordered_uncut"), ("claim_unordered", "claim_unordered_uncut")):
             for parts, share, limit in (([0, 1, 2, 3, 4, 5, 6, 7], 12, 100), ([1, 4, 6], 40, 120), ([2], 500, 500)):
-                want = await conn.fetch(getattr(SQL, cut), parts, share, limit)
-                got = await conn.fetch(getattr(SQL, uncut), parts, share, limit)
+                want = await conn.fetch(getattr(SQL, cut), parts, share, limit, 1048576)
+                got = await conn.fetch(getattr(SQL, uncut), parts, share, limit, 1048576)
                 assert [tuple(r) for r in got] == [tuple(r) for r in want], (uncut, parts)
                 assert list(got[0].keys()) == list(want[0].keys())
     finally:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import nats
 import psutil
 import pytest
 
@@ -575,5 +576,43 @@ async def test_rows_over_max_payload_are_dead_lettered_without_reading_them(
         sizes = await pool.fetch("SELECT octet_length(payload) AS n FROM outbox_dead_letters")
         assert {r["n"] for r in sizes} == {40_000_000}  # the dead letters keep the whole payload
         assert peak_kib < 200 * 1024, f"worker peaked at {peak_kib // 1024} MiB"
+    finally:
+        await pool.close()
+
+
+async def test_large_payloads_are_claimed_within_the_byte_budget_in_order_and_without_a_stall(
+    pg_dsn: str, nats_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """Payloads NATS takes but too large for a whole batch of them (200 rows of 900 KB, 180 MB, in
+    one partition, batches of 200 rows): each claim reads at most OUTBOX_MAX_BATCH_BYTES of them (4
+    MiB here), so the worker's memory stays bounded (bounded by rows alone, one claim held all 180
+    MB, a 235 MiB peak here; with the default 4 loops x 1,000 rows such events took a worker far
+    past its 512Mi limit); every row is published once, in order; and a claim cut by its bytes is
+    followed by the next at once (the poll is 30 s here: a worker that waited for it would not
+    finish in time)."""
+    pool = await setup_db(pg_dsn, partitions=1)
+    try:
+        rows = await pool.fetch(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+            "SELECT 'bigbatch', 'a' || (g % 3), 'created', convert_to(repeat(chr(65 + g % 26), 900000), 'UTF8') "
+            "FROM generate_series(1, 200) AS g ORDER BY g RETURNING event_id::text"  # a few KB each, stored
+        )
+        worker = Proc(
+            pg_dsn, nats_url, "bytes", tmp_path, mode=None, MAX_BATCH_BYTES=str(4 * 2**20), POLL_INTERVAL_SECONDS="30"
+        )
+        procs.append(worker)
+        await wait_for(lambda: drained(pool), 60, "the large rows to be published")
+        status = Path(f"/proc/{worker.pid}/status").read_text().splitlines()
+        peak_kib = int(next(li for li in status if li.startswith("VmHWM")).split()[1])
+        assert await worker.stop() == 0
+        nc = await nats.connect(nats_url)
+        try:
+            sub = await nc.jetstream().subscribe("outbox.bigbatch.created", ordered_consumer=True)
+            sent = [(await sub.next_msg(timeout=10)) for _ in rows]
+        finally:
+            await nc.close()
+        assert [m.headers["Nats-Msg-Id"] for m in sent if m.headers] == [r["event_id"] for r in rows]
+        assert all(len(m.data) == 900_000 for m in sent)
+        assert peak_kib < 120 * 1024, f"worker peaked at {peak_kib // 1024} MiB"  # 68 MiB measured; 235 unbounded
     finally:
         await pool.close()

@@ -217,6 +217,7 @@ def test_a_claim_after_a_mark_is_the_fenced_mark_and_the_same_claim_skipping_ids
     claim = " ".join(literal_arrays(getattr(SQL, name)).split())
     for n in (3, 2, 1):  # the claim's own parameters, moved behind the mark's five
         claim = claim.replace(f"${n}", f"${n + 5}")
+    claim = claim.replace("$4", "$10")  # the payload bound: last, behind the skip list
     due = "AND (o.not_before IS NULL OR o.not_before <= now())"
     claim = claim.replace(due, f"{due} AND o.id <> ALL($9::text::bigint[])")
     assert text.endswith(f"LEFT JOIN ( {claim}) AS claimed ON true ORDER BY claimed.partition, claimed.id")

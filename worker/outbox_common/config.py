@@ -134,6 +134,7 @@ class RelayConfig:
     """One claim → publish → ack → mark loop (:class:`RelayLoop`).
 
     Knobs: ``loops`` (partitions a loop checks out at once are shared among them), ``batch_size``,
+    ``batch_bytes`` (``max_batch_bytes``: payload bytes per claim, see OutboxStore.claim),
     ``max_in_flight`` (divided among the loops: ``in_flight``), ``batch_timeout_seconds``,
     ``poll_interval_seconds``, ``max_attempts``, ``retry_backoff_initial_seconds``,
     ``retry_backoff_max_seconds``, ``ordering``, ``mark_mode``, ``subject_template``, and
@@ -142,6 +143,7 @@ class RelayConfig:
 
     loops: int = _int("loops")
     batch_size: int = _int("batch_size")
+    batch_bytes: int = _int("max_batch_bytes")
     in_flight: int = _int("max_in_flight") // _int("loops")
     batch_timeout_seconds: float = _float("batch_timeout_seconds")
     poll_interval_seconds: float = _float("poll_interval_seconds")
@@ -262,6 +264,7 @@ def relay_config(s: WorkerSettings) -> RelayConfig:
     return RelayConfig(
         loops=s.loops,
         batch_size=s.batch_size,
+        batch_bytes=s.max_batch_bytes,
         in_flight=s.per_loop_in_flight,
         batch_timeout_seconds=s.batch_timeout_seconds,
         poll_interval_seconds=s.poll_interval_seconds,

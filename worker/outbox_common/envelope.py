@@ -85,7 +85,7 @@ class OutboxRow:
     aggregate_id: str
     event_type: str
     tenant: str
-    payload: bytes | None  # None: over the claim's payload limit, left in the table (Sql.with_payload_limit)
+    payload: bytes | None  # None: over the server's max_payload, left in the table (OutboxStore.limit_payloads)
     headers: Mapping[str, str]
     created_at: str  # RFC 3339 in UTC, microseconds always: the claim's text (created_at_text's)
     attempts: int

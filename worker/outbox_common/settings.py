@@ -181,6 +181,13 @@ class WorkerSettings(BaseSettings):
     )
     # --- publishing limits ----------------------------------------------------------------------
     batch_size: int = Field(1000, ge=1, le=10000, description="Rows claimed per batch.")
+    max_batch_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=64 * 1024,
+        le=1024 * 1024 * 1024,
+        description="Payload bytes claimed per batch at most (oldest rows first); a batch always holds at "
+        "least one row, so a larger payload goes alone.",
+    )
     loops: int = Field(4, ge=1, le=16, description="Concurrent claim/publish loops per worker.")
     max_in_flight: int = Field(4000, ge=1, le=100000, description="Upper bound of unacknowledged publishes per worker.")
     ack_timeout_seconds: float = Field(

@@ -24,6 +24,8 @@ from outbox_worker.core.sql import DEFAULT_PARTITIONS, SCHEMA_VERSION, Sql, int_
 
 log = logging.getLogger(__name__)
 
+# A claim's payload bound when nothing else bounds it: octet_length's largest value (int4).
+UNBOUNDED_PAYLOAD = 2**31 - 1
 RETENTION_BATCH = 10_000  # published rows one retention statement deletes, at most
 RETENTION_BUDGET_SECONDS = 30.0  # how long one retention sweep (once a minute) may go on deleting
 
@@ -183,6 +185,9 @@ async def migrate(conn: asyncpg.Connection, sql: Sql, partitions: int | None) ->
     return MigrationResult(partitions, row is None)
 
 
+SIZE = 11  # the claim's column after OutboxRow's fields: the payload's size in bytes (Sql._COLUMNS)
+
+
 def _row(r: asyncpg.Record) -> OutboxRow:
     """A claimed record (columns in OutboxRow's field order) as an OutboxRow; header values that are
     not JSON strings become their JSON text. Positional and without a copy of the headers when every
@@ -238,16 +243,32 @@ class OutboxStore:
         # (mis)configured with the same worker id.
         self.instance = uuid.uuid4().hex
         self._idle: set[int] = set()  # partitions whose last claim found no due row
+        # Payloads: the server's max_payload (0: not known) and a claim's byte budget (0: none), and
+        # the rows a claim may take while payloads are large (None: as many as asked); see claim().
+        self._max_payload = 0
+        self._batch_bytes = 0
+        self._row_cap: int | None = None
         self._claims: dict[tuple[bool, bool, bool | None], str] = {}  # see _claim_sql
         # One pool connection kept for claims (see _hot_fetch), and whether a claim runs on it now.
         self._hot: asyncpg.Connection | None = None
         self._hot_busy = False
         self._closed = not keep_claim_connection
 
-    def limit_payloads(self, limit: int) -> None:
-        """Claims from now on leave out payloads over ``limit`` bytes (see Sql.with_payload_limit)."""
-        self.sql = self.sql.with_payload_limit(limit)
-        self._claims.clear()
+    def limit_payloads(self, max_payload: int, batch_bytes: int = 0) -> None:
+        """Claims from now on leave out (NULL) payloads over ``max_payload`` bytes and, unless
+        ``batch_bytes`` is 0, take at most ``batch_bytes`` of payloads, or one row (see :meth:`claim`).
+
+        Why the first: a payload NATS refuses can only be dead-lettered, and that needs its size, not
+        its bytes. Read in full, a claim of such rows put all of them in the worker's memory at once
+        (16 rows of 40 MB took a worker to an 800 MB peak; the operator's default limit is 512Mi): the
+        worker was OOM-killed before it could dead-letter them, claimed the same rows after its
+        restart, and the partition never moved again. Why the second: the same, with payloads NATS
+        takes: 4 loops x 1,000 rows of 1 MB are 4 GB."""
+        if max_payload < 0 or batch_bytes < 0:
+            raise ValueError(f"payload limits must not be negative: {max_payload}, {batch_bytes}")
+        self._max_payload = max_payload
+        self._batch_bytes = batch_bytes
+        self._row_cap = None
 
     async def _hot_fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
         """``pool.fetch``, on a connection kept out of the pool, unless another claim runs on it.
@@ -412,16 +433,30 @@ class OutboxStore:
         rows arriving in an idle partition wait at most one claim. When every partition had rows,
         or none did, the share is rounded down so the shares fit in ``limit`` and the cheaper uncut
         statement runs (the batch is then at most ``len(partitions) - 1`` rows short of ``limit``).
+
+        **Payload bytes** (:meth:`limit_payloads`). A claim of ``n`` rows reads a payload only up to
+        ``batch_bytes // n`` bytes (and never over ``max_payload``; one row alone, up to
+        ``max_payload``), so its payloads add up to at most ``batch_bytes``, or one row's. A row whose
+        payload is over that bound but within ``max_payload`` is left pending with every later row of
+        its partition (a prefix of each partition stays, so ordering holds as for any claim); the
+        partition comes back in ``more``, and the next claims take fewer rows
+        (``batch_bytes // size``, at least one) until a claim sees only payloads the full ``limit``
+        could take. Small payloads cost nothing more: the bound is a comparison per row in PostgreSQL.
+        A payload over ``max_payload`` still comes as NULL, for the relay to dead-letter.
         """
         parts = list(partitions)
         if not parts:
             return Claim([], frozenset())
+        asked = limit
+        if self._row_cap is not None:
+            limit = min(limit, self._row_cap)
+        bound = self._payload_bound(limit)
         busy = sum(1 for p in parts if p not in self._idle) or len(parts)
         share = max(1, limit // busy) if busy == len(parts) else -(-limit // busy)
         cut = share * len(parts) > limit
         marked = 0
         if mark_first is None:
-            records = await self._hot_fetch(self._claim_sql(ordered, cut, None), parts, share, limit)
+            records = await self._hot_fetch(self._claim_sql(ordered, cut, None), parts, share, limit, bound)
         else:
             m = mark_first
             records = await self._hot_fetch(
@@ -435,15 +470,18 @@ class OutboxStore:
                 share,
                 limit,
                 int_array(m.skip),
+                bound,
             )
             marked = records[0][-1]
             if records[0][0] is None:  # nothing to claim: the one row only carries the count
                 records = []
-        rows = [_row(r) for r in records]
+        rows, deferred = self._rows(records)
         counts: dict[int, int] = {}  # rows per partition (a Counter costs ~4x for a handful)
-        for r in rows:
-            counts[r.partition] = counts.get(r.partition, 0) + 1
-        full = cut and len(rows) >= limit
+        for r in records:
+            counts[r[2]] = counts.get(r[2], 0) + 1
+        if deferred or self._row_cap is not None:
+            self._adapt_row_cap(records, deferred, asked)
+        full = cut and len(records) >= limit
         unknown = full and limit < len(parts)  # the cut may have taken a partition's first row
         for p in parts:
             if p in counts:
@@ -453,8 +491,40 @@ class OutboxStore:
         if full:  # cut to the limit: any partition that had rows, or might have, may have more
             more = frozenset(p for p in parts if p in counts or unknown)
         else:
-            more = frozenset(p for p, n in counts.items() if n >= share)
+            more = frozenset(p for p, n in counts.items() if n >= share or p in deferred)
         return Claim(rows, more, marked)
+
+    def _payload_bound(self, rows: int) -> int:
+        """The largest payload a claim of ``rows`` rows reads (see :meth:`claim`)."""
+        bound = self._max_payload or UNBOUNDED_PAYLOAD
+        if self._batch_bytes and rows > 1:
+            bound = min(bound, self._batch_bytes // rows)
+        return bound
+
+    def _rows(self, records: list[asyncpg.Record]) -> tuple[list[OutboxRow], dict[int, int]]:
+        """The claimed rows, each partition's cut before its first payload the claim left out for its
+        byte budget (not for max_payload: the relay dead-letters those); and {partition: size of the
+        payload it was cut at}. Records come in (partition, id) order."""
+        deferred: dict[int, int] = {}
+        rows: list[OutboxRow] = []
+        max_payload = self._max_payload or UNBOUNDED_PAYLOAD
+        for r in records:
+            partition = r[2]
+            if partition in deferred:
+                continue
+            if r[7] is None and r[SIZE] <= max_payload:
+                deferred[partition] = r[SIZE]
+                continue
+            rows.append(_row(r))
+        return rows, deferred
+
+    def _adapt_row_cap(self, records: list[asyncpg.Record], deferred: dict[int, int], asked: int) -> None:
+        """Fewer rows per claim while payloads are large, so their bound takes the largest one left
+        out; as many as asked again once a claim sees only payloads a claim of ``asked`` rows reads."""
+        if deferred:
+            self._row_cap = max(1, self._batch_bytes // max(deferred.values()))
+        elif all(r[SIZE] <= self._payload_bound(asked) for r in records):
+            self._row_cap = None
 
     def _claim_sql(self, ordered: bool, cut: bool, mark_delete: bool | None) -> str:
         """The claim statement of this kind (built once: the text takes ~10 µs to format), with a

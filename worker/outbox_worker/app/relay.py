@@ -390,7 +390,7 @@ class RelayLoop:
 
 def _refusal(row: OutboxRow, headers: bytes) -> PublishResult:
     """Why a row whose message was built cannot be sent (the relay's checks after rendering)."""
-    if row.payload is None:  # the claim left it out: over the server's max_payload (Sql.with_payload_limit)
+    if row.payload is None:  # the claim left it out: over the server's max_payload (OutboxStore.limit_payloads)
         return PublishResult(
             Outcome.REFUSED,
             names.REASON_PAYLOAD_TOO_LARGE,

@@ -153,8 +153,9 @@ class Worker:
         await self.store.join(self.config.leases.ttl_seconds)
         self._joined = True
         self.publisher = await self._connect_nats(deadline)
-        # A payload the server would refuse is dead-lettered by its size: claims never read it
-        self.store.limit_payloads(self.publisher.max_payload)
+        # A payload the server would refuse is dead-lettered by its size: claims never read it. And a
+        # claim holds at most max_batch_bytes of payloads (or one row): the bound of a loop's memory.
+        self.store.limit_payloads(self.publisher.max_payload, self.config.relay.batch_bytes)
         self.leases = LeaseManager(self.store, self.config.leases, partitions, self.metrics)
         self.acked = AckedRows(
             self.store, delete=self.config.relay.mark_mode == MarkMode.DELETE, fenced_out=self._fenced_out

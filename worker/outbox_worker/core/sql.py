@@ -58,10 +58,6 @@ class Sql:
 
     schema: str
     table: str
-    # Claims return the payload of a row only up to this many bytes (0: any size); a larger one
-    # comes back as NULL. The worker sets the server's max_payload (:meth:`with_payload_limit`).
-    payload_limit: int = 0
-
     @classmethod
     def for_table(cls, schema: str, table: str) -> Sql:
         validate_identifier(schema, "schema")
@@ -69,18 +65,6 @@ class Sql:
         if len(table) > MAX_TABLE_LENGTH:
             raise ValueError(f"table={table!r} is too long: at most {MAX_TABLE_LENGTH} characters")
         return cls(schema, table)
-
-    def with_payload_limit(self, limit: int) -> Sql:
-        """These statements, with claims that leave out payloads over ``limit`` bytes (NULL instead).
-
-        Why: a payload NATS refuses (over its max_payload) can only be dead-lettered, and that needs
-        its size, not its bytes. Read in full, a claim of such rows put all of them in the worker's
-        memory at once (16 rows of 40 MB took a worker to an 800 MB peak; the operator's default
-        limit is 512Mi): the worker was OOM-killed before it could dead-letter them, claimed the
-        same rows after its restart, and the partition never moved again."""
-        if int(limit) < 0:
-            raise ValueError(f"payload limit {limit} is negative")
-        return Sql(self.schema, self.table, int(limit))
 
     # --- names ----------------------------------------------------------------------------------
     def _q(self, name: str) -> str:
@@ -341,34 +325,30 @@ class Sql:
     # to_char ~0.35 µs of PostgreSQL's. A time RFC 3339 cannot write (BC, year 10000 and later,
     # infinity; the table's CHECK refuses them since schema version 2, older rows may hold them)
     # arrives as '': the relay dead-letters it (invalid_created_at).
+    #
+    # The payload comes only up to the claim's payload bound ($PAYLOAD_BOUND, a parameter), else NULL,
+    # and its size always (octet_length of a bytea reads its stored size, without fetching or
+    # decompressing it). The store sets the bound so that a claim's payloads fit its byte budget and
+    # the server's max_payload (OutboxStore.claim); a payload the claim leaves out stays in the table.
     _COLUMNS = (
         "o.id, o.event_id::text, o.partition, o.aggregate_type, o.aggregate_id, o.event_type, "
-        "o.tenant, o.payload, o.headers::text, "
+        "o.tenant, CASE WHEN octet_length(o.payload) <= $PAYLOAD_BOUND THEN o.payload END AS payload, "
+        "o.headers::text, "
         f"CASE WHEN {CREATED_AT_IN_RANGE.replace('created_at', 'o.created_at')} "
         "THEN to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"') "
-        "ELSE '' END AS created_at, o.attempts"
+        "ELSE '' END AS created_at, o.attempts, octet_length(o.payload) AS size"
     )
 
-    @property
-    def _columns(self) -> str:
-        """:attr:`_COLUMNS`, the payload left out (NULL) above :attr:`payload_limit` bytes.
-        octet_length of a bytea reads its stored size, without fetching or decompressing it."""
-        if not self.payload_limit:
-            return self._COLUMNS
-        return self._COLUMNS.replace(
-            "o.payload,",
-            f"CASE WHEN octet_length(o.payload) <= {int(self.payload_limit)} THEN o.payload END AS payload,",
-        )
-
-    _CLAIMED = (  # the same columns, by name, from the claim's inner query
+    _CLAIMED = (  # the same columns, by name, from the claim's inner query (size: after OutboxRow's)
         "id, event_id, partition, aggregate_type, aggregate_id, event_type, tenant, payload, headers, "
         "created_at, attempts"
     )
 
     @property
     def claim_ordered(self) -> str:
-        """$1 partitions[], $2 rows per partition, $3 rows in all. Due pending rows: the first $2 of each
-        partition in id order, at most $3 in all, returned in (partition, id) order.
+        """$1 partitions[], $2 rows per partition, $3 rows in all, $4 payload bound (bytes). Due pending
+        rows: the first $2 of each partition in id order, at most $3 in all, returned in (partition, id)
+        order, each with its payload only if it has at most $4 bytes (else NULL) and its size last.
 
         Spread over partitions: a batch of one partition holds several events of many aggregates,
         and per-aggregate order then splits it into several waves, each a round trip; the same
@@ -422,11 +402,12 @@ class Sql:
                           OFFSET 0))"""
 
     def _claim(self, hold_back: str, *, cut: bool, first: int = 1, excluding: bool = False) -> str:
-        # Parameters $first (partitions[]), $first+1 (rows per partition), $first+2 (rows in all), and
-        # with ``excluding`` $first+3 (ids[] never to return: acked rows whose delete or mark rides on
-        # the same statement, or on another one not yet answered).
+        # Parameters $first (partitions[]), $first+1 (rows per partition), $first+2 (rows in all), with
+        # ``excluding`` $first+3 (ids[] never to return: acked rows whose delete or mark rides on the
+        # same statement, or on another one not yet answered), and last the payload bound (bytes).
         parts, share, limit = f"${first}::int[]", f"${first + 1}", f"${first + 2}"
         skip = f"\n                      AND o.id <> ALL(${first + 3}::bigint[])" if excluding else ""
+        columns = self._COLUMNS.replace("$PAYLOAD_BOUND", f"${first + 4 if excluding else first + 3}")
         # Each partition is an index walk of (partition, id) over pending rows only. The partition is
         # matched as a range of one, in (partition, id) order, which only that index provides. With
         # `o.partition = p.partition` and `ORDER BY o.id`, the planner may walk the primary key in id
@@ -436,7 +417,7 @@ class Sql:
         per_partition = f"""
                 FROM unnest({parts}) AS p(partition)
                 CROSS JOIN LATERAL (
-                    SELECT {self._columns} FROM {self.outbox} AS o
+                    SELECT {columns} FROM {self.outbox} AS o
                     WHERE o.partition BETWEEN p.partition AND p.partition AND o.published_at IS NULL
                       AND (o.not_before IS NULL OR o.not_before <= now()){skip}{hold_back}
                     ORDER BY o.partition, o.id
@@ -449,7 +430,7 @@ class Sql:
         # The cut takes every partition's last rows first (rank, then partition), so each partition
         # with a due row keeps at least its first one.
         return f"""
-            SELECT {self._CLAIMED} FROM (
+            SELECT {self._CLAIMED}, size FROM (
                 SELECT c.*, row_number() OVER (PARTITION BY c.partition ORDER BY c.id) AS rank{per_partition}
                 ORDER BY rank, c.partition
                 LIMIT {limit}) AS b
@@ -460,10 +441,10 @@ class Sql:
 
         $1-$4 fence, $5 ids[] as in :attr:`mark_delete` (``delete``) or :attr:`mark_published`;
         $6-$8 as $1-$3 of :attr:`claim_ordered` (``ordered``; ``cut`` as there), $9 ids[] the claim
-        must not return. Every array ($3, $4, $5, $6, $9) is passed as its text (:func:`int_array`,
-        see :func:`literal_arrays`). Returns the claimed rows in (partition, id) order, each with the
-        number of rows the mark changed in a last column; with no row to claim, one row of NULLs
-        with that number.
+        must not return, $10 the payload bound ($4 there). Every array ($3, $4, $5, $6, $9) is passed
+        as its text (:func:`int_array`, see :func:`literal_arrays`). Returns the claimed rows in
+        (partition, id) order, each with the number of rows the mark changed in a last column; with
+        no row to claim, one row of NULLs with that number.
 
         The mark runs once and to completion whatever the claim reads (a data-modifying WITH), and
         under the same fence, in the same transaction, as a mark on its own. The claim reads the
