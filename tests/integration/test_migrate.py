@@ -19,7 +19,7 @@ from outbox_common.envelope import created_at_text
 from outbox_worker.adapters.history_io import ledger_ddl
 from outbox_worker.adapters.store import OutboxStore, SchemaError, connect_pool, migrate
 from outbox_worker.core.history import check_history
-from outbox_worker.core.sql import Sql
+from outbox_worker.core.sql import COMPATIBLE_FROM, SCHEMA_VERSION, Sql
 
 SQL = Sql.for_table("public", "outbox")
 
@@ -626,6 +626,113 @@ async def test_schema_version_2_refuses_times_rfc3339_cannot_write_and_upgrades_
         assert await conn.fetchval("SELECT schema_version FROM outbox_meta") == 7
     finally:
         await conn.close()
+
+
+# --- compatibility level: outbox_meta.compatible_from ------------------------------------------------
+NEWER = SCHEMA_VERSION + 1  # a table migrated by a future release
+# What `outboxctl migrate` of the releases before compatible_from ran on outbox_meta (their meta_select
+# and meta_insert, verbatim): they must keep working on a table migrated by this release, and not undo it.
+PREVIOUS_META_SELECT = 'SELECT partitions, schema_version FROM "public"."outbox_meta" WHERE table_name = $1'
+PREVIOUS_META_INSERT = (
+    'INSERT INTO "public"."outbox_meta" (table_name, partitions, schema_version) VALUES ($1, $2, $3) '
+    'ON CONFLICT (table_name) DO UPDATE SET schema_version = GREATEST("public"."outbox_meta".schema_version, '
+    "excluded.schema_version)"
+)
+
+
+async def meta(conn: asyncpg.Connection, table: str = "outbox") -> tuple[int, int | None]:
+    row = await conn.fetchrow(
+        "SELECT schema_version, (to_jsonb(m) ->> 'compatible_from')::int FROM outbox_meta AS m WHERE table_name = $1",
+        table,
+    )
+    assert row is not None
+    return row[0], row[1]
+
+
+async def test_migrate_records_the_compatibility_level_and_prints_it(pg_dsn: str) -> None:
+    first = await outboxctl("migrate", "--database-url", pg_dsn, "--partitions", "4")
+    assert first.code == 0, first.err
+    if COMPATIBLE_FROM == SCHEMA_VERSION:  # a release whose migration older workers cannot run against
+        workers = f"schema version {SCHEMA_VERSION}"
+    else:
+        workers = f"schema versions {COMPATIBLE_FROM} to {SCHEMA_VERSION}"
+    assert (
+        f"public.outbox: created (4 partitions), schema version {SCHEMA_VERSION}; workers of {workers} run against it"
+    ) in first.out
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        assert await meta(conn) == (SCHEMA_VERSION, COMPATIBLE_FROM)
+    finally:
+        await conn.close()
+
+
+async def test_migrate_never_lowers_the_schema_version_or_the_compatibility_level(pg_dsn: str) -> None:
+    """A table a newer release migrated, migrated again by this one (a concurrent run, a rollback of
+    the tool): both values stay the newer release's, and the output says so."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, SQL, 4)
+        await conn.execute("UPDATE outbox_meta SET schema_version = $1, compatible_from = $2", NEWER + 1, NEWER)
+        again = await outboxctl("migrate", "--database-url", pg_dsn)
+        assert again.code == 0, again.err
+        assert (
+            f"public.outbox: up to date (4 partitions), schema version {NEWER + 1}; "
+            f"workers of schema versions {NEWER} to {NEWER + 1} run against it"
+        ) in again.out
+        assert await meta(conn) == (NEWER + 1, NEWER)
+        # a newer version without a level (set by hand): read as "only workers of that version",
+        # and migrate records that instead of this release's level
+        await conn.execute("UPDATE outbox_meta SET compatible_from = NULL")
+        assert (await migrate(conn, SQL, None)).compatible_from == NEWER + 1
+        assert await meta(conn) == (NEWER + 1, NEWER + 1)
+    finally:
+        await conn.close()
+
+
+async def test_migrate_of_a_release_before_the_column_keeps_this_ones_level(pg_dsn: str) -> None:
+    """The previous release's `outboxctl migrate` on a table this release (or a newer one) migrated:
+    it still runs, lowers neither value, and a table it creates records no level (its workers'
+    version is the table's: they run as before)."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, SQL, 4)
+        await conn.execute("UPDATE outbox_meta SET schema_version = $1, compatible_from = $2", NEWER, SCHEMA_VERSION)
+        async with conn.transaction():
+            row = await conn.fetchrow(PREVIOUS_META_SELECT, "outbox")
+            assert row is not None
+            assert tuple(row) == (4, NEWER)
+            await conn.execute(PREVIOUS_META_INSERT, "outbox", 4, SCHEMA_VERSION)
+            await conn.execute(PREVIOUS_META_INSERT, "older", 4, SCHEMA_VERSION)
+        assert await meta(conn) == (NEWER, SCHEMA_VERSION)
+        assert await meta(conn, "older") == (SCHEMA_VERSION, None)
+        await migrate(conn, Sql.for_table("public", "older"), None)
+        assert await meta(conn, "older") == (SCHEMA_VERSION, COMPATIBLE_FROM)
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrations_of_tables_sharing_outbox_meta_add_the_column(pg_dsn: str) -> None:
+    """Migrations of several tables of one schema, at once, on an outbox_meta without the column
+    (the first upgrade to this release): each adds it or finds it, none deadlocks on the others."""
+    names = [f"outbox_{i}" for i in range(4)]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        for name in names:
+            await migrate(conn, Sql.for_table("public", name), 4)
+        await conn.execute("ALTER TABLE outbox_meta DROP COLUMN compatible_from")
+    finally:
+        await conn.close()
+    for _ in range(3):  # a deadlock depends on the interleaving (with the column added too late: every run)
+        conns = [await asyncpg.connect(pg_dsn) for _ in names]
+        try:
+            await asyncio.gather(
+                *(migrate(c, Sql.for_table("public", n), None) for c, n in zip(conns, names, strict=True))
+            )
+            assert [await meta(conns[0], n) for n in names] == [(SCHEMA_VERSION, COMPATIBLE_FROM)] * len(names)
+            await conns[0].execute("ALTER TABLE outbox_meta DROP COLUMN compatible_from")
+        finally:
+            for c in conns:
+                await c.close()
 
 
 async def test_a_dsn_query_setting_postgresql_refuses_is_a_one_line_configuration_error(pg_dsn: str) -> None:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from outbox_cli.main import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, add_table_options, run_on_connection
 from outbox_worker.core.sql import DEFAULT_PARTITIONS
+
+if TYPE_CHECKING:
+    from outbox_worker.adapters.store import MigrationResult
 
 HELP = "Create or upgrade the outbox table, indexes, NOTIFY trigger, lease and dead-letter tables."
 
@@ -20,6 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"virtual partitions, fixed when the table is created (default: the table's own count, "
         f"{DEFAULT_PARTITIONS} for a new table)",
     )
+
+
+def _compatibility(result: MigrationResult) -> str:
+    """The table's schema version and the workers that may run against it, e.g. ``schema version 3;
+    workers of schema versions 2 to 3 run against it``: an upgrade whose workers of the old version
+    keep running, or not (they exit 3 until they run the new image)."""
+    version, oldest = result.schema_version, result.compatible_from
+    workers = f"schema version {version}" if oldest >= version else f"schema versions {oldest} to {version}"
+    return f"schema version {version}; workers of {workers} run against it"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     async def act(conn: asyncpg.Connection) -> int:
         result = await migrate(conn, sql, args.partitions)
         verb = "created" if result.created else "up to date"
-        print(f"{sql.schema}.{sql.table}: {verb} ({result.partitions} partitions)")
+        print(f"{sql.schema}.{sql.table}: {verb} ({result.partitions} partitions), {_compatibility(result)}")
         return EXIT_OK
 
     try:

@@ -20,7 +20,7 @@ import orjson
 
 from outbox_common.envelope import OutboxRow
 from outbox_common.timing import backoff_delay
-from outbox_worker.core.sql import DEFAULT_PARTITIONS, SCHEMA_VERSION, Sql, int_array
+from outbox_worker.core.sql import COMPATIBLE_FROM, DEFAULT_PARTITIONS, SCHEMA_VERSION, Sql, int_array
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,14 @@ class Fence:
 
 @dataclass(frozen=True, slots=True)
 class MigrationResult:
+    """What a migration left in ``outbox_meta`` for the table: ``schema_version`` and
+    ``compatible_from`` are the table's, which a newer release's migration may have set above this
+    release's (they never go down)."""
+
     partitions: int
     created: bool
+    schema_version: int
+    compatible_from: int
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -165,11 +171,16 @@ async def migrate(conn: asyncpg.Connection, sql: Sql, partitions: int | None) ->
     The partition count is fixed when the table is created: a different value later is refused,
     because rows already carry partitions computed with the old count. ``None`` takes the table's
     own count (an upgrade need not know it), or DEFAULT_PARTITIONS for a new table.
+
+    The table's schema version and compatibility level (:data:`COMPATIBLE_FROM`) are raised to this
+    release's, never lowered: a newer release's migration keeps its own.
     """
     async with conn.transaction():
         await conn.execute(sql.advisory_lock, f"{sql.schema}.{sql.table}")
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{sql.schema}"')
-        await conn.execute(sql.migration(DEFAULT_PARTITIONS)[1])  # the meta table (no partition count in it)
+        # outbox_meta first, before this transaction reads it (see Sql.meta_migration)
+        for stmt in sql.meta_migration:
+            await conn.execute(stmt)
         row = await conn.fetchrow(sql.meta_select, sql.table)
         if partitions is None:
             partitions = int(row["partitions"]) if row is not None else DEFAULT_PARTITIONS
@@ -181,8 +192,9 @@ async def migrate(conn: asyncpg.Connection, sql: Sql, partitions: int | None) ->
             )
         for stmt in sql.migration(partitions):
             await conn.execute(stmt)
-        await conn.execute(sql.meta_insert, sql.table, partitions, SCHEMA_VERSION)
-    return MigrationResult(partitions, row is None)
+        meta = await conn.fetchrow(sql.meta_insert, sql.table, partitions, SCHEMA_VERSION, COMPATIBLE_FROM)
+    assert meta is not None  # INSERT … ON CONFLICT DO UPDATE … RETURNING returns the row
+    return MigrationResult(partitions, row is None, int(meta["schema_version"]), int(meta["compatible_from"]))
 
 
 SIZE = 11  # the claim's column after OutboxRow's fields: the payload's size in bytes (Sql._COLUMNS)

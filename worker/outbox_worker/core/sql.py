@@ -11,7 +11,8 @@ Tables, for an outbox named ``<schema>.<table>``:
 - ``<table>_workers``: heartbeats of live workers, to compute fair shares.
 - ``<table>_dead_letters``: rows that can never be published, with the reason.
 - ``<table>_requeued``: dead letters put back into the outbox, with the id each was re-inserted as.
-- ``outbox_meta``: schema version and partition count of each outbox table in the schema.
+- ``outbox_meta``: schema version, compatibility level and partition count of each outbox table in the
+  schema.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ from outbox_common.settings import MAX_TABLE_LENGTH, validate_identifier
 # 1: the tables. 2: CHECK that created_at has an RFC 3339 form (NOT VALID: rows already in the table
 # are not checked; the relay dead-letters those); workers.instance (duplicate worker ids are refused).
 SCHEMA_VERSION = 2
+# The oldest worker schema version that may run against the tables as this release's migration
+# leaves them, recorded in ``outbox_meta.compatible_from``: a worker of an older schema version (from
+# the release that introduced the column on) runs against a newer table when its version is at least
+# this. When you raise SCHEMA_VERSION, keep this as it is if the migration only adds what older
+# workers ignore (a column with a default, an index); raise it to the new SCHEMA_VERSION when the
+# migration makes the tables unusable for older workers (a column they must fill, a column or a
+# meaning they rely on that changes), and say so in the release notes. It never goes down: it
+# covers every migration up to this one.
+COMPATIBLE_FROM = 2
 MAX_PARTITIONS = 4096
 DEFAULT_PARTITIONS = 16  # `outboxctl migrate`, demo and bench when --partitions is not given
 # Longest aggregate_id (bytes) a retry backoff puts into the held index (see Sql.mark_failed): a btree
@@ -124,11 +134,7 @@ class Sql:
         t = self.table
         return [
             f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"',
-            f"""CREATE TABLE IF NOT EXISTS {self.meta} (
-                table_name text PRIMARY KEY,
-                partitions int NOT NULL,
-                schema_version int NOT NULL,
-                created_at timestamptz NOT NULL DEFAULT now())""",
+            *self.meta_migration,
             f"""CREATE TABLE IF NOT EXISTS {self.outbox} (
                 id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
                 event_id uuid NOT NULL DEFAULT gen_random_uuid(),
@@ -205,15 +211,60 @@ class Sql:
         ]
 
     @property
+    def meta_migration(self) -> list[str]:
+        """DDL of ``outbox_meta``, shared by every outbox table of the schema; idempotent. Part of
+        :meth:`migration`, and run first, on its own, by the migration (before it reads the table).
+
+        ``compatible_from`` (see :data:`COMPATIBLE_FROM`) came after schema version 2 without a new
+        version: workers read it with :attr:`meta_select`, which tolerates its absence. Its
+        ``ALTER TABLE`` holds an exclusive lock on ``outbox_meta`` until the migration commits, so it
+        runs only when the column is missing (else every migration of the schema, and every worker
+        starting, would wait for each migration to end), and before the migration reads the table
+        (else two migrations of different tables, each holding a read lock the other's ALTER waits
+        for, deadlock)."""
+        return [
+            f"""CREATE TABLE IF NOT EXISTS {self.meta} (
+                table_name text PRIMARY KEY,
+                partitions int NOT NULL,
+                schema_version int NOT NULL,
+                created_at timestamptz NOT NULL DEFAULT now())""",
+            f"""DO $$ BEGIN
+                IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                               WHERE attrelid = '{self.meta}'::regclass AND attname = 'compatible_from'
+                                 AND NOT attisdropped) THEN
+                    ALTER TABLE {self.meta} ADD COLUMN IF NOT EXISTS compatible_from int;
+                END IF;
+                END $$""",
+        ]
+
+    @property
     def meta_select(self) -> str:
-        return f"SELECT partitions, schema_version FROM {self.meta} WHERE table_name = $1"
+        """$1 table: its partitions, schema_version and compatible_from, or no row.
+
+        ``compatible_from`` is NULL when the table does not record one: a row written by a release
+        before it, or an ``outbox_meta`` without the column (read through ``to_jsonb``, so this
+        statement runs against both)."""
+        return (
+            "SELECT partitions, schema_version, (to_jsonb(m) ->> 'compatible_from')::int AS compatible_from "
+            f"FROM {self.meta} AS m WHERE table_name = $1"
+        )
 
     @property
     def meta_insert(self) -> str:
+        """$1 table, $2 partitions, $3 schema version, $4 compatible_from: record a migration.
+        Returns the row's schema_version and compatible_from after it.
+
+        Neither ever goes down (GREATEST): a concurrent or older migration leaves a newer one's
+        values. A NULL compatible_from counts as the row's schema_version, as workers read it (only
+        workers of that version run against it). Releases before the column insert and update only
+        schema_version: they leave compatible_from as it is, and NULL on a row they create."""
         return (
-            f"INSERT INTO {self.meta} (table_name, partitions, schema_version) VALUES ($1, $2, $3) "
-            "ON CONFLICT (table_name) DO UPDATE SET schema_version = "
-            f"GREATEST({self.meta}.schema_version, excluded.schema_version)"
+            f"INSERT INTO {self.meta} AS m (table_name, partitions, schema_version, compatible_from) "
+            "VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (table_name) DO UPDATE SET "
+            "schema_version = GREATEST(m.schema_version, excluded.schema_version), "
+            "compatible_from = GREATEST(COALESCE(m.compatible_from, m.schema_version), excluded.compatible_from) "
+            "RETURNING schema_version, compatible_from"
         )
 
     @property
