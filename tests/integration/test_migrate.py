@@ -638,6 +638,7 @@ PREVIOUS_META_INSERT = (
     'ON CONFLICT (table_name) DO UPDATE SET schema_version = GREATEST("public"."outbox_meta".schema_version, '
     "excluded.schema_version)"
 )
+STORE_LOGGER = "outbox_worker.adapters.store"
 
 
 async def meta(conn: asyncpg.Connection, table: str = "outbox") -> tuple[int, int | None]:
@@ -647,6 +648,21 @@ async def meta(conn: asyncpg.Connection, table: str = "outbox") -> tuple[int, in
     )
     assert row is not None
     return row[0], row[1]
+
+
+async def check_schema(dsn: str, table: str = "outbox") -> int:
+    """A worker's start-up check of the table, as `outboxctl worker` runs it."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        return await OutboxStore(pool, Sql.for_table("public", table), "p", "w1").check_schema()
+    finally:
+        await pool.close()
+
+
+def newer_schema_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name == STORE_LOGGER and "newer than this worker" in r.getMessage()
+    ]
 
 
 async def test_migrate_records_the_compatibility_level_and_prints_it(pg_dsn: str) -> None:
@@ -662,6 +678,74 @@ async def test_migrate_records_the_compatibility_level_and_prints_it(pg_dsn: str
     conn = await asyncpg.connect(pg_dsn)
     try:
         assert await meta(conn) == (SCHEMA_VERSION, COMPATIBLE_FROM)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("compatible_from", sorted({COMPATIBLE_FROM, SCHEMA_VERSION - 1, SCHEMA_VERSION}))
+async def test_a_worker_runs_against_a_newer_table_that_is_compatible_and_warns(
+    pg_dsn: str, compatible_from: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newer release's migration that older workers can run against (an added column with a
+    default, an index): a worker of this release that (re)starts after it runs, and says to roll
+    out the new image."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, SQL, 4)
+        await conn.execute("UPDATE outbox_meta SET schema_version = $1, compatible_from = $2", NEWER, compatible_from)
+    finally:
+        await conn.close()
+    with caplog.at_level("WARNING", logger=STORE_LOGGER):
+        assert await check_schema(pg_dsn) == 4
+    [warning] = newer_schema_warnings(caplog)
+    assert f"public.outbox has schema version {NEWER}, newer than this worker's {SCHEMA_VERSION}" in warning
+    assert f"compatible with workers of schema version {compatible_from} and newer" in warning
+    assert "roll out the new worker image" in warning
+
+
+async def test_a_worker_refuses_a_newer_table_that_is_not_compatible_with_the_fix(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, SQL, 4)
+        await conn.execute("UPDATE outbox_meta SET schema_version = $1, compatible_from = $1", NEWER)
+    finally:
+        await conn.close()
+    with caplog.at_level("WARNING", logger=STORE_LOGGER), pytest.raises(SchemaError) as refused:
+        await check_schema(pg_dsn)
+    assert str(refused.value) == (
+        f"public.outbox has schema version {NEWER}, newer than this worker's {SCHEMA_VERSION}, and needs "
+        f"workers of schema version {NEWER} or newer: roll out the new worker image (the release whose "
+        "`outboxctl migrate` upgraded the table)"
+    )
+    assert newer_schema_warnings(caplog) == []
+
+
+async def test_a_table_without_the_column_is_checked_as_before_and_migrate_adds_it(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """outbox_meta as the releases before compatible_from left it: workers of this release run
+    against its version, refuse a newer or an older one as before; `migrate` adds the column."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn, SQL, 4)
+        await conn.execute("ALTER TABLE outbox_meta DROP COLUMN compatible_from")
+        with caplog.at_level("WARNING", logger=STORE_LOGGER):
+            assert await check_schema(pg_dsn) == 4
+        assert newer_schema_warnings(caplog) == []
+
+        await conn.execute("UPDATE outbox_meta SET schema_version = $1", NEWER)
+        with pytest.raises(SchemaError, match=f"newer than this worker's {SCHEMA_VERSION}, and records no "):
+            await check_schema(pg_dsn)
+
+        await conn.execute("UPDATE outbox_meta SET schema_version = $1", SCHEMA_VERSION - 1)
+        with pytest.raises(SchemaError, match=f"older than this worker's {SCHEMA_VERSION}: run `outboxctl migrate"):
+            await check_schema(pg_dsn)
+
+        await migrate(conn, SQL, 4)
+        assert await meta(conn) == (SCHEMA_VERSION, COMPATIBLE_FROM)
+        assert await check_schema(pg_dsn) == 4
     finally:
         await conn.close()
 

@@ -37,6 +37,7 @@ from outbox_worker.adapters.store import migrate
 from outbox_worker.app.relay import RelayHooks
 from outbox_worker.app.worker import Worker
 from outbox_worker.core.policy import Outcome, PublishResult
+from outbox_worker.core.sql import SCHEMA_VERSION
 from support.polling import wait_for
 from support.relay import SQL, record_waves, running, setup_db
 from support.servers import ControlledNats
@@ -749,6 +750,60 @@ async def test_worker_refuses_a_table_of_an_older_schema_version_with_the_fix(pg
         await conn.close()
     async with running(worker_settings(pg_dsn, nats_url)) as worker:
         assert worker.leases is not None
+
+
+@pytest.mark.parametrize("level", ["incompatible", "not recorded"])
+async def test_worker_refuses_a_newer_table_that_is_not_compatible_with_the_fix(
+    pg_dsn: str, nats_url: str, level: str
+) -> None:
+    """A newer release's migration that older workers cannot run against (compatible_from above
+    this worker's schema version), or that records no level (outbox_meta before the column, a
+    version set by hand): the worker exits 3 naming both versions and the fix."""
+    newer = SCHEMA_VERSION + 1
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        if level == "incompatible":
+            await conn.execute("UPDATE outbox_meta SET schema_version = $1, compatible_from = $1", newer)
+            why = f"needs workers of schema version {newer} or newer"
+        else:
+            await conn.execute("ALTER TABLE outbox_meta DROP COLUMN compatible_from")
+            await conn.execute("UPDATE outbox_meta SET schema_version = $1", newer)
+            why = "records no compatibility level"
+    finally:
+        await conn.close()
+    code, out = await run_worker_process(process_env(pg_dsn, nats_url, stream_mode="create"))
+    assert code == 3, out
+    assert (
+        f"public.outbox has schema version {newer}, newer than this worker's {SCHEMA_VERSION}, and {why}: "
+        "roll out the new worker image"
+    ) in out
+    assert "Traceback" not in out
+
+
+async def test_worker_relays_from_a_newer_compatible_table_and_warns_once(
+    pg_dsn: str, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newer release migrated the table compatibly (compatible_from at most this worker's schema
+    version): a worker of this image started after the migration (a crash, a node drain, a
+    scale-up) relays, and warns once, at start, to roll out the new image."""
+    newer = SCHEMA_VERSION + 1
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("UPDATE outbox_meta SET schema_version = $1, compatible_from = $2", newer, SCHEMA_VERSION)
+    finally:
+        await conn.close()
+    with caplog.at_level("WARNING", logger="outbox_worker.adapters.store"):
+        async with running(worker_settings(pg_dsn, nats_url)) as worker:
+            await produce(pg_dsn, SQL, ProducerPlan(events=50, aggregates=5, producers=1, rollback_ratio=0))
+            pending = "SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"
+            await wait_for(lambda: fetchval(pg_dsn, pending), 15, "every event relayed")
+            assert worker.stats.published == 50
+    warnings = [r.getMessage() for r in caplog.records if "newer than this worker" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert f"public.outbox has schema version {newer}, newer than this worker's {SCHEMA_VERSION}" in warnings[0]
+    assert "roll out the new worker image" in warnings[0]
 
 
 # --- configuration error at run time ---------------------------------------------------------------

@@ -327,7 +327,13 @@ class OutboxStore:
             await self.pool.release(hot)
 
     async def check_schema(self) -> int:
-        """Return the partition count; raise SchemaError with the fix if tables are missing."""
+        """Return the partition count; raise SchemaError with the fix if the tables are missing or
+        this worker cannot run against them.
+
+        A table of an older schema version is refused (run ``outboxctl migrate``). One of a newer
+        version is accepted, with a warning to roll out the new worker image, when its
+        ``compatible_from`` is at most this worker's :data:`SCHEMA_VERSION`; refused otherwise, or
+        when it records none. Called once, at start."""
         s = self.sql
         try:
             row = await self.pool.fetchrow(s.meta_select, s.table)
@@ -346,16 +352,37 @@ class OutboxStore:
                 "(idempotent, and safe while older workers run)"
             )
         if row["schema_version"] > SCHEMA_VERSION:
-            raise SchemaError(
-                f"{s.schema}.{s.table} has schema version {row['schema_version']}, newer than this "
-                f"worker's {SCHEMA_VERSION}: upgrade the worker image"
-            )
+            self._check_newer_schema(row["schema_version"], row["compatible_from"])
         for name in (s.outbox, s.leases, s.workers, s.dead_letters):
             if await self.pool.fetchval("SELECT to_regclass($1)", name) is None:
                 raise SchemaError(f"table {name} is missing: run `outboxctl migrate`")
         partitions = int(row["partitions"])
         await self.pool.execute(s.lease_seed, self.publisher, partitions)
         return partitions
+
+    def _check_newer_schema(self, version: int, compatible_from: int | None) -> None:
+        """The table was migrated by a newer release: warn if this worker may still run against it,
+        raise SchemaError if not."""
+        table = f"{self.sql.schema}.{self.sql.table}"
+        if compatible_from is not None and compatible_from <= SCHEMA_VERSION:
+            log.warning(
+                "%s has schema version %d, newer than this worker's %d; it is compatible with workers of "
+                "schema version %d and newer, so this worker runs: roll out the new worker image (the "
+                "release whose `outboxctl migrate` upgraded the table)",
+                table,
+                version,
+                SCHEMA_VERSION,
+                compatible_from,
+            )
+            return
+        if compatible_from is None:
+            level = "records no compatibility level"
+        else:
+            level = f"needs workers of schema version {compatible_from} or newer"
+        raise SchemaError(
+            f"{table} has schema version {version}, newer than this worker's {SCHEMA_VERSION}, and {level}: "
+            "roll out the new worker image (the release whose `outboxctl migrate` upgraded the table)"
+        )
 
     # --- membership and leases --------------------------------------------------------------------
     async def heartbeat(self, ttl: float) -> list[str]:
