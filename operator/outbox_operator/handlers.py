@@ -4,8 +4,9 @@ What a reconcile reads comes from kopf's watches, never from API reads (see stat
 OutboxPublishers (an ``on.event`` handler keeps the latest body of each), the children the operator
 owns (label ``app.kubernetes.io/managed-by=outbox-operator``) and the worker Pods (labels
 ``app.kubernetes.io/component=worker`` and ``outbox.dev/publisher``), both selected by the API
-server, and the Secrets in the watched namespaces (key names and resourceVersions only). So a
-pass over an unchanged publisher sends no request at all; only writes reach the API server.
+server, and the Secrets in the watched namespaces (key names and resourceVersions only; not Helm's
+release Secrets or service-account tokens, which the API server leaves out). So a pass over an
+unchanged publisher sends no request at all; only writes reach the API server.
 
 When a pass runs:
 
@@ -66,6 +67,14 @@ RETRY_SECONDS = 5.0
 MANAGED_SELECTOR = f"{c.LABEL_MANAGED_BY}={c.MANAGER}"
 # worker Pods as the Deployment's selector sees them (any publisher)
 WORKER_POD_SELECTOR = f"{c.LABEL_COMPONENT}={c.COMPONENT_WORKER},{c.LABEL_PUBLISHER}"
+# Secrets of these types can hold nothing a publisher refers to, and are the bulk of a cluster's
+# Secrets: Helm keeps every revision of every release as one (up to 1 MiB each), and older clusters
+# a token per service account. The API server leaves them out of the operator's watch.
+IGNORED_SECRET_TYPES = ("helm.sh/release.v1", "kubernetes.io/service-account-token")
+SECRET_FIELD_SELECTOR = ",".join(f"type!={t}" for t in IGNORED_SECRET_TYPES)
+# Objects per page of a watch's initial LIST: the operator never holds a whole cluster's Secrets
+# (or Pods) in one response.
+LIST_CHUNK_SIZE = 500
 
 
 @dataclass
@@ -198,6 +207,9 @@ def configure_settings(settings: kopf.OperatorSettings, *, clusterwide: bool = T
         group, _, version = api_version.rpartition("/")
         settings.watching.label_selectors[(group, version, plural) if group else (version, plural)] = MANAGED_SELECTOR
     settings.watching.label_selectors["v1", "pods"] = WORKER_POD_SELECTOR
+    # Secrets: any a publisher may refer to, not Helm's releases or service-account tokens
+    settings.watching.field_selectors["v1", "secrets"] = SECRET_FIELD_SELECTOR
+    settings.watching.chunk_size = LIST_CHUNK_SIZE
 
 
 def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:

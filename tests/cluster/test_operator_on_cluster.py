@@ -67,6 +67,28 @@ async def test_operator_flags_a_spec_the_schema_cannot_check(
     assert await api.list("Deployment", namespace) == [], "no workers for an invalid spec"
 
 
+async def test_the_api_server_leaves_helm_release_secrets_out_of_the_operators_watch(
+    crd: str, api: KubeApi, namespace: str, operator_env: None
+) -> None:
+    """The operator asks the API server for Secrets without Helm's releases and service-account
+    tokens (a field selector on type): the real server must accept it and filter by it. A release
+    Secret named as the publisher's database Secret is not seen (SecretNotFound); an Opaque one of
+    the same name, created once it is gone, is."""
+    helm = secret("orders-db", "postgresql://relay:pw@db:5432/shop") | {"type": "helm.sh/release.v1"}
+    await api.create(helm, namespace)
+    async with operator_in_process([namespace]):
+        await api.create(publisher("orders", "nats://127.0.0.1:4222"), namespace)
+
+        async def not_found() -> bool:
+            ready = condition(await api.get(KIND, namespace, "orders") or {}, "Ready")
+            return ready.get("reason") == "SecretNotFound"
+
+        await wait_for(not_found, 60, "SecretNotFound")
+        await api.delete("Secret", namespace, "orders-db")
+        await api.create(secret("orders-db", "postgresql://relay:pw@db:5432/shop"), namespace)
+        await wait_for(lambda: api.get("Deployment", namespace, "orders-relay"), 60, "the worker Deployment")
+
+
 async def test_worker_token_may_patch_only_its_own_publisher_status(
     crd: str, api: KubeApi, control_plane: ControlPlane, namespace: str, operator_env: None, kubectl: Kubectl
 ) -> None:

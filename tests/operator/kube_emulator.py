@@ -209,6 +209,7 @@ class Request:
     path: str
     content_type: str
     body: Any
+    query: dict[str, str] = field(default_factory=dict)
 
 
 _QUANTITY = re.compile(
@@ -590,7 +591,7 @@ class KubeEmulator:
         if request.can_read_body:
             raw = await request.read()
             body = json.loads(raw) if raw else None
-        self.requests.append(Request(request.method, request.path, request.content_type, body))
+        self.requests.append(Request(request.method, request.path, request.content_type, body, dict(request.query)))
         for method, part, seconds in self.delays:
             if request.method == method and part in request.path:
                 await asyncio.sleep(seconds)
@@ -776,16 +777,23 @@ class KubeEmulator:
         labels = label_matcher(query.get("labelSelector"))
         fields = field_matcher(query.get("fieldSelector"))
         items = [
-            copy.deepcopy(o)
+            o
             for (o_ns, _), o in sorted(self._store(k).items())
             if (ns is None or o_ns == ns) and labels(o["metadata"].get("labels") or {}) and fields(o)
         ]
+        # Pages as the API server sends them for ?limit=N: the continue token is where the next starts
+        # (the real one is opaque, and its list is a snapshot; this one reads the store again).
+        start = int(query.get("continue") or 0)
+        end = start + int(query["limit"]) if query.get("limit") else len(items)
+        metadata: Obj = {"resourceVersion": str(self.last_rv)}
+        if end < len(items):
+            metadata["continue"] = str(end)
         return web.json_response(
             {
                 "kind": f"{k.kind}List",
                 "apiVersion": k.api_version,
-                "metadata": {"resourceVersion": str(self.last_rv)},
-                "items": items,
+                "metadata": metadata,
+                "items": [copy.deepcopy(o) for o in items[start:end]],
             }
         )
 

@@ -14,6 +14,7 @@ import yaml
 from kube_emulator import KubeEmulator
 from opkit import NAMESPACE, kopf_in_process
 
+from outbox_operator import handlers
 from support.polling import wait_for
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
@@ -250,3 +251,41 @@ async def test_delete_while_a_resync_pass_is_in_flight(emulator: KubeEmulator) -
         await wait_for(lambda: any(r.method == "PATCH" and "/status" in r.path for r in emulator.requests[seen:]), 20)
         await emulator.delete(API, KIND, NAMESPACE, "orders")  # while that pass waits for the Secret
         await wait_for(lambda: emulator.get(API, KIND, NAMESPACE, "orders") is None, timeout=15)
+
+
+async def test_secrets_are_listed_in_pages_and_a_page_past_the_first_is_read(emulator: KubeEmulator) -> None:
+    """The operator lists a namespace's (or a cluster's) Secrets in pages of LIST_CHUNK_SIZE, never
+    all in one response, and still sees a Secret on a later page: 1,200 other Secrets sort before
+    the publisher's. Helm's release Secrets and service-account tokens are left out by the API
+    server (the field selector on every list and watch of Secrets)."""
+    for i in range(1200):
+        await emulator.apply(
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"aaa-{i:04d}", "namespace": NAMESPACE}}
+        )
+    await make_secret(emulator, "orders-db")  # sorts after every aaa-…: on the third page
+    await emulator.apply(example())
+    async with kopf_in_process():
+        await wait_for(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"), 30)
+    reads = [r for r in emulator.requests if r.method == "GET" and r.path.endswith("/secrets")]
+    lists = [r.query for r in reads if r.query.get("watch") != "true"]
+    assert len(lists) >= 3, lists  # three pages at least
+    assert {q.get("limit") for q in lists} == {str(handlers.LIST_CHUNK_SIZE)}
+    assert {r.query.get("fieldSelector") for r in reads} == {
+        "type!=helm.sh/release.v1,type!=kubernetes.io/service-account-token"
+    }
+
+
+async def test_a_helm_release_secret_is_never_read(emulator: KubeEmulator) -> None:
+    """A Secret of type helm.sh/release.v1 is not one the operator sees, even named as the
+    publisher's: SecretNotFound, until a Secret it reads takes the name."""
+    value = base64.b64encode(b"postgresql://relay:pw@db:5432/shop").decode()
+    helm = {"name": "orders-db", "namespace": NAMESPACE}
+    await emulator.apply(
+        {"apiVersion": "v1", "kind": "Secret", "type": "helm.sh/release.v1", "metadata": helm, "data": {"url": value}}
+    )
+    await emulator.apply(example())
+    async with kopf_in_process():
+        await wait_for(lambda: condition(publisher(emulator), "Ready")["reason"] == "SecretNotFound", 20)
+        await emulator.delete("v1", "Secret", NAMESPACE, "orders-db")
+        await make_secret(emulator, "orders-db")
+        await wait_for(lambda: emulator.get("apps/v1", "Deployment", NAMESPACE, "orders-relay"), 20)
