@@ -142,3 +142,43 @@ async def test_a_payload_over_max_payload_comes_empty_for_the_dead_letters_and_h
         assert sorted(r.id for r in claim.rows) == ids
         assert {r.id: r.payload is None for r in claim.rows} == {i: i == ids[1] for i in ids}
         assert not claim.more
+
+
+async def test_a_large_payload_is_claimed_at_the_next_claim_while_other_partitions_stay_busy(pg_dsn: str) -> None:
+    """The partition a claim stopped at (a large payload) is claimed on its own by the next claim
+    given it, so its large row comes then, even while every other partition keeps getting rows: a
+    claim of fewer rows over all of them would spend those rows on the lowest partitions and leave
+    the large one waiting for as long as they are busy."""
+    async with store_of(pg_dsn) as (pool, store):
+        held = await store.acquire(4, 30.0)
+        parts = sorted(held)
+        names = [f"agg-{i}" for i in range(40)]
+        where = await pool.fetch(
+            "SELECT a, ((hashtextextended(a, 0) & 2147483647) % 4)::int AS p FROM unnest($1::text[]) AS a", names
+        )
+        by_partition: dict[int, list[str]] = {}
+        for r in where:
+            by_partition.setdefault(r["p"], []).append(r["a"])
+        large_partition = max(by_partition)
+        busy = [a for p, aggs in by_partition.items() if p != large_partition for a in aggs]
+        big = await pool.fetchval(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+            "VALUES ('o', $1, 'e', convert_to(repeat('x', 20000), 'UTF8')) RETURNING id",
+            by_partition[large_partition][0],
+        )
+        claims = 0
+        for _ in range(3):
+            claims += 1
+            await pool.execute(  # the other partitions never run dry
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+                "SELECT 'o', a, 'e', convert_to(repeat('x', 200), 'UTF8') FROM unnest($1::text[]) AS a",
+                busy,
+            )
+            claim = await store.claim(parts, ROWS, True)
+            await pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r.id for r in claim.rows])
+            if big in {r.id for r in claim.rows}:
+                break
+            assert large_partition in claim.more
+        else:
+            pytest.fail("the large payload was not claimed within 3 claims while other partitions were busy")
+        assert claims == 2  # the claim after the one that stopped at it

@@ -256,10 +256,10 @@ class OutboxStore:
         self.instance = uuid.uuid4().hex
         self._idle: set[int] = set()  # partitions whose last claim found no due row
         # Payloads: the server's max_payload (0: not known) and a claim's byte budget (0: none), and
-        # the rows a claim may take while payloads are large (None: as many as asked); see claim().
+        # {partition: size of the payload its last claim stopped at}, to claim next on its own (claim()).
         self._max_payload = 0
         self._batch_bytes = 0
-        self._row_cap: int | None = None
+        self._large: dict[int, int] = {}
         self._claims: dict[tuple[bool, bool, bool | None], str] = {}  # see _claim_sql
         # One pool connection kept for claims (see _hot_fetch), and whether a claim runs on it now.
         self._hot: asyncpg.Connection | None = None
@@ -280,7 +280,7 @@ class OutboxStore:
             raise ValueError(f"payload limits must not be negative: {max_payload}, {batch_bytes}")
         self._max_payload = max_payload
         self._batch_bytes = batch_bytes
-        self._row_cap = None
+        self._large.clear()
 
     async def _hot_fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
         """``pool.fetch``, on a connection kept out of the pool, unless another claim runs on it.
@@ -477,18 +477,22 @@ class OutboxStore:
         ``batch_bytes // n`` bytes (and never over ``max_payload``; one row alone, up to
         ``max_payload``), so its payloads add up to at most ``batch_bytes``, or one row's. A row whose
         payload is over that bound but within ``max_payload`` is left pending with every later row of
-        its partition (a prefix of each partition stays, so ordering holds as for any claim); the
-        partition comes back in ``more``, and the next claims take fewer rows
-        (``batch_bytes // size``, at least one) until a claim sees only payloads the full ``limit``
-        could take. Small payloads cost nothing more: the bound is a comparison per row in PostgreSQL.
-        A payload over ``max_payload`` still comes as NULL, for the relay to dead-letter.
+        its partition (a prefix of each partition stays, so ordering holds as for any claim), and the
+        partition comes back in ``more``. The next claim given that partition claims it alone (with
+        any other such partition), ``batch_bytes // size`` rows at most (at least one), so the large
+        payload comes then; the other partitions it was given come back in ``more``, claimed at once
+        by the next. Small payloads cost nothing more: the bound is a comparison per row in
+        PostgreSQL. A payload over ``max_payload`` still comes as NULL, for the relay to dead-letter.
         """
         parts = list(partitions)
         if not parts:
             return Claim([], frozenset())
-        asked = limit
-        if self._row_cap is not None:
-            limit = min(limit, self._row_cap)
+        later: list[int] = []  # partitions given but not claimed this time (see Payload bytes)
+        large = [self._large[p] for p in parts if p in self._large]
+        if large:
+            later = [p for p in parts if p not in self._large]
+            parts = [p for p in parts if p in self._large]
+            limit = min(limit, max(1, self._batch_bytes // max(large)))
         bound = self._payload_bound(limit)
         busy = sum(1 for p in parts if p not in self._idle) or len(parts)
         share = max(1, limit // busy) if busy == len(parts) else -(-limit // busy)
@@ -518,8 +522,10 @@ class OutboxStore:
         counts: dict[int, int] = {}  # rows per partition (a Counter costs ~4x for a handful)
         for r in records:
             counts[r[2]] = counts.get(r[2], 0) + 1
-        if deferred or self._row_cap is not None:
-            self._adapt_row_cap(records, deferred, asked)
+        if large or deferred:
+            for p in parts:
+                self._large.pop(p, None)
+            self._large.update(deferred)
         full = cut and len(records) >= limit
         unknown = full and limit < len(parts)  # the cut may have taken a partition's first row
         for p in parts:
@@ -531,7 +537,7 @@ class OutboxStore:
             more = frozenset(p for p in parts if p in counts or unknown)
         else:
             more = frozenset(p for p, n in counts.items() if n >= share or p in deferred)
-        return Claim(rows, more, marked)
+        return Claim(rows, more.union(later) if later else more, marked)
 
     def _payload_bound(self, rows: int) -> int:
         """The largest payload a claim of ``rows`` rows reads (see :meth:`claim`)."""
@@ -556,14 +562,6 @@ class OutboxStore:
                 continue
             rows.append(_row(r))
         return rows, deferred
-
-    def _adapt_row_cap(self, records: list[asyncpg.Record], deferred: dict[int, int], asked: int) -> None:
-        """Fewer rows per claim while payloads are large, so their bound takes the largest one left
-        out; as many as asked again once a claim sees only payloads a claim of ``asked`` rows reads."""
-        if deferred:
-            self._row_cap = max(1, self._batch_bytes // max(deferred.values()))
-        elif all(r[SIZE] <= self._payload_bound(asked) for r in records):
-            self._row_cap = None
 
     def _claim_sql(self, ordered: bool, cut: bool, mark_delete: bool | None) -> str:
         """The claim statement of this kind (built once: the text takes ~10 µs to format), with a
