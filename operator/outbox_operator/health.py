@@ -161,6 +161,7 @@ class WorkerView:
     stale: list[str]  # current workers whose last report is too old
     errors: Mapping[str, str]  # worker -> its configError, fresh reports only
     database_errors: Mapping[str, str]  # worker -> its databaseError (an outage), fresh reports only
+    notify_errors: Mapping[str, str]  # worker -> its notifyError (NOTIFYs do not reach it), fresh reports only
     dead_letters: int  # rows the current workers moved to the dead-letter table since they started
     dead_letters_waiting: int | None  # the publisher's rows in the dead-letter table now (dead_letters_waiting())
 
@@ -173,6 +174,7 @@ class WorkerView:
             stale=sorted(set(reports) - set(fresh)),
             errors={name: str(r.get("configError")) for name, r in fresh.items() if r.get("configError")},
             database_errors={name: str(r["databaseError"]) for name, r in fresh.items() if r.get("databaseError")},
+            notify_errors={name: str(r["notifyError"]) for name, r in fresh.items() if r.get("notifyError")},
             dead_letters=sum(int(r.get("deadLetters") or 0) for r in reports.values()),
             dead_letters_waiting=dead_letters_waiting(fresh.values()),
         )
@@ -223,7 +225,8 @@ def stream_condition(view: WorkerView, targets: HealthTargets) -> Condition:
 
 
 def degraded_condition(view: WorkerView, targets: HealthTargets) -> Condition:
-    """Degraded: a configuration error, then dead letters, then stale reports (not when paused)."""
+    """Degraded: a configuration error, then dead letters, then NOTIFYs that do not arrive, then stale
+    reports (not when paused)."""
     if view.errors:
         return Condition(
             c.DEGRADED,
@@ -248,6 +251,13 @@ def degraded_condition(view: WorkerView, targets: HealthTargets) -> Condition:
             f"{view.dead_letters} row(s) moved to the dead-letter table since the workers started: see them "
             "with `outboxctl dead-letters list`, fix the cause, then `outboxctl dead-letters requeue` or "
             "`discard` them",
+        )
+    if view.notify_errors:
+        return Condition(
+            c.DEGRADED,
+            "True",
+            "NotifyUnavailable",
+            f"relaying by the poll, not at once: {_first_error(view.notify_errors)}",
         )
     if view.stale and not targets.paused:
         return Condition(

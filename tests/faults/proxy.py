@@ -10,6 +10,11 @@ for a process) without stalling the traffic. Faults, switchable at any time from
 - ``rate``: a bandwidth limit in bytes per second for each direction of each connection (token
   bucket with a small burst), 0 for none.
 
+And one fixed at construction, for PostgreSQL: ``drop_pg_notifications`` discards every
+NotificationResponse the server sends (what a transaction-mode pooler does to a LISTEN: the
+notifications go to whichever client holds that server connection next), and passes the rest of the
+protocol unchanged (:class:`PgNotificationFilter`).
+
 Bounds: it listens on 127.0.0.1 only, accepts at most ``max_connections`` connections over its life,
 reads at most 64 KiB at a time, and every connection ends when either side closes or :meth:`stop`
 runs; :meth:`stop` waits at most a few seconds for the thread.
@@ -36,6 +41,46 @@ class ProxyStats:
     dropped_down: int = 0
     resets: int = 0
     throttled_seconds: float = 0.0
+    notifications_dropped: int = 0
+
+
+class PgNotificationFilter:
+    """The server → client side of a PostgreSQL connection, message by message (a type byte and an
+    int32 length that counts itself): drops NotificationResponse ('A') messages, passes every other
+    byte as it came. The one-byte answer to an SSLRequest is passed; an accepted SSL ('S') makes the
+    rest of the stream opaque, so it is passed unchanged."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._started = False
+        self._opaque = False
+        self.dropped = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to forward for ``data`` (whole messages; a partial one waits for the rest)."""
+        if self._opaque:
+            return data
+        buf = self._buf + data
+        out = bytearray()
+        if not self._started and buf:
+            self._started = True
+            if buf[:1] == b"S":
+                self._opaque = True
+                return buf
+            if buf[:1] == b"N" and (len(buf) == 1 or buf[1:2] == b"R"):  # SSL refused, then Authentication
+                out += buf[:1]
+                buf = buf[1:]
+        while len(buf) >= 5:
+            end = 1 + int.from_bytes(buf[1:5], "big")
+            if len(buf) < end:
+                break
+            if buf[:1] == b"A":
+                self.dropped += 1
+            else:
+                out += buf[:end]
+            buf = buf[end:]
+        self._buf = buf
+        return bytes(out)
 
 
 @dataclass(eq=False)
@@ -47,9 +92,17 @@ class _Conn:
 
 
 class TcpProxy:
-    def __init__(self, target_port: int, *, target_host: str = "127.0.0.1", max_connections: int = 500) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        *,
+        target_host: str = "127.0.0.1",
+        max_connections: int = 500,
+        drop_pg_notifications: bool = False,
+    ) -> None:
         self.target = (target_host, target_port)
         self.max_connections = max_connections
+        self.drop_pg_notifications = drop_pg_notifications
         self.blackhole_down = False
         self.blackhole_up = False
         self.rate = 0  # bytes/s per direction per connection; 0 = unlimited
@@ -139,11 +192,18 @@ class TcpProxy:
     async def _pump(self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, up: bool) -> None:
         tokens = 0.0
         last = time.monotonic()
+        notices = PgNotificationFilter() if self.drop_pg_notifications and not up else None
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while True:  # ends when the peer closes (read returns b"") or the connection is closed
                 data = await reader.read(CHUNK)
                 if not data:
                     return
+                if notices is not None:
+                    dropped = notices.dropped
+                    data = notices.feed(data)
+                    self.stats.notifications_dropped += notices.dropped - dropped
+                    if not data:
+                        continue
                 if self.blackhole_up if up else self.blackhole_down:
                     conn.tainted = True
                     if up:

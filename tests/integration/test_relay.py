@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable
 from typing import Any
@@ -17,6 +18,7 @@ import nats
 import pytest
 from nats.js import api as js_api
 
+from faults.proxy import TcpProxy
 from outbox_common import names
 from outbox_common.envelope import OutboxRow
 from outbox_common.settings import WorkerSettings
@@ -262,6 +264,67 @@ async def test_the_listener_reads_the_notifies_of_a_window_as_one_wake_up(pg_dsn
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await conn.close()
+
+
+def _through(proxy: TcpProxy, dsn: str) -> str:
+    """``dsn`` by way of ``proxy`` (without SSL, so the proxy can read the protocol)."""
+    url = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(
+        url._replace(netloc=f"{url.username}@127.0.0.1:{proxy.port}", query="sslmode=disable")
+    )
+
+
+async def test_the_listener_probes_that_notifies_arrive_and_says_when_they_do_not(pg_dsn: str) -> None:
+    """After LISTEN, the listener sends a NOTIFY of its own through another connection and waits for
+    it. Straight to PostgreSQL it comes back, and neither it nor another listener's probe wakes the
+    worker. Through something that loses notifications (a proxy dropping them, as a transaction-mode
+    pooler does to a LISTEN), it does not: ``notify_error`` says so and names the likely cause."""
+    await setup_db(pg_dsn)
+    direct_wakes: list[float] = []
+    other_wakes: list[float] = []
+    direct = Listener(pg_dsn, SQL, lambda: direct_wakes.append(time.monotonic()))
+    other = Listener(pg_dsn, SQL, lambda: other_wakes.append(time.monotonic()))
+    with TcpProxy(int(urllib.parse.urlsplit(pg_dsn).port or 0), drop_pg_notifications=True) as proxy:
+        lossy = Listener(_through(proxy, pg_dsn), SQL, lambda: None)
+        tasks = [asyncio.create_task(x.run()) for x in (direct, other, lossy)]
+        try:
+            await wait_for(lambda: _true(direct.probes_answered >= 1 and other.probes_answered >= 1), 10, "probes")
+            assert (direct.notify_error, other.notify_error) == ("", "")
+            error = await wait_for(lambda: _value(lossy.notify_error), 15, "the lossy listener's verdict")
+            assert "NOTIFY does not reach this worker" in error
+            assert "pool_mode=transaction" in error
+            assert lossy.probes_answered == 0
+            assert proxy.stats.notifications_dropped >= 1  # the proxy took effect
+            await asyncio.sleep(0.2)
+            assert (len(direct_wakes), len(other_wakes)) == (1, 1)  # only the wake-up after LISTEN
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_worker_whose_notifies_are_lost_reports_it_and_relays_by_the_poll(pg_dsn: str, nats_url: str) -> None:
+    """The whole worker through a connection that loses notifications: its report's notifyError
+    says so (the operator's Degraded=NotifyUnavailable), and every row still goes, by the poll."""
+    await setup_db(pg_dsn)
+    with TcpProxy(int(urllib.parse.urlsplit(pg_dsn).port or 0), drop_pg_notifications=True) as proxy:
+        settings = worker_settings(_through(proxy, pg_dsn), nats_url, poll_interval_seconds=0.5)
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            async with running(settings) as worker:
+                error = await wait_for(lambda: _value(worker.report().notifyError), 15, "notifyError")
+                assert "NOTIFY does not reach this worker" in error
+                for i in range(10):
+                    await insert(conn, f"agg-{i}")
+                await wait_for(lambda: _is(stored_count(nats_url), 10), 15, "10 events stored by the poll")
+        finally:
+            await conn.close()
+        assert proxy.stats.notifications_dropped >= 10  # the inserts' NOTIFYs were lost too
+    assert_clean(await verify(pg_dsn, SQL, nats_url, STREAM), 10)
+
+
+async def _value(value: str) -> str:
+    return value
 
 
 async def test_commits_within_the_coalescing_window_share_one_claim(pg_dsn: str, nats_url: str) -> None:

@@ -207,3 +207,17 @@ def test_a_database_that_does_not_answer_a_worker_makes_database_ready_false_unt
         "True",
         "Reachable",
     )
+
+
+def test_notifies_that_do_not_reach_a_worker_degrade_the_publisher_until_they_do() -> None:
+    """A worker whose listener's probe did not come back (notifyError) relays by the poll, slower
+    than it should: Degraded=NotifyUnavailable names it and the cause, after configuration errors
+    and dead letters, and clears when its reports no longer carry the error."""
+    lost = "NOTIFY does not reach this worker (its probe did not come back within 5s): ..."
+    status, reason, message = degraded({"a": report(), "b": report(notifyError=lost)})
+    assert (status, reason) == ("True", "NotifyUnavailable")
+    assert message.startswith("relaying by the poll, not at once: b: NOTIFY does not reach this worker")
+    assert conditions({"a": report(notifyError=lost)})["Ready"][0] == "True"  # still relaying
+    assert degraded({"a": report(deadLettersWaiting=1, notifyError=lost)})[1] == "PoisonRows"
+    assert degraded({"a": report(notifyError="")})[:2] == ("False", "AsExpected")
+    assert degraded({"a": report(age=100, notifyError=lost), "b": report()})[1] == "StaleReports"

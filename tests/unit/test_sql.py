@@ -23,6 +23,7 @@ STATEMENTS = [
     "lease_acquire",
     "lease_release",
     "lease_table",
+    "notify",
     "claim_ordered",
     "claim_unordered",
     "claim_ordered_uncut",

@@ -41,6 +41,9 @@ class WorkerReport:
     # the database has not answered this worker's lease renewals for a while (an outage, not a
     # configuration error): how long, and the last error's type; "" while it answers
     databaseError: str = ""
+    # NOTIFYs do not reach this worker (its listener's probe did not come back, or LISTEN fails): new
+    # rows wait for the poll; why, one line; "" while they arrive (Listener.notify_error)
+    notifyError: str = ""
     reportTime: str = ""  # RFC 3339, the worker's clock
 
     def to_status(self) -> dict[str, Any]:

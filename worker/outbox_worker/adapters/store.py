@@ -29,6 +29,9 @@ UNBOUNDED_PAYLOAD = 2**31 - 1
 RETENTION_BATCH = 10_000  # published rows one retention statement deletes, at most
 RETENTION_BUDGET_SECONDS = 30.0  # how long one retention sweep (once a minute) may go on deleting
 
+# After each LISTEN, a probe NOTIFY sent on another connection must come back within this long.
+NOTIFY_PROBE_TIMEOUT_SECONDS = 5.0
+NOTIFY_PROBE_PREFIX = "probe:"  # payload of a probe; the outbox trigger's NOTIFYs carry none
 LISTEN_RETRY_INITIAL_SECONDS = 0.2  # first wait before the LISTEN connection is opened again
 LISTEN_RETRY_MAX_SECONDS = 10.0
 
@@ -678,6 +681,13 @@ class Listener:
     batches instead of one by one (each wake-up costs a claim and a publish round trip; the mark
     rides on the next claim, see ``AckedRows``). The first NOTIFY after a quiet spell still wakes the
     worker at once.
+
+    Probe: after each LISTEN it sends a NOTIFY of its own through another connection of the same
+    database URL and waits up to NOTIFY_PROBE_TIMEOUT_SECONDS for it. When it does not come back (a
+    transaction-mode pooler such as PgBouncer's ``pool_mode=transaction`` runs LISTEN on a server
+    connection it then hands to other clients), or LISTEN fails, :attr:`notify_error` says so: the
+    worker still relays, by the poll, and reports it (the operator's ``Degraded=NotifyUnavailable``)
+    instead of being slow without a word. Other workers of the table ignore the probe.
     """
 
     def __init__(self, dsn: str, sql: Sql, wake: Callable[[], None], window: float = 0.0) -> None:
@@ -689,6 +699,10 @@ class Listener:
         self._transport: _Pausable | None = None  # of the listening connection
         self._resume: asyncio.TimerHandle | None = None  # when the moderation window ends
         self.reads_paused = 0  # moderation windows started (a test reads it)
+        # Why NOTIFYs do not reach this worker, one line; "" while they do (or before the first probe).
+        self.notify_error = ""
+        self.probes_answered = 0  # probes that came back (a test reads it)
+        self._probe: tuple[str, asyncio.Event] | None = None  # the payload awaited, and its arrival
 
     def also_listen(self, channel: str, on_payload: Callable[[str], None]) -> None:
         """Also LISTEN on ``channel`` (call before :meth:`run`): ``on_payload`` gets each NOTIFY's
@@ -711,11 +725,16 @@ class Listener:
                 self._wake()  # rows may have arrived while we were not listening
                 for on_payload in self._also.values():
                     on_payload("")  # so may have announcements
+                await self._check_delivery()
                 await lost.wait()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("LISTEN connection failed (%s); polling meanwhile", type(exc).__name__)
+                self.notify_error = (
+                    f"LISTEN failed ({type(exc).__name__}): new rows are found by the poll "
+                    "(pollIntervalSeconds) until it works again"
+                )
             finally:
                 self._end_window()
                 self._transport = None
@@ -724,7 +743,46 @@ class Listener:
             failures += 1
             await asyncio.sleep(backoff_delay(failures, LISTEN_RETRY_INITIAL_SECONDS, LISTEN_RETRY_MAX_SECONDS))
 
-    def _on_notify(self, *_args: Any) -> None:
+    async def _check_delivery(self) -> None:
+        """The probe (see the class): send a NOTIFY on another connection, wait for it here."""
+        token = f"{NOTIFY_PROBE_PREFIX}{uuid.uuid4().hex}"
+        arrived = asyncio.Event()
+        self._probe = (token, arrived)
+        try:
+            try:
+                sender = await asyncpg.connect(self._dsn, timeout=10)
+                try:
+                    await sender.execute(self._sql.notify, self._sql.channel, token)
+                finally:
+                    await sender.close(timeout=5)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("could not send the NOTIFY probe (%s); trying again at the next LISTEN", type(exc).__name__)
+                return
+            try:
+                async with asyncio.timeout(NOTIFY_PROBE_TIMEOUT_SECONDS):
+                    await arrived.wait()
+            except TimeoutError:
+                self.notify_error = (
+                    f"NOTIFY does not reach this worker (its probe did not come back within "
+                    f"{NOTIFY_PROBE_TIMEOUT_SECONDS:g}s): is the database URL a transaction-mode pooler "
+                    "(PgBouncer pool_mode=transaction)? New rows wait for the poll (pollIntervalSeconds) and "
+                    "partitions change hands at the lease poll; connect directly or through a session-mode pool"
+                )
+                log.warning("%s", self.notify_error)
+                return
+            if self.notify_error:
+                log.info("NOTIFY reaches this worker again")
+            self.notify_error = ""
+            self.probes_answered += 1
+        finally:
+            self._probe = None
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if payload.startswith(NOTIFY_PROBE_PREFIX):  # a probe: this worker's, or another's to ignore
+            probe = self._probe
+            if probe is not None and payload == probe[0]:
+                probe[1].set()
+            return
         self._wake()
         transport = self._transport
         if transport is not None and self._resume is None:

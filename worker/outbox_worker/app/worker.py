@@ -441,6 +441,7 @@ class Worker:
             configError=config_error,
             errorKind=error_kind,
             databaseError=self._database_error(),
+            notifyError=self.listener.notify_error if self.listener else "",
             reportTime=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         )
 

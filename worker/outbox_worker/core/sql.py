@@ -68,6 +68,7 @@ class Sql:
 
     schema: str
     table: str
+
     @classmethod
     def for_table(cls, schema: str, table: str) -> Sql:
         validate_identifier(schema, "schema")
@@ -114,6 +115,11 @@ class Sql:
         """NOTIFY channel of lease changes: a worker joined, released partitions, or left. The payload
         is the sender's instance token, so a worker can ignore its own announcements."""
         return f"{self.schema}.{self.table}_leases"
+
+    @property
+    def notify(self) -> str:
+        """$1 channel, $2 payload: a NOTIFY, as the listener's delivery probe sends it."""
+        return "SELECT pg_notify($1, $2)"
 
     @property
     def lease_notify(self) -> str:
