@@ -5,15 +5,20 @@ same claim after every restart."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
+from test_relay import _is, _true, stored_count, worker_settings
+from test_relay import insert as insert_event
 
 from outbox_common.envelope import OutboxRow
 from outbox_worker.adapters.store import Fence, MarkFirst, OutboxStore, migrate
 from outbox_worker.core.sql import Sql
+from support.polling import wait_for
+from support.relay import running, setup_db
 
 SQL = Sql.for_table("public", "outbox")
 BUDGET = 64 * 1024
@@ -182,3 +187,21 @@ async def test_a_large_payload_is_claimed_at_the_next_claim_while_other_partitio
         else:
             pytest.fail("the large payload was not claimed within 3 claims while other partitions were busy")
         assert claims == 2  # the claim after the one that stopped at it
+
+
+async def test_a_worker_relays_a_large_payload_at_once_not_at_the_poll(pg_dsn: str, nats_url: str) -> None:
+    """A claim that found only a payload over its bound returns no row, but its partition in
+    ``more``: the relay must check it in dirty so that the next claim (alone, fewer rows) takes it
+    at once. Dropped, the row waited for the poll (30 s here), after every such claim."""
+    await setup_db(pg_dsn)
+    # 1,000 rows a claim: a payload bound of 65 bytes; 1,000 bytes is over it and well under the budget
+    settings = worker_settings(pg_dsn, nats_url, poll_interval_seconds=30.0, max_batch_bytes=BUDGET)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        async with running(settings) as worker:
+            await wait_for(lambda: _true(worker.leases is not None and len(worker.leases.owned) == 8), 5, "leases")
+            await asyncio.sleep(0.3)  # the loops idle now, waiting on the 30 s poll
+            await insert_event(conn, "agg-1", payload=b"x" * 1000)
+            await wait_for(lambda: _is(stored_count(nats_url), 1), 5, "the large event stored before the poll")
+    finally:
+        await conn.close()

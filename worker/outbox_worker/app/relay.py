@@ -171,8 +171,8 @@ class RelayLoop:
             self._error(f"claim failed: {type(exc).__name__}")
             await asyncio.sleep(min(c.poll_interval_seconds, CLAIM_RETRY_MAX_SECONDS))
             return frozenset()
-        if not rows:
-            return frozenset()
+        if not rows:  # a claim can find rows and return none (a payload over its bound): not drained
+            return more
         outcome = await self._publish(rows, parts, started + c.batch_timeout_seconds)
         await self._mark(parts, outcome)
         self._stats.batches += 1
