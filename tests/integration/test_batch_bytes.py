@@ -205,3 +205,38 @@ async def test_a_worker_relays_a_large_payload_at_once_not_at_the_poll(pg_dsn: s
             await wait_for(lambda: _is(stored_count(nats_url), 1), 5, "the large event stored before the poll")
     finally:
         await conn.close()
+
+
+async def test_large_payloads_of_one_partition_do_not_starve_another_partitions_large_payload(pg_dsn: str) -> None:
+    """Two partitions stopped at payloads over half the budget: the claim of the large partitions
+    takes one row, the lower partition's (the fair cut's order). The other one must come next, even
+    while the lower partition keeps getting large payloads; forgotten with it, it was stopped again by
+    the next claim, claimed after the lower one again, and waited for as long as that one had large
+    payloads."""
+    async with store_of(pg_dsn) as (pool, store):
+        held = await store.acquire(4, 30.0)
+        parts = sorted(held)
+        names = [f"agg-{i}" for i in range(40)]
+        where = await pool.fetch(
+            "SELECT a, ((hashtextextended(a, 0) & 2147483647) % 4)::int AS p FROM unnest($1::text[]) AS a", names
+        )
+        by_partition: dict[int, str] = {}
+        for r in where:
+            by_partition.setdefault(r["p"], r["a"])
+        low, high = min(by_partition), max(by_partition)
+        large = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+        large += "VALUES ('o', $1, 'e', convert_to(repeat('x', 40000), 'UTF8')) RETURNING id"  # > BUDGET / 2
+        waiting = await pool.fetchval(large, by_partition[high])
+        claims = 0
+        for _ in range(8):
+            claims += 1
+            await pool.fetchval(large, by_partition[low])  # the lower partition never runs dry of large rows
+            claim = await store.claim(parts, ROWS, True)
+            assert payload_bytes(claim.rows) <= BUDGET
+            await pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r.id for r in claim.rows])
+            if waiting in {r.id for r in claim.rows}:
+                break
+            assert high in claim.more
+        else:
+            pytest.fail("the higher partition's large payload waited while the lower one had large payloads")
+        assert claims <= 3  # stopped at, claimed with the lower one (which goes first), then alone

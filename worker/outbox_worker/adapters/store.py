@@ -525,12 +525,15 @@ class OutboxStore:
         counts: dict[int, int] = {}  # rows per partition (a Counter costs ~4x for a handful)
         for r in records:
             counts[r[2]] = counts.get(r[2], 0) + 1
-        if large or deferred:
-            for p in parts:
-                self._large.pop(p, None)
-            self._large.update(deferred)
         full = cut and len(records) >= limit
         unknown = full and limit < len(parts)  # the cut may have taken a partition's first row
+        if large or deferred:
+            # A large partition the cut left out (fewer rows than large partitions, the lowest go
+            # first) stays large: the next claim takes it before the claimed ones stop again.
+            for p in parts:
+                if p in counts or not unknown:
+                    self._large.pop(p, None)
+            self._large.update(deferred)
         for p in parts:
             if p in counts:
                 self._idle.discard(p)
