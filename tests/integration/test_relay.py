@@ -323,6 +323,36 @@ async def test_a_worker_whose_notifies_are_lost_reports_it_and_relays_by_the_pol
     assert_clean(await verify(pg_dsn, SQL, nats_url, STREAM), 10)
 
 
+async def test_a_listen_failure_is_not_reported_once_listen_works_again(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """notifyError says LISTEN failed "until it works again": once it does, the error goes, even when
+    the probe that follows cannot be sent (no connection slot left, say, after an outage). Kept,
+    the operator's Degraded=NotifyUnavailable stayed until the next reconnect, possibly for ever."""
+    await setup_db(pg_dsn)
+    real_connect = asyncpg.connect
+    calls = 0
+
+    async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+        nonlocal calls
+        calls += 1
+        if calls != 2:  # the first LISTEN fails, the second works, every probe's connection fails
+            raise ConnectionRefusedError("no slot")
+        return await real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(asyncpg, "connect", connect)
+    wakes: list[float] = []
+    listener = Listener(pg_dsn, SQL, lambda: wakes.append(time.monotonic()))
+    task = asyncio.create_task(listener.run())
+    try:
+        await wait_for(lambda: _true(len(wakes) == 1 and calls >= 3), 10, "LISTEN, then the probe's connection")
+        assert listener.notify_error == ""
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def _value(value: str) -> str:
     return value
 

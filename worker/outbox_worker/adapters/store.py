@@ -706,6 +706,7 @@ class Listener:
         self.notify_error = ""
         self.probes_answered = 0  # probes that came back (a test reads it)
         self._probe: tuple[str, asyncio.Event] | None = None  # the payload awaited, and its arrival
+        self._listen_failed = False  # notify_error is a failed LISTEN's (not a probe's verdict)
 
     def also_listen(self, channel: str, on_payload: Callable[[str], None]) -> None:
         """Also LISTEN on ``channel`` (call before :meth:`run`): ``on_payload`` gets each NOTIFY's
@@ -725,6 +726,8 @@ class Listener:
                     await conn.add_listener(channel, _pass_payload_to(on_payload))
                 self._transport = _read_transport(conn) if self._window > 0 else None
                 failures = 0
+                if self._listen_failed:  # that error is over, whatever the probe says (it may not be sent)
+                    self.notify_error, self._listen_failed = "", False
                 self._wake()  # rows may have arrived while we were not listening
                 for on_payload in self._also.values():
                     on_payload("")  # so may have announcements
@@ -738,6 +741,7 @@ class Listener:
                     f"LISTEN failed ({type(exc).__name__}): new rows are found by the poll "
                     "(pollIntervalSeconds) until it works again"
                 )
+                self._listen_failed = True
             finally:
                 self._end_window()
                 self._transport = None
