@@ -484,8 +484,9 @@ class OutboxStore:
         partition comes back in ``more``. The next claim given that partition claims it alone (with
         any other such partition), ``batch_bytes // size`` rows at most (at least one), so the large
         payload comes then; the other partitions it was given come back in ``more``, claimed at once
-        by the next. Small payloads cost nothing more: the bound is a comparison per row in
-        PostgreSQL. A payload over ``max_payload`` still comes as NULL, for the relay to dead-letter.
+        by the next. Payloads up to ``batch_bytes // limit`` cost nothing more (the bound is a
+        comparison per row in PostgreSQL); a partition of larger ones costs a second claim per batch.
+        A payload over ``max_payload`` still comes as NULL, for the relay to dead-letter.
         """
         parts = list(partitions)
         if not parts:
@@ -690,7 +691,8 @@ class Listener:
     transaction-mode pooler such as PgBouncer's ``pool_mode=transaction`` runs LISTEN on a server
     connection it then hands to other clients), or LISTEN fails, :attr:`notify_error` says so: the
     worker still relays, by the poll, and reports it (the operator's ``Degraded=NotifyUnavailable``)
-    instead of being slow without a word. Other workers of the table ignore the probe.
+    instead of being slow without a word. Other workers of the table ignore the probe (workers of
+    releases before it take it for a new row: one claim that finds nothing).
     """
 
     def __init__(self, dsn: str, sql: Sql, wake: Callable[[], None], window: float = 0.0) -> None:
