@@ -223,6 +223,12 @@ async def test_notify_wakes_an_idle_worker_long_before_the_poll(pg_dsn: str, nat
                 # right after the previous one is stored: the worker may still be marking it
                 await wait_for(lambda n=i + 1: _is(stored_count(nats_url), n), 3, f"event {i} stored")
                 latencies.append(time.monotonic() - t0)
+            listener = worker.listener
+            assert listener is not None
+            await wait_for(lambda: _true(listener.probes_answered >= 1), 10, "the probe after LISTEN")
+            await worker.sample_pressure()
+            assert 'outbox_notify_unavailable{publisher="relay"} 0.0' in worker.metrics.render().decode()
+            assert worker.report().notifyError == ""
         assert max(latencies) < 1.5, latencies
     finally:
         await conn.close()
@@ -305,7 +311,8 @@ async def test_the_listener_probes_that_notifies_arrive_and_says_when_they_do_no
 
 async def test_a_worker_whose_notifies_are_lost_reports_it_and_relays_by_the_poll(pg_dsn: str, nats_url: str) -> None:
     """The whole worker through a connection that loses notifications: its report's notifyError
-    says so (the operator's Degraded=NotifyUnavailable), and every row still goes, by the poll."""
+    says so (the operator's Degraded=NotifyUnavailable), so does the gauge the chart's alert reads,
+    and every row still goes, by the poll."""
     await setup_db(pg_dsn)
     with TcpProxy(int(urllib.parse.urlsplit(pg_dsn).port or 0), drop_pg_notifications=True) as proxy:
         settings = worker_settings(_through(proxy, pg_dsn), nats_url, poll_interval_seconds=0.5)
@@ -317,6 +324,8 @@ async def test_a_worker_whose_notifies_are_lost_reports_it_and_relays_by_the_pol
                 for i in range(10):
                     await insert(conn, f"agg-{i}")
                 await wait_for(lambda: _is(stored_count(nats_url), 10), 15, "10 events stored by the poll")
+                await worker.sample_pressure()
+                assert 'outbox_notify_unavailable{publisher="relay"} 1.0' in worker.metrics.render().decode()
         finally:
             await conn.close()
         assert proxy.stats.notifications_dropped >= 10  # the inserts' NOTIFYs were lost too

@@ -147,6 +147,12 @@ class Metrics:
         self.dead_letters_waiting = Gauge(
             names.M_DEAD_LETTERS_WAITING, "The publisher's rows in the dead-letter table now", pl, registry=r
         ).labels(publisher)
+        self.notify_unavailable = Gauge(
+            names.M_NOTIFY_UNAVAILABLE,
+            "1 while NOTIFYs do not reach this worker (its LISTEN probe did not come back): it relays by the poll",
+            pl,
+            registry=r,
+        ).labels(publisher)
         self._handovers = Counter(
             names.M_HANDOVERS.removesuffix("_total"), "Lease changes by kind", [*pl, names.LABEL_KIND], registry=r
         )

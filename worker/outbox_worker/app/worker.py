@@ -403,6 +403,7 @@ class Worker:
         self.metrics.backlog.set(self.backlog)
         self.metrics.oldest_age.set(self.oldest_age)
         self.metrics.dead_letters_waiting.set(self.dead_letters_waiting)
+        self.metrics.notify_unavailable.set(1 if self.listener is not None and self.listener.notify_error else 0)
         now = time.monotonic()
         dt = now - self._last_rate_at
         if dt > 0:
