@@ -49,6 +49,18 @@ async def insert(pool: asyncpg.Pool, sizes: list[int]) -> list[int]:
     return [r["id"] for r in rows]
 
 
+async def aggregates_by_partition(pool: asyncpg.Pool) -> dict[int, list[str]]:
+    """Aggregate ids agg-0 … agg-39 by the partition (of 4) their rows land in (the table's own hash)."""
+    rows = await pool.fetch(
+        "SELECT a, ((hashtextextended(a, 0) & 2147483647) % 4)::int AS p FROM unnest($1::text[]) AS a",
+        [f"agg-{i}" for i in range(40)],
+    )
+    out: dict[int, list[str]] = {}
+    for r in rows:
+        out.setdefault(r["p"], []).append(r["a"])
+    return out
+
+
 def payload_bytes(rows: list[OutboxRow]) -> int:
     return sum(len(r.payload or b"") for r in rows)
 
@@ -157,13 +169,7 @@ async def test_a_large_payload_is_claimed_at_the_next_claim_while_other_partitio
     async with store_of(pg_dsn) as (pool, store):
         held = await store.acquire(4, 30.0)
         parts = sorted(held)
-        names = [f"agg-{i}" for i in range(40)]
-        where = await pool.fetch(
-            "SELECT a, ((hashtextextended(a, 0) & 2147483647) % 4)::int AS p FROM unnest($1::text[]) AS a", names
-        )
-        by_partition: dict[int, list[str]] = {}
-        for r in where:
-            by_partition.setdefault(r["p"], []).append(r["a"])
+        by_partition = await aggregates_by_partition(pool)
         large_partition = max(by_partition)
         busy = [a for p, aggs in by_partition.items() if p != large_partition for a in aggs]
         big = await pool.fetchval(
@@ -216,13 +222,7 @@ async def test_large_payloads_of_one_partition_do_not_starve_another_partitions_
     async with store_of(pg_dsn) as (pool, store):
         held = await store.acquire(4, 30.0)
         parts = sorted(held)
-        names = [f"agg-{i}" for i in range(40)]
-        where = await pool.fetch(
-            "SELECT a, ((hashtextextended(a, 0) & 2147483647) % 4)::int AS p FROM unnest($1::text[]) AS a", names
-        )
-        by_partition: dict[int, str] = {}
-        for r in where:
-            by_partition.setdefault(r["p"], r["a"])
+        by_partition = {p: aggs[0] for p, aggs in (await aggregates_by_partition(pool)).items()}
         low, high = min(by_partition), max(by_partition)
         large = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
         large += "VALUES ('o', $1, 'e', convert_to(repeat('x', 40000), 'UTF8')) RETURNING id"  # > BUDGET / 2
