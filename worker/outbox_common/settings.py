@@ -185,8 +185,9 @@ class WorkerSettings(BaseSettings):
         16 * 1024 * 1024,
         ge=64 * 1024,
         le=1024 * 1024 * 1024,
-        description="Payload bytes claimed per batch at most (oldest rows first); a batch always holds at "
-        "least one row, so a larger payload goes alone.",
+        description="Payload bytes claimed per batch at most: a batch of n rows takes payloads up to this / n "
+        "bytes, a larger one waits for the next batch, which takes its partition alone with fewer rows; a "
+        "batch always holds at least one row, so a payload over this goes alone.",
     )
     loops: int = Field(4, ge=1, le=16, description="Concurrent claim/publish loops per worker.")
     max_in_flight: int = Field(4000, ge=1, le=100000, description="Upper bound of unacknowledged publishes per worker.")
