@@ -130,13 +130,15 @@ async def claim_with_an_id_cursor(
     marked = 0
     if mark_first is not None and mark_first.ids:
         marked = await self.mark_done(mark_first.fence, mark_first.ids, mark_first.delete)
+    columns = self.sql._COLUMNS.replace("$PAYLOAD_BOUND", "$4")  # the real claim's columns, payloads unbounded
     records = await self.pool.fetch(
-        f"SELECT {self.sql._COLUMNS} FROM {self.sql.outbox} AS o "
+        f"SELECT {columns} FROM {self.sql.outbox} AS o "
         "WHERE o.partition = ANY($1::int[]) AND o.published_at IS NULL AND o.id > $2 "
         "ORDER BY o.id LIMIT $3",
         list(partitions),
         _cursor_last_seen,
         limit,
+        store.UNBOUNDED_PAYLOAD,
     )
     rows = [store._row(r) for r in records]
     if rows:
