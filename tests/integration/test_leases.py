@@ -557,13 +557,86 @@ async def test_a_database_that_stops_answering_is_reported_until_it_answers_agai
     await setup_db(own_pg.dsn)
     settings = worker_settings(own_pg.dsn, nats_url, lease_ttl_seconds=3.0, db_timeout_seconds=2.0)
     async with running(settings) as worker:
+        assert worker.leases is not None
+        leases = worker.leases
+        # Running, not just started: the side tasks (the lease loop among them) are up.
+        await wait_for(lambda: worker._tasks and leases.owned, 10, "the worker running and holding partitions")
         assert worker.report().databaseError == ""
         own_pg.kill()
         try:
-            down = await wait_for(lambda: worker.report().databaseError, 30, "databaseError while PostgreSQL is down")
-            assert down.startswith("the database has not answered lease renewals for ")
-            assert "lease renewal failed: " in down
-            assert "postgresql://" not in down
+            await assert_reported_while_down(worker)
         finally:
             own_pg.restart()
         await wait_for(lambda: worker.report().databaseError == "", 30, "databaseError cleared after the restart")
+
+
+async def test_a_database_that_dies_as_the_worker_starts_running_is_reported_and_survived(
+    own_pg: ControlledPostgres, nats_url: str
+) -> None:
+    """PostgreSQL dies between the worker's start (connected, joined) and its run (first lease tick,
+    the join's announcement, the side tasks): the worker keeps running and reports databaseError,
+    as it does for an outage later on, and relays once the database is back. The join's
+    announcement failed there once with an error asyncpg does not class as a connection error, and
+    ended the worker before its lease loop ever ran."""
+    from test_relay_failures import insert, worker_settings
+
+    from support.relay import setup_db
+
+    await setup_db(own_pg.dsn)
+    worker = Worker(
+        WorkerConfig.from_settings(worker_settings(own_pg.dsn, nats_url, lease_ttl_seconds=3.0, db_timeout_seconds=2.0))
+    )
+    await worker.start()
+    own_pg.kill()
+    task = asyncio.create_task(worker.run())
+    try:
+        try:
+            await assert_reported_while_down(worker, task)
+        finally:
+            own_pg.restart()
+        await wait_for(lambda: worker.report().databaseError == "", 30, "databaseError cleared after the restart")
+        conn = await asyncpg.connect(own_pg.dsn)
+        try:
+            await insert(conn, "order", "after-the-outage")
+            await wait_for(
+                lambda: conn.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"),
+                30,
+                "the row committed after the outage published",
+            )
+        finally:
+            await conn.close()
+        assert not task.done()
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def assert_reported_while_down(worker: Worker, task: asyncio.Task[None] | None = None) -> None:
+    """Wait for the worker's report to carry databaseError, and check what it says (never the DSN)."""
+
+    def reported() -> str:
+        assert task is None or not task.done(), f"the worker ended: {task.exception()!r}"
+        return worker.report().databaseError
+
+    down = await wait_for(reported, 30, "databaseError while PostgreSQL is down")
+    assert down.startswith("the database has not answered lease renewals for ")
+    assert "lease renewal failed: " in down
+    assert "postgresql://" not in down
+
+
+async def test_a_lease_announcement_that_fails_in_any_way_is_logged_not_raised(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Announcing a lease change is best effort (peers rebalance at their next tick anyway), so no
+    failure of it may escape: here the pool is closed, and asyncpg raises InterfaceError, neither a
+    PostgresError nor an OSError."""
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    assert pool is not None
+    async with pool.acquire() as conn:
+        await migrate(conn, SQL, 4)
+    store = OutboxStore(pool, SQL, "p", "worker-a")
+    await pool.close()
+    with pytest.raises(asyncpg.InterfaceError):  # what the announcement's statement raises now
+        await pool.execute(SQL.lease_notify, SQL.lease_channel, store.instance)
+    await store.announce_lease_change()
+    assert "lease change announcement failed (InterfaceError)" in caplog.text

@@ -450,10 +450,14 @@ class OutboxStore:
     async def announce_lease_change(self) -> None:
         """Tell the other workers of this table that shares changed (this worker joined, released
         partitions, or left), so they rebalance now instead of at their next lease tick. Best effort:
-        a failed announcement only delays the handover to that tick, so it is logged, not raised."""
+        a failed announcement only delays the handover to that tick, so it is logged, not raised,
+        whatever the failure: besides refused connections and timeouts, asyncpg raises InterfaceError
+        (a closed pool) and InternalClientError (a pooled connection PostgreSQL has just dropped,
+        handed out before asyncpg noticed), and the worker announces its join outside any task that
+        retries, so an escaped error ended the whole worker when the database died as it started."""
         try:
             await self.pool.execute(self.sql.lease_notify, self.sql.lease_channel, self.instance)
-        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        except Exception as exc:
             log.warning("lease change announcement failed (%s); peers rebalance at their next tick", type(exc).__name__)
 
     async def lease_table(self) -> list[asyncpg.Record]:
