@@ -526,10 +526,7 @@ class OutboxStore:
             marked = records[0][-1]
             if records[0][0] is None:  # nothing to claim: the one row only carries the count
                 records = []
-        rows, deferred = self._rows(records)
-        counts: dict[int, int] = {}  # rows per partition (a Counter costs ~4x for a handful)
-        for r in records:
-            counts[r[2]] = counts.get(r[2], 0) + 1
+        rows, counts, deferred = self._rows(records)
         full = cut and len(records) >= limit
         unknown = full and limit < len(parts)  # the cut may have taken a partition's first row
         if large or deferred:
@@ -557,22 +554,25 @@ class OutboxStore:
             bound = min(bound, self._batch_bytes // rows)
         return bound
 
-    def _rows(self, records: list[asyncpg.Record]) -> tuple[list[OutboxRow], dict[int, int]]:
-        """The claimed rows, each partition's cut before its first payload the claim left out for its
-        byte budget (not for max_payload: the relay dead-letters those); and {partition: size of the
-        payload it was cut at}. Records come in (partition, id) order."""
+    def _rows(self, records: list[asyncpg.Record]) -> tuple[list[OutboxRow], dict[int, int], dict[int, int]]:
+        """In one pass over the records (they come in (partition, id) order): the claimed rows, each
+        partition's cut before its first payload the claim left out for its byte budget (not for
+        max_payload: the relay dead-letters those); {partition: records claimed}, cut ones included,
+        for the shares; and {partition: size of the payload it was cut at}."""
         deferred: dict[int, int] = {}
+        counts: dict[int, int] = {}  # a Counter costs ~4x for a handful
         rows: list[OutboxRow] = []
         max_payload = self._max_payload or UNBOUNDED_PAYLOAD
         for r in records:
             partition = r[2]
+            counts[partition] = counts.get(partition, 0) + 1
             if partition in deferred:
                 continue
             if r[7] is None and r[SIZE] <= max_payload:
                 deferred[partition] = r[SIZE]
                 continue
             rows.append(_row(r))
-        return rows, deferred
+        return rows, counts, deferred
 
     def _claim_sql(self, ordered: bool, cut: bool, mark_delete: bool | None) -> str:
         """The claim statement of this kind (built once: the text takes ~10 µs to format), with a
