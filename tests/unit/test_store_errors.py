@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from outbox_worker.adapters.store import DatabaseAuthError, DatabaseUnavailableError, connection_error
+from outbox_worker.adapters.store import DatabaseAuthError, DatabaseUnavailableError, connection_error, dsn_error
 
 
 @pytest.mark.parametrize(
@@ -18,6 +18,11 @@ from outbox_worker.adapters.store import DatabaseAuthError, DatabaseUnavailableE
         (ConnectionRefusedError(111, "refused"), DatabaseUnavailableError, "not reachable"),
         (TimeoutError(), DatabaseUnavailableError, "not reachable"),
         (asyncpg.CannotConnectNowError("starting up"), DatabaseUnavailableError, "not reachable"),
+        (asyncpg.TooManyConnectionsError("sorry, too many clients"), DatabaseUnavailableError, "not reachable"),
+        (asyncpg.AdminShutdownError("terminating connection"), DatabaseUnavailableError, "not reachable"),
+        (asyncpg.ConnectionDoesNotExistError("connection was closed"), DatabaseUnavailableError, "not reachable"),
+        (asyncpg.InterfaceError("connection is closed"), DatabaseUnavailableError, "not reachable"),
+        (asyncpg.InternalClientError("cannot switch to state 11"), DatabaseUnavailableError, "not reachable"),
     ],
 )
 def test_connection_errors_map_to_a_typed_error_naming_the_fix(exc: Exception, kind: type, text: str) -> None:
@@ -31,6 +36,9 @@ def test_connection_errors_map_to_a_typed_error_naming_the_fix(exc: Exception, k
 def test_other_errors_are_not_connection_errors() -> None:
     assert connection_error(asyncpg.UndefinedTableError("relation does not exist"), "fix") is None
     assert connection_error(ValueError("x"), "fix") is None
+    # An InterfaceError, but a DSN asyncpg cannot parse: dsn_error's, a configuration error.
+    assert connection_error(asyncpg.ClientConfigurationError("invalid port"), "fix") is None
+    assert isinstance(dsn_error(asyncpg.ClientConfigurationError("invalid port"), "fix"), DatabaseAuthError)
 
 
 @pytest.mark.parametrize(

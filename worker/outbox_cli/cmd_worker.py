@@ -127,6 +127,13 @@ async def serve(settings: WorkerSettings) -> int:
         log.error("unavailable: %s", exc)
         await worker.close()
         return EXIT_UNAVAILABLE
+    except Exception:
+        # None of the errors above: a defect, or a failure no mapping knows yet. Its traceback goes to
+        # the log, and close() still leaves the membership, so a restart under the same worker id
+        # (the pod's container) does not wait a lease TTL for its own heartbeat row.
+        log.exception("start-up failed")
+        await worker.close()
+        return EXIT_FAILURE
     tune_gc()  # started: imports done, connections open
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

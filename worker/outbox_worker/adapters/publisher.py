@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 import time
 from collections.abc import Mapping, Sequence
@@ -169,14 +170,24 @@ class JetStreamPublisher:
     # --- lifecycle --------------------------------------------------------------------------------
     async def connect(self, timeout: float = 10.0) -> None:
         """Connect, subscribe the ack inbox. Raises NatsConfigError on bad credentials,
-        NatsUnavailableError when no server answers within ``timeout``."""
+        NatsUnavailableError when no server answers within ``timeout``.
+
+        The long-lived connection after the probe is bounded by ``timeout`` too: with reconnects on,
+        nats-py would try a server that went away since the probe forever. Such a failure closes it
+        again (no client is left reconnecting in the background) and is NatsUnavailableError."""
         opts = self._connect_options()
         await self._probe_once(opts, timeout)
         # Now the long-lived connection with reconnects enabled.
-        self._nc = await nats.connect(**opts)
-        self._max_payload = self._nc.max_payload
-        await self._subscribe_acks(self._nc)
-        await self._nc.flush(timeout=int(timeout))
+        nc = self._nc = Client()
+        try:
+            async with asyncio.timeout(timeout):
+                await nc.connect(**opts)
+                await self._subscribe_acks(nc)
+                await nc.flush(timeout=max(1, math.ceil(timeout)))  # nats-py refuses a flush timeout of 0
+        except (TimeoutError, OSError, nats_errors.Error) as exc:
+            await self.close(timeout=1.0)
+            raise NatsUnavailableError(f"the NATS server went away while connecting: {type(exc).__name__}") from None
+        self._max_payload = nc.max_payload
 
     def _connect_options(self) -> dict[str, Any]:
         """nats-py's connect arguments: reconnect forever (the worker's supervision decides), detect a

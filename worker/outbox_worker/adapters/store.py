@@ -158,14 +158,34 @@ def connection_error(exc: BaseException, fix: str) -> DatabaseAuthError | Databa
     example "check the database Secret"); None when ``exc`` is no connection failure. The one place
     asyncpg's connection errors are read: rejected credentials or a missing database are
     :class:`DatabaseAuthError` (a configuration error), an unreachable server
-    :class:`DatabaseUnavailableError`. Messages never carry the DSN (it holds the password)."""
+    :class:`DatabaseUnavailableError`. Messages never carry the DSN (it holds the password).
+
+    Unavailable, besides a refused or timed-out connection: no free connection slot
+    (TooManyConnectionsError, common right after a restart, when every client reconnects at once),
+    a server starting up or shutting down (OperatorInterventionError), a connection dropped
+    mid-statement (PostgresConnectionError, InterfaceError) and a pooled connection asyncpg handed
+    out just after PostgreSQL dropped it (InternalClientError). Not a DSN asyncpg cannot parse
+    (ClientConfigurationError, an InterfaceError and a ValueError): :func:`dsn_error` reads that."""
     if isinstance(exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
         return DatabaseAuthError(f"PostgreSQL rejected the credentials ({type(exc).__name__}): {fix}")
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return DatabaseAuthError(f"the database named in the DSN does not exist: {fix}")
-    if isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError):
+    if isinstance(exc, ValueError):
+        return None
+    if isinstance(exc, _UNAVAILABLE):
         return DatabaseUnavailableError(f"PostgreSQL is not reachable: {type(exc).__name__}")
     return None
+
+
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 async def migrate(conn: asyncpg.Connection, sql: Sql, partitions: int | None) -> MigrationResult:

@@ -1,0 +1,104 @@
+"""A worker's start-up against servers that are there but not ready: PostgreSQL with no free
+connection slot, a start-up budget with under a second left for NATS. Each either waits, within the
+start-up timeout, or fails with the typed error the exit codes read (unavailable: exit 4), never
+with a raw client error (exit 1 and a traceback)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from outbox_common.config import NatsConfig, WorkerConfig
+from outbox_worker.adapters.publisher import JetStreamPublisher
+from outbox_worker.adapters.store import DatabaseUnavailableError
+from outbox_worker.app.worker import Worker
+from support.relay import setup_db
+from support.servers import ControlledPostgres
+
+SLOTS = 6  # max_connections of the PostgreSQL here
+
+
+@pytest.fixture
+def small_pg() -> Iterator[ControlledPostgres]:
+    """A private PostgreSQL with room for only SLOTS connections."""
+    server = ControlledPostgres(max_connections=SLOTS)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+async def take_every_slot(dsn: str) -> list[asyncpg.Connection]:
+    """Open connections until PostgreSQL refuses one for want of a slot; return the open ones."""
+    held: list[asyncpg.Connection] = []
+    for _ in range(SLOTS + 1):
+        try:
+            held.append(await asyncpg.connect(dsn, timeout=5))
+        except asyncpg.TooManyConnectionsError:
+            return held
+    raise AssertionError(f"PostgreSQL took {len(held)} connections, more than max_connections={SLOTS}")
+
+
+def worker_config(dsn: str, nats_url: str, startup_timeout: float) -> WorkerConfig:
+    from test_relay_failures import worker_settings
+
+    return WorkerConfig.from_settings(
+        worker_settings(dsn, nats_url, db_pool_size=2, startup_timeout_seconds=startup_timeout)
+    )
+
+
+async def test_no_free_connection_slot_until_the_deadline_is_unavailable(
+    small_pg: ControlledPostgres, nats_url: str
+) -> None:
+    """'Sorry, too many clients already' is a database that is not available yet (every client
+    reconnecting after a restart causes it): retried until the start-up timeout, then
+    DatabaseUnavailableError, which ``outboxctl worker`` exits 4 on."""
+    await setup_db(small_pg.dsn)
+    held = await take_every_slot(small_pg.dsn)
+    worker = Worker(worker_config(small_pg.dsn, nats_url, startup_timeout=2.0))
+    try:
+        with pytest.raises(DatabaseUnavailableError) as info:
+            await worker.start()
+        assert "TooManyConnectionsError" in str(info.value)
+        assert "postgresql://" not in str(info.value)
+    finally:
+        await worker.close()
+        for conn in held:
+            await conn.close()
+
+
+async def test_a_slot_freed_within_the_start_up_timeout_is_taken(small_pg: ControlledPostgres, nats_url: str) -> None:
+    await setup_db(small_pg.dsn)
+    held = await take_every_slot(small_pg.dsn)
+    worker = Worker(worker_config(small_pg.dsn, nats_url, startup_timeout=30.0))
+    starting = asyncio.create_task(worker.start())
+    try:
+        await asyncio.sleep(1.5)
+        assert not starting.done(), "the worker started with no free slot, or gave up at once"
+        for conn in held:
+            await conn.close()
+        held = []
+        async with asyncio.timeout(20):
+            await starting
+        assert worker.leases is not None  # started: joined, NATS connected, leases built
+    finally:
+        starting.cancel()
+        with contextlib.suppress(BaseException):
+            await starting
+        await worker.close()
+        for conn in held:
+            await conn.close()
+
+
+async def test_nats_connects_with_under_a_second_of_the_budget_left(nats_url: str) -> None:
+    """The worker gives each connection attempt what is left of its start-up budget, at least 0.5 s;
+    nats-py refuses a flush timeout that rounds down to 0, so the connect must not pass one."""
+    publisher = JetStreamPublisher(NatsConfig.for_url(nats_url))
+    try:
+        await publisher.connect(timeout=0.5)
+        assert publisher.connected
+    finally:
+        await publisher.close()
