@@ -63,7 +63,8 @@ class ApiError(Exception):
 
     def __init__(self, status: int, method: str, path: str, body: Any) -> None:
         message = body.get("message") if isinstance(body, Mapping) else str(body)[:300]
-        super().__init__(redact(f"{method} {path}: HTTP {status}: {message}", []))
+        answer = f"HTTP {status}: " if status else ""  # 0: no answer at all (see Kube.request)
+        super().__init__(redact(f"{method} {path}: {answer}{message}", []))
         self.status = status
         self.body = body
 
@@ -166,15 +167,27 @@ class Kube:
         body: Any = None,
         content_type: str = "application/json",
     ) -> Any:
+        """One request; its JSON answer. Raises :class:`ApiError` for an error answer, one that is not
+        JSON (a proxy's HTML 502 page: its first 300 characters are the message), and for no answer
+        at all (refused, reset, timed out: status 0), so every caller's handling of a failed request
+        (the pass asked for again, an Event skipped) covers each of them."""
         headers = {"Accept": "application/json", "Content-Type": content_type, **self._auth_headers()}
         payload = None if body is None else json.dumps(body)
         session = self._session_for_loop()
-        async with session.request(
-            method, self.configuration.host.rstrip("/") + path, data=payload, headers=headers
-        ) as response:
-            raw = await response.read()
-            status = response.status
-        data: Any = json.loads(raw) if raw else None
+        try:
+            async with session.request(
+                method, self.configuration.host.rstrip("/") + path, data=payload, headers=headers
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiError(0, method, path, f"no answer from the API server ({type(exc).__name__})") from None
+        try:
+            data: Any = json.loads(raw) if raw else None
+        except ValueError:
+            text = raw.decode(errors="replace")
+            message = text if status >= 400 else f"an answer that is not JSON: {text}"
+            raise ApiError(status, method, path, message) from None
         if status >= 400:
             raise ApiError(status, method, path, data)
         return data
