@@ -559,8 +559,7 @@ async def test_a_database_that_stops_answering_is_reported_until_it_answers_agai
     async with running(settings) as worker:
         assert worker.leases is not None
         leases = worker.leases
-        # Running, not just started: the side tasks (the lease loop among them) are up.
-        await wait_for(lambda: worker._tasks and leases.owned, 10, "the worker running and holding partitions")
+        await wait_for(lambda: leases.owned, 10, "the worker holding partitions")
         assert worker.report().databaseError == ""
         own_pg.kill()
         try:

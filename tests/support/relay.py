@@ -19,6 +19,7 @@ from outbox_worker.app.relay import RelayHooks
 from outbox_worker.app.worker import Worker
 from outbox_worker.core.policy import PublishResult
 from outbox_worker.core.sql import Sql
+from support.polling import wait_for
 
 SQL = Sql.for_table("public", "outbox")
 
@@ -26,11 +27,16 @@ SQL = Sql.for_table("public", "outbox")
 @contextlib.asynccontextmanager
 async def running(settings: WorkerSettings, hooks: RelayHooks | None = None) -> AsyncIterator[Worker]:
     """An in-process worker, started and relaying for the duration of the block, then stopped (SIGTERM path).
-    ``settings`` goes through :meth:`WorkerConfig.from_settings` as in ``outboxctl worker``."""
+    ``settings`` goes through :meth:`WorkerConfig.from_settings` as in ``outboxctl worker``.
+
+    The block starts once ``run`` has started its tasks (lease loop, listener, relay loops), or has
+    ended (its error is raised on exit): what the block does (kill PostgreSQL, say) happens to a
+    running worker, not to one still between ``start`` and ``run``."""
     worker = Worker(WorkerConfig.from_settings(settings), hooks=hooks)
     await worker.start()
     task = asyncio.create_task(worker.run())
     try:
+        await wait_for(lambda: worker._tasks or task.done(), 10, "the worker's run() starting its tasks")
         yield worker
     finally:
         worker.request_stop()
