@@ -58,8 +58,9 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 class ApiError(Exception):
-    """An API server's error answer. Its text (logged, raised to kopf) has URL credentials removed:
-    the server's message may quote a value the operator sent."""
+    """A failed request to the API server (:meth:`Kube.request`): an error answer, an answer that is
+    not JSON, or no answer at all (``status`` 0). Its text (logged, raised to kopf) has URL
+    credentials removed: the server's message may quote a value the operator sent."""
 
     def __init__(self, status: int, method: str, path: str, body: Any) -> None:
         message = body.get("message") if isinstance(body, Mapping) else str(body)[:300]

@@ -37,6 +37,9 @@ async def running(settings: WorkerSettings, hooks: RelayHooks | None = None) -> 
     task = asyncio.create_task(worker.run())
     try:
         await wait_for(lambda: worker._tasks or task.done(), 10, "the worker's run() starting its tasks")
+        if task.done():
+            task.result()  # run() ended before its tasks started: its error, now
+            raise AssertionError("the worker's run() returned before it started its tasks")
         yield worker
     finally:
         worker.request_stop()

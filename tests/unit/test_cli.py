@@ -231,3 +231,24 @@ def test_dead_letters_statement_timeout_is_one_line_and_exit_1(
     err = capsys.readouterr().err
     assert "nothing was changed: act on fewer at a time (--limit" in err
     assert "Traceback" not in err
+
+
+def test_the_workers_json_log_carries_an_exceptions_traceback() -> None:
+    """``log.exception`` in a worker that logs JSON (the operator's default) keeps the traceback,
+    as the text format does: a start-up failure no mapping knows says what it was."""
+    import json
+    import logging
+
+    formatter = cmd_worker._JsonFormatter()
+    try:
+        raise RuntimeError("what went wrong")
+    except RuntimeError:
+        record = logging.LogRecord(
+            "outbox_worker", logging.ERROR, __file__, 1, "start-up failed: %s", ("X",), sys.exc_info()
+        )
+    entry = json.loads(formatter.format(record))
+    assert entry["message"] == "start-up failed: X"
+    assert "RuntimeError: what went wrong" in entry["exception"]
+    assert "Traceback" in entry["exception"]
+    plain = logging.LogRecord("outbox_worker", logging.INFO, __file__, 1, "fine", (), None)
+    assert "exception" not in json.loads(formatter.format(plain))

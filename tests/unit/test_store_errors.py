@@ -36,6 +36,10 @@ def test_connection_errors_map_to_a_typed_error_naming_the_fix(exc: Exception, k
 def test_other_errors_are_not_connection_errors() -> None:
     assert connection_error(asyncpg.UndefinedTableError("relation does not exist"), "fix") is None
     assert connection_error(ValueError("x"), "fix") is None
+    # What a transaction-mode pooler answers to prepared statements: retrying cannot fix it.
+    assert connection_error(asyncpg.ProtocolViolationError("bind message supplies 1 parameters"), "fix") is None
+    # asyncpg's InterfaceErrors other than a closed connection or pool: at login, no retry helps.
+    assert connection_error(asyncpg.InterfaceError("unsupported authentication method requested"), "fix") is None
     # An InterfaceError, but a DSN asyncpg cannot parse: dsn_error's, a configuration error.
     assert connection_error(asyncpg.ClientConfigurationError("invalid port"), "fix") is None
     assert isinstance(dsn_error(asyncpg.ClientConfigurationError("invalid port"), "fix"), DatabaseAuthError)

@@ -61,14 +61,15 @@ class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         import json
 
-        return json.dumps(
-            {
-                "time": self.formatTime(record),
-                "level": record.levelname,
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        )
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:  # log.exception: the traceback too, as the text format prints it
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,11 +128,11 @@ async def serve(settings: WorkerSettings) -> int:
         log.error("unavailable: %s", exc)
         await worker.close()
         return EXIT_UNAVAILABLE
-    except Exception:
+    except Exception as exc:
         # None of the errors above: a defect, or a failure no mapping knows yet. Its traceback goes to
         # the log, and close() still leaves the membership, so a restart under the same worker id
         # (the pod's container) does not wait a lease TTL for its own heartbeat row.
-        log.exception("start-up failed")
+        log.exception("start-up failed: %s", type(exc).__name__)
         await worker.close()
         return EXIT_FAILURE
     tune_gc()  # started: imports done, connections open

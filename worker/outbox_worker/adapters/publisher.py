@@ -172,18 +172,21 @@ class JetStreamPublisher:
         """Connect, subscribe the ack inbox. Raises NatsConfigError on bad credentials,
         NatsUnavailableError when no server answers within ``timeout``.
 
-        The long-lived connection after the probe is bounded by ``timeout`` too: with reconnects on,
-        nats-py would try a server that went away since the probe forever. Such a failure closes it
-        again (no client is left reconnecting in the background) and is NatsUnavailableError."""
+        ``timeout`` bounds the whole call: the probe, then the long-lived connection with what is
+        left (at least 0.5 s), since with reconnects on nats-py would try a server that went away
+        since the probe forever. Such a failure closes it again (no client is left reconnecting in
+        the background) and is NatsUnavailableError."""
+        end = time.monotonic() + timeout
         opts = self._connect_options()
         await self._probe_once(opts, timeout)
         # Now the long-lived connection with reconnects enabled.
+        left = max(0.5, end - time.monotonic())
         nc = self._nc = Client()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(left):
                 await nc.connect(**opts)
                 await self._subscribe_acks(nc)
-                await nc.flush(timeout=max(1, math.ceil(timeout)))  # nats-py refuses a flush timeout of 0
+                await nc.flush(timeout=max(1, math.ceil(left)))  # nats-py refuses a flush timeout of 0
         except (TimeoutError, OSError, nats_errors.Error) as exc:
             await self.close(timeout=1.0)
             raise NatsUnavailableError(f"the NATS server went away while connecting: {type(exc).__name__}") from None

@@ -163,16 +163,21 @@ def connection_error(exc: BaseException, fix: str) -> DatabaseAuthError | Databa
     Unavailable, besides a refused or timed-out connection: no free connection slot
     (TooManyConnectionsError, common right after a restart, when every client reconnects at once),
     a server starting up or shutting down (OperatorInterventionError), a connection dropped
-    mid-statement (PostgresConnectionError, InterfaceError) and a pooled connection asyncpg handed
-    out just after PostgreSQL dropped it (InternalClientError). Not a DSN asyncpg cannot parse
-    (ClientConfigurationError, an InterfaceError and a ValueError): :func:`dsn_error` reads that."""
+    mid-statement (PostgresConnectionError; InterfaceError "connection is closed") and a pooled
+    connection asyncpg handed out just after PostgreSQL dropped it (InternalClientError).
+
+    None (the error as it is: no retry can fix it) for the rest, among them a protocol violation
+    (08P01, what a transaction-mode pooler answers to prepared statements), asyncpg's other
+    InterfaceErrors (an authentication method it does not support, a SCRAM signature it cannot
+    verify) and a DSN it cannot parse (ClientConfigurationError: :func:`dsn_error` reads that)."""
     if isinstance(exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
         return DatabaseAuthError(f"PostgreSQL rejected the credentials ({type(exc).__name__}): {fix}")
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return DatabaseAuthError(f"the database named in the DSN does not exist: {fix}")
-    if isinstance(exc, ValueError):
+    if isinstance(exc, ValueError | asyncpg.ProtocolViolationError):
         return None
-    if isinstance(exc, _UNAVAILABLE):
+    closed = isinstance(exc, asyncpg.InterfaceError) and " is closed" in str(exc)  # the connection, or the pool
+    if closed or isinstance(exc, _UNAVAILABLE):
         return DatabaseUnavailableError(f"PostgreSQL is not reachable: {type(exc).__name__}")
     return None
 
@@ -183,7 +188,6 @@ _UNAVAILABLE = (
     asyncpg.TooManyConnectionsError,
     asyncpg.OperatorInterventionError,
     asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
     asyncpg.InternalClientError,
 )
 
