@@ -352,8 +352,8 @@ async def test_owners_never_overlap_and_shares_rebalance(pg_dsn: str, nats_url: 
             await wait_for(lambda: shares_are([12]), convergence, "w1 to own all partitions")
 
             for wid, expected in (("w2", [6, 6]), ("w3", [4, 4, 4])):
-                joined = time.monotonic()
                 workers.append(await start(worker_settings(pg_dsn, nats_url, wid)))
+                joined = time.monotonic()  # started: connected, stream checked, joined the membership
                 await wait_for(lambda e=expected: shares_are(e), convergence, f"shares {expected} after {wid} joined")
                 assert time.monotonic() - joined <= convergence
 

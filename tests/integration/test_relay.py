@@ -496,7 +496,7 @@ async def test_delayed_publish(pg_dsn: str, nats_url: str, ordering: str) -> Non
     await setup_db(pg_dsn)
     conn = await asyncpg.connect(pg_dsn)
     try:
-        delay = 2.0
+        delay = 6.0  # the other aggregate's rows must be published before it: room for a loaded machine
         async with running(worker_settings(pg_dsn, nats_url, ordering=ordering)):
             _, delayed = await insert(conn, "A", event_type="reminder", delay=delay)
             due_at = await conn.fetchval("SELECT EXTRACT(EPOCH FROM not_before)::float8 FROM outbox")

@@ -147,7 +147,9 @@ async def test_a_stop_ends_within_the_grace_period_when_broker_and_status_api_ha
     without its ack."""
     await setup_db(pg_dsn)
     grace = 3.0
-    settings = worker_settings(pg_dsn, own_nats.url, shutdown_grace_seconds=grace)
+    # Pings every 30 s: the frozen server is not declared stale (which fails publishes at once,
+    # leaving nothing in flight) before the second batch is claimed, however slow the machine.
+    settings = worker_settings(pg_dsn, own_nats.url, shutdown_grace_seconds=grace, nats_ping_interval_seconds=30.0)
     sink = _HangingSink()
     worker = Worker(WorkerConfig.from_settings(settings), sink=sink)
     await worker.start()
@@ -615,7 +617,13 @@ async def test_a_jetstream_api_that_does_not_answer_yet_is_asked_again(
                 )
             )
             with caplog.at_level("WARNING", logger="outbox_worker.adapters.publisher"):
-                await asyncio.sleep(2.6)  # at least two 1 s requests go unanswered
+                # at least two 1 s requests go unanswered (observed, not assumed from a sleep: a
+                # loaded machine may not have sent the second one by then)
+                await wait_for(
+                    lambda: sum("asking again" in r.getMessage() for r in caplog.records) >= 2,
+                    20,
+                    "two stream checks asked again",
+                )
                 own_nats.resume()
                 await asyncio.wait_for(check, 20)
         finally:

@@ -131,6 +131,8 @@ async def test_create_reconciles_children_status_and_is_idempotent(emulator: Kub
         assert condition(publisher(emulator), "StreamReady")["status"] == "True"
         assert condition(publisher(emulator), "Lagging")["status"] == "False"
         ready_since = condition(publisher(emulator), "Ready")["lastTransitionTime"]
+        # posted by the pass that set Ready, after its status: awaited before the quiet window below
+        await wait_for(lambda: "Ready" in [e["reason"] for e in emulator.list("v1", "Event", NAMESPACE)], 20)
 
         # level-based and idempotent: several resync passes over an unchanged world write nothing,
         # and read nothing either (what they read comes from the watches)
@@ -141,8 +143,6 @@ async def test_create_reconciles_children_status_and_is_idempotent(emulator: Kub
         assert new_writes == []
         assert object_reads(emulator.requests[requests_before:]) == []
         assert condition(publisher(emulator), "Ready")["lastTransitionTime"] == ready_since
-
-        await wait_for(lambda: "Ready" in [e["reason"] for e in emulator.list("v1", "Event", NAMESPACE)], 20)
 
 
 async def test_spec_change_rolls_the_template_and_scale_subresource(emulator: KubeEmulator) -> None:
