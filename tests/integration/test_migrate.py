@@ -830,3 +830,27 @@ async def test_a_dsn_query_setting_postgresql_refuses_is_a_one_line_configuratio
         assert "PostgreSQL refused a setting of the DSN's query string" in out.err
         assert named in out.err
         assert "Traceback" not in out.err
+
+
+def test_a_database_that_goes_away_during_a_command_exits_unavailable(
+    own_pg: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """migrate and dead-letters run on one connection (``run_on_connection``): PostgreSQL crashing
+    while the command's statements run is the database being unavailable (exit 4, one line, never the
+    DSN), as when it cannot be reached at all; not a traceback and exit 1."""
+    from outbox_cli.main import EXIT_UNAVAILABLE, run_on_connection
+
+    async def act(conn: asyncpg.Connection) -> int:
+        assert await conn.fetchval("SELECT 1") == 1  # connected: what follows happens mid-command
+        own_pg.kill()
+        await conn.fetchval("SELECT 2")
+        raise AssertionError("a statement on a crashed server returned")
+
+    try:
+        code = run_on_connection(own_pg.dsn, act)
+    finally:
+        own_pg.restart()
+    err = capsys.readouterr().err
+    assert code == EXIT_UNAVAILABLE, err
+    assert err.startswith("error: PostgreSQL is not reachable: "), err
+    assert "postgresql://" not in err

@@ -196,14 +196,22 @@ async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
         return fail(EXIT_CONFIG, f"stream {args.stream!r} does not exist on {_shown(args.nats_url)}")
     except nats_errors.AuthorizationError as exc:
         return fail(EXIT_CONFIG, f"NATS rejected the connection: {type(exc).__name__}")
-    except (nats_errors.NoServersError, nats_errors.TimeoutError) as exc:
+    except (
+        nats_errors.NoServersError,
+        nats_errors.TimeoutError,
+        nats_errors.ConnectionClosedError,
+        nats_errors.StaleConnectionError,
+        nats_errors.UnexpectedEOF,
+    ) as exc:  # not reachable, or gone while verify read the stream
         return fail(EXIT_UNAVAILABLE, f"NATS not reachable at {_shown(args.nats_url)}: {type(exc).__name__}")
     except Exception as exc:
         mapped = connection_error(exc, "check --database-url")
         if isinstance(mapped, DatabaseAuthError):
             return fail(EXIT_CONFIG, str(mapped))
-        if isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError):  # PostgreSQL or NATS
+        if isinstance(exc, OSError | TimeoutError):  # PostgreSQL or NATS
             return fail(EXIT_UNAVAILABLE, f"a server was not reachable in time: {type(exc).__name__}: {exc}"[:300])
+        if mapped is not None:  # PostgreSQL unavailable, or gone while verify read the table
+            return fail(EXIT_UNAVAILABLE, str(mapped))
         raise
     return EXIT_OK, report
 

@@ -88,15 +88,26 @@ def env_help(text: str, name: str, *, show_default: bool = True) -> str:
 def run_on_connection(database_url: str, act: Callable[[asyncpg.Connection], Awaitable[int]]) -> int:
     """Run ``act`` on one connection to ``database_url`` (opened and closed here) and return its
     exit code. Credentials the database refuses exit :data:`EXIT_CONFIG`, a database that cannot be
-    reached :data:`EXIT_UNAVAILABLE`, each with one line naming the fix and never the DSN; any other
-    error is the caller's to map."""
-    from outbox_worker.adapters.store import DatabaseAuthError, DatabaseUnavailableError, connect_pool
+    reached, or that goes away while ``act`` runs, :data:`EXIT_UNAVAILABLE`, each with one line naming
+    the fix and never the DSN; any other error is the caller's to map."""
+    from outbox_worker.adapters.store import (
+        DatabaseAuthError,
+        DatabaseUnavailableError,
+        connect_pool,
+        connection_error,
+    )
 
     async def go() -> int:
         pool = await connect_pool(database_url, size=2)
         try:
             async with pool.acquire() as conn:
-                return await act(conn)
+                try:
+                    return await act(conn)
+                except Exception as exc:
+                    lost = connection_error(exc, "check --database-url")
+                    if not isinstance(lost, DatabaseUnavailableError):
+                        raise
+                    raise lost from None
         finally:
             await pool.close()
 
