@@ -15,10 +15,17 @@ from outbox_devkit.embedded import free_port
 from outbox_operator.kube import ApiError, Kube
 
 
-def kube_at(url: str, timeout: float = 5.0) -> Kube:
+async def failed_get(url: str, path: str, timeout: float = 5.0) -> ApiError:
+    """The ApiError a GET of ``path`` at ``url`` raises (a Kube of its own, closed again)."""
     configuration = k8s.Configuration()
     configuration.host = url
-    return Kube(configuration, timeout=timeout)
+    kube = Kube(configuration, timeout=timeout)
+    try:
+        with pytest.raises(ApiError) as info:
+            await kube.request("GET", path)
+    finally:
+        await kube.close()
+    return info.value
 
 
 @pytest.fixture
@@ -55,44 +62,24 @@ async def proxy() -> AsyncIterator[str]:
 
 
 async def test_an_html_error_page_is_an_api_error_with_its_status(proxy: str) -> None:
-    kube = kube_at(proxy)
-    try:
-        with pytest.raises(ApiError) as info:
-            await kube.request("GET", "/bad-gateway")
-    finally:
-        await kube.close()
-    assert info.value.status == 502
-    assert "HTTP 502" in str(info.value)
-    assert "502 Bad Gateway" in str(info.value)
+    error = await failed_get(proxy, "/bad-gateway")
+    assert error.status == 502
+    assert "HTTP 502" in str(error)
+    assert "502 Bad Gateway" in str(error)
 
 
 async def test_a_success_that_is_not_json_is_an_api_error(proxy: str) -> None:
-    kube = kube_at(proxy)
-    try:
-        with pytest.raises(ApiError) as info:
-            await kube.request("GET", "/html-ok")
-    finally:
-        await kube.close()
-    assert "an answer that is not JSON: <html>login page</html>" in str(info.value)
+    error = await failed_get(proxy, "/html-ok")
+    assert "an answer that is not JSON: <html>login page</html>" in str(error)
 
 
 async def test_no_answer_is_an_api_error_of_status_0() -> None:
-    kube = kube_at(f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    try:
-        with pytest.raises(ApiError) as info:
-            await kube.request("GET", "/api/v1/namespaces")
-    finally:
-        await kube.close()
-    assert info.value.status == 0
-    assert str(info.value).startswith("GET /api/v1/namespaces: no answer from the API server (ClientConnectorError)")
+    error = await failed_get(f"http://127.0.0.1:{free_port()}", "/api/v1/namespaces")  # nothing listens there
+    assert error.status == 0
+    assert str(error).startswith("GET /api/v1/namespaces: no answer from the API server (ClientConnectorError)")
 
 
 async def test_an_answer_slower_than_the_timeout_is_an_api_error_of_status_0(proxy: str) -> None:
-    kube = kube_at(proxy, timeout=0.3)
-    try:
-        with pytest.raises(ApiError) as info:
-            await kube.request("GET", "/hangs")
-    finally:
-        await kube.close()
-    assert info.value.status == 0
-    assert "no answer from the API server" in str(info.value)
+    error = await failed_get(proxy, "/hangs", timeout=0.3)
+    assert error.status == 0
+    assert "no answer from the API server" in str(error)
