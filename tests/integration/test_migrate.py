@@ -854,3 +854,30 @@ def test_a_database_that_goes_away_during_a_command_exits_unavailable(
     assert code == EXIT_UNAVAILABLE, err
     assert err.startswith("error: PostgreSQL is not reachable: "), err
     assert "postgresql://" not in err
+
+
+@pytest.mark.parametrize("cause", ["client timeout", "statement_timeout", "closed pipe"])
+def test_errors_that_say_nothing_of_the_connection_are_the_commands_to_report(pg_dsn: str, cause: str) -> None:
+    """A statement over the client's timeout or the server's statement_timeout (the server answered:
+    slow, not gone) and a command's own print to a closed pipe are not 'PostgreSQL is not
+    reachable': run_on_connection hands them to the command (dead-letters says to act on fewer rows
+    at a time), as they were raised."""
+    from outbox_cli.main import run_on_connection
+
+    async def act(conn: asyncpg.Connection) -> int:
+        if cause == "client timeout":
+            await conn.fetchval("SELECT pg_sleep(2)", timeout=0.1)
+        elif cause == "statement_timeout":
+            await conn.execute("SET statement_timeout = 100")
+            await conn.fetchval("SELECT pg_sleep(2)")
+        else:
+            raise BrokenPipeError(32, "Broken pipe")
+        raise AssertionError("the statement returned")
+
+    expected = {
+        "client timeout": TimeoutError,
+        "statement_timeout": asyncpg.QueryCanceledError,
+        "closed pipe": BrokenPipeError,
+    }[cause]
+    with pytest.raises(expected):
+        run_on_connection(pg_dsn, act)

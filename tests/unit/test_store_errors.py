@@ -38,6 +38,8 @@ def test_other_errors_are_not_connection_errors() -> None:
     assert connection_error(ValueError("x"), "fix") is None
     # What a transaction-mode pooler answers to prepared statements: retrying cannot fix it.
     assert connection_error(asyncpg.ProtocolViolationError("bind message supplies 1 parameters"), "fix") is None
+    # statement_timeout or pg_cancel_backend: the server answered, it is not gone
+    assert connection_error(asyncpg.QueryCanceledError("canceling statement due to statement timeout"), "fix") is None
     # asyncpg's InterfaceErrors other than a closed connection or pool: at login, no retry helps.
     assert connection_error(asyncpg.InterfaceError("unsupported authentication method requested"), "fix") is None
     # An InterfaceError, but a DSN asyncpg cannot parse: dsn_error's, a configuration error.

@@ -4,8 +4,9 @@
 ``requeue`` puts them back into the outbox with their original event id; ``discard`` deletes them.
 Both are dry runs unless ``--yes`` is given, and need a selection (``--id``, a filter, or ``--all``).
 README ("Dead letters") states what order a requeued event takes. Exit codes (``outbox_cli.main``):
-0 done or nothing to do, 1 the database refused the change (nothing was changed), 2 bad flags,
-3 the tables are missing or the credentials rejected, 4 the database is not reachable.
+0 done or nothing to do, 1 the database refused the change or did not finish it within the
+statement timeout (nothing was changed), 2 bad flags, 3 the tables are missing or the credentials
+rejected, 4 the database is not reachable or the connection was lost during the run.
 """
 
 from __future__ import annotations

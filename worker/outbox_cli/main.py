@@ -88,8 +88,10 @@ def env_help(text: str, name: str, *, show_default: bool = True) -> str:
 def run_on_connection(database_url: str, act: Callable[[asyncpg.Connection], Awaitable[int]]) -> int:
     """Run ``act`` on one connection to ``database_url`` (opened and closed here) and return its
     exit code. Credentials the database refuses exit :data:`EXIT_CONFIG`, a database that cannot be
-    reached, or that goes away while ``act`` runs, :data:`EXIT_UNAVAILABLE`, each with one line naming
-    the fix and never the DSN; any other error is the caller's to map."""
+    reached, or whose connection is lost while ``act`` runs, :data:`EXIT_UNAVAILABLE`, each with one
+    line naming the fix and never the DSN; any other error is the caller's to map. Among those: a
+    TimeoutError (a statement over the timeout: the server may be slow, not gone) and an OSError
+    (``act`` printing to a closed pipe), which say nothing of the connection."""
     from outbox_worker.adapters.store import (
         DatabaseAuthError,
         DatabaseUnavailableError,
@@ -104,7 +106,11 @@ def run_on_connection(database_url: str, act: Callable[[asyncpg.Connection], Awa
                 try:
                     return await act(conn)
                 except Exception as exc:
-                    lost = connection_error(exc, "check --database-url")
+                    lost = (
+                        None
+                        if isinstance(exc, OSError | TimeoutError)
+                        else connection_error(exc, "check --database-url")
+                    )
                     if not isinstance(lost, DatabaseUnavailableError):
                         raise
                     raise lost from None

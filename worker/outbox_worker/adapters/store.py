@@ -166,15 +166,16 @@ def connection_error(exc: BaseException, fix: str) -> DatabaseAuthError | Databa
     mid-statement (PostgresConnectionError; InterfaceError "connection is closed") and a pooled
     connection asyncpg handed out just after PostgreSQL dropped it (InternalClientError).
 
-    None (the error as it is: no retry can fix it) for the rest, among them a protocol violation
-    (08P01, what a transaction-mode pooler answers to prepared statements), asyncpg's other
+    None (the error as it is) for the rest, among them a protocol violation (08P01, what a
+    transaction-mode pooler answers to prepared statements), a statement cancelled by
+    statement_timeout or pg_cancel_backend (QueryCanceledError: the server answered), asyncpg's other
     InterfaceErrors (an authentication method it does not support, a SCRAM signature it cannot
     verify) and a DSN it cannot parse (ClientConfigurationError: :func:`dsn_error` reads that)."""
     if isinstance(exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
         return DatabaseAuthError(f"PostgreSQL rejected the credentials ({type(exc).__name__}): {fix}")
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return DatabaseAuthError(f"the database named in the DSN does not exist: {fix}")
-    if isinstance(exc, ValueError | asyncpg.ProtocolViolationError):
+    if isinstance(exc, ValueError | asyncpg.ProtocolViolationError | asyncpg.QueryCanceledError):
         return None
     closed = isinstance(exc, asyncpg.InterfaceError) and " is closed" in str(exc)  # the connection, or the pool
     if closed or isinstance(exc, _UNAVAILABLE):
