@@ -96,24 +96,16 @@ def run_on_connection(database_url: str, act: Callable[[asyncpg.Connection], Awa
         DatabaseAuthError,
         DatabaseUnavailableError,
         connect_pool,
-        connection_error,
+        connection_errors_typed,
     )
 
     async def go() -> int:
         pool = await connect_pool(database_url, size=2)
         try:
             async with pool.acquire() as conn:
-                try:
-                    return await act(conn)
-                except Exception as exc:
-                    lost = (
-                        None
-                        if isinstance(exc, OSError | TimeoutError)
-                        else connection_error(exc, "check --database-url")
-                    )
-                    if not isinstance(lost, DatabaseUnavailableError):
-                        raise
-                    raise lost from None
+                return await connection_errors_typed(
+                    act(conn), "check --database-url", as_raised=(OSError, TimeoutError)
+                )
         finally:
             await pool.close()
 

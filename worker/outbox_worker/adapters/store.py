@@ -11,9 +11,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 import asyncpg
 import orjson
@@ -191,6 +191,21 @@ _UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.InternalClientError,
 )
+
+T = TypeVar("T")
+
+
+async def connection_errors_typed(step: Awaitable[T], fix: str, *, as_raised: tuple[type[Exception], ...] = ()) -> T:
+    """Await ``step``; a failure :func:`connection_error` reads (a connection lost or refused
+    meanwhile) is raised as its typed error, naming ``fix``. Any other error, and those of the types
+    in ``as_raised`` (errors that say nothing of the connection where the caller stands), as raised."""
+    try:
+        return await step
+    except Exception as exc:
+        typed = None if isinstance(exc, as_raised) else connection_error(exc, fix)
+        if typed is None:
+            raise
+        raise typed from None
 
 
 async def migrate(conn: asyncpg.Connection, sql: Sql, partitions: int | None) -> MigrationResult:

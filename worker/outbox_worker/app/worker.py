@@ -44,7 +44,7 @@ from outbox_worker.adapters.store import (
     Listener,
     OutboxStore,
     connect_pool,
-    connection_error,
+    connection_errors_typed,
 )
 from outbox_worker.app.leases import LeaseManager
 from outbox_worker.app.marks import AckedRows
@@ -93,18 +93,6 @@ async def _retry_unavailable(
                 raise
             log.warning("%s not reachable yet (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
-
-
-async def _connection_errors_typed(step: Coroutine[Any, Any, T]) -> T:
-    """``step``, a connection failure it raises turned into the typed error the worker's exit codes
-    read (:func:`~outbox_worker.adapters.store.connection_error`); any other error as it is."""
-    try:
-        return await step
-    except Exception as exc:
-        typed = connection_error(exc, "check the database Secret")
-        if typed is None:
-            raise
-        raise typed from None
 
 
 def _attempt_budget(deadline: float) -> float:
@@ -163,13 +151,14 @@ class Worker:
         self.store = store = await self._connect_database(deadline)
         # PostgreSQL may go away after the pool connected: these steps are retried like the pool,
         # until the deadline, and then fail as DatabaseUnavailableError, not as a raw asyncpg error.
+        fix = "check the database Secret"
         partitions = await _retry_unavailable(
-            lambda: _connection_errors_typed(store.check_schema()), DatabaseUnavailableError, deadline, "PostgreSQL"
+            lambda: connection_errors_typed(store.check_schema(), fix), DatabaseUnavailableError, deadline, "PostgreSQL"
         )
         # Before anything is leased: a live process with the same worker id is refused here.
         ttl = self.config.leases.ttl_seconds
         await _retry_unavailable(
-            lambda: _connection_errors_typed(store.join(ttl)), DatabaseUnavailableError, deadline, "PostgreSQL"
+            lambda: connection_errors_typed(store.join(ttl), fix), DatabaseUnavailableError, deadline, "PostgreSQL"
         )
         self._joined = True
         self.publisher = await self._connect_nats(deadline)
