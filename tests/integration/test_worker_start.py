@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -16,7 +17,7 @@ from outbox_common.config import NatsConfig, WorkerConfig
 from outbox_worker.adapters.publisher import JetStreamPublisher
 from outbox_worker.adapters.store import DatabaseUnavailableError
 from outbox_worker.app.worker import Worker
-from support.relay import setup_db
+from support.relay import SQL, setup_db
 from support.servers import ControlledPostgres
 
 SLOTS = 6  # max_connections of the PostgreSQL here
@@ -42,11 +43,11 @@ async def take_every_slot(dsn: str) -> list[asyncpg.Connection]:
     raise AssertionError(f"PostgreSQL took {len(held)} connections, more than max_connections={SLOTS}")
 
 
-def worker_config(dsn: str, nats_url: str, startup_timeout: float) -> WorkerConfig:
+def worker_config(dsn: str, nats_url: str, startup_timeout: float, **kw: Any) -> WorkerConfig:
     from test_relay_failures import worker_settings
 
     return WorkerConfig.from_settings(
-        worker_settings(dsn, nats_url, db_pool_size=2, startup_timeout_seconds=startup_timeout)
+        worker_settings(dsn, nats_url, db_pool_size=2, startup_timeout_seconds=startup_timeout, **kw)
     )
 
 
@@ -91,6 +92,31 @@ async def test_a_slot_freed_within_the_start_up_timeout_is_taken(small_pg: Contr
         await worker.close()
         for conn in held:
             await conn.close()
+
+
+async def test_a_schema_check_held_up_by_a_lock_until_the_deadline_says_it_was_not_answered_in_time(
+    small_pg: ControlledPostgres, nats_url: str
+) -> None:
+    """A long ``outboxctl migrate`` holds its tables' locks: the worker's start-up statements wait on
+    them, each for the statement timeout, retried until the start-up timeout. The error (exit 4) says
+    PostgreSQL did not answer in time and why that may be, not that it is unreachable: it answered
+    the connection."""
+    await setup_db(small_pg.dsn)
+    holder = await asyncpg.connect(small_pg.dsn, timeout=5)
+    worker = Worker(worker_config(small_pg.dsn, nats_url, startup_timeout=2.0, db_timeout_seconds=0.5))
+    try:
+        async with holder.transaction():
+            await holder.execute(f"LOCK TABLE {SQL.meta} IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(DatabaseUnavailableError) as info:
+                await worker.start()
+        message = str(info.value)
+        assert message.startswith("PostgreSQL did not answer in time (TimeoutError)"), message
+        assert "lock" in message
+        assert "not reachable" not in message
+        assert worker.pool is not None, "the pool never connected: the lock was not what held the start-up up"
+    finally:
+        await worker.close()
+        await holder.close()
 
 
 async def test_nats_connects_with_under_a_second_of_the_budget_left(nats_url: str) -> None:

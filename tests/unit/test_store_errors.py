@@ -16,7 +16,7 @@ from outbox_worker.adapters.store import DatabaseAuthError, DatabaseUnavailableE
         (asyncpg.InvalidAuthorizationSpecificationError("no such role"), DatabaseAuthError, "rejected the credentials"),
         (asyncpg.InvalidCatalogNameError("database does not exist"), DatabaseAuthError, "does not exist"),
         (ConnectionRefusedError(111, "refused"), DatabaseUnavailableError, "not reachable"),
-        (TimeoutError(), DatabaseUnavailableError, "not reachable"),
+        (TimeoutError(), DatabaseUnavailableError, "did not answer in time"),
         (asyncpg.CannotConnectNowError("starting up"), DatabaseUnavailableError, "not reachable"),
         (asyncpg.TooManyConnectionsError("sorry, too many clients"), DatabaseUnavailableError, "not reachable"),
         (asyncpg.AdminShutdownError("terminating connection"), DatabaseUnavailableError, "not reachable"),

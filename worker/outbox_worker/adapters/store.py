@@ -177,6 +177,11 @@ def connection_error(exc: BaseException, fix: str) -> DatabaseAuthError | Databa
         return DatabaseAuthError(f"the database named in the DSN does not exist: {fix}")
     if isinstance(exc, ValueError | asyncpg.ProtocolViolationError | asyncpg.QueryCanceledError):
         return None
+    if isinstance(exc, TimeoutError):  # the server may well be reachable: say what was seen
+        return DatabaseUnavailableError(
+            "PostgreSQL did not answer in time (TimeoutError): it is unreachable or overloaded, "
+            "or the statement waited on a lock another session holds (a migration running?)"
+        )
     closed = isinstance(exc, asyncpg.InterfaceError) and " is closed" in str(exc)  # the connection, or the pool
     if closed or isinstance(exc, _UNAVAILABLE):
         return DatabaseUnavailableError(f"PostgreSQL is not reachable: {type(exc).__name__}")

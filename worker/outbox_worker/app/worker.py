@@ -91,7 +91,7 @@ async def _retry_unavailable(
             delay = backoff_delay(tries, STARTUP_RETRY_INITIAL_SECONDS, STARTUP_RETRY_MAX_SECONDS)
             if time.monotonic() + delay > deadline:
                 raise
-            log.warning("%s not reachable yet (%s); retrying in %.1fs", what, exc, delay)
+            log.warning("%s not available yet (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
 
 
