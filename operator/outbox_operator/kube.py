@@ -300,16 +300,26 @@ async def apply_children(kube: Kube, state: ClusterState, namespace: str, action
 async def apply_status_and_events(
     kube: Kube, state: ClusterState, body: Mapping[str, Any], result: Plan, now: datetime
 ) -> None:
-    """Patch the status (the answer is kept in ``state.written``), then post the Events."""
+    """Patch the status (the answer is kept in ``state.written``), then post the Events.
+
+    Events are best effort: one the API server refuses is logged and the next is posted. After one
+    that got no answer (status 0: refused, reset or timed out) the rest of the pass's Events are
+    logged, not posted, so a pass waits at most one request timeout for its Events, not one per
+    Event, while the API server is away; the status they report is already written."""
     owner = Owner.from_body(body)
     if result.status_patch:
         patched = await kube.patch(c.KIND, owner.namespace, owner.name, {"status": result.status_patch}, "status")
         state.written.put((owner.namespace, c.KIND, owner.name), patched)
-    for event in result.events:
+    for i, event in enumerate(result.events):
         try:
             await kube.create("Event", owner.namespace, event_body(body, event, now))
-        except ApiError as exc:  # an Event is best effort
+        except ApiError as exc:
             log.warning("cannot post event %s: %s", event.reason, exc)
+            if exc.status == 0:
+                skipped = [e.reason for e in result.events[i + 1 :]]
+                if skipped:
+                    log.warning("events not posted (the API server did not answer): %s", ", ".join(skipped))
+                return
 
 
 async def _apply_action(kube: Kube, namespace: str, action: Action) -> Obj | None:

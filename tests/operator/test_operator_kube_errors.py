@@ -5,14 +5,19 @@ only, so any other exception skipped that handling: a self-started pass then wai
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 from aiohttp import web
 from kubernetes import client as k8s
 
 from outbox_devkit.embedded import free_port
-from outbox_operator.kube import ApiError, Kube
+from outbox_operator import constants as c
+from outbox_operator.kube import ApiError, Kube, apply_status_and_events, path_of
+from outbox_operator.reconcile import Event, Plan
+from outbox_operator.state import ClusterState
 
 
 async def failed_get(url: str, path: str, timeout: float = 5.0) -> ApiError:
@@ -41,8 +46,6 @@ async def proxy() -> AsyncIterator[str]:
         return web.Response(status=200, text="<html>login page</html>", content_type="text/html")
 
     async def hangs(_request: web.Request) -> web.Response:
-        import asyncio
-
         await asyncio.sleep(2)  # longer than the client waits; the server waits for it at cleanup
         return web.Response(status=200, text="{}")
 
@@ -83,3 +86,47 @@ async def test_an_answer_slower_than_the_timeout_is_an_api_error_of_status_0(pro
     error = await failed_get(proxy, "/hangs", timeout=0.3)
     assert error.status == 0
     assert "no answer from the API server" in str(error)
+
+
+async def test_after_an_event_gets_no_answer_the_passs_other_events_are_not_posted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A pass posts its Events after the status patch; each waits up to the request timeout. While
+    the API server does not answer, a pass waits for one Event, not for every one. An Event the
+    server refuses (it answered) does not stop the next."""
+    posted: list[str] = []
+
+    async def status(_request: web.Request) -> web.Response:
+        return web.json_response({"metadata": {"name": "orders", "resourceVersion": "2"}})
+
+    async def event(request: web.Request) -> web.Response:
+        reason = (await request.json())["reason"]
+        posted.append(reason)
+        if reason == "Refused":
+            return web.json_response({"message": "invalid"}, status=422)
+        if reason == "Unanswered":
+            await asyncio.sleep(2)  # longer than the client waits
+        return web.json_response({}, status=201)
+
+    app = web.Application()
+    app.router.add_patch(path_of(c.KIND, "shop", "orders", "status"), status)
+    app.router.add_post(path_of("Event", "shop"), event)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    configuration = k8s.Configuration()
+    configuration.host = f"http://127.0.0.1:{port}"
+    kube = Kube(configuration, timeout=0.3)
+    body = {"metadata": {"name": "orders", "namespace": "shop", "uid": "u-1", "resourceVersion": "1"}}
+    plan = Plan(
+        status_patch={"phase": "Degraded"},
+        events=[Event("Warning", r, "m") for r in ("Refused", "Unanswered", "Later", "Last")],
+    )
+    try:
+        await apply_status_and_events(kube, ClusterState(), body, plan, datetime.now(UTC))
+    finally:
+        await kube.close()
+        await runner.cleanup()
+    assert posted == ["Refused", "Unanswered"]
+    assert "events not posted (the API server did not answer): Later, Last" in caplog.text
