@@ -40,7 +40,7 @@ from outbox_worker.core.policy import Outcome, PublishResult
 from outbox_worker.core.sql import SCHEMA_VERSION
 from support.polling import wait_for
 from support.relay import SQL, record_waves, running, setup_db
-from support.servers import ControlledNats
+from support.servers import ControlledNats, NatsCluster
 
 STREAM = "FAILURES"
 
@@ -667,6 +667,54 @@ async def test_a_jetstream_api_that_never_answers_fails_the_check_as_unavailable
     # the patch took effect: without it the one request waits the whole 3 s and is never asked again
     asked_again = [r.getMessage() for r in caplog.records if "asking again" in r.getMessage()]
     assert asked_again, "no request was asked again: the 1 s request timeout did not apply"
+
+
+async def test_a_stream_whose_servers_are_down_is_checked_again_until_they_are_back(
+    own_nats_cluster: NatsCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a cluster, the JetStream API answers the info of a stream whose servers are all down with
+    an error (500, err_code 10118 "stream is offline"), not with silence. That passes when they come
+    back (a rolling restart of the NATS cluster while a worker starts): the check asks again, as for a
+    request that got no answer, instead of failing the worker's start. (A server killed, not stopped,
+    is not answered for at all for a while: the retried timeouts above.)"""
+    cluster = own_nats_cluster
+    nc = await nats.connect(cluster.urls)
+    try:
+        await nc.jsm().add_stream(name="ISLAND", subjects=["island.*.*"], num_replicas=1, duplicate_window=60)
+        info = await nc.jsm().stream_info("ISLAND")
+    finally:
+        await nc.close()
+    assert info.cluster is not None
+    host = next(server for server in cluster.servers if server.name == info.cluster.leader)
+    host.stop()  # a clean stop, as in a rolling restart: its peers mark it offline at once
+    pub = JetStreamPublisher(NatsConfig.for_url(",".join(s.url for s in cluster.servers if s is not host)))
+    await pub.connect()
+    try:
+        with caplog.at_level("WARNING", logger="outbox_worker.adapters.publisher"):
+            check = asyncio.create_task(
+                pub.ensure_stream(
+                    StreamConfig("ISLAND", StreamMode.EXPECT), "island.*.*", 60, deadline=time.monotonic() + 60
+                )
+            )
+            try:
+                await wait_for(
+                    lambda: check.done() or any("stream is offline" in r.getMessage() for r in caplog.records),
+                    30,
+                    "the check to be answered 'stream is offline'",
+                )
+                assert not check.done(), f"the check ended while the stream's server was down: {check}"
+                host.start()
+                async with asyncio.timeout(40):
+                    await check
+            finally:
+                check.cancel()
+                with contextlib.suppress(BaseException):
+                    await check
+    finally:
+        await pub.close()
+    offline = [r.getMessage() for r in caplog.records if "stream is offline" in r.getMessage()]
+    assert "err_code 10118" in offline[0], offline[0]
+    assert "asking again" in offline[0], offline[0]
 
 
 async def test_a_server_without_jetstream_fails_the_stream_check_naming_the_fix() -> None:

@@ -297,10 +297,12 @@ class JetStreamPublisher:
         NatsConfigError naming the fix. Warns about a stream that acks before it writes
         (``persist_mode: async``).
 
-        Bounded: a JetStream API that does not answer (or answers "temporarily unavailable") is asked
-        again until ``deadline`` (monotonic; default :data:`STREAM_CREATE_RETRY_SECONDS` from now),
-        then NatsUnavailableError; a refused creation is looked at again for at most
-        STREAM_CREATE_RETRY_SECONDS, then NatsConfigError with the server's reason."""
+        Bounded: a JetStream API that does not answer, or answers with a passing error
+        (:func:`_passing`: the cluster has no leader for the stream or the meta layer yet, the
+        stream's servers are offline), is asked again until ``deadline`` (monotonic; default
+        :data:`STREAM_CREATE_RETRY_SECONDS` from now), then NatsUnavailableError; a refused creation is
+        looked at again for at most STREAM_CREATE_RETRY_SECONDS, then NatsConfigError with the
+        server's reason. Any other error answer is a NatsConfigError at once."""
         assert self._nc is not None
         nc = self._nc
         refusals_until = time.monotonic() + STREAM_CREATE_RETRY_SECONDS
@@ -309,23 +311,27 @@ class JetStreamPublisher:
             jsm = nc.jsm(timeout=max(1.0, min(STREAM_API_TIMEOUT_SECONDS, deadline - time.monotonic())))
             try:
                 found = await _find_or_create(jsm, stream, filter_subject)
-            except (nats_errors.TimeoutError, js_errors.ServiceUnavailableError) as exc:
+            except (nats_errors.TimeoutError, js_errors.APIError) as exc:
                 if isinstance(exc, js_errors.ServiceUnavailableError) and _jetstream_off(exc):
                     why = exc.description or "no responders"
                     raise NatsConfigError(
                         f"JetStream is not enabled for this NATS server or account ({why}): enable it "
                         "(nats-server -js, or a jetstream block in the server's and the account's configuration)"
                     ) from None
+                if isinstance(exc, js_errors.APIError) and not _passing(exc):
+                    raise NatsConfigError(
+                        f"the JetStream API refused the check of stream {stream.name!r}: {_api_reason(exc)}"
+                    ) from None
                 # A creation that timed out may still have happened: the next look tells.
+                why = type(exc).__name__ if isinstance(exc, nats_errors.TimeoutError) else _api_reason(exc)
                 if time.monotonic() + STREAM_CREATE_PAUSE_SECONDS >= deadline:
                     raise NatsUnavailableError(
                         f"the JetStream API did not answer the check of stream {stream.name!r} in time "
-                        f"({type(exc).__name__}): check that the NATS cluster has a JetStream meta leader"
+                        f"({why}): check that the NATS cluster has a JetStream meta leader and that the "
+                        "stream's servers are up"
                     ) from None
                 log.warning(
-                    "the JetStream API did not answer the check of stream %s (%s); asking again",
-                    stream.name,
-                    type(exc).__name__,
+                    "the JetStream API did not answer the check of stream %s (%s); asking again", stream.name, why
                 )
             else:
                 if isinstance(found, js_api.StreamInfo):
@@ -659,8 +665,9 @@ def _is_auth_error(exc: BaseException) -> bool:
 async def _find_or_create(jsm: Any, stream: StreamConfig, filter_subject: str) -> js_api.StreamInfo | str | None:
     """One look at ``stream``: its info when it exists; when it does not, NatsConfigError in mode
     ``expect``, else None when this call created it (file storage, capturing ``filter_subject``) or
-    the server's refusal (another worker created it first, the config conflicts, no peers to place
-    it). Unanswered requests raise nats-py's TimeoutError or ServiceUnavailableError."""
+    the server's refusal (another worker created it first, the config conflicts). Unanswered
+    requests raise nats-py's TimeoutError or ServiceUnavailableError; a passing error answer
+    (:func:`_passing`) and any error answer to the stream's info raise as nats-py's APIError."""
     try:
         info: js_api.StreamInfo = await jsm.stream_info(stream.name)
         return info
@@ -678,10 +685,10 @@ async def _find_or_create(jsm: Any, stream: StreamConfig, filter_subject: str) -
             num_replicas=stream.replicas,
             duplicate_window=stream.duplicate_window_seconds,
         )
-    except js_errors.ServiceUnavailableError:
-        raise
     except js_errors.APIError as exc:
-        return f"{exc.description or type(exc).__name__} (err_code {exc.err_code})"
+        if isinstance(exc, js_errors.ServiceUnavailableError) or _passing(exc):
+            raise
+        return _api_reason(exc)
     log.info(
         "created stream %s for %s (duplicate window %.0fs)",
         stream.name,
@@ -691,14 +698,45 @@ async def _find_or_create(jsm: Any, stream: StreamConfig, filter_subject: str) -
     return None
 
 
-# JetStream's "not enabled for account" error code; nats-py raises a bare ServiceUnavailableError
-# (no code) when nothing answers the API at all, i.e. the server runs without JetStream.
-_JS_NOT_ENABLED_FOR_ACCOUNT = 10039
+# JetStream's "not enabled for account" and "not enabled" error codes; nats-py raises a bare
+# ServiceUnavailableError (no code) when nothing answers the API at all: a server without JetStream.
+_JS_NOT_ENABLED = frozenset({10039, 10076})
 
 
 def _jetstream_off(exc: js_errors.ServiceUnavailableError) -> bool:
     """Whether a 503 from the JetStream API means JetStream is off, not busy."""
-    return exc.code is None or exc.err_code == _JS_NOT_ENABLED_FOR_ACCOUNT
+    return exc.code is None or exc.err_code in _JS_NOT_ENABLED
+
+
+# JetStream API errors (nats-server's errors.json, by err_code) that a cluster gives while it moves:
+# system temporarily unavailable (10008), insufficient resources (10023, placement is retried), stream
+# offline (10118, 10194: the servers of its replicas are down), cluster cannot handle the request, not
+# assigned, incomplete results (10009, 10007, 10004), the generic RAFT, assignment, create, update
+# and general errors (10041, 10048, 10049, 10069, 10051), a member change in progress (10202) and no
+# suitable peers for placement (10005: a member still joining; lasting when the cluster is too small,
+# which the deadline then reports). So is any other server error (5xx) but those that say the server
+# or the configuration is wrong (_REFUSED_ERR_CODES): JetStream off (10039, 10076), replicas in
+# non-clustered mode (10074), stream config invalid (10052), clustered mode needed or not supported
+# (10006, 10010, 10036), insufficient storage or memory for the stream's limits (10047, 10028).
+# Client errors (4xx: name in use with another config 10058, subjects overlap 10065, ...) are refusals.
+_PASSING_ERR_CODES = frozenset(
+    {10008, 10023, 10118, 10194, 10009, 10007, 10004, 10041, 10048, 10049, 10069, 10051, 10202, 10005}
+)
+_REFUSED_ERR_CODES = frozenset({10039, 10076, 10074, 10052, 10006, 10010, 10036, 10047, 10028})
+
+
+def _passing(exc: js_errors.APIError) -> bool:
+    """Whether a JetStream API error answer may go away by asking again (see _PASSING_ERR_CODES)."""
+    if exc.err_code in _PASSING_ERR_CODES:
+        return True
+    return exc.code is not None and exc.code >= 500 and exc.err_code not in _REFUSED_ERR_CODES
+
+
+def _api_reason(exc: BaseException) -> str:
+    """A JetStream API error answer as the server gave it: its description and codes."""
+    if isinstance(exc, js_errors.APIError):
+        return f"{exc.description or type(exc).__name__} (code {exc.code}, err_code {exc.err_code})"
+    return type(exc).__name__
 
 
 def _check_stream(name: str, cfg: js_api.StreamConfig, filter_subject: str, horizon_seconds: float) -> None:
