@@ -3,7 +3,11 @@ requeued event reaches the stream exactly once, in the order README documents (h
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import secrets
+import sys
 
 import asyncpg
 import nats
@@ -148,7 +152,7 @@ async def test_discard_is_dry_by_default_transactional_and_idempotent(pg_dsn: st
         await conn.execute("ALTER TABLE outbox ADD CONSTRAINT never CHECK (aggregate_id <> 'x')")
         failed = await outboxctl("dead-letters", "requeue", *db, "--all", "--yes")
         assert failed.code == 1, failed.err
-        assert "the database refused the requeue, nothing was changed" in failed.err
+        assert "the database refused the requeue (constraint never), nothing was changed" in failed.err
         assert "Traceback" not in failed.err
         assert await counts(pg_dsn) == (0, 1)
         assert await fetchval(pg_dsn, "SELECT count(*) FROM outbox_requeued") == 0
@@ -224,3 +228,103 @@ async def test_a_limit_acts_on_the_oldest_and_says_to_run_again(pg_dsn: str) -> 
         assert refused.code == 2
     finally:
         await conn.close()
+
+
+async def dead_letters(dsn: str, n: int, headers: str = "{}") -> None:
+    """Dead letters 1..n, aggregates '1'..'n', with ``headers`` (JSON)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO outbox_dead_letters (id, event_id, aggregate_type, aggregate_id, event_type, tenant, "
+            "payload, headers, created_at, attempts, reason, publisher) "
+            "SELECT g, gen_random_uuid(), 'order', g::text, 'paid', '', convert_to('{\"card\":\"4111-SECRET\"}', "
+            "'UTF8'), $2::jsonb, now(), 1, 'header_too_large: big', 'pub' FROM generate_series(1, $1) AS g",
+            n,
+            headers,
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_refused_requeue_names_the_constraint_and_never_prints_the_row(pg_dsn: str) -> None:
+    """PostgreSQL's error for a row a CHECK refuses carries a DETAIL quoting the whole row: payload
+    and headers (a token, a card number). The command prints the error's message and the
+    constraint's name only."""
+    await setup_db(pg_dsn)
+    await dead_letters(pg_dsn, 1, headers='{"authorization": "Bearer SECRET-TOKEN"}')
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("ALTER TABLE outbox ADD CONSTRAINT no_paid_orders CHECK (event_type <> 'paid')")
+    finally:
+        await conn.close()
+    refused = await outboxctl("dead-letters", "requeue", "--database-url", pg_dsn, "--all", "--yes")
+    assert refused.code == 1, refused.err
+    assert "refused the requeue (constraint no_paid_orders), nothing was changed" in refused.err
+    assert "SECRET" not in refused.err + refused.out
+    assert "DETAIL" not in refused.err
+    assert await counts(pg_dsn) == (0, 1)
+
+
+async def test_a_reader_that_goes_away_after_the_requeue_is_not_an_error(pg_dsn: str) -> None:
+    """`requeue --yes | head -1`: the output is printed after the commit, so a closed pipe says
+    nothing about the requeue, which is done. Exit 0 and no traceback, not exit 1, which README
+    reserves for "nothing was changed"."""
+    await setup_db(pg_dsn)
+    await dead_letters(pg_dsn, 3)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    try:
+        argv = [sys.executable, "-m", "outbox_cli", "dead-letters", "requeue", "--database-url", pg_dsn]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, "--all", "--yes", stdout=write_end, stderr=asyncio.subprocess.PIPE, env=env
+        )
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode, err.decode()) == (0, "")
+    assert await counts(pg_dsn) == (3, 0)
+
+
+async def test_rows_another_session_holds_past_the_lock_timeout_are_one_line_and_exit_1(pg_dsn: str) -> None:
+    """A role's or DSN's lock_timeout (or statement_timeout) is PostgreSQL's cancel, not the
+    client's timeout: the same one line, saying another session may hold the rows, and nothing done."""
+    await setup_db(pg_dsn)
+    await dead_letters(pg_dsn, 2)
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM outbox_dead_letters WHERE id = 2 FOR UPDATE")
+            dsn = pg_dsn + ("&" if "?" in pg_dsn else "?") + "lock_timeout=200"
+            blocked = await outboxctl("dead-letters", "discard", "--database-url", dsn, "--all", "--yes")
+    finally:
+        await holder.close()
+    assert blocked.code == 1, blocked.err
+    assert "PostgreSQL cancelled the discard (canceling statement due to lock timeout)" in blocked.err
+    assert "another session holds these rows" in blocked.err
+    assert "Traceback" not in blocked.err
+    assert await counts(pg_dsn) == (0, 2)
+
+
+async def test_a_role_that_may_only_read_is_told_what_to_grant(pg_dsn: str) -> None:
+    await setup_db(pg_dsn)
+    await dead_letters(pg_dsn, 1)
+    role = f"reader_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        await admin.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+        dsn = pg_dsn.replace("//postgres@", f"//{role}@", 1)
+        assert dsn != pg_dsn
+        listed = await outboxctl("dead-letters", "list", "--database-url", dsn)
+        refused = await outboxctl("dead-letters", "discard", "--database-url", dsn, "--all", "--yes")
+    finally:
+        await admin.execute(f'DROP OWNED BY "{role}"')
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
+    assert listed.code == 0, listed.err
+    assert refused.code == 3, refused.err
+    assert "the database role may not discard dead letters (permission denied for table" in refused.err
+    assert "(UPDATE, DELETE)" in refused.err
+    assert "Traceback" not in refused.err
+    assert await counts(pg_dsn) == (0, 1)

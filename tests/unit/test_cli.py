@@ -217,6 +217,30 @@ def test_dead_letters_list_refuses_a_limit_below_one(limit: str, capsys: pytest.
     assert "1 or more" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--id", "99999999999999999999", "is not a dead letter's id"),
+        ("--id", "0", "is not a dead letter's id"),
+        ("--limit", "99999999999999999999", "is not a number of rows"),
+        ("--older-than", "100000000d", "longer than 36500d"),
+        ("--newer-than", "99999999999999999999999d", "longer than 36500d"),
+        ("--older-than", "5x", "is not a duration"),
+    ],
+)
+def test_dead_letters_refuse_values_out_of_range_naming_the_flag(
+    flag: str, value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Values PostgreSQL cannot take (a bigint id or LIMIT, a date before 4713 BC) are bad flags,
+    refused before connecting, with the flag's name: not a traceback from the database."""
+    with pytest.raises(SystemExit) as info:
+        main(["dead-letters", "discard", "--database-url", DSN, flag, value])
+    assert info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"argument {flag}: " in err
+    assert says in err
+
+
 def test_dead_letters_statement_timeout_is_one_line_and_exit_1(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -4,15 +4,17 @@
 ``requeue`` puts them back into the outbox with their original event id; ``discard`` deletes them.
 Both are dry runs unless ``--yes`` is given, and need a selection (``--id``, a filter, or ``--all``).
 README ("Dead letters") states what order a requeued event takes. Exit codes (``outbox_cli.main``):
-0 done or nothing to do, 1 the database refused the change or did not finish it within the
-statement timeout (nothing was changed), 2 bad flags, 3 the tables are missing or the credentials
-rejected, 4 the database is not reachable or the connection was lost during the run.
+0 done or nothing to do (also when the reader of the output went away after the change), 1 the
+database refused the change, did not finish it within the statement timeout or cancelled it (nothing
+was changed), 2 bad flags, 3 the tables are missing, the credentials rejected or a privilege
+missing, 4 the database is not reachable or the connection was lost during the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import TYPE_CHECKING
@@ -30,14 +32,29 @@ HELP = "List, requeue or discard dead letters (rows that could not be published)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 LIST_LIMIT = 1000  # rows `list` prints unless --limit says otherwise
+MAX_DURATION_DAYS = 36_500  # a century: further back than any dead letter, within PostgreSQL's dates
+MAX_ROW_ID = 2**63 - 1  # ids and LIMIT are bigint
 
 
 def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``2h`` or ``30d`` in seconds; raises ValueError naming the format."""
+    """``90``, ``90s``, ``15m``, ``2h`` or ``30d`` in seconds, at most :data:`MAX_DURATION_DAYS`;
+    raises ValueError naming the format."""
     m = _DURATION.match(text.strip())
     if not m:
         raise ValueError(f"{text!r} is not a duration: use a number of seconds or e.g. 90s, 15m, 2h, 30d")
-    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if seconds > MAX_DURATION_DAYS * 86400:
+        raise ValueError(f"{text!r} is longer than {MAX_DURATION_DAYS}d: use at most {MAX_DURATION_DAYS}d")
+    return seconds
+
+
+def _duration(text: str) -> float:
+    """``--older-than`` / ``--newer-than``: refused by argparse, which names the flag."""
+    _not_blank(text)
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,13 +83,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _positive(text: str) -> int:
     """``--limit``: a whole number of rows, at least 1 (PostgreSQL refuses a negative LIMIT, and 0
-    would print "no dead letters selected" for a table full of them)."""
+    would print "no dead letters selected" for a table full of them), at most a bigint."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows: use 1 or more")
+    if not 1 <= value <= MAX_ROW_ID:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows: use 1 or more (at most {MAX_ROW_ID})")
+    return value
+
+
+def _row_id(text: str) -> int:
+    """``--id``: a dead letter's id, a positive bigint."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_ROW_ID:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dead letter's id: use a whole number from 1 (see list)")
     return value
 
 
@@ -87,12 +115,12 @@ def _not_blank(text: str) -> str:
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_table_options(p)
-    p.add_argument("--id", type=int, action="append", dest="ids", help="a dead letter's id (repeatable)")
+    p.add_argument("--id", type=_row_id, action="append", dest="ids", help="a dead letter's id (repeatable)")
     p.add_argument("--publisher", type=_not_blank, help="only dead letters of this publisher")
     p.add_argument("--aggregate", help="only dead letters of this aggregate_id")
     p.add_argument("--reason", type=_not_blank, help="only reasons starting with this, e.g. header_too_large")
-    p.add_argument("--older-than", type=_not_blank, help="dead at least this long ago (90s, 15m, 2h, 30d)")
-    p.add_argument("--newer-than", type=_not_blank, help="dead at most this long ago")
+    p.add_argument("--older-than", type=_duration, help="dead at least this long ago (90s, 15m, 2h, 30d)")
+    p.add_argument("--newer-than", type=_duration, help="dead at most this long ago")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,17 +132,17 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         sql = Sql.for_table(args.schema, args.table)
-        selection = DeadLetterFilter(
-            ids=tuple(args.ids) if args.ids else None,
-            publisher=args.publisher,
-            aggregate_id=args.aggregate,
-            reason=args.reason,
-            older_than_seconds=parse_duration(args.older_than) if args.older_than else None,
-            newer_than_seconds=parse_duration(args.newer_than) if args.newer_than else None,
-        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    selection = DeadLetterFilter(
+        ids=tuple(args.ids) if args.ids else None,
+        publisher=args.publisher,
+        aggregate_id=args.aggregate,
+        reason=args.reason,
+        older_than_seconds=args.older_than,
+        newer_than_seconds=args.newer_than,
+    )
     if args.action != "list" and not (selection.narrows or args.all):
         print(
             f"error: {args.action} needs a selection: --id, a filter (--publisher, --aggregate, --reason, "
@@ -126,10 +154,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_guarded(args: argparse.Namespace, sql: Sql, selection: DeadLetterFilter) -> int:
+    """Run the action; its failures as one line and an exit code, never a traceback. A database
+    error's message is printed without its DETAIL, which may quote a whole row (payload, headers)."""
     import asyncpg
 
+    fewer = "act on fewer at a time (--limit, or --older-than, --newer-than, --reason, --publisher, --id)"
     try:
-        return run_on_connection(args.database_url, lambda conn: _act(conn, args, sql, selection))
+        code = run_on_connection(args.database_url, lambda conn: _act(conn, args, sql, selection))
+        sys.stdout.flush()  # a reader gone shows here, not as exit code 120 at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader of our output went away (`... | head`). Output is printed only once the
+        # transaction has ended, so what was done is done: exit 0 (what _act returns), silently.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_OK
     except asyncpg.UndefinedTableError:
         print(
             f"error: {sql.schema}.{sql.table}'s tables are missing or older than schema version 2: run "
@@ -137,16 +175,37 @@ def _run_guarded(args: argparse.Namespace, sql: Sql, selection: DeadLetterFilter
             file=sys.stderr,
         )
         return EXIT_CONFIG
+    except asyncpg.InsufficientPrivilegeError as exc:
+        print(
+            f"error: the database role may not {args.action} dead letters ({exc.args[0]}): grant it what the "
+            f"command needs: list reads {sql.dead_letters} and {sql.outbox}; requeue and discard also lock and "
+            f"delete dead letters (UPDATE, DELETE), and requeue inserts into {sql.outbox} and {sql.requeued}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     except TimeoutError:
         print(
             f"error: the database did not finish the {args.action} within the statement timeout; nothing was "
-            "changed: act on fewer at a time (--limit, or --older-than, --newer-than, --reason, --publisher, --id)",
+            f"changed: {fewer}; or, if another session holds these rows (another dead-letters run, a "
+            "transaction left open), run it again once that one has ended",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError) as exc:
+        # the role's or the DSN's statement_timeout or lock_timeout, or a cancel by an administrator
+        print(
+            f"error: PostgreSQL cancelled the {args.action} ({exc.args[0]}); nothing was changed: {fewer}; "
+            "or, if another session holds these rows, run it again once that one has ended",
             file=sys.stderr,
         )
         return EXIT_FAILURE
     except asyncpg.IntegrityConstraintViolationError as exc:
         # e.g. a CHECK of the outbox refuses a requeued row: the transaction rolled back as a whole
-        print(f"error: the database refused the {args.action}, nothing was changed: {exc}", file=sys.stderr)
+        constraint = f" (constraint {exc.constraint_name})" if getattr(exc, "constraint_name", None) else ""
+        print(
+            f"error: the database refused the {args.action}{constraint}, nothing was changed: {exc.args[0]}",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
 
 
