@@ -119,6 +119,44 @@ async def test_a_schema_check_held_up_by_a_lock_until_the_deadline_says_it_was_n
         await holder.close()
 
 
+async def http_status(port: int, path: str) -> int:
+    """The status of ``GET path`` on the worker's metrics server (HTTP/1.0, as a kubelet's probe)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        async with asyncio.timeout(5):
+            return int((await reader.readline()).split()[1])
+    finally:
+        writer.close()
+
+
+async def test_a_worker_waiting_for_its_database_answers_its_liveness_probe_and_is_not_ready(
+    nats_url: str,
+) -> None:
+    """The operator's liveness probe kills a worker after ~30 s without an answer on /healthz; a
+    worker waits up to startup_timeout_seconds (60 s by default) for PostgreSQL and NATS. So the
+    metrics server answers from the first moment of start-up: alive (200), not ready (503)."""
+    from outbox_devkit.embedded import free_port
+
+    port = free_port()
+    nowhere = f"postgresql://relay@127.0.0.1:{free_port()}/app"  # nothing listens there
+    worker = Worker(worker_config(nowhere, nats_url, startup_timeout=30.0, metrics_port=port))
+    starting = asyncio.create_task(worker.start())
+    try:
+        async with asyncio.timeout(10):
+            while worker.health is None and not starting.done():
+                await asyncio.sleep(0.05)
+        assert not starting.done(), starting
+        assert await http_status(port, "/healthz") == 200
+        assert await http_status(port, "/readyz") == 503
+        assert worker.pool is None, "still waiting for PostgreSQL"
+    finally:
+        starting.cancel()
+        with contextlib.suppress(BaseException):
+            await starting
+        await worker.close()
+
+
 async def test_nats_connects_with_under_a_second_of_the_budget_left(nats_url: str) -> None:
     """The worker gives each connection attempt what is left of its start-up budget, at least 0.5 s;
     nats-py refuses a flush timeout that rounds down to 0, so the connect must not pass one."""

@@ -145,8 +145,14 @@ class Worker:
 
     # --- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Connect the database, join the workers, connect NATS and check the stream, build the
-        leases and loops, start the metrics server; each step fails with a typed error."""
+        """Start the metrics server, connect the database, join the workers, connect NATS and check
+        the stream, build the leases and loops; each step fails with a typed error.
+
+        The metrics server comes first: while the later steps wait for a server that is not there
+        yet (bounded by ``startup_timeout_seconds``, then the worker exits), /healthz answers, so a
+        liveness probe does not kill a worker that is waiting as it should, and /readyz says it is
+        not ready."""
+        await self._start_metrics()
         deadline = time.monotonic() + self.config.lifecycle.startup_timeout_seconds
         self.store = store = await self._connect_database(deadline)
         # PostgreSQL may go away after the pool connected: these steps are retried like the pool,
@@ -173,7 +179,6 @@ class Worker:
         self.loops = [
             self._relay_loop(i, self.store, self.publisher, self.leases) for i in range(self.config.relay.loops)
         ]
-        await self._start_metrics()
         c = self.config
         log.info(
             "worker %s started: publisher=%s table=%s.%s partitions=%d loops=%d",
