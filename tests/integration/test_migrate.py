@@ -881,3 +881,46 @@ def test_errors_that_say_nothing_of_the_connection_are_the_commands_to_report(pg
     }[cause]
     with pytest.raises(expected):
         run_on_connection(pg_dsn, act)
+
+
+@pytest.mark.parametrize("lock_timeout", [None, "200"])
+async def test_a_migrate_held_up_by_another_sessions_lock_says_so_and_changes_nothing(
+    pg_dsn: str, lock_timeout: str | None
+) -> None:
+    """A migrate waits for the locks of its tables; behind a long transaction it meets the CLI's
+    statement timeout (10 s), or PostgreSQL's lock_timeout when the role or DSN sets one. Either is
+    one line naming the likely cause and exit 1, with nothing changed: not a bare TimeoutError
+    traceback."""
+    first = await outboxctl("migrate", "--database-url", pg_dsn)
+    assert first.code == 0, first.err
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+            separator = "&" if "?" in pg_dsn else "?"
+            dsn = pg_dsn if lock_timeout is None else f"{pg_dsn}{separator}lock_timeout={lock_timeout}"
+            held = await outboxctl("migrate", "--database-url", dsn)
+    finally:
+        await holder.close()
+    assert held.code == 1, held.err
+    assert held.err.startswith("error: migrate did not finish in time ("), held.err
+    assert "nothing was changed (it is one transaction)" in held.err
+    assert "other sessions hold (a long transaction, another migrate)" in held.err
+    assert "Traceback" not in held.err
+
+
+async def test_a_role_that_may_not_create_the_tables_is_told_what_it_needs(pg_dsn: str) -> None:
+    role = f"plain_{os.urandom(4).hex()}"
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        dsn = pg_dsn.replace("//postgres@", f"//{role}@", 1)
+        assert dsn != pg_dsn
+        refused = await outboxctl("migrate", "--database-url", dsn)
+    finally:
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
+    assert refused.code == 3, refused.err
+    assert "the database role may not create or change public.outbox's tables (permission denied" in refused.err
+    assert "run migrate as their owner, or as a role that may CREATE" in refused.err
+    assert "Traceback" not in refused.err

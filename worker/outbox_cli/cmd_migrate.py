@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from outbox_cli.main import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, add_table_options, run_on_connection
+from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_table_options, run_on_connection
 from outbox_worker.core.sql import DEFAULT_PARTITIONS
 
 if TYPE_CHECKING:
@@ -63,3 +63,20 @@ def run(args: argparse.Namespace) -> int:
     except SchemaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except asyncpg.InsufficientPrivilegeError as exc:
+        print(
+            f"error: the database role may not create or change {sql.schema}.{sql.table}'s tables ({exc.args[0]}): "
+            f"run migrate as their owner, or as a role that may CREATE in the database and in schema {sql.schema}; "
+            "nothing was changed",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    except (TimeoutError, asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError) as exc:
+        why = exc.args[0] if exc.args else type(exc).__name__
+        print(
+            f"error: migrate did not finish in time ({why}); nothing was changed (it is one transaction): it "
+            f"waits for locks on {sql.schema}.{sql.table}'s tables that other sessions hold (a long transaction, "
+            "another migrate); run it again once they have ended",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
