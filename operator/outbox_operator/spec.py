@@ -30,6 +30,7 @@ from outbox_common.settings import (
     StreamMode,
     WorkerSettings,
     render_env,
+    schema_and_table_problem,
 )
 from outbox_common.timing import Timing, timing_violation
 
@@ -105,6 +106,14 @@ class Database(_Model):
     table: str = Field("outbox", pattern=r"^[a-z_][a-z0-9_]{0,49}$")
     pool_size: int = Field(4, ge=2, le=64)
     statement_timeout_seconds: float = Field(10.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _channels(self) -> Database:
+        # the CRD's CEL rule on spec.database (settings.MAX_SCHEMA_AND_TABLE_LENGTH): the NOTIFY channels
+        problem = schema_and_table_problem(self.db_schema, self.table, "spec.database.schema", "spec.database.table")
+        if problem:
+            raise ValueError(problem + "; both fields are immutable: recreate the OutboxPublisher")
+        return self
 
 
 class NatsTls(_Model):

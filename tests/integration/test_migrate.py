@@ -194,6 +194,37 @@ async def test_migrate_into_a_custom_schema_and_table(pg_dsn: str) -> None:
         await pool.close()
 
 
+async def test_the_longest_schema_and_table_fit_postgresqls_channel_names_and_one_more_is_refused(
+    pg_dsn: str,
+) -> None:
+    """The NOTIFY channels <schema>.<table> (the trigger's, on every INSERT) and <schema>.<table>_leases
+    must fit PostgreSQL's 63 bytes: at 55 characters together both work, one more is refused by
+    migrate before it touches anything, as PostgreSQL would refuse its lease channel."""
+    schema, table = "s" * 5, "t" * 50
+    result = await outboxctl("migrate", "--database-url", pg_dsn, "--schema", schema, "--table", table)
+    assert result.code == 0, result.err
+    sql = Sql.for_table(schema, table)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        heard: asyncio.Queue[str] = asyncio.Queue()
+        await conn.add_listener(sql.lease_channel, lambda _c, _pid, _channel, payload: heard.put_nowait(payload))
+        await conn.execute(  # the trigger's pg_notify
+            f"INSERT INTO {sql.outbox} (aggregate_type, aggregate_id, event_type, payload) VALUES ('a', '1', 'e', '')"
+        )
+        await conn.execute(sql.lease_notify, sql.lease_channel, "me")
+        assert await asyncio.wait_for(heard.get(), 5) == "me"
+        longer = schema + "s"
+        with pytest.raises(asyncpg.PostgresError, match="channel name too long"):
+            await conn.execute(sql.lease_notify, f"{longer}.{table}_leases", "")
+
+        refused = await outboxctl("migrate", "--database-url", pg_dsn, "--schema", longer, "--table", table)
+        assert refused.code == 2
+        assert "table and schema are 56 characters together" in refused.err
+        assert not [t for t in await tables(conn) if t.startswith(f"{longer}.")]
+    finally:
+        await conn.close()
+
+
 async def test_concurrent_migrations_serialise(pg_dsn: str) -> None:
     conns = [await asyncpg.connect(pg_dsn) for _ in range(4)]
     try:

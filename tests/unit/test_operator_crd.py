@@ -7,6 +7,7 @@ default, bound or enum on one side only, fails here with the path of the differe
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,14 @@ from outbox_operator.spec import (
     POD_SETTINGS,
     SECRET_SETTINGS,
     SETTINGS_MAP,
+    InvalidSpec,
     PublisherSpec,
+    parse_spec,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+
+import crd_schema as admission  # the CEL admission helper of tests/operator
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "outboxpublisher.yaml"
@@ -232,3 +239,51 @@ def test_root_metadata_specifies_nothing_but_its_type_and_name() -> None:
     assert metadata["type"] == "object"
     assert set(metadata) <= {"type", "properties"}
     assert set(metadata.get("properties", {})) <= {"name", "generateName"}
+
+
+# --- CEL rules: the API server and the operator refuse the same specs at the same field -----------
+
+
+def _publisher(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "outbox.dev/v1alpha1",
+        "kind": "OutboxPublisher",
+        "metadata": {"name": "orders", "namespace": "shop"},
+        "spec": {
+            "partitions": 8,
+            "database": {"secretRef": {"name": "db"}},
+            "nats": {"servers": ["nats://nats:4222"]},
+            **spec,
+        },
+    }
+
+
+def _refusals(obj: dict[str, Any]) -> tuple[list[str], InvalidSpec | None]:
+    """(the API server's errors, the operator's refusal of the defaulted spec)."""
+    stored, errors = admission.admit(admission.schema_of(crd()), obj)
+    try:
+        parse_spec(stored["spec"])
+    except InvalidSpec as exc:
+        return errors, exc
+    return errors, None
+
+
+@pytest.mark.parametrize(
+    ("database", "admitted"),
+    [
+        ({"table": "t" * 49}, True),  # public.<49>_leases: 63 bytes
+        ({"table": "t" * 50}, False),  # public.<50>_leases: 64 bytes, every lease announcement fails
+        ({"schema": "s" * 22, "table": "t" * 33}, True),
+        ({"schema": "s" * 30, "table": "t" * 33}, False),  # <schema>.<table>: 64 bytes, every INSERT fails
+    ],
+)
+def test_schema_and_table_must_fit_the_notify_channels(database: dict[str, str], admitted: bool) -> None:
+    errors, refused = _refusals(_publisher(database={"secretRef": {"name": "db"}, **database}))
+    if admitted:
+        assert (errors, refused) == ([], None)
+        return
+    assert any(e.startswith("spec.database.table: ") and "at most 55 characters together" in e for e in errors), errors
+    assert refused is not None
+    assert refused.field == "spec.database.table"
+    assert "spec.database.schema" in refused.message
+    assert "at most 55" in refused.message

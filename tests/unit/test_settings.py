@@ -258,10 +258,22 @@ def test_the_operators_rendered_environment_never_warns() -> None:
 def test_a_table_name_too_long_for_its_derived_tables_is_refused_by_name() -> None:
     """The worker, migrate (Sql.for_table), the operator's spec and the CRD share one limit: a name
     the CRD accepts never crash-loops the workers."""
-    make(table="t" * 50)
-    text = errors_of(table="t" * 51)
+    make(db_schema="s", table="t" * 50)
+    text = errors_of(db_schema="s", table="t" * 51)
     assert text.startswith("table: ")
     assert "at most 50" in text
+    assert "OUTBOX_TABLE" in text
+
+
+@pytest.mark.parametrize(("schema", "table"), [("public", "t" * 50), ("s" * 30, "t" * 33)])
+def test_schema_and_table_too_long_for_the_notify_channels_are_refused_naming_both(schema: str, table: str) -> None:
+    """'<schema>.<table>_leases' must fit PostgreSQL's 63-byte channel names, or every lease
+    announcement (and beyond 62, every INSERT into the outbox, through the trigger) fails."""
+    make(db_schema=schema[: 55 - len(table)], table=table)
+    text = errors_of(db_schema=schema, table=table)
+    assert "table and db_schema are" in text
+    assert "at most 55" in text
+    assert "OUTBOX_DB_SCHEMA" in text
     assert "OUTBOX_TABLE" in text
 
 

@@ -63,10 +63,27 @@ def test_unsafe_identifiers_are_refused(schema: str, table: str) -> None:
 
 def test_table_name_leaves_room_for_suffixes() -> None:
     longest = "t" * (63 - len("_dead_letters"))
-    sql = Sql.for_table("public", longest)
+    sql = Sql.for_table("p", longest)
     assert len(sql.dead_letters.split(".")[1].strip('"')) == 63
     with pytest.raises(ValueError, match="too long"):
-        Sql.for_table("public", longest + "t")
+        Sql.for_table("p", longest + "t")
+
+
+@pytest.mark.parametrize(("schema", "table"), [("public", "t" * 50), ("s" * 30, "t" * 33), ("s" * 55, "t")])
+def test_schema_and_table_too_long_for_the_notify_channels_are_refused(schema: str, table: str) -> None:
+    """PostgreSQL refuses a NOTIFY channel over 63 bytes: the trigger's pg_notify('<schema>.<table>')
+    would fail every INSERT into the outbox, the lease announcements on '<schema>.<table>_leases'
+    every handover (tests/integration/test_migrate.py proves the limit against PostgreSQL)."""
+    with pytest.raises(ValueError, match=r"table and schema are \d+ characters together") as refused:
+        Sql.for_table(schema, table)
+    assert "at most 55" in str(refused.value)
+    assert "migrate one under shorter names" in str(refused.value)  # what to do with a table migrated already
+
+
+def test_the_longest_schema_and_table_give_channels_of_63_bytes() -> None:
+    sql = Sql.for_table("s" * 5, "t" * 50)
+    assert len(sql.lease_channel.encode()) == 63
+    assert len(sql.channel.encode()) < 63
 
 
 def _identifiers(text: str) -> set[str]:

@@ -33,6 +33,28 @@ TEMPLATE_FIELDS = ("aggregate_type", "event_type", "tenant", "aggregate_id")
 # The table's name gets suffixes (``_dead_letters``, the longest) that must stay within PostgreSQL's
 # 63 characters: outbox_worker.core.sql.Sql.for_table, the CRD and the operator's spec say the same.
 MAX_TABLE_LENGTH = 63 - len("_dead_letters")
+# The outbox's NOTIFY channels are "<schema>.<table>" (its trigger's pg_notify, on every INSERT) and
+# "<schema>.<table>_leases" (lease announcements), and PostgreSQL refuses a channel name of more than 63
+# bytes ("channel name too long"): the trigger would fail every INSERT of the application, the
+# announcements every handover. Identifiers are ASCII (_IDENT), so characters are bytes. The CRD's
+# CEL rule on spec.database and the operator's spec say the same.
+MAX_SCHEMA_AND_TABLE_LENGTH = 63 - len(".") - len("_leases")
+
+
+def schema_and_table_problem(schema: str, table: str, schema_field: str, table_field: str) -> str | None:
+    """Why ``schema`` and ``table`` together are too long for the outbox's NOTIFY channels, naming
+    them as ``schema_field`` and ``table_field`` (a setting, a flag, a spec path); None when they fit."""
+    length = len(schema.encode()) + len(table.encode())
+    if length <= MAX_SCHEMA_AND_TABLE_LENGTH:
+        return None
+    return (
+        f"{table_field} and {schema_field} are {length} characters together ({table!r}, {schema!r}): at most "
+        f"{MAX_SCHEMA_AND_TABLE_LENGTH}, as the outbox's NOTIFY channels <schema>.<table> and "
+        "<schema>.<table>_leases must fit PostgreSQL's 63-byte names (beyond, pg_notify fails every INSERT into "
+        "the outbox, or every lease announcement). Use a shorter table or schema name; an outbox already "
+        "migrated under these names cannot be relayed: migrate one under shorter names (outboxctl migrate), "
+        "move its pending rows there and point the producers and the relay at it"
+    )
 
 
 def validate_identifier(value: str, field: str) -> str:
@@ -312,8 +334,11 @@ class WorkerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross(self) -> WorkerSettings:
-        """The timing rules the operator's spec keeps too (outbox_common.timing), by setting name."""
-        problem = timing_violation(self.timing, str)
+        """The length of db_schema and table together, and the timing rules the operator's spec keeps
+        too (outbox_common.timing), by setting name."""
+        problem = schema_and_table_problem(self.db_schema, self.table, "db_schema", "table") or timing_violation(
+            self.timing, str
+        )
         if problem:
             raise ValueError(problem)
         return self

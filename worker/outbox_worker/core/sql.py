@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from outbox_common.settings import MAX_TABLE_LENGTH, validate_identifier
+from outbox_common.settings import MAX_TABLE_LENGTH, schema_and_table_problem, validate_identifier
 
 # 1: the tables. 2: CHECK that created_at has an RFC 3339 form (NOT VALID: rows already in the table
 # are not checked; the relay dead-letters those); workers.instance (duplicate worker ids are refused).
@@ -75,6 +75,9 @@ class Sql:
         validate_identifier(table, "table")
         if len(table) > MAX_TABLE_LENGTH:
             raise ValueError(f"table={table!r} is too long: at most {MAX_TABLE_LENGTH} characters")
+        problem = schema_and_table_problem(schema, table, "schema", "table")
+        if problem:
+            raise ValueError(problem)
         return cls(schema, table)
 
     # --- names ----------------------------------------------------------------------------------
