@@ -29,8 +29,10 @@ from outbox_common.settings import (
     OrderingMode,
     StreamMode,
     WorkerSettings,
+    mixes_transports,
     render_env,
     schema_and_table_problem,
+    server_url_problem,
 )
 from outbox_common.timing import Timing, timing_violation
 
@@ -143,6 +145,20 @@ class Nats(_Model):
     tls: NatsTls | None = None
     ping_interval_seconds: float = Field(5.0, gt=0, le=120)
     message_tracing: bool = False
+
+    @model_validator(mode="after")
+    def _servers(self) -> Nats:
+        # what the worker's settings refuse too (settings.WorkerSettings._servers), by spec path
+        for index, url in enumerate(self.servers):
+            problem = server_url_problem(url)
+            if problem:
+                raise ValueError(f"spec.nats.servers[{index}] {problem} (e.g. nats://nats:4222)")
+        if mixes_transports(self.servers):  # the CRD's CEL rule on spec.nats
+            raise ValueError(
+                "spec.nats.servers must not mix websocket (ws://, wss://) and other (nats://, tls://) URLs: "
+                "the NATS client connects over one transport"
+            )
+        return self
 
     @model_validator(mode="after")
     def _auth(self) -> Nats:

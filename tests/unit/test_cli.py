@@ -193,6 +193,23 @@ def test_help_never_shows_a_secret_from_the_environment(monkeypatch: pytest.Monk
         assert "topsecret" not in _help(command), command
 
 
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("nats://nats:99999", "entry 1 has a port that is not a number of 1-65535"),
+        ("nats://a:4222,nats://:4222", "entry 2 has no host"),
+        ("nats://a:4222,wss://b:443", "must not mix websocket"),
+    ],
+)
+def test_verify_refuses_a_nats_url_the_client_cannot_connect_with(
+    url: str, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before any connection: nats-py would raise its own error at connect, which verify does
+    not map (a traceback)."""
+    assert main(["verify", "--database-url", DSN, "--nats-url", url, "--stream", "OUTBOX"]) == EXIT_USAGE
+    assert needle in capsys.readouterr().err
+
+
 def test_verify_never_shows_the_credentials_of_a_nats_url() -> None:
     from outbox_cli.cmd_verify import _shown
 

@@ -287,3 +287,44 @@ def test_schema_and_table_must_fit_the_notify_channels(database: dict[str, str],
     assert refused.field == "spec.database.table"
     assert "spec.database.schema" in refused.message
     assert "at most 55" in refused.message
+
+
+@pytest.mark.parametrize(
+    ("servers", "admitted"),
+    [
+        (["nats://a:4222", "tls://b:4222"], True),
+        (["ws://a:8080", "wss://b:8443"], True),
+        (["nats://a:4222", "ws://b:8080"], False),
+        (["wss://a:8443", "tls://b:4222"], False),
+    ],
+)
+def test_nats_servers_must_not_mix_websocket_and_other_urls(servers: list[str], admitted: bool) -> None:
+    """nats-py refuses such a list at connect (one transport per client)."""
+    errors, refused = _refusals(_publisher(nats={"servers": servers}))
+    if admitted:
+        assert (errors, refused) == ([], None)
+        return
+    assert any(e.startswith("spec.nats.servers: ") and "must not mix websocket" in e for e in errors), errors
+    assert refused is not None
+    assert refused.field == "spec.nats.servers"
+
+
+@pytest.mark.parametrize(
+    ("servers", "index", "needle"),
+    [
+        (["nats://nats:99999"], 0, "port that is not a number of 1-65535"),
+        (["nats://a:4222", "nats://nats:42x2"], 1, "port that is not a number of 1-65535"),
+        (["nats://:4222"], 0, "has no host"),
+        (["nats://nats:0"], 0, "has port 0"),
+    ],
+)
+def test_a_server_url_the_worker_cannot_connect_with_is_an_invalid_spec_by_index(
+    servers: list[str], index: int, needle: str
+) -> None:
+    """The CRD's pattern admits these; the operator refuses them (InvalidSpec) instead of starting
+    workers that cannot connect."""
+    errors, refused = _refusals(_publisher(nats={"servers": servers}))
+    assert errors == []
+    assert refused is not None
+    assert refused.field == f"spec.nats.servers[{index}]"
+    assert needle in refused.message

@@ -118,6 +118,69 @@ def test_a_nats_url_error_never_shows_its_credentials(servers: str) -> None:
     assert "nats://http://" not in text  # no suggestion that stacks a second scheme
 
 
+# (servers, what the message says): lists the NATS client refuses at connect, which the worker took
+# as a defect (exit 1, a crash loop), and port 0, which it cannot connect to
+BAD_SERVER_LISTS = [
+    ("nats://nats:99999", "port that is not a number of 1-65535"),
+    ("nats://nats:42x2", "port that is not a number of 1-65535"),
+    ("nats://:4222", "has no host"),
+    ("wss://:443", "has no host"),
+    ("nats://[::1:4222", "is no valid URL"),
+    ("nats://none:4222", "names the host 'none'"),
+    ("nats://nats:0", "has port 0"),
+    ("nats://a:4222,ws://b:8080", "mixes websocket"),
+    ("wss://a,tls://b:4222", "mixes websocket"),
+]
+
+
+@pytest.mark.parametrize(("servers", "needle"), BAD_SERVER_LISTS)
+def test_a_server_list_the_nats_client_cannot_connect_with_is_refused_by_name(servers: str, needle: str) -> None:
+    text = errors_of(nats_servers=servers)
+    assert text.startswith("nats_servers: "), text
+    assert needle in text
+    assert "OUTBOX_NATS_SERVERS" in text
+
+
+@pytest.mark.parametrize(
+    "servers",
+    [
+        "nats://nats:4222",
+        "nats://nats",
+        "nats://nats:",
+        "tls://nats.nats.svc:4222/",
+        "nats://[::1]:4222,nats://10.0.0.1:4222",
+        "nats://alice:pw@nats:4222,tls://token@other",
+        "ws://nats",
+        "ws://nats:8080,wss://nats:8443/path",
+        *(servers for servers, _ in BAD_SERVER_LISTS),
+    ],
+)
+def test_settings_accept_exactly_the_server_lists_the_nats_client_accepts(servers: str) -> None:
+    """Parity with nats-py's own parsing (its server pool, built before any connect), but port 0,
+    which nats-py takes and no connect can use."""
+    from nats.aio.client import Client
+    from nats.errors import Error as NatsError
+
+    try:
+        Client()._setup_server_pool(servers.split(","))
+        client_accepts = not servers.endswith(":0")
+    except NatsError:
+        client_accepts = False
+    try:
+        make(nats_servers=servers)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert accepted == client_accepts
+
+
+def test_a_bad_port_after_a_password_never_shows_the_password() -> None:
+    text = errors_of(nats_servers="nats://alice:s3cr3t/pw@nats:4222")  # an unencoded '/': read as the port
+    assert "s3cr3t" not in text
+    assert "nats://<redacted>@nats:4222" in text
+    assert "percent-encode" in text
+
+
 def test_redact_url() -> None:
     assert redact_url("nats://alice:pw@nats:4222") == "nats://<redacted>@nats:4222"
     assert redact_url("tls://token@nats:4222") == "tls://<redacted>@nats:4222"

@@ -78,6 +78,7 @@ def _usage(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from outbox_common.settings import mixes_transports, server_url_problem
     from outbox_worker.core.sql import Sql
 
     if not args.database_url:
@@ -100,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
     bad = [u for u in servers if not u.startswith(("nats://", "tls://", "ws://", "wss://"))]
     if not servers or bad:
         return _usage(f"--nats-url entries need a scheme, e.g. nats://{(bad or ['host:4222'])[0]}")
+    for index, url in enumerate(servers):  # what the NATS client would refuse at connect, as the worker does
+        problem = server_url_problem(url)
+        if problem:
+            return _usage(f"--nats-url entry {index + 1} {problem} (e.g. nats://nats:4222)")
+    if mixes_transports(servers):
+        return _usage("--nats-url must not mix websocket (ws://, wss://) and other (nats://, tls://) URLs")
     if not _STREAM.match(args.stream):
         return _usage(f"--stream={args.stream!r}: use letters, digits, '-' or '_' (e.g. OUTBOX)")
     try:

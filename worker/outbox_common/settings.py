@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,7 @@ REDACTED = "<redacted>"
 # ``@`` in the password is hidden too
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/]+@")
 _LEADING_USERINFO = re.compile(r"^[^\s/]+@")  # a server entry written without its scheme
+WEBSOCKET_SCHEMES = ("ws://", "wss://")
 TEMPLATE_FIELDS = ("aggregate_type", "event_type", "tenant", "aggregate_id")
 # The table's name gets suffixes (``_dead_letters``, the longest) that must stay within PostgreSQL's
 # 63 characters: outbox_worker.core.sql.Sql.for_table, the CRD and the operator's spec say the same.
@@ -83,6 +85,44 @@ def redact_url(url: str) -> str:
     (``alice:pw@host`` → ``<redacted>@host``)."""
     url = url.strip()
     return redact_urls(url) if "://" in url else _LEADING_USERINFO.sub(f"{REDACTED}@", url)
+
+
+def _server_for_message(url: str) -> str:
+    """A server URL for an error message: everything before its last ``@`` (a user, a password, even
+    one with an unencoded ``/`` that :func:`redact_url` would not recognise) hidden."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = f"{REDACTED}@{rest.rsplit('@', 1)[1]}"
+    return scheme + sep + rest
+
+
+def server_url_problem(url: str) -> str | None:
+    """What keeps the NATS client from connecting to ``url`` (one server URL with a known scheme), as
+    the end of a sentence; None when it can. The client parses URLs with ``urllib.parse`` and refuses
+    one without a host, with a port that is no number of 0-65535, or with the host ``none``; port 0
+    cannot be connected to. The message never repeats a part of the URL (it may hold a password)."""
+    try:
+        parsed = urlparse(url)
+    except ValueError:  # an unclosed '[' of an IPv6 address
+        return "is no valid URL: write scheme://host:port, an IPv6 address in brackets ([::1])"
+    try:
+        port = parsed.port
+    except ValueError:
+        hint = " (percent-encode '/', ':' and '@' in a user or password, or they are read as one)" if "@" in url else ""
+        return f"has a port that is not a number of 1-65535{hint}"
+    if not parsed.hostname:
+        return "has no host: write scheme://host:port"
+    if parsed.hostname == "none":
+        return "names the host 'none', which the NATS client refuses: use the server's name or address"
+    if port == 0:
+        return "has port 0: use the server's port, 1-65535"
+    return None
+
+
+def mixes_transports(urls: list[str]) -> bool:
+    """Whether ``urls`` mix websocket (ws://, wss://) and other (nats://, tls://) servers, which the
+    NATS client refuses: it connects over one transport."""
+    return len({url.startswith(WEBSOCKET_SCHEMES) for url in urls}) > 1
 
 
 def validate_subject_template(template: str) -> str:
@@ -323,6 +363,14 @@ class WorkerSettings(BaseSettings):
                     f"nats_servers entry {redact_url(s)!r} needs a scheme nats://, tls://, ws:// or wss:// "
                     "(e.g. nats://nats:4222)"
                 )
+            problem = server_url_problem(s)
+            if problem:
+                raise ValueError(f"nats_servers entry {_server_for_message(s)!r} {problem} (e.g. nats://nats:4222)")
+        if mixes_transports(servers):
+            raise ValueError(
+                "nats_servers mixes websocket (ws://, wss://) and other (nats://, tls://) URLs: the NATS client "
+                "connects over one transport, so list servers of one kind"
+            )
         return ",".join(servers)
 
     @field_validator("database_url")

@@ -235,6 +235,15 @@ class JetStreamPublisher:
         except Exception as exc:
             if _is_auth_error(exc) or any(_is_auth_error(e) for e in connect_error):
                 raise NatsConfigError(_CREDENTIALS_REJECTED) from None
+            if isinstance(exc, nats_errors.Error) and not connect_error:
+                # Refused before any server was tried (no error callback ran): nats-py found the server
+                # list unusable. The settings refuse what is known of that (server_url_problem); any
+                # other such refusal is a configuration error too, not a defect to crash-loop on.
+                servers = ",".join(redact_url(s) for s in self._nats.servers)
+                raise NatsConfigError(
+                    f"the NATS client refused the server list {servers}: {exc}; fix OUTBOX_NATS_SERVERS "
+                    "(spec.nats.servers)"
+                ) from None
             raise
         await nc.close()
 
