@@ -328,3 +328,29 @@ def test_a_server_url_the_worker_cannot_connect_with_is_an_invalid_spec_by_index
     assert refused is not None
     assert refused.field == f"spec.nats.servers[{index}]"
     assert needle in refused.message
+
+
+@pytest.mark.parametrize(
+    ("leases", "ack", "admitted"),
+    [
+        ({}, 5.0, True),  # the defaults: 15 - 5 - 5 = 5 s to spare
+        ({"ttlSeconds": 3}, 1.0, True),  # the test suites' timing: exactly 1 s to spare
+        ({"ttlSeconds": 3, "renewSeconds": 1}, 1.0, True),
+        ({"ttlSeconds": 1}, 0.5, False),  # the audit's: a renewed lease is never usable
+        ({"ttlSeconds": 3}, 1.5, False),
+        ({"ttlSeconds": 2, "renewSeconds": 0.25}, 0.5, True),
+        ({"ttlSeconds": 2, "renewSeconds": 0.75}, 0.5, False),
+    ],
+)
+def test_a_renewed_lease_must_stay_usable_until_the_next_renewal(
+    leases: dict[str, float], ack: float, admitted: bool
+) -> None:
+    """The CEL rule and outbox_common.timing agree (tests/unit/test_lease_timing.py ties the rule to
+    the lease manager)."""
+    errors, refused = _refusals(_publisher(leases=leases, publishing={"ackTimeoutSeconds": ack}))
+    if admitted:
+        assert (errors, refused) == ([], None)
+        return
+    assert any(e.startswith("spec.leases.ttlSeconds: ") and "by at least 1s" in e for e in errors), errors
+    assert refused is not None
+    assert refused.field == "spec.leases.ttlSeconds"

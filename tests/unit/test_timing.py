@@ -43,6 +43,20 @@ CASES = [
         "renewed at least twice",
     ),
     (
+        {"lease_ttl_seconds": 1, "ack_timeout_seconds": 0.5},
+        {"leases": {"ttlSeconds": 1}, "publishing": {"ackTimeoutSeconds": 0.5}},
+        "lease_ttl_seconds",
+        "spec.leases.ttlSeconds",
+        "must stay usable until the next renewal",
+    ),
+    (
+        {"lease_ttl_seconds": 6, "lease_renew_seconds": 3, "ack_timeout_seconds": 2.5},
+        {"leases": {"ttlSeconds": 6, "renewSeconds": 3}, "publishing": {"ackTimeoutSeconds": 2.5}},
+        "lease_ttl_seconds",
+        "spec.leases.ttlSeconds",
+        "by at least 1s",
+    ),
+    (
         {"stream_duplicate_window_seconds": 30},
         {"stream": {"duplicateWindowSeconds": 30}},
         "stream_duplicate_window_seconds",

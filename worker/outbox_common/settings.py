@@ -394,7 +394,7 @@ class WorkerSettings(BaseSettings):
     # --- derived values -------------------------------------------------------------------------
     @property
     def renew_interval(self) -> float:
-        return self.lease_renew_seconds or self.lease_ttl_seconds / 3
+        return self.timing.renew_interval_seconds
 
     @property
     def server_list(self) -> list[str]:

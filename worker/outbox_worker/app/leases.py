@@ -38,16 +38,16 @@ from dataclasses import dataclass
 import asyncpg
 
 from outbox_common.config import LeaseConfig
+from outbox_common.timing import LEASE_SAFETY_MARGIN_SECONDS
 from outbox_worker.adapters.metrics import Metrics
 from outbox_worker.adapters.store import DuplicateWorkerError, Fence, OutboxStore
 from outbox_worker.core.policy import fair_share
 
 log = logging.getLogger(__name__)
 
-# Subtracted, with the ack timeout, from a lease's TTL to get how long it is usable (README,
-# "Partitions and leases": "ack_timeout + 0.5 s"). The renew's send time already errs early; this is
-# slack for the step from a usability check to the wave's write, and for clock rate differences.
-SAFETY_MARGIN_SECONDS = 0.5
+# Subtracted, with the ack timeout, from a lease's TTL to get how long it is usable (see
+# outbox_common.timing, whose rules keep that longer than the renew interval).
+SAFETY_MARGIN_SECONDS = LEASE_SAFETY_MARGIN_SECONDS
 # Errors that retrying cannot fix: SQLSTATE class 42 (undefined table or column, insufficient
 # privilege) and 3F000 (the schema does not exist). Connection errors and timeouts stay retryable.
 _PERMANENT = (asyncpg.SyntaxOrAccessError, asyncpg.InvalidSchemaNameError)
