@@ -63,6 +63,27 @@ def test_the_example_the_chart_renders_is_admitted_and_runs(render: Render, tmp_
     assert_admitted_and_accepted(docs[0])
 
 
+def test_example_strings_that_look_like_other_yaml_values_stay_strings(helm: Path, tmp_path: Path) -> None:
+    """Names the values' schema accepts but YAML would read as a number, a boolean or null once
+    rendered unquoted (`--set-string example.stream=123`, `--set example.stream=NO`)."""
+    example = {
+        "enabled": True,
+        "name": "no",
+        "databaseSecret": {"name": "123", "key": "null"},
+        "stream": "NO",
+    }
+    values = tmp_path / "lookalikes.yaml"
+    values.write_text(yaml.safe_dump({"example": example}))
+    rendered = cc.helm_template(helm, cc.CHART, [values], release="123", namespace="123")
+    (doc,) = [d for d in cc.load_docs(rendered) if d["kind"] == "OutboxPublisher"]
+    assert doc["metadata"]["name"] == "no"
+    assert doc["metadata"]["namespace"] == "123"
+    assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == "123"
+    assert doc["spec"]["database"]["secretRef"] == {"name": "123", "key": "null"}
+    assert doc["spec"]["stream"]["name"] == "NO"
+    assert_admitted_and_accepted(doc)
+
+
 @pytest.mark.parametrize(
     "args",
     [["--log-level=DEBUG"], ["--resync-seconds=2.5"], ["--resync-seconds=30", "--log-level=ERROR"]],
