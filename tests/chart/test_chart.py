@@ -465,3 +465,33 @@ def test_kind_manifests_validate_and_are_restricted(version: str) -> None:
     namespaces = [d for d in docs if d["kind"] == "Namespace"]
     assert namespaces
     assert all(n["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted" for n in namespaces)
+
+
+def _strings_where_names_stand(doc: Any, path: str = "") -> list[str]:
+    """Paths of every ``name``, ``namespace`` and label value in ``doc`` that is not a string."""
+    bad: list[str] = []
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            here = f"{path}.{key}"
+            if key in ("name", "namespace") and not isinstance(value, str | dict | list):
+                bad.append(f"{here}={value!r}")
+            if key in ("labels", "matchLabels") and isinstance(value, dict):
+                bad += [f"{here}.{k}={v!r}" for k, v in value.items() if not isinstance(v, str)]
+            bad += _strings_where_names_stand(value, here)
+    elif isinstance(doc, list):
+        for i, item in enumerate(doc):
+            bad += _strings_where_names_stand(item, f"{path}[{i}]")
+    return bad
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=VALUE_IDS)
+def test_a_release_and_namespace_named_like_a_number_render_as_strings(
+    helm: Path, values: Path, tmp_path: Path
+) -> None:
+    """Release and namespace names are DNS labels, so `helm install 123 -n 2024` is allowed; unquoted,
+    YAML reads them as numbers and the API server refuses every object ("must be of type string")."""
+    rendered = cc.helm_template(helm, cc.CHART, [values], release="2024", namespace="2024")
+    docs = cc.load_docs(rendered)
+    assert any(d["metadata"].get("namespace") == "2024" for d in docs)
+    bad = [f"{d['kind']}{p}" for d in docs for p in _strings_where_names_stand(d)]
+    assert not bad, bad

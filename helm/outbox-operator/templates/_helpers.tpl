@@ -42,7 +42,7 @@ Labels that select the operator pod. Never change them: a Deployment's selector 
 */}}
 {{- define "outbox-operator.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "outbox-operator.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/component: operator
 {{- end }}
 
