@@ -443,7 +443,7 @@ def _without_input(message: str, value: Any) -> str:
 
 # The CRD's rule on metadata.name: child objects append "-relay-metrics" (14 characters) and must
 # stay within the 63 characters of a DNS label.
-NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?\Z")
 NAME_MAX_LENGTH = 47
 
 

@@ -83,6 +83,11 @@ def test_database_url_is_required() -> None:
         ("db_schema", "a" * 64, "not a valid identifier"),
         ("stream", "OUT.BOX", "stream="),
         ("publisher", "Orders_1", "DNS label"),
+        # a trailing newline (a value written with `echo` into a Secret or a file) is no name: `$` of
+        # Python's regular expressions matches before it
+        ("table", "outbox\n", "not a valid identifier"),
+        ("stream", "OUTBOX\n", "stream="),
+        ("publisher", "orders\n", "DNS label"),
         ("nats_servers", "127.0.0.1:4222", "needs a scheme"),
         ("nats_servers", " , ", "empty"),
         ("subject_template", "outbox.{nope}", "unknown"),

@@ -52,6 +52,8 @@ FENCED = ["mark_delete", "mark_published", "mark_failed", "dead_letter"]
         ("public", "1outbox"),
         ("public", "outbox$1"),
         ("public", "ou\u0000tbox"),
+        ("public", "outbox\n"),
+        ("public\n", "outbox"),
         ("pub lic", "outbox"),
         ("a" * 64, "outbox"),
     ],

@@ -28,7 +28,7 @@ from outbox_cli.main import (
     env_help,
 )
 
-_STREAM = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+_STREAM = re.compile(r"^[A-Za-z0-9_-]{1,255}\Z")
 
 HELP = "Check the stream against the committed events: lost, duplicates, order, marks (exit 1 on a violation)."
 

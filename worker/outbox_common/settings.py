@@ -22,9 +22,9 @@ from outbox_common.timing import Timing, timing_violation
 
 ENV_PREFIX = "OUTBOX_"
 
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_STREAM = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}\Z")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+_STREAM = re.compile(r"^[A-Za-z0-9_-]{1,255}\Z")
 REDACTED = "<redacted>"
 # userinfo of a URL (``scheme://user:password@host``), up to the authority's last ``@``: an unencoded
 # ``@`` in the password is hidden too
