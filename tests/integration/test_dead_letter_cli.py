@@ -16,6 +16,7 @@ from test_migrate import outboxctl
 from test_relay_failures import STREAM, fetchval, worker_settings
 
 from outbox_common import names
+from outbox_worker.adapters.dead_letters import DeadLetterFilter, requeue
 from outbox_worker.adapters.history_io import read_stream, verify
 from support.polling import wait_for
 from support.relay import SQL, running, setup_db
@@ -328,3 +329,80 @@ async def test_a_role_that_may_only_read_is_told_what_to_grant(pg_dsn: str) -> N
     assert "(UPDATE, DELETE)" in refused.err
     assert "Traceback" not in refused.err
     assert await counts(pg_dsn) == (0, 1)
+
+
+async def insert_dead_letters(conn: asyncpg.Connection, event_ids: list[str]) -> None:
+    """Dead letters 1..n with these event ids (a repeated one: the same event dead-lettered twice)."""
+    await conn.execute(
+        "INSERT INTO outbox_dead_letters (id, event_id, aggregate_type, aggregate_id, event_type, tenant, "
+        "payload, headers, created_at, attempts, reason, publisher) "
+        "SELECT g, e::uuid, 'order', g::text, 'paid', '', '\\x00', '{}', now(), 1, 'header_too_large: big', 'pub' "
+        "FROM unnest($1::text[]) WITH ORDINALITY AS u(e, g)",
+        event_ids,
+    )
+
+
+async def test_a_requeue_limit_counts_the_rows_it_acts_on_and_reports_those_it_skips(pg_dsn: str) -> None:
+    """--limit N of a requeue is the oldest N it can requeue, not the oldest N selected: dead letters
+    1 and 2 are already in the outbox (re-inserted by hand), so `--limit 2` requeues 3 and 4, names
+    1 and 2 as skipped, and says to run again only while a rerun would requeue more. It used to
+    select 1 and 2, requeue nothing and say "--limit 2 reached; run it again" on every run."""
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    db = ["--database-url", pg_dsn]
+    try:
+        events = [str(r[0]) for r in await conn.fetch("SELECT gen_random_uuid() FROM generate_series(1, 5)")]
+        await insert_dead_letters(conn, events)
+        await conn.execute(
+            "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload) "
+            "SELECT e::uuid, 'order', 'by-hand', 'paid', '\\x00' FROM unnest($1::text[]) AS e",
+            events[:2],
+        )
+        skipped = ["skipped 1: its event_id is already in the outbox", "skipped 2: its event_id is already"]
+        for flags in ([], ["--yes"]):  # the dry run says what --yes does
+            out = (await outboxctl("dead-letters", "requeue", *db, "--all", "--limit", "2", *flags)).out
+            verb = "requeued 2 dead letters" if flags else "would have requeued 2 dead letters"
+            assert verb in out, out
+            assert all(s in out for s in skipped), out
+            assert "--limit 2 reached; more may match: run it again for the rest" in out
+        assert [r[0] for r in await conn.fetch("SELECT dead_id FROM outbox_requeued ORDER BY dead_id")] == [3, 4]
+        rest = await outboxctl("dead-letters", "requeue", *db, "--all", "--limit", "2", "--yes")
+        assert rest.code == 0, rest.err
+        assert "requeued 1 dead letters" in rest.out
+        assert all(s in rest.out for s in skipped), rest.out
+        assert "reached" not in rest.out  # nothing a rerun could requeue
+        again = await outboxctl("dead-letters", "requeue", *db, "--all", "--limit", "2", "--yes")
+        assert "requeued 0 dead letters" in again.out
+        assert "reached" not in again.out
+        assert [r[0] for r in await conn.fetch("SELECT id FROM outbox_dead_letters ORDER BY id")] == [1, 2]
+        # discard acts on every row it selects: the limit is reached only when rows are left
+        exact = await outboxctl("dead-letters", "discard", *db, "--all", "--limit", "2", "--yes")
+        assert "discarded 2 dead letters" in exact.out
+        assert "reached" not in exact.out
+    finally:
+        await conn.close()
+
+
+async def test_a_concurrent_requeue_waits_for_the_first_then_finds_its_rows_gone(pg_dsn: str) -> None:
+    """The rows a requeue acts on are locked in its transaction: a second requeue of the same
+    selection waits for the first, then finds them gone and requeues none of them twice."""
+    await setup_db(pg_dsn)
+    first, second = await asyncpg.connect(pg_dsn), await asyncpg.connect(pg_dsn)
+    try:
+        events = [str(r[0]) for r in await first.fetch("SELECT gen_random_uuid() FROM generate_series(1, 4)")]
+        await insert_dead_letters(first, events)
+        outer = first.transaction()
+        await outer.start()
+        done = await requeue(first, SQL, DeadLetterFilter(), apply=True, limit=2)
+        assert (done.done, done.more) == ([1, 2], True)
+        late = asyncio.create_task(requeue(second, SQL, DeadLetterFilter(), apply=True, limit=2))
+        pid = second.get_server_pid()
+        waits = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
+        await wait_for(lambda: fetchval(pg_dsn, waits, pid), 10, "the second requeue waiting for the first")
+        await outer.commit()
+        after = await late
+        assert (after.selected, after.done, after.more) == ([], [], True)  # 3 and 4 are the next run's
+        assert [r[0] for r in await first.fetch("SELECT dead_id FROM outbox_requeued ORDER BY dead_id")] == [1, 2]
+    finally:
+        await first.close()
+        await second.close()

@@ -241,7 +241,7 @@ async def _act(conn: asyncpg.Connection, args: argparse.Namespace, sql: Sql, sel
         _more(len(moved) - dead_letters.SHOWN, f"in {sql.schema}.{sql.table}_requeued")
     else:
         print(f"dry run: would have {verb} {len(outcome.done)} dead letters; add --yes to act")
-    if args.limit is not None and len(outcome.selected) >= args.limit:
+    if outcome.more:  # the limit left out rows a rerun acts on
         print(f"note: --limit {args.limit} reached; more may match: run it again for the rest")
     for dead_id in outcome.skipped[: dead_letters.SHOWN]:
         print(

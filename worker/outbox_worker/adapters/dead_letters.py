@@ -2,11 +2,18 @@
 
 Guarantees:
 
-- Every operation selects rows with one :class:`DeadLetterFilter`; requeue and discard lock the rows
-  they select (``FOR UPDATE``) and act on them in one transaction: all of it or nothing. A second run
-  finds nothing more to do (the rows left the dead-letter table), and a concurrent run waits for
-  the first, then finds them gone.
-- With ``apply=False`` (the default of the command) nothing is changed: the result says what would be.
+- Every operation selects rows with one :class:`DeadLetterFilter`. Requeue and discard walk the
+  selection in id order and act on the rows they can: a requeue on the requeueable ones (it skips
+  the others and reports them), a discard on every one. A ``limit`` counts the rows acted on: the
+  oldest ``limit`` of them, and the rows skipped among, before and after them up to the next row it
+  would act on, where the walk stops (:attr:`Action.more`: the limit left out rows a rerun acts on).
+  The walk keeps ids only; at most ``limit`` rows are locked and changed.
+- Requeue and discard lock the rows they act on (``FOR UPDATE``, the rows skipped are only read) and
+  act on them in the same transaction: all of it or nothing. A second run finds nothing more to do
+  (the rows left the dead-letter table), and a concurrent run waits for the first, then finds them
+  gone.
+- With ``apply=False`` (the default of the command) nothing is changed: the result says what would
+  be, the same rows ``apply=True`` acts on and skips (unless the table changes in between).
 - Requeue puts a row back into the outbox with its original event id, aggregate, event type, tenant,
   payload, headers and created_at, attempts 0, and a new id after every row already in the outbox;
   the rows of one requeue are inserted in their dead-letter id order. Each requeue is recorded in
@@ -98,6 +105,7 @@ def _iso(ts: datetime) -> str:
 
 
 SHOWN = 50  # dead letters a requeue or discard reads in full, to show them; the rest are counted
+WALK_BATCH = 10_000  # ids a requeue or discard reads per round trip while it walks its selection
 
 
 @dataclass
@@ -107,11 +115,12 @@ class Action:
     Bounded whatever the selection: every selected dead letter is an id here, and only the first
     :data:`SHOWN` done and the first :data:`SHOWN` skipped are read in full (``shown``)."""
 
-    selected: list[int] = field(default_factory=list)  # ids of every selected dead letter
+    selected: list[int] = field(default_factory=list)  # ids of every selected dead letter, up to the limit
     done: list[int] = field(default_factory=list)  # dead-letter ids requeued or discarded
     new_ids: dict[int, int] = field(default_factory=dict)  # requeue: dead-letter id -> new outbox id
     applied: bool = False
     shown: dict[int, DeadLetter] = field(default_factory=dict)  # id -> row, for the first done and skipped
+    more: bool = False  # the limit left out rows this would act on: a rerun makes progress
 
     @property
     def skipped(self) -> list[int]:
@@ -128,12 +137,60 @@ async def list_dead_letters(
     return [_dead_letter(r) for r in rows]
 
 
-async def _select(
-    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, lock: bool, limit: int | None
-) -> list[tuple[int, bool]]:
-    """(id, requeueable) of the selected dead letters, the oldest ``limit`` (None: all), locked when ``lock``."""
-    rows = await conn.fetch(sql.dead_letter_lock if lock else sql.dead_letter_ids, *selection.params(), limit)
-    return [(int(r[0]), bool(r[1])) for r in rows]
+@dataclass
+class _Picked:
+    """A requeue's or discard's part of the selection: every id read, and those it acts on."""
+
+    selected: list[int]
+    acts: list[int]
+    more: bool  # the limit left out a row it would act on
+
+
+async def _walk(
+    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, requeue: bool, limit: int | None
+) -> _Picked:
+    """The selection in id order (not locked), read up to its ``limit``-th row to act on (None: to
+    its end): a requeue acts on the requeueable rows and skips the others, a discard acts on every
+    row. It stops at the first row past the limit it would act on: that one says the limit left
+    rows out (:attr:`Action.more`)."""
+    picked = _Picked([], [], False)
+    async for r in conn.cursor(sql.dead_letter_ids, *selection.params(), prefetch=WALK_BATCH):
+        acts = bool(r[1]) or not requeue
+        if acts and limit is not None and len(picked.acts) >= limit:
+            picked.more = True
+            break
+        picked.selected.append(int(r[0]))
+        if acts:
+            picked.acts.append(int(r[0]))
+    return picked
+
+
+async def _lock(
+    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, picked: _Picked, *, requeue: bool
+) -> _Picked:
+    """Lock the rows ``picked`` acts on and read them again: a row a concurrent run removed is no
+    longer selected, a row no longer requeueable (or selected) is not acted on."""
+    rows = await conn.fetch(sql.dead_letter_lock, *selection.params(), picked.acts)
+    locked = {int(r[0]): bool(r[1]) or not requeue for r in rows}
+    gone = set(picked.acts) - set(locked)
+    return _Picked(
+        [i for i in picked.selected if i not in gone], [i for i in picked.acts if locked.get(i)], picked.more
+    )
+
+
+async def _pick(
+    conn: asyncpg.Connection,
+    sql: Sql,
+    selection: DeadLetterFilter,
+    *,
+    requeue: bool,
+    apply: bool,
+    limit: int | None,
+) -> _Picked:
+    """The rows a requeue or discard selects and acts on, locked when ``apply`` (the dry run finds
+    the same rows: only the lock differs)."""
+    picked = await _walk(conn, sql, selection, requeue=requeue, limit=limit)
+    return await _lock(conn, sql, selection, picked, requeue=requeue) if apply else picked
 
 
 async def _rows(conn: asyncpg.Connection, sql: Sql, ids: list[int]) -> dict[int, DeadLetter]:
@@ -147,17 +204,17 @@ async def requeue(
     conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, apply: bool, limit: int | None = None
 ) -> Action:
     """Put the selected dead letters back into the outbox (see the module docstring), the oldest
-    ``limit`` of them (None: all); dry unless ``apply``."""
+    ``limit`` requeueable ones (None: all); dry unless ``apply``."""
     async with conn.transaction():
-        picked = await _select(conn, sql, selection, lock=apply, limit=limit)
-        ids = [i for i, _ in picked]
-        would = [i for i, ok in picked if ok]
+        picked = await _pick(conn, sql, selection, requeue=True, apply=apply, limit=limit)
+        acts = set(picked.acts)
+        skipped = [i for i in picked.selected if i not in acts]
         # read what is shown before the requeue deletes it
-        shown = await _rows(conn, sql, would[:SHOWN] + [i for i, ok in picked if not ok][:SHOWN])
+        shown = await _rows(conn, sql, picked.acts[:SHOWN] + skipped[:SHOWN])
         if not apply:
-            return Action(ids, would, {}, False, shown)
-        moved = await conn.fetch(sql.dead_letter_requeue, ids)
-    return Action(ids, [r[0] for r in moved], {r[0]: r[1] for r in moved}, True, shown)
+            return Action(picked.selected, picked.acts, {}, False, shown, picked.more)
+        moved = await conn.fetch(sql.dead_letter_requeue, picked.acts)
+    return Action(picked.selected, [r[0] for r in moved], {r[0]: r[1] for r in moved}, True, shown, picked.more)
 
 
 async def discard(
@@ -166,12 +223,12 @@ async def discard(
     """Delete the selected dead letters for good, the oldest ``limit`` of them (None: all); dry
     unless ``apply``."""
     async with conn.transaction():
-        ids = [i for i, _ in await _select(conn, sql, selection, lock=apply, limit=limit)]
-        shown = await _rows(conn, sql, ids[:SHOWN])
+        picked = await _pick(conn, sql, selection, requeue=False, apply=apply, limit=limit)
+        shown = await _rows(conn, sql, picked.acts[:SHOWN])
         if not apply:
-            return Action(ids, ids, {}, False, shown)
-        gone = await conn.fetch(sql.dead_letter_discard, ids)
-    return Action(ids, [r[0] for r in gone], {}, True, shown)
+            return Action(picked.selected, picked.acts, {}, False, shown, picked.more)
+        gone = await conn.fetch(sql.dead_letter_discard, picked.acts)
+    return Action(picked.selected, [r[0] for r in gone], {}, True, shown, picked.more)
 
 
 def _dead_letter(r: asyncpg.Record) -> DeadLetter:

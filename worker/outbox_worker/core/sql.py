@@ -655,17 +655,21 @@ class Sql:
         AND ($6::float8 IS NULL OR d.dead_at >= now() - make_interval(secs => $6::float8))"""
 
     @property
+    def _dead_requeueable(self) -> str:
+        """Whether a requeue puts the dead letter ``d`` back: its created_at has an RFC 3339 form
+        (else the table's CHECK would refuse it) and its event id is not in the outbox."""
+        return f"""({CREATED_AT_IN_RANGE.replace("created_at", "d.created_at")}
+                    AND NOT EXISTS (SELECT 1 FROM {self.outbox} AS o WHERE o.event_id = d.event_id))"""
+
+    @property
     def dead_letter_list(self) -> str:
         """The selection ($1-$6, see above), $7 at most this many rows: dead letters in id order,
-        without the payload (its size instead), with ``requeueable``: false when the event id is
-        already in the outbox or created_at has no RFC 3339 form (the table's CHECK would refuse it)."""
+        without the payload (its size instead), with ``requeueable`` (:attr:`_dead_requeueable`)."""
         return f"""
             SELECT d.id, d.event_id::text, d.aggregate_type, d.aggregate_id, d.event_type, d.tenant,
                    octet_length(d.payload) AS payload_bytes, d.headers::text, d.created_at, d.attempts,
                    d.reason, d.publisher, d.dead_at,
-                   ({CREATED_AT_IN_RANGE.replace("created_at", "d.created_at")}
-                    AND NOT EXISTS (SELECT 1 FROM {self.outbox} AS o WHERE o.event_id = d.event_id))
-                   AS requeueable
+                   {self._dead_requeueable} AS requeueable
             FROM {self.dead_letters} AS d
             WHERE {self._DEAD_SELECTION}
             ORDER BY d.id
@@ -673,27 +677,34 @@ class Sql:
 
     @property
     def dead_letter_ids(self) -> str:
-        """The selection ($1-$6), $7 at most this many (NULL: all): (id, requeueable) of the selected
-        dead letters, in id order.
+        """The selection ($1-$6): (id, requeueable) of every selected dead letter, in id order, not
+        locked. Requeue and discard walk it through a cursor to find the rows to act on, and stop
+        reading where their ``--limit`` is reached.
 
         Ids and flags only, read in one pass: a requeue or discard of 100k dead letters keeps a few
-        MB, and never looks rows up again by an id array (under the pool's generic plans that was a
-        scan of the table per selected row, past the statement timeout at ~10k rows)."""
+        MB, and never looks rows up again by the selection's id array (under the pool's generic
+        plans that was a scan of the table per selected row, past the statement timeout at ~10k rows)."""
         return f"""
-            SELECT d.id,
-                   ({CREATED_AT_IN_RANGE.replace("created_at", "d.created_at")}
-                    AND NOT EXISTS (SELECT 1 FROM {self.outbox} AS o WHERE o.event_id = d.event_id))
-                   AS requeueable
+            SELECT d.id, {self._dead_requeueable} AS requeueable
             FROM {self.dead_letters} AS d
             WHERE {self._DEAD_SELECTION}
-            ORDER BY d.id
-            LIMIT $7"""
+            ORDER BY d.id"""
 
     @property
     def dead_letter_lock(self) -> str:
-        """:attr:`dead_letter_ids`, locked for requeue or discard (a concurrent run waits, then
-        finds them gone)."""
-        return self.dead_letter_ids + "\n            FOR UPDATE OF d"
+        """The selection ($1-$6) among $7 ids[] (the rows a requeue or discard acts on, found by
+        :attr:`dead_letter_ids`): (id, requeueable) of each, in id order, locked. A concurrent run
+        waits for the first, then finds them gone (a deleted row is not returned); a row changed
+        meanwhile is read again, filters and flag.
+
+        Only the rows acted on are locked, whatever comes before them. ``d.id = ANY($7)`` finds them
+        through the primary key under any plan (the selection's ``$1 IS NULL OR ...`` cannot)."""
+        return f"""
+            SELECT d.id, {self._dead_requeueable} AS requeueable
+            FROM {self.dead_letters} AS d
+            WHERE d.id = ANY($7::bigint[]) AND {self._DEAD_SELECTION}
+            ORDER BY d.id
+            FOR UPDATE OF d"""
 
     @property
     def dead_letter_requeue(self) -> str:
