@@ -406,3 +406,46 @@ async def test_a_concurrent_requeue_waits_for_the_first_then_finds_its_rows_gone
     finally:
         await first.close()
         await second.close()
+
+
+async def test_dead_letters_of_one_event_id_requeue_the_oldest_and_skip_the_others(pg_dsn: str) -> None:
+    """The same event dead-lettered twice (or re-inserted by hand and dead-lettered again): a requeue
+    puts back the oldest dead letter of each event id and skips the others, in the dry run as with
+    --yes, and the listing says so. It used to promise all of them, then fail as a whole on the
+    requeue log's primary key (the outbox's event_id is unique: both copies cannot go back)."""
+    await setup_db(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    db = ["--database-url", pg_dsn]
+    try:
+        a, b, c = [str(r[0]) for r in await conn.fetch("SELECT gen_random_uuid() FROM generate_series(1, 3)")]
+        await insert_dead_letters(conn, [a, a, b, c, a])  # dead letters 1-5
+
+        async def requeueable() -> dict[int, bool]:
+            listed = await outboxctl("dead-letters", "list", *db, "--json")
+            return {r["id"]: r["requeueable"] for r in map(json.loads, listed.out.splitlines())}
+
+        assert await requeueable() == {1: True, 2: False, 3: True, 4: True, 5: False}
+        alone = await outboxctl("dead-letters", "requeue", *db, "--id", "5")  # 1 is the one to requeue
+        assert "would have requeued 0 dead letters" in alone.out
+        assert "skipped 5: " in alone.out
+        for flags in ([], ["--yes"]):  # the dry run says what --yes does
+            run = await outboxctl("dead-letters", "requeue", *db, "--all", *flags)
+            assert run.code == 0, run.err
+            assert ("requeued 3 dead letters" if flags else "would have requeued 3 dead letters") in run.out
+            assert "skipped 2: " in run.out
+            assert "skipped 5: " in run.out
+        requeued = await conn.fetch("SELECT dead_id, event_id::text FROM outbox_requeued ORDER BY dead_id")
+        assert [tuple(r) for r in requeued] == [(1, a), (3, b), (4, c)]
+        assert sorted(r[0] for r in await conn.fetch("SELECT event_id::text FROM outbox")) == sorted([a, b, c])
+        assert await requeueable() == {2: False, 5: False}  # their event id is in the outbox now
+        # once the outbox no longer holds event a (its rows swept), 2 is the oldest copy: it goes
+        # back, 5 is skipped, and a rerun would requeue nothing (no note)
+        await conn.execute("DELETE FROM outbox")
+        limited = await outboxctl("dead-letters", "requeue", *db, "--all", "--limit", "1", "--yes")
+        assert limited.code == 0, limited.err
+        assert "requeued 1 dead letters" in limited.out
+        assert "skipped 5: " in limited.out
+        assert "reached" not in limited.out
+        assert [r[0] for r in await conn.fetch("SELECT id FROM outbox_dead_letters")] == [5]
+    finally:
+        await conn.close()

@@ -245,8 +245,8 @@ async def _act(conn: asyncpg.Connection, args: argparse.Namespace, sql: Sql, sel
         print(f"note: --limit {args.limit} reached; more may match: run it again for the rest")
     for dead_id in outcome.skipped[: dead_letters.SHOWN]:
         print(
-            f"skipped {dead_id}: its event_id is already in the outbox, or its created_at has no RFC 3339 form "
-            "(fix it with UPDATE ... SET created_at, or discard it)"
+            f"skipped {dead_id}: its event_id is already in the outbox or in an older dead letter, or its created_at "
+            "has no RFC 3339 form (fix it with UPDATE ... SET created_at, or discard it)"
         )
     _more(len(outcome.skipped) - dead_letters.SHOWN, "skipped")
     missing = sorted(set(args.ids or ()) - set(outcome.selected))

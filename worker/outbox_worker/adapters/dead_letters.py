@@ -18,7 +18,11 @@ Guarantees:
   payload, headers and created_at, attempts 0, and a new id after every row already in the outbox;
   the rows of one requeue are inserted in their dead-letter id order. Each requeue is recorded in
   ``<table>_requeued``. A row whose event id is already in the outbox, or whose created_at the
-  table's CHECK would refuse, is skipped and stays a dead letter.
+  table's CHECK would refuse, is skipped and stays a dead letter. Of dead letters with the same
+  event id (an event dead-lettered twice) only the oldest, the lowest id, is requeueable: the
+  outbox holds one row per event id, so the others are skipped (and their event id is in the
+  outbox once the oldest is back), in the dry run as with ``apply``, never an error of the whole
+  run; :attr:`DeadLetter.requeueable` says the same in a listing.
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ class DeadLetter:
     reason: str
     publisher: str
     dead_at: datetime
-    requeueable: bool  # False: its event id is in the outbox already, or created_at has no RFC 3339 form
+    # False: its event id is in the outbox already or in an older dead letter, or created_at has no RFC 3339 form
+    requeueable: bool
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__}
@@ -133,8 +138,23 @@ async def list_dead_letters(
     conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, limit: int | None = None
 ) -> list[DeadLetter]:
     """The selected dead letters in id order, at most ``limit`` (None: all)."""
+    return await _list(conn, sql, selection, limit, None)
+
+
+async def _list(
+    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, limit: int | None, later: frozenset[int] | None
+) -> list[DeadLetter]:
+    """:func:`list_dead_letters`, with the :func:`_later` ids if already read (None: read them)."""
     rows = await conn.fetch(sql.dead_letter_list, *selection.params(), limit)
-    return [_dead_letter(r) for r in rows]
+    if rows and later is None:
+        later = await _later(conn, sql)
+    return [_dead_letter(r, later or frozenset()) for r in rows]
+
+
+async def _later(conn: asyncpg.Connection, sql: Sql) -> frozenset[int]:
+    """Ids of the dead letters that are not the oldest of their event id (a requeue skips them;
+    :attr:`Sql.dead_letter_later`): usually none, at most one id per dead letter."""
+    return frozenset(int(r[0]) for r in await conn.fetch(sql.dead_letter_later))
 
 
 @dataclass
@@ -146,8 +166,19 @@ class _Picked:
     more: bool  # the limit left out a row it would act on
 
 
+@dataclass(frozen=True, slots=True)
+class _Acts:
+    """Which rows an operation acts on: a discard every one, a requeue the requeueable ones."""
+
+    requeue: bool
+    later: frozenset[int]  # not the oldest dead letter of their event id (:func:`_later`)
+
+    def __call__(self, dead_id: int, requeueable: bool) -> bool:
+        return not self.requeue or (requeueable and dead_id not in self.later)
+
+
 async def _walk(
-    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, *, requeue: bool, limit: int | None
+    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, acts_on: _Acts, limit: int | None
 ) -> _Picked:
     """The selection in id order (not locked), read up to its ``limit``-th row to act on (None: to
     its end): a requeue acts on the requeueable rows and skips the others, a discard acts on every
@@ -155,7 +186,7 @@ async def _walk(
     rows out (:attr:`Action.more`)."""
     picked = _Picked([], [], False)
     async for r in conn.cursor(sql.dead_letter_ids, *selection.params(), prefetch=WALK_BATCH):
-        acts = bool(r[1]) or not requeue
+        acts = acts_on(int(r[0]), bool(r[1]))
         if acts and limit is not None and len(picked.acts) >= limit:
             picked.more = True
             break
@@ -166,12 +197,12 @@ async def _walk(
 
 
 async def _lock(
-    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, picked: _Picked, *, requeue: bool
+    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, acts_on: _Acts, picked: _Picked
 ) -> _Picked:
     """Lock the rows ``picked`` acts on and read them again: a row a concurrent run removed is no
     longer selected, a row no longer requeueable (or selected) is not acted on."""
     rows = await conn.fetch(sql.dead_letter_lock, *selection.params(), picked.acts)
-    locked = {int(r[0]): bool(r[1]) or not requeue for r in rows}
+    locked = {int(r[0]): acts_on(int(r[0]), bool(r[1])) for r in rows}
     gone = set(picked.acts) - set(locked)
     return _Picked(
         [i for i in picked.selected if i not in gone], [i for i in picked.acts if locked.get(i)], picked.more
@@ -179,25 +210,21 @@ async def _lock(
 
 
 async def _pick(
-    conn: asyncpg.Connection,
-    sql: Sql,
-    selection: DeadLetterFilter,
-    *,
-    requeue: bool,
-    apply: bool,
-    limit: int | None,
+    conn: asyncpg.Connection, sql: Sql, selection: DeadLetterFilter, acts_on: _Acts, *, apply: bool, limit: int | None
 ) -> _Picked:
     """The rows a requeue or discard selects and acts on, locked when ``apply`` (the dry run finds
     the same rows: only the lock differs)."""
-    picked = await _walk(conn, sql, selection, requeue=requeue, limit=limit)
-    return await _lock(conn, sql, selection, picked, requeue=requeue) if apply else picked
+    picked = await _walk(conn, sql, selection, acts_on, limit)
+    return await _lock(conn, sql, selection, acts_on, picked) if apply else picked
 
 
-async def _rows(conn: asyncpg.Connection, sql: Sql, ids: list[int]) -> dict[int, DeadLetter]:
-    """The dead letters ``ids`` in full (at most 2 * SHOWN of them)."""
+async def _rows(
+    conn: asyncpg.Connection, sql: Sql, ids: list[int], later: frozenset[int] | None
+) -> dict[int, DeadLetter]:
+    """The dead letters ``ids`` in full (at most 2 * SHOWN of them); ``later`` as for :func:`_list`."""
     if not ids:
         return {}
-    return {d.id: d for d in await list_dead_letters(conn, sql, DeadLetterFilter(ids=tuple(ids)))}
+    return {d.id: d for d in await _list(conn, sql, DeadLetterFilter(ids=tuple(ids)), None, later)}
 
 
 async def requeue(
@@ -206,11 +233,12 @@ async def requeue(
     """Put the selected dead letters back into the outbox (see the module docstring), the oldest
     ``limit`` requeueable ones (None: all); dry unless ``apply``."""
     async with conn.transaction():
-        picked = await _pick(conn, sql, selection, requeue=True, apply=apply, limit=limit)
+        acts_on = _Acts(requeue=True, later=await _later(conn, sql))
+        picked = await _pick(conn, sql, selection, acts_on, apply=apply, limit=limit)
         acts = set(picked.acts)
         skipped = [i for i in picked.selected if i not in acts]
         # read what is shown before the requeue deletes it
-        shown = await _rows(conn, sql, picked.acts[:SHOWN] + skipped[:SHOWN])
+        shown = await _rows(conn, sql, picked.acts[:SHOWN] + skipped[:SHOWN], acts_on.later)
         if not apply:
             return Action(picked.selected, picked.acts, {}, False, shown, picked.more)
         moved = await conn.fetch(sql.dead_letter_requeue, picked.acts)
@@ -223,15 +251,16 @@ async def discard(
     """Delete the selected dead letters for good, the oldest ``limit`` of them (None: all); dry
     unless ``apply``."""
     async with conn.transaction():
-        picked = await _pick(conn, sql, selection, requeue=False, apply=apply, limit=limit)
-        shown = await _rows(conn, sql, picked.acts[:SHOWN])
+        acts_on = _Acts(requeue=False, later=frozenset())
+        picked = await _pick(conn, sql, selection, acts_on, apply=apply, limit=limit)
+        shown = await _rows(conn, sql, picked.acts[:SHOWN], None)
         if not apply:
             return Action(picked.selected, picked.acts, {}, False, shown, picked.more)
         gone = await conn.fetch(sql.dead_letter_discard, picked.acts)
     return Action(picked.selected, [r[0] for r in gone], {}, True, shown, picked.more)
 
 
-def _dead_letter(r: asyncpg.Record) -> DeadLetter:
+def _dead_letter(r: asyncpg.Record, later: frozenset[int]) -> DeadLetter:
     return DeadLetter(
         id=r["id"],
         event_id=r["event_id"],
@@ -246,5 +275,5 @@ def _dead_letter(r: asyncpg.Record) -> DeadLetter:
         reason=r["reason"],
         publisher=r["publisher"],
         dead_at=r["dead_at"],
-        requeueable=bool(r["requeueable"]),
+        requeueable=bool(r["requeueable"]) and r["id"] not in later,
     )

@@ -656,10 +656,26 @@ class Sql:
 
     @property
     def _dead_requeueable(self) -> str:
-        """Whether a requeue puts the dead letter ``d`` back: its created_at has an RFC 3339 form
-        (else the table's CHECK would refuse it) and its event id is not in the outbox."""
+        """Whether a requeue may put the dead letter ``d`` back: its created_at has an RFC 3339 form
+        (else the table's CHECK would refuse it) and its event id is not in the outbox. The adapter
+        also skips a dead letter that is not the oldest of its event id (:attr:`dead_letter_later`)."""
         return f"""({CREATED_AT_IN_RANGE.replace("created_at", "d.created_at")}
                     AND NOT EXISTS (SELECT 1 FROM {self.outbox} AS o WHERE o.event_id = d.event_id))"""
+
+    @property
+    def dead_letter_later(self) -> str:
+        """Ids of the dead letters that have an older one (a lower id) with the same event id, as
+        when an event was dead-lettered twice: a requeue puts back the oldest only (the outbox takes
+        one row per event id), and skips these. Usually none.
+
+        A statement of its own, without parameters, over the whole table: planned with the table's
+        statistics it is one pass (a hash join on the event id, which has no index). As a test per
+        row of the selection statements it was a scan of the table per selected row under the pool's
+        generic plans, which take the selection for a row or two (80,000 dead letters: past the
+        statement timeout)."""
+        return f"""
+            SELECT l.id FROM {self.dead_letters} AS l
+            WHERE EXISTS (SELECT 1 FROM {self.dead_letters} AS f WHERE f.event_id = l.event_id AND f.id < l.id)"""
 
     @property
     def dead_letter_list(self) -> str:
@@ -708,19 +724,26 @@ class Sql:
 
     @property
     def dead_letter_requeue(self) -> str:
-        """$1 ids[] (locked by :attr:`dead_letter_lock`): put the requeueable ones back into the
-        outbox with their original event id, payload, headers and created_at, attempts 0, in their
-        dead-letter id order (so in their original order), and delete them from the dead letters.
-        Returns (dead id, new outbox id, event id) of each requeued row.
+        """$1 ids[] (the requeueable ones of :attr:`dead_letter_lock`, locked): put them back into
+        the outbox with their original event id, payload, headers and created_at, attempts 0, in
+        their dead-letter id order (so in their original order), and delete them from the dead
+        letters. Returns (dead id, new outbox id, event id) of each requeued row.
+
+        It checks again what it can check cheaply: a row whose event id is in the outbox by now, or
+        whose created_at the outbox's CHECK would refuse, stays a dead letter; of ids with the same
+        event id only the lowest goes back (the outbox's event id is unique, and the requeue log
+        joins the rows inserted to the dead letters by event id), so it never fails as a whole on
+        a duplicate among its own rows.
 
         The new row gets a new ``id``, after every row already in the outbox: a requeued event is
         published after every event of its aggregate committed before the requeue."""
         return f"""
             WITH picked AS (
-                SELECT d.* FROM {self.dead_letters} AS d
+                SELECT DISTINCT ON (d.event_id) d.* FROM {self.dead_letters} AS d
                 WHERE d.id = ANY($1::bigint[])
                   AND {CREATED_AT_IN_RANGE.replace("created_at", "d.created_at")}
-                  AND NOT EXISTS (SELECT 1 FROM {self.outbox} AS o WHERE o.event_id = d.event_id)),
+                  AND NOT EXISTS (SELECT 1 FROM {self.outbox} AS o WHERE o.event_id = d.event_id)
+                ORDER BY d.event_id, d.id),
             inserted AS (
                 INSERT INTO {self.outbox}
                     (event_id, aggregate_type, aggregate_id, event_type, tenant, payload, headers, created_at)
