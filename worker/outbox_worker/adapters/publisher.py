@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import nats
 from nats import errors as nats_errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -76,6 +75,43 @@ class NatsConfigError(Exception):
 
 class NatsUnavailableError(Exception):
     """NATS could not be reached in time."""
+
+
+class TlsNotOfferedError(nats_errors.Error):
+    """A server that should speak TLS (a ``tls://`` URL, or a TLS CA or certificate configured) did
+    not offer it: the connection was refused before anything, credentials above all, was sent."""
+
+    def __str__(self) -> str:
+        return (
+            "the NATS server does not offer TLS, but the URL is tls:// or a TLS CA or certificate is set: "
+            "nothing was sent in clear. Enable TLS on the server (a tls block), or connect with nats:// "
+            "and no TLS settings if it is meant to be plain"
+        )
+
+
+class SecureClient(Client):
+    """nats-py's client that never goes on in plaintext where TLS is expected.
+
+    nats-py upgrades a connection to TLS only when the server's INFO says ``tls_required``, even for
+    a ``tls://`` URL or a TLS context it was given. Against a server without TLS (or anything else
+    listening at that address) it would send CONNECT, with the user's password or token, in clear.
+    With ``require_tls`` (the worker: a ``tls://`` URL, or a CA or certificate configured; a
+    ``ws``/``wss`` URL is left to its own scheme) this client upgrades when the server offers TLS
+    (``tls_required`` or ``tls_available``) and otherwise fails the attempt with
+    :class:`TlsNotOfferedError` before CONNECT; a ``tls://`` URL requires it on its own."""
+
+    def __init__(self, *, require_tls: bool = False) -> None:
+        super().__init__()
+        self.require_tls = require_tls
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        server = self._current_server
+        scheme = server.uri.scheme if server is not None else ""
+        if initial_connection and scheme in ("nats", "tls") and (self.require_tls or scheme == "tls"):
+            if not (info.get("tls_required") or info.get("tls_available")):
+                raise TlsNotOfferedError()
+            info["tls_required"] = True  # nats-py reads this (the same dict) next, and upgrades
+        await super()._process_info(info, initial_connection)
 
 
 class Message(NamedTuple):
@@ -181,7 +217,7 @@ class JetStreamPublisher:
         await self._probe_once(opts, timeout)
         # Now the long-lived connection with reconnects enabled.
         left = max(0.5, end - time.monotonic())
-        nc = self._nc = Client()
+        nc = self._nc = SecureClient(require_tls=self._requires_tls)
         try:
             async with asyncio.timeout(left):
                 await nc.connect(**opts)
@@ -191,6 +227,11 @@ class JetStreamPublisher:
             await self.close(timeout=1.0)
             raise NatsUnavailableError(f"the NATS server went away while connecting: {type(exc).__name__}") from None
         self._max_payload = nc.max_payload
+
+    @property
+    def _requires_tls(self) -> bool:
+        """TLS configured (a CA or a client certificate): never connect without it (:class:`SecureClient`)."""
+        return bool(self._nats.tls_ca_file or self._nats.tls_cert_file)
 
     def _connect_options(self) -> dict[str, Any]:
         """nats-py's connect arguments: reconnect forever (the worker's supervision decides), detect a
@@ -223,11 +264,15 @@ class JetStreamPublisher:
         async def first_error(exc: Exception) -> None:
             connect_error.append(exc)
 
+        nc = SecureClient(require_tls=self._requires_tls)
         try:
             async with asyncio.timeout(timeout):
-                nc = await nats.connect(**{**opts, "allow_reconnect": False, "error_cb": first_error})
-        except (TimeoutError, nats_errors.NoServersError, OSError) as exc:
+                await nc.connect(**{**opts, "allow_reconnect": False, "error_cb": first_error})
+        except (TimeoutError, nats_errors.NoServersError, OSError, TlsNotOfferedError) as exc:
             why = connect_error[-1] if connect_error else exc
+            if isinstance(why, TlsNotOfferedError) or isinstance(exc, TlsNotOfferedError):
+                servers = ",".join(redact_url(s) for s in self._nats.servers)
+                raise NatsConfigError(f"{TlsNotOfferedError()} ({servers})") from None
             if _is_auth_error(why):
                 raise NatsConfigError(_CREDENTIALS_REJECTED) from None
             servers = ",".join(redact_url(s) for s in self._nats.servers)  # a URL may hold a password
