@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
@@ -15,7 +16,7 @@ import pytest
 
 from outbox_common.config import NatsConfig, WorkerConfig
 from outbox_worker.adapters.publisher import JetStreamPublisher
-from outbox_worker.adapters.store import DatabaseUnavailableError
+from outbox_worker.adapters.store import DatabaseAuthError, DatabaseUnavailableError, SchemaError
 from outbox_worker.app.worker import Worker
 from support.relay import SQL, setup_db
 from support.servers import ControlledPostgres
@@ -166,3 +167,69 @@ async def test_nats_connects_with_under_a_second_of_the_budget_left(nats_url: st
         assert publisher.connected
     finally:
         await publisher.close()
+
+
+@contextlib.asynccontextmanager
+async def role_with(dsn: str, *grants: str) -> AsyncIterator[str]:
+    """A login role of its own with ``grants`` (GRANT statements, ``{role}`` in each); its DSN."""
+    role = f"relay_{os.urandom(4).hex()}"
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        for grant in grants:
+            await admin.execute(grant.format(role=f'"{role}"'))
+        role_dsn = dsn.replace("//postgres@", f"//{role}@", 1)
+        assert role_dsn != dsn
+        yield role_dsn
+    finally:
+        await admin.execute(f'DROP OWNED BY "{role}"')
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
+
+
+async def test_a_role_that_may_not_delete_from_the_outbox_is_refused_at_start_naming_the_grant(
+    pg_dsn: str, nats_url: str
+) -> None:
+    """Without DELETE on the outbox every mark would fail after its rows were published: they would
+    be published again and again, and copies sent after the duplicate window stored twice. The
+    worker checks its privileges at start: a configuration error (exit 3) with the GRANT to run."""
+    await setup_db(pg_dsn)
+    async with role_with(
+        pg_dsn,
+        "GRANT SELECT, UPDATE ON outbox TO {role}",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_leases, outbox_workers, outbox_dead_letters TO {role}",
+        "GRANT SELECT ON outbox_meta TO {role}",
+    ) as dsn:
+        worker = Worker(worker_config(dsn, nats_url, startup_timeout=5.0))
+        try:
+            with pytest.raises(SchemaError) as refused:
+                await worker.start()
+        finally:
+            await worker.close()
+    message = str(refused.value)
+    assert 'lacks privileges the worker needs: run GRANT DELETE ON "public"."outbox" TO "relay_' in message, message
+    assert "outbox_leases" not in message  # only what is missing
+    assert worker.leases is None  # never got to claim anything
+
+
+async def test_a_role_without_the_tables_or_the_database_is_a_configuration_error(pg_dsn: str, nats_url: str) -> None:
+    await setup_db(pg_dsn)
+    database = pg_dsn.rsplit("/", 1)[1].split("?", 1)[0]
+    async with role_with(pg_dsn) as dsn:  # no grant at all: not even the schema version is readable
+        worker = Worker(worker_config(dsn, nats_url, startup_timeout=5.0))
+        try:
+            with pytest.raises(SchemaError) as no_tables:
+                await worker.start()
+        finally:
+            await worker.close()
+    assert 'permission denied for table outbox_meta: run GRANT SELECT ON "public"."outbox_meta" TO "relay_' in str(
+        no_tables.value
+    )
+    async with role_with(pg_dsn, f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC') as dsn:
+        worker = Worker(worker_config(dsn, nats_url, startup_timeout=5.0))
+        try:
+            with pytest.raises(DatabaseAuthError) as no_connect:
+                await worker.start()
+        finally:
+            await worker.close()
+    assert "GRANT CONNECT ON DATABASE" in str(no_connect.value)

@@ -139,7 +139,13 @@ def dsn_error(exc: BaseException, fix: str) -> DatabaseAuthError | None:
       as settings, and PostgreSQL refuses an unknown one or a bad value at connect. Its message names
       the setting (never the password, which asyncpg reads itself).
 
+    Also a role without the CONNECT privilege on the database (its message names the database).
+
     None for any other error. Call it only on what connecting raised."""
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return DatabaseAuthError(
+            f"PostgreSQL refused the connection ({exc.args[0]}): GRANT CONNECT ON DATABASE to the role; {fix}"
+        )
     if isinstance(exc, asyncpg.UndefinedObjectError | asyncpg.InvalidParameterValueError):
         return DatabaseAuthError(
             f"PostgreSQL refused a setting of the DSN's query string ({exc}): remove or fix it; {fix}"
@@ -387,6 +393,9 @@ class OutboxStore:
             row = await self.pool.fetchrow(s.meta_select, s.table)
         except asyncpg.UndefinedTableError:
             row = None
+        except asyncpg.InsufficientPrivilegeError as exc:
+            role = str(await self.pool.fetchval("SELECT current_user"))
+            raise SchemaError(f"{exc.args[0]}: {self._grants([(s.meta, 'SELECT')], role)}") from None
         if row is None:
             raise SchemaError(
                 f"outbox table {s.schema}.{s.table} is not set up: run "
@@ -404,9 +413,50 @@ class OutboxStore:
         for name in (s.outbox, s.leases, s.workers, s.dead_letters):
             if await self.pool.fetchval("SELECT to_regclass($1)", name) is None:
                 raise SchemaError(f"table {name} is missing: run `outboxctl migrate`")
+        await self._check_privileges()
         partitions = int(row["partitions"])
         await self.pool.execute(s.lease_seed, self.publisher, partitions)
         return partitions
+
+    def _needed_privileges(self) -> list[tuple[str, str]]:
+        """(table, privilege) the worker's statements need: claims read and lock the outbox, marks
+        update or delete its rows, a dead letter moves from the outbox into the dead letters, the
+        leases and the workers' heartbeats are inserted, renewed and removed."""
+        s = self.sql
+        return [
+            *((s.outbox, p) for p in ("SELECT", "UPDATE", "DELETE")),
+            *((s.leases, p) for p in ("SELECT", "INSERT", "UPDATE")),
+            *((s.workers, p) for p in ("SELECT", "INSERT", "UPDATE", "DELETE")),
+            *((s.dead_letters, p) for p in ("SELECT", "INSERT")),
+        ]
+
+    async def _check_privileges(self) -> None:
+        """Raise SchemaError naming the GRANTs when the role lacks a privilege the worker needs.
+
+        Checked at start because a missing one is not seen at once: without DELETE (or UPDATE) on the
+        outbox every mark fails after its rows were published, the rows are published again, and
+        copies sent after the stream's duplicate window are stored twice."""
+        needed = self._needed_privileges()
+        rows = await self.pool.fetch(
+            "SELECT t, p, current_user FROM unnest($1::text[], $2::text[]) AS need(t, p) "
+            "WHERE NOT has_table_privilege(t, p)",
+            [t for t, _ in needed],
+            [p for _, p in needed],
+        )
+        if rows:
+            missing = [(str(r[0]), str(r[1])) for r in rows]
+            role = str(rows[0][2])
+            grants = self._grants(missing, role)
+            raise SchemaError(f"the database role {role} lacks privileges the worker needs: {grants}")
+
+    @staticmethod
+    def _grants(missing: list[tuple[str, str]], role: str) -> str:
+        """``GRANT <privileges> ON <table> TO <role>`` for each table of ``missing``, in order."""
+        by_table: dict[str, list[str]] = {}
+        for table, privilege in missing:
+            by_table.setdefault(table, []).append(privilege)
+        grants = "; ".join(f'GRANT {", ".join(p)} ON {t} TO "{role}"' for t, p in by_table.items())
+        return f"run {grants} (as the tables' owner)"
 
     def _check_newer_schema(self, version: int, compatible_from: int | None) -> None:
         """The table was migrated by a newer release: warn if this worker may still run against it,
