@@ -112,3 +112,4 @@ async def test_a_plain_server_with_a_plain_url_and_no_tls_settings_is_used_as_be
     finally:
         await pub.close()
     assert CONNECT_OF_USER in plain_nats.log_path.read_text()  # what the test above sees when a CONNECT comes
+

@@ -289,6 +289,11 @@ class JetStreamPublisher:
                     f"the NATS client refused the server list {servers}: {exc}; fix OUTBOX_NATS_SERVERS "
                     "(spec.nats.servers)"
                 ) from None
+            if isinstance(exc, nats_errors.Error):
+                # The server answered the connect with an error of its own (-ERR), such as 'maximum
+                # connections exceeded' while every client reconnects after a restart: not there
+                # for us yet, asked again until the start-up deadline.
+                raise NatsUnavailableError(f"the NATS server refused the connection: {exc}"[:300]) from None
             raise
         await nc.close()
 
