@@ -66,6 +66,7 @@ REASON_NO_RESPONDERS = "no_responders"  # 503 no responders: the stream's leader
 REASON_SERVER_ERROR = "server_error"  # an error ack retrying can fix: 5xx, 409, 429, stream full
 # Configuration (never a dead letter): the partition pauses until the stream is set up right.
 REASON_NO_STREAM = "no_stream"
+REASON_NOT_PERMITTED = "not_permitted"  # the NATS user may not publish to the subject (server permissions)
 # The row can never be published as it is: dead-lettered (see DEAD_LETTER_REASONS).
 REASON_INVALID_SUBJECT = "invalid_subject"  # a subject token empty or too long, or the subject too long
 REASON_INVALID_HEADER = "invalid_header"  # a row header name NATS refuses

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import ssl
 import time
 from collections.abc import Mapping, Sequence
@@ -173,6 +174,7 @@ class JetStreamPublisher:
         self._token = 0
         self._read_at = 0.0  # time.monotonic() of the read whose acks the fast path is resolving
         self._pending: dict[int, tuple[_Wave, int]] = {}
+        self._denied: dict[str, float] = {}  # subject (lower-cased) -> when a publish to it was refused
         # Waves awaited with acks in flight (one per loop at most), and the one timer that times
         # them out (see _arm).
         self._waiting: list[_Wave] = []
@@ -380,6 +382,12 @@ class JetStreamPublisher:
                 if isinstance(exc, js_errors.APIError) and not _passing(exc):
                     raise NatsConfigError(
                         f"the JetStream API refused the check of stream {stream.name!r}: {_api_reason(exc)}"
+                    ) from None
+                api = f"$JS.API.STREAM.INFO.{stream.name}"
+                if self.publish_denied(api) or self.publish_denied(f"$JS.API.STREAM.CREATE.{stream.name}"):
+                    raise NatsConfigError(
+                        f"the NATS user may not use the JetStream API (a publish to {api} was refused by the "
+                        "server's permissions): allow it to publish to $JS.API.> and to subscribe to _INBOX.>"
                     ) from None
                 # A creation that timed out may still have happened: the next look tells.
                 why = type(exc).__name__ if isinstance(exc, nats_errors.TimeoutError) else _api_reason(exc)
@@ -644,8 +652,31 @@ class JetStreamPublisher:
         log.info("NATS reconnected")
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS error: %r", exc)
+        """nats-py's error callback. A permissions violation for a publish is remembered by subject
+        (:meth:`publish_denied`) and logged once a minute per subject: the server answers each such
+        publish with one, and drops the message, so its ack never comes."""
+        denied = _PUBLISH_DENIED.search(str(exc))
+        if denied is None:
+            log.warning("NATS error: %r", exc)
+            return
+        subject, now = denied.group(1).lower(), time.monotonic()
+        last = self._denied.get(subject)
+        if last is None or now - last > PUBLISH_DENIED_SECONDS:
+            log.warning("NATS error: %r", exc)
+        if len(self._denied) >= _SUBJECT_CACHE_LIMIT:
+            self._denied.clear()
+        self._denied[subject] = now
 
+    def publish_denied(self, subject: str) -> bool:
+        """Whether the server refused this connection's user a publish to ``subject`` within the
+        last :data:`PUBLISH_DENIED_SECONDS` (nats-py reports the subject lower-cased)."""
+        at = self._denied.get(subject.lower())
+        return at is not None and time.monotonic() - at <= PUBLISH_DENIED_SECONDS
+
+
+# nats-py's text of the server's -ERR for a publish its permissions refuse (the subject lower-cased).
+_PUBLISH_DENIED = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+PUBLISH_DENIED_SECONDS = 60.0  # how long such a refusal explains a publish's missing ack
 
 # A wave up to this size is written to the socket at once (_write_now); a larger one (a drain's)
 # goes through nats-py's flusher, whose drain() applies the socket's back-pressure.

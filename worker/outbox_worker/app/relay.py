@@ -277,6 +277,13 @@ class RelayLoop:
                 continue
             if res.reason == names.REASON_NO_RESPONDERS:
                 res = await self._no_responders(msg[0], res)
+            elif res.reason == names.REASON_TIMEOUT and self._pub.publish_denied(msg[0]):
+                # the server dropped the message and said why, on the connection, not in an ack
+                res = PublishResult(
+                    Outcome.CONFIG,
+                    names.REASON_NOT_PERMITTED,
+                    f"the NATS user may not publish to {msg[0]!r}: allow it in the server's permissions",
+                )
             if res.outcome == Outcome.CONFIG:
                 self._config_error(row.partition, res)
                 out.stopped_parts.add(row.partition)
