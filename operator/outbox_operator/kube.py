@@ -9,6 +9,7 @@ by ``Kube.timeout`` (30 s by default).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ from typing import Any
 import aiohttp
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
+
+from outbox_common.settings import redact_urls
 
 from . import constants as c
 from .children import OperatorConfig, Owner
@@ -100,6 +103,55 @@ def credentials_problem() -> str | None:
             f"{path} ({type(exc).__name__}); set KUBECONFIG to a kubeconfig, or run the operator in a pod"
         )
     return None
+
+
+class ApiServerUnreachable(Exception):
+    """The API server gave no answer within the start-up timeout (:func:`wait_for_api_server`)."""
+
+
+async def wait_for_api_server(configuration: k8s.Configuration, timeout: float) -> None:
+    """Return once the API server answers (:meth:`Kube.unanswered`); until then try again, each
+    failed try logged in one line, and after ``timeout`` seconds raise :class:`ApiServerUnreachable`
+    with a one-line message naming the server, the last error and the fix.
+
+    For start-up: kopf retries its first requests for about a minute and then ends with a screenful
+    of tracebacks; this bounds the wait and says why in one line."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    server = redact_urls(configuration.host)
+    kube = Kube(configuration)
+    delay = 0.5
+    attempt = 0
+    try:
+        while True:
+            attempt += 1
+            try:
+                # at least a second per try, so a timeout of 0 still tries once
+                problem = await asyncio.wait_for(kube.unanswered(), max(deadline - loop.time(), 1.0))
+            except TimeoutError:
+                problem = "no answer in time"
+            if problem is None:
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ApiServerUnreachable(
+                    f"the Kubernetes API server at {server} did not answer within {timeout:g} s ({problem}); check "
+                    "that it runs and that the kubeconfig (KUBECONFIG) names the right server, or, in a pod, the "
+                    "network to it; --startup-timeout-seconds sets how long start-up waits"
+                )
+            wait = min(delay, left)
+            log.warning(
+                "the Kubernetes API server at %s does not answer (try %d: %s); trying again in %.1f s, for %.1f s more",
+                server,
+                attempt,
+                problem,
+                wait,
+                left,
+            )
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, 5.0)
+    finally:
+        await kube.close()
 
 
 def bearer_token(configuration: k8s.Configuration) -> str | None:
@@ -192,6 +244,21 @@ class Kube:
         if status >= 400:
             raise ApiError(status, method, path, data)
         return data
+
+    async def unanswered(self) -> str | None:
+        """Why the API server gives no answer to ``GET /version``, in one line (the error, or a 5xx
+        status), or None when it answers. Any answer below 500 counts, a refusal of the credentials
+        too: it proves the server is reachable, and what the answer means is kopf's to report."""
+        url = self.configuration.host.rstrip("/") + "/version"
+        try:
+            async with self._session_for_loop().get(
+                url, headers={"Accept": "application/json", **self._auth_headers()}
+            ) as response:
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            detail = str(exc)
+            return redact_urls(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__)
+        return f"HTTP {status}" if status >= 500 else None
 
     async def close(self) -> None:
         if self._session is not None:
