@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import sys
@@ -95,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
         return _usage("--nats-url is required (or set OUTBOX_NATS_SERVERS)")
     if not args.stream:
         return _usage("--stream is required (or set OUTBOX_STREAM)")
-    if args.timeout <= 0:
-        return _usage("--timeout must be positive")
+    if not math.isfinite(args.timeout) or args.timeout <= 0:  # nan passes `<= 0`, and then times out at once
+        return _usage(f"--timeout={args.timeout}: give a positive number of seconds, e.g. --timeout 120")
     servers = [u.strip() for u in args.nats_url.split(",") if u.strip()]
     bad = [u for u in servers if not u.startswith(("nats://", "tls://", "ws://", "wss://"))]
     if not servers or bad:
