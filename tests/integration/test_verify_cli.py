@@ -4,14 +4,16 @@ bad flag, 3 configuration, 4 unreachable) and that its one line names the proble
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import asyncpg
 import nats
 import pytest
 
-from outbox_cli.main import EXIT_USAGE
+from outbox_cli.main import EXIT_CONFIG, EXIT_USAGE
 from outbox_worker.adapters.history_io import ledger_ddl
 from outbox_worker.adapters.store import migrate
 from outbox_worker.core.sql import Sql
@@ -63,3 +65,68 @@ async def test_a_timeout_that_is_no_finite_number_is_a_bad_flag(pg_dsn: str, nat
     assert code == EXIT_USAGE, err
     assert "--timeout" in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture
+async def weak_dsn(pg_dsn: str) -> AsyncIterator[str]:
+    """The DSN of ``pg_dsn``'s database as a role with no privilege on its tables (trust auth)."""
+    role = f"weak_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(f'CREATE ROLE "{role}" LOGIN')
+    finally:
+        await conn.close()
+    yield pg_dsn.replace("postgres@", f"{role}@", 1)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(f'DROP OWNED BY "{role}"')
+        await conn.execute(f'DROP ROLE "{role}"')
+    finally:
+        await conn.close()
+
+
+async def test_missing_select_privileges_are_a_configuration_error(
+    pg_dsn: str, weak_dsn: str, nats_url: str
+) -> None:
+    """A role that may not read the tables: exit 3 (not 1, "a violation found") and one line naming the
+    table it may not read, without a traceback."""
+    await prepare(pg_dsn, nats_url)
+    code, out, err, _ = await verify_cli("--database-url", weak_dsn, "--nats-url", nats_url, "--stream", STREAM)
+    assert code == EXIT_CONFIG, err
+    assert err.startswith("error: permission denied for table outbox"), err
+    assert "grant SELECT" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert out == ""
+
+
+async def test_install_audit_without_the_privileges_is_a_configuration_error(pg_dsn: str, weak_dsn: str) -> None:
+    """--install-audit as a role that neither owns the outbox nor may create in its schema: exit 3 and
+    one line naming what was denied; nothing was created."""
+    await prepare(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("DROP TABLE outbox_ledger")
+        await conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    finally:
+        await conn.close()
+    code, out, err, _ = await verify_cli("--database-url", weak_dsn, "--install-audit")
+    assert code == EXIT_CONFIG, err
+    assert err.startswith("error: permission denied for schema public"), err
+    assert "nothing was changed" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert out == ""
+    # CREATE on the schema, but no TRIGGER privilege on the outbox: the ledger it created is rolled back
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(f"GRANT CREATE ON SCHEMA public TO {weak_dsn.split('//')[1].split('@')[0]}")
+    finally:
+        await conn.close()
+    code, _, err, _ = await verify_cli("--database-url", weak_dsn, "--install-audit")
+    assert code == EXIT_CONFIG, err
+    assert err.startswith("error: permission denied for table outbox:"), err
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('outbox_ledger')") is None
+        assert await conn.fetchval("SELECT to_regclass('outbox_mark_audit')") is None
+    finally:
+        await conn.close()

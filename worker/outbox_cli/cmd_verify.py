@@ -154,12 +154,26 @@ async def _install_audit(dsn: str, sql: Any) -> int:
             for stmt in audit_ddl(sql):
                 await conn.execute(stmt)
     except asyncpg.UndefinedTableError as exc:
-        print(f"error: {exc}: run `outboxctl migrate` first", file=sys.stderr)
+        print(f"error: {_primary(exc)}: run `outboxctl migrate` first", file=sys.stderr)
+        return EXIT_CONFIG
+    except asyncpg.InsufficientPrivilegeError as exc:
+        print(
+            f"error: {_primary(exc)}: --install-audit creates {sql.schema}.{sql.table}_ledger and "
+            f"{sql.schema}.{sql.table}_mark_audit and a trigger on {sql.schema}.{sql.table}: run it as the "
+            "outbox table's owner, with CREATE on the schema; nothing was changed",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     finally:
         await conn.close()
     print(f"installed {sql.schema}.{sql.table}_ledger and the mark audit on {sql.schema}.{sql.table}")
     return EXIT_OK
+
+
+def _primary(exc: BaseException) -> str:
+    """The primary message of a PostgreSQL error (it names the table or privilege), never ``str(exc)``:
+    asyncpg appends the DETAIL, which may quote a row's values."""
+    return str(exc.args[0]) if exc.args else type(exc).__name__
 
 
 def _shown(urls: str) -> str:
@@ -196,9 +210,16 @@ async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
     except asyncpg.UndefinedTableError as exc:
         return fail(
             EXIT_CONFIG,
-            f"{exc.args[0] if exc.args else exc}: verify needs the outbox tables (`outboxctl migrate`) and the "
+            f"{_primary(exc)}: verify needs the outbox tables (`outboxctl migrate`) and the "
             f"ledger {sql.schema}.{sql.table}_ledger that producers write in the same transaction as each "
             "outbox row (README, Reliability)",
+        )
+    except asyncpg.InsufficientPrivilegeError as exc:
+        return fail(
+            EXIT_CONFIG,
+            f"{_primary(exc)}: verify reads {sql.schema}.{sql.table} with its dead letters and requeues, "
+            f"the ledger {sql.schema}.{sql.table}_ledger and the mark audit if installed: grant SELECT on "
+            "them to the role of --database-url",
         )
     except js_errors.NotFoundError:
         return fail(EXIT_CONFIG, f"stream {args.stream!r} does not exist on {_shown(args.nats_url)}")
