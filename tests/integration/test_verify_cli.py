@@ -13,7 +13,8 @@ import asyncpg
 import nats
 import pytest
 
-from outbox_cli.main import EXIT_CONFIG, EXIT_USAGE
+from outbox_cli.cmd_verify import AUDIT_LOCK_TIMEOUT_SECONDS
+from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_USAGE
 from outbox_worker.adapters.history_io import ledger_ddl
 from outbox_worker.adapters.store import migrate
 from outbox_worker.core.sql import Sql
@@ -34,7 +35,12 @@ async def verify_cli(*args: str, timeout: float = 90) -> tuple[int, str, str, fl
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:  # timed out: leave no process behind
+            proc.kill()
+            await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode(), time.monotonic() - started
 
@@ -130,3 +136,33 @@ async def test_install_audit_without_the_privileges_is_a_configuration_error(pg_
         assert await conn.fetchval("SELECT to_regclass('outbox_mark_audit')") is None
     finally:
         await conn.close()
+
+
+async def test_install_audit_behind_an_open_write_transaction_gives_up_and_changes_nothing(pg_dsn: str) -> None:
+    """CREATE TRIGGER waits for every transaction that writes the outbox; it hung until killed, and its
+    queued lock blocked the application's inserts all along. It gives up within seconds: exit 1, one
+    line saying another session holds the table's lock; nothing was created."""
+    await prepare(pg_dsn)
+    holder = await asyncpg.connect(pg_dsn)
+    inserter = await asyncpg.connect(pg_dsn)
+    try:
+        await holder.execute("DROP TABLE outbox_ledger")
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("LOCK TABLE outbox IN ROW EXCLUSIVE MODE")  # what an INSERT takes
+        installing = asyncio.create_task(verify_cli("--database-url", pg_dsn, "--install-audit", timeout=30))
+        code, out, err, seconds = await installing
+        # the application's inserts are not blocked once it gave up
+        await asyncio.wait_for(inserter.execute("DELETE FROM outbox WHERE false"), 5)  # ROW EXCLUSIVE too
+        await tx.rollback()
+        assert code == EXIT_FAILURE, err
+        assert "another session holds a lock on public.outbox" in err
+        assert "nothing was changed" in err
+        assert len(err.strip().splitlines()) == 1, err
+        assert out == ""
+        assert seconds < AUDIT_LOCK_TIMEOUT_SECONDS + 15
+        assert await holder.fetchval("SELECT to_regclass('outbox_ledger')") is None
+        assert await holder.fetchval("SELECT to_regclass('outbox_mark_audit')") is None
+    finally:
+        await inserter.close()
+        await holder.close()

@@ -31,6 +31,9 @@ from outbox_cli.main import (
 
 _STREAM = re.compile(r"^[A-Za-z0-9_-]{1,255}\Z")
 
+AUDIT_LOCK_TIMEOUT_SECONDS = 5.0
+"""How long --install-audit waits for the outbox's lock (an open transaction writing it holds it)."""
+
 HELP = "Check the stream against the committed events: lost, duplicates, order, marks (exit 1 on a violation)."
 
 _FIGURES = (
@@ -150,12 +153,23 @@ async def _install_audit(dsn: str, sql: Any) -> int:
         return EXIT_CONFIG if isinstance(mapped, DatabaseAuthError) else EXIT_UNAVAILABLE
     try:
         async with conn.transaction():
+            # CREATE TRIGGER waits for every open transaction that writes the outbox, and while it waits
+            # its queued lock blocks the application's inserts: give up after a few seconds instead.
+            await conn.execute(f"SET LOCAL lock_timeout = '{AUDIT_LOCK_TIMEOUT_SECONDS * 1000:.0f}ms'")
             await conn.execute(ledger_ddl(sql))
             for stmt in audit_ddl(sql):
                 await conn.execute(stmt)
     except asyncpg.UndefinedTableError as exc:
         print(f"error: {_primary(exc)}: run `outboxctl migrate` first", file=sys.stderr)
         return EXIT_CONFIG
+    except asyncpg.LockNotAvailableError:
+        print(
+            f"error: another session holds a lock on {sql.schema}.{sql.table} (a transaction writing to it "
+            f"stays open?): --install-audit gave up after {AUDIT_LOCK_TIMEOUT_SECONDS:.0f}s so as not to block "
+            "the application's inserts; nothing was changed: try again",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     except asyncpg.InsufficientPrivilegeError as exc:
         print(
             f"error: {_primary(exc)}: --install-audit creates {sql.schema}.{sql.table}_ledger and "
