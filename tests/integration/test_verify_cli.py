@@ -7,20 +7,59 @@ import asyncio
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import nats
 import pytest
 
 from outbox_cli.cmd_verify import AUDIT_LOCK_TIMEOUT_SECONDS
-from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_USAGE
+from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from outbox_devkit.embedded import EmbeddedNats
 from outbox_worker.adapters.history_io import ledger_ddl
 from outbox_worker.adapters.store import migrate
 from outbox_worker.core.sql import Sql
 
 SQL = Sql.for_table("public", "outbox")
 STREAM = "VERIFY"
+PASSWORD = "N4tsS3cretPw"
+TOKEN = "N4tsS3cretTok"
+NATS_CONFIG = (  # a user with every permission, and one denied the JetStream API
+    "accounts {\n"
+    "  APP {\n"
+    "    jetstream: enabled\n"
+    "    users: [\n"
+    f'      {{user: relay, password: "{PASSWORD}"}}\n'
+    f'      {{user: nojs, password: "{PASSWORD}", permissions: {{publish: {{deny: ["$JS.API.>"]}}}}}}\n'
+    "    ]\n"
+    "  }\n"
+    "}\n"
+)
+
+
+@pytest.fixture
+def secured_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A nats-server whose users need a password (:data:`NATS_CONFIG`)."""
+    config = tmp_path / "server.conf"
+    config.write_text(NATS_CONFIG)
+    server = EmbeddedNats(base_dir=tmp_path / "nats", extra_args=["-c", str(config)])
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def token_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A nats-server that wants the token :data:`TOKEN`."""
+    server = EmbeddedNats(base_dir=tmp_path / "nats", extra_args=["--auth", TOKEN])
+    server.start()
+    yield server
+    server.cleanup()
+
+
+def with_userinfo(url: str, userinfo: str) -> str:
+    return url.replace("://", f"://{userinfo}@", 1)
 
 
 async def verify_cli(*args: str, timeout: float = 90) -> tuple[int, str, str, float]:
@@ -166,3 +205,25 @@ async def test_install_audit_behind_an_open_write_transaction_gives_up_and_chang
     finally:
         await inserter.close()
         await holder.close()
+
+
+@pytest.mark.parametrize("server", ["password", "token"])
+async def test_rejected_nats_credentials_are_a_configuration_error(
+    pg_dsn: str, secured_nats: EmbeddedNats, token_nats: EmbeddedNats, server: str
+) -> None:
+    """A wrong password or token: nats-py reports the rejection to its error callback only, then gives
+    up as if no server answered. That was "NATS not reachable … NoServersError", exit 4; the
+    credentials are the problem: exit 3, and the secret is not shown."""
+    if server == "password":
+        good, bad = with_userinfo(secured_nats.url, f"relay:{PASSWORD}"), with_userinfo(secured_nats.url, "relay:wrong")
+    else:
+        good, bad = with_userinfo(token_nats.url, TOKEN), with_userinfo(token_nats.url, "wrong-token")
+    await prepare(pg_dsn, good)
+    code, _, err, _ = await verify_cli("--database-url", pg_dsn, "--nats-url", good, "--stream", STREAM)
+    assert code == EXIT_OK, err
+    code, out, err, _ = await verify_cli("--database-url", pg_dsn, "--nats-url", bad, "--stream", STREAM)
+    assert code == EXIT_CONFIG, err
+    assert "rejected the credentials" in err
+    assert "wrong" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert out == ""

@@ -198,16 +198,7 @@ def _shown(urls: str) -> str:
 
 
 async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
-    import asyncpg
-    from nats import errors as nats_errors
-    from nats.js import errors as js_errors
-
     from outbox_worker.adapters.history_io import verify
-    from outbox_worker.adapters.store import DatabaseAuthError, connection_error
-
-    def fail(code: int, message: str) -> tuple[int, None]:
-        print(f"error: {message}", file=sys.stderr)
-        return code, None
 
     try:
         report = await asyncio.wait_for(
@@ -221,42 +212,64 @@ async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
             ),
             args.timeout + 30,
         )
-    except asyncpg.UndefinedTableError as exc:
-        return fail(
+    except Exception as exc:
+        failure = _failure(exc, args, sql)
+        if failure is None:
+            raise
+        code, message = failure
+        print(f"error: {message}", file=sys.stderr)
+        return code, None
+    return EXIT_OK, report
+
+
+def _failure(exc: Exception, args: argparse.Namespace, sql: Any) -> tuple[int, str] | None:
+    """The exit code and the one-line message of what stopped verify; None for anything else (a
+    defect, raised as it is)."""
+    import asyncpg
+    from nats import errors as nats_errors
+    from nats.js import errors as js_errors
+
+    from outbox_worker.adapters.store import DatabaseAuthError, connection_error
+
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return (
             EXIT_CONFIG,
             f"{_primary(exc)}: verify needs the outbox tables (`outboxctl migrate`) and the "
             f"ledger {sql.schema}.{sql.table}_ledger that producers write in the same transaction as each "
             "outbox row (README, Reliability)",
         )
-    except asyncpg.InsufficientPrivilegeError as exc:
-        return fail(
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return (
             EXIT_CONFIG,
             f"{_primary(exc)}: verify reads {sql.schema}.{sql.table} with its dead letters and requeues, "
             f"the ledger {sql.schema}.{sql.table}_ledger and the mark audit if installed: grant SELECT on "
             "them to the role of --database-url",
         )
-    except js_errors.NotFoundError:
-        return fail(EXIT_CONFIG, f"stream {args.stream!r} does not exist on {_shown(args.nats_url)}")
-    except nats_errors.AuthorizationError as exc:
-        return fail(EXIT_CONFIG, f"NATS rejected the connection: {type(exc).__name__}")
-    except (
-        nats_errors.NoServersError,
-        nats_errors.TimeoutError,
-        nats_errors.ConnectionClosedError,
-        nats_errors.StaleConnectionError,
-        nats_errors.UnexpectedEOF,
-    ) as exc:  # not reachable, or gone while verify read the stream
-        return fail(EXIT_UNAVAILABLE, f"NATS not reachable at {_shown(args.nats_url)}: {type(exc).__name__}")
-    except Exception as exc:
-        mapped = connection_error(exc, "check --database-url")
-        if isinstance(mapped, DatabaseAuthError):
-            return fail(EXIT_CONFIG, str(mapped))
-        if isinstance(exc, OSError | TimeoutError):  # PostgreSQL or NATS
-            return fail(EXIT_UNAVAILABLE, f"a server was not reachable in time: {type(exc).__name__}: {exc}"[:300])
-        if mapped is not None:  # PostgreSQL unavailable, or gone while verify read the table
-            return fail(EXIT_UNAVAILABLE, str(mapped))
-        raise
-    return EXIT_OK, report
+    if isinstance(exc, js_errors.NotFoundError):
+        return EXIT_CONFIG, f"stream {args.stream!r} does not exist on {_shown(args.nats_url)}"
+    if isinstance(exc, nats_errors.AuthorizationError):
+        return (
+            EXIT_CONFIG,
+            f"NATS at {_shown(args.nats_url)} rejected the credentials: fix the user and password or the "
+            "token in --nats-url (OUTBOX_NATS_SERVERS)",
+        )
+    if isinstance(
+        exc,
+        nats_errors.NoServersError
+        | nats_errors.TimeoutError
+        | nats_errors.ConnectionClosedError
+        | nats_errors.StaleConnectionError
+        | nats_errors.UnexpectedEOF,
+    ):  # not reachable, or gone while verify read the stream
+        return EXIT_UNAVAILABLE, f"NATS not reachable at {_shown(args.nats_url)}: {type(exc).__name__}"
+    mapped = connection_error(exc, "check --database-url")
+    if isinstance(mapped, DatabaseAuthError):
+        return EXIT_CONFIG, str(mapped)
+    if isinstance(exc, OSError | TimeoutError):  # PostgreSQL or NATS
+        return EXIT_UNAVAILABLE, f"a server was not reachable in time: {type(exc).__name__}: {exc}"[:300]
+    if mapped is not None:  # PostgreSQL unavailable, or gone while verify read the table
+        return EXIT_UNAVAILABLE, str(mapped)
+    return None
 
 
 __all__ = ["run"]

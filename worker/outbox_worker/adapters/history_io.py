@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import nats
@@ -107,14 +108,42 @@ async def read_marks(conn: asyncpg.Connection, sql: Sql) -> list[MarkRecord] | N
     return [MarkRecord(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
+class _ClientErrors:
+    """What the NATS client reported through its error callback (connection errors surface as
+    exceptions, not log spam)."""
+
+    def __init__(self) -> None:
+        self.rejected = False  # the server refused the credentials, at least once
+
+    async def note(self, exc: Exception) -> None:
+        text = repr(exc).lower()  # the check of the worker's publisher (its _is_auth_error)
+        if isinstance(exc, nats.errors.AuthorizationError) or "authorization" in text or "authentication" in text:
+            self.rejected = True
+
+
 async def read_stream(
     nats_url: str | list[str], stream: str, *, timeout: float = 120.0, batch: int = 5000
 ) -> list[StoredEvent]:
-    """Every message of ``stream`` in sequence order, via an ephemeral no-ack consumer (bounded time)."""
+    """Every message of ``stream`` in sequence order, via an ephemeral no-ack consumer (bounded time).
 
-    async def quiet(_exc: Exception) -> None:  # connection errors surface as exceptions, not log spam
-        return None
+    Raises nats-py's AuthorizationError when the server rejected the credentials (nats-py itself
+    only reports that to its error callback, then gives up with NoServersError, as if unreachable)."""
+    errors = _ClientErrors()
+    try:
+        return await _read_stream(nats_url, stream, timeout, batch, errors.note)
+    except Exception:
+        if errors.rejected:
+            raise nats.errors.AuthorizationError from None
+        raise
 
+
+async def _read_stream(
+    nats_url: str | list[str],
+    stream: str,
+    timeout: float,
+    batch: int,
+    quiet: Callable[[Exception], Awaitable[None]],
+) -> list[StoredEvent]:
     nc = await nats.connect(
         nats_url, connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=3, error_cb=quiet
     )
