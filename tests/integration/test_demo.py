@@ -11,11 +11,35 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import IO
 
-from outbox_devkit.embedded import children_of, pid_alive
+import pytest
+
+from outbox_devkit.embedded import EmbeddedNats, children_of, pid_alive
+
+TOKEN = "N4tsS3cretTok"
+PG_PASSWORD = "PgS3cretPw"
+SMALL = ("--events", "300", "--workers", "1", "--partitions", "2", "--aggregates", "20", "--timeout", "60")
 
 KEYS = ("events", "published", "lost", "duplicates", "order_violations", "events_per_s", "p50_ms", "p99_ms")
+
+
+@pytest.fixture
+def token_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A nats-server that wants the token :data:`TOKEN`."""
+    server = EmbeddedNats(base_dir=tmp_path / "nats", extra_args=["--auth", TOKEN])
+    server.start()
+    yield server
+    server.cleanup()
+
+
+def demo(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    return subprocess.run(
+        [sys.executable, "-m", "outbox_cli", "demo", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def listening(port: int) -> bool:
@@ -24,7 +48,7 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-SERVERS_UP = re.compile(r"servers up: postgres 127\.0\.0\.1:(\d+)/\S*, nats nats://127\.0\.0\.1:(\d+)")
+SERVERS_UP = re.compile(r"servers up: postgres \S*@127\.0\.0\.1:(\d+)/\S*, nats nats://127\.0\.0\.1:(\d+)")
 
 
 def server_ports(output: str) -> list[int]:
@@ -131,3 +155,16 @@ def test_ctrl_c_stops_the_demo_in_order_with_one_line() -> None:
     assert after == ["interrupted: stopped the workers, then nats-server, then PostgreSQL"], (out + err)[-3000:]
     assert [listening(p) for p in ports] == [False, False]
     assert [p for p in started if pid_alive(p)] == []
+
+
+def test_the_demo_on_given_servers_never_prints_their_secrets(pg_dsn: str, token_nats: EmbeddedNats) -> None:
+    """A password in the DSN (user info or query string) or a NATS token in the URL: the "servers up"
+    line printed them."""
+    dsn = pg_dsn.replace("postgres@", f"postgres:{PG_PASSWORD}@", 1) + f"?password={PG_PASSWORD}"
+    nats_url = token_nats.url.replace("://", f"://{TOKEN}@", 1)
+    proc = demo(*SMALL, "--database-url", dsn, "--nats-url", nats_url)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "servers up: postgres postgresql://<redacted>@127.0.0.1:" in proc.stdout
+    assert f"nats nats://<redacted>@127.0.0.1:{token_nats.port};" in proc.stdout
+    assert PG_PASSWORD not in proc.stdout + proc.stderr
+    assert TOKEN not in proc.stdout + proc.stderr

@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 import nats
 
-from outbox_common.settings import ENV_PREFIX
+from outbox_common.settings import ENV_PREFIX, redact_url
 from outbox_devkit.benchstats import percentile
 from outbox_devkit.producers import (
     LATENCY_CLOCK_COMMIT,
@@ -184,6 +184,17 @@ async def run_demo(options: DemoOptions) -> DemoSummary:
             return await _run(options, base, dsn, nats_url, say)
 
 
+def shown_dsn(dsn: str) -> str:
+    """A PostgreSQL DSN as the demo may print it: without its user and password, nor its query
+    string (``?password=...``, ``sslpassword=...``)."""
+    return redact_url(dsn.split("?", 1)[0])
+
+
+def shown_nats(urls: str) -> str:
+    """NATS server URLs as the demo may print them: without user, password or token."""
+    return ",".join(redact_url(u) for u in urls.split(","))
+
+
 def latency_percentiles_ms(latencies: list[float]) -> tuple[float, float]:
     """(p50, p99) in milliseconds of commit-to-stored latencies in seconds (nearest rank)."""
     return round(percentile(latencies, 0.50) * 1000, 2), round(percentile(latencies, 0.99) * 1000, 2)
@@ -243,7 +254,7 @@ async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: C
     nc = await nats.connect(nats_url)
     with contextlib.suppress(Exception):
         await nc.jetstream().delete_stream(STREAM)
-    say(f"servers up: postgres {dsn.split('@')[-1]}, nats {nats_url}; starting {options.workers} workers")
+    say(f"servers up: postgres {shown_dsn(dsn)}, nats {shown_nats(nats_url)}; starting {options.workers} workers")
     worker_ids = [f"demo-worker-{i}" for i in range(options.workers)]
     procs = [
         start_worker(worker_env(dsn, nats_url, sql.table, options.worker_env, wid), base / f"worker-{i}.log")
