@@ -227,3 +227,22 @@ async def test_rejected_nats_credentials_are_a_configuration_error(
     assert "wrong" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert out == ""
+
+
+async def test_a_nats_user_denied_the_jetstream_api_is_a_configuration_error(
+    pg_dsn: str, secured_nats: EmbeddedNats
+) -> None:
+    """The server reports a permissions violation to the client's error callback, and the request goes
+    unanswered: verify waited 15 s whatever --timeout said, then reported "NATS not reachable …
+    TimeoutError", exit 4. It stops at the violation: exit 3, naming the subject denied."""
+    await prepare(pg_dsn, with_userinfo(secured_nats.url, f"relay:{PASSWORD}"))
+    url = with_userinfo(secured_nats.url, f"nojs:{PASSWORD}")
+    code, out, err, seconds = await verify_cli(
+        "--database-url", pg_dsn, "--nats-url", url, "--stream", STREAM, "--timeout", "5"
+    )
+    assert code == EXIT_CONFIG, err
+    assert 'permissions violation for publish to "$js.api.stream.info.verify"' in err
+    assert PASSWORD not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert out == ""
+    assert seconds < 5

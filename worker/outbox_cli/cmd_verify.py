@@ -229,6 +229,7 @@ def _failure(exc: Exception, args: argparse.Namespace, sql: Any) -> tuple[int, s
     from nats import errors as nats_errors
     from nats.js import errors as js_errors
 
+    from outbox_worker.adapters.history_io import NatsPermissionError
     from outbox_worker.adapters.store import DatabaseAuthError, connection_error
 
     if isinstance(exc, asyncpg.UndefinedTableError):
@@ -252,6 +253,12 @@ def _failure(exc: Exception, args: argparse.Namespace, sql: Any) -> tuple[int, s
             EXIT_CONFIG,
             f"NATS at {_shown(args.nats_url)} rejected the credentials: fix the user and password or the "
             "token in --nats-url (OUTBOX_NATS_SERVERS)",
+        )
+    if isinstance(exc, NatsPermissionError):
+        return (
+            EXIT_CONFIG,
+            f"NATS denied the user of --nats-url a subject verify needs: {exc}; allow it to publish to "
+            f"$JS.API.> (the JetStream API) and to subscribe to _INBOX.>",
         )
     if isinstance(
         exc,

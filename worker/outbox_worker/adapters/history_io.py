@@ -17,8 +17,10 @@ production tables.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import nats
@@ -108,17 +110,25 @@ async def read_marks(conn: asyncpg.Connection, sql: Sql) -> list[MarkRecord] | N
     return [MarkRecord(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
+class NatsPermissionError(Exception):
+    """The NATS server denied the user a subject the read needs (a permissions violation); the
+    message is the server's, which names the subject (nats-py lowercases it)."""
+
+
 class _ClientErrors:
     """What the NATS client reported through its error callback (connection errors surface as
     exceptions, not log spam)."""
 
     def __init__(self) -> None:
         self.rejected = False  # the server refused the credentials, at least once
+        self.denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def note(self, exc: Exception) -> None:
         text = repr(exc).lower()  # the check of the worker's publisher (its _is_auth_error)
         if isinstance(exc, nats.errors.AuthorizationError) or "authorization" in text or "authentication" in text:
             self.rejected = True
+        elif "permissions violation" in text and not self.denied.done():
+            self.denied.set_result(str(exc).removeprefix("nats: "))
 
 
 async def read_stream(
@@ -127,10 +137,23 @@ async def read_stream(
     """Every message of ``stream`` in sequence order, via an ephemeral no-ack consumer (bounded time).
 
     Raises nats-py's AuthorizationError when the server rejected the credentials (nats-py itself
-    only reports that to its error callback, then gives up with NoServersError, as if unreachable)."""
+    only reports that to its error callback, then gives up with NoServersError, as if unreachable),
+    and :class:`NatsPermissionError` as soon as the server denies a subject the read needs (the
+    request itself would go unanswered until its timeout)."""
     errors = _ClientErrors()
+    reading = asyncio.create_task(_read_stream(nats_url, stream, timeout, batch, errors.note))
     try:
-        return await _read_stream(nats_url, stream, timeout, batch, errors.note)
+        watched: set[asyncio.Future[Any]] = {reading, errors.denied}
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not reading.done():  # denied, or this read was cancelled: stop reading, close the connection
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+    if errors.denied.done() and (reading.cancelled() or reading.exception() is not None):
+        raise NatsPermissionError(errors.denied.result())
+    try:
+        return reading.result()
     except Exception:
         if errors.rejected:
             raise nats.errors.AuthorizationError from None
@@ -149,9 +172,10 @@ async def _read_stream(
     )
     out: list[StoredEvent] = []
     try:
-        # JetStream API calls wait up to 15 s (nats-py's default is 5): right after a cluster loses
-        # a leader, the stream info and consumer requests go unanswered until a new one is elected.
-        js = nc.jetstream(timeout=15.0)
+        # JetStream API calls wait up to 15 s (nats-py's default is 5), ``timeout`` if shorter: right
+        # after a cluster loses a leader, the stream info and consumer requests go unanswered until a
+        # new one is elected.
+        js = nc.jetstream(timeout=min(15.0, timeout))
         deadline = time.monotonic() + timeout
         info = await js.stream_info(stream)
         last = info.state.last_seq
