@@ -4,6 +4,7 @@ bad flag, 3 configuration, 4 unreachable) and that its one line names the proble
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import sys
 import time
@@ -246,3 +247,29 @@ async def test_a_nats_user_denied_the_jetstream_api_is_a_configuration_error(
     assert len(err.strip().splitlines()) == 1, err
     assert out == ""
     assert seconds < 5
+
+
+async def test_right_after_install_audit_the_marks_are_checked_though_there_are_none(
+    pg_dsn: str, nats_url: str
+) -> None:
+    """An installed audit without records yet: verify said "(no mark audit installed …)", reading the
+    count of marks (0) as the audit's absence."""
+    await prepare(pg_dsn, nats_url)
+    code, _, err, _ = await verify_cli("--database-url", pg_dsn, "--install-audit")
+    assert code == EXIT_OK, err
+    code, out, err, _ = await verify_cli("--database-url", pg_dsn, "--nats-url", nats_url, "--stream", STREAM)
+    assert code == EXIT_OK, err
+    assert "no mark audit installed" not in out
+    for label in ("marks audited", "marked, not in stream", "marked before stored", "marks under a stale lease"):
+        assert re.search(rf"^{label} +0$", out, re.MULTILINE), out
+    # without the audit, it says so and shows no mark figure but the count
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("DROP TABLE outbox_mark_audit CASCADE")
+    finally:
+        await conn.close()
+    code, out, err, _ = await verify_cli("--database-url", pg_dsn, "--nats-url", nats_url, "--stream", STREAM)
+    assert code == EXIT_OK, err
+    assert "(no mark audit installed: mark consistency not checked)" in out
+    assert "marked" not in out
+    assert "stale" not in out

@@ -53,6 +53,8 @@ _FIGURES = (
     ("stale_marks", "marks under a stale lease"),
 )
 
+_MARK_FIGURES = ("marked_not_stored", "marked_before_stored", "stale_marks")  # shown with the mark audit only
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_table_options(parser)
@@ -118,18 +120,19 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _usage(str(exc))
     args.servers = servers
-    code, report = asyncio.run(_verify(args, sql))
-    if report is None:
+    code, verified = asyncio.run(_verify(args, sql))
+    if verified is None:
         return code
+    report, audited = verified
     data: dict[str, Any] = report.to_dict()
     if args.json:
         print(json.dumps(data))
     else:
         for key, label in _FIGURES:
-            if key.startswith("mark") and key != "marks" and not report.marks:
+            if key in _MARK_FIGURES and not audited:
                 continue
             print(f"{label:<28}{data[key]:>12,}")
-        if not report.marks:
+        if not audited:
             print("(no mark audit installed: mark consistency not checked)")
         for kind, examples in report.examples.items():
             print(f"  e.g. {kind}: " + "; ".join(examples))
@@ -198,11 +201,11 @@ def _shown(urls: str) -> str:
 
 
 async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
-    from outbox_worker.adapters.history_io import verify
+    from outbox_worker.adapters.history_io import verify_audited
 
     try:
-        report = await asyncio.wait_for(
-            verify(
+        verified = await asyncio.wait_for(
+            verify_audited(
                 args.database_url,
                 sql,
                 args.servers,
@@ -219,7 +222,7 @@ async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:
         code, message = failure
         print(f"error: {message}", file=sys.stderr)
         return code, None
-    return EXIT_OK, report
+    return EXIT_OK, verified
 
 
 def _failure(exc: Exception, args: argparse.Namespace, sql: Any) -> tuple[int, str] | None:

@@ -258,6 +258,17 @@ async def verify(
 ) -> HistoryReport:
     """Read the ledger, the outbox, the dead letters, the mark audit (if installed) and the stream;
     check them. Connection errors propagate (asyncpg / nats exceptions)."""
+    report, _audited = await verify_audited(
+        dsn, sql, nats_url, stream, expect_drained=expect_drained, timeout=timeout
+    )
+    return report
+
+
+async def verify_audited(
+    dsn: str, sql: Sql, nats_url: str | list[str], stream: str, *, expect_drained: bool = False, timeout: float = 120.0
+) -> tuple[HistoryReport, bool]:
+    """:func:`verify`, and whether the mark audit is installed: the marks were checked, also when
+    there were none (``report.marks`` is 0 then, as without an audit)."""
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         committed, pending, dead = await read_truth(conn, sql)
@@ -265,4 +276,4 @@ async def verify(
     finally:
         await conn.close()
     stored = await read_stream(nats_url, stream, timeout=timeout)
-    return check_history(committed, stored, pending, dead, marks, expect_drained=expect_drained)
+    return check_history(committed, stored, pending, dead, marks, expect_drained=expect_drained), marks is not None
