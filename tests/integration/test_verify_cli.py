@@ -131,9 +131,7 @@ async def weak_dsn(pg_dsn: str) -> AsyncIterator[str]:
         await conn.close()
 
 
-async def test_missing_select_privileges_are_a_configuration_error(
-    pg_dsn: str, weak_dsn: str, nats_url: str
-) -> None:
+async def test_missing_select_privileges_are_a_configuration_error(pg_dsn: str, weak_dsn: str, nats_url: str) -> None:
     """A role that may not read the tables: exit 3 (not 1, "a violation found") and one line naming the
     table it may not read, without a traceback."""
     await prepare(pg_dsn, nats_url)

@@ -258,9 +258,7 @@ async def verify(
 ) -> HistoryReport:
     """Read the ledger, the outbox, the dead letters, the mark audit (if installed) and the stream;
     check them. Connection errors propagate (asyncpg / nats exceptions)."""
-    report, _audited = await verify_audited(
-        dsn, sql, nats_url, stream, expect_drained=expect_drained, timeout=timeout
-    )
+    report, _audited = await verify_audited(dsn, sql, nats_url, stream, expect_drained=expect_drained, timeout=timeout)
     return report
 
 
