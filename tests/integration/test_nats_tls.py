@@ -113,3 +113,18 @@ async def test_a_plain_server_with_a_plain_url_and_no_tls_settings_is_used_as_be
         await pub.close()
     assert CONNECT_OF_USER in plain_nats.log_path.read_text()  # what the test above sees when a CONNECT comes
 
+
+async def test_verify_with_a_tls_url_refuses_a_server_without_tls(pg_dsn: str, plain_nats: EmbeddedNats) -> None:
+    """`outboxctl verify --nats-url tls://user:password@...` reads the stream over TLS only: a server
+    without it gets no CONNECT, and verify exits 3 saying why."""
+    from test_migrate import outboxctl
+
+    from support.relay import setup_db
+
+    await setup_db(pg_dsn)
+    url = f"tls://{USER}:{PASSWORD}@{host_port(plain_nats)}"
+    refused = await outboxctl("verify", "--database-url", pg_dsn, "--nats-url", url, "--stream", "TLS")
+    assert refused.code == 3, refused.err
+    assert "the NATS server does not offer TLS" in refused.err
+    assert PASSWORD not in refused.err + refused.out
+    assert CONNECT_OF_USER not in plain_nats.log_path.read_text()

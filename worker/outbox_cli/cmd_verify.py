@@ -233,6 +233,7 @@ def _failure(exc: Exception, args: argparse.Namespace, sql: Any) -> tuple[int, s
     from nats.js import errors as js_errors
 
     from outbox_worker.adapters.history_io import NatsPermissionError
+    from outbox_worker.adapters.publisher import TlsNotOfferedError
     from outbox_worker.adapters.store import DatabaseAuthError, connection_error
 
     if isinstance(exc, asyncpg.UndefinedTableError):
@@ -257,6 +258,8 @@ def _failure(exc: Exception, args: argparse.Namespace, sql: Any) -> tuple[int, s
             f"NATS at {_shown(args.nats_url)} rejected the credentials: fix the user and password or the "
             "token in --nats-url (OUTBOX_NATS_SERVERS)",
         )
+    if isinstance(exc, TlsNotOfferedError):
+        return EXIT_CONFIG, f"{exc} ({_shown(args.nats_url)})"
     if isinstance(exc, NatsPermissionError):
         return (
             EXIT_CONFIG,

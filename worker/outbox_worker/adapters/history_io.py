@@ -29,6 +29,7 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 
 from outbox_common import names
+from outbox_worker.adapters.publisher import SecureClient, TlsNotOfferedError
 from outbox_worker.core.history import CommittedEvent, HistoryReport, MarkRecord, StoredEvent, check_history
 from outbox_worker.core.sql import Sql
 
@@ -121,11 +122,14 @@ class _ClientErrors:
 
     def __init__(self) -> None:
         self.rejected = False  # the server refused the credentials, at least once
+        self.no_tls: TlsNotOfferedError | None = None  # a tls:// server that does not offer TLS
         self.denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def note(self, exc: Exception) -> None:
         text = repr(exc).lower()  # the check of the worker's publisher (its _is_auth_error)
-        if isinstance(exc, nats.errors.AuthorizationError) or "authorization" in text or "authentication" in text:
+        if isinstance(exc, TlsNotOfferedError):
+            self.no_tls = exc
+        elif isinstance(exc, nats.errors.AuthorizationError) or "authorization" in text or "authentication" in text:
             self.rejected = True
         elif "permissions violation" in text and not self.denied.done():
             self.denied.set_result(str(exc).removeprefix("nats: "))
@@ -138,6 +142,7 @@ async def read_stream(
 
     Raises nats-py's AuthorizationError when the server rejected the credentials (nats-py itself
     only reports that to its error callback, then gives up with NoServersError, as if unreachable),
+    :class:`TlsNotOfferedError` when a ``tls://`` server does not offer TLS (nothing is sent in clear),
     and :class:`NatsPermissionError` as soon as the server denies a subject the read needs (the
     request itself would go unanswered until its timeout)."""
     errors = _ClientErrors()
@@ -157,6 +162,8 @@ async def read_stream(
     except Exception:
         if errors.rejected:
             raise nats.errors.AuthorizationError from None
+        if errors.no_tls is not None:
+            raise errors.no_tls from None
         raise
 
 
@@ -167,9 +174,8 @@ async def _read_stream(
     batch: int,
     quiet: Callable[[Exception], Awaitable[None]],
 ) -> list[StoredEvent]:
-    nc = await nats.connect(
-        nats_url, connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=3, error_cb=quiet
-    )
+    nc = SecureClient()  # a tls:// URL is read over TLS only, never in plaintext
+    await nc.connect(nats_url, connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=3, error_cb=quiet)
     out: list[StoredEvent] = []
     try:
         # JetStream API calls wait up to 15 s (nats-py's default is 5), ``timeout`` if shorter: right
