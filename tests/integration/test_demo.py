@@ -11,19 +11,35 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import pytest
 
-from outbox_devkit.embedded import EmbeddedNats, children_of, pid_alive
+from outbox_cli.main import EXIT_CONFIG, EXIT_UNAVAILABLE
+from outbox_devkit.demo import READY_TIMEOUT_SECONDS, WORKER_STARTUP_TIMEOUT_SECONDS
+from outbox_devkit.embedded import EmbeddedNats, children_of, free_port, pid_alive
 
 TOKEN = "N4tsS3cretTok"
 PG_PASSWORD = "PgS3cretPw"
+NATS_PASSWORD = "N4tsS3cretPw"
 SMALL = ("--events", "300", "--workers", "1", "--partitions", "2", "--aggregates", "20", "--timeout", "60")
 
 KEYS = ("events", "published", "lost", "duplicates", "order_violations", "events_per_s", "p50_ms", "p99_ms")
+
+
+@pytest.fixture
+def nats_without_jetstream(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A nats-server whose account (user ``relay``, password :data:`NATS_PASSWORD`) has no JetStream:
+    the demo's own connection works, a worker's start-up fails at once (exit 3)."""
+    config = tmp_path / "server.conf"
+    config.write_text(f'accounts {{ APP {{ users: [ {{user: relay, password: "{NATS_PASSWORD}"}} ] }} }}\n')
+    server = EmbeddedNats(base_dir=tmp_path / "nats", extra_args=["-c", str(config)])
+    server.start()
+    yield server
+    server.cleanup()
 
 
 @pytest.fixture
@@ -168,3 +184,81 @@ def test_the_demo_on_given_servers_never_prints_their_secrets(pg_dsn: str, token
     assert f"nats nats://<redacted>@127.0.0.1:{token_nats.port};" in proc.stdout
     assert PG_PASSWORD not in proc.stdout + proc.stderr
     assert TOKEN not in proc.stdout + proc.stderr
+
+
+def assert_one_line(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    """The demo ended with ``code`` and one error line holding ``needles``, without a traceback."""
+    assert proc.returncode == code, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: "), errors[0]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_an_unreachable_database_is_one_line_and_exit_4(nats_url: str) -> None:
+    proc = demo(*SMALL, "--database-url", f"postgresql://postgres@127.0.0.1:{free_port()}/x", "--nats-url", nats_url)
+    assert_one_line(proc, EXIT_UNAVAILABLE, "PostgreSQL is not reachable")
+
+
+def test_an_unreachable_nats_is_one_line_and_exit_4_within_seconds(pg_dsn: str) -> None:
+    """nats-py's defaults retried for about two minutes (60 attempts, 2 s apart), then a traceback."""
+    started = time.monotonic()
+    proc = demo(*SMALL, "--database-url", pg_dsn, "--nats-url", f"nats://127.0.0.1:{free_port()}", timeout=60)
+    assert_one_line(proc, EXIT_UNAVAILABLE, "NATS not reachable at nats://127.0.0.1:")
+    assert time.monotonic() - started < 30
+
+
+def test_a_rejected_nats_token_is_one_line_and_exit_3_within_seconds(pg_dsn: str, token_nats: EmbeddedNats) -> None:
+    started = time.monotonic()
+    proc = demo(
+        *SMALL, "--database-url", pg_dsn, "--nats-url", token_nats.url.replace("://", "://wrong-tok@"), timeout=60
+    )
+    assert_one_line(proc, EXIT_CONFIG, "rejected the credentials", f"nats://<redacted>@127.0.0.1:{token_nats.port}")
+    assert "wrong-tok" not in proc.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_worker_that_cannot_start_is_reported_with_its_error(
+    pg_dsn: str, nats_without_jetstream: EmbeddedNats
+) -> None:
+    """It was a traceback pointing at worker logs in a directory the demo had already deleted. Now: the
+    worker's own error, and its exit code (3, a configuration problem)."""
+    url = nats_without_jetstream.url.replace("://", f"://relay:{NATS_PASSWORD}@")
+    proc = demo(*SMALL, "--database-url", pg_dsn, "--nats-url", url, "--json")
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: worker 0 exited 3 while starting: configuration error: JetStream is not enabled")
+    assert "Traceback" not in proc.stderr
+    assert NATS_PASSWORD not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_a_worker_that_times_out_starting_is_reported_before_the_demo_gives_up(pg_dsn: str, tmp_path: Path) -> None:
+    """A user denied the JetStream API: the demo's own connection works, a worker's requests go
+    unanswered and it retries them for its start-up budget, then exits with its error. That budget
+    was the demo's own wait (60 s): the demo gave up first, "workers did not share the partitions
+    within 60s", a traceback. Its workers now have a shorter budget than it waits."""
+    assert WORKER_STARTUP_TIMEOUT_SECONDS + 20 <= READY_TIMEOUT_SECONDS
+    config = tmp_path / "server.conf"
+    config.write_text(
+        "accounts { APP { jetstream: enabled\n"
+        f'  users: [ {{user: relay, password: "{NATS_PASSWORD}", permissions: {{publish: {{deny: ["$JS.API.>"]}}}}}} ]'
+        " } }\n"
+    )
+    server = EmbeddedNats(base_dir=tmp_path / "nats", extra_args=["-c", str(config)])
+    server.start()
+    try:
+        started = time.monotonic()
+        proc = demo(
+            *SMALL, "--database-url", pg_dsn, "--nats-url", server.url.replace("://", f"://relay:{NATS_PASSWORD}@")
+        )
+        seconds = time.monotonic() - started
+    finally:
+        server.cleanup()
+    assert proc.returncode in (EXIT_CONFIG, EXIT_UNAVAILABLE), proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"error: worker 0 exited {proc.returncode} while starting: "), errors[0]
+    assert NATS_PASSWORD not in proc.stdout + proc.stderr
+    assert seconds < READY_TIMEOUT_SECONDS

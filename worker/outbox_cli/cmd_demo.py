@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from outbox_devkit.demo import DemoOptions, run_demo, stopped_in_order
+    from outbox_devkit.demo import DemoError, DemoOptions, run_demo, stopped_in_order
 
     if args.events < 1 or args.workers < 1 or args.partitions < 1 or args.aggregates < 1:
         print("error: --events, --workers, --partitions and --aggregates must be at least 1", file=sys.stderr)
@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C: run_demo has stopped everything it started, in order
         print(f"interrupted: {stopped_in_order(options)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except DemoError as exc:  # what it started is stopped; its exit code is outboxctl's (3, 4 or 1)
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     if args.json:
         keys = ("events", "published", "lost", "duplicates", "order_violations", "events_per_s", "p50_ms", "p99_ms")
         data = {k: getattr(summary, k) for k in keys} | summary.to_json()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from typing import Any
 
 import asyncpg
 import nats
+from nats.aio.client import Client
 
 from outbox_common.settings import ENV_PREFIX, redact_url
 from outbox_devkit.benchstats import percentile
@@ -42,13 +44,29 @@ from outbox_devkit.producers import (
     produce,
 )
 from outbox_worker.adapters.history_io import read_stream, read_truth
-from outbox_worker.adapters.store import migrate
+from outbox_worker.adapters.store import DatabaseAuthError, connection_error, dsn_error, migrate
 from outbox_worker.core.history import HistoryReport, check_history
 from outbox_worker.core.sql import DEFAULT_PARTITIONS, Sql
 
 STREAM = "OUTBOX_DEMO"
 PUBLISHER = "demo"
-READY_TIMEOUT_SECONDS = 60.0  # workers start, connect and share out the partitions well within this
+WORKER_STARTUP_TIMEOUT_SECONDS = 30.0  # a worker that cannot start within this exits with its error ...
+READY_TIMEOUT_SECONDS = 60.0  # ... which the demo, waiting longer for them to share the partitions, reports
+
+# outboxctl's exit codes (README), which the workers exit with too
+EXIT_FAILURE = 1
+EXIT_CONFIG = 3
+EXIT_UNAVAILABLE = 4
+_LOGGER = re.compile(r"^[\w.]+: ")  # the logger's name before the message of a worker's log line
+
+
+class DemoError(Exception):
+    """What stopped the demo, in a message for its user (no secret in it), and the exit code
+    ``outboxctl demo`` ends with: 3 configuration (credentials), 4 a server not reachable, 1 else."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -236,9 +254,62 @@ async def wait_for_fair_leases(
         await conn.close()
 
 
+async def _connect_db(dsn: str) -> asyncpg.Connection:
+    """A connection to the demo's PostgreSQL; DemoError when it cannot be had."""
+    try:
+        return await asyncpg.connect(dsn, timeout=10)
+    except Exception as exc:
+        mapped = connection_error(exc, "check --database-url") or dsn_error(exc, "check --database-url")
+        if mapped is None:
+            raise
+        code = EXIT_CONFIG if isinstance(mapped, DatabaseAuthError) else EXIT_UNAVAILABLE
+        raise DemoError(str(mapped), code) from None
+
+
+async def _connect_nats(nats_url: str) -> Client:
+    """A connection to the demo's NATS, or DemoError within seconds. nats-py's defaults try 60 times
+    2 s apart, and report rejected credentials only to the error callback."""
+    rejected = False
+
+    async def note(exc: Exception) -> None:
+        nonlocal rejected
+        text = repr(exc).lower()  # the check of the worker's publisher
+        auth = isinstance(exc, nats.errors.AuthorizationError) or "authorization" in text or "authentication" in text
+        rejected = rejected or auth
+
+    try:
+        return await nats.connect(
+            nats_url, connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=3, error_cb=note
+        )
+    except Exception as exc:
+        if rejected:
+            raise DemoError(
+                f"NATS at {shown_nats(nats_url)} rejected the credentials: fix the user and password or the "
+                "token in --nats-url",
+                EXIT_CONFIG,
+            ) from None
+        if isinstance(exc, nats.errors.NoServersError | OSError | TimeoutError):
+            message = f"NATS not reachable at {shown_nats(nats_url)}: {type(exc).__name__}"
+            raise DemoError(message, EXIT_UNAVAILABLE) from None
+        raise
+
+
+def _worker_failure(procs: list[subprocess.Popen[bytes]], logs: list[Path], when: str) -> DemoError:
+    """The first exited worker's error, from its log (which goes away with the demo's directory): its
+    last ERROR line when it exited 3 or 4 (the demo exits with that code too), else its log's tail."""
+    i, code = next((i, p.returncode) for i, p in enumerate(procs) if p.returncode is not None)
+    lines = [line for line in logs[i].read_text(errors="replace").splitlines() if line.strip()]
+    errors = [_LOGGER.sub("", line.split(" ERROR ", 1)[1]) for line in lines if " ERROR " in line]
+    exit_code = code if code in (EXIT_CONFIG, EXIT_UNAVAILABLE) else EXIT_FAILURE
+    if exit_code != EXIT_FAILURE and errors:
+        return DemoError(f"worker {i} exited {code} {when}: {errors[-1]}", exit_code)
+    tail = "\n".join(lines[-15:])
+    return DemoError(f"worker {i} exited {code} {when}; the end of its log:\n{tail}", exit_code)
+
+
 async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: Callable[[str], None]) -> DemoSummary:
     sql = Sql.for_table("public", "outbox_demo")
-    conn = await asyncpg.connect(dsn)
+    conn = await _connect_db(dsn)
     try:
         for stmt in (
             f"DROP TABLE IF EXISTS {sql.outbox}, {sql.leases}, {sql.workers}, {sql.dead_letters}, "
@@ -251,14 +322,14 @@ async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: C
         await prepare(conn, sql)
     finally:
         await conn.close()
-    nc = await nats.connect(nats_url)
+    nc = await _connect_nats(nats_url)
     with contextlib.suppress(Exception):
         await nc.jetstream().delete_stream(STREAM)
     say(f"servers up: postgres {shown_dsn(dsn)}, nats {shown_nats(nats_url)}; starting {options.workers} workers")
-    worker_ids = [f"demo-worker-{i}" for i in range(options.workers)]
+    extra = {"OUTBOX_STARTUP_TIMEOUT_SECONDS": f"{WORKER_STARTUP_TIMEOUT_SECONDS:g}"} | options.worker_env
+    logs = [base / f"worker-{i}.log" for i in range(options.workers)]
     procs = [
-        start_worker(worker_env(dsn, nats_url, sql.table, options.worker_env, wid), base / f"worker-{i}.log")
-        for i, wid in enumerate(worker_ids)
+        start_worker(worker_env(dsn, nats_url, sql.table, extra, f"demo-worker-{i}"), log) for i, log in enumerate(logs)
     ]
     codes: list[int] = []
     producer: asyncio.Task[ProducerResult] | None = None
@@ -266,11 +337,14 @@ async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: C
 
         def check_alive() -> None:
             if any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"a worker exited while starting; see {base}/worker-*.log:\n" + _tails(base))
+                raise _worker_failure(procs, logs, "while starting")
 
-        took = await wait_for_fair_leases(
-            dsn, sql, PUBLISHER, options.workers, options.partitions, check_alive, READY_TIMEOUT_SECONDS
-        )
+        try:
+            took = await wait_for_fair_leases(
+                dsn, sql, PUBLISHER, options.workers, options.partitions, check_alive, READY_TIMEOUT_SECONDS
+            )
+        except TimeoutError as exc:
+            raise DemoError(f"{exc}; the end of their logs:\n{_tails(base)}", EXIT_FAILURE) from None
         say(f"workers ready after {took:.1f}s, every partition leased; producing {options.events:,} events")
         plan = ProducerPlan(events=options.events, aggregates=options.aggregates)
         progress = ProducerResult()
@@ -281,12 +355,13 @@ async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: C
         stored = 0
         while True:
             await asyncio.sleep(1.0)
-            dead = [p.args for p in procs if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"a worker exited early; see {base}/worker-*.log:\n" + _tails(base))
+            if any(p.poll() is not None for p in procs):
+                raise _worker_failure(procs, logs, "while the demo ran")
             try:
                 stored = (await js.stream_info(STREAM)).state.messages
             except Exception:
+                if nc.is_closed:  # reconnecting gave up
+                    raise DemoError(f"lost NATS at {shown_nats(nats_url)}", EXIT_UNAVAILABLE) from None
                 stored = 0
             say(
                 f"  committed {progress.committed:>8,}  rolled back {progress.rolled_back:>7,}  "
