@@ -21,6 +21,7 @@ import pytest
 from outbox_cli.main import EXIT_CONFIG, EXIT_UNAVAILABLE
 from outbox_devkit.demo import READY_TIMEOUT_SECONDS, WORKER_STARTUP_TIMEOUT_SECONDS
 from outbox_devkit.embedded import EmbeddedNats, children_of, free_port, pid_alive
+from support.servers import nats_server
 
 TOKEN = "N4tsS3cretTok"
 PG_PASSWORD = "PgS3cretPw"
@@ -34,21 +35,16 @@ KEYS = ("events", "published", "lost", "duplicates", "order_violations", "events
 def nats_without_jetstream(tmp_path: Path) -> Iterator[EmbeddedNats]:
     """A nats-server whose account (user ``relay``, password :data:`NATS_PASSWORD`) has no JetStream:
     the demo's own connection works, a worker's start-up fails at once (exit 3)."""
-    config = tmp_path / "server.conf"
-    config.write_text(f'accounts {{ APP {{ users: [ {{user: relay, password: "{NATS_PASSWORD}"}} ] }} }}\n')
-    server = EmbeddedNats(base_dir=tmp_path / "nats", extra_args=["-c", str(config)])
-    server.start()
-    yield server
-    server.cleanup()
+    config = f'accounts {{ APP {{ users: [ {{user: relay, password: "{NATS_PASSWORD}"}} ] }} }}\n'
+    with nats_server(tmp_path / "nats", config=config) as server:
+        yield server
 
 
 @pytest.fixture
 def token_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
     """A nats-server that wants the token :data:`TOKEN`."""
-    server = EmbeddedNats(base_dir=tmp_path / "nats", extra_args=["--auth", TOKEN])
-    server.start()
-    yield server
-    server.cleanup()
+    with nats_server(tmp_path / "nats", "--auth", TOKEN) as server:
+        yield server
 
 
 def demo(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -241,22 +237,17 @@ def test_a_worker_denied_the_jetstream_api_is_reported_before_the_demo_gives_up(
     the demo gave up first, "workers did not share the partitions within 60s", a traceback. Its
     workers now have a shorter budget than it waits, for whatever holds their start-up up."""
     assert WORKER_STARTUP_TIMEOUT_SECONDS + 20 <= READY_TIMEOUT_SECONDS
-    config = tmp_path / "server.conf"
-    config.write_text(
+    config = (
         "accounts { APP { jetstream: enabled\n"
         f'  users: [ {{user: relay, password: "{NATS_PASSWORD}", permissions: {{publish: {{deny: ["$JS.API.>"]}}}}}} ]'
         " } }\n"
     )
-    server = EmbeddedNats(base_dir=tmp_path / "nats", extra_args=["-c", str(config)])
-    server.start()
-    try:
+    with nats_server(tmp_path / "nats", config=config) as server:
         started = time.monotonic()
         proc = demo(
             *SMALL, "--database-url", pg_dsn, "--nats-url", server.url.replace("://", f"://relay:{NATS_PASSWORD}@")
         )
         seconds = time.monotonic() - started
-    finally:
-        server.cleanup()
     assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1, proc.stderr[-3000:]

@@ -24,6 +24,7 @@ from outbox_worker.adapters import publisher as publisher_module
 from outbox_worker.adapters.publisher import JetStreamPublisher, NatsConfigError
 from support.polling import wait_for
 from support.relay import SQL, running, setup_db
+from support.servers import nats_server
 
 PASSWORD = "perm-test-pw"
 USERS = """
@@ -42,12 +43,8 @@ authorization {
 def guarded_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
     """A nats-server with JetStream and three users: admin (anything), nojs (may publish events but
     not use the JetStream API), nosubject (the JetStream API but not the events' subjects)."""
-    conf = tmp_path / "users.conf"
-    conf.write_text(USERS % {"pw": PASSWORD})
-    server = EmbeddedNats(base_dir=tmp_path / "nats", extra_args=["-c", str(conf)])
-    server.start()
-    yield server
-    server.cleanup()
+    with nats_server(tmp_path / "nats", config=USERS % {"pw": PASSWORD}) as server:
+        yield server
 
 
 def as_user(server: EmbeddedNats, user: str) -> NatsConfig:

@@ -16,15 +16,10 @@ from outbox_common.config import NatsConfig, StreamConfig
 from outbox_common.settings import StreamMode
 from outbox_devkit.embedded import EmbeddedNats
 from outbox_worker.adapters.publisher import JetStreamPublisher, NatsConfigError, SecureClient
+from support.servers import nats_server
 
 USER, PASSWORD = "relay", "tls-test-pw"
 CONNECT_OF_USER = f'"user": "{USER}"'  # in the CONNECT line a tracing nats-server logs
-
-
-def start(tmp_path: Path, name: str, tls_args: list[str]) -> EmbeddedNats:
-    server = EmbeddedNats(base_dir=tmp_path / name, extra_args=["--user", USER, "--pass", PASSWORD, *tls_args])
-    server.start()
-    return server
 
 
 @pytest.fixture
@@ -39,18 +34,17 @@ def tls_nats(tmp_path: Path, ca: trustme.CA) -> Iterator[EmbeddedNats]:
     cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
-    server = start(tmp_path, "tls", ["--tls", "--tlscert", str(cert_file), "--tlskey", str(key_file)])
-    yield server
-    server.cleanup()
+    tls = ("--tls", "--tlscert", str(cert_file), "--tlskey", str(key_file))
+    with nats_server(tmp_path / "tls", "--user", USER, "--pass", PASSWORD, *tls) as server:
+        yield server
 
 
 @pytest.fixture
 def plain_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
     """A nats-server without TLS, with the same user and password, tracing what clients send (its
     log shows each CONNECT and the user in it)."""
-    server = start(tmp_path, "plain", ["-DV"])
-    yield server
-    server.cleanup()
+    with nats_server(tmp_path / "plain", "--user", USER, "--pass", PASSWORD, "-DV") as server:
+        yield server
 
 
 def config(url: str, ca_file: str = "") -> NatsConfig:

@@ -21,6 +21,7 @@ from outbox_devkit.embedded import EmbeddedNats
 from outbox_worker.adapters.history_io import ledger_ddl
 from outbox_worker.adapters.store import migrate
 from outbox_worker.core.sql import Sql
+from support.servers import nats_server
 
 SQL = Sql.for_table("public", "outbox")
 STREAM = "VERIFY"
@@ -42,21 +43,15 @@ NATS_CONFIG = (  # a user with every permission, and one denied the JetStream AP
 @pytest.fixture
 def secured_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
     """A nats-server whose users need a password (:data:`NATS_CONFIG`)."""
-    config = tmp_path / "server.conf"
-    config.write_text(NATS_CONFIG)
-    server = EmbeddedNats(base_dir=tmp_path / "nats", extra_args=["-c", str(config)])
-    server.start()
-    yield server
-    server.cleanup()
+    with nats_server(tmp_path / "nats", config=NATS_CONFIG) as server:
+        yield server
 
 
 @pytest.fixture
 def token_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
     """A nats-server that wants the token :data:`TOKEN`."""
-    server = EmbeddedNats(base_dir=tmp_path / "nats", extra_args=["--auth", TOKEN])
-    server.start()
-    yield server
-    server.cleanup()
+    with nats_server(tmp_path / "nats", "--auth", TOKEN) as server:
+        yield server
 
 
 def with_userinfo(url: str, userinfo: str) -> str:

@@ -7,8 +7,10 @@ fault tests need is here: :meth:`kill` (a crash: SIGKILL, no shutdown) and :meth
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +121,21 @@ class NatsCluster(EmbeddedNatsCluster[ControlledNats]):
 
     def __init__(self, size: int = CLUSTER_SIZE, base_dir: Path | None = None, cluster_name: str = "outbox") -> None:
         super().__init__(ControlledNats, size, base_dir, cluster_name)
+
+
+@contextlib.contextmanager
+def nats_server(base_dir: Path, *extra_args: str, config: str | None = None) -> Iterator[EmbeddedNats]:
+    """A started nats-server of the test's own in ``base_dir``, with ``extra_args`` (e.g. ``--auth``)
+    and, if given, the configuration file text ``config`` (users, accounts, permissions; written
+    next to ``base_dir``); stopped on exit."""
+    args = list(extra_args)
+    if config is not None:
+        conf = base_dir.with_name(base_dir.name + ".conf")
+        conf.write_text(config)
+        args += ["-c", str(conf)]
+    server = EmbeddedNats(base_dir=base_dir, extra_args=args)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
