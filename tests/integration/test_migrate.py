@@ -42,7 +42,12 @@ async def outboxctl(*args: str, timeout: float = 60) -> Cli:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:  # timed out: leave no process behind
+            proc.kill()
+            await proc.wait()
     assert proc.returncode is not None
     return Cli(proc.returncode, out.decode(), err.decode())
 

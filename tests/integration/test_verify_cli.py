@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import nats
 import pytest
+from test_migrate import outboxctl
 
 from outbox_cli.cmd_verify import AUDIT_LOCK_TIMEOUT_SECONDS
 from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
@@ -61,23 +61,8 @@ def with_userinfo(url: str, userinfo: str) -> str:
 async def verify_cli(*args: str, timeout: float = 90) -> tuple[int, str, str, float]:
     """Run ``outboxctl verify``; (exit code, stdout, stderr, seconds it took)."""
     started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "outbox_cli",
-        "verify",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:  # timed out: leave no process behind
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode(), time.monotonic() - started
+    result = await outboxctl("verify", *args, timeout=timeout)
+    return result.code, result.out, result.err, time.monotonic() - started
 
 
 async def prepare(dsn: str, nats_url: str | None = None) -> None:

@@ -84,23 +84,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _positive(text: str) -> int:
     """``--limit``: a whole number of rows, at least 1 (PostgreSQL refuses a negative LIMIT, and 0
     would print "no dead letters selected" for a table full of them), at most a bigint."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_ROW_ID:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows: use 1 or more (at most {MAX_ROW_ID})")
-    return value
+    return _bigint(text, f"{text!r} is not a number of rows: use 1 or more (at most {MAX_ROW_ID})")
 
 
 def _row_id(text: str) -> int:
     """``--id``: a dead letter's id, a positive bigint."""
+    return _bigint(text, f"{text!r} is not a dead letter's id: use a whole number from 1 (see list)")
+
+
+def _bigint(text: str, refusal: str) -> int:
+    """``text`` as a whole number of 1 to :data:`MAX_ROW_ID` (a PostgreSQL bigint), else argparse's
+    error ``refusal``."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if not 1 <= value <= MAX_ROW_ID:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a dead letter's id: use a whole number from 1 (see list)")
+        raise argparse.ArgumentTypeError(refusal)
     return value
 
 
