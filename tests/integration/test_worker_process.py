@@ -24,6 +24,7 @@ import nats
 import psutil
 import pytest
 
+from outbox_devkit.embedded import free_port
 from outbox_devkit.producers import ProducerPlan, prepare, produce
 from outbox_worker.adapters.history_io import audit_ddl, verify
 from outbox_worker.adapters.store import migrate
@@ -614,5 +615,30 @@ async def test_large_payloads_are_claimed_within_the_byte_budget_in_order_and_wi
         assert [m.headers["Nats-Msg-Id"] for m in sent if m.headers] == [r["event_id"] for r in rows]
         assert all(len(m.data) == 900_000 for m in sent)
         assert peak_kib < 120 * 1024, f"worker peaked at {peak_kib // 1024} MiB"  # 68 MiB measured; 235 unbounded
+    finally:
+        await pool.close()
+
+
+async def test_sigterm_while_starting_stops_the_worker_and_leaves_no_heartbeat(
+    pg_dsn: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """A pod stopped while its worker waits for NATS (a rollout during a NATS outage): SIGTERM ends
+    the start-up at once, with a log line and exit 0, and the worker's heartbeat row is deleted. It
+    was the process-wide handler's exit 143 in the middle of whatever ran, nothing closed: the row
+    stayed live for a lease TTL, and a restart under the same worker id waited it out."""
+    pool = await setup_db(pg_dsn)
+    try:
+        nowhere = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+        waiting = Proc(pg_dsn, nowhere, "waiting", tmp_path, mode=None, STARTUP_TIMEOUT_SECONDS="60")
+        procs.append(waiting)
+        await wait_for(lambda: _value("NATS not available yet" in waiting.text()), 30, "the worker to wait for NATS")
+        assert await pool.fetchval("SELECT count(*) FROM outbox_workers WHERE worker_id = 'waiting'") == 1
+        t0 = time.monotonic()
+        waiting.signal(signal.SIGTERM)
+        assert await waiting.exited(10) == 0, waiting.text()
+        assert time.monotonic() - t0 < 5
+        assert "stopped by a signal while starting" in waiting.text()
+        assert "Traceback" not in waiting.text()
+        assert await pool.fetchval("SELECT count(*) FROM outbox_workers WHERE worker_id = 'waiting'") == 0
     finally:
         await pool.close()

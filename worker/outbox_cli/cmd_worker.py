@@ -10,13 +10,16 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import SecretStr, ValidationError
 
 from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, env_help, tune_gc
 from outbox_common.config import StatusConfig, WorkerConfig
 from outbox_common.settings import EventLoop, WorkerSettings, describe_error, env_name, unknown_env_warnings
+
+if TYPE_CHECKING:  # imported when the worker runs: `outboxctl --help` stays light
+    from outbox_worker.app.worker import Worker
 
 T = TypeVar("T")
 
@@ -106,39 +109,16 @@ def run_on_loop(main: Coroutine[Any, Any, T], event_loop: EventLoop) -> T:
 
 async def serve(settings: WorkerSettings) -> int:
     """Start, run until SIGTERM/SIGINT, stop. Returns the exit code."""
-    from outbox_worker.adapters.publisher import NatsConfigError, NatsUnavailableError
-    from outbox_worker.adapters.store import (
-        DatabaseAuthError,
-        DatabaseUnavailableError,
-        DuplicateWorkerError,
-        SchemaError,
-    )
-    from outbox_worker.app.worker import MetricsPortError, SideTaskFailed, Worker
+    from outbox_worker.adapters.store import DuplicateWorkerError
+    from outbox_worker.app.worker import SideTaskFailed, Worker
 
     config = WorkerConfig.from_settings(settings)  # once: each part gets its own from here on
     worker = Worker(config, sink=_status_sink(config.status))
     log = logging.getLogger("outbox_worker")
-    try:
-        await worker.start()
-    except (SchemaError, DatabaseAuthError, NatsConfigError, DuplicateWorkerError, MetricsPortError) as exc:
-        log.error("configuration error: %s", exc)
-        await worker.close()
-        return EXIT_CONFIG
-    except (DatabaseUnavailableError, NatsUnavailableError) as exc:
-        log.error("unavailable: %s", exc)
-        await worker.close()
-        return EXIT_UNAVAILABLE
-    except Exception as exc:
-        # None of the errors above: a defect, or a failure no mapping knows yet. Its traceback goes to
-        # the log, and close() still leaves the membership, so a restart under the same worker id
-        # (the pod's container) does not wait a lease TTL for its own heartbeat row.
-        log.exception("start-up failed: %s", type(exc).__name__)
-        await worker.close()
-        return EXIT_FAILURE
+    failed = await _start(worker, log)
+    if failed is not None:
+        return failed
     tune_gc()  # started: imports done, connections open
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.request_stop)
     try:
         await worker.run()
     except SideTaskFailed as exc:
@@ -149,6 +129,62 @@ async def serve(settings: WorkerSettings) -> int:
         return EXIT_CONFIG
     log.info("worker stopped cleanly")
     return EXIT_OK
+
+
+async def _start(worker: Worker, log: logging.Logger) -> int | None:
+    """Start ``worker`` with the SIGTERM/SIGINT handlers of its whole life; None once it started,
+    else the exit code (the failure logged in one line, the worker closed).
+
+    A signal while it starts cancels the start at an await, then closes the worker, which deletes
+    its heartbeat row: a pod stopped while it waits for its servers leaves no live-looking worker
+    behind (exit 0). Once started, a signal asks :meth:`Worker.run` to stop gracefully. Installed
+    before the start: the process-wide handler of ``main()`` would exit 143 in the middle of
+    whatever runs, with nothing closed."""
+    from outbox_worker.adapters.publisher import NatsConfigError, NatsUnavailableError
+    from outbox_worker.adapters.store import (
+        DatabaseAuthError,
+        DatabaseUnavailableError,
+        DuplicateWorkerError,
+        SchemaError,
+    )
+    from outbox_worker.app.worker import MetricsPortError
+
+    starting = asyncio.ensure_future(worker.start())
+    signalled = False
+
+    def stop() -> None:
+        nonlocal signalled
+        signalled = True
+        if starting.done():
+            worker.request_stop()
+        else:
+            starting.cancel()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    try:
+        await starting
+        return None
+    except asyncio.CancelledError:
+        if not (signalled and starting.cancelled()):
+            raise
+        log.info("stopped by a signal while starting")
+        code = EXIT_OK
+    except (SchemaError, DatabaseAuthError, NatsConfigError, DuplicateWorkerError, MetricsPortError) as exc:
+        log.error("configuration error: %s", exc)
+        code = EXIT_CONFIG
+    except (DatabaseUnavailableError, NatsUnavailableError) as exc:
+        log.error("unavailable: %s", exc)
+        code = EXIT_UNAVAILABLE
+    except Exception as exc:
+        # None of the errors above: a defect, or a failure no mapping knows yet. Its traceback goes to
+        # the log, and close() still leaves the membership, so a restart under the same worker id
+        # (the pod's container) does not wait a lease TTL for its own heartbeat row.
+        log.exception("start-up failed: %s", type(exc).__name__)
+        code = EXIT_FAILURE
+    await worker.close()
+    return code
 
 
 def _status_sink(status: StatusConfig) -> Any:
