@@ -215,6 +215,19 @@ def test_a_rejected_nats_token_is_one_line_and_exit_3_within_seconds(pg_dsn: str
     assert time.monotonic() - started < 30
 
 
+def test_a_tls_url_to_a_server_without_tls_is_refused_before_the_token_is_sent(
+    pg_dsn: str, token_nats: EmbeddedNats
+) -> None:
+    """The demo's own connection, as its workers', speaks TLS to a tls:// URL or nothing at all."""
+    url = token_nats.url.replace("nats://", f"tls://{TOKEN}@")
+    proc = demo(*SMALL, "--database-url", pg_dsn, "--nats-url", url, timeout=60)
+    assert_one_line(proc, EXIT_CONFIG, "the NATS server does not offer TLS", "nothing was sent in clear")
+    assert TOKEN not in proc.stderr + proc.stdout
+    # refused by the demo's own connection, before it started a worker (whose start refuses it too)
+    assert "servers up" not in proc.stdout + proc.stderr
+    assert "worker" not in proc.stderr
+
+
 def test_a_worker_that_cannot_start_is_reported_with_its_error(
     pg_dsn: str, nats_without_jetstream: EmbeddedNats
 ) -> None:

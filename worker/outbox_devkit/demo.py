@@ -44,6 +44,7 @@ from outbox_devkit.producers import (
     produce,
 )
 from outbox_worker.adapters.history_io import read_stream, read_truth
+from outbox_worker.adapters.publisher import SecureClient, TlsNotOfferedError
 from outbox_worker.adapters.store import DatabaseAuthError, connection_error, dsn_error, migrate
 from outbox_worker.core.history import HistoryReport, check_history
 from outbox_worker.core.sql import DEFAULT_PARTITIONS, Sql
@@ -270,18 +271,23 @@ async def _connect_nats(nats_url: str) -> Client:
     """A connection to the demo's NATS, or DemoError within seconds. nats-py's defaults try 60 times
     2 s apart, and report rejected credentials only to the error callback."""
     rejected = False
+    no_tls: TlsNotOfferedError | None = None
 
     async def note(exc: Exception) -> None:
-        nonlocal rejected
+        nonlocal rejected, no_tls
+        if isinstance(exc, TlsNotOfferedError):
+            no_tls = exc
         text = repr(exc).lower()  # the check of the worker's publisher
         auth = isinstance(exc, nats.errors.AuthorizationError) or "authorization" in text or "authentication" in text
         rejected = rejected or auth
 
+    nc = SecureClient()  # a tls:// URL is connected to over TLS only, as the workers connect
     try:
-        return await nats.connect(
-            nats_url, connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=3, error_cb=note
-        )
+        await nc.connect(nats_url, connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=3, error_cb=note)
+        return nc
     except Exception as exc:
+        if no_tls is not None:
+            raise DemoError(f"{no_tls} ({shown_nats(nats_url)})", EXIT_CONFIG) from None
         if rejected:
             raise DemoError(
                 f"NATS at {shown_nats(nats_url)} rejected the credentials: fix the user and password or the "
