@@ -195,9 +195,9 @@ def _primary(exc: BaseException) -> str:
 
 def _shown(urls: str) -> str:
     """NATS URLs as a message may show them: without user and password."""
-    from outbox_common.settings import redact_url
+    from outbox_common.settings import redact_server_list
 
-    return ",".join(redact_url(u) for u in urls.split(","))
+    return redact_server_list(urls)
 
 
 async def _verify(args: argparse.Namespace, sql: Any) -> tuple[int, Any]:

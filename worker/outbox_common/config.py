@@ -119,7 +119,7 @@ class LeaseConfig:
 
     Knobs: ``lease_ttl_seconds``, ``lease_renew_seconds`` (0: a third of the TTL),
     ``poll_interval_seconds`` (the renewal loop wakes at least this often), ``ack_timeout_seconds``
-    (a lease stops being usable one ack timeout plus ``leases.SAFETY_MARGIN_SECONDS`` before it
+    (a lease stops being usable one ack timeout plus ``timing.LEASE_SAFETY_MARGIN_SECONDS`` before it
     could expire).
     """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlparse
@@ -85,6 +85,12 @@ def redact_url(url: str) -> str:
     (``alice:pw@host`` → ``<redacted>@host``)."""
     url = url.strip()
     return redact_urls(url) if "://" in url else _LEADING_USERINFO.sub(f"{REDACTED}@", url)
+
+
+def redact_server_list(urls: str | Iterable[str]) -> str:
+    """Server URLs (a comma-separated string, or each apart) as a message may show them: joined with
+    commas, each without its user and password (:func:`redact_url`)."""
+    return ",".join(redact_url(u) for u in (urls.split(",") if isinstance(urls, str) else urls))
 
 
 def _server_for_message(url: str) -> str:

@@ -31,7 +31,7 @@ import asyncpg
 import nats
 from nats.aio.client import Client
 
-from outbox_common.settings import ENV_PREFIX, redact_url
+from outbox_common.settings import ENV_PREFIX, redact_server_list, redact_url
 from outbox_devkit.benchstats import percentile
 from outbox_devkit.producers import (
     LATENCY_CLOCK_COMMIT,
@@ -44,7 +44,7 @@ from outbox_devkit.producers import (
     produce,
 )
 from outbox_worker.adapters.history_io import read_stream, read_truth
-from outbox_worker.adapters.publisher import SecureClient, TlsNotOfferedError
+from outbox_worker.adapters.publisher import ConnectErrors, SecureClient
 from outbox_worker.adapters.store import DatabaseAuthError, connection_error, dsn_error, migrate
 from outbox_worker.core.history import HistoryReport, check_history
 from outbox_worker.core.sql import DEFAULT_PARTITIONS, Sql
@@ -211,7 +211,7 @@ def shown_dsn(dsn: str) -> str:
 
 def shown_nats(urls: str) -> str:
     """NATS server URLs as the demo may print them: without user, password or token."""
-    return ",".join(redact_url(u) for u in urls.split(","))
+    return redact_server_list(urls)
 
 
 def latency_percentiles_ms(latencies: list[float]) -> tuple[float, float]:
@@ -270,25 +270,17 @@ async def _connect_db(dsn: str) -> asyncpg.Connection:
 async def _connect_nats(nats_url: str) -> Client:
     """A connection to the demo's NATS, or DemoError within seconds. nats-py's defaults try 60 times
     2 s apart, and report rejected credentials only to the error callback."""
-    rejected = False
-    no_tls: TlsNotOfferedError | None = None
-
-    async def note(exc: Exception) -> None:
-        nonlocal rejected, no_tls
-        if isinstance(exc, TlsNotOfferedError):
-            no_tls = exc
-        text = repr(exc).lower()  # the check of the worker's publisher
-        auth = isinstance(exc, nats.errors.AuthorizationError) or "authorization" in text or "authentication" in text
-        rejected = rejected or auth
-
+    errors = ConnectErrors()
     nc = SecureClient()  # a tls:// URL is connected to over TLS only, as the workers connect
     try:
-        await nc.connect(nats_url, connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=3, error_cb=note)
+        await nc.connect(
+            nats_url, connect_timeout=3, reconnect_time_wait=1, max_reconnect_attempts=3, error_cb=errors.note
+        )
         return nc
     except Exception as exc:
-        if no_tls is not None:
-            raise DemoError(f"{no_tls} ({shown_nats(nats_url)})", EXIT_CONFIG) from None
-        if rejected:
+        if errors.no_tls is not None:
+            raise DemoError(f"{errors.no_tls} ({shown_nats(nats_url)})", EXIT_CONFIG) from None
+        if errors.rejected:
             raise DemoError(
                 f"NATS at {shown_nats(nats_url)} rejected the credentials: fix the user and password or the "
                 "token in --nats-url",

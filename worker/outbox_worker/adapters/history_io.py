@@ -29,7 +29,7 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 
 from outbox_common import names
-from outbox_worker.adapters.publisher import SecureClient, TlsNotOfferedError
+from outbox_worker.adapters.publisher import ConnectErrors, SecureClient
 from outbox_worker.core.history import CommittedEvent, HistoryReport, MarkRecord, StoredEvent, check_history
 from outbox_worker.core.sql import Sql
 
@@ -116,22 +116,17 @@ class NatsPermissionError(Exception):
     message is the server's, which names the subject (nats-py lowercases it)."""
 
 
-class _ClientErrors:
+class _ClientErrors(ConnectErrors):
     """What the NATS client reported through its error callback (connection errors surface as
-    exceptions, not log spam)."""
+    exceptions, not log spam): a connect's (:class:`ConnectErrors`), and the first subject denied."""
 
     def __init__(self) -> None:
-        self.rejected = False  # the server refused the credentials, at least once
-        self.no_tls: TlsNotOfferedError | None = None  # a tls:// server that does not offer TLS
+        super().__init__()
         self.denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def note(self, exc: Exception) -> None:
-        text = repr(exc).lower()  # the check of the worker's publisher (its _is_auth_error)
-        if isinstance(exc, TlsNotOfferedError):
-            self.no_tls = exc
-        elif isinstance(exc, nats.errors.AuthorizationError) or "authorization" in text or "authentication" in text:
-            self.rejected = True
-        elif "permissions violation" in text and not self.denied.done():
+        await super().note(exc)
+        if "permissions violation" in repr(exc).lower() and not self.denied.done():
             self.denied.set_result(str(exc).removeprefix("nats: "))
 
 

@@ -41,7 +41,7 @@ from nats.js import errors as js_errors
 from outbox_common import names
 from outbox_common.config import NatsConfig, PublishConfig, StreamConfig
 from outbox_common.envelope import HeaderBlock
-from outbox_common.settings import StreamMode, redact_url
+from outbox_common.settings import StreamMode, redact_server_list
 from outbox_worker.adapters.jetstream_acks import (
     InvalidMessageError,
     StoredAcks,
@@ -267,26 +267,24 @@ class JetStreamPublisher:
             connect_error.append(exc)
 
         nc = SecureClient(require_tls=self._requires_tls)
+        servers = redact_server_list(self._nats.servers)  # for messages: a URL may hold a password
         try:
             async with asyncio.timeout(timeout):
                 await nc.connect(**{**opts, "allow_reconnect": False, "error_cb": first_error})
         except (TimeoutError, nats_errors.NoServersError, OSError, TlsNotOfferedError) as exc:
             why = connect_error[-1] if connect_error else exc
             if isinstance(why, TlsNotOfferedError) or isinstance(exc, TlsNotOfferedError):
-                servers = ",".join(redact_url(s) for s in self._nats.servers)
                 raise NatsConfigError(f"{TlsNotOfferedError()} ({servers})") from None
-            if _is_auth_error(why):
+            if is_auth_error(why):
                 raise NatsConfigError(_CREDENTIALS_REJECTED) from None
-            servers = ",".join(redact_url(s) for s in self._nats.servers)  # a URL may hold a password
             raise NatsUnavailableError(f"no NATS server answered at {servers}: {why!r}"[:300]) from None
         except Exception as exc:
-            if _is_auth_error(exc) or any(_is_auth_error(e) for e in connect_error):
+            if is_auth_error(exc) or any(is_auth_error(e) for e in connect_error):
                 raise NatsConfigError(_CREDENTIALS_REJECTED) from None
             if isinstance(exc, nats_errors.Error) and not connect_error:
                 # Refused before any server was tried (no error callback ran): nats-py found the server
                 # list unusable. The settings refuse what is known of that (server_url_problem); any
                 # other such refusal is a configuration error too, not a defect to crash-loop on.
-                servers = ",".join(redact_url(s) for s in self._nats.servers)
                 raise NatsConfigError(
                     f"the NATS client refused the server list {servers}: {exc}; fix OUTBOX_NATS_SERVERS "
                     "(spec.nats.servers)"
@@ -747,9 +745,27 @@ def _tls_context(c: NatsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def _is_auth_error(exc: BaseException) -> bool:
+def is_auth_error(exc: BaseException) -> bool:
+    """Whether nats-py's ``exc`` says the server rejected the credentials (an -ERR, or its own error)."""
     text = repr(exc).lower()
     return isinstance(exc, nats_errors.AuthorizationError) or "authorization" in text or "authentication" in text
+
+
+class ConnectErrors:
+    """What nats-py reported to the error callback (:meth:`note`) of a connect that gives up with a
+    bare NoServersError (or OSError): the server rejected the credentials, or a server that should
+    speak TLS did not offer it (:class:`SecureClient`). For the short-lived connections of the
+    command-line tools; the worker's publisher reads the same (:meth:`JetStreamPublisher.connect`)."""
+
+    def __init__(self) -> None:
+        self.rejected = False
+        self.no_tls: TlsNotOfferedError | None = None
+
+    async def note(self, exc: Exception) -> None:
+        if isinstance(exc, TlsNotOfferedError):
+            self.no_tls = exc
+        elif is_auth_error(exc):
+            self.rejected = True
 
 
 async def _find_or_create(jsm: Any, stream: StreamConfig, filter_subject: str) -> js_api.StreamInfo | str | None:

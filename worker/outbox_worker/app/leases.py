@@ -45,9 +45,6 @@ from outbox_worker.core.policy import fair_share
 
 log = logging.getLogger(__name__)
 
-# Subtracted, with the ack timeout, from a lease's TTL to get how long it is usable (see
-# outbox_common.timing, whose rules keep that longer than the renew interval).
-SAFETY_MARGIN_SECONDS = LEASE_SAFETY_MARGIN_SECONDS
 # Errors that retrying cannot fix: SQLSTATE class 42 (undefined table or column, insufficient
 # privilege) and 3F000 (the schema does not exist). Connection errors and timeouts stay retryable.
 _PERMANENT = (asyncpg.SyntaxOrAccessError, asyncpg.InvalidSchemaNameError)
@@ -242,7 +239,7 @@ class LeaseManager:
         sent = time.monotonic()
         self.live_workers = await self._store.heartbeat(ttl)
         self.target = fair_share(self.partitions, self.live_workers, self._store.owner)
-        usable_until = sent + ttl - c.ack_timeout_seconds - SAFETY_MARGIN_SECONDS
+        usable_until = sent + ttl - c.ack_timeout_seconds - LEASE_SAFETY_MARGIN_SECONDS
         # Renew what we hold; what did not renew is lost (taken over or expired).
         held = {p: lease.epoch for p, lease in self.leases.items()}
         renewed = await self._store.renew(Fence.of(held), ttl)
