@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -22,6 +22,7 @@ from support.relay import SQL, setup_db
 from support.servers import ControlledPostgres
 
 SLOTS = 6  # max_connections of the PostgreSQL here
+E = TypeVar("E", bound=Exception)
 
 
 @pytest.fixture
@@ -187,6 +188,17 @@ async def role_with(dsn: str, *grants: str) -> AsyncIterator[str]:
         await admin.close()
 
 
+async def start_refused(dsn: str, nats_url: str, error: type[E]) -> tuple[Worker, E]:
+    """A worker on ``dsn`` whose start raises ``error``, closed again; the worker and the error."""
+    worker = Worker(worker_config(dsn, nats_url, startup_timeout=5.0))
+    try:
+        with pytest.raises(error) as refused:
+            await worker.start()
+    finally:
+        await worker.close()
+    return worker, refused.value
+
+
 async def test_a_role_that_may_not_delete_from_the_outbox_is_refused_at_start_naming_the_grant(
     pg_dsn: str, nats_url: str
 ) -> None:
@@ -200,13 +212,8 @@ async def test_a_role_that_may_not_delete_from_the_outbox_is_refused_at_start_na
         "GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_leases, outbox_workers, outbox_dead_letters TO {role}",
         "GRANT SELECT ON outbox_meta TO {role}",
     ) as dsn:
-        worker = Worker(worker_config(dsn, nats_url, startup_timeout=5.0))
-        try:
-            with pytest.raises(SchemaError) as refused:
-                await worker.start()
-        finally:
-            await worker.close()
-    message = str(refused.value)
+        worker, refused = await start_refused(dsn, nats_url, SchemaError)
+    message = str(refused)
     assert 'lacks privileges the worker needs: run GRANT DELETE ON "public"."outbox" TO "relay_' in message, message
     assert "outbox_leases" not in message  # only what is missing
     assert worker.leases is None  # never got to claim anything
@@ -216,20 +223,10 @@ async def test_a_role_without_the_tables_or_the_database_is_a_configuration_erro
     await setup_db(pg_dsn)
     database = pg_dsn.rsplit("/", 1)[1].split("?", 1)[0]
     async with role_with(pg_dsn) as dsn:  # no grant at all: not even the schema version is readable
-        worker = Worker(worker_config(dsn, nats_url, startup_timeout=5.0))
-        try:
-            with pytest.raises(SchemaError) as no_tables:
-                await worker.start()
-        finally:
-            await worker.close()
+        _, no_tables = await start_refused(dsn, nats_url, SchemaError)
     assert 'permission denied for table outbox_meta: run GRANT SELECT ON "public"."outbox_meta" TO "relay_' in str(
-        no_tables.value
+        no_tables
     )
     async with role_with(pg_dsn, f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC') as dsn:
-        worker = Worker(worker_config(dsn, nats_url, startup_timeout=5.0))
-        try:
-            with pytest.raises(DatabaseAuthError) as no_connect:
-                await worker.start()
-        finally:
-            await worker.close()
-    assert "GRANT CONNECT ON DATABASE" in str(no_connect.value)
+        _, no_connect = await start_refused(dsn, nats_url, DatabaseAuthError)
+    assert "GRANT CONNECT ON DATABASE" in str(no_connect)
