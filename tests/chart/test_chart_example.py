@@ -86,7 +86,14 @@ def test_example_strings_that_look_like_other_yaml_values_stay_strings(helm: Pat
 
 @pytest.mark.parametrize(
     "args",
-    [["--log-level=DEBUG"], ["--resync-seconds=2.5"], ["--resync-seconds=30", "--log-level=ERROR"]],
+    [
+        ["--log-level=DEBUG"],
+        ["--resync-seconds=2.5"],
+        ["--resync-seconds=1"],
+        ["--resync-seconds=30", "--log-level=ERROR"],
+        ["--startup-timeout-seconds=0"],
+        ["--startup-timeout-seconds=3600", "--resync-seconds=10"],
+    ],
 )
 def test_extra_args_the_schema_accepts_are_ones_the_operator_runs_with(
     render: Render, tmp_path: Path, args: list[str]
@@ -98,12 +105,26 @@ def test_extra_args_the_schema_accepts_are_ones_the_operator_runs_with(
     deployment = next(d for d in cc.load_docs(render([values])) if d["kind"] == "Deployment")
     parser = argparse.ArgumentParser(exit_on_error=False)
     cmd_operator.add_arguments(parser)
-    parsed = parser.parse_args(deployment["spec"]["template"]["spec"]["containers"][0]["args"][1:])
-    assert parsed.resync_seconds > 0
+    parsed = vars(parser.parse_args(deployment["spec"]["template"]["spec"]["containers"][0]["args"][1:]))
+    for arg in args:  # each flag given reached the operator with its value
+        flag, _, value = arg.partition("=")
+        got = parsed[flag.removeprefix("--").replace("-", "_")]
+        assert got == (value if flag == "--log-level" else float(value)), arg
 
 
 @pytest.mark.parametrize(
-    "arg", ["--resync-seconds=0", "--resync-seconds=-1", "--resync-seconds", "--verbose", "--log-level=TRACE"]
+    "arg",
+    [
+        "--resync-seconds=0",
+        "--resync-seconds=-1",
+        "--resync-seconds=0.5",
+        "--resync-seconds",
+        "--startup-timeout-seconds=3601",
+        "--startup-timeout-seconds=-1",
+        "--startup-timeout-seconds=1e3",
+        "--verbose",
+        "--log-level=TRACE",
+    ],
 )
 def test_extra_args_the_operator_refuses_fail_at_install(helm: Path, tmp_path: Path, arg: str) -> None:
     values = tmp_path / "args.yaml"

@@ -159,6 +159,8 @@ def kubeconfig_for(path: Path, server: str) -> Path:
         ("--resync-seconds", "inf"),
         ("--resync-seconds", "0"),
         ("--resync-seconds", "-1"),
+        ("--resync-seconds", "1e-6"),  # a pass every microsecond: the operator spins on its resync
+        ("--resync-seconds", "0.5"),
         ("--startup-timeout-seconds", "nan"),
         ("--startup-timeout-seconds", "inf"),
         ("--startup-timeout-seconds", "-1"),

@@ -27,6 +27,9 @@ LIVENESS_EXAMPLE = "http://0.0.0.0:8080/healthz"
 LIVENESS_DEFAULT_HOST = "localhost"
 LIVENESS_DEFAULT_PORT = 80
 MAX_STARTUP_TIMEOUT_SECONDS = 3600.0  # as the worker's startup_timeout_seconds
+# a resync pass goes over every publisher: more often than once a second only burns CPU (1e-6 spun
+# the event loop), as changes are acted on at once by watch events anyway
+MIN_RESYNC_SECONDS = 1.0
 
 
 def liveness_url(text: str) -> str:
@@ -54,11 +57,10 @@ def liveness_url(text: str) -> str:
     return text
 
 
-def seconds(*, positive: bool, maximum: float | None = None) -> Callable[[str], float]:
+def seconds(*, minimum: float, maximum: float | None = None) -> Callable[[str], float]:
     """An argparse ``type=`` for a number of seconds: finite (``nan`` and ``inf`` parse as floats,
-    and ``asyncio.sleep(nan)`` returns at once), above 0 (``positive``) or at least 0, at most
-    ``maximum``."""
-    bound = "greater than 0" if positive else "at least 0"
+    and ``asyncio.sleep(nan)`` returns at once), at least ``minimum``, at most ``maximum``."""
+    bound = f"of at least {minimum:g}"
     if maximum is not None:
         bound += f" and at most {maximum:g}"
 
@@ -67,11 +69,7 @@ def seconds(*, positive: bool, maximum: float | None = None) -> Callable[[str], 
             value = float(text)
         except ValueError:
             value = math.nan
-        if (
-            not math.isfinite(value)
-            or (value <= 0 if positive else value < 0)
-            or (maximum is not None and value > maximum)
-        ):
+        if not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds {bound}")
         return value
 
@@ -98,10 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--resync-seconds",
-        type=seconds(positive=True),
+        type=seconds(minimum=MIN_RESYNC_SECONDS),
         default=30.0,
         help="period of the safety-net pass over every publisher, from the watch-fed state (no API "
-        "reads); changes are acted on at once by watch events",
+        f"reads), at least {MIN_RESYNC_SECONDS:g}; changes are acted on at once by watch events",
     )
     parser.add_argument(
         "--liveness",
@@ -112,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--startup-timeout-seconds",
-        type=seconds(positive=False, maximum=MAX_STARTUP_TIMEOUT_SECONDS),
+        type=seconds(minimum=0.0, maximum=MAX_STARTUP_TIMEOUT_SECONDS),
         default=60.0,
         help="how long start-up waits for the Kubernetes API server to answer before it exits (code 4); 0 tries once",
     )
