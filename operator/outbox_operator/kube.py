@@ -109,10 +109,19 @@ class ApiServerUnreachable(Exception):
     """The API server gave no answer within the start-up timeout (:func:`wait_for_api_server`)."""
 
 
+class CredentialsRefused(Exception):
+    """The API server answered 401: it does not accept the operator's credentials (:func:`wait_for_api_server`)."""
+
+
+HTTP_UNAUTHORIZED = 401
+
+
 async def wait_for_api_server(configuration: k8s.Configuration, timeout: float) -> None:
     """Return once the API server answers (:meth:`Kube.unanswered`); until then try again, each
     failed try logged in one line, and after ``timeout`` seconds raise :class:`ApiServerUnreachable`
-    with a one-line message naming the server, the last error and the fix.
+    with a one-line message naming the server, the last error and the fix. An answer of 401 raises
+    :class:`CredentialsRefused` at once: kopf would end with "Ran out of valid credentials" and a
+    screenful of tracebacks (exit 1), and waiting does not make a wrong token right.
 
     For start-up: kopf retries its first requests for about a minute and then ends with a screenful
     of tracebacks; this bounds the wait and says why in one line."""
@@ -132,6 +141,12 @@ async def wait_for_api_server(configuration: k8s.Configuration, timeout: float) 
                 problem = "no answer in time"
             if problem is None:
                 return
+            if problem == f"HTTP {HTTP_UNAUTHORIZED}":
+                raise CredentialsRefused(
+                    f"the Kubernetes API server at {server} refused the operator's credentials (HTTP 401): the "
+                    "token or client certificate of the kubeconfig (KUBECONFIG), or in a pod the service "
+                    "account's token, is wrong or has expired"
+                )
             left = deadline - loop.time()
             if left <= 0:
                 raise ApiServerUnreachable(
@@ -246,9 +261,10 @@ class Kube:
         return data
 
     async def unanswered(self) -> str | None:
-        """Why the API server gives no answer to ``GET /version``, in one line (the error, or a 5xx
-        status), or None when it answers. Any answer below 500 counts, a refusal of the credentials
-        too: it proves the server is reachable, and what the answer means is kopf's to report."""
+        """Why the API server gives no answer to ``GET /version``, in one line (the error, a 5xx
+        status, or ``HTTP 401`` for credentials it does not accept), or None when it answers. Any
+        other answer below 500 counts (a 403 too: ``/version`` is public to every authenticated
+        user, and what a refusal means is kopf's to report)."""
         url = self.configuration.host.rstrip("/") + "/version"
         try:
             async with self._session_for_loop().get(
@@ -258,7 +274,7 @@ class Kube:
         except (aiohttp.ClientError, TimeoutError) as exc:
             detail = str(exc)
             return redact_urls(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__)
-        return f"HTTP {status}" if status >= 500 else None
+        return f"HTTP {status}" if status >= 500 or status == HTTP_UNAUTHORIZED else None
 
     async def close(self) -> None:
         if self._session is not None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from clusterkit import KIND, ROOT, Kubectl, condition, kubectl_async, operator_in_process
-from controlplane import ControlPlane
+from controlplane import ControlPlane, kubeconfig_text
 from kubeapi import KubeApi
 from node_agent import NodeAgent
 from relaykit import PARTITIONS, SQL, STREAM, insert_events, prepare_database, publisher, secret, stream_count
@@ -65,6 +65,42 @@ async def test_operator_flags_a_spec_the_schema_cannot_check(
     assert ready["status"] == "False"
     assert documented in ready["message"]
     assert await api.list("Deployment", namespace) == [], "no workers for an invalid spec"
+
+
+async def test_a_token_the_api_server_refuses_ends_the_operator_in_one_line(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """A wrong or expired token: the real API server answers 401. kopf ended with "Ran out of valid
+    credentials" under 160 lines of tracebacks (exit 1). Now: exit 3 at once, one line that says
+    the credentials were refused, never the token."""
+    token = "not-a-token-the-server-knows-" + "x" * 16
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(kubeconfig_text(control_plane.server, control_plane.ca_file, token))
+    started = asyncio.get_running_loop().time()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "outbox_cli.main",
+        "operator",
+        "--all-namespaces",
+        "--startup-timeout-seconds",
+        "30",
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    async with asyncio.timeout(60):
+        out, _ = await proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 3, text
+    assert [line for line in text.splitlines() if line.strip()] == [
+        f"error: the Kubernetes API server at {control_plane.server} refused the operator's credentials (HTTP 401): "
+        "the token or client certificate of the kubeconfig (KUBECONFIG), or in a pod the service account's "
+        "token, is wrong or has expired"
+    ]
+    assert token not in text
+    assert asyncio.get_running_loop().time() - started < 30, "refused at once, not after the start-up timeout"
 
 
 async def test_the_api_server_leaves_helm_release_secrets_out_of_the_operators_watch(

@@ -173,9 +173,15 @@ async def liveness_problem(url: str) -> str | None:
 
 async def start_up_problem(args: argparse.Namespace) -> tuple[int, str] | None:
     """What keeps the operator from starting, found before kopf runs, as (exit code, message): the
-    liveness address (3), then an API server that does not answer in time (4). None when nothing."""
+    liveness address (3), then an API server that does not answer in time (4) or refuses the
+    credentials (3). None when nothing."""
     from outbox_cli.main import EXIT_CONFIG, EXIT_UNAVAILABLE
-    from outbox_operator.kube import ApiServerUnreachable, configuration_from_environment, wait_for_api_server
+    from outbox_operator.kube import (
+        ApiServerUnreachable,
+        CredentialsRefused,
+        configuration_from_environment,
+        wait_for_api_server,
+    )
 
     if args.liveness:
         problem = await liveness_problem(args.liveness)
@@ -185,6 +191,8 @@ async def start_up_problem(args: argparse.Namespace) -> tuple[int, str] | None:
         await wait_for_api_server(configuration_from_environment(), args.startup_timeout_seconds)
     except ApiServerUnreachable as exc:
         return EXIT_UNAVAILABLE, str(exc)
+    except CredentialsRefused as exc:
+        return EXIT_CONFIG, str(exc)
     return None
 
 
