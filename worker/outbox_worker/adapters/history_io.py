@@ -29,7 +29,7 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 
 from outbox_common import names
-from outbox_worker.adapters.publisher import ConnectErrors, SecureClient
+from outbox_worker.adapters.publisher import ClientErrors, SecureClient
 from outbox_worker.core.history import CommittedEvent, HistoryReport, MarkRecord, StoredEvent, check_history
 from outbox_worker.core.sql import Sql
 
@@ -116,20 +116,6 @@ class NatsPermissionError(Exception):
     message is the server's, which names the subject (nats-py lowercases it)."""
 
 
-class _ClientErrors(ConnectErrors):
-    """What the NATS client reported through its error callback (connection errors surface as
-    exceptions, not log spam): a connect's (:class:`ConnectErrors`), and the first subject denied."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    async def note(self, exc: Exception) -> None:
-        await super().note(exc)
-        if "permissions violation" in repr(exc).lower() and not self.denied.done():
-            self.denied.set_result(str(exc).removeprefix("nats: "))
-
-
 async def read_stream(
     nats_url: str | list[str], stream: str, *, timeout: float = 120.0, batch: int = 5000
 ) -> list[StoredEvent]:
@@ -140,7 +126,7 @@ async def read_stream(
     :class:`TlsNotOfferedError` when a ``tls://`` server does not offer TLS (nothing is sent in clear),
     and :class:`NatsPermissionError` as soon as the server denies a subject the read needs (the
     request itself would go unanswered until its timeout)."""
-    errors = _ClientErrors()
+    errors = ClientErrors()
     reading = asyncio.create_task(_read_stream(nats_url, stream, timeout, batch, errors.note))
     try:
         watched: set[asyncio.Future[Any]] = {reading, errors.denied}

@@ -371,22 +371,16 @@ class JetStreamPublisher:
             try:
                 found = await _find_or_create(jsm, stream, filter_subject)
             except (nats_errors.TimeoutError, js_errors.APIError) as exc:
-                if isinstance(exc, js_errors.ServiceUnavailableError) and _jetstream_off(exc):
-                    why = exc.description or "no responders"
-                    raise NatsConfigError(
-                        f"JetStream is not enabled for this NATS server or account ({why}): enable it "
-                        "(nats-server -js, or a jetstream block in the server's and the account's configuration)"
-                    ) from None
+                off = jetstream_off_error(exc)
+                if off is not None:
+                    raise off from None
                 if isinstance(exc, js_errors.APIError) and not _passing(exc):
                     raise NatsConfigError(
                         f"the JetStream API refused the check of stream {stream.name!r}: {_api_reason(exc)}"
                     ) from None
                 api = f"$JS.API.STREAM.INFO.{stream.name}"
                 if self.publish_denied(api) or self.publish_denied(f"$JS.API.STREAM.CREATE.{stream.name}"):
-                    raise NatsConfigError(
-                        f"the NATS user may not use the JetStream API (a publish to {api} was refused by the "
-                        "server's permissions): allow it to publish to $JS.API.> and to subscribe to _INBOX.>"
-                    ) from None
+                    raise jetstream_denied_error(api) from None
                 # A creation that timed out may still have happened: the next look tells.
                 why = type(exc).__name__ if isinstance(exc, nats_errors.TimeoutError) else _api_reason(exc)
                 if time.monotonic() + STREAM_CREATE_PAUSE_SECONDS >= deadline:
@@ -768,6 +762,22 @@ class ConnectErrors:
             self.rejected = True
 
 
+class ClientErrors(ConnectErrors):
+    """What the NATS client reported through its error callback (connection errors surface as
+    exceptions, not log spam): a connect's (:class:`ConnectErrors`), and the first subject the
+    server's permissions denied (:attr:`denied`, done at once: a request to a denied subject is
+    dropped by the server, and would go unanswered until its timeout). Make it in a running loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def note(self, exc: Exception) -> None:
+        await super().note(exc)
+        if "permissions violation" in repr(exc).lower() and not self.denied.done():
+            self.denied.set_result(str(exc).removeprefix("nats: "))
+
+
 async def _find_or_create(jsm: Any, stream: StreamConfig, filter_subject: str) -> js_api.StreamInfo | str | None:
     """One look at ``stream``: its info when it exists; when it does not, NatsConfigError in mode
     ``expect``, else None when this call created it (file storage, capturing ``filter_subject``) or
@@ -807,6 +817,26 @@ async def _find_or_create(jsm: Any, stream: StreamConfig, filter_subject: str) -
 # JetStream's "not enabled for account" and "not enabled" error codes; nats-py raises a bare
 # ServiceUnavailableError (no code) when nothing answers the API at all: a server without JetStream.
 _JS_NOT_ENABLED = frozenset({10039, 10076})
+
+
+def jetstream_off_error(exc: BaseException) -> NatsConfigError | None:
+    """The configuration error a JetStream API request's failure ``exc`` shows when it says that
+    JetStream is off for the server or the user's account; None for any other failure."""
+    if not (isinstance(exc, js_errors.ServiceUnavailableError) and _jetstream_off(exc)):
+        return None
+    return NatsConfigError(
+        f"JetStream is not enabled for this NATS server or account ({exc.description or 'no responders'}): "
+        "enable it (nats-server -js, or a jetstream block in the server's and the account's configuration)"
+    )
+
+
+def jetstream_denied_error(subject: str) -> NatsConfigError:
+    """The configuration error of a JetStream API request to ``subject`` that the server's
+    permissions refused the user (the request itself goes unanswered)."""
+    return NatsConfigError(
+        f"the NATS user may not use the JetStream API (a publish to {subject} was refused by the server's "
+        "permissions): allow it to publish to $JS.API.> and to subscribe to _INBOX.>"
+    )
 
 
 def _jetstream_off(exc: js_errors.ServiceUnavailableError) -> bool:
