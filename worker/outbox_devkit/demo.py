@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from outbox_devkit.producers import (
     prepare,
     produce,
 )
-from outbox_worker.adapters.history_io import read_stream, read_truth
+from outbox_worker.adapters.history_io import ledger_table, read_stream, read_truth
 from outbox_worker.adapters.publisher import ConnectErrors, SecureClient
 from outbox_worker.adapters.store import DatabaseAuthError, connection_error, dsn_error, migrate
 from outbox_worker.core.history import HistoryReport, check_history
@@ -62,8 +62,9 @@ _LOGGER = re.compile(r"^[\w.]+: ")  # the logger's name before the message of a 
 
 
 class DemoError(Exception):
-    """What stopped the demo, in a message for its user (no secret in it), and the exit code
-    ``outboxctl demo`` ends with: 3 configuration (credentials), 4 a server not reachable, 1 else."""
+    """What stopped the demo (or the bench, which runs its workers the same way), in a message for its
+    user (no secret in it), and the exit code ``outboxctl demo`` (``bench``) ends with: 3 configuration
+    (credentials, privileges), 4 a server not reachable, 1 else."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
@@ -133,6 +134,9 @@ def servers(options: DemoOptions, base: Path) -> Iterator[tuple[str, str, dict[s
 
 
 def worker_env(dsn: str, nats_url: str, table: str, extra: dict[str, str], worker_id: str) -> dict[str, str]:
+    """The environment of a demo or bench worker: this process's without its ``OUTBOX_*`` variables,
+    the servers, the table and a start-up budget (:data:`WORKER_STARTUP_TIMEOUT_SECONDS`), then
+    ``extra`` (the caller's, the user's ``--worker-env`` last), which may override any of them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env.update(
         {
@@ -146,6 +150,7 @@ def worker_env(dsn: str, nats_url: str, table: str, extra: dict[str, str], worke
             "OUTBOX_METRICS_PORT": "0",
             "OUTBOX_POLL_INTERVAL_SECONDS": "0.5",
             "OUTBOX_LOG_LEVEL": "WARNING",
+            "OUTBOX_STARTUP_TIMEOUT_SECONDS": f"{WORKER_STARTUP_TIMEOUT_SECONDS:g}",
         }
     )
     env.update(extra)
@@ -209,7 +214,7 @@ def shown_dsn(dsn: str) -> str:
     return redact_url(dsn.split("?", 1)[0])
 
 
-def shown_nats(urls: str) -> str:
+def shown_nats(urls: str | Iterable[str]) -> str:
     """NATS server URLs as the demo may print them: without user, password or token."""
     return redact_server_list(urls)
 
@@ -255,8 +260,46 @@ async def wait_for_fair_leases(
         await conn.close()
 
 
-async def _connect_db(dsn: str) -> asyncpg.Connection:
-    """A connection to the demo's PostgreSQL; DemoError when it cannot be had."""
+async def workers_ready(
+    dsn: str,
+    sql: Sql,
+    publisher: str,
+    partitions: int,
+    procs: Sequence[subprocess.Popen[bytes]],
+    logs: Sequence[Path],
+) -> float:
+    """Wait until the worker processes ``procs`` (their logs: ``logs``) share the ``partitions``
+    (:func:`wait_for_fair_leases`), at most :data:`READY_TIMEOUT_SECONDS`, longer than their own
+    start-up budget: a worker that cannot start exits first, and DemoError carries its own error and
+    exit code (:func:`worker_failure`). On the timeout, DemoError (exit 1) with the ends of their
+    logs. Returns the seconds it took."""
+
+    def check_alive() -> None:
+        if any(p.poll() is not None for p in procs):
+            raise worker_failure(procs, logs, "while starting")
+
+    try:
+        return await wait_for_fair_leases(
+            dsn, sql, publisher, len(procs), partitions, check_alive, READY_TIMEOUT_SECONDS
+        )
+    except TimeoutError as exc:
+        raise DemoError(f"{exc}; the end of their logs:\n{log_tails(logs)}", EXIT_FAILURE) from None
+
+
+async def recreate_tables(conn: asyncpg.Connection, sql: Sql, partitions: int) -> None:
+    """Drop the outbox tables of ``sql`` and their ledger, if there, and create them afresh (the
+    schema too, if missing): every demo and bench run starts from empty tables."""
+    drop = f"DROP TABLE IF EXISTS {sql.outbox}, {sql.leases}, {sql.workers}, {sql.dead_letters}, {ledger_table(sql)}"
+    await conn.execute(drop)
+    with contextlib.suppress(asyncpg.UndefinedTableError):
+        await conn.execute(f"DELETE FROM {sql.meta} WHERE table_name = $1", sql.table)
+    await migrate(conn, sql, partitions)
+    await prepare(conn, sql)
+
+
+async def connect_db(dsn: str) -> asyncpg.Connection:
+    """A connection to the demo's (or bench's) PostgreSQL; DemoError when it cannot be had: exit 3 for
+    rejected credentials or a missing database, 4 for a server not reachable."""
     try:
         return await asyncpg.connect(dsn, timeout=10)
     except Exception as exc:
@@ -267,10 +310,11 @@ async def _connect_db(dsn: str) -> asyncpg.Connection:
         raise DemoError(str(mapped), code) from None
 
 
-async def _connect_nats(nats_url: str) -> Client:
-    """A connection to the demo's NATS, or DemoError within seconds. nats-py's defaults try 60 times
-    2 s apart, and report rejected credentials only to the error callback."""
-    errors = ConnectErrors()
+async def connect_nats(nats_url: str | list[str], errors: ConnectErrors | None = None) -> Client:
+    """A connection to the demo's (or bench's) NATS, or DemoError within seconds. nats-py's defaults
+    try 60 times 2 s apart, and report rejected credentials only to the error callback, whose reports
+    go to ``errors`` (a :class:`ClientErrors` also notes a subject the server's permissions deny)."""
+    errors = errors or ConnectErrors()
     nc = SecureClient()  # a tls:// URL is connected to over TLS only, as the workers connect
     try:
         await nc.connect(
@@ -292,7 +336,7 @@ async def _connect_nats(nats_url: str) -> Client:
         raise
 
 
-def _worker_failure(procs: list[subprocess.Popen[bytes]], logs: list[Path], when: str) -> DemoError:
+def worker_failure(procs: Sequence[subprocess.Popen[bytes]], logs: Sequence[Path], when: str) -> DemoError:
     """The first exited worker's error, from its log (which goes away with the demo's directory): its
     last ERROR line when it exited 3 or 4 (the demo exits with that code too), else its log's tail."""
     i, code = next((i, p.returncode) for i, p in enumerate(procs) if p.returncode is not None)
@@ -307,42 +351,24 @@ def _worker_failure(procs: list[subprocess.Popen[bytes]], logs: list[Path], when
 
 async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: Callable[[str], None]) -> DemoSummary:
     sql = Sql.for_table("public", "outbox_demo")
-    conn = await _connect_db(dsn)
+    conn = await connect_db(dsn)
     try:
-        for stmt in (
-            f"DROP TABLE IF EXISTS {sql.outbox}, {sql.leases}, {sql.workers}, {sql.dead_letters}, "
-            f'"public"."outbox_demo_ledger"',
-            f"DELETE FROM {sql.meta} WHERE table_name = 'outbox_demo'",
-        ):
-            with contextlib.suppress(asyncpg.UndefinedTableError):
-                await conn.execute(stmt)
-        await migrate(conn, sql, options.partitions)
-        await prepare(conn, sql)
+        await recreate_tables(conn, sql, options.partitions)
     finally:
         await conn.close()
-    nc = await _connect_nats(nats_url)
+    nc = await connect_nats(nats_url)
     with contextlib.suppress(Exception):
         await nc.jetstream().delete_stream(STREAM)
     say(f"servers up: postgres {shown_dsn(dsn)}, nats {shown_nats(nats_url)}; starting {options.workers} workers")
-    extra = {"OUTBOX_STARTUP_TIMEOUT_SECONDS": f"{WORKER_STARTUP_TIMEOUT_SECONDS:g}"} | options.worker_env
     logs = [base / f"worker-{i}.log" for i in range(options.workers)]
     procs = [
-        start_worker(worker_env(dsn, nats_url, sql.table, extra, f"demo-worker-{i}"), log) for i, log in enumerate(logs)
+        start_worker(worker_env(dsn, nats_url, sql.table, options.worker_env, f"demo-worker-{i}"), log)
+        for i, log in enumerate(logs)
     ]
     codes: list[int] = []
     producer: asyncio.Task[ProducerResult] | None = None
     try:
-
-        def check_alive() -> None:
-            if any(p.poll() is not None for p in procs):
-                raise _worker_failure(procs, logs, "while starting")
-
-        try:
-            took = await wait_for_fair_leases(
-                dsn, sql, PUBLISHER, options.workers, options.partitions, check_alive, READY_TIMEOUT_SECONDS
-            )
-        except TimeoutError as exc:
-            raise DemoError(f"{exc}; the end of their logs:\n{_tails(base)}", EXIT_FAILURE) from None
+        took = await workers_ready(dsn, sql, PUBLISHER, options.partitions, procs, logs)
         say(f"workers ready after {took:.1f}s, every partition leased; producing {options.events:,} events")
         plan = ProducerPlan(events=options.events, aggregates=options.aggregates)
         progress = ProducerResult()
@@ -354,7 +380,7 @@ async def _run(options: DemoOptions, base: Path, dsn: str, nats_url: str, say: C
         while True:
             await asyncio.sleep(1.0)
             if any(p.poll() is not None for p in procs):
-                raise _worker_failure(procs, logs, "while the demo ran")
+                raise worker_failure(procs, logs, "while the demo ran")
             try:
                 stored = (await js.stream_info(STREAM)).state.messages
             except Exception:
@@ -421,9 +447,10 @@ async def _verify(
     return report, latencies, clock, last
 
 
-def _tails(base: Path) -> str:
+def log_tails(logs: Sequence[Path]) -> str:
+    """The last lines of each of ``logs`` under its name (the logs go away with the temporary directory)."""
     out = []
-    for log in sorted(base.glob("worker-*.log")):
-        lines = log.read_text(errors="replace").splitlines()[-15:]
+    for log in logs:
+        lines = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
         out.append(f"--- {log.name}\n" + "\n".join(lines))
     return "\n".join(out)
