@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from outbox_devkit.bench import BenchError, BenchOptions, run_bench
+from outbox_devkit.bench import BenchOptions, run_bench
 from outbox_devkit.benchstats import validate_report
+from outbox_devkit.demo import DemoError
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(300)]
 
@@ -66,7 +67,7 @@ async def test_replicated_scenario_stops_its_cluster_when_a_run_fails(pg_dsn: st
         nats_url=nats_url,
         worker_env={"OUTBOX_BATCH_SIZE": "0"},
     )
-    with pytest.raises(BenchError, match="a bench process exited early"):
+    with pytest.raises(DemoError, match="worker 0 exited 1 while starting"):
         await run_bench(options)
     assert _bench_cluster_members() == []
 

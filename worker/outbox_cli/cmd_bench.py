@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_child(args)
     from outbox_devkit.bench import BenchOptions, run_bench
     from outbox_devkit.benchstats import SCENARIOS, render_table
+    from outbox_devkit.demo import DemoError
 
     if not (args.database_url and args.nats_url):
         problem = missing_embedded_servers("bench")
@@ -145,7 +146,11 @@ def run(args: argparse.Namespace) -> int:
         commit_rates=args.commit_rates,
         progress=say,
     )
-    report = run_async(run_bench(options))
+    try:
+        report = run_async(run_bench(options))
+    except DemoError as exc:  # what it started is stopped; its exit code is outboxctl's (3, 4 or 1)
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     if args.json_path:
         path = Path(args.json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +173,7 @@ def _run_child(args: argparse.Namespace) -> int:
         loop = settings.event_loop if args.child == "ceiling" else EventLoop.ASYNCIO
         code, result = EXIT_OK, run_on_loop(_baseline(args, WorkerConfig.from_settings(settings)), loop)
     out.write_text(json.dumps(result))
-    return code if code == EXIT_OK else EXIT_FAILURE
+    return code  # a worker's own: 3 or 4 tell the bench what kept it from starting
 
 
 async def _probe_worker(settings: WorkerSettings) -> tuple[int, dict[str, object]]:

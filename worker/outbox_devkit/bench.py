@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import nats
+from nats import errors as nats_errors
 from nats.js import errors as js_errors
 
 from outbox_common.settings import WorkerSettings
@@ -70,7 +70,25 @@ from outbox_devkit.benchstats import (
     poll_pause,
     seed_aggregates,
 )
-from outbox_devkit.demo import DemoOptions, servers, start_worker, stop_workers, wait_for_fair_leases, worker_env
+from outbox_devkit.demo import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_UNAVAILABLE,
+    DemoError,
+    DemoOptions,
+    connect_db,
+    connect_nats,
+    log_tails,
+    recreate_tables,
+    servers,
+    shown_dsn,
+    shown_nats,
+    start_worker,
+    stop_workers,
+    worker_env,
+    worker_failure,
+    workers_ready,
+)
 from outbox_devkit.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, children_of
 from outbox_devkit.producers import (
     LATENCY_CLOCK_COMMIT,
@@ -79,11 +97,11 @@ from outbox_devkit.producers import (
     ProducerResult,
     commit_latencies,
     ledger_commit_times,
-    prepare,
     produce,
 )
 from outbox_worker.adapters.history_io import read_stream, read_truth
-from outbox_worker.adapters.store import Fence, OutboxStore, connect_pool, migrate
+from outbox_worker.adapters.publisher import ClientErrors, jetstream_denied_error, jetstream_off_error
+from outbox_worker.adapters.store import Fence, OutboxStore, connect_pool
 from outbox_worker.core.history import HistoryReport, StoredEvent, check_history
 from outbox_worker.core.sql import DEFAULT_PARTITIONS, Sql
 
@@ -130,8 +148,12 @@ class BenchOptions:
         return max(minimum, s * self.scale)
 
 
-class BenchError(RuntimeError):
-    """A run could not complete (a worker died, a wait timed out)."""
+class BenchError(DemoError):
+    """A run could not complete (a worker died, a wait timed out): ``outboxctl bench`` exits 1, or the
+    code given (3 configuration, 4 a server not reachable), like the demo."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message, exit_code)
 
 
 @contextlib.asynccontextmanager
@@ -157,6 +179,7 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         load_before = os.getloadavg()
         async with bench_servers(options, base) as (dsn, nats_url, server_pids):
             bench = _Bench(options, base, dsn, nats_url.split(","), server_pids)
+            await bench.check_servers()
             rows = await bench.run()
             machine = await bench.machine()
             machine["latency_clock"] = bench.latency_clock
@@ -253,10 +276,9 @@ class _Procs:
         self.logs += more.logs
 
     def check_alive(self) -> None:
-        for p, log in zip(self.procs, self.logs, strict=True):
-            if p.poll() is not None:
-                tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-                raise BenchError(f"a bench process exited early (code {p.returncode}); {log}:\n{tail}")
+        """DemoError with the worker's own error and exit code when one has exited (:func:`worker_failure`)."""
+        if any(p.poll() is not None for p in self.procs):
+            raise worker_failure(self.procs, self.logs, "while the bench ran")
 
     def stop(self) -> tuple[list[int], list[dict[str, Any]]]:
         codes = stop_workers(self.procs)
@@ -282,7 +304,7 @@ class _LeaseGaps:
     samples: int = 0
 
     async def run(self) -> None:
-        conn = await asyncpg.connect(self.dsn, timeout=10)
+        conn = await connect_db(self.dsn)
         try:
             while True:
                 rows = await conn.fetch(self.sql.lease_table, PUBLISHER)
@@ -326,6 +348,19 @@ class _Bench:
         self.latency_clock = ""
         self.checkpoints = True  # False once PostgreSQL refused a CHECKPOINT (see _checkpoint)
 
+    async def check_servers(self) -> None:
+        """Before the first scenario: PostgreSQL takes the bench's credentials, and NATS too (over TLS
+        for a ``tls://`` URL) with a JetStream API the user may use, else DemoError within seconds
+        (exit 3 or 4, one line). The ``replicated`` scenario runs on a cluster of its own, so NATS is
+        not asked when it is the only one."""
+        conn = await connect_db(self.dsn)
+        await conn.close()
+        nats = "a cluster of its own (replicated)"
+        if any(s != "replicated" for s in self.o.scenarios):
+            await self._delete_stream()
+            nats = shown_nats(self.urls)
+        self.say(f"servers: postgres {shown_dsn(self.dsn)}, nats {nats}")
+
     async def run(self) -> list[Row]:
         rows: list[Row] = []
         o = self.o
@@ -358,13 +393,13 @@ class _Bench:
             with contextlib.suppress(importlib.metadata.PackageNotFoundError):
                 info[dist] = importlib.metadata.version(dist)
         with contextlib.suppress(Exception):
-            conn = await asyncpg.connect(self.dsn, timeout=10)
+            conn = await connect_db(self.dsn)
             try:
                 info["postgres"] = await conn.fetchval("SHOW server_version")
             finally:
                 await conn.close()
         with contextlib.suppress(Exception):
-            nc = await nats.connect(self.urls, connect_timeout=5)
+            nc = await connect_nats(self.urls)
             info["nats_server"] = nc._server_info.get("version", "")
             await nc.close()
         return info
@@ -535,7 +570,7 @@ class _Bench:
         gap_task: asyncio.Task[None] | None = None
         joined_at = [started]
         try:
-            await self._wait_leases(sql, 1, procs)
+            await self._wait_leases(sql, procs)
             gap_task = asyncio.create_task(gaps.run())
             for share in SCALE_UP_JOINS:
                 await self._wait_stored(int(events * share), procs, timeout=max(120.0, events / 500))
@@ -543,7 +578,7 @@ class _Bench:
                 procs.add(self._start_workers(sql, 1))
             await self._wait_stored(events, procs, timeout=max(120.0, events / 500))
             # Every worker up and holding its share (a worker stopped while starting exits by SIGTERM).
-            await self._wait_leases(sql, len(procs.procs), procs)
+            await self._wait_leases(sql, procs)
             await self._wait_marked(sql, procs)
         finally:
             if gap_task is not None:
@@ -566,6 +601,7 @@ class _Bench:
             "lease_samples": gaps.samples,
             "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
             "exit_codes": codes,
+            "_logs": procs.logs,
             "_report": report,
         }
 
@@ -587,6 +623,7 @@ class _Bench:
             "events_per_s": report.published / max(1e-6, last - started),
             "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
             "exit_codes": codes,
+            "_logs": procs.logs,
             "_report": report,
         }
 
@@ -596,8 +633,8 @@ class _Bench:
         procs = self._start_workers(sql, workers)
         wal_conn: asyncpg.Connection | None = None
         try:
-            wal_conn = await asyncpg.connect(self.dsn, timeout=10)
-            await self._wait_leases(sql, workers, procs)
+            wal_conn = await connect_db(self.dsn)
+            await self._wait_leases(sql, procs)
             cpu0 = procs.cpu()
             committed_at = await self._bulk_seed(sql, events, aggregates)
             host0, servers0 = host_cpu(), self._server_cpu()
@@ -626,6 +663,7 @@ class _Bench:
             "host_busy_percent": busy_percent(host0, host1),
             **_wal_written(wal0, wal1),
             "exit_codes": codes,
+            "_logs": procs.logs,
             "_report": report,
         }
 
@@ -635,7 +673,7 @@ class _Bench:
         procs = self._start_workers(sql, workers)
         progress = ProducerResult()
         try:
-            await self._wait_leases(sql, workers, procs)
+            await self._wait_leases(sql, procs)
             cpu0, t0, host0, servers0 = procs.cpu(), time.monotonic(), host_cpu(), self._server_cpu()
             producer = asyncio.create_task(produce(self.dsn, sql, plan, progress))
             try:
@@ -672,6 +710,7 @@ class _Bench:
             "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
             "host_busy_percent": busy_percent(host0, host1),
             "exit_codes": codes,
+            "_logs": procs.logs,
             "_report": report,
         }
 
@@ -679,7 +718,7 @@ class _Bench:
         sql = await self._fresh("idle")
         procs = self._start_workers(sql, 1)
         try:
-            await self._wait_leases(sql, 1, procs)
+            await self._wait_leases(sql, procs)
             await asyncio.sleep(2.0)  # past start-up
             seconds = self.o.seconds(IDLE_SECONDS)
             cpu0, t0, host0 = procs.cpu(), time.monotonic(), host_cpu()
@@ -694,6 +733,7 @@ class _Bench:
             "tasks_left": sum(p.get("tasks_left", 0) for p in probes),
             "host_busy_percent": busy_percent(host0, host1),
             "exit_codes": codes,
+            "_logs": procs.logs,
         }
 
     async def _naive_run(self, events: int) -> dict[str, Any]:
@@ -771,6 +811,7 @@ class _Bench:
     def _add(self, row: Row, run: dict[str, Any], label: str) -> None:
         report: HistoryReport | None = run.pop("_report", None)
         codes = run.pop("exit_codes", [])
+        logs: list[Path] = run.pop("_logs", [])
         metrics = {k: v for k, v in run.items() if isinstance(v, int | float) or v is None}
         row.runs.append(metrics)
         if report is not None:
@@ -784,7 +825,7 @@ class _Bench:
                 }
             )
         if any(codes):
-            raise BenchError(f"{label}: a worker exited with {codes} (logs under the bench's temporary directory)")
+            raise BenchError(f"{label}: a worker exited with {codes}; the end of their logs:\n{log_tails(logs)}")
         shown = ", ".join(f"{k} {_short_num(v)}" for k, v in metrics.items() if not k.endswith("per_worker"))
         verdict = "" if report is None else ("  verified ok" if report.ok and not report.pending else "  CHECK FAILED")
         self.say(f"  {label}: {shown}{verdict}")
@@ -792,28 +833,47 @@ class _Bench:
     async def _fresh(self, table: str) -> Sql:
         """Drop and recreate ``outbox_bench.<table>`` (+ ledger); delete the bench stream."""
         sql = Sql.for_table(DB_SCHEMA, table)
-        conn = await asyncpg.connect(self.dsn, timeout=10)
+        conn = await connect_db(self.dsn)
         try:
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{DB_SCHEMA}"')
-            await conn.execute(
-                f"DROP TABLE IF EXISTS {sql.outbox}, {sql.leases}, {sql.workers}, {sql.dead_letters}, "
-                f'"{DB_SCHEMA}"."{table}_ledger"'
-            )
-            with contextlib.suppress(asyncpg.UndefinedTableError):
-                await conn.execute(f"DELETE FROM {sql.meta} WHERE table_name = $1", table)
-            await migrate(conn, sql, self.o.partitions)
-            await prepare(conn, sql)
+            await recreate_tables(conn, sql, self.o.partitions)
             await self._checkpoint(conn)
         finally:
             await conn.close()
-        nc = await nats.connect(self.urls, connect_timeout=5)
+        await self._delete_stream()
+        return sql
+
+    async def _delete_stream(self, timeout: float = 30.0) -> None:
+        """Delete the bench stream, if there. The bench's own JetStream request, so it says itself
+        what keeps it from using JetStream: BenchError with exit 3 when JetStream is off for the
+        user's account or the server's permissions deny the user its API (at once: the request would
+        go unanswered until ``timeout``), exit 4 when the API does not answer within ``timeout`` (a
+        replicated stream of a whole drain takes a cluster a while to remove)."""
+        errors = ClientErrors()
+        nc = await connect_nats(self.urls, errors)
+        shown = shown_nats(self.urls)
         try:
+            deleting = asyncio.ensure_future(nc.jetstream(timeout=timeout).delete_stream(STREAM))
+            watched: set[asyncio.Future[Any]] = {deleting, errors.denied}
+            try:
+                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not deleting.done():  # denied, or this wait was cancelled
+                    deleting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await deleting
+            if errors.denied.done():
+                raise BenchError(f"{jetstream_denied_error(f'$JS.API.STREAM.DELETE.{STREAM}')} ({shown})", EXIT_CONFIG)
             with contextlib.suppress(js_errors.NotFoundError):
-                # A replicated stream of a whole drain takes a cluster a while to remove.
-                await nc.jetstream(timeout=30).delete_stream(STREAM)
+                deleting.result()
+        except (nats_errors.TimeoutError, js_errors.ServiceUnavailableError) as exc:
+            off = jetstream_off_error(exc)
+            if off is not None:
+                raise BenchError(f"{off} ({shown})", EXIT_CONFIG) from None
+            raise BenchError(
+                f"the JetStream API of NATS at {shown} did not answer ({type(exc).__name__})", EXIT_UNAVAILABLE
+            ) from None
         finally:
             await nc.close()
-        return sql
 
     async def _checkpoint(self, conn: asyncpg.Connection) -> None:
         """A CHECKPOINT before each run, so that no run pays for one that the others do not.
@@ -879,12 +939,11 @@ class _Bench:
             raise BenchError(f"{procs.logs[0].name} failed (exit {proc.returncode}):\n{tail}")
         return results[0]
 
-    async def _wait_leases(self, sql: Sql, workers: int, procs: _Procs, timeout: float = 60.0) -> None:
-        """Until every worker holds its fair share of the partitions (and its loops can run)."""
-        try:
-            await wait_for_fair_leases(self.dsn, sql, PUBLISHER, workers, self.o.partitions, procs.check_alive, timeout)
-        except TimeoutError as exc:
-            raise BenchError(str(exc)) from None
+    async def _wait_leases(self, sql: Sql, procs: _Procs) -> None:
+        """Until every worker holds its fair share of the partitions (and its loops can run), as the
+        demo waits for its workers (:func:`workers_ready`): a worker that cannot start is reported with
+        its own error and exit code; its start-up budget is shorter than this wait."""
+        await workers_ready(self.dsn, sql, PUBLISHER, self.o.partitions, procs.procs, procs.logs)
         await asyncio.sleep(0.2)  # loops check the partitions out
 
     async def _bulk_seed(self, sql: Sql, events: int, aggregates: int, *, ledger: bool = True) -> float:
@@ -911,7 +970,7 @@ class _Bench:
             )
         else:
             stmt = insert
-        conn = await asyncpg.connect(self.dsn, timeout=10)
+        conn = await connect_db(self.dsn)
         try:
             async with conn.transaction():
                 for lo in range(0, events, 50_000):
@@ -922,7 +981,7 @@ class _Bench:
 
     async def _write_history(self, sql: Sql, rows: int) -> None:
         """``rows`` already-published rows (mark mode history), then VACUUM ANALYZE."""
-        conn = await asyncpg.connect(self.dsn, timeout=60)
+        conn = await connect_db(self.dsn)
         try:
             for lo in range(0, rows, 100_000):
                 await conn.execute(
@@ -941,7 +1000,7 @@ class _Bench:
     ) -> None:
         """Until the stream holds ``events`` messages (asked less often while many are still to come:
         :func:`poll_pause`)."""
-        nc = await nats.connect(self.urls, connect_timeout=5)
+        nc = await connect_nats(self.urls)
         js = nc.jetstream()
         start = time.monotonic()
         deadline = start + timeout
@@ -964,7 +1023,7 @@ class _Bench:
 
     async def _wait_marked(self, sql: Sql, procs: _Procs, timeout: float = 60.0) -> None:
         """Until no row is pending (acked rows are deleted/marked after their ack)."""
-        conn = await asyncpg.connect(self.dsn, timeout=10)
+        conn = await connect_db(self.dsn)
         deadline = time.monotonic() + timeout
         try:
             while await conn.fetchval(f"SELECT count(*) FROM {sql.outbox} WHERE published_at IS NULL"):
@@ -985,7 +1044,7 @@ class _Bench:
 
     async def _stream_replicas(self) -> int:
         """How many servers hold the bench stream: its leader and its replicas (1 on a single server)."""
-        nc = await nats.connect(self.urls, connect_timeout=5)
+        nc = await connect_nats(self.urls)
         try:
             info = await nc.jetstream(timeout=10).stream_info(STREAM)
         finally:
@@ -993,7 +1052,7 @@ class _Bench:
         return 1 + len(info.cluster.replicas or []) if info.cluster else 1
 
     async def _verify(self, sql: Sql) -> tuple[HistoryReport, list[StoredEvent]]:
-        conn = await asyncpg.connect(self.dsn, timeout=10)
+        conn = await connect_db(self.dsn)
         try:
             committed, pending, dead = await read_truth(conn, sql)
         finally:
