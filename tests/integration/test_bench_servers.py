@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from test_demo import assert_one_line
+from test_worker_start import role_with
 
 from outbox_cli.main import EXIT_CONFIG, EXIT_FAILURE, EXIT_UNAVAILABLE
 from outbox_devkit import demo
@@ -189,6 +190,23 @@ def test_a_worker_that_cannot_start_is_reported_with_its_own_error_and_exit_code
         proc,
         EXIT_CONFIG,
         "error: worker 0 exited 3 while starting: configuration error: stream 'OUTBOX_BENCH' does not exist",
+    )
+
+
+async def test_a_role_that_may_not_create_the_tables_is_one_line_naming_the_grant_and_exit_3(
+    pg_dsn: str, nats_url: str
+) -> None:
+    """The bench drops and creates its tables (schema outbox_bench) before each run: a role without
+    CREATE on the database was a traceback ending in "permission denied for database"."""
+    database = pg_dsn.rsplit("/", 1)[1]
+    async with role_with(pg_dsn) as dsn:
+        proc = await asyncio.to_thread(bench, "--quiet", "--database-url", dsn, "--nats-url", nats_url)
+    assert_one_line(
+        proc,
+        EXIT_CONFIG,
+        "PostgreSQL refused to create the tables outbox_bench.hot* for the role of --database-url "
+        f"(permission denied for database {database})",
+        f'run GRANT CREATE ON DATABASE "{database}" TO "relay_',
     )
 
 

@@ -3,6 +3,7 @@ verifies the stream against what was committed."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from test_worker_start import role_with
 
 from outbox_cli.main import EXIT_CONFIG, EXIT_UNAVAILABLE
 from outbox_devkit.demo import READY_TIMEOUT_SECONDS, WORKER_STARTUP_TIMEOUT_SECONDS
@@ -268,3 +270,20 @@ def test_a_worker_denied_the_jetstream_api_is_reported_before_the_demo_gives_up(
     assert "the NATS user may not use the JetStream API" in errors[0], errors[0]
     assert NATS_PASSWORD not in proc.stdout + proc.stderr
     assert seconds < READY_TIMEOUT_SECONDS
+
+
+async def test_a_role_that_may_not_create_the_tables_is_one_line_naming_the_grants_and_exit_3(
+    pg_dsn: str, nats_url: str
+) -> None:
+    """The demo creates its tables in schema public, which PostgreSQL 15 and later let only its owner
+    create in: a role of the user's own was a traceback ending in "permission denied"."""
+    database = pg_dsn.rsplit("/", 1)[1]
+    async with role_with(pg_dsn) as dsn:
+        proc = await asyncio.to_thread(demo, *SMALL, "--database-url", dsn, "--nats-url", nats_url)
+    assert_one_line(
+        proc,
+        EXIT_CONFIG,
+        "PostgreSQL refused to create the tables public.outbox_demo* for the role of --database-url",
+        f'run GRANT CREATE ON DATABASE "{database}" TO "relay_',
+        'GRANT USAGE, CREATE ON SCHEMA "public" TO "relay_',
+    )

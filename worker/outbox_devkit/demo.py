@@ -288,13 +288,39 @@ async def workers_ready(
 
 async def recreate_tables(conn: asyncpg.Connection, sql: Sql, partitions: int) -> None:
     """Drop the outbox tables of ``sql`` and their ledger, if there, and create them afresh (the
-    schema too, if missing): every demo and bench run starts from empty tables."""
-    drop = f"DROP TABLE IF EXISTS {sql.outbox}, {sql.leases}, {sql.workers}, {sql.dead_letters}, {ledger_table(sql)}"
-    await conn.execute(drop)
-    with contextlib.suppress(asyncpg.UndefinedTableError):
-        await conn.execute(f"DELETE FROM {sql.meta} WHERE table_name = $1", sql.table)
-    await migrate(conn, sql, partitions)
-    await prepare(conn, sql)
+    schema too, if missing): every demo and bench run starts from empty tables. A role PostgreSQL
+    refuses that is DemoError (exit 3) naming the GRANT it lacks."""
+    try:
+        drop = (
+            f"DROP TABLE IF EXISTS {sql.outbox}, {sql.leases}, {sql.workers}, {sql.dead_letters}, {ledger_table(sql)}"
+        )
+        await conn.execute(drop)
+        with contextlib.suppress(asyncpg.UndefinedTableError):
+            await conn.execute(f"DELETE FROM {sql.meta} WHERE table_name = $1", sql.table)
+        await migrate(conn, sql, partitions)
+        await prepare(conn, sql)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise DemoError(await _tables_refused(conn, sql, exc), EXIT_CONFIG) from None
+
+
+async def _tables_refused(conn: asyncpg.Connection, sql: Sql, exc: asyncpg.InsufficientPrivilegeError) -> str:
+    """Why PostgreSQL refused :func:`recreate_tables`, and the GRANTs the role lacks for it."""
+    row = await conn.fetchrow(
+        "SELECT current_user, current_database(), has_database_privilege(current_database(), 'CREATE'), "
+        "(SELECT has_schema_privilege(oid, 'CREATE') AND has_schema_privilege(oid, 'USAGE') "
+        "FROM pg_namespace WHERE nspname = $1)",
+        sql.schema,
+    )
+    assert row is not None
+    role, database, create_schema, use_schema = row
+    grants = [f'GRANT CREATE ON DATABASE "{database}" TO "{role}"'] if not create_schema else []
+    if use_schema is False:  # None: no such schema yet
+        grants.append(f'GRANT USAGE, CREATE ON SCHEMA "{sql.schema}" TO "{role}"')
+    fix = f"run {'; '.join(grants)}" if grants else "they are another role's: drop them as that role, or run as it"
+    return (
+        f"PostgreSQL refused to create the tables {sql.schema}.{sql.table}* for the role of --database-url "
+        f"({exc}); each run drops and creates them, and the schema if missing: {fix}"
+    )
 
 
 async def connect_db(dsn: str) -> asyncpg.Connection:
