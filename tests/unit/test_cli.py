@@ -127,6 +127,43 @@ def test_bench_commit_rates_are_sorted_once_each() -> None:
     assert commit_rates("1") == (1,)
 
 
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--scale", "nan"], "--scale must be a number above 0"),
+        (["--scale", "inf"], "--scale must be a number above 0"),
+        (["--scale", "-1"], "--scale must be a number above 0"),
+        (["--repeat", "0"], "--repeat must be at least 1"),
+        (["--partitions", "1"], "--partitions must be from 2 (drains run 2 workers"),
+        (
+            ["--partitions", "4097"],
+            "--partitions must be from 2 (drains run 2 workers, each needs a partition) to 4096",
+        ),
+        (["--scenario", "scale-up", "--partitions", "2"], "--partitions must be from 3 (scale-up runs 3 workers"),
+        (["--scenario", "hot,nope"], "unknown scenario ['nope']"),
+        (["--worker-env", "BATCH_SIZE=5"], "--worker-env 'BATCH_SIZE=5': use OUTBOX_NAME=value"),
+        (["--worker-env", "OUTBOX_BATCH_SIZE=0"], "--worker-env: invalid worker setting: batch_size: "),
+        (["--json", "/proc/self/no/bench.json"], "--json /proc/self/no/bench.json: cannot create its directory"),
+    ],
+)
+def test_bench_refuses_bad_flags_in_one_line_before_it_starts_anything(
+    flags: list[str], problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A nan or infinite --scale was a traceback (exit 1), --partitions over the maximum one once the
+    first table was created, and --partitions 2 with scale-up (3 workers) a timeout a minute later."""
+    assert main(["bench", "--scenario", "hot", *flags]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {problem}"), err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_warns_of_a_worker_setting_that_does_not_exist(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--scenario", "hot", "--repeat", "0", "--worker-env", "OUTBOX_BATCHSIZE=5"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "warning: --worker-env: unknown setting OUTBOX_BATCHSIZE" in err
+    assert "did you mean OUTBOX_BATCH_SIZE?" in err
+
+
 # --- demo and bench without the dev kit's servers (the container image) ---------------------------
 WITHOUT_EMBEDDED_SERVERS = """
 import sys

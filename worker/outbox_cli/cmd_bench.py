@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
 import resource
 import sys
 import time
@@ -113,22 +115,11 @@ def run(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
             return EXIT_USAGE
     scenarios = SCENARIOS if args.scenario == "all" else tuple(s.strip() for s in args.scenario.split(","))
-    unknown = [s for s in scenarios if s not in SCENARIOS]
-    if unknown or args.repeat < 1 or args.scale <= 0 or args.partitions < 2:
-        print(
-            f"error: unknown scenario {unknown} (use {', '.join(SCENARIOS)})"
-            if unknown
-            else "error: --repeat must be >= 1, --scale > 0, --partitions >= 2",
-            file=sys.stderr,
-        )
+    env = _worker_env(args.worker_env)
+    problem = env if isinstance(env, str) else _usage_problem(args, scenarios)
+    if isinstance(env, str) or problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    env: dict[str, str] = {}
-    for item in args.worker_env:
-        key, sep, value = item.partition("=")
-        if not sep or not key.startswith("OUTBOX_"):
-            print(f"error: --worker-env {item!r}: use OUTBOX_NAME=value", file=sys.stderr)
-            return EXIT_USAGE
-        env[key] = value
 
     def say(line: str) -> None:
         if not args.quiet:
@@ -152,11 +143,63 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     if args.json_path:
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
     print(render_table(report))
     return EXIT_OK if report["ok"] else EXIT_FAILURE
+
+
+def _usage_problem(args: argparse.Namespace, scenarios: tuple[str, ...]) -> str | None:
+    """What is wrong with the flags (other than ``--worker-env``), found before the bench starts
+    anything; None when nothing is. A full run takes most of an hour: a flag it cannot use, or a
+    report it cannot write, must not wait for its end."""
+    from outbox_devkit.bench import SCALE_UP_WORKERS
+    from outbox_devkit.benchstats import SCENARIOS
+    from outbox_worker.core.sql import MAX_PARTITIONS
+
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        return f"unknown scenario {unknown} (use {', '.join(SCENARIOS)})"
+    if args.repeat < 1:
+        return "--repeat must be at least 1"
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        return "--scale must be a number above 0 (e.g. 0.01 for a smoke run), not nan or inf"
+    fewest = SCALE_UP_WORKERS if "scale-up" in scenarios else 2  # the most workers a chosen scenario runs at once
+    if not fewest <= args.partitions <= MAX_PARTITIONS:
+        why = f"scale-up runs {SCALE_UP_WORKERS} workers" if "scale-up" in scenarios else "drains run 2 workers"
+        return f"--partitions must be from {fewest} ({why}, each needs a partition) to {MAX_PARTITIONS}"
+    if args.json_path:
+        path = Path(args.json_path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"--json {args.json_path}: cannot create its directory ({exc.strerror})"
+        if path.is_dir() or not os.access(path.parent, os.W_OK):
+            return f"--json {args.json_path}: cannot write the report there"
+    return None
+
+
+def _worker_env(items: list[str]) -> dict[str, str] | str:
+    """``--worker-env OUTBOX_X=V`` items as a mapping, checked as the workers will read them; the
+    one-line problem when one is no ``OUTBOX_NAME=value`` or a value the worker would refuse. A name
+    that is no setting is a warning, as for the worker itself."""
+    from pydantic import ValidationError
+
+    from outbox_common.settings import describe_error, unknown_env_warnings
+    from outbox_devkit.bench import worker_config
+
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("OUTBOX_"):
+            return f"--worker-env {item!r}: use OUTBOX_NAME=value"
+        env[key] = value
+    try:
+        worker_config(env)
+    except ValidationError as exc:
+        return "--worker-env: invalid worker setting: " + "; ".join(describe_error(exc).splitlines())
+    for warning in unknown_env_warnings(env):
+        print(f"warning: --worker-env: {warning}", file=sys.stderr)
+    return env
 
 
 def _run_child(args: argparse.Namespace) -> int:

@@ -123,6 +123,7 @@ GROWTH_BATCHES = 30
 COMMIT_RATE_SECONDS = 20.0
 SCALE_UP_EVENTS = 200_000
 SCALE_UP_JOINS = (0.25, 0.5)  # share of the backlog stored when the second and the third worker start
+SCALE_UP_WORKERS = 1 + len(SCALE_UP_JOINS)  # the most workers of any scenario, each with a partition of its own
 LEASE_SAMPLE_SECONDS = 0.005
 CLUSTER_MEMBER_PREFIX = "nats_"  # server CPU names of the replicated scenario's cluster members: nats_n1, ...
 BATCH = 1000
@@ -195,13 +196,15 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         "aggregates": AGGREGATES,
         "commit_rates": list(options.commit_rates),
         "embedded_servers": {"postgres": not options.database_url, "nats": not options.nats_url},
-        "worker": _worker_config(options.worker_env),
+        "worker": worker_config(options.worker_env),
     }
     created = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     return build_report(rows, machine=machine, config=config, created_at=created)
 
 
-def _worker_config(overrides: dict[str, str]) -> dict[str, Any]:
+def worker_config(overrides: dict[str, str]) -> dict[str, Any]:
+    """The settings of the bench's workers that shape its figures, with the ``OUTBOX_*`` ``overrides``
+    (``--worker-env``); pydantic's ValidationError when the workers would refuse one."""
     s = WorkerSettings.model_validate(
         {"database_url": "postgresql://placeholder/db"}
         | {k.removeprefix("OUTBOX_").lower(): v for k, v in overrides.items()}
