@@ -23,7 +23,7 @@ from outbox_cli.devkit import missing_embedded_servers
 from outbox_cli.main import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_async, tune_gc
 from outbox_common.config import WorkerConfig
 from outbox_common.settings import EventLoop, WorkerSettings
-from outbox_worker.core.sql import DEFAULT_PARTITIONS
+from outbox_worker.core.sql import DEFAULT_PARTITIONS, MAX_PARTITIONS
 
 HELP = (
     "Benchmark the relay (seed pressure levels, sustained drain, baselines, latency, growth, commit rate, "
@@ -63,17 +63,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per scenario; medians are reported")
     parser.add_argument("--json", dest="json_path", default="", help="write the report (stable schema) to this path")
     parser.add_argument(
-        "--scale", type=float, default=1.0, help="multiply event counts and durations (e.g. 0.01 for a smoke run)"
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply event counts and durations by this number above 0 (e.g. 0.01 for a smoke run)",
     )
     parser.add_argument(
-        "--partitions", type=int, default=DEFAULT_PARTITIONS, help="virtual partitions of the bench tables"
+        "--partitions",
+        type=int,
+        default=DEFAULT_PARTITIONS,
+        help=f"virtual partitions of the bench tables, 2 to {MAX_PARTITIONS} (3 or more with scale-up: one per worker)",
     )
     parser.add_argument(
         "--worker-env",
         action="append",
         default=[],
         metavar="OUTBOX_X=V",
-        help="extra worker setting for every bench worker, e.g. OUTBOX_LOOPS=4 (repeatable)",
+        help="extra worker setting for every bench worker, e.g. OUTBOX_LOOPS=4 (repeatable; checked as the worker "
+        "checks it before anything starts)",
     )
     parser.add_argument(
         "--commit-rates",
@@ -88,11 +95,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="growth also with 10,000,000 published rows (writing them takes minutes; times --scale)",
     )
-    parser.add_argument("--database-url", default="", help="use this PostgreSQL instead of an embedded one")
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="use this PostgreSQL instead of an embedded one (its role must be allowed to create schema outbox_bench "
+        "and tables in it)",
+    )
     parser.add_argument(
         "--nats-url",
         default="",
-        help="use this NATS server instead of an embedded one (not in `replicated`: it starts its own 3-node cluster)",
+        help="use this NATS server instead of an embedded one (its user needs the JetStream API; not in `replicated`: "
+        "it starts its own 3-node cluster)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
     # The processes the bench starts itself.
@@ -154,7 +167,6 @@ def _usage_problem(args: argparse.Namespace, scenarios: tuple[str, ...]) -> str 
     report it cannot write, must not wait for its end."""
     from outbox_devkit.bench import SCALE_UP_WORKERS
     from outbox_devkit.benchstats import SCENARIOS
-    from outbox_worker.core.sql import MAX_PARTITIONS
 
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
