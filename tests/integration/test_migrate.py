@@ -960,3 +960,37 @@ async def test_a_role_that_may_not_create_the_tables_is_told_what_it_needs(pg_ds
     assert "the database role may not create or change public.outbox's tables (permission denied" in refused.err
     assert "run migrate as their owner, or as a role that may CREATE" in refused.err
     assert "Traceback" not in refused.err
+
+
+async def test_a_role_given_its_own_schema_migrates_without_create_on_the_database(pg_dsn: str) -> None:
+    """The usual grant of a cautious administrator: a schema owned by the relay's role, no CREATE on
+    the database. ``CREATE SCHEMA IF NOT EXISTS`` is refused even for a schema that exists
+    (PostgreSQL checks the database's CREATE first), so migrate failed with exit 3 for a role that
+    may create everything it needs."""
+    role = f"owner_{os.urandom(4).hex()}"
+    schema = f"relay_{os.urandom(4).hex()}"
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        await admin.execute(f'CREATE SCHEMA "{schema}" AUTHORIZATION "{role}"')
+        dsn = pg_dsn.replace("//postgres@", f"//{role}@", 1)
+        assert dsn != pg_dsn
+        probe = await asyncpg.connect(dsn)
+        try:  # the role may not create a schema: the case this test is about
+            assert not await probe.fetchval("SELECT has_database_privilege(current_database(), 'CREATE')")
+        finally:
+            await probe.close()
+        migrated = await outboxctl("migrate", "--database-url", dsn, "--schema", schema)
+        again = await outboxctl("migrate", "--database-url", dsn, "--schema", schema)
+        created = await admin.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tableowner = $2", schema, role
+        )
+    finally:
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
+    assert migrated.code == 0, migrated.err
+    assert migrated.out.startswith(f"{schema}.outbox: created (16 partitions)"), migrated.out
+    assert again.code == 0, again.err
+    assert "up to date" in again.out
+    assert created >= 4  # outbox, its leases, workers and dead letters, outbox_meta

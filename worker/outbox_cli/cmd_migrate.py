@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     except asyncpg.InsufficientPrivilegeError as exc:
         print(
             f"error: the database role may not create or change {sql.schema}.{sql.table}'s tables ({exc.args[0]}): "
-            f"run migrate as their owner, or as a role that may CREATE in the database and in schema {sql.schema}; "
+            f"run migrate as their owner, or as a role that may CREATE in schema {sql.schema} (and in the database "
+            "while the schema does not exist); "
             "nothing was changed",
             file=sys.stderr,
         )

@@ -313,8 +313,10 @@ async def _tables_refused(conn: asyncpg.Connection, sql: Sql, exc: asyncpg.Insuf
     )
     assert row is not None
     role, database, create_schema, use_schema = row
-    grants = [f'GRANT CREATE ON DATABASE "{database}" TO "{role}"'] if not create_schema else []
-    if use_schema is False:  # None: no such schema yet
+    grants = []
+    if use_schema is None and not create_schema:  # None: no such schema yet, the migration creates it
+        grants.append(f'GRANT CREATE ON DATABASE "{database}" TO "{role}"')
+    if use_schema is False:
         grants.append(f'GRANT USAGE, CREATE ON SCHEMA "{sql.schema}" TO "{role}"')
     fix = f"run {'; '.join(grants)}" if grants else "they are another role's: drop them as that role, or run as it"
     return (

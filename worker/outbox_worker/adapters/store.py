@@ -231,7 +231,8 @@ async def migrate(conn: asyncpg.Connection, sql: Sql, partitions: int | None) ->
     """
     async with conn.transaction():
         await conn.execute(sql.advisory_lock, f"{sql.schema}.{sql.table}")
-        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{sql.schema}"')
+        if not await conn.fetchval(sql.schema_exists, sql.schema):
+            await conn.execute(sql.schema_creation)
         # outbox_meta first, before this transaction reads it (see Sql.meta_migration)
         for stmt in sql.meta_migration:
             await conn.execute(stmt)

@@ -131,7 +131,8 @@ class Sql:
 
     # --- migration ------------------------------------------------------------------------------
     def migration(self, partitions: int) -> list[str]:
-        """DDL that creates or upgrades the tables; every statement is idempotent.
+        """DDL that creates or upgrades the tables, in a schema that exists (:attr:`schema_creation`);
+        every statement is idempotent.
 
         The partition of a row is a stored generated column: a stable hash of ``aggregate_id``
         modulo ``partitions``. It is fixed when the table is created (see :meth:`meta_select`).
@@ -142,7 +143,6 @@ class Sql:
             raise ValueError(f"partitions={partitions}: use 1..{MAX_PARTITIONS}")
         t = self.table
         return [
-            f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"',
             *self.meta_migration,
             f"""CREATE TABLE IF NOT EXISTS {self.outbox} (
                 id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -218,6 +218,18 @@ class Sql:
             f'CREATE OR REPLACE TRIGGER "{t}_notify" AFTER INSERT ON {self.outbox} '
             f'FOR EACH STATEMENT EXECUTE FUNCTION "{self.schema}"."{t}_notify"()',
         ]
+
+    @property
+    def schema_exists(self) -> str:
+        """Whether the schema exists (a bool): the migration creates it only when it does not."""
+        return "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)"
+
+    @property
+    def schema_creation(self) -> str:
+        """DDL of the schema, run by the migration before :meth:`migration` only when the schema is
+        missing: PostgreSQL checks CREATE on the database even for ``CREATE SCHEMA IF NOT EXISTS`` of
+        a schema that exists, and a role given its own schema by an administrator has no such right."""
+        return f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'
 
     @property
     def meta_migration(self) -> list[str]:
