@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from outbox_common.settings import WorkerSettings
+from outbox_common.settings import WorkerSettings, env_name
 from outbox_operator import constants as c
 from outbox_operator.spec import (
     DEFAULT_SETTINGS,
@@ -230,6 +230,16 @@ def test_spec_field_agrees_with_worker_setting(field: str) -> None:
     enum = getattr(setting.annotation, "__members__", None)
     if enum:
         assert sorted(node["enum"]) == sorted(m.value for m in enum.values())
+
+
+@pytest.mark.parametrize("field", sorted({*SETTINGS_MAP, *SECRET_SETTINGS, *DERIVED_SETTINGS} - {"publisher"}))
+def test_spec_field_description_names_its_variable(field: str) -> None:
+    """README: every spec field's description names the ``OUTBOX_*`` variable it becomes
+    (``kubectl explain``). The TLS keys are named together by ``nats.tls``."""
+    path = {**SETTINGS_MAP, **SECRET_SETTINGS, **DERIVED_SETTINGS}[field].split(" ")[0]
+    if path.startswith("nats.tls."):
+        path = "nats.tls"
+    assert env_name(field) in _crd_node(path)["description"], path
 
 
 def test_root_metadata_specifies_nothing_but_its_type_and_name() -> None:
