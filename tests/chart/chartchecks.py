@@ -477,6 +477,28 @@ def documented_keys(readme: str) -> set[str]:
     return keys
 
 
+def documented_defaults(readme: str) -> dict[str, str]:
+    """The Default column of the README's values table, by key: the cell's text without its backticks."""
+    defaults = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.lstrip().startswith("|") and len(cells) > 1 and cells[0].startswith("`") and cells[0].endswith("`"):
+            defaults[cells[0].strip("`")] = cells[1].strip("`")
+    return defaults
+
+
+def misdocumented_defaults(values: Any, readme: str) -> list[str]:
+    """Keys whose README default, read as YAML, is not the value in values.yaml."""
+    wrong = []
+    for key, shown in documented_defaults(readme).items():
+        value = values
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if yaml.safe_load(shown) != value:
+            wrong.append(f"{key}: README {shown}, values.yaml {value!r}")
+    return wrong
+
+
 def stale_documented_keys(values: Any, schema: Mapping[str, Any], readme: str) -> list[str]:
     leaves = set(value_leaves(values, schema))
     return sorted(k for k in documented_keys(readme) if k not in leaves)

@@ -295,6 +295,7 @@ def test_values_schema_rejects_unknown_keys_everywhere() -> None:
 def test_every_value_is_documented_in_the_chart_readme() -> None:
     assert cc.undocumented_values(VALUES, SCHEMA, README) == []
     assert cc.stale_documented_keys(VALUES, SCHEMA, README) == []
+    assert cc.misdocumented_defaults(VALUES, README) == []
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=VALUE_IDS)

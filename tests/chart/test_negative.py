@@ -102,6 +102,8 @@ def test_undocumented_value_is_found() -> None:
     readme = (cc.CHART / "README.md").read_text()
     assert cc.undocumented_values(values, schema, readme) == ["operator.newKnob"]
     assert cc.stale_documented_keys(values, schema, readme + "\n| `operator.gone` | `1` | x |\n") == ["operator.gone"]
+    wrong = readme.replace("| `operator.healthPort` | `8080` |", "| `operator.healthPort` | `9090` |")
+    assert cc.misdocumented_defaults(values, wrong) == ["operator.healthPort: README 9090, values.yaml 8080"]
 
 
 # --- an RBAC wildcard ------------------------------------------------------------------------------------
