@@ -20,6 +20,8 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from outbox_operator.constants import DEFAULT_WORKER_IMAGE
+
 HELP = "Run the OutboxPublisher operator (reconciles worker Deployments and status)."
 
 LIVENESS_EXAMPLE = "http://0.0.0.0:8080/healthz"
@@ -92,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--worker-image",
         default=None,
-        help="image of the worker pods when an OutboxPublisher sets no spec.worker.image",
+        help="image of the worker pods when an OutboxPublisher sets no spec.worker.image "
+        f"(default: {DEFAULT_WORKER_IMAGE}; the Helm chart passes its own image)",
     )
     parser.add_argument(
         "--resync-seconds",
@@ -199,7 +202,6 @@ async def start_up_problem(args: argparse.Namespace) -> tuple[int, str] | None:
 def run(args: argparse.Namespace) -> int:
     from outbox_cli.main import EXIT_CONFIG, run_async
     from outbox_operator.children import OperatorConfig
-    from outbox_operator.constants import DEFAULT_WORKER_IMAGE
     from outbox_operator.handlers import Runtime, run_operator
     from outbox_operator.kube import credentials_problem
 
