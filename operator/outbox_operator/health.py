@@ -137,6 +137,15 @@ class Rollout:
     desired: int
     replicas: int
     ready: int
+    # pods of the current pod template (the Deployment's status.updatedReplicas); None when the
+    # Deployment is not yet at the current template, or its controller has not observed it yet
+    updated: int | None = None
+
+    @property
+    def rolling_out(self) -> bool:
+        """Some worker pods still run an older pod template (an older spec), or none is known to run
+        the current one: ready pods alone do not say the current spec is applied."""
+        return self.updated is None or self.updated < self.desired or self.replicas > self.updated
 
 
 @dataclass(frozen=True)
@@ -281,8 +290,8 @@ def lagging_condition(view: WorkerView, targets: HealthTargets, unknown: Unknown
 
 
 def ready_condition(view: WorkerView, targets: HealthTargets, rollout: Rollout, unknown: Unknown | None) -> Condition:
-    """Ready: the first reason it is not, in order (paused, scaled to zero, pods, errors, reports,
-    partitions), else True."""
+    """Ready: the first reason it is not, in order (paused, scaled to zero, pods, a rollout of the
+    current spec not yet done, errors, reports, partitions), else True."""
     if targets.paused:
         return Condition(
             c.READY, "False", "Paused", "spec.paused is true: workers drained and stopped; set it to false to resume"
@@ -291,6 +300,8 @@ def ready_condition(view: WorkerView, targets: HealthTargets, rollout: Rollout, 
         return Condition(c.READY, "False", "ScaledToZero", "spec.replicas is 0: no worker runs")
     if rollout.ready < rollout.desired:
         return Condition(c.READY, "False", "WorkersNotReady", f"{rollout.ready}/{rollout.desired} worker pods ready")
+    if rollout.rolling_out:
+        return Condition(c.READY, "False", "RollingOut", _rolling_out_message(rollout))
     if view.errors:
         return Condition(c.READY, "False", "ConfigurationError", _first_error(view.errors))
     if not view.fresh:
@@ -299,6 +310,16 @@ def ready_condition(view: WorkerView, targets: HealthTargets, rollout: Rollout, 
         return Condition(c.READY, "False", "PartitionsUnowned", unknown.message)
     return Condition(
         c.READY, "True", "Publishing", f"{rollout.ready} worker(s) publishing, {len(view.fresh)} reporting"
+    )
+
+
+def _rolling_out_message(rollout: Rollout) -> str:
+    updated = rollout.updated or 0
+    older = max(rollout.replicas - updated, 0)
+    return (
+        f"{updated}/{rollout.desired} worker pods run the current spec, {older} pod(s) an older one: the "
+        "ready pods still publish with the older spec; if this lasts, a new pod does not become ready "
+        "(see its logs and events)"
     )
 
 

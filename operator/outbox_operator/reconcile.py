@@ -173,7 +173,7 @@ def _events_for(old: Iterable[Mapping[str, Any]] | None, new: list[Obj]) -> list
             elif cond["status"] == "False":
                 events.append(
                     Event(
-                        "Warning" if cond["reason"] not in ("Paused", "ScaledToZero") else "Normal",
+                        "Warning" if cond["reason"] not in ("Paused", "ScaledToZero", "RollingOut") else "Normal",
                         cond["reason"],
                         cond["message"],
                     )
@@ -381,11 +381,26 @@ def _child_actions(
     return actions, conflicts
 
 
-def _rollout(observed: Observed, owner: Owner, replicas: int) -> Rollout:
+def _rollout(observed: Observed, owner: Owner, replicas: int, desired: list[Obj]) -> Rollout:
+    """The worker pods as the Deployment's status counts them. ``updated`` (pods of the current
+    template) is known only when the observed Deployment carries the pod template this pass renders
+    (no replace pending) and its controller has observed that generation: until then its counts
+    describe an older spec. The API server leaves counts of 0 out of the status."""
     deployment = observed.children.get(("Deployment", worker_name(owner)))
     dep_status = (deployment or {}).get("status") or {}
+    wanted = next(obj for obj in desired if obj["kind"] == "Deployment")
+    meta = (deployment or {}).get("metadata") or {}
+    template_hash = wanted["metadata"]["annotations"][c.ANNOTATION_HASH]
+    current = (
+        deployment is not None
+        and (meta.get("annotations") or {}).get(c.ANNOTATION_HASH) == template_hash
+        and int(dep_status.get("observedGeneration") or 0) >= int(meta.get("generation") or 0)
+    )
     return Rollout(
-        desired=replicas, replicas=int(dep_status.get("replicas") or 0), ready=int(dep_status.get("readyReplicas") or 0)
+        desired=replicas,
+        replicas=int(dep_status.get("replicas") or 0),
+        ready=int(dep_status.get("readyReplicas") or 0),
+        updated=int(dep_status.get("updatedReplicas") or 0) if current else None,
     )
 
 
@@ -443,7 +458,7 @@ def _plan_valid(observed: Observed, config: OperatorConfig, owner: Owner, spec: 
     workers = _worker_state(observed, spec, status)
     desired = _desired_children(observed, config, owner, spec, workers.replicas)
     actions, conflicts = _child_actions(observed, owner, desired, workers.replicas)
-    rollout = _rollout(observed, owner, workers.replicas)
+    rollout = _rollout(observed, owner, workers.replicas, desired)
     wanted = _wanted_conditions(spec, rollout, workers, conflicts, observed.now)
     new = _new_status(observed, owner, rollout, workers, wanted)
     status_patch = merge_patch(_owned_status(status), new)

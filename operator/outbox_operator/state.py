@@ -117,7 +117,8 @@ class Written:
 
 
 def plan_inputs(child: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The fields of a child the plan reads: its rendered hash, owner, replicas and rollout."""
+    """The fields of a child the plan reads: its rendered hash, owner, replicas and rollout (a
+    Deployment's pods of the current template, and whether its controller saw its latest spec)."""
     meta = child.get("metadata") or {}
     status = child.get("status") or {}
     return (
@@ -126,6 +127,9 @@ def plan_inputs(child: Mapping[str, Any]) -> tuple[Any, ...]:
         (child.get("spec") or {}).get("replicas"),
         status.get("replicas"),
         status.get("readyReplicas"),
+        status.get("updatedReplicas"),
+        meta.get("generation"),
+        status.get("observedGeneration"),
     )
 
 

@@ -260,6 +260,49 @@ async def test_publisher_relays_through_the_real_controllers(
     assert not node.errors, node.errors
 
 
+async def test_ready_stays_false_while_the_new_spec_does_not_roll_out(
+    crd: str, api: KubeApi, namespace: str, node: NodeAgent, operator_env: None, pg_dsn: str, nats_url: str
+) -> None:
+    """A spec change whose new worker pod never becomes ready (here a NATS server that refuses): the
+    Deployment (maxUnavailable 0) keeps the old pod running and ready, so its readyReplicas equals
+    the desired count. Ready was True (Publishing) with the new spec's observedGeneration, which no
+    worker ran; it is False, reason RollingOut, for as long as an older pod runs."""
+    await prepare_database(pg_dsn)
+    await api.create(secret("orders-db", pg_dsn), namespace)
+    async with operator_in_process([namespace]):
+        await api.create(publisher("orders", nats_url), namespace)
+
+        async def ready() -> dict[str, Any]:
+            return condition(await api.get(KIND, namespace, "orders"), "Ready")
+
+        await wait_for(lambda: _is_status(ready(), "True"), 120)
+        await api.merge_patch(KIND, namespace, "orders", {"spec": {"nats": {"servers": ["nats://127.0.0.1:1"]}}})
+
+        async def stuck() -> bool:
+            dep = await api.get("Deployment", namespace, "orders-relay") or {}
+            st = dep.get("status") or {}
+            current = st.get("observedGeneration") == dep["metadata"]["generation"]
+            counts = (st.get("updatedReplicas"), st.get("replicas"), st.get("readyReplicas"))
+            return current and counts == (1, 2, 1)
+
+        await wait_for(stuck, 60, "the new pod started beside the old one, which stays ready")
+        cond = await wait_for(lambda: _if_reason(ready(), "RollingOut"), 30, "Ready=False/RollingOut")
+        assert cond["status"] == "False"
+        assert cond["observedGeneration"] == 2
+        obj = await api.get(KIND, namespace, "orders") or {}
+        assert obj["status"]["observedGeneration"] == 2
+        assert obj["status"]["readyText"] == "1/1"  # the old pod: ready, but not running the spec
+
+
+async def _is_status(cond: Any, status: str) -> bool:
+    return bool((await cond).get("status") == status)
+
+
+async def _if_reason(cond: Any, reason: str) -> dict[str, Any]:
+    found: dict[str, Any] = await cond
+    return found if found.get("reason") == reason else {}
+
+
 CHILD_KINDS = ("ServiceAccount", "Role", "RoleBinding", "Service", "Deployment", "PodDisruptionBudget")
 # Controllers write the status of these (a new resourceVersion each time); a write of ours bumps generation.
 STATUS_KINDS = {"Deployment", "PodDisruptionBudget"}

@@ -81,7 +81,7 @@ def test_default_and_wide_columns() -> None:
 def test_a_publishing_relay_shows_ready_over_desired_reason_and_pressure() -> None:
     world = World(body(replicas=2))
     world.step()
-    world.children[("Deployment", "orders-relay")]["status"] = {"replicas": 2, "readyReplicas": 2}
+    world.children[("Deployment", "orders-relay")]["status"] = {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}
     world.pods = ["orders-relay-a", "orders-relay-b"]
     world.cr["status"]["workers"] = {
         # Dead: the dead letters waiting in the table (one count, sampled by each worker), not a sum

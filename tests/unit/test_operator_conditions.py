@@ -116,7 +116,7 @@ def health(reports: dict, *, ready: int = 2, desired: int = 2, paused: bool = Fa
         duplicate_window_seconds=120,
         duplicate_horizon_seconds=50,
     )
-    return health_conditions(targets, Rollout(desired, ready, ready), reports, T0)
+    return health_conditions(targets, Rollout(desired, ready, ready, updated=ready), reports, T0)
 
 
 def conditions(reports: dict, *, ready: int = 2, desired: int = 2, paused: bool = False) -> dict[str, tuple]:

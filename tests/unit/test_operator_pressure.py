@@ -40,7 +40,7 @@ def status_of(reports: dict[str, Any], *, partitions: int = 4, paused: bool = Fa
             duplicate_window_seconds=120,
             duplicate_horizon_seconds=50,
         ),
-        Rollout(0 if paused else 2, 0 if paused else 2, 0 if paused else 2),
+        Rollout(0 if paused else 2, 0 if paused else 2, 0 if paused else 2, updated=0 if paused else 2),
         reports,
         T0,
     )

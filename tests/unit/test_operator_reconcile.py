@@ -107,6 +107,48 @@ def test_spec_change_replaces_only_what_changed() -> None:
     assert env["OUTBOX_BATCH_SIZE"] == "10"
 
 
+def ready_of(world: World) -> tuple[str, str]:
+    ready = next(x for x in world.cr["status"]["conditions"] if x["type"] == "Ready")
+    return ready["status"], ready["reason"]
+
+
+def test_ready_waits_for_the_rollout_of_the_current_spec() -> None:
+    """Ready pods of an older pod template do not make the current spec Ready: with maxUnavailable 0
+    a new pod that never becomes ready leaves the old ones running and ready for good, and Ready was
+    True (Publishing) with observedGeneration of the new spec, which no worker ran."""
+    world = World(body(reportIntervalSeconds=10))
+    world.step()
+    deployment = world.children[("Deployment", "orders-relay")]
+    deployment["metadata"]["generation"] = 1
+    deployment["status"] = {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}
+    world.pods = ["orders-relay-a", "orders-relay-b"]
+    entry = {"partitions": list(range(8)), "backlog": 0, "reportTime": "2026-01-01T12:00:00Z"}
+    world.cr["status"]["workers"] = {"orders-relay-a": entry}
+    world.step()
+    assert ready_of(world) == ("True", "Publishing")
+
+    # the spec changes: the pass that replaces the Deployment does not call the old pods' state Ready
+    world.cr["spec"]["nats"] = {"servers": ["nats://elsewhere:4222"]}
+    world.cr["metadata"]["generation"] = 2
+    result = world.step()
+    assert verbs(result) == [("replace", "Deployment")]
+    assert result.status_patch["observedGeneration"] == 2
+    assert ready_of(world) == ("False", "RollingOut")
+    # what the Deployment controller writes while the new pod does not become ready: the old pods
+    # are ready, one pod runs the current template
+    deployment = world.children[("Deployment", "orders-relay")]
+    deployment["metadata"]["generation"] = 2
+    deployment["status"] = {"observedGeneration": 2, "replicas": 3, "readyReplicas": 2, "updatedReplicas": 1}
+    world.step(T0 + timedelta(seconds=5))
+    assert ready_of(world) == ("False", "RollingOut")
+    ready = next(x for x in world.cr["status"]["conditions"] if x["type"] == "Ready")
+    assert ready["message"].startswith("1/2 worker pods run the current spec, 2 pod(s) an older one"), ready
+    # the rollout done: Ready again
+    deployment["status"] = {"observedGeneration": 2, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}
+    world.step(T0 + timedelta(seconds=6))
+    assert ready_of(world) == ("True", "Publishing")
+
+
 def test_scaling_patches_replicas_and_manages_the_pdb() -> None:
     world = World(body())
     world.step()
