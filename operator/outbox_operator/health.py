@@ -60,7 +60,8 @@ def pressure_unknown(
     """None when the fresh reports describe every partition; else why the pressure is unknown.
 
     Backlog and age are sums and maxima over the partitions each worker owns, so they are known
-    only when every current worker reported recently and together they own every partition."""
+    only when every current worker reported recently, together they own every partition, and each
+    that owns some counted them at its last sample."""
     if paused:
         return Unknown("Paused", "spec.paused is true: no worker reads the outbox, so the backlog is unknown")
     fresh = {name: r for name, r in reports.items() if is_fresh(r, interval, now)}
@@ -76,7 +77,20 @@ def pressure_unknown(
     unowned = sorted(set(range(partitions)) - owned_partitions(fresh))
     if unowned:
         return Unknown("PartitionsUnowned", f"{_partition_list(unowned)} of {partitions} have no live owner")
+    unsampled = sorted(name for name, r in fresh.items() if r.get("partitions") and not has_pressure(r))
+    if unsampled:
+        return Unknown(
+            "NoPressureSample",
+            f"{', '.join(unsampled)} could not count the rows of its partitions at its last sample (the "
+            "database did not answer, see databaseError or the worker's log): the backlog is unknown",
+        )
     return None
+
+
+def has_pressure(report: Report) -> bool:
+    """Whether a report carries its backlog: a worker leaves it (and its oldest age) out until its
+    first sample succeeds, and again after one failed."""
+    return report.get("backlog") is not None
 
 
 def _partition_list(numbers: list[int]) -> str:

@@ -569,6 +569,45 @@ async def test_a_database_that_stops_answering_is_reported_until_it_answers_agai
         await wait_for(lambda: worker.report().databaseError == "", 30, "databaseError cleared after the restart")
 
 
+async def test_a_backlog_the_worker_cannot_count_is_reported_unknown_not_as_its_last_count(
+    own_pg: ControlledPostgres, nats_url: str
+) -> None:
+    """The pressure sample counts the due rows every 5 s. While PostgreSQL does not answer it fails;
+    the report kept the last count and age and sent them as current (the operator's Lagging stayed
+    False, its autoscaler acted on them). Now the report leaves both out (None: the merge patch
+    removes them) until a sample succeeds again."""
+    from test_relay_failures import worker_settings
+
+    from support.relay import running, setup_db
+
+    await setup_db(own_pg.dsn)
+    settings = worker_settings(own_pg.dsn, nats_url, lease_ttl_seconds=3.0, db_timeout_seconds=2.0)
+    async with running(settings) as worker:
+        assert worker.leases is not None
+        leases = worker.leases
+        await wait_for(lambda: leases.owned, 10, "the worker holding partitions")
+        async with asyncio.timeout(10):
+            await worker.sample_pressure()
+        counted = worker.report()
+        assert (counted.backlog, counted.oldestPendingSeconds) == (0, 0.0)
+        own_pg.kill()
+        try:
+            async with asyncio.timeout(10):  # the pool's command timeout is 2 s
+                await worker.sample_pressure()
+            down = worker.report()
+            assert (down.backlog, down.oldestPendingSeconds) == (None, None), down
+            assert "backlog" not in {k for k, v in down.to_status().items() if v is not None}
+        finally:
+            own_pg.restart()
+
+        async def counted_again() -> bool:
+            async with asyncio.timeout(10):
+                await worker.sample_pressure()
+            return worker.report().backlog is not None
+
+        await wait_for(counted_again, 30, "a backlog counted again after the restart")
+
+
 async def test_a_database_that_dies_as_the_worker_starts_running_is_reported_and_survived(
     own_pg: ControlledPostgres, nats_url: str
 ) -> None:

@@ -73,8 +73,14 @@ def ready_of(status: dict[str, Any]) -> tuple[str, str]:
         ({"a": report(partitions=(0, 1)), "b": report(age=100, partitions=(2, 3))}, False, "StaleReports"),
         ({"a": report(partitions=(0, 1, 2, 3))}, True, "Paused"),
         ({"a": report(partitions=(0, 1))}, False, "PartitionsUnowned"),
+        # b's last count failed (its database did not answer): the worker leaves backlog and age out
+        (
+            {"a": report(partitions=(0, 1)), "b": report(partitions=(2, 3), backlog=None, oldestPendingSeconds=None)},
+            False,
+            "NoPressureSample",
+        ),
     ],
-    ids=["no-reports", "only-stale", "one-stale", "paused", "unowned"],
+    ids=["no-reports", "only-stale", "one-stale", "paused", "unowned", "not-counted"],
 )
 def test_unknown_pressure_is_absent_not_zero(reports: dict[str, Any], paused: bool, reason: str) -> None:
     assert_pressure_unknown(status_of(reports, paused=paused), reason)

@@ -32,8 +32,10 @@ class WorkerReport:
     # left to requeue or discard (outboxctl dead-letters); sampled with the backlog
     deadLettersWaiting: int = 0
     inFlight: int = 0  # unacknowledged publishes right now
-    backlog: int = 0  # pending rows in the partitions this worker owns
-    oldestPendingSeconds: float = 0.0  # age of the oldest pending row it owns
+    # due rows in the partitions this worker owns, and the age of the one due longest; None (null in
+    # the merge patch: the key is removed) while the worker has no sample, or its last one failed
+    backlog: int | None = None
+    oldestPendingSeconds: float | None = None
     ratePerSecond: float = 0.0  # acked rows per second over the last interval
     lastError: str = ""  # last failure, one line, never a secret
     configError: str = ""  # a configuration error that pauses partitions (today only NATS-side: the stream)

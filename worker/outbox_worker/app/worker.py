@@ -139,8 +139,10 @@ class Worker:
         self._last_published = 0
         self._last_rate_at = time.monotonic()
         self.rate = 0.0
-        self.backlog = 0
-        self.oldest_age = 0.0
+        # the last pressure sample: None until one succeeds, and again after one failed (unknown,
+        # never an old count shown as current)
+        self.backlog: int | None = None
+        self.oldest_age: float | None = None
         self.dead_letters_waiting = 0  # the publisher's rows in the dead-letter table, last sampled
 
     # --- start ------------------------------------------------------------------------------------
@@ -409,13 +411,18 @@ class Worker:
         try:
             self.backlog, self.oldest_age = await self.store.pressure(owned) if owned else (0, 0.0)
         except Exception as exc:
+            # The rows are not counted: the report says unknown until a sample succeeds again. Keeping
+            # the last count reported a frozen backlog and age as current through a database outage
+            # (the Lagging condition stayed False, the autoscaler acted on it).
+            self.backlog = self.oldest_age = None
             log.debug("pressure sample failed: %s", type(exc).__name__)
         try:
             self.dead_letters_waiting = await self.store.dead_letters_waiting(DEAD_LETTERS_WAITING_CAP)
         except Exception as exc:
             log.debug("dead-letter sample failed: %s", type(exc).__name__)
-        self.metrics.backlog.set(self.backlog)
-        self.metrics.oldest_age.set(self.oldest_age)
+        if self.backlog is not None and self.oldest_age is not None:
+            self.metrics.backlog.set(self.backlog)
+            self.metrics.oldest_age.set(self.oldest_age)
         self.metrics.dead_letters_waiting.set(self.dead_letters_waiting)
         self.metrics.notify_unavailable.set(1 if self.listener is not None and self.listener.notify_error else 0)
         now = time.monotonic()
@@ -450,7 +457,7 @@ class Worker:
             deadLettersWaiting=self.dead_letters_waiting,
             inFlight=self.publisher.in_flight if self.publisher else 0,
             backlog=self.backlog,
-            oldestPendingSeconds=round(self.oldest_age, 3),
+            oldestPendingSeconds=None if self.oldest_age is None else round(self.oldest_age, 3),
             ratePerSecond=round(self.rate, 1),
             lastError=st.last_error,
             configError=config_error,
