@@ -8,6 +8,7 @@ Order of decisions:
 
 1. An invalid spec: ``Ready=False/InvalidSpec`` naming the field and the fix; no child is touched.
 2. A missing Secret (or key): ``Ready=False/SecretNotFound``; no child is touched; retried later.
+   The workers that run on are still reported (totals, the other conditions, pruning).
 3. Otherwise the children are created or replaced where their applied hash differs, the Deployment
    is scaled to the decided count (paused: 0; autoscaling: the autoscaler; else spec.replicas),
    the PDB exists only for more than one worker, gone pods' report entries are pruned, and totals,
@@ -214,7 +215,7 @@ def plan(observed: Observed, config: OperatorConfig) -> Plan:
         return _plan_invalid_spec(observed, exc)
     missing = _missing_secrets(observed, owner, spec)
     if missing:
-        return _plan_secrets_missing(observed, missing)
+        return _plan_secrets_missing(observed, owner, spec, missing)
     return _plan_valid(observed, config, owner, spec)
 
 
@@ -251,17 +252,33 @@ def _missing_secrets(observed: Observed, owner: Owner, spec: PublisherSpec) -> l
     return missing
 
 
-def _plan_secrets_missing(observed: Observed, missing: list[tuple[str, str]]) -> Plan:
-    """2. Ready=False/SecretNotFound (and the database or stream condition it belongs to); retried."""
+def _plan_secrets_missing(
+    observed: Observed, owner: Owner, spec: PublisherSpec, missing: list[tuple[str, str]]
+) -> Plan:
+    """2. Ready=False/SecretNotFound (and the database or stream condition it belongs to); retried.
+
+    No child is touched, but workers may run on (a pod resolved its env when it started): their
+    reports still reach the totals, the other conditions and the pruning, as in a valid pass, so a
+    backlog or dead letters growing meanwhile show, and nothing stays frozen at its last value. The
+    worker count and the autoscaler's state stay as the Deployment and the status have them."""
     message = "; ".join(m for _, m in missing)
-    wanted = [Condition(c.READY, "False", "SecretNotFound", message)]
+    overrides = {c.READY: Condition(c.READY, "False", "SecretNotFound", message)}
     db = [m for p, m in missing if p.startswith("spec.database")]
     nats = [m for p, m in missing if p.startswith("spec.nats")]
     if db:
-        wanted.append(Condition(c.DATABASE_READY, "False", "SecretNotFound", "; ".join(db)))
+        overrides[c.DATABASE_READY] = Condition(c.DATABASE_READY, "False", "SecretNotFound", "; ".join(db))
     if nats:
-        wanted.append(Condition(c.STREAM_READY, "False", "SecretNotFound", "; ".join(nats)))
-    patch, events = _status_only(observed, _generation(observed), wanted)
+        overrides[c.STREAM_READY] = Condition(c.STREAM_READY, "False", "SecretNotFound", "; ".join(nats))
+    status: Mapping[str, Any] = observed.body.get("status") or {}
+    deployment = observed.children.get(("Deployment", worker_name(owner)))
+    asked = int(((deployment or {}).get("spec") or {}).get("replicas") or 0)
+    reports, pressure = _reports_and_totals(observed, spec, status)
+    workers = WorkerState(reports, pressure, asked, status.get("autoscaler"), None)
+    dep_status = (deployment or {}).get("status") or {}
+    rollout = Rollout(asked, int(dep_status.get("replicas") or 0), int(dep_status.get("readyReplicas") or 0))
+    health = _wanted_conditions(spec, rollout, workers, [], observed.now)
+    new = _new_status(observed, owner, rollout, workers, [overrides.pop(x.type, x) for x in health])
+    patch, events = _status_changes(observed, new)
     return Plan(status_patch=patch, events=events, retry_reason=message)
 
 
@@ -320,12 +337,17 @@ class WorkerState:
     scaled: Event | None  # the autoscaler's Event when it changed the count
 
 
-def _worker_state(observed: Observed, spec: PublisherSpec, status: Mapping[str, Any]) -> WorkerState:
+def _reports_and_totals(observed: Observed, spec: PublisherSpec, status: Mapping[str, Any]) -> tuple[Obj, Obj]:
+    """The current workers' reports and ``status.totals`` (the gauges only when known)."""
     interval, now = spec.report_interval_seconds, observed.now
     reports = current_reports(status.get("workers") or {}, observed.pods)
     unknown = pressure_unknown(reports, interval, now, partitions=spec.partitions, paused=spec.paused)
-    pressure = totals(reports, interval, now, known=unknown is None)
-    replicas, autoscaler, scaled = _desired_replicas(spec, status, pressure, now)
+    return dict(reports), totals(reports, interval, now, known=unknown is None)
+
+
+def _worker_state(observed: Observed, spec: PublisherSpec, status: Mapping[str, Any]) -> WorkerState:
+    reports, pressure = _reports_and_totals(observed, spec, status)
+    replicas, autoscaler, scaled = _desired_replicas(spec, status, pressure, observed.now)
     return WorkerState(reports, pressure, replicas, autoscaler, scaled)
 
 
@@ -461,14 +483,21 @@ def _plan_valid(observed: Observed, config: OperatorConfig, owner: Owner, spec: 
     rollout = _rollout(observed, owner, workers.replicas, desired)
     wanted = _wanted_conditions(spec, rollout, workers, conflicts, observed.now)
     new = _new_status(observed, owner, rollout, workers, wanted)
+    status_patch, events = _status_changes(observed, new)
+    if workers.scaled is not None:
+        events.append(workers.scaled)
+    return Plan(actions=actions, status_patch=status_patch, events=events)
+
+
+def _status_changes(observed: Observed, new: Obj) -> tuple[Obj, list[Event]]:
+    """The status patch from the observed status to ``new`` (the owned keys), with the report
+    entries of gone pods removed, and the Events of the conditions that flipped."""
+    status: Mapping[str, Any] = observed.body.get("status") or {}
     status_patch = merge_patch(_owned_status(status), new)
     gone = gone_workers(status.get("workers") or {}, observed.pods)
     if gone:
         status_patch["workers"] = {name: None for name in gone}
-    events = _events_for(status.get("conditions"), new["conditions"])
-    if workers.scaled is not None:
-        events.append(workers.scaled)
-    return Plan(actions=actions, status_patch=status_patch, events=events)
+    return status_patch, _events_for(status.get("conditions"), new["conditions"])
 
 
 def literal_env_values(obj: Mapping[str, Any] | None) -> list[str]:

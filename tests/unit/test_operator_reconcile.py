@@ -203,6 +203,51 @@ def test_missing_secret_or_key_waits_and_retries() -> None:
     assert ("create", "Deployment") in verbs(world.step())
 
 
+def test_a_missing_secret_leaves_the_running_workers_status_current() -> None:
+    """The Secret goes while the workers run on (their env was resolved at start): Ready says
+    SecretNotFound, and what the workers report still reaches totals and the other conditions. The
+    missing-Secret pass wrote only Ready and DatabaseReady, so the backlog, Lagging and Degraded
+    froze at their last values, as if current, for as long as the Secret was missing."""
+    world = World(body(reportIntervalSeconds=10))
+    world.step()
+    world.pods = ["orders-relay-a", "orders-relay-b"]
+    entry = {"partitions": list(range(8)), "backlog": 3, "oldestPendingSeconds": 1.0, "published": 7}
+    world.cr["status"]["workers"] = {"orders-relay-a": {**entry, "reportTime": "2026-01-01T12:00:00Z"}}
+    world.step()
+    assert world.cr["status"]["totals"]["backlog"] == 3
+    world.secrets = {"db": None}
+    world.step(T0 + timedelta(seconds=1))
+    conds = {x["type"]: x for x in world.cr["status"]["conditions"]}
+    assert (conds["Ready"]["reason"], conds["DatabaseReady"]["reason"]) == ("SecretNotFound", "SecretNotFound")
+    # the workers go on reporting: the backlog grows, dead letters pile up, a pod goes
+    world.cr["status"]["workers"]["orders-relay-a"] = {
+        **entry,
+        "backlog": 900,
+        "oldestPendingSeconds": 120.0,
+        "published": 9,
+        "deadLettersWaiting": 4,
+        "reportTime": "2026-01-01T12:00:20Z",
+    }
+    world.cr["status"]["workers"]["orders-relay-gone"] = {**entry, "reportTime": "2026-01-01T12:00:20Z"}
+    result = world.step(T0 + timedelta(seconds=21))
+    assert result.actions == []
+    assert result.retry_reason is not None
+    assert result.status_patch["workers"] == {"orders-relay-gone": None}
+    status = world.cr["status"]
+    assert (status["totals"]["backlog"], status["totals"]["oldestPendingSeconds"]) == (900, 120.0)
+    assert status["totals"]["published"] == 9
+    assert status["lastPublishTime"] == "2026-01-01T12:00:21Z"
+    conds = {x["type"]: (x["status"], x["reason"]) for x in status["conditions"]}
+    assert conds["Ready"] == ("False", "SecretNotFound")
+    assert conds["DatabaseReady"] == ("False", "SecretNotFound")
+    assert conds["Lagging"] == ("True", "LagAboveTarget")
+    assert conds["Degraded"] == ("True", "PoisonRows")
+    # no report for three intervals: unknown, not the last numbers
+    world.step(T0 + timedelta(seconds=60))
+    assert "backlog" not in world.cr["status"]["totals"]
+    assert next(x for x in world.cr["status"]["conditions"] if x["type"] == "Lagging")["status"] == "Unknown"
+
+
 def test_reports_of_gone_pods_are_pruned_and_totals_written() -> None:
     world = World(body(reportIntervalSeconds=10))
     world.step()
