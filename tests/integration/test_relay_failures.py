@@ -890,6 +890,10 @@ async def test_stream_deleted_at_run_time_pauses_partitions_without_dead_letters
             assert await fetchval(pg_dsn, "SELECT max(attempts) FROM outbox") == 0  # not the rows' fault
             await js.add_stream(config)
             await wait_for(lambda: fetchval(pg_dsn, "SELECT count(*) = 0 FROM outbox"), 20, "the rows to flow")
+            # every paused partition published again: the report says so at once, not for a minute more
+            # (the operator's Ready stayed False/ConfigurationError that long after the fix)
+            fixed = worker.report()
+            assert (fixed.configError, fixed.errorKind) == ("", ""), (fixed, worker.stats.config_error_parts)
     finally:
         await nc.close()
     report = await verify(pg_dsn, SQL, nats_url, STREAM)

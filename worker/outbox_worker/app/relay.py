@@ -72,6 +72,10 @@ class RelayStats:
     config_error: str = ""
     config_error_kind: str = ""  # report.ERROR_KINDS: which dependency config_error belongs to
     config_error_at: float = 0.0
+    # partition -> when a configuration error last paused it, for those that have not published
+    # since: the error is reported while any is left (and for at most CONFIG_ERROR_REPORTED_SECONDS
+    # after it was last seen)
+    config_error_parts: dict[int, float] = field(default_factory=dict)
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     dead_letters_by_reason: dict[str, int] = field(default_factory=dict)  # by names.DEAD_LETTER_REASONS
 
@@ -174,6 +178,8 @@ class RelayLoop:
         if not rows:  # a claim can find rows and return none (a payload over its bound): not drained
             return more
         outcome = await self._publish(rows, parts, started + c.batch_timeout_seconds)
+        if self._stats.config_error_parts:  # before the mark, which hands out.done on
+            self._config_error_cleared(rows, outcome)
         await self._mark(parts, outcome)
         self._stats.batches += 1
         self._metrics.batch_latency.observe(time.monotonic() - started)
@@ -342,8 +348,21 @@ class RelayLoop:
             self._metrics.config_error(res.reason)
         self._stats.config_error = msg
         self._stats.config_error_kind = ERROR_KIND_STREAM  # every publish-side configuration error is NATS's
-        self._stats.config_error_at = time.monotonic()
+        self._stats.config_error_at = self._stats.config_error_parts[partition] = time.monotonic()
         self._leases.pause(partition, CONFIG_PAUSE_SECONDS)
+
+    def _config_error_cleared(self, rows: list[OutboxRow], out: _BatchOutcome) -> None:
+        """A partition a configuration error paused published a row and met no configuration error in
+        this batch: the error no longer stops it. Once no such partition is left the worker stops
+        reporting the error at once (it was reported for a minute after the fix, Ready=False)."""
+        done = set(out.done)
+        published = {r.partition for r in rows if r.id in done} - out.stopped_parts
+        stats = self._stats
+        for partition in published:
+            stats.config_error_parts.pop(partition, None)
+        if not stats.config_error_parts:
+            log.info("configuration error resolved: %s", stats.config_error)
+            stats.config_error, stats.config_error_kind = "", ""
 
     async def _mark(self, parts: dict[int, int], out: _BatchOutcome) -> None:
         """Write the batch's results, fenced by the leases it was claimed under. Retries briefly:
