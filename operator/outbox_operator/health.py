@@ -21,6 +21,9 @@ from .conditions import Condition, parse_time
 
 Report = Mapping[str, Any]
 
+# The keys of status.totals that describe the queue right now: absent (never 0) when unknown.
+PRESSURE_GAUGES = ("inFlight", "backlog", "oldestPendingSeconds", "ratePerSecond")
+
 
 def is_fresh(report: Report, interval: float, now: datetime) -> bool:
     at = parse_time(report.get("reportTime"))

@@ -46,7 +46,16 @@ from .children import (
     worker_name,
 )
 from .conditions import Condition, flips, merge_conditions, rfc3339
-from .health import HealthTargets, Rollout, current_reports, gone_workers, health_conditions, pressure_unknown, totals
+from .health import (
+    PRESSURE_GAUGES,
+    HealthTargets,
+    Rollout,
+    current_reports,
+    gone_workers,
+    health_conditions,
+    pressure_unknown,
+    totals,
+)
 from .spec import InvalidSpec, PublisherSpec, is_reserved_env_name, parse_spec, secret_refs, validate_name
 
 Obj = dict[str, Any]
@@ -224,13 +233,31 @@ def _generation(observed: Observed) -> int:
 
 
 def _plan_invalid_spec(observed: Observed, exc: InvalidSpec) -> Plan:
-    """1. Ready=False/InvalidSpec naming the field and the fix; no child is touched."""
+    """1. Ready=False/InvalidSpec naming the field and the fix; no child is touched.
+
+    Workers may run on with the last valid spec, but without a valid one their reports cannot be
+    judged (fresh or stale, every partition owned): the queue pressure is unknown, its gauges are
+    removed from the totals and Lagging is Unknown, rather than the values of the last valid pass
+    shown as current. Gone pods' entries are pruned as in any pass."""
     message = f"{exc.field}: {exc.message}"
     wanted = [
         Condition(c.READY, "False", "InvalidSpec", message),
         Condition(c.DEGRADED, "True", "InvalidSpec", f"no worker changes until the spec is fixed: {message}"),
+        Condition(
+            c.LAGGING,
+            "Unknown",
+            "InvalidSpec",
+            "the spec is invalid: the workers' reports are not evaluated until it is fixed",
+        ),
     ]
     patch, events = _status_only(observed, _generation(observed), wanted)
+    status: Mapping[str, Any] = observed.body.get("status") or {}
+    stale_gauges = {gauge: None for gauge in PRESSURE_GAUGES if gauge in (status.get("totals") or {})}
+    if stale_gauges:
+        patch["totals"] = stale_gauges
+    gone = gone_workers(status.get("workers") or {}, observed.pods)
+    if gone:
+        patch["workers"] = {name: None for name in gone}
     return Plan(status_patch=patch, events=events, invalid=exc)
 
 

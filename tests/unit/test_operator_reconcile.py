@@ -188,6 +188,35 @@ def test_invalid_spec_after_valid_keeps_the_running_children() -> None:
     assert "spec.replicas" in result.status_patch["conditions"][0]["message"]
 
 
+def test_an_invalid_spec_does_not_show_the_running_workers_old_pressure_as_current() -> None:
+    """The spec turns invalid while the workers run on with the last valid one. The invalid-spec pass
+    wrote only Ready and Degraded, so the backlog and Lagging of that moment stayed in the status, as
+    if current, for as long as the spec was invalid. Without a valid spec the reports are not
+    evaluated: the pressure is unknown (Lagging=Unknown/InvalidSpec) and gone pods' entries pruned."""
+    world = World(body(reportIntervalSeconds=10))
+    world.step()
+    world.pods = ["orders-relay-a"]
+    entry = {"partitions": list(range(8)), "backlog": 3, "oldestPendingSeconds": 1.0, "published": 7}
+    world.cr["status"]["workers"] = {"orders-relay-a": {**entry, "reportTime": "2026-01-01T12:00:00Z"}}
+    world.step()
+    assert world.cr["status"]["totals"]["backlog"] == 3
+    world.cr["spec"]["subjectTemplate"] = "orders.{customer}"
+    world.cr["metadata"]["generation"] = 2
+    world.pods = []
+    result = world.step(T0 + timedelta(seconds=1))
+    assert result.invalid is not None
+    assert result.actions == []
+    status = world.cr["status"]
+    assert "workers" not in status or status["workers"] == {}
+    assert "backlog" not in status["totals"], status["totals"]
+    assert "oldestPendingSeconds" not in status["totals"]
+    conds = {x["type"]: x for x in status["conditions"]}
+    assert (conds["Ready"]["status"], conds["Ready"]["reason"]) == ("False", "InvalidSpec")
+    assert (conds["Lagging"]["status"], conds["Lagging"]["reason"]) == ("Unknown", "InvalidSpec")
+    assert conds["Lagging"]["observedGeneration"] == 2
+    assert not world.step(T0 + timedelta(seconds=2)).writes
+
+
 def test_missing_secret_or_key_waits_and_retries() -> None:
     world = World(body(), secrets={"db": None})
     result = world.step()
