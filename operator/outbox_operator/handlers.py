@@ -296,6 +296,14 @@ def _child_event_handler(runtime: Runtime) -> Any:
         uid = controller_uid(body)
         if type is not None and uid is not None and changed and not echo:
             request_pass(runtime, uid, CHANGE_DELAY_SECONDS)
+        name = (meta.get("labels") or {}).get(c.LABEL_PUBLISHER)
+        if type == "DELETED" and uid is not None and name:
+            # a child of a deleted publisher went (its own DELETED event may not have arrived yet): one
+            # created again with its name waits for that (Ready=False/PreviousChildren) and gets its
+            # pass now, not at the next resync
+            for successor in runtime.uids_in(meta["namespace"], name=name):
+                if successor != uid:
+                    request_pass(runtime, successor, CHANGE_DELAY_SECONDS)
 
     return on_child
 

@@ -172,6 +172,10 @@ def _owned_status(status: Mapping[str, Any]) -> Obj:
 _EXPECTED_AT_START = frozenset({"WorkersNotReady", "WaitingForReports", "AsExpected", "NoReports"})
 
 
+# Ready=False reasons that are expected steps, not faults: a Normal Event.
+_NORMAL_NOT_READY = frozenset({"Paused", "ScaledToZero", "RollingOut", "PreviousChildren"})
+
+
 def _events_for(old: Iterable[Mapping[str, Any]] | None, new: list[Obj]) -> list[Event]:
     events: list[Event] = []
     for prior, cond in flips(old, new):
@@ -183,7 +187,7 @@ def _events_for(old: Iterable[Mapping[str, Any]] | None, new: list[Obj]) -> list
             elif cond["status"] == "False":
                 events.append(
                     Event(
-                        "Warning" if cond["reason"] not in ("Paused", "ScaledToZero", "RollingOut") else "Normal",
+                        "Warning" if cond["reason"] not in _NORMAL_NOT_READY else "Normal",
                         cond["reason"],
                         cond["message"],
                     )
@@ -303,7 +307,7 @@ def _plan_secrets_missing(
     workers = WorkerState(reports, pressure, asked, status.get("autoscaler"), None)
     dep_status = (deployment or {}).get("status") or {}
     rollout = Rollout(asked, int(dep_status.get("replicas") or 0), int(dep_status.get("readyReplicas") or 0))
-    health = _wanted_conditions(spec, rollout, workers, [], observed.now)
+    health = _wanted_conditions(spec, rollout, workers, Conflicts(), observed.now)
     new = _new_status(observed, owner, rollout, workers, [overrides.pop(x.type, x) for x in health])
     patch, events = _status_changes(observed, new)
     return Plan(status_patch=patch, events=events, retry_reason=message)
@@ -408,17 +412,40 @@ def _child_action(desired: Obj, existing: Mapping[str, Any] | None, replicas: in
     return None
 
 
+def is_left_by_previous(obj: Mapping[str, Any], owner: Owner) -> bool:
+    """Whether ``obj`` is controlled by an earlier OutboxPublisher of the same name (deleted and
+    created again): the garbage collector removes it, it needs nobody's action."""
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(
+        ref.get("controller")
+        and ref.get("kind") == c.KIND
+        and ref.get("name") == owner.name
+        and ref.get("uid") != owner.uid
+        for ref in refs
+    )
+
+
+@dataclass
+class Conflicts:
+    """Children with our names that are not ours: another's (``foreign``), or left by an earlier
+    publisher of the same name until the garbage collector removes them (``previous``)."""
+
+    foreign: list[str] = field(default_factory=list)
+    previous: list[str] = field(default_factory=list)
+
+
 def _child_actions(
     observed: Observed, owner: Owner, desired: list[Obj], replicas: int
-) -> tuple[list[Action], list[str]]:
-    """Writes for every child, and the names of children that exist but belong to something else."""
+) -> tuple[list[Action], Conflicts]:
+    """Writes for every child, and the children that exist but are not this publisher's."""
     actions: list[Action] = []
-    conflicts: list[str] = []
+    conflicts = Conflicts()
     for obj in desired:
         key = (obj["kind"], obj["metadata"]["name"])
         existing = observed.children.get(key)
         if existing is not None and not is_controlled_by(existing, owner):
-            conflicts.append(f"{key[0]} {key[1]}")
+            named = f"{key[0]} {key[1]}"
+            (conflicts.previous if is_left_by_previous(existing, owner) else conflicts.foreign).append(named)
             continue
         action = _child_action(obj, existing, replicas)
         if action is not None:
@@ -454,7 +481,7 @@ def _rollout(observed: Observed, owner: Owner, replicas: int, desired: list[Obj]
 
 
 def _wanted_conditions(
-    spec: PublisherSpec, rollout: Rollout, workers: WorkerState, conflicts: list[str], now: datetime
+    spec: PublisherSpec, rollout: Rollout, workers: WorkerState, conflicts: Conflicts, now: datetime
 ) -> list[Condition]:
     """The health conditions, with Ready overridden by a name conflict."""
     targets = HealthTargets(
@@ -467,12 +494,20 @@ def _wanted_conditions(
         duplicate_horizon_seconds=spec.duplicate_horizon_seconds,
     )
     wanted = health_conditions(targets, rollout, workers.reports, now)
-    if conflicts:
+    if conflicts.foreign:
         wanted[0] = Condition(
             c.READY,
             "False",
             "NameConflict",
-            f"{', '.join(conflicts)} exist(s) but belong(s) to something else: delete or rename it",
+            f"{', '.join(conflicts.foreign)} exist(s) but belong(s) to something else: delete or rename it",
+        )
+    elif conflicts.previous:
+        wanted[0] = Condition(
+            c.READY,
+            "False",
+            "PreviousChildren",
+            f"{', '.join(conflicts.previous)} of the deleted OutboxPublisher of the same name still exist(s): the "
+            "garbage collector removes them, then this publisher's are created (nothing to do)",
         )
     return wanted
 

@@ -294,6 +294,38 @@ async def test_ready_stays_false_while_the_new_spec_does_not_roll_out(
         assert obj["status"]["readyText"] == "1/1"  # the old pod: ready, but not running the spec
 
 
+async def test_a_publisher_created_again_at_once_waits_for_its_predecessors_children(
+    crd: str, api: KubeApi, namespace: str, operator_env: None, pg_dsn: str, nats_url: str
+) -> None:
+    """Deleted and created again under the same name (``kubectl delete`` then ``apply``): the old
+    children are still there until the garbage collector removes them. Ready said NameConflict, with
+    a Warning to delete or rename them, and nothing woke the new publisher when they went: its own
+    children came only with the next resync. Now Ready says PreviousChildren (a Normal Event) and
+    the children's deletion brings the pass that creates the new ones. Paused: no pod event helps."""
+    await api.create(secret("orders-db", pg_dsn), namespace)
+    obj = publisher("orders", nats_url)
+    obj["spec"]["paused"] = True
+    async with operator_in_process([namespace], resync_seconds=120.0):
+        await api.create(obj, namespace)
+
+        async def deployment_of() -> str:
+            dep = await api.get("Deployment", namespace, "orders-relay") or {}
+            return str(((dep.get("metadata") or {}).get("ownerReferences") or [{}])[0].get("uid", ""))
+
+        first = await wait_for(deployment_of, 60, "the first publisher's Deployment")
+        await api.delete(KIND, namespace, "orders")
+        created = await api.create(obj, namespace)
+        second = created["metadata"]["uid"]
+        assert second != first
+        await wait_for(lambda: _is_value(deployment_of(), second), 20, "the Deployment of the publisher created again")
+        events = [e for e in await api.list("Event", namespace) if (e.get("involvedObject") or {}).get("uid") == second]
+        assert [e["reason"] for e in events if e["type"] == "Warning"] == [], events
+
+
+async def _is_value(got: Any, expected: Any) -> bool:
+    return bool(await got == expected)
+
+
 async def _is_status(cond: Any, status: str) -> bool:
     return bool((await cond).get("status") == status)
 

@@ -301,6 +301,29 @@ def test_a_child_owned_by_someone_else_is_left_alone() -> None:
     assert result.status_patch["conditions"][0]["reason"] == "NameConflict"
 
 
+def test_children_of_a_deleted_publisher_of_the_same_name_are_waited_for_not_a_conflict() -> None:
+    """Deleted and created again at once: the old children wait for the garbage collector. Ready said
+    NameConflict with a Warning to "delete or rename" them, advice nobody should follow."""
+    world = World(body())
+    previous = {"kind": c.KIND, "name": "orders", "uid": "uid-0", "controller": True}
+    world.children[("Deployment", "orders-relay")] = {
+        "metadata": {"name": "orders-relay", "ownerReferences": [previous]}
+    }
+    result = world.step()
+    assert ("create", "Deployment") not in verbs(result)
+    ready = result.status_patch["conditions"][0]
+    assert (ready["status"], ready["reason"]) == ("False", "PreviousChildren")
+    assert "Deployment orders-relay" in ready["message"]
+    assert "garbage collector" in ready["message"]
+    assert [(e.type, e.reason) for e in result.events] == [("Normal", "PreviousChildren")]
+    # another publisher's (or anything else's) child with our name is still a conflict
+    world.children[("Deployment", "orders-relay")]["metadata"]["ownerReferences"] = [{**previous, "name": "other"}]
+    assert world.step().status_patch["conditions"][0]["reason"] == "NameConflict"
+    # gone: the publisher's own children are created
+    del world.children[("Deployment", "orders-relay")]
+    assert ("create", "Deployment") in verbs(world.step())
+
+
 def test_autoscaler_drives_the_deployment() -> None:
     world = World(
         body(
