@@ -174,6 +174,14 @@ _EXPECTED_AT_START = frozenset({"WorkersNotReady", "WaitingForReports", "AsExpec
 
 # Ready=False reasons that are expected steps, not faults: a Normal Event.
 _NORMAL_NOT_READY = frozenset({"Paused", "ScaledToZero", "RollingOut", "PreviousChildren"})
+# Ready=False steps of every start, rollout or scale-up, in the order they pass: a flip to a later
+# one is progress (pods became ready, reports come next), a Normal Event; a flip back stays a Warning.
+_START_STEPS = ("PreviousChildren", "RollingOut", "WorkersNotReady", "WaitingForReports")
+
+
+def _is_progress(prior: Mapping[str, Any] | None, cond: Mapping[str, Any]) -> bool:
+    before, after = (prior or {}).get("reason"), cond["reason"]
+    return before in _START_STEPS and after in _START_STEPS and _START_STEPS.index(after) > _START_STEPS.index(before)
 
 
 def _events_for(old: Iterable[Mapping[str, Any]] | None, new: list[Obj]) -> list[Event]:
@@ -187,7 +195,7 @@ def _events_for(old: Iterable[Mapping[str, Any]] | None, new: list[Obj]) -> list
             elif cond["status"] == "False":
                 events.append(
                     Event(
-                        "Warning" if cond["reason"] not in _NORMAL_NOT_READY else "Normal",
+                        "Normal" if cond["reason"] in _NORMAL_NOT_READY or _is_progress(prior, cond) else "Warning",
                         cond["reason"],
                         cond["message"],
                     )

@@ -112,6 +112,28 @@ def ready_of(world: World) -> tuple[str, str]:
     return ready["status"], ready["reason"]
 
 
+def test_an_ordinary_start_posts_no_warning_and_a_regression_does() -> None:
+    """Pods becoming ready while their first reports are awaited is progress, not a fault: it was a
+    Warning (WaitingForReports) at every start. Reports going stale after Ready is one."""
+    world = World(body(reportIntervalSeconds=10))
+    first = world.step()
+    deployment = world.children[("Deployment", "orders-relay")]
+    deployment["metadata"]["generation"] = 1
+    deployment["status"] = {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}
+    world.pods = ["orders-relay-a", "orders-relay-b"]
+    waiting = world.step(T0 + timedelta(seconds=5))
+    assert ready_of(world) == ("False", "WaitingForReports")
+    entry = {"partitions": list(range(8)), "backlog": 0, "reportTime": "2026-01-01T12:00:10Z"}
+    world.cr["status"]["workers"] = {"orders-relay-a": entry, "orders-relay-b": {**entry, "partitions": []}}
+    ready = world.step(T0 + timedelta(seconds=10))
+    assert ready_of(world) == ("True", "Publishing")
+    started = [(e.type, e.reason) for r in (first, waiting, ready) for e in r.events]
+    assert started == [("Normal", "WaitingForReports"), ("Normal", "Ready")], started
+    stale = world.step(T0 + timedelta(minutes=5))
+    assert ready_of(world)[0] == "False"
+    assert [e.type for e in stale.events if e.reason == ready_of(world)[1]] == ["Warning"], stale.events
+
+
 def test_ready_waits_for_the_rollout_of_the_current_spec() -> None:
     """Ready pods of an older pod template do not make the current spec Ready: with maxUnavailable 0
     a new pod that never becomes ready leaves the old ones running and ready for good, and Ready was
