@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # How prometheus_client's Histogram writes its le labels ("0.0005", "1.0", "+Inf"); untyped there.
 _le = cast(Callable[[float], str], _untyped_float_to_go_string)
 
+# The retryable failure reasons (outbox_publish_failures_total's other values are the dead-letter ones).
+_RETRY_REASONS = (names.REASON_TIMEOUT, names.REASON_DISCONNECT, names.REASON_NO_RESPONDERS, names.REASON_SERVER_ERROR)
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -164,6 +167,21 @@ class Metrics:
         )
         r.register(ProcessUsageCollector(publisher))
         self._publisher = publisher
+        self._zero_reason_series()
+
+    def _zero_reason_series(self) -> None:
+        """Every labelled counter's series of a known label value, at 0 from the start. Prometheus
+        sees no increase in a series whose first sample is already 1, so an alert on
+        ``increase(outbox_config_errors_total[10m])`` would miss the first configuration error of a
+        worker's life if its series appeared only then. The label values are fixed sets."""
+        for reason in (names.REASON_NO_STREAM, names.REASON_NOT_PERMITTED):
+            self._config.labels(self._publisher, reason)
+        for reason in (*_RETRY_REASONS, *names.DEAD_LETTER_REASONS):
+            self._failed.labels(self._publisher, reason)
+        for reason in names.DEAD_LETTER_REASONS:
+            self._dead_letters.labels(self._publisher, reason)
+        for kind in ("acquired", "released", "lost"):
+            self._handovers.labels(self._publisher, kind)
 
     def failed(self, reason: str, n: int = 1) -> None:
         self._failed.labels(self._publisher, reason).inc(n)
@@ -175,8 +193,9 @@ class Metrics:
     def handover(self, kind: str, n: int = 1) -> None:
         self._handovers.labels(self._publisher, kind).inc(n)
 
-    def config_error(self, reason: str) -> None:
-        self._config.labels(self._publisher, reason).inc()
+    def config_error(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` publishes refused for the relay's configuration (each pauses its partition)."""
+        self._config.labels(self._publisher, reason).inc(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -343,9 +343,12 @@ class RelayLoop:
         # condition from config_error_kind (the report's errorKind), never from these words.
         area = "stream" if res.reason == names.REASON_NO_STREAM else "nats"
         msg = f"{area}: {res.detail}"
+        # Every refused publish counts (README: the counter's meaning), also while the same error
+        # lasts: the chart's alert reads its increase, which would stop while the partition is still
+        # paused if only a new message counted. The log line is once per message.
+        self._metrics.config_error(res.reason)
         if msg != self._stats.config_error:
             log.error("configuration error, pausing partition %d: %s", partition, msg)
-            self._metrics.config_error(res.reason)
         self._stats.config_error = msg
         self._stats.config_error_kind = ERROR_KIND_STREAM  # every publish-side configuration error is NATS's
         self._stats.config_error_at = self._stats.config_error_parts[partition] = time.monotonic()

@@ -1,0 +1,90 @@
+"""What /metrics says must be what is true, against real PostgreSQL and nats-server: a configuration
+error keeps counting while it lasts (the chart's alert reads its increase), what the worker cannot
+know while its database is down is absent rather than a stale or zero value, and what it owns drops
+when its leases have expired or were released."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats
+from nats.js import api as js_api
+from prometheus_client.parser import text_string_to_metric_families
+
+from outbox_common import names
+from outbox_common.settings import WorkerSettings
+from outbox_devkit.producers import ProducerPlan, produce
+from outbox_worker.app.worker import Worker
+from support.polling import wait_for
+from support.relay import SQL, running, setup_db
+
+STREAM = "TRUTH"
+TTL = 3.0
+
+
+def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:
+    values: dict[str, Any] = {
+        "database_url": dsn,
+        "nats_servers": nats_url,
+        "worker_id": "truth-1",
+        "publisher": "truth",
+        "stream": STREAM,
+        "stream_mode": "create",
+        "metrics_port": 0,
+        "lease_ttl_seconds": TTL,
+        "ack_timeout_seconds": 1.0,
+        "poll_interval_seconds": 0.2,
+        "retry_backoff_initial_seconds": 0.05,
+        "retry_backoff_max_seconds": 1.0,
+        "shutdown_grace_seconds": 5.0,
+        "db_pool_size": 3,
+        "db_statement_timeout_seconds": 2.0,
+        "startup_timeout_seconds": 5.0,
+    }
+    values.update(kw)
+    return WorkerSettings(**values)
+
+
+def samples(worker: Worker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample /metrics renders, by (name, sorted labels without ``publisher``)."""
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(worker.metrics.render().decode()):
+        for s in family.samples:
+            assert s.labels.get(names.LABEL_PUBLISHER) == "truth", s
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != names.LABEL_PUBLISHER))
+            out[(s.name, labels)] = s.value
+    return out
+
+
+def value(worker: Worker, name: str, **labels: str) -> float | None:
+    return samples(worker).get((name, tuple(sorted(labels.items()))))
+
+
+async def test_a_lasting_configuration_error_keeps_counting_from_a_zero_series(pg_dsn: str, nats_url: str) -> None:
+    """OutboxRelayConfigurationError fires on ``increase(outbox_config_errors_total[10m]) > 0``. The
+    series is there at 0 before any error (Prometheus sees no increase in a series that first
+    appears at 1), and every refused publish counts, so it keeps increasing while the partition is
+    paused and retried, not only when the error's text changes."""
+    await setup_db(pg_dsn)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    config = js_api.StreamConfig(name=STREAM, subjects=["outbox.>"], duplicate_window=120)
+    await js.add_stream(config)
+    try:
+        async with running(worker_settings(pg_dsn, nats_url, stream_mode="expect")) as worker:
+            for reason in (names.REASON_NO_STREAM, names.REASON_NOT_PERMITTED):
+                assert value(worker, names.M_CONFIG_ERRORS, reason=reason) == 0.0, reason
+            await js.delete_stream(STREAM)
+            await produce(pg_dsn, SQL, ProducerPlan(events=20, aggregates=1, producers=1, rollback_ratio=0))
+            await wait_for(lambda: (value(worker, names.M_CONFIG_ERRORS, reason="no_stream") or 0) > 0, 10, "one")
+            first = value(worker, names.M_CONFIG_ERRORS, reason="no_stream")
+            assert first is not None
+            # the partition is paused for 5 s, then its rows are refused again: the count goes on
+            await wait_for(
+                lambda: (value(worker, names.M_CONFIG_ERRORS, reason="no_stream") or 0) > first,
+                12,
+                "the configuration error counted again while it lasts",
+            )
+            await js.add_stream(config)
+    finally:
+        await nc.close()
