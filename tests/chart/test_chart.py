@@ -388,6 +388,7 @@ def test_alerts_parse_as_promql_and_use_only_metrics_the_worker_exports(render: 
         "OutboxRelayConfigurationError",
         "OutboxRelayDeadLetters",
         "OutboxRelayNotifyUnavailable",
+        "OutboxRelayDatabaseUnavailable",
     ]
     for rule in rules:
         promql_parser.parse(rule["expr"])  # raises ValueError on a syntax error

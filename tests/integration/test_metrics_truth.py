@@ -5,6 +5,10 @@ when its leases have expired or were released."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import nats
@@ -13,10 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from outbox_common import names
 from outbox_common.settings import WorkerSettings
+from outbox_devkit.embedded import free_port
 from outbox_devkit.producers import ProducerPlan, produce
-from outbox_worker.app.worker import Worker
+from outbox_worker.app.worker import DATABASE_ERROR_AFTER_SECONDS, Worker
 from support.polling import wait_for
 from support.relay import SQL, running, setup_db
+from support.servers import ControlledPostgres
 
 STREAM = "TRUTH"
 TTL = 3.0
@@ -88,3 +94,62 @@ async def test_a_lasting_configuration_error_keeps_counting_from_a_zero_series(p
             await js.add_stream(config)
     finally:
         await nc.close()
+
+
+def _healthz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_a_database_outage_makes_the_pressure_unknown_not_stale_and_the_leases_lapse(
+    own_pg: ControlledPostgres, nats_url: str
+) -> None:
+    """While PostgreSQL is down the backlog, the oldest pending age and the dead letters waiting are
+    unknown: absent, neither 0 nor the last sample. Once the leases have expired the worker owns no
+    partition. ``outbox_database_unavailable`` is 1 once the renewals have failed for
+    DATABASE_ERROR_AFTER_SECONDS (the report's databaseError), and /healthz keeps answering (a
+    liveness kill would not bring the database back). All of it returns with the database."""
+    await setup_db(own_pg.dsn)
+    await produce(own_pg.dsn, SQL, ProducerPlan(events=50, aggregates=5, producers=1, rollback_ratio=0))
+    port = free_port()
+    settings = worker_settings(own_pg.dsn, nats_url, metrics_port=port, metrics_host="127.0.0.1")
+    async with running(settings) as worker:
+        await wait_for(lambda: worker.stats.published >= 50, 15, "the rows published")
+        await worker.sample_pressure()
+        assert value(worker, names.M_BACKLOG) == 0.0
+        assert value(worker, names.M_OLDEST_AGE) == 0.0
+        assert value(worker, names.M_DEAD_LETTERS_WAITING) == 0.0
+        assert value(worker, names.M_PARTITIONS) == 8.0
+        assert value(worker, names.M_DATABASE_UNAVAILABLE) == 0.0
+        down_at = time.monotonic()
+        own_pg.kill()
+        try:
+            await worker.sample_pressure()
+            for unknown in (names.M_BACKLOG, names.M_OLDEST_AGE, names.M_DEAD_LETTERS_WAITING):
+                assert value(worker, unknown) is None, unknown
+            await wait_for(lambda: value(worker, names.M_PARTITIONS) == 0.0, TTL + 3, "the lapsed leases dropped")
+            await wait_for(
+                lambda: value(worker, names.M_DATABASE_UNAVAILABLE) == 1.0,
+                DATABASE_ERROR_AFTER_SECONDS + 8,
+                "the database reported unavailable",
+            )
+            assert time.monotonic() - down_at >= DATABASE_ERROR_AFTER_SECONDS
+            assert await asyncio.to_thread(_healthz, port) == 200
+        finally:
+            own_pg.restart()
+        await wait_for(lambda: value(worker, names.M_PARTITIONS) == 8.0, 15, "the partitions owned again")
+        await wait_for(lambda: value(worker, names.M_DATABASE_UNAVAILABLE) == 0.0, 10, "the database back")
+
+        async def pressure_known() -> bool:
+            await worker.sample_pressure()
+            return value(worker, names.M_BACKLOG) == 0.0 and value(worker, names.M_OLDEST_AGE) == 0.0
+
+        await wait_for(pressure_known, 15, "the pressure known again")
+    # Drained at stop: the worker owns nothing, and nothing is in flight.
+    assert value(worker, names.M_PARTITIONS) == 0.0
+    assert value(worker, names.M_IN_FLIGHT) == 0.0
+    assert value(worker, names.M_BACKLOG) == 0.0
+    assert value(worker, names.M_OLDEST_AGE) == 0.0

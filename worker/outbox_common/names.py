@@ -48,6 +48,7 @@ M_OLDEST_AGE = METRIC_PREFIX + "oldest_pending_age_seconds"  # gauge
 M_DEAD_LETTERS_WAITING = METRIC_PREFIX + "dead_letters_waiting"  # gauge, the publisher's rows in the dead-letter table
 M_PARTITIONS = METRIC_PREFIX + "partitions_owned"  # gauge
 M_NOTIFY_UNAVAILABLE = METRIC_PREFIX + "notify_unavailable"  # gauge, 1 while NOTIFYs do not reach the worker
+M_DATABASE_UNAVAILABLE = METRIC_PREFIX + "database_unavailable"  # gauge, 1 while the database has not answered for 10 s
 M_HANDOVERS = METRIC_PREFIX + "lease_handovers_total"  # counter, label kind (acquired|released|lost)
 M_CONFIG_ERRORS = METRIC_PREFIX + "config_errors_total"  # counter, label reason
 M_CPU_SECONDS = METRIC_PREFIX + "cpu_seconds_total"  # counter, the worker process's user + system CPU

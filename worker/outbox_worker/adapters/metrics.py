@@ -142,20 +142,16 @@ class Metrics:
         self.batch_latency = Histogram(
             names.M_BATCH_LATENCY, "Claim to mark of one batch", pl, registry=r, buckets=LATENCY_BUCKETS
         ).labels(publisher)
-        self.backlog = Gauge(names.M_BACKLOG, "Pending rows in owned partitions", pl, registry=r).labels(publisher)
-        self.oldest_age = Gauge(
+        # Sampled from the database: no series until a sample is known (see set_sampled).
+        self._backlog = Gauge(names.M_BACKLOG, "Pending rows in owned partitions", pl, registry=r)
+        self._oldest_age = Gauge(
             names.M_OLDEST_AGE, "Age of the oldest pending row in owned partitions", pl, registry=r
-        ).labels(publisher)
-        self.partitions = Gauge(names.M_PARTITIONS, "Partitions owned", pl, registry=r).labels(publisher)
-        self.dead_letters_waiting = Gauge(
+        )
+        self._dead_letters_waiting = Gauge(
             names.M_DEAD_LETTERS_WAITING, "The publisher's rows in the dead-letter table now", pl, registry=r
-        ).labels(publisher)
-        self.notify_unavailable = Gauge(
-            names.M_NOTIFY_UNAVAILABLE,
-            "1 while NOTIFYs do not reach this worker (its LISTEN probe did not come back): it relays by the poll",
-            pl,
-            registry=r,
-        ).labels(publisher)
+        )
+        self.partitions = Gauge(names.M_PARTITIONS, "Partitions owned", pl, registry=r).labels(publisher)
+        self.database_unavailable, self.notify_unavailable = _unavailable_gauges(r, publisher)
         self._handovers = Counter(
             names.M_HANDOVERS.removesuffix("_total"), "Lease changes by kind", [*pl, names.LABEL_KIND], registry=r
         )
@@ -183,6 +179,23 @@ class Metrics:
         for kind in ("acquired", "released", "lost"):
             self._handovers.labels(self._publisher, kind)
 
+    def set_pressure(self, pressure: tuple[int, float] | None) -> None:
+        """The backlog and the oldest pending age of the owned partitions, or None when unknown (the
+        database did not answer, no sample yet): their series are then absent, never 0 or the last
+        sample, so an alert or a dashboard does not read an outage as an empty queue."""
+        self._set_sampled(self._backlog, None if pressure is None else pressure[0])
+        self._set_sampled(self._oldest_age, None if pressure is None else pressure[1])
+
+    def set_dead_letters_waiting(self, waiting: int | None) -> None:
+        """The publisher's dead letters waiting, or None when unknown (absent, as :meth:`set_pressure`)."""
+        self._set_sampled(self._dead_letters_waiting, waiting)
+
+    def _set_sampled(self, gauge: Gauge, value: float | None) -> None:
+        if value is None:
+            gauge.remove(self._publisher)
+        else:
+            gauge.labels(self._publisher).set(value)
+
     def failed(self, reason: str, n: int = 1) -> None:
         self._failed.labels(self._publisher, reason).inc(n)
 
@@ -199,6 +212,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _unavailable_gauges(registry: CollectorRegistry, publisher: str) -> tuple[Gauge, Gauge]:
+    """The database's and the NOTIFYs' 0/1 gauges of ``publisher``."""
+    pl = [names.LABEL_PUBLISHER]
+    database = Gauge(
+        names.M_DATABASE_UNAVAILABLE,
+        "1 while the database has not answered this worker's lease renewals for 10 s",
+        pl,
+        registry=registry,
+    )
+    notify = Gauge(
+        names.M_NOTIFY_UNAVAILABLE,
+        "1 while NOTIFYs do not reach this worker (its LISTEN probe did not come back): it relays by the poll",
+        pl,
+        registry=registry,
+    )
+    return database.labels(publisher), notify.labels(publisher)
 
 
 class HealthServer:

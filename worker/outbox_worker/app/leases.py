@@ -88,6 +88,15 @@ class LeaseManager:
         # Runs before partitions are released: writes the marks of acked rows still waiting for a
         # claim to carry them (AckedRows.flush), so the next owner does not publish them again.
         self.before_release: Callable[[], Awaitable[None]] | None = None
+        # outbox_partitions_owned is read at each scrape: a lease counts while it is usable, so the
+        # gauge drops when leases lapse (renewals failing past the TTL), are lost or released (also
+        # at stop), not only at the end of a lease tick that succeeded.
+        metrics.partitions.set_function(self.usable_count)
+
+    def usable_count(self) -> int:
+        """Partitions whose lease this worker may still publish for (not lost, released or lapsed)."""
+        now = time.monotonic()
+        return sum(1 for lease in self.leases.values() if lease.usable_until > now)
 
     # --- for the relay loops ------------------------------------------------------------------------
     @property
@@ -272,7 +281,6 @@ class LeaseManager:
                 self._notify()
                 self._wake_one()  # new leases are dirty: their rows wait for a claim
         await self._release_idle()
-        self._metrics.partitions.set(len(self.leases))
 
     async def _release_idle(self) -> None:
         idle = {

@@ -144,6 +144,8 @@ class Worker:
         self.backlog: int | None = None
         self.oldest_age: float | None = None
         self.dead_letters_waiting = 0  # the publisher's rows in the dead-letter table, last sampled
+        # Read at each scrape: what the report's databaseError says, as 0 or 1.
+        self.metrics.database_unavailable.set_function(lambda: 1.0 if self._database_error() else 0.0)
 
     # --- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -345,6 +347,8 @@ class Worker:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.close(deadline)
+        if self.leases is not None and not self.leases.owned:
+            self.metrics.set_pressure((0, 0.0))  # drained: no partition, so nothing due in one
         log.info("stopped in %.1fs", time.monotonic() - started)
 
     async def close(self, deadline: float | None = None) -> None:
@@ -408,22 +412,22 @@ class Worker:
         assert self.leases is not None
         assert self.publisher is not None
         owned = self.leases.owned
+        # A sample that failed makes the pressure unknown, in the report (no backlog) and on /metrics
+        # (no series) until one succeeds again: never 0, nor the last sample shown as current, which
+        # through a database outage kept Lagging False and the autoscaler acting on old numbers.
         try:
             self.backlog, self.oldest_age = await self.store.pressure(owned) if owned else (0, 0.0)
+            self.metrics.set_pressure((self.backlog, self.oldest_age))
         except Exception as exc:
-            # The rows are not counted: the report says unknown until a sample succeeds again. Keeping
-            # the last count reported a frozen backlog and age as current through a database outage
-            # (the Lagging condition stayed False, the autoscaler acted on it).
             self.backlog = self.oldest_age = None
             log.debug("pressure sample failed: %s", type(exc).__name__)
+            self.metrics.set_pressure(None)
         try:
             self.dead_letters_waiting = await self.store.dead_letters_waiting(DEAD_LETTERS_WAITING_CAP)
+            self.metrics.set_dead_letters_waiting(self.dead_letters_waiting)
         except Exception as exc:
             log.debug("dead-letter sample failed: %s", type(exc).__name__)
-        if self.backlog is not None and self.oldest_age is not None:
-            self.metrics.backlog.set(self.backlog)
-            self.metrics.oldest_age.set(self.oldest_age)
-        self.metrics.dead_letters_waiting.set(self.dead_letters_waiting)
+            self.metrics.set_dead_letters_waiting(None)
         self.metrics.notify_unavailable.set(1 if self.listener is not None and self.listener.notify_error else 0)
         now = time.monotonic()
         dt = now - self._last_rate_at
