@@ -9,8 +9,10 @@ import asyncio
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import nats
 from nats.js import api as js_api
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,7 +24,7 @@ from outbox_devkit.producers import ProducerPlan, produce
 from outbox_worker.app.worker import DATABASE_ERROR_AFTER_SECONDS, Worker
 from support.polling import wait_for
 from support.relay import SQL, running, setup_db
-from support.servers import ControlledPostgres
+from support.servers import ControlledPostgres, nats_server
 
 STREAM = "TRUTH"
 TTL = 3.0
@@ -153,3 +155,55 @@ async def test_a_database_outage_makes_the_pressure_unknown_not_stale_and_the_le
     assert value(worker, names.M_IN_FLIGHT) == 0.0
     assert value(worker, names.M_BACKLOG) == 0.0
     assert value(worker, names.M_OLDEST_AGE) == 0.0
+
+
+NARROW_USER = """
+authorization {
+  users = [
+    {user: admin, password: pw}
+    {user: narrow, password: pw,
+     permissions: {publish: {allow: ["$JS.API.>", "_INBOX.>", "outbox.good.>"]}, subscribe: {allow: ["_INBOX.>"]}}}
+  ]
+}
+"""
+
+
+async def test_in_flight_counts_the_publishes_still_unacknowledged_not_the_whole_wave(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A wave whose acks partly arrived: ``outbox_in_flight`` is what is still unacknowledged (the
+    publisher's pending publishes), not every message of the wave until its last ack or timeout. The
+    server drops the publishes its permissions refuse (no ack: they wait for the ack timeout) and
+    acks the others at once."""
+    await setup_db(pg_dsn, partitions=1)
+    with nats_server(tmp_path / "nats", config=NARROW_USER) as server:
+        nc = await nats.connect(server.url, user="admin", password="pw")
+        try:
+            await nc.jetstream().add_stream(
+                js_api.StreamConfig(name=STREAM, subjects=["outbox.>"], duplicate_window=120)
+            )
+        finally:
+            await nc.close()
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            for i in range(6):  # one wave: each row its own aggregate
+                kind = "good" if i % 2 else "bad"
+                await conn.execute(SQL.insert_event, kind, f"{kind}-{i}", "changed", b"{}", "{}", "")
+        finally:
+            await conn.close()
+        settings = worker_settings(
+            pg_dsn,
+            server.url,
+            stream_mode="expect",
+            nats_user="narrow",
+            nats_password="pw",
+            ack_timeout_seconds=3.0,
+            lease_ttl_seconds=10.0,
+            loops=1,
+        )
+        async with running(settings) as worker:
+            pub = worker.publisher
+            assert pub is not None
+            # the three good rows acked, the three bad ones waiting for their ack
+            await wait_for(lambda: pub.in_flight == 3 and worker.stats.published == 0, 5, "a wave half acked")
+            assert value(worker, names.M_IN_FLIGHT) == 3.0

@@ -259,12 +259,8 @@ class RelayLoop:
         return sendable, messages
 
     async def _send(self, messages: list[MessageFields]) -> list[PublishResult]:
-        """Publish one wave, counted in flight meanwhile."""
-        self._metrics.in_flight.inc(len(messages))
-        try:
-            return await self._pub.publish_wave(messages)
-        finally:
-            self._metrics.in_flight.dec(len(messages))
+        """Publish one wave (outbox_in_flight reads the publisher's unacknowledged publishes)."""
+        return await self._pub.publish_wave(messages)
 
     async def _record(
         self, sendable: list[OutboxRow], messages: list[MessageFields], results: list[PublishResult], out: _BatchOutcome

@@ -223,6 +223,8 @@ class Worker:
             ack_latency=self.metrics.ack_latency,
         )
         self.publisher = publisher  # closed by close() even if the stream check below fails
+        # Read at each scrape: the publishes still unacknowledged, not whole waves until their last ack.
+        self.metrics.in_flight.set_function(lambda: publisher.in_flight)
         await _retry_unavailable(
             lambda: publisher.connect(timeout=_attempt_budget(deadline)), NatsUnavailableError, deadline, "NATS"
         )
