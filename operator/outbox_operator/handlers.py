@@ -129,10 +129,10 @@ async def reconcile_body(
     operator starts itself (``self_started=True``: :func:`request_pass` after a watch event, and
     the resync) raise nothing: an API error is logged and the pass asked for again in
     ``RETRY_SECONDS``; a missing Secret waits for that Secret's watch event or the resync."""
-    plain = copy.deepcopy(dict(body))
-    uid = plain["metadata"]["uid"]
+    uid = body["metadata"]["uid"]
     lock = runtime.locks.setdefault(uid, asyncio.Lock())
     async with lock:
+        plain = copy.deepcopy(dict(newest_body(runtime, body, self_started=self_started)))
         try:
             result = await reconcile_once(runtime.client(), runtime.state, plain, runtime.config)
         except ApiError as exc:
@@ -146,6 +146,25 @@ async def reconcile_body(
             raise kopf.PermanentError(f"invalid spec: {result.invalid}")
     elif result.retry_reason is not None and not self_started:
         raise kopf.TemporaryError(result.retry_reason, delay=backoff_seconds(retry))
+
+
+def newest_body(runtime: Runtime, body: Mapping[str, Any], *, self_started: bool) -> Mapping[str, Any]:
+    """The body a pass acts on, once it holds its publisher's lock: the watch-fed one (the newest)
+    for a pass the operator started itself, and for kopf's when the watch has seen a newer spec.
+    The body was read before the pass waited for the lock; the resync reads every publisher and
+    only then starts its passes, so a spec change handled in between (kopf's pass, holding the
+    lock first) would be undone by a pass with the older spec: its template put back on the
+    Deployment (a rollout back and forth), observedGeneration moved backwards."""
+    newest = runtime.current_body(body["metadata"]["uid"])
+    if newest is None:
+        return body
+    if self_started or _generation(newest) > _generation(body):
+        return newest
+    return body
+
+
+def _generation(body: Mapping[str, Any]) -> int:
+    return int(body["metadata"].get("generation") or 0)
 
 
 def request_pass(runtime: Runtime, uid: str, delay: float) -> None:
