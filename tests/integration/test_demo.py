@@ -284,7 +284,7 @@ async def test_a_role_that_may_not_create_the_tables_is_one_line_naming_the_gran
         proc,
         EXIT_CONFIG,
         "PostgreSQL refused to create the tables public.outbox_demo* for the role of --database-url",
-        '(permission denied for schema public); each run drops and creates them, and the schema if missing: '
+        "(permission denied for schema public); each run drops and creates them, and the schema if missing: "
         'run GRANT USAGE, CREATE ON SCHEMA "public" TO "relay_',
     )
     assert "ON DATABASE" not in proc.stderr

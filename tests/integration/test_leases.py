@@ -25,7 +25,7 @@ from outbox_worker.app.marks import AckedRows
 from outbox_worker.app.worker import Worker
 from outbox_worker.core.sql import Sql
 from support.polling import wait_for
-from support.relay import record_waves
+from support.relay import fast_settings, record_waves
 from support.servers import ControlledPostgres
 
 SQL = Sql.for_table("public", "outbox")
@@ -35,28 +35,8 @@ RENEW = 1.0
 
 
 def worker_settings(dsn: str, nats_url: str, worker_id: str, **kw: Any) -> WorkerSettings:
-    values: dict[str, Any] = {
-        "database_url": dsn,
-        "nats_servers": nats_url,
-        "worker_id": worker_id,
-        "publisher": "leases",
-        "stream": STREAM,
-        "stream_mode": "create",
-        "metrics_port": 0,
-        "lease_ttl_seconds": TTL,
-        "lease_renew_seconds": RENEW,
-        "ack_timeout_seconds": 1.0,
-        "poll_interval_seconds": 0.2,
-        "retry_backoff_initial_seconds": 0.05,
-        "retry_backoff_max_seconds": 1.0,
-        "shutdown_grace_seconds": 5.0,
-        "db_pool_size": 3,
-        "batch_size": 200,
-        "loops": 2,
-        "startup_timeout_seconds": 5.0,
-    }
-    values.update(kw)
-    return WorkerSettings(**values)
+    leases = {"lease_ttl_seconds": TTL, "lease_renew_seconds": RENEW, "batch_size": 200, "loops": 2}
+    return fast_settings(dsn, nats_url, worker_id=worker_id, publisher="leases", stream=STREAM, **(leases | kw))
 
 
 @dataclass

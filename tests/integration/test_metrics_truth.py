@@ -23,7 +23,7 @@ from outbox_devkit.embedded import free_port
 from outbox_devkit.producers import ProducerPlan, produce
 from outbox_worker.app.worker import DATABASE_ERROR_AFTER_SECONDS, Worker
 from support.polling import wait_for
-from support.relay import SQL, running, setup_db
+from support.relay import SQL, fast_settings, running, setup_db
 from support.servers import ControlledPostgres, nats_server
 
 STREAM = "TRUTH"
@@ -31,26 +31,8 @@ TTL = 3.0
 
 
 def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:
-    values: dict[str, Any] = {
-        "database_url": dsn,
-        "nats_servers": nats_url,
-        "worker_id": "truth-1",
-        "publisher": "truth",
-        "stream": STREAM,
-        "stream_mode": "create",
-        "metrics_port": 0,
-        "lease_ttl_seconds": TTL,
-        "ack_timeout_seconds": 1.0,
-        "poll_interval_seconds": 0.2,
-        "retry_backoff_initial_seconds": 0.05,
-        "retry_backoff_max_seconds": 1.0,
-        "shutdown_grace_seconds": 5.0,
-        "db_pool_size": 3,
-        "db_statement_timeout_seconds": 2.0,
-        "startup_timeout_seconds": 5.0,
-    }
-    values.update(kw)
-    return WorkerSettings(**values)
+    timed = {"lease_ttl_seconds": TTL, "db_statement_timeout_seconds": 2.0}
+    return fast_settings(dsn, nats_url, worker_id="truth-1", publisher="truth", stream=STREAM, **(timed | kw))
 
 
 def samples(worker: Worker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -30,31 +30,13 @@ from outbox_worker.app.relay import RelayHooks
 from outbox_worker.core.history import HistoryReport
 from outbox_worker.core.policy import PublishResult
 from support.polling import wait_for
-from support.relay import SQL, running, setup_db
+from support.relay import SQL, fast_settings, running, setup_db
 
 STREAM = "RELAY"
 
 
 def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:
-    values: dict[str, Any] = {
-        "database_url": dsn,
-        "nats_servers": nats_url,
-        "worker_id": "relay-1",
-        "publisher": "relay",
-        "stream": STREAM,
-        "stream_mode": "create",
-        "metrics_port": 0,
-        "lease_ttl_seconds": 3.0,
-        "ack_timeout_seconds": 1.0,
-        "poll_interval_seconds": 0.2,
-        "retry_backoff_initial_seconds": 0.05,
-        "retry_backoff_max_seconds": 1.0,
-        "shutdown_grace_seconds": 5.0,
-        "db_pool_size": 3,
-        "startup_timeout_seconds": 5.0,
-    }
-    values.update(kw)
-    return WorkerSettings(**values)
+    return fast_settings(dsn, nats_url, worker_id="relay-1", publisher="relay", stream=STREAM, **kw)
 
 
 async def insert(

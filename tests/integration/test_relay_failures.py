@@ -39,33 +39,15 @@ from outbox_worker.app.worker import Worker
 from outbox_worker.core.policy import Outcome, PublishResult
 from outbox_worker.core.sql import SCHEMA_VERSION
 from support.polling import wait_for
-from support.relay import SQL, record_waves, running, setup_db
+from support.relay import SQL, fast_settings, record_waves, running, setup_db
 from support.servers import ControlledNats, NatsCluster
 
 STREAM = "FAILURES"
 
 
 def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:
-    values: dict[str, Any] = {
-        "database_url": dsn,
-        "nats_servers": nats_url,
-        "worker_id": "fail-1",
-        "publisher": "failures",
-        "stream": STREAM,
-        "stream_mode": "create",
-        "metrics_port": 0,
-        "lease_ttl_seconds": 3.0,
-        "ack_timeout_seconds": 1.0,
-        "poll_interval_seconds": 0.2,
-        "retry_backoff_initial_seconds": 0.1,
-        "retry_backoff_max_seconds": 1.0,
-        "shutdown_grace_seconds": 5.0,
-        "nats_ping_interval_seconds": 1.0,
-        "db_pool_size": 3,
-        "startup_timeout_seconds": 5.0,
-    }
-    values.update(kw)
-    return WorkerSettings(**values)
+    slower = {"retry_backoff_initial_seconds": 0.1, "nats_ping_interval_seconds": 1.0}
+    return fast_settings(dsn, nats_url, worker_id="fail-1", publisher="failures", stream=STREAM, **(slower | kw))
 
 
 async def insert(

@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 
@@ -22,6 +23,32 @@ from outbox_worker.core.sql import Sql
 from support.polling import wait_for
 
 SQL = Sql.for_table("public", "outbox")
+
+
+def fast_settings(
+    dsn: str, nats_url: str, *, worker_id: str, publisher: str, stream: str, **overrides: Any
+) -> WorkerSettings:
+    """Worker settings for a test against the servers at ``dsn`` and ``nats_url``: short leases
+    (3 s), acks and back-offs, a 0.2 s poll, a pool of 3, metrics on a free port; ``overrides``
+    (setting names) last."""
+    values: dict[str, Any] = {
+        "database_url": dsn,
+        "nats_servers": nats_url,
+        "worker_id": worker_id,
+        "publisher": publisher,
+        "stream": stream,
+        "stream_mode": "create",
+        "metrics_port": 0,
+        "lease_ttl_seconds": 3.0,
+        "ack_timeout_seconds": 1.0,
+        "poll_interval_seconds": 0.2,
+        "retry_backoff_initial_seconds": 0.05,
+        "retry_backoff_max_seconds": 1.0,
+        "shutdown_grace_seconds": 5.0,
+        "db_pool_size": 3,
+        "startup_timeout_seconds": 5.0,
+    }
+    return WorkerSettings(**(values | overrides))
 
 
 @contextlib.asynccontextmanager
