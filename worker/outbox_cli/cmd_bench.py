@@ -208,7 +208,7 @@ def _worker_env(items: list[str]) -> dict[str, str] | str:
     try:
         worker_config(env)
     except ValidationError as exc:
-        return "--worker-env: invalid worker setting: " + "; ".join(describe_error(exc).splitlines())
+        return "--worker-env: invalid worker setting: " + "; ".join(describe_error(exc, flags=False).splitlines())
     for warning in unknown_env_warnings(env):
         print(f"warning: --worker-env: {warning}", file=sys.stderr)
     return env

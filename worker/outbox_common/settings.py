@@ -491,14 +491,16 @@ def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
     return messages
 
 
-def describe_error(exc: ValidationError) -> str:
-    """One line per bad field: which field, what is wrong, and the environment variable to fix."""
+def describe_error(exc: ValidationError, *, flags: bool = True) -> str:
+    """One line per bad field: which field, what is wrong, and the environment variable to fix (and
+    the ``outboxctl worker`` flag, unless ``flags`` is False: a command without those flags)."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "settings"
         msg = str(err["msg"]).removeprefix("Value error, ")
         if loc in WorkerSettings.model_fields:
-            hint = f" (set {env_name(loc)} or --{loc.replace('_', '-')})"
+            flag = f" or --{loc.replace('_', '-')}" if flags else ""
+            hint = f" (set {env_name(loc)}{flag})"
         else:  # a rule across fields: its message names them by setting
             named = [f for f in WorkerSettings.model_fields if re.search(rf"\b{f}\b", msg)]
             hint = f" (set {', '.join(env_name(f) for f in named)})" if named else ""
