@@ -8,8 +8,9 @@ Each evaluation computes a *recommendation* from the fresh reports:
 clamped to ``[minReplicas, min(maxReplicas, partitions)]``. A higher recommendation scales up at
 once. A lower one scales down only after every recommendation for ``scaleDownStabilizationSeconds``
 was lower than the current count, and then to the highest of them (the rule of the Kubernetes HPA),
-so a queue that drains and refills does not make the worker count flap. Without fresh reports the
-count stays where it is (no data is no reason to scale).
+so a queue that drains and refills does not make the worker count flap. Without fresh reports (or
+with the pressure unknown) the count stays where it is (no data is no reason to scale), and a
+scale-down's window starts again once the pressure is known.
 
 State lives in ``status.autoscaler`` and changes only when a decision does, so evaluating an
 unchanged situation writes nothing.
@@ -58,7 +59,9 @@ def decide(
     current = int(state.get("replicas", fallback))
     bounded = max(policy.min_replicas, min(current, ceiling))
     if pressure is None or not pressure.get("workers"):
-        new = {**state, "replicas": bounded}
+        # Hold, and drop a scale-down in progress: its window must be covered by recommendations
+        # that were all lower, and nothing is known of this gap (a database outage, reports gone).
+        new = {**state, "replicas": bounded, "scaleDownSince": None, "scaleDownTo": None}
         changed = bounded != current
         if changed:
             new["lastScaleTime"] = rfc3339(now)

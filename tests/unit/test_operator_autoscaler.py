@@ -66,6 +66,21 @@ def test_no_fresh_reports_hold_the_count_and_an_unchanged_state_is_stable() -> N
     assert again.state == d.state
 
 
+def test_a_scale_down_window_starts_again_after_the_pressure_was_unknown() -> None:
+    """A window is covered only by recommendations that were all lower: while the pressure was
+    unknown (a database outage) nothing was recommended, so the window starts again; it scaled down
+    at once once the outage outlasted the window."""
+    d = decide(POLICY, 16, {"replicas": 4}, 1, pressure(500), T0)  # wants 1: the window starts
+    assert "scaleDownSince" in d.state
+    d = decide(POLICY, 16, d.state, 1, None, T0 + timedelta(seconds=10))  # unknown for 10 minutes
+    d = decide(POLICY, 16, d.state, 1, None, T0 + timedelta(seconds=600))
+    d = decide(POLICY, 16, d.state, 1, pressure(500), T0 + timedelta(seconds=610))
+    assert (d.replicas, d.scaled) == (4, False)
+    assert d.state["scaleDownSince"] == "2026-01-01T00:10:10Z"
+    d = decide(POLICY, 16, d.state, 1, pressure(500), T0 + timedelta(seconds=910))
+    assert (d.replicas, d.scaled) == (1, True)
+
+
 def test_bounds_apply_when_the_policy_changes() -> None:
     narrow = POLICY.model_copy(update={"max_replicas": 2})
     d = decide(narrow, 16, {"replicas": 5}, 1, None, T0)
