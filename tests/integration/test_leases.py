@@ -35,8 +35,9 @@ RENEW = 1.0
 
 
 def worker_settings(dsn: str, nats_url: str, worker_id: str, **kw: Any) -> WorkerSettings:
+    names = {"worker_id": worker_id, "publisher": "leases", "stream": STREAM}
     leases = {"lease_ttl_seconds": TTL, "lease_renew_seconds": RENEW, "batch_size": 200, "loops": 2}
-    return fast_settings(dsn, nats_url, worker_id=worker_id, publisher="leases", stream=STREAM, **(leases | kw))
+    return fast_settings(dsn, nats_url, **(names | leases | kw))
 
 
 @dataclass

@@ -31,8 +31,9 @@ TTL = 3.0
 
 
 def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:
+    names = {"worker_id": "truth-1", "publisher": "truth", "stream": STREAM}
     timed = {"lease_ttl_seconds": TTL, "db_statement_timeout_seconds": 2.0}
-    return fast_settings(dsn, nats_url, worker_id="truth-1", publisher="truth", stream=STREAM, **(timed | kw))
+    return fast_settings(dsn, nats_url, **(names | timed | kw))
 
 
 def samples(worker: Worker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

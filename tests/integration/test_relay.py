@@ -36,7 +36,8 @@ STREAM = "RELAY"
 
 
 def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:
-    return fast_settings(dsn, nats_url, worker_id="relay-1", publisher="relay", stream=STREAM, **kw)
+    names = {"worker_id": "relay-1", "publisher": "relay", "stream": STREAM}
+    return fast_settings(dsn, nats_url, **(names | kw))
 
 
 async def insert(

@@ -46,8 +46,9 @@ STREAM = "FAILURES"
 
 
 def worker_settings(dsn: str, nats_url: str, **kw: Any) -> WorkerSettings:
+    names = {"worker_id": "fail-1", "publisher": "failures", "stream": STREAM}
     slower = {"retry_backoff_initial_seconds": 0.1, "nats_ping_interval_seconds": 1.0}
-    return fast_settings(dsn, nats_url, worker_id="fail-1", publisher="failures", stream=STREAM, **(slower | kw))
+    return fast_settings(dsn, nats_url, **(names | slower | kw))
 
 
 async def insert(

@@ -25,18 +25,13 @@ from support.polling import wait_for
 SQL = Sql.for_table("public", "outbox")
 
 
-def fast_settings(
-    dsn: str, nats_url: str, *, worker_id: str, publisher: str, stream: str, **overrides: Any
-) -> WorkerSettings:
+def fast_settings(dsn: str, nats_url: str, **overrides: Any) -> WorkerSettings:
     """Worker settings for a test against the servers at ``dsn`` and ``nats_url``: short leases
     (3 s), acks and back-offs, a 0.2 s poll, a pool of 3, metrics on a free port; ``overrides``
-    (setting names) last."""
+    (setting names: the test's worker_id, publisher and stream, and anything else) last."""
     values: dict[str, Any] = {
         "database_url": dsn,
         "nats_servers": nats_url,
-        "worker_id": worker_id,
-        "publisher": publisher,
-        "stream": stream,
         "stream_mode": "create",
         "metrics_port": 0,
         "lease_ttl_seconds": 3.0,
